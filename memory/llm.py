@@ -1,0 +1,43 @@
+"""The one interface the memory system needs from a language model: a batch of chat requests in, texts out.
+
+Teacher backends (local transformers, OpenAI-compatible HTTP) and the student with its experts all implement
+it, so the same memory code runs with any of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    operation: str
+    messages: list[dict]
+    max_new_tokens: int
+    schema: dict | None = None  # JSON schema the output must follow when decoding is constrained
+
+    @property
+    def constrained(self) -> bool:
+        return self.schema is not None
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float
+    batch_size: int
+    constrained: bool
+    finish_reason: str = "stop"  # "stop" or "length"
+    token_ids: list[int] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class LLMBackend(Protocol):
+    model_id: str
+    backend_name: str
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]: ...

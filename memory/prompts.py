@@ -1,0 +1,188 @@
+"""Prompt templates and output schemas of the three memory operations, kept side by side.
+
+The bundled teacher is a 135M model: the prompts are short and carry few-shot examples, and each operation's
+output is a small JSON object whose schema can drive constrained decoding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+EVENTS = ("ADD", "UPDATE", "DELETE", "NONE")
+NOT_MENTIONED = "Not mentioned in the conversation"
+
+EXTRACTION_SYSTEM = (
+    "You are a personal information organizer. Read the conversation lines and extract the facts worth "
+    "remembering about the people: personal details, jobs, family, pets, hobbies, preferences, plans, places "
+    "and events with their dates. Write each fact as one short sentence that names the person. Ignore greetings "
+    'and small talk. Reply with JSON only: {"facts": [...]}. If nothing is worth remembering, reply {"facts": []}.'
+)
+
+EXTRACTION_SHOTS = [
+    (
+        "Conversation on 8 May 2023:\nAlice: Hi Bob, how are you?\nBob: Good, thanks! And you?",
+        {"facts": []},
+    ),
+    (
+        "Conversation on 8 May 2023:\nAlice: I adopted a puppy named Max yesterday!\n"
+        "Bob: Congrats! I have two cats, and I work as a nurse.",
+        {
+            "facts": [
+                "Alice adopted a puppy named Max on 7 May 2023",
+                "Bob has two cats",
+                "Bob works as a nurse",
+            ]
+        },
+    ),
+]
+
+UPDATE_SYSTEM = (
+    "You manage a memory store. Compare the new fact with the existing memories and decide one event: "
+    "ADD if the fact is new information (use the new id), UPDATE if it changes or refines an existing memory "
+    "(keep its id, give the new text and put the previous text in old_memory), DELETE if it contradicts an "
+    "existing memory so that memory is no longer true, NONE if the fact is already known. Reply with JSON "
+    'only: {"memory": [{"id": ..., "text": ..., "event": ...}]}.'
+)
+
+UPDATE_SHOTS = [
+    (
+        "Existing memories:\n[]\nNew fact: Alice adopted a puppy named Max\nNew id: 0",
+        {"memory": [{"id": "0", "text": "Alice adopted a puppy named Max", "event": "ADD"}]},
+    ),
+    (
+        'Existing memories:\n[{"id": "0", "text": "Bob lives in Boston"}, {"id": "1", "text": "Bob has two cats"}]\n'
+        "New fact: Bob moved to Denver\nNew id: 2",
+        {
+            "memory": [
+                {"id": "0", "text": "Bob lives in Denver", "event": "UPDATE", "old_memory": "Bob lives in Boston"}
+            ]
+        },
+    ),
+    (
+        'Existing memories:\n[{"id": "0", "text": "Alice likes pizza"}]\nNew fact: Alice likes pizza\nNew id: 1',
+        {"memory": [{"id": "0", "text": "Alice likes pizza", "event": "NONE"}]},
+    ),
+    (
+        'Existing memories:\n[{"id": "0", "text": "Carol owns a red car"}]\nNew fact: Carol sold her car\nNew id: 1',
+        {"memory": [{"id": "0", "text": "Carol owns a red car", "event": "DELETE"}]},
+    ),
+]
+
+GENERATION_SYSTEM = (
+    "Answer the question about the people in the conversation using only the memories below. Each memory "
+    "has the date it was stated. Answer in a few words. If the memories do not hold the answer, answer "
+    f'"{NOT_MENTIONED}". Reply with JSON only: {{"answer": ...}}.'
+)
+
+GENERATION_SHOTS = [
+    (
+        "Memories:\n- [8 May 2023] Alice adopted a puppy named Max on 7 May 2023\n- [8 May 2023] Bob has two cats\n"
+        "Question: What is the name of Alice's dog?",
+        {"answer": "Max"},
+    ),
+    (
+        "Memories:\n- [8 May 2023] Bob has two cats\nQuestion: Where does Bob's sister live?",
+        {"answer": NOT_MENTIONED},
+    ),
+]
+
+
+def _shots(pairs) -> list[dict]:
+    messages = []
+    for user, answer in pairs:
+        messages.append({"role": "user", "content": user})
+        messages.append({"role": "assistant", "content": json.dumps(answer)})
+    return messages
+
+
+@dataclass(frozen=True)
+class Template:
+    operation: str
+    system: str
+    shots: tuple
+
+    def messages(self, user: str) -> list[dict]:
+        return [{"role": "system", "content": self.system}, *_shots(self.shots), {"role": "user", "content": user}]
+
+    @property
+    def hash(self) -> str:
+        """Identifies the template text: traces made with another wording must not be mixed silently."""
+        blob = json.dumps({"op": self.operation, "system": self.system, "shots": self.shots}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+TEMPLATES = {
+    "extraction": Template("extraction", EXTRACTION_SYSTEM, tuple(EXTRACTION_SHOTS)),
+    "update": Template("update", UPDATE_SYSTEM, tuple(UPDATE_SHOTS)),
+    "generation": Template("generation", GENERATION_SYSTEM, tuple(GENERATION_SHOTS)),
+}
+
+
+# --- output schemas -------------------------------------------------------------------------------------
+
+
+def extraction_schema(max_facts: int, max_chars: int) -> dict:
+    return {
+        "type": "object",
+        "properties": {
+            "facts": {
+                "type": "array",
+                "items": {"type": "string", "minLength": 1, "maxLength": max_chars},
+                "maxItems": max_facts,
+            }
+        },
+        "required": ["facts"],
+        "additionalProperties": False,
+    }
+
+
+def update_schema(shown_ids: list[str], new_id: str, max_chars: int) -> dict:
+    """Ids are an enum of those shown in this very prompt, plus the next free one for an ADD only."""
+    text = {"type": "string", "minLength": 1, "maxLength": max_chars}
+    add = {
+        "type": "object",
+        "properties": {"id": {"type": "string", "enum": [new_id]}, "text": text, "event": {"type": "string", "enum": ["ADD"]}},
+        "required": ["id", "text", "event"],
+        "additionalProperties": False,
+    }
+    variants = [add]
+    if shown_ids:
+        variants.append(
+            {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "string", "enum": list(shown_ids)},
+                    "text": text,
+                    "event": {"type": "string", "enum": ["UPDATE", "DELETE", "NONE"]},
+                    "old_memory": {"type": "string", "maxLength": max_chars},
+                },
+                "required": ["id", "text", "event"],
+                "additionalProperties": False,
+            }
+        )
+    return {
+        "type": "object",
+        "properties": {
+            "memory": {
+                "type": "array",
+                "items": variants[0] if len(variants) == 1 else {"anyOf": variants},
+                "minItems": 1,
+                "maxItems": len(shown_ids) + 1,
+            }
+        },
+        "required": ["memory"],
+        "additionalProperties": False,
+    }
+
+
+def generation_schema(max_chars: int) -> dict:
+    # A one-field object rather than free text: the model stops at the closing brace instead of rambling,
+    # and a missing or cut answer is counted as parse_ok=false like every other operation.
+    return {
+        "type": "object",
+        "properties": {"answer": {"type": "string", "minLength": 1, "maxLength": max_chars}},
+        "required": ["answer"],
+        "additionalProperties": False,
+    }

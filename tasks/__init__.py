@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers over the domain packages (retries, caching, logging)."""

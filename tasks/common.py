@@ -1,0 +1,52 @@
+"""Tasks every flow uses: config loading, ingest and the manifest."""
+
+from __future__ import annotations
+
+import logging
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NONE
+
+from memlora.config import Config, load_config
+from memlora.data.ingest import ingest
+from memlora.data.records import Conversation
+from memlora.manifest import update_manifest
+
+
+class PrefectLogHandler(logging.Handler):
+    """Forward the domain packages' `memlora.*` log records into the running task's or flow's log."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            get_run_logger().log(record.levelno, "%s", record.getMessage())
+        except Exception:  # outside a run context: nothing to forward to
+            pass
+
+
+def forward_domain_logs() -> None:
+    root = logging.getLogger("memlora")
+    if not any(isinstance(h, PrefectLogHandler) for h in root.handlers):
+        root.addHandler(PrefectLogHandler())
+        root.setLevel(logging.INFO)
+
+
+@task(name="load-config", cache_policy=NONE)
+def load_config_task(path: str) -> Config:
+    return load_config(path)
+
+
+@task(name="ingest", cache_policy=NONE)
+def ingest_task(data: str, out: str, config: Config) -> list[Conversation]:
+    corpus = ingest(data, out, config.data)
+    n_test = sum(c.split == "test" for c in corpus)
+    get_run_logger().info(
+        "ingested %d conversations (%d train, %d test), %d turns, %d questions from %s",
+        len(corpus), len(corpus) - n_test, n_test, sum(len(c.turns) for c in corpus),
+        sum(len(c.questions) for c in corpus), data,
+    )
+    return corpus
+
+
+@task(name="update-manifest", cache_policy=NONE)
+def manifest_task(out: str, section: str, payload: dict) -> dict:
+    return update_manifest(out, section, payload)

@@ -1,0 +1,1 @@
+"""LLM backends (local transformers, OpenAI-compatible HTTP) and teacher trace generation."""

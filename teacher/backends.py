@@ -1,0 +1,16 @@
+"""Build the backend a config names."""
+
+from __future__ import annotations
+
+from memlora.config import LLMConfig
+from memlora.memory.llm import LLMBackend
+
+
+def build_backend(config: LLMConfig) -> LLMBackend:
+    if config.backend == "openai":
+        from memlora.teacher.http_backend import OpenAIBackend
+
+        return OpenAIBackend(config)
+    from memlora.teacher.hf_backend import TransformersBackend
+
+    return TransformersBackend.from_config(config)

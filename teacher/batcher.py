@@ -1,0 +1,65 @@
+"""Merge the model calls of conversations processed in parallel threads into shared batches.
+
+Each conversation's memory run is sequential (an update depends on the store the previous one left), so the
+batch a single conversation can offer is small. Running several conversations in threads and merging their
+pending calls here keeps the model's batches full, the way a serving engine does, without changing any
+conversation's own order of operations.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+
+from memlora.memory.llm import GenerationRequest, GenerationResult, LLMBackend
+
+
+class MicroBatcher:
+    def __init__(self, inner: LLMBackend, max_batch: int, linger_s: float = 0.05):
+        self.inner, self.max_batch, self.linger_s = inner, max_batch, linger_s
+        self.model_id, self.backend_name = inner.model_id, inner.backend_name
+        self._queue: queue.Queue = queue.Queue()
+        self._closed = False
+        self._worker = threading.Thread(target=self._run, name="memlora-batcher", daemon=True)
+        self._worker.start()
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        futures = []
+        for request in requests:
+            future: Future = Future()
+            self._queue.put((request, future))
+            futures.append(future)
+        return [f.result() for f in futures]
+
+    def close(self) -> None:
+        self._closed = True
+        self._queue.put(None)
+        self._worker.join(timeout=30)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            pending = [item]
+            deadline = time.monotonic() + self.linger_s
+            while len(pending) < self.max_batch * 4:
+                try:
+                    nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)
+                    break
+                pending.append(nxt)
+            requests = [r for r, _ in pending]
+            try:
+                results = self.inner.generate(requests)
+            except BaseException as err:  # hand the failure to every waiting caller
+                for _, future in pending:
+                    future.set_exception(err)
+                continue
+            for (_, future), result in zip(pending, results):
+                future.set_result(result)

@@ -1,0 +1,112 @@
+"""Teacher trace generation: replay a conversation through the memory system and record every call.
+
+Each conversation is written as its own shard per operation (`traces/<op>/part-<conversation_id>.parquet`),
+atomically and only once the conversation is complete, so a rerun after a crash skips finished conversations,
+redoes the interrupted one from scratch, and can neither duplicate nor lose rows.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from memlora.config import OPERATIONS, Config
+from memlora.data.io import write_parquet
+from memlora.data.records import Conversation
+from memlora.data.schemas import TRACES
+from memlora.memory.embedder import Embedder
+from memlora.memory.llm import LLMBackend
+from memlora.memory.store import MemoryStore
+from memlora.memory.system import CallRecord, MemorySystem
+
+
+def shard_path(out: str | Path, operation: str, conversation_id: str) -> Path:
+    return Path(out) / "traces" / operation / f"part-{conversation_id}.parquet"
+
+
+def is_traced(out: str | Path, conversation_id: str) -> bool:
+    return all(shard_path(out, op, conversation_id).is_file() for op in OPERATIONS)
+
+
+def record_to_row(record: CallRecord, model_id: str, backend: str) -> dict:
+    result, parsed = record.result, record.parsed
+    return {
+        "trace_id": f"{record.conversation_id}:{record.operation}:{record.step}",
+        "operation": record.operation,
+        "conversation_id": record.conversation_id,
+        "session": record.session,
+        "step": record.step,
+        "messages": record.request.messages,
+        "output_schema": json.dumps(record.request.schema) if record.request.schema else None,
+        "raw_output": result.text,
+        "parsed_output": json.dumps(parsed.value) if parsed.ok else None,
+        "parse_ok": parsed.ok,
+        "parse_error": parsed.error,
+        "constrained": result.constrained,
+        "finish_reason": result.finish_reason,
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "completion_token_ids": result.token_ids,
+        "top_logprobs": (
+            [[{"token_id": t, "logprob": lp} for t, lp in step] for step in result.top_logprobs]
+            if result.top_logprobs is not None
+            else None
+        ),
+        "latency_s": result.latency_s,
+        "batch_size": result.batch_size,
+        "model_id": model_id,
+        "backend": backend,
+        "template_hash": record.template_hash,
+    }
+
+
+def trace_conversation(
+    conversation: Conversation,
+    llm: LLMBackend,
+    embedder: Embedder,
+    store: MemoryStore,
+    config: Config,
+) -> dict[str, list[dict]]:
+    """Run one conversation through the memory system; return its trace rows per operation."""
+    rows: dict[str, list[dict]] = {op: [] for op in OPERATIONS}
+    cid = conversation.conversation_id
+    store.clear(cid)  # an interrupted earlier attempt may have left memories behind
+    system = MemorySystem(
+        llm, store, embedder, config.memory,
+        on_call=lambda r: rows[r.operation].append(record_to_row(r, llm.model_id, llm.backend_name)),
+    )
+    system.ingest(conversation, max_sessions=config.data.max_sessions)
+    questions = conversation.questions[: config.data.max_questions] if config.data.max_questions else conversation.questions
+    system.answer(cid, questions)
+    return rows
+
+
+def write_shards(out: str | Path, conversation_id: str, rows: dict[str, list[dict]]) -> dict[str, int]:
+    for op in OPERATIONS:
+        table = pa.Table.from_pylist(rows[op], schema=TRACES)
+        write_parquet(table, shard_path(out, op, conversation_id), "traces")
+    return {op: len(rows[op]) for op in OPERATIONS}
+
+
+def trace_summary(out: str | Path) -> dict:
+    """Per operation: rows, parse_ok, constrained, and why the failures failed."""
+    summary = {}
+    for op in OPERATIONS:
+        files = sorted((Path(out) / "traces" / op).glob("part-*.parquet"))
+        if not files:
+            summary[op] = {"rows": 0, "parse_ok": 0, "constrained": 0, "parse_errors": {}}
+            continue
+        table = pa.concat_tables(pq.read_table(f, columns=["parse_ok", "constrained", "parse_error"]) for f in files)
+        ok = table.column("parse_ok").to_pylist()
+        errors = Counter(e for e in table.column("parse_error").to_pylist() if e)
+        summary[op] = {
+            "rows": table.num_rows,
+            "parse_ok": sum(ok),
+            "constrained": sum(table.column("constrained").to_pylist()),
+            "parse_errors": dict(errors.most_common(10)),
+        }
+    return summary
