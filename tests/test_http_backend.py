@@ -1,0 +1,65 @@
+import pytest
+
+from memlora.config import HttpConfig, LLMConfig
+from memlora.memory.llm import GenerationRequest
+from memlora.memory.prompts import TEMPLATES, extraction_schema
+from memlora.teacher.http_backend import OpenAIBackend, SchemaRejected, TeacherUnavailable
+from tests.stub_openai import StubOpenAI
+
+SCHEMA = extraction_schema(4, 100)
+
+
+def backend(url, **http):
+    http = {"backoff_s": 0.01, "max_retries": 3, "timeout_s": 5, **http}
+    return OpenAIBackend(LLMConfig(backend="openai", model="big-teacher", http=HttpConfig(base_url=url, **http)))
+
+
+def request(schema=SCHEMA):
+    return GenerationRequest("extraction", TEMPLATES["extraction"].messages("Ann: I have a cat."), 64, schema)
+
+
+@pytest.mark.timeout(60)
+def test_sends_schema_as_response_format():
+    with StubOpenAI() as stub:
+        results = backend(stub.url).generate([request(), request(None)])
+    constrained, free = stub.requests if "response_format" in stub.requests[0] else stub.requests[::-1]
+    assert constrained["response_format"]["type"] == "json_schema"
+    assert constrained["response_format"]["json_schema"]["schema"] == SCHEMA
+    assert "response_format" not in free
+    assert constrained["temperature"] == 0.0 and constrained["model"] == "big-teacher"
+    assert [r.text for r in results] == ['{"facts": ["Ann has a cat"]}'] * 2
+    assert [r.constrained for r in results] == [True, False]
+    assert results[0].prompt_tokens == 11 and results[0].completion_tokens == 7
+
+
+@pytest.mark.timeout(60)
+def test_schema_rejection_is_a_clear_error_or_a_recorded_fallback():
+    with StubOpenAI() as stub:
+        stub.reject_schema = True
+        with pytest.raises(SchemaRejected, match="rejected the extraction request with response_format"):
+            backend(stub.url).generate([request()])
+        fallback = backend(stub.url, on_schema_rejected="free")
+        result = fallback.generate([request()])[0]
+    assert result.constrained is False and fallback.free_fallbacks == 1
+
+
+@pytest.mark.timeout(60)
+def test_retries_429_and_5xx_then_succeeds():
+    with StubOpenAI() as stub:
+        stub.fail_first, stub.fail_status = 2, 429
+        assert backend(stub.url).generate([request()])[0].text.startswith('{"facts"')
+        assert len(stub.requests) == 3
+        stub.fail_first, stub.fail_status = 10, 503
+        with pytest.raises(TeacherUnavailable, match="gave up after 4 attempts"):
+            backend(stub.url).generate([request()])
+
+
+@pytest.mark.timeout(60)
+def test_timeouts_and_dead_server():
+    with StubOpenAI() as stub:
+        stub.stall_s = 1.0
+        with pytest.raises(TeacherUnavailable, match="ReadTimeout"):
+            backend(stub.url, timeout_s=0.2, max_retries=1).generate([request()])
+        url = stub.url
+    with pytest.raises(TeacherUnavailable, match="ConnectError"):
+        backend(url, max_retries=1).generate([request()])
