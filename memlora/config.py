@@ -58,6 +58,7 @@ class LLMConfig(_Strict):
     device: str = "auto"
     batch_size: int = Field(8, gt=0)
     logprobs_top_k: int = Field(0, ge=0)
+    prefix_cache: bool = True  # prefill the shared system prompt + few-shot examples once, not per row
     trust_remote_code: bool = False
     http: HttpConfig = HttpConfig()
 

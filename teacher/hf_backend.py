@@ -6,9 +6,11 @@ student decode exactly the same way.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
+from collections import OrderedDict
 from itertools import groupby
 
 import torch
@@ -66,9 +68,12 @@ def prepare_tokenizer(tokenizer) -> None:
 class TransformersBackend:
     backend_name = "transformers"
 
-    def __init__(self, model, tokenizer, model_id: str, batch_size: int = 8, logprobs_top_k: int = 0):
+    def __init__(self, model, tokenizer, model_id: str, batch_size: int = 8, logprobs_top_k: int = 0,
+                 prefix_cache: bool = True):
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
         self.batch_size, self.logprobs_top_k = batch_size, logprobs_top_k
+        self.prefix_cache = prefix_cache
+        self._prefixes: OrderedDict[tuple, tuple[list[int], object]] = OrderedDict()
         prepare_tokenizer(tokenizer)
         self.grammars = GrammarCache(tokenizer, model.config.vocab_size)
         self._lock = threading.Lock()  # one generate at a time on a shared model
@@ -81,13 +86,62 @@ class TransformersBackend:
             config.model, tokenizer_ref=config.tokenizer, dtype=config.dtype, device=config.device,
             trust_remote_code=config.trust_remote_code,
         )
-        return cls(model, tokenizer, model_id, config.batch_size, config.logprobs_top_k)
+        return cls(model, tokenizer, model_id, config.batch_size, config.logprobs_top_k, config.prefix_cache)
 
     def prompt_text(self, request: GenerationRequest) -> str:
         return self.tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
 
     def before_batch(self, operation: str) -> None:
         """Hook for subclasses (the student switches its expert here)."""
+
+    def cache_tag(self) -> str:
+        """What, besides the prompt, decides the model's activations: a cached prefix is only reused under
+        the same tag. Subclasses that switch adapters must include the active one."""
+        return str(getattr(self.model, "active_adapters", ""))
+
+    def _shared_prefix(self, batch: list[GenerationRequest], rows: list[list[int]]):
+        """The KV cache of the messages every row shares (system prompt + few-shot examples), computed once.
+
+        Those shared messages are most of each prompt, so prefilling them once per run instead of once per
+        row is the largest saving on CPU. Returns (prefix token ids, cache) or None where rows share none."""
+        head = batch[0].messages[:-1]
+        if not self.prefix_cache or not head or any(r.messages[:-1] != head for r in batch):
+            return None
+        key = (self.cache_tag(), repr(head))
+        if key not in self._prefixes:
+            from transformers import DynamicCache
+
+            text = self.tokenizer.apply_chat_template(head, tokenize=False)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            cache = DynamicCache(config=self.model.config)
+            self.model(input_ids=torch.tensor([ids], device=self.model.device), past_key_values=cache, use_cache=True)
+            self._prefixes[key] = (ids, cache)
+            while len(self._prefixes) > 16:
+                self._prefixes.popitem(last=False)
+        self._prefixes.move_to_end(key)
+        ids, cache = self._prefixes[key]
+        if any(len(r) <= len(ids) or r[: len(ids)] != ids for r in rows):
+            return None  # the template does not tokenize the prefix the same way inside the full prompt
+        return ids, cache
+
+    def _encode(self, batch: list[GenerationRequest]) -> tuple[dict, object | None]:
+        """Token ids + attention mask, left-padded; with a shared prefix, the padding sits between the prefix and
+        each row's own part (masked out, so positions and outputs match the unpadded prompt)."""
+        rows = [self.tokenizer(self.prompt_text(r), add_special_tokens=False)["input_ids"] for r in batch]
+        shared = self._shared_prefix(batch, rows)
+        start, cache = (len(shared[0]), shared[1]) if shared else (0, None)
+        width = max(len(r) for r in rows) - start
+        ids = torch.full((len(rows), start + width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, row in enumerate(rows):
+            own = row[start:]
+            ids[i, :start], mask[i, :start] = torch.tensor(row[:start], dtype=torch.long), 1
+            ids[i, start + width - len(own):], mask[i, start + width - len(own):] = torch.tensor(own), 1
+        if cache is not None:
+            cache = copy.deepcopy(cache)  # generate() extends the cache in place
+            cache.batch_repeat_interleave(len(rows))
+        device = self.model.device
+        return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}, cache
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         """Group requests that can share a batch (same operation, cap and decoding mode), keep input order."""
@@ -106,13 +160,14 @@ class TransformersBackend:
         with self._lock:
             self.before_batch(batch[0].operation)
             started = time.perf_counter()
-            enc = self.tokenizer([self.prompt_text(r) for r in batch], return_tensors="pt", padding=True,
-                                 add_special_tokens=False).to(self.model.device)
+            enc, cache = self._encode(batch)
             kwargs = dict(
                 max_new_tokens=batch[0].max_new_tokens, do_sample=False, num_beams=1,
                 pad_token_id=self.tokenizer.pad_token_id, return_dict_in_generate=True,
                 output_logits=self.logprobs_top_k > 0, temperature=None, top_p=None, top_k=None,
             )
+            if cache is not None:
+                kwargs["past_key_values"] = cache
             if batch[0].constrained:
                 kwargs["logits_processor"] = [self.grammars.logits_processor([r.schema for r in batch])]
             out = self.model.generate(**enc, **kwargs)

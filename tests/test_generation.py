@@ -99,3 +99,20 @@ def test_mixed_operations_keep_input_order(tiny_backend):
     results = tiny_backend.generate(requests)
     assert [r.constrained for r in results] == [False, True, False]
     assert results[0].text == tiny_backend.generate([requests[0]])[0].text
+
+
+@pytest.mark.timeout(300)
+def test_prefix_cache_changes_nothing_but_speed(tiny_backend):
+    from memlora.teacher.hf_backend import TransformersBackend
+
+    plain = TransformersBackend(tiny_backend.model, tiny_backend.tokenizer, "tiny", batch_size=8,
+                                logprobs_top_k=4, prefix_cache=False)
+    schema = extraction_schema(max_facts=2, max_chars=12)
+    for requests in ([free(p) for p in PROMPTS], [extraction(p, schema) for p in PROMPTS]):
+        cached = tiny_backend.generate(requests)
+        uncached = plain.generate(requests)
+        assert [r.token_ids for r in cached] == [r.token_ids for r in uncached]
+        assert [r.prompt_tokens for r in cached] == [r.prompt_tokens for r in uncached]
+        for a, b in zip(cached, uncached):
+            assert [t for t, _ in a.top_logprobs[0]] == [t for t, _ in b.top_logprobs[0]]
+    assert len(tiny_backend._prefixes) >= 1 and not plain._prefixes

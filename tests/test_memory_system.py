@@ -1,0 +1,116 @@
+"""The memory system's control flow with scripted model outputs (the outputs a real teacher cannot be made to
+write on demand: malformed JSON, invented ids), then with a real tiny model through the micro-batcher."""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime
+
+import pytest
+
+from memlora.config import MemoryConfig
+from memlora.data.records import Conversation, Question, Turn
+from memlora.memory.llm import GenerationResult
+from memlora.memory.store import MemoryStore
+from memlora.memory.system import MemorySystem
+from memlora.teacher.batcher import MicroBatcher
+
+T0 = datetime(2023, 5, 8, 13, 56)
+
+
+class ScriptedLLM:
+    """Answers each operation from a queue of canned texts; records the requests it saw."""
+
+    model_id, backend_name = "scripted", "scripted"
+
+    def __init__(self, outputs: dict[str, list[str]]):
+        self.outputs = {k: list(v) for k, v in outputs.items()}
+        self.requests = []
+
+    def generate(self, requests):
+        self.requests += requests
+        return [GenerationResult(self.outputs[r.operation].pop(0), 1, 1, 0.0, len(requests), r.constrained)
+                for r in requests]
+
+
+def conversation(n_turns=2) -> Conversation:
+    turns = [Turn(1, i + 1, f"D1:{i + 1}", "Ann" if i % 2 == 0 else "Ben", f"line {i}", T0) for i in range(n_turns)]
+    return Conversation("c1", turns, [Question(0, "What does Ann have?", "a cat", None, 4)])
+
+
+def test_updates_apply_and_malformed_output_is_recorded_never_applied(embedder):
+    llm = ScriptedLLM({
+        "extraction": ['{"facts": ["Ann has a cat", "Ben bakes bread", "Ann lives in Oslo"]}'],
+        "update": [
+            '{"memory": [{"id": "0", "text": "Ann has a cat", "event": "ADD"}]}',
+            '{"memory": [{"id": "0", "text": "Ben bakes", "event": "MODIFY"}]}',    # wrong event name
+            '{"memory": [{"id": "7", "text": "Ann lives in Oslo", "event": "UPDATE"}]}',  # invented id
+        ],
+        "generation": ['Sure! {"answer": "a cat"} hope that helps'],
+    })
+    calls = []
+    store = MemoryStore()
+    system = MemorySystem(llm, store, embedder, MemoryConfig(window=2), on_call=calls.append)
+    system.ingest(conversation())
+    assert [m.text for m in store.all("c1")] == ["Ann has a cat"]
+    update_calls = [c for c in calls if c.operation == "update"]
+    assert [c.parsed.ok for c in update_calls] == [True, False, False]
+    assert "MODIFY" in update_calls[1].parsed.error and "not shown" in update_calls[2].parsed.error
+    assert [c.step for c in update_calls] == [0, 1, 2]
+    assert system.answer("c1", conversation().questions) == ["a cat"]
+    # every request was constrained to its schema; update ids are those of the prompt
+    assert all(r.schema is not None for r in llm.requests)
+    assert llm.requests[1].schema["properties"]["memory"]["items"]["properties"]["id"]["enum"] == ["0"]
+
+
+def test_update_and_delete_reach_the_store(embedder):
+    llm = ScriptedLLM({
+        "extraction": ['{"facts": ["Ann has a cat"]}', '{"facts": ["Ann moved to Oslo"]}',
+                       '{"facts": ["Ann gave her cat away"]}'],
+        "update": [
+            '{"memory": [{"id": "0", "text": "Ann has a cat", "event": "ADD"}]}',
+            '{"memory": [{"id": "0", "text": "Ann has a cat and lives in Oslo", "event": "UPDATE", "old_memory": "x"}]}',
+            '{"memory": [{"id": "0", "text": "Ann has a cat", "event": "DELETE"}]}',
+        ],
+    })
+    store = MemoryStore()
+    system = MemorySystem(llm, store, embedder, MemoryConfig(window=1))
+    system.ingest(conversation(3))
+    assert store.all("c1") == []
+    assert [e for _, e, *_ in store.history("c1")] == ["ADD", "UPDATE", "DELETE"]
+
+
+def test_unconstrained_operation_sends_no_schema(embedder):
+    config = MemoryConfig(operations={"extraction": {"constrained": False}})
+    llm = ScriptedLLM({"extraction": ["no facts here"]})
+    calls = []
+    MemorySystem(llm, MemoryStore(), embedder, config, on_call=calls.append).ingest(conversation())
+    assert llm.requests[0].schema is None
+    assert not calls[0].parsed.ok and calls[0].result.constrained is False
+
+
+@pytest.mark.timeout(300)
+def test_micro_batcher_merges_threads_and_keeps_results(tiny_backend):
+    from memlora.memory.llm import GenerationRequest
+    from memlora.memory.prompts import TEMPLATES
+
+    requests = [GenerationRequest("extraction", TEMPLATES["extraction"].messages(f"Ann: fact {i}"), 6)
+                for i in range(6)]
+    direct = [r.text for r in tiny_backend.generate(requests)]
+    batcher = MicroBatcher(tiny_backend, max_batch=8, linger_s=0.2)
+    got: dict[int, str] = {}
+    sizes: list[int] = []
+
+    def worker(i):
+        result = batcher.generate([requests[i]])[0]
+        got[i] = result.text
+        sizes.append(result.batch_size)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    batcher.close()
+    assert [got[i] for i in range(6)] == direct
+    assert max(sizes) > 1  # calls from different threads shared a batch
