@@ -14,7 +14,7 @@ export TRANSFORMERS_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: setup run test clean
+.PHONY: setup run test serve clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,10 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+# Local Prefect server (SQLite) + process worker + the deployments of prefect.yaml; Ctrl-C tears both down.
+serve: setup
+	$(BIN)/memlora serve --port $${PORT:-4200}
 
 clean:
 	rm -rf $(VENV) $(OUT)

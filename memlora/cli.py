@@ -51,6 +51,56 @@ def cmd_traces(args) -> int:
     return 0
 
 
+def cmd_distill(args) -> int:
+    from memlora.config import load_config
+    from memlora.flows.distill import distill
+
+    load_config(args.config)
+    records = distill(config=args.config, out=args.out)
+    for op, r in records.items():
+        note = " (kept: already trained)" if r.get("skipped") else ""
+        print(f"{op:<11} loss {r['loss_before']:.4f} -> {r['loss_after']:.4f}  {r['steps']} steps{note}"
+              f"  -> {Path(args.out) / 'adapters' / op}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from memlora.student.build import student_dir
+    from memlora.student.export import export_lora
+
+    base = args.base or student_dir(args.out)
+    written = export_lora(args.out, base, args.rank)
+    if not written:
+        print(f"memlora export: error: no trained experts under {Path(args.out) / 'adapters'}", file=sys.stderr)
+        return 2
+    for op, path in written.items():
+        print(f"{op:<11} -> {path}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from memlora.release import VerifyError, verify_release
+
+    try:
+        problems = verify_release(args.path)
+    except VerifyError as err:
+        print(f"memlora verify: error: {err}", file=sys.stderr)
+        return 2
+    if problems:
+        for problem in problems:
+            print(f"memlora verify: {problem}", file=sys.stderr)
+        print(f"memlora verify: {args.path}: {len(problems)} difference(s) from the manifest", file=sys.stderr)
+        return 1
+    print(f"{args.path}: matches its manifest")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from memlora.serve import serve
+
+    return serve(host=args.host, port=args.port, pool=args.pool, deploy=not args.no_deploy)
+
+
 def cmd_run(args) -> int:
     from memlora.config import load_config
     from memlora.flows.pipeline import pipeline
@@ -58,7 +108,7 @@ def cmd_run(args) -> int:
     load_config(args.config)
     pipeline(config=args.config, data=args.data, out=args.out)
     out = Path(args.out)
-    print(f"pipeline finished: manifest at {out / 'manifest.json'}")
+    print(f"pipeline finished: manifest at {out / 'manifest.json'}, release under {out / 'releases'}")
     report = out / "eval" / "report.md"
     if report.is_file():
         print(f"report: {report}")
@@ -80,6 +130,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_traces)
+
+    p = sub.add_parser("distill", help="DeLoRA experts from OUT/traces")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("export", help="experts as plain LoRA adapters")
+    p.add_argument("--out", required=True)
+    p.add_argument("--format", choices=["lora"], default="lora")
+    p.add_argument("--base", default=None, help="student base folder (default: OUT/student/base)")
+    p.add_argument("--rank", type=int, default=None, help="LoRA rank (default: the expert's own)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("verify", help="check a dataset release against its manifest")
+    p.add_argument("path")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("serve", help="local Prefect server + process worker with the deployments of prefect.yaml")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=4200)
+    p.add_argument("--pool", default="memlora-pool")
+    p.add_argument("--no-deploy", action="store_true")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("run", help="the whole pipeline (what `make run` calls)")
     p.add_argument("--config", default=DEFAULT_CONFIG)

@@ -146,7 +146,12 @@ class EvalConfig(_Strict):
     fact_match_threshold: float = Field(0.5, gt=0.0, le=1.0)
     max_conversations: int | None = Field(1, gt=0)
     max_questions: int | None = Field(None, gt=0)
-    judge: LLMConfig | None = None
+    judge: LLMConfig | None = None  # None: the teacher judges
+    max_sessions: int | None = Field(None, gt=0)  # sessions of each test conversation replayed (None: all)
+    free_decoding: bool = True  # also replay the teacher's requests without their schema (JSON validity, free)
+    judge_max_new_tokens: int = Field(16, gt=0)
+    bootstrap_samples: int = Field(1000, ge=0)  # resamples behind each bootstrap 95% CI (0: no CI)
+    timeout_s: int = Field(7200, gt=0)  # per system process
 
 
 class PrefectConfig(_Strict):

@@ -177,7 +177,9 @@ class TransformersBackend:
         prompt_counts = enc["attention_mask"].sum(dim=1).tolist()
         logprobs = None
         if self.logprobs_top_k > 0:
-            # Raw logits, before the grammar mask: the teacher's own distribution is what distillation needs.
+            # `output_logits` are the logits the processors saw; xgrammar masks them in place, so under a
+            # schema these are the teacher's log-probs over what the grammar allowed: the distribution it
+            # actually decoded from, and the one the student will decode from under the same schema.
             stacked = torch.stack(out.logits, dim=1).float().log_softmax(dim=-1)
             top = stacked.topk(self.logprobs_top_k, dim=-1)
             logprobs = (top.indices.tolist(), top.values.tolist())
@@ -190,8 +192,9 @@ class TransformersBackend:
                     break
                 kept.append(tok)
             top_lp = None
-            if logprobs is not None:
-                top_lp = [list(zip(logprobs[0][row][t], logprobs[1][row][t])) for t in range(len(kept))]
+            if logprobs is not None:  # tokens the grammar forbade (log-prob -inf) are left out
+                top_lp = [[(i, lp) for i, lp in zip(logprobs[0][row][t], logprobs[1][row][t]) if lp > float("-inf")]
+                          for t in range(len(kept))]
             results.append(
                 GenerationResult(
                     text=self.tokenizer.decode(kept, skip_special_tokens=True),

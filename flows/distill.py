@@ -1,0 +1,23 @@
+"""`distill`: one DeLoRA expert per memory operation on the student, trained on the teacher's traces."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from memlora.config import OPERATIONS
+from memlora.tasks.common import forward_domain_logs, load_config_task, manifest_task
+from memlora.tasks.distill import build_student_task, distill_expert_task
+
+
+@flow(name="distill")
+def distill(config: str = "configs/default.yaml", out: str = "out") -> dict:
+    forward_domain_logs()
+    cfg = load_config_task(config)
+    base = build_student_task(cfg, out)
+    # One after another: each training already uses every core (or GPU) it is given.
+    records = {op: distill_expert_task(cfg, config, out, op, base) for op in OPERATIONS}
+    manifest_task(out, "distill", {
+        "student_base": str(base),
+        "experts": {op: {k: v for k, v in r.items() if k != "loss_curve"} for op, r in records.items()},
+    })
+    return records

@@ -1,0 +1,193 @@
+"""Versioned dataset releases for downstream teams, and their verification.
+
+`OUT/releases/<name>/<version>/` holds copies of the run's Parquet files, `manifest.json` and a `README.md`
+dataset card. The folder is assembled under a hidden name and renamed when complete; only then does the
+`latest` symlink move (itself replaced atomically), so `latest` never points at a partial release.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from memlora import __version__
+from memlora.config import Config
+from memlora.data.io import sha256_file
+from memlora.data.schemas import SCHEMA_VERSION, VERSION_KEY
+from memlora.manifest import describe_file, git_revision
+from memlora.memory.prompts import TEMPLATES
+
+RELEASED = ("datasets", "traces", "eval")
+
+
+class VerifyError(RuntimeError):
+    pass
+
+
+def data_fingerprint(path: str | Path) -> str:
+    """sha256 over the input file, or over a folder's files (names and contents)."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    digest = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f.relative_to(path).as_posix().encode() + sha256_file(f).encode())
+    return digest.hexdigest()
+
+
+def release_files(out: Path) -> list[Path]:
+    return [p for folder in RELEASED if (out / folder).is_dir()
+            for p in sorted((out / folder).rglob("*.parquet")) if not p.name.startswith(".")]
+
+
+def publish_release(out: str | Path, config: Config, data: str | Path, name: str | None = None) -> Path:
+    out = Path(out)
+    files = release_files(out)
+    if not files:
+        raise FileNotFoundError(f"{out}: no Parquet datasets to release")
+    name = name or f"{config.name}-traces"
+    content = hashlib.sha256("".join(sha256_file(f) for f in files).encode()).hexdigest()[:10]
+    created = datetime.now(timezone.utc)
+    version = f"{created:%Y%m%dT%H%M%SZ}-{content}"
+    root = out / "releases" / name
+    final = root / version
+    staging = root / f".staging-{version}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        for f in files:
+            target = staging / f.relative_to(out)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, target)
+        manifest = {
+            "name": name,
+            "version": version,
+            "created_at": created.isoformat(timespec="seconds"),
+            "schema_version": SCHEMA_VERSION,
+            "memlora_version": __version__,
+            "code_revision": git_revision(),
+            "teacher_model": config.teacher.model,
+            "student_model": (config.student.model or f"pruned teacher {config.student.prune.model_dump(by_alias=True)}")
+            if config.student else None,
+            "prompt_template_hashes": {op: t.hash for op, t in TEMPLATES.items()},
+            "source_data": {"path": str(data), "sha256": data_fingerprint(data)},
+            "config": config.model_dump(mode="json", by_alias=True),
+            "files": [describe_file(p, staging) for p in sorted(staging.rglob("*.parquet"))],
+        }
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        (staging / "README.md").write_text(dataset_card(manifest))
+        staging.rename(final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    link = root / "latest"
+    tmp_link = root / f".latest-{version}"
+    tmp_link.unlink(missing_ok=True)
+    tmp_link.symlink_to(version)
+    os.replace(tmp_link, link)  # atomic: readers see the old release or the new one, never neither
+    return final
+
+
+COLUMN_NOTES = {
+    "conversations": "one row per conversation turn: conversation_id, split (train/test), session, turn, dia_id, "
+    "speaker, text, time (session start), image_caption (caption of a shared image, if any)",
+    "questions": "one row per question: conversation_id, split, question_id, question, answer (gold; null for "
+    "adversarial questions), adversarial_answer (the trap answer of category 5), category (1 multi-hop, "
+    "2 temporal, 3 open-domain, 4 single-hop, 5 adversarial), evidence (dia_ids)",
+    "traces": "one row per teacher call: trace_id, operation, conversation_id, session, step, messages "
+    "(the exact chat prompt), output_schema (JSON schema decoding was constrained to, or null), raw_output, "
+    "parsed_output (JSON), parse_ok, parse_error, constrained, finish_reason, prompt_tokens, completion_tokens, "
+    "completion_token_ids, top_logprobs (teacher's top-k per completion token), latency_s, batch_size, model_id, "
+    "backend, template_hash",
+}
+
+
+def dataset_card(manifest: dict) -> str:
+    rows = "\n".join(f"| `{f['path']}` | {f.get('rows', '')} | `{f['sha256'][:16]}…` |" for f in manifest["files"])
+    columns = "\n".join(f"- **{kind}**: {note}" for kind, note in COLUMN_NOTES.items())
+    first = next((f["path"] for f in manifest["files"] if f["path"].startswith("traces/")), manifest["files"][0]["path"])
+    return f"""# {manifest['name']} — release {manifest['version']}
+
+Teacher traces of a Mem0-style memory system (operations: extraction, update, generation) and the normalized
+conversations and questions they were made from, produced by memlora {manifest['memlora_version']}
+(code revision `{manifest['code_revision']}`) on {manifest['created_at']}.
+
+## How it was made
+
+The teacher `{manifest['teacher_model']}` replayed each train conversation session by session through the
+memory system; every model call is one trace row. Prompt template hashes: {manifest['prompt_template_hashes']}.
+Source data: `{manifest['source_data']['path']}` (sha256 `{manifest['source_data']['sha256'][:16]}…`). The full
+config is in `manifest.json`. Rows with `parse_ok = false` are kept raw and were not used for training.
+
+## Files (schema version {manifest['schema_version']}, in each file's metadata as `memlora.schema_version`)
+
+| file | rows | sha256 |
+|---|---|---|
+{rows}
+
+## Columns
+
+{columns}
+
+## Loading
+
+```python
+import pyarrow.parquet as pq
+table = pq.read_table("{first}")
+
+from datasets import load_dataset
+ds = load_dataset("parquet", data_files={{"train": "traces/extraction/*.parquet"}}, split="train")
+```
+
+Check a copy against this manifest with `memlora verify <release folder>`.
+"""
+
+
+def resolve_release(path: str | Path) -> Path:
+    path = Path(path)
+    if (path / "manifest.json").is_file():
+        return path
+    if (path / "latest" / "manifest.json").is_file():
+        return (path / "latest").resolve()
+    raise VerifyError(f"{path}: no manifest.json here (give a release folder, or a dataset folder with `latest`)")
+
+
+def verify_release(path: str | Path) -> list[str]:
+    """Every difference between the release folder and its manifest; empty when it matches."""
+    release = resolve_release(path)
+    try:
+        manifest = json.loads((release / "manifest.json").read_text())
+    except json.JSONDecodeError as err:
+        return [f"{release / 'manifest.json'}: not valid JSON ({err})"]
+    problems = []
+    listed = set()
+    for entry in manifest.get("files", []):
+        rel = entry["path"]
+        listed.add(rel)
+        f = release / rel
+        if not f.is_file():
+            problems.append(f"{rel}: missing")
+            continue
+        digest = sha256_file(f)
+        if digest != entry["sha256"]:
+            problems.append(f"{rel}: sha256 {digest[:16]}… differs from the manifest's {entry['sha256'][:16]}…")
+            continue
+        if f.suffix == ".parquet":
+            meta = pq.read_metadata(f)
+            version = ((meta.schema.to_arrow_schema().metadata or {}).get(VERSION_KEY) or b"").decode()
+            if version != entry.get("schema_version"):
+                problems.append(f"{rel}: schema version {version!r}, manifest says {entry.get('schema_version')!r}")
+            if meta.num_rows != entry.get("rows"):
+                problems.append(f"{rel}: {meta.num_rows} rows, manifest says {entry.get('rows')}")
+    for f in sorted(release.rglob("*.parquet")):
+        rel = f.relative_to(release).as_posix()
+        if rel not in listed:
+            problems.append(f"{rel}: present but not in the manifest")
+    if manifest.get("schema_version") not in (None, SCHEMA_VERSION):
+        problems.append(f"manifest schema version {manifest['schema_version']!r}; this memlora reads {SCHEMA_VERSION!r}")
+    return problems

@@ -1,0 +1,85 @@
+"""The student base model: any causal LM, or a layer-pruned copy of the teacher that keeps its tokenizer.
+
+A pruned student is made once and saved as a safetensors folder (`OUT/student/base/`); later stages and
+reruns load that folder, so every stage sees the very same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from memlora.config import Config, PruneConfig
+from memlora.teacher.hf_backend import load_causal_lm
+
+MARKER = "memlora_student.json"
+
+
+def keep_layers(n_layers: int, prune: PruneConfig) -> list[int]:
+    if prune.keep_layers is not None:
+        bad = [i for i in prune.keep_layers if not 0 <= i < n_layers]
+        if bad:
+            raise ValueError(f"student.prune.keep_layers: {bad} out of range for a {n_layers}-layer teacher")
+        return sorted(set(prune.keep_layers))
+    keep = list(range(0, n_layers, prune.every))
+    if keep[-1] != n_layers - 1:
+        keep[-1] = n_layers - 1  # the last layer shapes the output distribution the most: always keep it
+    return keep
+
+
+def prune_layers(model, keep: list[int]):
+    """Keep only the listed decoder layers, renumbered so the KV cache indexes them right."""
+    layers = model.model.layers
+    model.model.layers = torch.nn.ModuleList([layers[i] for i in keep])
+    for new_index, layer in enumerate(model.model.layers):
+        if hasattr(layer, "self_attn") and hasattr(layer.self_attn, "layer_idx"):
+            layer.self_attn.layer_idx = new_index
+    model.config.num_hidden_layers = len(keep)
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [model.config.layer_types[i] for i in keep]
+    return model
+
+
+def student_dir(out: str | Path) -> Path:
+    return Path(out) / "student" / "base"
+
+
+def build_student(config: Config, out: str | Path) -> Path:
+    """Return a folder `from_pretrained` can load: the configured model, or the pruned teacher (made once)."""
+    student = config.student
+    if student is None:
+        raise ValueError("config has no `student` section")
+    if student.prune is None:
+        return Path(student.model)  # a hub id or folder; loaded as it is
+    target = student_dir(out)
+    marker = target / MARKER
+    recipe = {"teacher": config.teacher.model, "prune": student.prune.model_dump(by_alias=True)}
+    if marker.is_file() and json.loads(marker.read_text())["recipe"] == recipe:
+        return target
+    model, tokenizer, _ = load_causal_lm(config.teacher.model, tokenizer_ref=config.teacher.tokenizer,
+                                         dtype="float32", device="cpu",
+                                         trust_remote_code=config.teacher.trust_remote_code)
+    n_layers = model.config.num_hidden_layers
+    keep = keep_layers(n_layers, student.prune)
+    prune_layers(model, keep)
+    # A GGUF teacher arrives dequantized but still tagged with its quantizer, which refuses to save.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".base.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / MARKER).write_text(json.dumps({"recipe": recipe, "kept_layers": keep, "teacher_layers": n_layers,
+                                              "parameters": sum(p.numel() for p in model.parameters())}, indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,53 @@
+"""Distil one expert per operation: decide what is already done, and launch the rest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable
+
+from memlora.config import Config
+from memlora.student.examples import trace_files, traces_fingerprint
+from memlora.student.experts import adapter_dir, is_complete_adapter
+from memlora.student.launch import run_training
+
+
+def config_fingerprint(config: Config) -> str:
+    """sha256 of what decides an expert besides its traces: teacher, student and distillation settings (not
+    the timeout, which only decides when to give up)."""
+    recipe = {
+        "teacher": [config.teacher.model, config.teacher.tokenizer],
+        "student": config.student.model_dump(mode="json", by_alias=True) if config.student else None,
+        "distill": config.distill.model_dump(mode="json", exclude={"timeout_s"}),
+    }
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+
+
+def cache_key(config: Config, out: str | Path, operation: str) -> dict:
+    """Same traces + same recipe = same expert: a finished one is not trained again."""
+    traces = traces_fingerprint(trace_files(out, operation))
+    fingerprint = config_fingerprint(config)
+    key = hashlib.sha256(f"{operation}:{traces}:{fingerprint}".encode()).hexdigest()
+    return {"key": key, "traces_sha256": traces, "config_fingerprint": fingerprint}
+
+
+def finished_record(config: Config, out: str | Path, operation: str) -> dict | None:
+    folder = adapter_dir(out, operation)
+    record_file = folder / "training.json"
+    if not (is_complete_adapter(folder) and record_file.is_file()):
+        return None
+    record = json.loads(record_file.read_text())
+    return record if record.get("cache_key") == cache_key(config, out, operation)["key"] else None
+
+
+def distill_operation(config: Config, config_path: str, out: str | Path, operation: str, base: Path,
+                      on_line: Callable[[str], None] = print) -> dict:
+    if not trace_files(out, operation):
+        raise FileNotFoundError(f"{Path(out) / 'traces' / operation}: no trace files (run `memlora traces` first)")
+    done = finished_record(config, out, operation)
+    if done is not None:
+        on_line(f"{operation}: expert already trained on these traces with this recipe; kept")
+        return {**done, "skipped": True}
+    return run_training(config, config_path, str(out), operation, str(base), cache_key(config, out, operation),
+                        on_line)

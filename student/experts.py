@@ -1,0 +1,118 @@
+"""Experts: one peft adapter per memory operation (DeLoRA by default, LoRA for comparison), and inference
+with all of them on one base model, switched per operation with `set_adapter`."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from peft import DeloraConfig, LoraConfig, PeftModel, get_peft_model
+
+from memlora.config import OPERATIONS, ExpertConfig
+from memlora.teacher.hf_backend import TransformersBackend, load_causal_lm
+
+
+def adapter_config(expert: ExpertConfig):
+    if expert.method == "delora":
+        return DeloraConfig(
+            r=expert.r, delora_lambda=expert.delora_lambda, target_modules=list(expert.target_modules),
+            module_dropout=expert.module_dropout, task_type="CAUSAL_LM",
+        )
+    return LoraConfig(
+        r=expert.r, lora_alpha=expert.lora_alpha, target_modules=list(expert.target_modules),
+        lora_dropout=expert.module_dropout, task_type="CAUSAL_LM",
+    )
+
+
+def attach_expert(model, expert: ExpertConfig, name: str = "default"):
+    """A fresh trainable expert on `model`; only the adapter's parameters require grad."""
+    return get_peft_model(model, adapter_config(expert), adapter_name=name)
+
+
+def adapter_dir(out: str | Path, operation: str) -> Path:
+    return Path(out) / "adapters" / operation
+
+
+def is_complete_adapter(folder: Path) -> bool:
+    return (folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file()
+
+
+def expert_folders(out: str | Path) -> dict[str, Path]:
+    """The trained experts under OUT/adapters/, by operation."""
+    return {op: adapter_dir(out, op) for op in OPERATIONS if is_complete_adapter(adapter_dir(out, op))}
+
+
+def adapter_name(operation: str) -> str:
+    """The peft adapter name of an operation's expert. Not the bare operation name: peft keeps adapters in
+    `nn.ParameterDict`s, and "update" is a `ParameterDict` method, so an adapter called "update" cannot be
+    registered (KeyError: attribute 'update' already exists)."""
+    return f"expert_{operation}"
+
+
+class ExpertBackend(TransformersBackend):
+    """One student base with every expert attached, an `LLMBackend` like the teacher's.
+
+    Each batch runs on its operation's expert: `before_batch` (called under the generation lock) switches with
+    `set_adapter`; the base is loaded once and never reloaded. An operation without an expert, `bare()`, or
+    `adapters=None` run the bare student base (adapter layers disabled, or none attached)."""
+
+    backend_name = "transformers+experts"
+
+    def __init__(self, base: str | Path, adapters: dict[str, Path] | None, *, batch_size: int = 8,
+                 device: str = "auto", dtype: str = "auto", prefix_cache: bool = True):
+        model, tokenizer, model_id = load_causal_lm(str(base), dtype=dtype, device=device)
+        self.operations: list[str] = [op for op in OPERATIONS if op in (adapters or {})]
+        self.operations += [op for op in (adapters or {}) if op not in self.operations]
+        if self.operations:
+            first, *rest = self.operations
+            # safetensors only: adapter weights are never unpickled
+            model = PeftModel.from_pretrained(model, str(adapters[first]), adapter_name=adapter_name(first),
+                                              use_safetensors=True)
+            for op in rest:
+                model.load_adapter(str(adapters[op]), adapter_name=adapter_name(op), use_safetensors=True)
+            model.eval()
+        super().__init__(model, tokenizer, model_id, batch_size=batch_size, prefix_cache=prefix_cache)
+        self.active: str | None = self.operations[0] if self.operations else None
+        self.switches = 0
+        self._bare = False
+
+    @classmethod
+    def from_out(cls, base: str | Path, out: str | Path, **kwargs) -> "ExpertBackend":
+        return cls(base, expert_folders(out) or None, **kwargs)
+
+    def use(self, operation: str | None) -> None:
+        """Activate `operation`'s expert (None: the bare base). A switch is `set_adapter`: no weights move."""
+        if operation is not None and operation not in self.operations:
+            raise KeyError(f"no expert for {operation!r} (have: {', '.join(self.operations) or 'none'})")
+        if not self.operations:
+            return
+        if operation is None:
+            if self.active is not None:
+                self.model.base_model.disable_adapter_layers()
+                self.active = None
+            return
+        if self.active is None:
+            self.model.base_model.enable_adapter_layers()
+        if self.model.active_adapter != adapter_name(operation):
+            self.model.set_adapter(adapter_name(operation), inference_mode=True)
+            self.switches += 1
+        self.active = operation
+
+    @contextmanager
+    def bare(self) -> Iterator["ExpertBackend"]:
+        """Run on the student base alone (every adapter disabled) inside the block."""
+        with self._lock:
+            previous, self._bare = self._bare, True
+            self.use(None)
+        try:
+            yield self
+        finally:
+            with self._lock:
+                self._bare = previous
+
+    def before_batch(self, operation: str) -> None:
+        self.use(operation if operation in self.operations and not self._bare else None)
+
+    def cache_tag(self) -> str:
+        return f"expert:{self.active or 'bare'}"  # a cached prefix is only valid under the same adapter

@@ -1,0 +1,89 @@
+"""Distillation losses: sequence-level (cross-entropy on the teacher's tokens) and token-level (KL or JSD
+against the teacher's stored top-k log-probabilities).
+
+Why top-k is renormalised on both sides: traces keep only the teacher's k most likely tokens per position, so
+the teacher's remaining mass is unknown. We renormalise the teacher's k probabilities to sum to one, and take
+the student's distribution over the *same* k token ids, renormalised the same way (a softmax over those k
+logits). Both are then proper distributions on one support, the divergence is zero exactly when the student
+ranks and weighs the teacher's candidates as the teacher does, and the student is not pushed to move mass
+around in a tail the teacher told us nothing about. Cross-entropy on the sampled token keeps the full softmax
+honest, so the two terms together cover both.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+def shifted_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over positions whose label is not IGNORE."""
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1), ignore_index=IGNORE
+    )
+
+
+def topk_divergence(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+) -> torch.Tensor:
+    """Mean divergence over masked positions.
+
+    student_logits: (N, V) at the positions that predict a completion token; teacher_ids / teacher_logprobs:
+    (N, K); mask: (N,) bool, False where the teacher's log-probs are missing.
+    """
+    if not mask.any():
+        return student_logits.new_zeros(())
+    t = teacher_logprobs[mask].float()
+    valid = torch.isfinite(t)  # fewer than K candidates at a step: the rest are padding at -inf
+    neg_inf = torch.finfo(torch.float32).min
+    s = student_logits[mask].float().gather(-1, teacher_ids[mask]).masked_fill(~valid, neg_inf)
+    t = t.masked_fill(~valid, neg_inf)
+    log_q = s - torch.logsumexp(s, dim=-1, keepdim=True)
+    log_p = t - torch.logsumexp(t, dim=-1, keepdim=True)
+    p, q = log_p.exp() * valid, log_q.exp() * valid
+    if kind == "forward_kl":
+        terms = p * (log_p - log_q)
+    elif kind == "jsd":
+        # Generalised JSD as in TRL's GKD: beta weighs the teacher's side of the mixture.
+        log_m = torch.log((beta * p + (1 - beta) * q).clamp_min(1e-30))
+        terms = beta * p * (log_p - log_m) + (1 - beta) * q * (log_q - log_m)
+    else:
+        raise ValueError(f"unknown kd_loss {kind!r}")
+    return torch.where(valid, terms, torch.zeros_like(terms)).sum(-1).mean()
+
+
+def distillation_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    teacher_mask: torch.Tensor,
+    kd_weight: float,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """(1 - w) * CE + w * KD; batches with no teacher log-probs at all fall back to CE alone.
+
+    teacher_* tensors are aligned with `labels` (B, T, K): position t holds the teacher's top-k for the
+    token at t, which the logits at t - 1 predict.
+    """
+    ce = shifted_ce(logits, labels)
+    mask = teacher_mask[:, 1:].reshape(-1)
+    if kd_weight == 0 or not mask.any():
+        return ce, {"ce": float(ce.detach()), "kd": 0.0}
+    kd = topk_divergence(
+        logits[:, :-1].reshape(-1, logits.size(-1)),
+        teacher_ids[:, 1:].reshape(-1, teacher_ids.size(-1)),
+        teacher_logprobs[:, 1:].reshape(-1, teacher_logprobs.size(-1)),
+        mask,
+        kind,
+        beta,
+    )
+    return (1 - kd_weight) * ce + kd_weight * kd, {"ce": float(ce.detach()), "kd": float(kd.detach())}

@@ -1,0 +1,30 @@
+"""Tasks of distillation: build the student once, then one training task per operation (no retries: a
+failed training is a bug or a resource problem, not a blip)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NONE
+
+from memlora.config import Config
+from memlora.student.build import build_student
+from memlora.student.distill import distill_operation
+
+
+@task(name="build-student", cache_policy=NONE)
+def build_student_task(config: Config, out: str) -> Path:
+    base = build_student(config, out)
+    get_run_logger().info("student base: %s", base)
+    return base
+
+
+@task(name="distill-expert", cache_policy=NONE, retries=0, task_run_name="distill-{operation}")
+def distill_expert_task(config: Config, config_path: str, out: str, operation: str, base: Path) -> dict:
+    log = get_run_logger()
+    record = distill_operation(config, config_path, out, operation, base, on_line=log.info)
+    log.info("%s: loss %.4f -> %.4f over %d steps, %d rows used (%s skipped), world size %d, ZeRO-%d",
+             operation, record["loss_before"], record["loss_after"], record["steps"], record["rows_used"],
+             record["rows_skipped"] or "none", record["world_size"], record["deepspeed_stage"])
+    return record

@@ -1,0 +1,82 @@
+"""The whole local Prefect path: server, process worker, `prefect deploy --all` from prefect.yaml,
+`prefect deployment run` of the pipeline on a tiny model, artifacts through the API, then `memlora verify`."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from memlora.serve import deploy_all, ensure_pool, prefect, prefect_env, start, stop
+from tests.conftest import REPO
+
+
+def tiny_config(path: Path, model_dir: Path) -> Path:
+    raw = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+    raw["name"] = "tiny"
+    raw["teacher"].update(model=str(model_dir), device="cpu", logprobs_top_k=4)
+    raw["data"].update(max_conversations=1, max_sessions=1, max_questions=2)
+    raw["memory"].update(window=4, max_facts=2, max_fact_chars=40, answer_max_chars=24)
+    raw["memory"]["operations"] = {"extraction": {"max_new_tokens": 48}, "update": {"max_new_tokens": 48},
+                                   "generation": {"max_new_tokens": 16}}
+    raw["student"]["prune"] = {"from": "teacher", "every": 2}
+    raw["distill"].update(max_steps=2, batch_size=2, num_ranks=1)
+    raw["evaluation"].update(max_conversations=1, max_sessions=1, max_questions=2, bootstrap_samples=50)
+    raw["prefect"] = {"concurrency": 1}
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+async def _artifacts(flow_run_name: str | None = None):
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        return await client.read_artifacts()
+
+
+@pytest.mark.prefect
+@pytest.mark.timeout(1500)
+def test_deployment_run_of_the_pipeline_then_verify(prefect_server, tiny_model_dir, sample_path, tmp_path):
+    env = prefect_env(prefect_server["url"], PREFECT_HOME=str(prefect_server["home"]))
+    ensure_pool("memlora-pool", env)
+    deployed = deploy_all(env)
+    assert "memlora-pipeline/embedded-default" in deployed
+    config = tiny_config(tmp_path / "tiny.yaml", tiny_model_dir)
+    out = tmp_path / "out"
+    worker = start(["worker", "start", "--pool", "memlora-pool"], env, tmp_path / "worker.log")
+    try:
+        run = prefect(
+            ["deployment", "run", "memlora-pipeline/embedded-default", "--param", f"config={config}",
+             "--param", f"data={sample_path}", "--param", f"out={out}", "--watch", "--watch-timeout", "1300"],
+            env, timeout_s=1400,
+        )
+        log = (tmp_path / "worker.log").read_text(errors="replace")[-4000:]
+        assert run.returncode == 0, f"{run.stdout}\n{run.stderr}\n{log}"
+        assert "Completed" in run.stdout + run.stderr
+    finally:
+        stop(worker)
+
+    artifacts = asyncio.run(_artifacts())
+    keys = {a.key for a in artifacts}
+    assert "memlora-dataset-release" in keys
+    releases = list((out / "releases").glob("*/latest"))
+    assert len(releases) == 1
+    release = releases[0].resolve()
+    for op in ("extraction", "update", "generation"):
+        assert (out / "adapters" / op / "adapter_model.safetensors").is_file()
+    assert (release / "README.md").is_file() and "load_dataset" in (release / "README.md").read_text()
+
+    verify = [sys.executable, "-m", "memlora.cli", "verify"]
+    ok = subprocess.run(verify + [str(releases[0].parent)], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    victim = sorted(release.rglob("*.parquet"))[0]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    bad = subprocess.run(verify + [str(release)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1
+    assert victim.relative_to(release).as_posix() in bad.stderr and "sha256" in bad.stderr

@@ -1,0 +1,68 @@
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+from memlora.config import load_config
+from memlora.data.ingest import ingest
+from memlora.release import publish_release, verify_release
+from tests.conftest import REPO
+
+
+@pytest.fixture
+def released(sample_path, tmp_path):
+    config = load_config(REPO / "configs" / "default.yaml")
+    out = tmp_path / "out"
+    ingest(sample_path, out, config.data)
+    return out, config, publish_release(out, config, sample_path)
+
+
+def test_release_has_card_manifest_and_latest(released, sample_path):
+    out, config, release = released
+    manifest = json.loads((release / "manifest.json").read_text())
+    assert manifest["schema_version"] == "1"
+    assert set(manifest["prompt_template_hashes"]) == {"extraction", "update", "generation"}
+    assert manifest["teacher_model"] == config.teacher.model
+    assert len(manifest["source_data"]["sha256"]) == 64
+    assert {f["path"] for f in manifest["files"]} == {"datasets/conversations.parquet", "datasets/questions.parquet"}
+    latest = release.parent / "latest"
+    assert latest.is_symlink() and latest.resolve() == release.resolve()
+    card = (release / "README.md").read_text()
+    assert "load_dataset" in card and "pq.read_table" in card and "adversarial_answer" in card
+    assert not [p for p in release.parent.iterdir() if p.name.startswith(".")]  # no staging left behind
+    assert verify_release(release) == []
+    assert verify_release(release.parent) == []  # via `latest`
+
+
+def test_verify_names_every_difference(released):
+    _, _, release = released
+    questions = release / "datasets" / "questions.parquet"
+    table = pq.read_table(questions)
+    pq.write_table(table.slice(0, 3), questions)  # fewer rows, other bytes
+    (release / "datasets" / "conversations.parquet").unlink()
+    pq.write_table(table, release / "datasets" / "extra.parquet")
+    problems = verify_release(release)
+    assert any("questions.parquet: sha256" in p for p in problems)
+    assert any("conversations.parquet: missing" in p for p in problems)
+    assert any("extra.parquet: present but not in the manifest" in p for p in problems)
+    proc = subprocess.run([sys.executable, "-m", "memlora.cli", "verify", str(release)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1 and "3 difference(s)" in proc.stderr
+
+
+def test_second_release_moves_latest_only_when_complete(released, sample_path, monkeypatch):
+    out, config, first = released
+    import memlora.release as rel
+
+    def broken_card(manifest):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(rel, "dataset_card", broken_card)
+    with pytest.raises(OSError):
+        publish_release(out, config, sample_path)
+    assert (first.parent / "latest").resolve() == first.resolve()
+    assert sorted(p.name for p in first.parent.iterdir()) == sorted([first.name, "latest"])
+    assert os.path.isdir(first)
