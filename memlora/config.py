@@ -48,6 +48,15 @@ class HttpConfig(_Strict):
     on_schema_rejected: Literal["error", "free"] = "error"
 
 
+def _model_exists(value: str | None) -> str | None:
+    """A local path or packaged model that is not there fails at config load, before any model loads."""
+    if value is not None:
+        from memlora.models import resolve
+
+        resolve(value)
+    return value
+
+
 class LLMConfig(_Strict):
     """A language model: a hub id, a local folder, or `pkg:<python package>/<file.gguf>`."""
 
@@ -61,6 +70,13 @@ class LLMConfig(_Strict):
     prefix_cache: bool = True  # prefill the shared system prompt + few-shot examples once, not per row
     trust_remote_code: bool = False
     http: HttpConfig = HttpConfig()
+
+    @field_validator("model", "tokenizer")
+    @classmethod
+    def _exists(cls, value, info):
+        if info.data.get("backend") == "openai" and info.field_name == "model":
+            return value  # a name the server knows, not a path
+        return _model_exists(value)
 
 
 class OperationConfig(_Strict):
@@ -118,6 +134,8 @@ class StudentConfig(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
     expert: ExpertConfig = ExpertConfig()
+
+    _model_exists = field_validator("model")(classmethod(lambda cls, v: _model_exists(v)))
 
     @model_validator(mode="after")
     def _one_source(self) -> "StudentConfig":

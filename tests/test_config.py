@@ -1,0 +1,58 @@
+import pytest
+
+from memlora.config import ConfigError, load_config, parse_config
+from tests.conftest import REPO, TEACHER_REF
+
+
+def raw(**overrides):
+    base = {"teacher": {"model": TEACHER_REF}, "student": {"prune": {"from": "teacher", "every": 3}}}
+    for key, value in overrides.items():
+        base[key] = value
+    return base
+
+
+def test_default_config_loads():
+    cfg = load_config(REPO / "configs" / "default.yaml")
+    assert cfg.memory.operations["update"].constrained
+    assert cfg.student.prune.every == 3 and cfg.distill.zero_stage == 2
+
+
+@pytest.mark.parametrize(
+    "overrides,key,message",
+    [
+        ({"teachr": {"model": "x"}}, "teachr", "unknown key"),
+        ({"memory": {"windw": 2}}, "memory.windw", "unknown key"),
+        ({"memory": {"window": "two"}}, "memory.window", "integer"),
+        ({"memory": {"operations": {"update": {"constrained": "sometimes"}}}}, "memory.operations.update.constrained", "boolean"),
+        ({"teacher": {"model": "/no/such/model-folder"}}, "teacher.model", "not found"),
+        ({"teacher": {"model": "pkg:no_such_package_xyz/model.gguf"}}, "teacher.model", "not installed"),
+        ({"student": {"model": "./missing-student"}}, "student.model", "not found"),
+        ({"student": {"prune": {"from": "teacher", "every": 3}, "expert": {"r": 0}}}, "student.expert.r", "greater than 0"),
+        ({"student": {"prune": {"from": "teacher", "every": 3}, "expert": {"r": -4}}}, "student.expert.r", "greater than 0"),
+        ({"student": {"prune": {"from": "teacher"}}}, "student.prune", "exactly one of keep_layers or every"),
+        ({"distill": {"zero_stage": 1}}, "distill.zero_stage", "2 or 3"),
+        ({"distill": {"learning_rate": -1}}, "distill.learning_rate", "greater than 0"),
+        ({"data": {"split": {"test_ratio": 1.5}}}, "data.split.test_ratio", "less than 1"),
+    ],
+)
+def test_bad_config_names_the_key(overrides, key, message):
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw(**overrides), "bad.yaml")
+    text = str(err.value)
+    assert "bad.yaml" in text and key in text and message in text, text
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    (tmp_path / "c.yaml").write_text("teacher: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_trust_remote_code_is_off_by_default():
+    cfg = parse_config(raw())
+    assert cfg.teacher.trust_remote_code is False and cfg.student.trust_remote_code is False
