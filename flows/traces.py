@@ -18,6 +18,10 @@ from memlora.tasks.common import forward_domain_logs, ingest_task, load_config_t
 from memlora.tasks.traces import trace_conversation_task
 
 
+class TracesIncomplete(RuntimeError):
+    pass
+
+
 @flow(name="generate-traces", log_prints=True)
 def generate_traces(config: str = "configs/default.yaml", data: str = "", out: str = "out") -> dict:
     forward_domain_logs()
@@ -41,8 +45,17 @@ def generate_traces(config: str = "configs/default.yaml", data: str = "", out: s
                         conversation=c, llm=llm, embedder=embedder, store=store, config=cfg, out=out))
                     for c in todo
                 ]
-                for future in tqdm(futures, desc="conversations traced", unit="conv"):
-                    future.result()
+                failed = {}
+                for conv, future in tqdm(list(zip(todo, futures)), desc="conversations traced", unit="conv"):
+                    try:
+                        future.result()
+                    except Exception as err:  # keep the others: their shards are written and kept
+                        failed[conv.conversation_id] = f"{type(err).__name__}: {err}"
+                if failed:
+                    raise TracesIncomplete(
+                        f"no traces for {len(failed)} conversation(s): {', '.join(sorted(failed))} "
+                        f"(first error: {next(iter(failed.values()))}); rerun the same command to fill them in"
+                    )
         finally:
             store.close()
             if isinstance(llm, MicroBatcher):

@@ -23,9 +23,13 @@ DEFAULT_CONFIG = "configs/default.yaml"
 def _known_errors() -> tuple[type[BaseException], ...]:
     from memlora.config import ConfigError
     from memlora.data.io import DataError
+    from memlora.flows.traces import TracesIncomplete
     from memlora.models import ModelRefError
+    from memlora.student.launch import TrainingFailed
+    from memlora.teacher.http_backend import SchemaRejected, TeacherUnavailable
 
-    return (ConfigError, DataError, ModelRefError)
+    return (ConfigError, DataError, ModelRefError, TracesIncomplete, TrainingFailed, TeacherUnavailable,
+            SchemaRejected)
 
 
 def cmd_ingest(args) -> int:
@@ -65,16 +69,32 @@ def cmd_distill(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from memlora.student.build import student_dir
     from memlora.student.export import export_lora
 
-    base = args.base or student_dir(args.out)
-    written = export_lora(args.out, base, args.rank)
+    written = export_lora(args.out, args.base, args.rank)
     if not written:
         print(f"memlora export: error: no trained experts under {Path(args.out) / 'adapters'}", file=sys.stderr)
         return 2
     for op, path in written.items():
         print(f"{op:<11} -> {path}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from memlora.config import load_config
+    from memlora.evaluation.systems import EvalError
+    from memlora.flows.evaluate import evaluate
+
+    load_config(args.config)
+    try:
+        result = evaluate(config=args.config, out=args.out)
+    except EvalError as err:
+        print(f"memlora evaluate: error: {err}", file=sys.stderr)
+        return 2
+    for row in result["headline"]:
+        print("  ".join(f"{k}={v}" for k, v in row.items()))
+    eval_dir = Path(args.out) / "eval"
+    print(f"results: {eval_dir / 'results.parquet'}  report: {eval_dir / 'report.md'}, {eval_dir / 'report.png'}")
     return 0
 
 
@@ -139,9 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="experts as plain LoRA adapters")
     p.add_argument("--out", required=True)
     p.add_argument("--format", choices=["lora"], default="lora")
-    p.add_argument("--base", default=None, help="student base folder (default: OUT/student/base)")
+    p.add_argument("--base", default=None,
+                   help="student base (default: OUT/student/base, else the base the experts were trained on)")
     p.add_argument("--rank", type=int, default=None, help="LoRA rank (default: the expert's own)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("evaluate", help="teacher vs student vs student+experts on the test conversations")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("verify", help="check a dataset release against its manifest")
     p.add_argument("path")

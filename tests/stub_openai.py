@@ -17,6 +17,10 @@ class StubOpenAI:
         self.fail_status = 503
         self.stall_s = 0.0
         self.reply = '{"facts": ["Ann has a cat"]}'
+        # Per operation (the json_schema name), for runs of the whole memory system.
+        self.replies: dict[str, str] = {}
+        self.fail_after: int | None = None  # after this many good answers, every request gets HTTP 503
+        self.served = 0
         self._lock = threading.Lock()
         stub = self
 
@@ -28,17 +32,21 @@ class StubOpenAI:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with stub._lock:
                     stub.requests.append(body)
-                    failing = stub.fail_first > 0
-                    if failing:
+                    failing = stub.fail_first > 0 or (stub.fail_after is not None and stub.served >= stub.fail_after)
+                    if stub.fail_first > 0:
                         stub.fail_first -= 1
+                    if not failing:
+                        stub.served += 1
                 if stub.stall_s:
                     time.sleep(stub.stall_s)
                 if failing:
                     return self._send(stub.fail_status, {"error": {"message": "try later"}})
                 if stub.reject_schema and "response_format" in body:
                     return self._send(400, {"error": {"message": "response_format json_schema not supported"}})
+                op = (body.get("response_format") or {}).get("json_schema", {}).get("name")
+                reply = stub.replies.get(op, stub.reply)
                 self._send(200, {
-                    "choices": [{"message": {"role": "assistant", "content": stub.reply}, "finish_reason": "stop"}],
+                    "choices": [{"message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
                     "usage": {"prompt_tokens": 11, "completion_tokens": 7},
                 })
 

@@ -63,3 +63,39 @@ def test_timeouts_and_dead_server():
         url = stub.url
     with pytest.raises(TeacherUnavailable, match="ConnectError"):
         backend(url, max_retries=1).generate([request()])
+
+
+@pytest.mark.timeout(300)
+def test_server_dying_mid_run_names_missing_conversations_and_rerun_fills_them(prefect_server, sample_path, tmp_path):
+    import yaml
+
+    from memlora.flows.traces import TracesIncomplete, generate_traces
+    from tests.conftest import REPO
+    from tests.test_traces_flow import rows
+
+    replies = {
+        "extraction": '{"facts": ["Ann has a cat", "Ben bakes bread"]}',
+        "update": '{"memory": [{"id": "0", "text": "Ann has a cat", "event": "ADD"}]}',
+        "generation": '{"answer": "a cat"}',
+    }
+    with StubOpenAI() as stub:
+        stub.replies = replies
+        raw = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+        raw["teacher"] = {"backend": "openai", "model": "big-teacher",
+                          "http": {"base_url": stub.url, "max_retries": 1, "backoff_s": 0.01, "timeout_s": 5}}
+        raw["data"].update(max_conversations=2, max_sessions=1, max_questions=1)
+        raw["prefect"] = {"concurrency": 1}
+        config = tmp_path / "c.yaml"
+        config.write_text(yaml.safe_dump(raw))
+
+        reference = tmp_path / "reference"
+        generate_traces(config=str(config), data=str(sample_path), out=str(reference))
+        total = stub.served
+        stub.served, stub.fail_after = 0, total // 2 + 1  # dies during the second conversation
+        out = tmp_path / "out"
+        with pytest.raises(TracesIncomplete, match=r"no traces for 1 conversation\(s\): sample-\w+") as err:
+            generate_traces(config=str(config), data=str(sample_path), out=str(out))
+        assert "rerun" in str(err.value)
+        stub.fail_after = None
+        generate_traces(config=str(config), data=str(sample_path), out=str(out))
+    assert rows(out) == rows(reference)
