@@ -1,10 +1,11 @@
-"""`memlora-pipeline`: the whole recipe, stage after stage, each stage its own subflow, then a dataset release."""
+"""`memlora-pipeline`: traces -> distill -> evaluate, each stage its own subflow, then a dataset release."""
 
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
 from memlora.flows.distill import distill
+from memlora.flows.evaluate import evaluate
 from memlora.flows.traces import generate_traces
 from memlora.tasks.common import load_config_task
 from memlora.tasks.release import publish_release_task
@@ -16,6 +17,7 @@ def pipeline(config: str = "configs/default.yaml", data: str = "data/samples/loc
     log = get_run_logger()
     summary = {"traces": generate_traces(config=config, data=data, out=out)}
     summary["distill"] = distill(config=config, out=out)
+    summary["evaluate"] = evaluate(config=config, out=out)
     summary["release"] = publish_release_task(out, load_config_task(config), data)
     log.info("pipeline finished; artifacts under %s, release %s", out, summary["release"])
     return summary

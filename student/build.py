@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from memlora.config import Config, PruneConfig
+from memlora.models import resolve
 from memlora.teacher.hf_backend import load_causal_lm
 
 MARKER = "memlora_student.json"
@@ -42,6 +43,22 @@ def prune_layers(model, keep: list[int]):
     if getattr(model.config, "layer_types", None):
         model.config.layer_types = [model.config.layer_types[i] for i in keep]
     return model
+
+
+def shares_teacher_tokenizer(config: Config, tokenizer) -> bool:
+    """Whether the teacher's token ids (and so its top-k log-probs) mean the same tokens to the student: always
+    for a pruned teacher; for another model, when both tokenizers have the very same vocabulary."""
+    if config.student is not None and config.student.prune is not None:
+        return True
+    try:
+        from transformers import AutoTokenizer
+
+        ref = resolve(config.teacher.tokenizer or config.teacher.model)
+        teacher = AutoTokenizer.from_pretrained(ref.path, trust_remote_code=config.teacher.trust_remote_code,
+                                                **ref.pretrained_kwargs())
+    except Exception:  # an HTTP teacher's model name, or a hub the machine cannot reach: assume not
+        return False
+    return teacher.get_vocab() == tokenizer.get_vocab()
 
 
 def student_dir(out: str | Path) -> Path:

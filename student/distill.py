@@ -10,7 +10,7 @@ from typing import Callable
 from memlora.config import Config
 from memlora.student.examples import trace_files, traces_fingerprint
 from memlora.student.experts import adapter_dir, is_complete_adapter
-from memlora.student.launch import run_training
+from memlora.student.launch import TrainingFailed, run_training
 
 
 def config_fingerprint(config: Config) -> str:
@@ -44,7 +44,7 @@ def finished_record(config: Config, out: str | Path, operation: str) -> dict | N
 def distill_operation(config: Config, config_path: str, out: str | Path, operation: str, base: Path,
                       on_line: Callable[[str], None] = print) -> dict:
     if not trace_files(out, operation):
-        raise FileNotFoundError(f"{Path(out) / 'traces' / operation}: no trace files (run `memlora traces` first)")
+        raise TrainingFailed(f"{Path(out) / 'traces' / operation}: no trace files (run `memlora traces` first)")
     done = finished_record(config, out, operation)
     if done is not None:
         on_line(f"{operation}: expert already trained on these traces with this recipe; kept")

@@ -58,7 +58,8 @@ def launcher_command(config: Config, config_path: str, out: str, operation: str,
     cmd = [
         launcher, "--num_gpus", str(ranks), "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
         "--no_local_rank", "--module", "memlora.student.train_entry",
-        "--config", config_path, "--out", out, "--operation", operation, "--base", base,
+        "--config", str(Path(config_path).resolve()), "--out", str(Path(out).resolve()), "--operation", operation,
+        "--base", base,
         "--cache-key", cache["key"], "--traces-sha256", cache["traces_sha256"],
         "--config-fingerprint", cache["config_fingerprint"],
     ]

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
 from memlora.config import Config
+from memlora.student.build import shares_teacher_tokenizer
 from memlora.student.examples import IGNORE, Example, ExampleSet, build_examples, load_traces, trace_files
 from memlora.student.experts import adapter_dir, attach_expert
 from memlora.student.losses import distillation_loss
@@ -136,7 +137,7 @@ def train_expert(config: Config, out: str | Path, operation: str, base: str | Pa
     # fp32 master weights everywhere; on a GPU, DeepSpeed runs bf16 on top of them.
     model, tokenizer, _ = load_causal_lm(str(base), dtype="float32", device="cpu",
                                          trust_remote_code=config.student.trust_remote_code)
-    same_tokenizer = config.student is not None and config.student.prune is not None
+    same_tokenizer = shares_teacher_tokenizer(config, tokenizer)
     files = trace_files(out, operation)
     data: ExampleSet = build_examples(load_traces(files), tokenizer, cfg.max_length, same_tokenizer)
     if not data.examples:
@@ -216,6 +217,7 @@ def train_expert(config: Config, out: str | Path, operation: str, base: str | Pa
         "rows_used": data.rows_used,
         "rows_skipped": data.skipped,
         "rows_with_teacher_logprobs": data.with_logprobs,
+        "shares_teacher_tokenizer": same_tokenizer,
         "trainable_parameters": trainable,
         "total_parameters": total,
         "trace_files": [f.name for f in files],

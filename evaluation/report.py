@@ -1,0 +1,201 @@
+"""OUT/eval/report.md and OUT/eval/report.png: the comparison a person reads (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+
+from memlora.config import OPERATIONS
+from memlora.data.io import atomic_path, write_text
+from memlora.evaluation.agreement import PRIMARY
+from memlora.evaluation.qa import CATEGORIES
+from memlora.evaluation.results import headline, lookup
+from memlora.evaluation.runner import eval_dir
+from memlora.evaluation.systems import SYSTEMS
+
+COLORS = {"teacher": "#4C72B0", "student": "#DD8452", "student+experts": "#55A868"}
+
+
+def report_paths(out: str | Path) -> tuple[Path, Path]:
+    return eval_dir(out) / "report.md", eval_dir(out) / "report.png"
+
+
+def _fmt(row: dict | None, digits: int = 3) -> str:
+    if row is None:
+        return "–"
+    if row["value"] is None:
+        return f"n/a (n={row['n']})"
+    value = row["value"]
+    text = f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.{digits}f}"
+    if row["ci_low"] is not None and row["ci_high"] is not None:
+        text += f" [{row['ci_low']:.{digits}f}, {row['ci_high']:.{digits}f}]"
+    if row["ci_method"] != "none" or row["section"] != "memory":
+        text += f" n={row['n']}"
+    return text
+
+
+def _table(rows, items: list[tuple[str, str, str]]) -> list[str]:
+    """items: (label, operation, metric) -> one Markdown table line each, one column per system."""
+    lines = ["| | " + " | ".join(SYSTEMS) + " |", "|---|" + "---|" * len(SYSTEMS)]
+    for label, operation, metric in items:
+        cells = [_fmt(lookup(rows, s, operation, metric)) for s in SYSTEMS]
+        if all(c == "–" for c in cells):
+            continue
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def render_markdown(rows: list[dict], meta: dict) -> str:
+    probes = meta["probes"]
+    lines = [
+        "# Evaluation: teacher vs student vs student+experts",
+        "",
+        f"Config `{meta['config_name']}`; test conversations: {', '.join(meta['conversations']) or 'none'}; "
+        f"{meta['questions']} gold questions; judge: `{meta['judge']}`. "
+        f"Written {datetime.now(timezone.utc).isoformat(timespec='seconds')}.",
+        "",
+        "| system | model | device | pid | experts |",
+        "|---|---|---|---|---|",
+    ]
+    for s in SYSTEMS:
+        p = probes[s]
+        experts = ", ".join(sorted(p.get("adapters") or {})) or "–"
+        lines.append(f"| {s} | `{p['model_id']}` | {p['device']} ({p['dtype']}) | {p['pid']} | {experts} |")
+    lines += ["", "## Headline", "", "| " + " | ".join(headline(rows)[0]) + " |",
+              "|" + "---|" * len(headline(rows)[0])]
+    for h in headline(rows):
+        lines.append("| " + " | ".join("–" if v is None else str(v) for v in h.values()) + " |")
+    lines += [
+        "", "## Agreement with the teacher (teacher-forced, constrained decoding)", "",
+        "Each system answered the teacher's own requests on the test conversation(s) (same messages, same schema, "
+        "same batches) and is scored against the teacher's parsed output; calls the teacher's output failed to "
+        "parse are left out, a system output that fails to parse scores 0. The teacher's row is its agreement "
+        "with itself (1 by construction): the ceiling. Values: mean or rate [95% CI] n.", "",
+    ]
+    items = [("extraction fact precision", "extraction", "fact_precision"),
+             ("extraction fact recall", "extraction", "fact_recall"),
+             ("extraction fact F1", "extraction", "fact_f1"),
+             ("update event accuracy", "update", "event_accuracy"),
+             ("update event macro-F1", "update", "event_macro_f1"),
+             ("generation token F1", "generation", "answer_token_f1"),
+             ("generation ROUGE-L", "generation", "answer_rouge_l")]
+    lines += _table(rows, items)
+    lines += ["", "### The same requests without their schema (free decoding)", ""]
+    lines += _table(rows, [(label, op, metric + "_free") for label, op, metric in items])
+    lines += ["", "## JSON validity", "",
+              "`parse_ok`: the memory system's tolerant parser accepted the output (it would be applied). "
+              "`schema_valid`: the whole output is one JSON object valid under the operation's schema, no repair. "
+              "Free decoding shows what a model writes by itself; constrained decoding what the grammar forces.", ""]
+    validity = []
+    for op in OPERATIONS:
+        validity += [(f"{op} parse_ok (constrained)", op, "parse_ok"), (f"{op} parse_ok (free)", op, "parse_ok_free"),
+                     (f"{op} schema_valid (constrained)", op, "schema_valid"),
+                     (f"{op} schema_valid (free)", op, "schema_valid_free")]
+    lines += _table(rows, validity)
+    lines += ["", "## End-to-end QA", "",
+              "Each system built its own memory from the test conversation, then answered the gold questions. "
+              "Token F1 and BLEU-1 against the gold answer; category-5 (adversarial) questions score 1 only if the "
+              "answer says the information is not mentioned. `judge_accuracy`: share labelled CORRECT by the judge "
+              "(an empty answer is WRONG without asking). `answered`: the answer parsed.", ""]
+    qa_items = []
+    for operation, name in [("qa", "all")] + [(f"qa/cat-{c}", f"cat {c} ({n})") for c, n in CATEGORIES.items()]:
+        qa_items += [(f"{name} token F1", operation, "token_f1"), (f"{name} BLEU-1", operation, "bleu1"),
+                     (f"{name} judge accuracy", operation, "judge_accuracy"),
+                     (f"{name} answered", operation, "answered")]
+    lines += _table(rows, qa_items)
+    lines += ["", "## Latency (teacher-forced requests, constrained, same batches for every system)", "",
+              "Per-call wall time is the batch's wall time divided by its size.", ""]
+    lat = []
+    for op in OPERATIONS:
+        lat += [(f"{op} p50 (s)", op, "latency_p50"), (f"{op} p95 (s)", op, "latency_p95"),
+                (f"{op} completion tokens", op, "completion_tokens"), (f"{op} prompt tokens", op, "prompt_tokens"),
+                (f"{op} tokens/s", op, "tokens_per_s")]
+    lines += _table(rows, lat)
+    lines += ["", "## Memory (each system in its own process)", "",
+              "`peak_rss_mb` is the process's VmHWM (its own peak resident set, model + runtime + retrieval embedder); "
+              "`ru_maxrss_mb` is getrusage's figure, which Linux carries over from the parent process across "
+              "fork/exec and so can exceed the system's own peak; `rss_baseline_mb` is after importing torch and "
+              "transformers, `rss_after_load_mb` after loading the model (and experts).", ""]
+    lines += _table(rows, [(m, "model", m) for m in (
+        "params_base", "params_adapters", "adapter_bytes", "peak_rss_mb", "ru_maxrss_mb", "rss_baseline_mb",
+        "rss_after_load_mb", "peak_cuda_allocated_mb", "peak_cuda_reserved_mb", "load_s")])
+    lines += ["", "Per-call records: `eval/systems/<system>/calls.parquet` (phases e2e, forced, forced_free) and "
+              "`qa.parquet`; judge labels: `eval/systems/judge/judgements.parquet`; all metrics: "
+              "`eval/results.parquet`.", ""]
+    return "\n".join(lines)
+
+
+def _bars(ax, groups: list[str], series: dict[str, list[tuple[float | None, float | None, float | None]]],
+          ylabel: str, title: str, labels: bool = False) -> None:
+    import numpy as np
+
+    names = list(series)
+    width = 0.8 / max(len(names), 1)
+    x = np.arange(len(groups))
+    for k, name in enumerate(names):
+        vals = [v if v is not None else math.nan for v, _, _ in series[name]]
+        # a percentile-bootstrap interval need not contain the point estimate: clip, never negative
+        lo = [max(0.0, v - l) if v is not None and l is not None else 0.0 for v, l, _ in series[name]]
+        hi = [max(0.0, h - v) if v is not None and h is not None else 0.0 for v, _, h in series[name]]
+        system = name.split(" ")[0]
+        yerr = [lo, hi] if any(lo) or any(hi) else None
+        bars = ax.bar(x - 0.4 + width * (k + 0.5), vals, width, yerr=yerr, capsize=2, label=name,
+               color=COLORS.get(system, "grey"), alpha=0.55 if name.endswith("p95") else 1.0,
+               hatch="//" if name.endswith("p95") else None, edgecolor="white", linewidth=0.5)
+        if labels:
+            ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=2)
+    ax.set_xticks(x, groups, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, framealpha=0.7)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def _v(rows, system, operation, metric):
+    r = lookup(rows, system, operation, metric)
+    if r is None:
+        return (None, None, None)
+    return (r["value"], r["ci_low"], r["ci_high"])
+
+
+def render_png(rows: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    acc = [(f"{op}\n{m}", op, m) for op, m in PRIMARY.items()] + [
+        ("QA\ntoken F1", "qa", "token_f1"), ("QA\njudge accuracy", "qa", "judge_accuracy")]
+    _bars(axes[0, 0], [g for g, _, _ in acc], {s: [_v(rows, s, op, m) for _, op, m in acc] for s in SYSTEMS},
+          "score (95% CI)", "Accuracy per operation: agreement with the teacher; end-to-end QA")
+    axes[0, 0].set_ylim(0, 1.05)
+    val = [(f"{op}\n{d}", op, "parse_ok" + ("" if d == "constrained" else "_free"))
+           for op in OPERATIONS for d in ("constrained", "free")]
+    _bars(axes[0, 1], [g for g, _, _ in val], {s: [_v(rows, s, op, m) for _, op, m in val] for s in SYSTEMS},
+          "parse_ok rate (95% CI)", "JSON validity, constrained vs free decoding")
+    axes[0, 1].set_ylim(0, 1.05)
+    mem = [("peak RSS", "peak_rss_mb"), ("RSS after load", "rss_after_load_mb"),
+           ("peak CUDA", "peak_cuda_allocated_mb")]
+    mem = [m for m in mem if any(_v(rows, s, "model", m[1])[0] is not None for s in SYSTEMS)]
+    _bars(axes[1, 0], [g for g, _ in mem], {s: [_v(rows, s, "model", m) for _, m in mem] for s in SYSTEMS},
+          "MiB", "Peak memory (each system in its own process)", labels=True)
+    lat = {}
+    for s in SYSTEMS:
+        lat[f"{s} p50"] = [_v(rows, s, op, "latency_p50") for op in OPERATIONS]
+        lat[f"{s} p95"] = [_v(rows, s, op, "latency_p95") for op in OPERATIONS]
+    _bars(axes[1, 1], list(OPERATIONS), lat, "seconds per call (95% CI)", "Latency p50 / p95 per operation")
+    fig.suptitle("memlora evaluation: teacher vs student vs student+experts", fontsize=12)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(rows: list[dict], meta: dict, out: str | Path) -> tuple[Path, Path]:
+    md, png = report_paths(out)
+    write_text(render_markdown(rows, meta) + "\n", md)
+    render_png(rows, png)
+    return md, png

@@ -1,0 +1,203 @@
+"""OUT/eval/results.parquet: one row per (system, operation, metric), merged from the per-system files.
+
+Sections: `agreement` (teacher-forced, per operation), `validity` (parse_ok and strict schema validity, per
+operation, constrained and free), `latency` (per operation, on the teacher-forced requests, same batches for
+every system), `qa` (end to end, overall as operation `qa` and per LoCoMo category as `qa/cat-N`), `memory`
+(per system, operation `model`). A metric measured under free decoding carries the suffix `_free`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from memlora.config import OPERATIONS, Config
+from memlora.data.io import write_parquet
+from memlora.evaluation import agreement, scoring
+from memlora.evaluation.replay import E2E, FORCED, FORCED_FREE
+from memlora.evaluation.runner import calls_path, eval_dir, judgements_path, probe_path, qa_path
+from memlora.evaluation.stats import Estimate, bootstrap, percentile, proportion
+from memlora.evaluation.systems import SYSTEMS
+
+RESULTS = pa.schema([
+    pa.field("system", pa.string(), nullable=False),
+    pa.field("section", pa.string(), nullable=False),
+    pa.field("operation", pa.string(), nullable=False),
+    pa.field("metric", pa.string(), nullable=False),
+    pa.field("decoding", pa.string()),        # constrained | free | null (not a decoding matter)
+    pa.field("value", pa.float64()),
+    pa.field("n", pa.int64(), nullable=False),
+    pa.field("ci_low", pa.float64()),
+    pa.field("ci_high", pa.float64()),
+    pa.field("ci_method", pa.string(), nullable=False),  # wilson-95 | bootstrap-95 | none
+    pa.field("unit", pa.string(), nullable=False),
+])
+
+
+def results_path(out: str | Path) -> Path:
+    return eval_dir(out) / "results.parquet"
+
+
+def _row(system, section, operation, metric, estimate: Estimate, unit="ratio", decoding=None) -> dict:
+    nan = lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)  # noqa: E731
+    return {"system": system, "section": section, "operation": operation, "metric": metric, "decoding": decoding,
+            "value": nan(estimate.value), "n": estimate.n, "ci_low": nan(estimate.ci_low),
+            "ci_high": nan(estimate.ci_high), "ci_method": estimate.ci_method, "unit": unit}
+
+
+def _plain(value, n=1) -> Estimate:
+    return Estimate(float("nan") if value is None else float(value), n)
+
+
+def load_system(out: Path, system: str) -> dict:
+    calls = pq.read_table(calls_path(out, system)).to_pylist()
+    return {
+        "calls": calls,
+        "qa": pq.read_table(qa_path(out, system)).to_pylist(),
+        "probe": json.loads(probe_path(out, system).read_text()),
+    }
+
+
+def _decoding_rows(system, rows, reference, label, config: Config) -> list[dict]:
+    suffix = "" if label == "constrained" else "_free"
+    ev = config.evaluation
+    out = []
+    for op in OPERATIONS:
+        op_rows = [r for r in rows if r["operation"] == op]
+        out.append(_row(system, "validity", op, "parse_ok" + suffix, proportion([r["parse_ok"] for r in op_rows]),
+                        decoding=label))
+        out.append(_row(system, "validity", op, "schema_valid" + suffix,
+                        proportion([r["schema_valid"] for r in op_rows]), decoding=label))
+        for metric, estimate in agreement.score(op, op_rows, reference, ev.fact_match_threshold,
+                                                ev.bootstrap_samples).items():
+            out.append(_row(system, "agreement", op, metric + suffix, estimate, decoding=label))
+    return out
+
+
+def latency_rows(system, rows, samples) -> list[dict]:
+    out = []
+    for op in OPERATIONS:
+        op_rows = [r for r in rows if r["operation"] == op]
+        lat = [r["latency_s"] for r in op_rows]
+        completion = sum(r["completion_tokens"] for r in op_rows)
+        total_s = sum(lat)
+        out += [
+            _row(system, "latency", op, "latency_p50", percentile(lat, 50, samples=samples), "s"),
+            _row(system, "latency", op, "latency_p95", percentile(lat, 95, samples=samples), "s"),
+            _row(system, "latency", op, "prompt_tokens", bootstrap([r["prompt_tokens"] for r in op_rows],
+                                                                  samples=samples), "tokens"),
+            _row(system, "latency", op, "completion_tokens", bootstrap([r["completion_tokens"] for r in op_rows],
+                                                                      samples=samples), "tokens"),
+            _row(system, "latency", op, "tokens_per_s",
+                 _plain(completion / total_s if total_s > 0 else None, len(op_rows)), "tokens/s"),
+            _row(system, "latency", op, "batch_size", bootstrap([r["batch_size"] for r in op_rows], samples=0),
+                 "calls"),
+        ]
+    return out
+
+
+def qa_rows(system, qa, judged: dict, samples) -> list[dict]:
+    out = []
+    groups = [("qa", qa)] + [(f"qa/cat-{c}", [q for q in qa if q["category"] == c])
+                             for c in sorted({q["category"] for q in qa})]
+    for operation, items in groups:
+        s = scoring.qa_scores([q["answer"] for q in items], [q["gold"] for q in items],
+                              [q["category"] for q in items]) if items else {"token_f1": [], "bleu1": []}
+        labels = [judged.get((q["conversation_id"], q["question_id"])) for q in items]
+        out += [
+            _row(system, "qa", operation, "token_f1", bootstrap(s["token_f1"], samples=samples)),
+            _row(system, "qa", operation, "bleu1", bootstrap(s["bleu1"], samples=samples)),
+            _row(system, "qa", operation, "judge_accuracy",
+                 proportion([label == "CORRECT" for label in labels if label is not None])),
+            _row(system, "qa", operation, "answered", proportion([q["answered"] for q in items])),
+        ]
+    return out
+
+
+def memory_rows(system, probe) -> list[dict]:
+    params = probe.get("parameters") or {}
+    adapters = probe.get("adapters") or {}
+    cuda = probe.get("cuda_peak_mb") or {}
+    values = [
+        ("params_base", params.get("base"), "parameters"),
+        ("params_adapters", params.get("adapters", 0) if params else None, "parameters"),
+        ("adapter_bytes", sum(a["bytes"] for a in adapters.values()), "bytes"),
+        ("peak_rss_mb", probe["peak_rss_mb"], "MiB"),
+        ("ru_maxrss_mb", probe["ru_maxrss_mb"], "MiB"),
+        ("rss_after_load_mb", probe["after_load"]["rss_mb"], "MiB"),
+        ("rss_baseline_mb", probe["baseline"]["rss_mb"], "MiB"),
+        ("load_s", probe["load_s"], "s"),
+    ]
+    if cuda:  # on a GPU only
+        values += [("peak_cuda_allocated_mb", cuda["allocated"], "MiB"),
+                   ("peak_cuda_reserved_mb", cuda["reserved"], "MiB")]
+    return [_row(system, "memory", "model", metric, _plain(value), unit) for metric, value, unit in values]
+
+
+def build_results(out: str | Path, config: Config) -> list[dict]:
+    out = Path(out)
+    data = {s: load_system(out, s) for s in SYSTEMS}
+    reference = {r["index"]: r for r in data["teacher"]["calls"] if r["phase"] == E2E}
+    judged = {}
+    if judgements_path(out).is_file():
+        for j in pq.read_table(judgements_path(out)).to_pylist():
+            judged[(j["system"], j["conversation_id"], j["question_id"])] = j["label"]
+    samples = config.evaluation.bootstrap_samples
+    rows = []
+    for system in SYSTEMS:
+        calls = data[system]["calls"]
+        forced = [r for r in calls if r["phase"] == FORCED]
+        constrained = [r for r in forced if r["constrained"]]
+        free = [r for r in forced if not r["constrained"]] + [r for r in calls if r["phase"] == FORCED_FREE]
+        rows += _decoding_rows(system, constrained, reference, "constrained", config)
+        if free:
+            rows += _decoding_rows(system, free, reference, "free", config)
+        rows += latency_rows(system, forced, samples)
+        mine = {(c, q): label for (s, c, q), label in judged.items() if s == system}
+        rows += qa_rows(system, data[system]["qa"], mine, samples)
+        rows += memory_rows(system, data[system]["probe"])
+    return rows
+
+
+def write_results(rows: list[dict], out: str | Path) -> Path:
+    return write_parquet(pa.Table.from_pylist(rows, schema=RESULTS), results_path(out), "eval-results")
+
+
+def lookup(rows: list[dict], system: str, operation: str, metric: str) -> dict | None:
+    for r in rows:
+        if (r["system"], r["operation"], r["metric"]) == (system, operation, metric):
+            return r
+    return None
+
+
+def headline(rows: list[dict]) -> list[dict]:
+    """One line per system: the numbers a reader wants first (the Prefect table artifact)."""
+    def v(system, operation, metric):
+        r = lookup(rows, system, operation, metric)
+        return None if r is None or r["value"] is None else round(r["value"], 3)
+
+    table = []
+    for system in SYSTEMS:
+        table.append({
+            "system": system,
+            "extraction_fact_f1": v(system, "extraction", "fact_f1"),
+            "update_event_accuracy": v(system, "update", "event_accuracy"),
+            "generation_token_f1": v(system, "generation", "answer_token_f1"),
+            "parse_ok_constrained": _mean([v(system, op, "parse_ok") for op in OPERATIONS]),
+            "parse_ok_free": _mean([v(system, op, "parse_ok_free") for op in OPERATIONS]),
+            "qa_token_f1": v(system, "qa", "token_f1"),
+            "qa_judge_accuracy": v(system, "qa", "judge_accuracy"),
+            "peak_rss_mb": round(v(system, "model", "peak_rss_mb") or 0, 1) or None,
+            **{f"{op}_p50_s": v(system, op, "latency_p50") for op in OPERATIONS},
+        })
+    return table
+
+
+def _mean(values):
+    values = [x for x in values if x is not None]
+    return round(sum(values) / len(values), 3) if values else None
+

@@ -1,0 +1,194 @@
+"""One system's evaluation run, in its own process:
+
+    python -m memlora.evaluation.run_system --system student+experts --config C --out OUT [--base DIR]
+
+`teacher` runs end to end first (its calls are the reference requests), then replays its own requests without
+their schema (free decoding). Each student replays the teacher's requests as they were and without schema, then
+runs end to end with its own memory. `judge` labels every system's QA answers. Each writes its rows under
+OUT/eval/systems/<system>/ and a probe record (pid, parameters, adapter bytes, peak memory, timings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from memlora.config import load_config
+from memlora.data.ingest import load_ingested
+from memlora.data.io import write_json, write_parquet
+from memlora.evaluation import probes
+from memlora.evaluation.judge import JUDGEMENTS, judge_answers
+from memlora.evaluation.qa import QA, run_end_to_end, test_conversations
+from memlora.evaluation.replay import CALLS, E2E, FORCED, FORCED_FREE, as_forced, replay
+from memlora.evaluation.runner import (
+    JUDGE, calls_path, judgements_path, probe_path, qa_path, store_path,
+)
+from memlora.evaluation.systems import SYSTEMS, EvalError, build_system
+
+
+def adapter_files(folders: dict[str, str]) -> dict[str, dict]:
+    from safetensors import safe_open
+
+    info = {}
+    for op, folder in folders.items():
+        weights = Path(folder) / "adapter_model.safetensors"
+        with safe_open(str(weights), framework="pt") as fh:
+            params = 0
+            for key in fh.keys():
+                n = 1
+                for dim in fh.get_slice(key).get_shape():
+                    n *= dim
+                params += n
+        info[op] = {"path": folder, "bytes": probes.folder_bytes(folder), "params": params}
+    return info
+
+
+def say(message: str) -> None:
+    """Progress, to the system's log (OUT/eval/logs/<system>.log)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _phase(system: str, name: str, rows: list[dict], seconds: float) -> None:
+    ok = sum(r["parse_ok"] for r in rows)
+    say(f"{system}: {name}: {len(rows)} calls, {ok} parsed, {seconds:.1f} s")
+
+
+def _write_rows(rows: list[dict], schema: pa.Schema, path: Path, kind: str) -> None:
+    write_parquet(pa.Table.from_pylist(rows, schema=schema), path, kind)
+
+
+def run_judge(config, out: Path) -> dict:
+    from memlora.teacher.backends import build_backend
+
+    qa_rows = []
+    for system in SYSTEMS:
+        path = qa_path(out, system)
+        if not path.is_file():
+            raise EvalError(f"{path}: missing (the {system} run did not finish)")
+        qa_rows += pq.read_table(path).to_pylist()
+    judge_cfg = (config.evaluation.judge or config.teacher).model_copy(update={"logprobs_top_k": 0})
+    started = time.perf_counter()
+    backend = build_backend(judge_cfg)
+    load_s = time.perf_counter() - started
+    judged = judge_answers(backend, qa_rows, config.evaluation.judge_max_new_tokens)
+    _write_rows(judged, JUDGEMENTS, judgements_path(out), "eval-judgements")
+    return {"model": judge_cfg.model, "model_id": backend.model_id, "backend": backend.backend_name,
+            "load_s": load_s, "asked": sum(j["judged"] for j in judged), "rows": len(judged)}
+
+
+def run_model_system(system: str, config, out: Path, base: str | None) -> dict:
+    from memlora.memory.embedder import Embedder
+    from memlora.memory.store import MemoryStore
+
+    memory_cfg = config.memory
+    conversations = test_conversations(load_ingested(out), config.evaluation)
+    if not conversations:
+        raise EvalError(f"{out / 'datasets'}: no test conversation (is data.split.test_ratio above 0?)")
+    reference = None
+    if system != "teacher":
+        teacher_calls = calls_path(out, "teacher")
+        if not teacher_calls.is_file():
+            raise EvalError(f"{teacher_calls}: missing; the teacher runs first")
+        reference = [r for r in pq.read_table(teacher_calls).to_pylist() if r["phase"] == E2E]
+
+    loaded = build_system(system, config, out, base)
+    after_load = probes.snapshot("model loaded")
+    say(f"{system}: {loaded.backend.model_id} loaded in {loaded.load_s:.1f} s, RSS {after_load['rss_mb']:.0f} MiB")
+    backend = loaded.backend
+    embedder = Embedder(memory_cfg.embedder)
+    store = MemoryStore(store_path(out, system))
+    timings = {}
+    try:
+        started = time.perf_counter()
+        if system == "teacher":
+            e2e, qa_rows = run_end_to_end(system, backend, embedder, store, config, conversations)
+            timings["e2e_s"] = time.perf_counter() - started
+            _phase(system, "end to end (the reference requests)", e2e, timings["e2e_s"])
+            forced = as_forced(e2e)
+            reference = e2e
+        else:
+            forced = replay(backend, reference, system, FORCED, memory_cfg)
+            timings["forced_s"] = time.perf_counter() - started
+            _phase(system, "teacher's requests", forced, timings["forced_s"])
+        started = time.perf_counter()
+        free = []
+        if config.evaluation.free_decoding:
+            free = replay(backend, [r for r in reference if r["output_schema"] is not None], system, FORCED_FREE,
+                          memory_cfg, free=True)
+        timings["forced_free_s"] = time.perf_counter() - started
+        _phase(system, "teacher's requests without schema", free, timings["forced_free_s"])
+        if system != "teacher":
+            started = time.perf_counter()
+            e2e, qa_rows = run_end_to_end(system, backend, embedder, store, config, conversations)
+            timings["e2e_s"] = time.perf_counter() - started
+            _phase(system, "end to end", e2e, timings["e2e_s"])
+    finally:
+        store.close()
+
+    _write_rows(e2e + forced + free, CALLS, calls_path(out, system), "eval-calls")
+    _write_rows(qa_rows, QA, qa_path(out, system), "eval-qa")
+    model = getattr(backend, "model", None)
+    adapters = loaded.info.get("experts", {})
+    return {
+        **loaded.info,
+        "model_id": backend.model_id,
+        "backend": backend.backend_name,
+        "device": str(getattr(model, "device", "remote")),
+        "dtype": str(getattr(model, "dtype", "")).replace("torch.", ""),
+        "parameters": probes.parameter_counts(model) if model is not None else None,
+        "adapters": adapter_files(adapters) if adapters else {},
+        "adapter_switches": getattr(backend, "switches", None),
+        "load_s": loaded.load_s,
+        "after_load": after_load,
+        "timings": timings,
+        "calls": {E2E: len(e2e), FORCED: len(forced), FORCED_FREE: len(free)},
+        "questions": len(qa_rows),
+        "conversations": [c.conversation_id for c in conversations],
+        "embedder": memory_cfg.embedder,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m memlora.evaluation.run_system", description=__doc__)
+    parser.add_argument("--system", required=True, choices=[*SYSTEMS, JUDGE])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--base", default=None, help="student base folder (default: from the config and OUT)")
+    args = parser.parse_args(argv)
+
+    import torch  # noqa: F401  (the baseline below includes the runtime every system needs)
+    import transformers  # noqa: F401
+
+    started = time.perf_counter()
+    baseline = probes.snapshot("runtime imported")
+    config = load_config(args.config)
+    out = Path(args.out)
+    if args.system == JUDGE:
+        record = run_judge(config, out)
+    else:
+        record = run_model_system(args.system, config, out, args.base)
+    record.update(
+        system=args.system,
+        **probes.process_info(),
+        baseline=baseline,
+        peak_rss_mb=probes.peak_rss_mb(),
+        ru_maxrss_mb=probes.ru_maxrss_mb(),
+        cuda_peak_mb=probes.cuda_peaks_mb(),
+        wall_s=time.perf_counter() - started,
+    )
+    write_json(record, probe_path(out, args.system))
+    say(f"{args.system}: peak RSS {record['peak_rss_mb']:.0f} MiB, {record['wall_s']:.1f} s (pid {record['pid']})")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except EvalError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

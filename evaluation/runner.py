@@ -1,0 +1,160 @@
+"""Where evaluation keeps its files, and one OS process per system (so memory peaks never mix)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from memlora.evaluation.systems import SYSTEMS, EvalError, slug
+
+JUDGE = "judge"
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false"}
+
+
+def eval_dir(out: str | Path) -> Path:
+    return Path(out) / "eval"
+
+
+def system_dir(out: str | Path, system: str) -> Path:
+    return eval_dir(out) / "systems" / slug(system)
+
+
+def calls_path(out: str | Path, system: str) -> Path:
+    return system_dir(out, system) / "calls.parquet"
+
+
+def qa_path(out: str | Path, system: str) -> Path:
+    return system_dir(out, system) / "qa.parquet"
+
+
+def probe_path(out: str | Path, system: str) -> Path:
+    return system_dir(out, system) / "probe.json"
+
+
+def judgements_path(out: str | Path) -> Path:
+    return system_dir(out, JUDGE) / "judgements.parquet"
+
+
+def log_path(out: str | Path, system: str) -> Path:
+    return eval_dir(out) / "logs" / f"{slug(system)}.log"
+
+
+def store_path(out: str | Path, system: str) -> Path:
+    """Each system's own memory store, next to the teacher's trace-time store."""
+    return Path(out) / "memory" / f"eval-{slug(system)}.sqlite"
+
+
+def run_system_process(config_path: str | Path, out: str | Path, system: str, *, base: str | Path | None = None,
+                       timeout_s: float = 7200, env: dict | None = None) -> dict:
+    """Run one system (or the judge) in a fresh Python process; return the probe record it wrote.
+
+    Its output goes to OUT/eval/logs/<system>.log; a failure raises with the log's last lines."""
+    if system not in SYSTEMS + (JUDGE,):
+        raise EvalError(f"unknown system {system!r}")
+    cmd = [sys.executable, "-m", "memlora.evaluation.run_system", "--system", system,
+           "--config", str(config_path), "--out", str(out)]
+    if base is not None:
+        cmd += ["--base", str(base)]
+    log = log_path(out, system)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    probe_path(out, system).unlink(missing_ok=True)
+    full_env = {**os.environ, **OFFLINE_ENV, **(env or {})}
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except BaseException:  # timeout or interrupt: leave no orphan model process behind
+            _kill_group(proc)
+            raise
+    if rc != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
+        raise EvalError(f"evaluation of {system!r} failed (exit code {rc}); see {log}:\n{tail}")
+    return json.loads(probe_path(out, system).read_text())
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    except (subprocess.TimeoutExpired, ProcessLookupError):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
+
+
+def prepare(config, out: str | Path) -> dict:
+    """Check what evaluation needs before any model process starts; build the student base if it is missing.
+    Returns the plan: test conversations, question count, student base folder."""
+    from memlora.data.ingest import load_ingested
+    from memlora.evaluation.qa import questions_of, test_conversations
+    from memlora.student.build import build_student
+
+    datasets = Path(out) / "datasets"
+    if not (datasets / "conversations.parquet").is_file():
+        raise EvalError(f"{datasets}: no ingested data (run `memlora traces` or `memlora ingest` first)")
+    conversations = test_conversations(load_ingested(out), config.evaluation)
+    if not conversations:
+        raise EvalError(f"{datasets}: no test conversation (is data.split.test_ratio above 0?)")
+    if config.student is None:
+        raise EvalError("the config has no `student` section: there is no student to evaluate")
+    base = build_student(config, out)  # the distill stage's folder, made once; reused as it is
+    return {
+        "conversations": [c.conversation_id for c in conversations],
+        "questions": sum(len(questions_of(c, config.evaluation)) for c in conversations),
+        "base": str(base),
+    }
+
+
+def summary(config, plan: dict, probes: dict, rows: list[dict], files: list[Path], out: str | Path) -> dict:
+    """The manifest's `evaluation` section."""
+    from memlora.evaluation.results import headline
+
+    keep = ("pid", "ppid", "model_id", "backend", "device", "dtype", "peak_rss_mb", "ru_maxrss_mb", "cuda_peak_mb",
+            "load_s", "wall_s", "calls", "questions", "parameters", "adapter_switches", "timings")
+    return {
+        "config": config.model_dump(mode="json"),
+        "config_fingerprint": config.fingerprint(),
+        "conversations": plan["conversations"],
+        "questions": plan["questions"],
+        "student_base": plan["base"],
+        "systems": {s: {k: p.get(k) for k in keep} | {"adapters": p.get("adapters", {})}
+                    for s, p in probes.items() if s in SYSTEMS},
+        "judge": probes.get(JUDGE, {}),
+        "headline": headline(rows),
+        "results_rows": len(rows),
+        "files": [Path(f).relative_to(out).as_posix() if Path(f).is_relative_to(out) else str(f) for f in files],
+    }
+
+
+def evaluate_all(config_path: str | Path, out: str | Path) -> dict:
+    """The whole evaluation without Prefect (the `evaluate` flow runs the same steps as tasks)."""
+    from memlora.config import load_config
+    from memlora.evaluation.report import write_report
+    from memlora.evaluation.results import build_results, results_path, write_results
+    from memlora.manifest import update_manifest
+
+    config = load_config(config_path)
+    plan = prepare(config, out)
+    probes = {}
+    for system in SYSTEMS + (JUDGE,):
+        probes[system] = run_system_process(config_path, out, system, base=plan["base"],
+                                            timeout_s=config.evaluation.timeout_s)
+    rows = build_results(out, config)
+    write_results(rows, out)
+    md, png = write_report(rows, report_meta(config, plan, probes), out)
+    payload = summary(config, plan, probes, rows, [results_path(out), md, png], out)
+    update_manifest(out, "evaluation", payload)
+    return payload
+
+
+def report_meta(config, plan: dict, probes: dict) -> dict:
+    judge = config.evaluation.judge or config.teacher
+    return {"config_name": config.name, "conversations": plan["conversations"], "questions": plan["questions"],
+            "judge": judge.model, "probes": probes}

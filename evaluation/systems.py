@@ -1,0 +1,78 @@
+"""The three systems evaluation compares, each an `LLMBackend` the memory system can run on:
+
+- `teacher`: the configured teacher (`teacher` config section);
+- `student`: the student base alone (no adapter);
+- `student+experts`: the same base with every trained expert attached, switched per operation with
+  `set_adapter` (`memlora.student.experts.ExpertBackend`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from memlora.config import Config
+from memlora.memory.llm import LLMBackend
+
+SYSTEMS = ("teacher", "student", "student+experts")
+
+
+class EvalError(RuntimeError):
+    """Evaluation cannot run as configured; the message says what is missing."""
+
+
+def slug(system: str) -> str:
+    """A file-name-safe form of a system name (`student+experts` -> `student-experts`)."""
+    return system.replace("+", "-")
+
+
+@dataclass
+class LoadedSystem:
+    name: str
+    backend: LLMBackend
+    load_s: float
+    info: dict = field(default_factory=dict)
+
+
+def student_base(config: Config, out: str | Path) -> Path:
+    """Where the student base is: the pruned teacher the distill stage saved, or the configured model."""
+    from memlora.student.build import student_dir
+
+    if config.student is None:
+        raise EvalError("the config has no `student` section: there is no student to evaluate")
+    if config.student.prune is None:
+        return Path(config.student.model)
+    base = student_dir(out)
+    if not (base / "config.json").is_file():
+        raise EvalError(f"{base}: no student base (run `memlora distill` first)")
+    return base
+
+
+def build_system(name: str, config: Config, out: str | Path, base: str | Path | None = None) -> LoadedSystem:
+    if name not in SYSTEMS:
+        raise EvalError(f"unknown system {name!r} (one of {', '.join(SYSTEMS)})")
+    started = time.perf_counter()
+    if name == "teacher":
+        from memlora.teacher.backends import build_backend
+
+        # No log-probs: evaluation does not use them, and computing them would slow the teacher's timed calls.
+        backend = build_backend(config.teacher.model_copy(update={"logprobs_top_k": 0}))
+        return LoadedSystem(name, backend, time.perf_counter() - started,
+                            {"model": config.teacher.model, "experts": {}})
+    from memlora.student.experts import ExpertBackend
+
+    base = Path(base) if base is not None else student_base(config, out)
+    adapters = None
+    if name == "student+experts":
+        from memlora.student.experts import expert_folders
+
+        adapters = expert_folders(out)
+        if not adapters:
+            raise EvalError(f"{Path(out) / 'adapters'}: no trained expert (run `memlora distill` first)")
+    backend = ExpertBackend(
+        base, adapters, batch_size=config.teacher.batch_size, device=config.teacher.device,
+        dtype=config.student.dtype if config.student else "auto", prefix_cache=config.teacher.prefix_cache,
+    )
+    return LoadedSystem(name, backend, time.perf_counter() - started,
+                        {"model": str(base), "experts": {op: str(p) for op, p in (adapters or {}).items()}})

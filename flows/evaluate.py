@@ -1,0 +1,30 @@
+"""`evaluate`: replay the held-out test conversations through the memory system with the teacher, the bare
+student and the student with its experts, each in its own process; score them; write OUT/eval/results.parquet,
+report.md and report.png."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from memlora.evaluation.runner import JUDGE, report_meta, summary
+from memlora.evaluation.results import results_path
+from memlora.evaluation.systems import SYSTEMS
+from memlora.tasks.common import forward_domain_logs, load_config_task, manifest_task
+from memlora.tasks.evaluate import artifacts_task, prepare_task, report_task, results_task, run_system_task
+
+
+@flow(name="evaluate")
+def evaluate(config: str = "configs/default.yaml", out: str = "out") -> dict:
+    forward_domain_logs()
+    cfg = load_config_task(config)
+    plan = prepare_task(cfg, out)
+    # One after another: the teacher's calls are the students' inputs, and a system measured alone has its
+    # latency and its memory to itself. The judge labels every system's answers last.
+    probes = {system: run_system_task(config, out, system, plan["base"], cfg.evaluation.timeout_s)
+              for system in (*SYSTEMS, JUDGE)}
+    rows = results_task(cfg, out)
+    markdown, png = report_task(rows, report_meta(cfg, plan, probes), out)
+    artifacts_task(rows, markdown, png)
+    payload = summary(cfg, plan, probes, rows, [results_path(out), markdown, png], out)
+    manifest_task(out, "evaluation", payload)
+    return payload

@@ -1,0 +1,54 @@
+"""Tasks of evaluation: thin wrappers over `memlora.evaluation` (no retries: a failed system run is a bug or a
+resource problem, and rerunning a model for minutes would hide it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NONE
+
+from memlora.config import Config
+from memlora.evaluation.report import write_report
+from memlora.evaluation.results import build_results, headline, write_results
+from memlora.evaluation.runner import prepare, run_system_process
+
+
+@task(name="evaluation-plan", cache_policy=NONE)
+def prepare_task(config: Config, out: str) -> dict:
+    plan = prepare(config, out)
+    get_run_logger().info("evaluating on %d test conversation(s) (%s), %d questions; student base %s",
+                          len(plan["conversations"]), ", ".join(plan["conversations"]), plan["questions"], plan["base"])
+    return plan
+
+
+@task(name="evaluate-system", cache_policy=NONE, retries=0, task_run_name="evaluate-{system}")
+def run_system_task(config_path: str, out: str, system: str, base: str, timeout_s: float) -> dict:
+    probe = run_system_process(config_path, out, system, base=base, timeout_s=timeout_s)
+    get_run_logger().info("%s: pid %s, peak RSS %.0f MiB, %.1f s", system, probe["pid"], probe["peak_rss_mb"],
+                          probe["wall_s"])
+    return probe
+
+
+@task(name="evaluation-results", cache_policy=NONE)
+def results_task(config: Config, out: str) -> list[dict]:
+    rows = build_results(out, config)
+    path = write_results(rows, out)
+    get_run_logger().info("%d result rows -> %s", len(rows), path)
+    return rows
+
+
+@task(name="evaluation-report", cache_policy=NONE)
+def report_task(rows: list[dict], meta: dict, out: str) -> tuple[Path, Path]:
+    return write_report(rows, meta, out)
+
+
+@task(name="evaluation-artifacts", cache_policy=NONE)
+def artifacts_task(rows: list[dict], markdown: Path, png: Path) -> None:
+    """What shows in the Prefect UI: the headline numbers as a table, the whole report as Markdown."""
+    create_table_artifact(key="evaluation-headline", table=headline(rows),
+                          description="Teacher vs student vs student+experts: headline numbers")
+    create_markdown_artifact(key="evaluation-report",
+                             markdown=Path(markdown).read_text(encoding="utf-8") + f"\n\nFigure: `{png}`\n",
+                             description="Evaluation report")

@@ -1,0 +1,103 @@
+"""The `distill` Prefect flow on the shared test server: one task per operation, the launcher's log in the task
+log, the manifest's distill section, finished experts kept on a rerun; then `memlora export` on its output.
+
+The launcher itself is replaced here by a stand-in that writes a real (untrained) DeLoRA adapter: the real
+launch is covered in test_distill_launcher.py, and three more launches would cost a minute of CPU."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from memlora.config import OPERATIONS
+from tests.student_fixtures import distill_config, perturb, write_traces
+
+
+def fake_run_training(calls: list):
+    def run(config, config_path, out, operation, base, cache, on_line):
+        from memlora.student.experts import adapter_dir, attach_expert
+        from memlora.teacher.hf_backend import load_causal_lm
+
+        calls.append(operation)
+        on_line(f"[launch.py] fake rank 0 for {operation}")
+        model, _, _ = load_causal_lm(str(base), dtype="float32", device="cpu")
+        peft_model = attach_expert(model, config.student.expert)
+        perturb(peft_model, seed=len(calls))
+        folder = adapter_dir(out, operation)
+        peft_model.save_pretrained(str(folder), safe_serialization=True)
+        record = {"operation": operation, "steps": 1, "loss_curve": [1.0], "loss_before": 2.0, "loss_after": 1.0,
+                  "rows_used": 5, "rows_skipped": {"parse_failed": 1}, "world_size": 1, "deepspeed_stage": 2,
+                  "cache_key": cache["key"], "traces_sha256": cache["traces_sha256"],
+                  "config_fingerprint": cache["config_fingerprint"]}
+        (folder / "training.json").write_text(json.dumps(record))
+        return record
+
+    return run
+
+
+async def flow_logs(flow_run_id) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    async with get_client() as client:
+        logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return [log.message for log in logs]
+
+
+@pytest.mark.prefect
+@pytest.mark.timeout(240)
+def test_distill_flow_trains_each_operation_once_and_records_it(prefect_server, tiny_model_dir, tmp_path,
+                                                                monkeypatch):
+    from transformers import AutoTokenizer
+
+    import memlora.student.distill as distill_module
+    from memlora.cli import main
+    from memlora.flows.distill import distill
+
+    out = tmp_path / "out"
+    write_traces(out, AutoTokenizer.from_pretrained(tiny_model_dir))
+    config, _ = distill_config(tmp_path / "c.yaml", str(tiny_model_dir),
+                               student={"prune": {"from": "teacher", "keep_layers": [0, 2]}})
+    calls: list[str] = []
+    monkeypatch.setattr(distill_module, "run_training", fake_run_training(calls))
+
+    state = distill(config=str(config), out=str(out), return_state=True)
+    records = state.result()
+    assert calls == list(OPERATIONS)  # one after another, in order
+    assert set(records) == set(OPERATIONS) and not any(r.get("skipped") for r in records.values())
+    assert (out / "student" / "base" / "model.safetensors").is_file()
+    manifest = json.loads((out / "manifest.json").read_text())
+    section = manifest["distill"]
+    assert section["student_base"] == str(out / "student" / "base")
+    assert {op: e["cache_key"] for op, e in section["experts"].items()} == {
+        op: r["cache_key"] for op, r in records.items()}
+    paths = {f["path"] for f in manifest["files"]}
+    assert {f"adapters/{op}/adapter_model.safetensors" for op in OPERATIONS} <= paths
+
+    messages = asyncio.run(flow_logs(state.state_details.flow_run_id))
+    for op in OPERATIONS:
+        assert f"[launch.py] fake rank 0 for {op}" in messages  # the subprocess lines reach the task log
+
+    again = distill(config=str(config), out=str(out))
+    assert calls == list(OPERATIONS) and all(r["skipped"] for r in again.values())
+
+    # Export to plain LoRA from the command line.
+    assert main(["export", "--out", str(out), "--format", "lora"]) == 0
+    for op in OPERATIONS:
+        folder: Path = out / "export" / "lora" / op
+        assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == "LORA"
+        assert (folder / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.timeout(60)
+def test_distill_without_traces_says_what_to_run(tiny_model_dir, tmp_path):
+    from memlora.student.distill import distill_operation
+    from memlora.student.launch import TrainingFailed
+
+    _, config = distill_config(tmp_path / "c.yaml", str(tiny_model_dir),
+                               student={"prune": {"from": "teacher", "keep_layers": [0, 2]}})
+    with pytest.raises(TrainingFailed, match="memlora traces"):
+        distill_operation(config, "c.yaml", tmp_path / "out", "update", tmp_path / "base")

@@ -1,0 +1,143 @@
+"""Distillation through the real `deepspeed` launcher on DeepSpeed's CPU accelerator, tiny models: two ranks
+under ZeRO-2 and ZeRO-3 lower the loss and write adapters that reload with the same outputs; a failed rank
+or a timeout raises with the log; a finished expert is not trained again."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from memlora.student.build import build_student
+from memlora.student.distill import distill_operation, finished_record
+from memlora.student.examples import build_examples, load_traces, trace_files
+from memlora.student.launch import TrainingFailed
+from memlora.student.trainer import Collator, mean_loss
+from tests.student_fixtures import distill_config, write_traces
+
+PRUNE = {"prune": {"from": "teacher", "keep_layers": [0, 2]}}  # shares the tiny teacher's tokenizer: KD applies
+
+
+def setup(tmp_path: Path, tiny_model_dir: Path, operations=("extraction",), **distill):
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "out"
+    write_traces(out, AutoTokenizer.from_pretrained(tiny_model_dir), operations=operations)
+    settings = dict(max_steps=8, batch_size=2, learning_rate=0.01, num_ranks=2, timeout_s=300) | distill
+    path, config = distill_config(tmp_path / "c.yaml", str(tiny_model_dir), student=PRUNE, **settings)
+    return out, path, config, build_student(config, out)
+
+
+def reloaded_loss(config, out: Path, base: Path, operation: str) -> tuple[float, object]:
+    """The training record's loss, recomputed from the adapter as saved: same probe rows, same loss."""
+    from peft import PeftModel
+
+    from memlora.teacher.hf_backend import load_causal_lm
+
+    model, tokenizer, _ = load_causal_lm(str(base), dtype="float32", device="cpu")
+    model = PeftModel.from_pretrained(model, str(out / "adapters" / operation), use_safetensors=True)
+    cfg = config.distill
+    data = build_examples(load_traces(trace_files(out, operation)), tokenizer, cfg.max_length, True)
+    top_k = max(len(s) for e in data.examples if e.teacher_ids for s in e.teacher_ids)
+    return mean_loss(model, data.examples[: 4 * cfg.batch_size], Collator(tokenizer.pad_token_id, top_k), cfg,
+                     "cpu"), model
+
+
+def check_adapter(folder: Path) -> dict:
+    assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == "DELORA"
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    assert tensors and all(t.numel() > 0 for t in tensors.values())  # ZeRO-3's empty-tensor trap
+    assert any("delora_B" in k and t.abs().sum() > 0 for k, t in tensors.items())  # it trained
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                       "training.json"]
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no staging/work folder left
+    return json.loads((folder / "training.json").read_text())
+
+
+@pytest.mark.timeout(240)
+def test_two_cpu_ranks_zero2_lower_the_loss_and_write_a_loadable_adapter(tiny_model_dir, tmp_path, monkeypatch):
+    out, path, config, base = setup(tmp_path, tiny_model_dir)
+    lines: list[str] = []
+    record = distill_operation(config, str(path), out, "extraction", base, on_line=lines.append)
+
+    saved = check_adapter(out / "adapters" / "extraction")
+    assert record == saved
+    assert (record["world_size"], record["deepspeed_stage"], record["device"], record["steps"]) == (2, 2, "cpu", 8)
+    assert record["global_batch_size"] == 4 and len(record["loss_curve"]) == 8
+    assert record["loss_after"] < record["loss_before"]
+    assert (record["rows_total"], record["rows_used"], record["rows_skipped"]) == (6, 5, {"parse_failed": 1})
+    assert record["rows_with_teacher_logprobs"] == 5 and record["tokens_seen"] > 0
+    assert 0 < record["trainable_parameters"] < record["total_parameters"]
+    # The launcher's log came through line by line: both ranks spawned and exited cleanly.
+    assert sum("spawned with command" in line for line in lines) == 2
+    assert sum("exits successfully" in line for line in lines) == 2
+    assert any("'loss'" in line for line in lines)
+
+    loss, _ = reloaded_loss(config, out, base, "extraction")
+    assert loss == pytest.approx(record["loss_after"], rel=1e-4, abs=1e-4)
+
+    # Same traces and recipe: kept, no launch. Another recipe: trained again.
+    import memlora.student.distill as distill
+
+    monkeypatch.setattr(distill, "run_training", lambda *a, **k: pytest.fail("trained a finished expert again"))
+    again = distill_operation(config, str(path), out, "extraction", base, on_line=lines.append)
+    assert again["skipped"] and again["cache_key"] == record["cache_key"]
+    _, changed = distill_config(tmp_path / "c2.yaml", str(tiny_model_dir), student=PRUNE, max_steps=9,
+                                batch_size=2, learning_rate=0.01, num_ranks=2)
+    assert finished_record(changed, out, "extraction") is None
+    _, longer = distill_config(tmp_path / "c3.yaml", str(tiny_model_dir), student=PRUNE, max_steps=8,
+                               batch_size=2, learning_rate=0.01, num_ranks=2, timeout_s=999)
+    assert finished_record(longer, out, "extraction") is not None  # the timeout does not change the expert
+
+
+@pytest.mark.timeout(240)
+def test_zero3_adapter_reloads_with_the_same_outputs(tiny_model_dir, tmp_path):
+    out, path, config, base = setup(tmp_path, tiny_model_dir, operations=("update",), zero_stage=3, max_steps=4)
+    record = distill_operation(config, str(path), out, "update", base, on_line=lambda line: None)
+    saved = check_adapter(out / "adapters" / "update")
+    assert (saved["world_size"], saved["deepspeed_stage"]) == (2, 3)
+    loss, model = reloaded_loss(config, out, base, "update")
+    # The loss the engine computed with its (sharded) weights, and the loss of the adapter as saved, agree.
+    assert loss == pytest.approx(record["loss_after"], rel=1e-4, abs=1e-4)
+    assert record["loss_after"] < record["loss_before"]
+
+
+@pytest.mark.timeout(180)
+def test_a_failed_rank_raises_with_its_error_and_a_timeout_kills_the_launch(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    out, path, config, base = setup(tmp_path, tiny_model_dir, num_ranks=1)
+    write_traces(out, AutoTokenizer.from_pretrained(tiny_model_dir), operations=("generation",), n=3, bad=3)
+    with pytest.raises(TrainingFailed) as failed:
+        distill_operation(config, str(path), out, "generation", base, on_line=lambda line: None)
+    message = str(failed.value)
+    assert "exit code" in message and "no usable trace rows" in message and "parse_failed" in message
+    assert not (out / "adapters" / "generation").exists()
+
+    path, quick = distill_config(tmp_path / "t.yaml", str(tiny_model_dir), student=PRUNE, num_ranks=1, timeout_s=2)
+    with pytest.raises(TrainingFailed, match="timeout_s=2"):
+        distill_operation(quick, str(path), out, "extraction", base, on_line=lambda line: None)
+    assert not (out / "adapters" / "extraction").exists()
+
+
+@pytest.mark.timeout(30)
+def test_launcher_command_on_a_cpu_machine(tiny_model_dir, tmp_path, monkeypatch):
+    from memlora.student.launch import launcher_command
+
+    monkeypatch.setattr("memlora.student.launch.gpu_count", lambda: 0)
+    _, config = distill_config(tmp_path / "c.yaml", str(tiny_model_dir), student=PRUNE, num_ranks=3)
+    cache = {"key": "k", "traces_sha256": "t", "config_fingerprint": "f"}
+    cmd, env = launcher_command(config, "c.yaml", "out", "update", "base", cache)
+    assert Path(cmd[0]).name == "deepspeed" and cmd[cmd.index("--num_gpus") + 1] == "3"
+    assert env["DS_ACCELERATOR"] == "cpu" and int(cmd[cmd.index("--master_port") + 1]) > 0
+    assert cmd[cmd.index("--module") + 1] == "memlora.student.train_entry"
+    monkeypatch.setattr("memlora.student.launch.gpu_count", lambda: 4)
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    cmd, env = launcher_command(config, "c.yaml", "out", "update", "base", cache)
+    assert cmd[cmd.index("--num_gpus") + 1] == "4" and "DS_ACCELERATOR" not in env  # all visible GPUs
+    _, two = distill_config(tmp_path / "d.yaml", str(tiny_model_dir), student=PRUNE, num_gpus=2)
+    cmd, _ = launcher_command(two, "c.yaml", "out", "update", "base", cache)
+    assert cmd[cmd.index("--num_gpus") + 1] == "2"

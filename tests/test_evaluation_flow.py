@@ -1,0 +1,235 @@
+"""The evaluate stage on tiny models: replay faithfulness in-process, then the whole `evaluate` flow on the
+shared Prefect server (three systems, each in its own process, plus the judge) and everything it writes."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from memlora.config import OPERATIONS, ExpertConfig, parse_config
+from memlora.data.records import Conversation, Question, Turn
+from memlora.evaluation.qa import run_end_to_end
+from memlora.evaluation.replay import FORCED, replay
+from memlora.evaluation.systems import SYSTEMS
+from memlora.memory.store import MemoryStore
+from tests.conftest import REPO
+
+T0 = datetime(2023, 5, 8, 13, 56)
+EXPERT = {"r": 4, "target_modules": ["q_proj", "v_proj"]}
+MEMORY = {"window": 4, "max_facts": 2, "max_fact_chars": 16, "answer_max_chars": 16,
+          "operations": {"extraction": {"max_new_tokens": 32}, "update": {"max_new_tokens": 40},
+                         "generation": {"max_new_tokens": 16}}}
+
+
+def small_config(teacher: str, student: str, **evaluation) -> dict:
+    raw = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+    raw["teacher"].update(model=teacher, device="cpu", batch_size=8, logprobs_top_k=0)
+    raw["student"] = {"model": student, "expert": EXPERT}
+    raw["memory"].update(MEMORY)
+    raw["evaluation"] = {"max_conversations": 1, "max_sessions": 1, "max_questions": 3, "bootstrap_samples": 100,
+                         **evaluation}
+    return raw
+
+
+def conversation() -> Conversation:
+    lines = ["I adopted a cat named Tom.", "Nice! I started baking bread.", "I moved to Oslo in May.",
+             "My sister lives in Lyon."]
+    turns = [Turn(1, i + 1, f"D1:{i + 1}", "Ann" if i % 2 == 0 else "Ben", text, T0) for i, text in enumerate(lines)]
+    return Conversation("c1", turns, [Question(0, "What is Ann's cat called?", "Tom", None, 4),
+                                      Question(1, "Where does Ben's aunt live?", None, "Lyon", 5)], split="test")
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """Tiny models run fastest on one thread, and far faster than on two when other work shares the cores
+    (OpenMP threads spin waiting for each other); system processes inherit OMP_NUM_THREADS."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.timeout(180)
+def test_replay_sends_the_same_requests_in_the_same_batches_and_reproduces_the_outputs(tiny_backend, embedder,
+                                                                                       one_thread):
+    config = parse_config(small_config("unused", "unused"))
+    calls, qa = run_end_to_end("teacher", tiny_backend, embedder, MemoryStore(), config, [conversation()])
+    assert [q["question_id"] for q in qa] == [0, 1] and qa[1]["gold"] == "Not mentioned in the conversation"
+    assert [c["question_id"] for c in calls if c["operation"] == "generation"] == [0, 1]
+    again = replay(tiny_backend, calls, "teacher", FORCED, config.memory)
+    key = lambda r: (r["group"], r["operation"], r["messages"], r["output_schema"], r["batch_size"])  # noqa: E731
+    assert [key(r) for r in again] == [key(r) for r in calls]
+    assert [r["raw_output"] for r in again] == [r["raw_output"] for r in calls]  # greedy: same model, same output
+    free = replay(tiny_backend, calls, "teacher", "forced_free", config.memory, free=True)
+    assert not any(r["constrained"] for r in free) and all(r["ref_index"] == c["index"] for r, c in zip(free, calls))
+
+
+def writes_facts(model_dir: Path) -> bool:
+    from memlora.memory.llm import GenerationRequest
+    from memlora.memory.prompts import TEMPLATES, extraction_schema
+    from memlora.teacher.hf_backend import TransformersBackend, load_causal_lm
+
+    model, tok, model_id = load_causal_lm(str(model_dir), device="cpu")
+    request = GenerationRequest("extraction", TEMPLATES["extraction"].messages(
+        "Conversation on 8 May 2023:\nAnn: I adopted a cat named Tom."), 32, extraction_schema(2, 16))
+    text = TransformersBackend(model, tok, model_id).generate([request])[0].text
+    return bool(json.loads(text)["facts"]) if text.endswith("}") else False
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory, tiny_model_dir) -> Path:
+    """A tiny random teacher that writes facts under the schema, so update calls happen (the conftest model,
+    seed 0, always answers {"facts": []}); same architecture and tokenizer as the student base."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = LlamaForCausalLM.config_class.from_pretrained(tiny_model_dir)
+    for seed in (3, 7, 1, 11, 12, 13):
+        torch.manual_seed(seed)
+        folder = tmp_path_factory.mktemp(f"tiny-teacher-{seed}")
+        LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+        tok.save_pretrained(folder)
+        if writes_facts(folder):
+            return folder
+    pytest.fail("no seed gave a tiny teacher that writes facts")
+
+
+def write_experts(out: Path, base: Path) -> None:
+    """OUT/adapters/<op>/: DeLoRA experts with non-zero B (a fresh one would leave outputs unchanged)."""
+    import torch
+
+    from memlora.student.experts import attach_expert
+    from memlora.teacher.hf_backend import load_causal_lm
+
+    for i, op in enumerate(OPERATIONS):
+        model, _, _ = load_causal_lm(str(base), dtype="float32", device="cpu")
+        expert = attach_expert(model, ExpertConfig(**EXPERT))
+        gen = torch.Generator().manual_seed(10 + i)
+        with torch.no_grad():
+            for name, p in expert.named_parameters():
+                if "delora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        expert.save_pretrained(str(out / "adapters" / op), safe_serialization=True)
+
+
+AGREEMENT = {"extraction": ["fact_precision", "fact_recall", "fact_f1"],
+             "update": ["event_accuracy", "event_macro_f1"],
+             "generation": ["answer_token_f1", "answer_rouge_l"]}
+LATENCY = ["latency_p50", "latency_p95", "prompt_tokens", "completion_tokens", "tokens_per_s", "batch_size"]
+QA_METRICS = ["token_f1", "bleu1", "judge_accuracy", "answered"]
+MEMORY_METRICS = ["params_base", "params_adapters", "adapter_bytes", "peak_rss_mb", "ru_maxrss_mb",
+                  "rss_after_load_mb", "rss_baseline_mb", "load_s"]
+
+
+@pytest.mark.prefect
+@pytest.mark.timeout(600)
+def test_evaluate_flow_on_tiny_models(prefect_server, tiny_teacher, tiny_model_dir, sample_path, tmp_path,
+                                      one_thread):
+    import matplotlib.image
+
+    from memlora.cli import main
+    from memlora.data.ingest import ingest
+    from memlora.flows.evaluate import evaluate
+
+    out = tmp_path / "out"
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(small_config(str(tiny_teacher), str(tiny_model_dir))))
+    cfg = parse_config(yaml.safe_load(config.read_text()))
+
+    # Nothing ingested yet: a clear error, exit code 2, before any model loads.
+    assert main(["evaluate", "--config", str(config), "--out", str(out)]) == 2
+
+    corpus = ingest(sample_path, out, cfg.data)
+    test = [c for c in corpus if c.split == "test"][0]
+    questions = test.questions[:3]
+    write_experts(out, tiny_model_dir)
+    result = evaluate(config=str(config), out=str(out))
+
+    # results.parquet: every (system, operation, metric) row, once
+    table = pq.read_table(out / "eval" / "results.parquet")
+    assert table.schema.metadata[b"memlora.schema_version"] == b"1"
+    rows = table.to_pylist()
+    keys = [(r["system"], r["operation"], r["metric"]) for r in rows]
+    assert len(keys) == len(set(keys))
+    by_key = {k: r for k, r in zip(keys, rows)}
+    expected = set()
+    for s in SYSTEMS:
+        for op in OPERATIONS:
+            for suffix in ("", "_free"):
+                expected |= {(s, op, m + suffix) for m in ["parse_ok", "schema_valid", *AGREEMENT[op]]}
+            expected |= {(s, op, m) for m in LATENCY}
+        for operation in ["qa"] + [f"qa/cat-{c}" for c in {q.category for q in questions}]:
+            expected |= {(s, operation, m) for m in QA_METRICS}
+        expected |= {(s, "model", m) for m in MEMORY_METRICS}
+    assert expected <= set(keys), sorted(expected - set(keys))
+    assert {r["ci_method"] for r in rows} >= {"wilson-95", "bootstrap-95", "none"}
+    for op in OPERATIONS:  # every operation was exercised: the teacher's calls parsed and have references
+        assert by_key[("student", op, AGREEMENT[op][0])]["n"] > 0, op
+        assert by_key[("teacher", op, AGREEMENT[op][-1])]["value"] == 1.0  # itself, by construction
+        assert by_key[("teacher", op, "parse_ok_free")]["decoding"] == "free"
+    assert by_key[("teacher", "qa", "token_f1")]["n"] == len(questions)
+    assert by_key[("student+experts", "model", "params_adapters")]["value"] > 0
+    assert by_key[("student+experts", "model", "adapter_bytes")]["value"] > 0
+    assert by_key[("student", "model", "params_adapters")]["value"] == 0
+    assert by_key[("student", "model", "params_base")]["value"] == \
+        by_key[("student+experts", "model", "params_base")]["value"]
+
+    # the students answered exactly the teacher's requests, in the teacher's batches
+    def requests(system, phase):
+        t = pq.read_table(out / "eval" / "systems" / system / "calls.parquet").to_pylist()
+        return [(r["ref_index"], r["group"], r["messages"], r["output_schema"]) for r in t if r["phase"] == phase]
+    assert requests("student-experts", "forced") == requests("teacher", "e2e") == requests("student", "forced")
+
+    # each system measured in its own process
+    probes = {s: json.loads((out / "eval" / "systems" / s.replace("+", "-") / "probe.json").read_text())
+              for s in [*SYSTEMS, "judge"]}
+    pids = {p["pid"] for p in probes.values()}
+    assert len(pids) == 4 and os.getpid() not in pids
+    assert all(p["peak_rss_mb"] > p["baseline"]["rss_mb"] > 0 for p in probes.values())
+    assert probes["student+experts"]["adapter_switches"] > 0
+    assert set(probes["student+experts"]["adapters"]) == set(OPERATIONS)
+    for s in SYSTEMS:
+        assert by_key[(s, "model", "peak_rss_mb")]["value"] == pytest.approx(probes[s]["peak_rss_mb"])
+
+    # report
+    md = (out / "eval" / "report.md").read_text()
+    assert "## Agreement with the teacher" in md and "## End-to-end QA" in md and "student+experts" in md
+    png = out / "eval" / "report.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    h, w, _ = matplotlib.image.imread(str(png)).shape
+    assert h > 500 and w > 800
+
+    # manifest and flow result
+    manifest = json.loads((out / "manifest.json").read_text())
+    section = manifest["evaluation"]
+    assert section["conversations"] == [test.conversation_id] and section["questions"] == len(questions)
+    assert {s: v["pid"] for s, v in section["systems"].items()} == {s: probes[s]["pid"] for s in SYSTEMS}
+    files = {f["path"] for f in manifest["files"]}
+    assert {"eval/results.parquet", "eval/report.md", "eval/report.png"} <= files
+    assert [h["system"] for h in result["headline"]] == list(SYSTEMS)
+
+    # Prefect artifacts
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["evaluation-headline", "evaluation-report"])))
+
+    artifacts = {a.key: a for a in asyncio.run(read())}
+    assert set(artifacts) == {"evaluation-headline", "evaluation-report"}
+    assert "student+experts" in str(artifacts["evaluation-headline"].data)
+    assert "Agreement with the teacher" in artifacts["evaluation-report"].data

@@ -1,0 +1,198 @@
+"""Evaluation metrics against hand-computed values, confidence intervals, agreement scoring on hand-made call
+rows, the judge's parsing, and the memory probe's process isolation. No model is loaded here."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from memlora.config import MemoryConfig
+from memlora.evaluation import agreement, scoring
+from memlora.evaluation.judge import judge_answers, parse_label
+from memlora.evaluation.replay import parse_output, reference_schema, schema_valid, update_ids
+from memlora.evaluation.stats import bootstrap, percentile, proportion, wilson
+from memlora.memory.llm import GenerationResult
+from memlora.memory.prompts import NOT_MENTIONED, TEMPLATES
+from memlora.memory.store import Memory
+from memlora.memory.system import render_update
+
+
+@pytest.mark.timeout(120)
+def test_token_f1_rouge_l_and_bleu1_match_hand_computed_values():
+    # normalized: [cat, sat, on, mat] vs [cat, on, mat]: P = 3/4, R = 1, F1 = 6/7
+    assert scoring.token_f1(["The cat sat on the mat."], ["a cat on a mat"]) == [pytest.approx(6 / 7)]
+    assert scoring.token_f1(["", "Paris", ""], ["", "", "Paris"]) == [1.0, 0.0, 0.0]
+    assert scoring.token_f1(["red red car"], ["red car car"]) == [pytest.approx(2 / 3)]  # multiset overlap 2
+    # LCS(alice owns a red car, alice has a red car) = alice a red car: 4/5 both ways
+    assert scoring.rouge_l(["Alice owns a red car"], ["alice has a red car"]) == [pytest.approx(0.8)]
+    assert scoring.rouge_l([""], ["x"]) == [0.0]
+    # BLEU-1: [cat, on, mat] vs [cat, sat, on, mat]: unigram precision 1, brevity penalty exp(1 - 4/3)
+    assert scoring.bleu1(["cat on mat"], ["the cat sat on the mat"]) == [pytest.approx(math.exp(-1 / 3))]
+    assert scoring.bleu1(["", "dog"], ["cat", "cat"]) == [0.0, pytest.approx(0.0, abs=1e-9)]
+
+
+@pytest.mark.timeout(120)
+def test_fact_set_matching_is_fuzzy_and_one_to_one():
+    s = scoring.fact_set(
+        [["Alice lives in Paris", "Bob has two cats", "Bob has two cats"], [], [], ["Ann has a cat", "Ann has a cat"]],
+        [["Alice lives in Paris, France", "Bob owns a dog"], [], ["x"], ["Ann has a cat"]],
+        threshold=0.5,
+    )
+    # 1: "alice lives in paris" ~ "alice lives in paris france" (F1 8/9) matches; bob/bob F1 2/7 < 0.5 does not
+    assert s["precision"] == pytest.approx([1 / 3, 1.0, 0.0, 0.5])
+    assert s["recall"] == pytest.approx([1 / 2, 1.0, 0.0, 1.0])
+    assert s["f1"] == pytest.approx([0.4, 1.0, 0.0, 2 / 3])
+    strict = scoring.fact_set([["Alice lives in Paris"]], [["Alice lives in Paris, France"]], threshold=0.9)
+    assert strict["f1"] == [0.0]  # 8/9 < 0.9
+
+
+@pytest.mark.timeout(120)
+def test_event_accuracy_and_macro_f1():
+    e = scoring.events(["ADD", "ADD", "NONE", "INVALID"], ["ADD", "UPDATE", "NONE", "NONE"])
+    assert e["accuracy"] == 0.5 and e["correct"] == [1, 0, 1, 0]
+    # ADD: tp 1 fp 1 -> 2/3; UPDATE: 0; NONE: tp 1 fn 1 -> 2/3; INVALID is no class of its own
+    assert e["per_class_f1"] == pytest.approx({"ADD": 2 / 3, "UPDATE": 0.0, "NONE": 2 / 3})
+    assert e["macro_f1"] == pytest.approx(4 / 9)
+    assert scoring.macro_f1(list(zip(["ADD", "ADD", "NONE", "INVALID"], ["ADD", "UPDATE", "NONE", "NONE"]))) == \
+        pytest.approx(4 / 9)
+
+
+@pytest.mark.timeout(120)
+def test_qa_scores_count_adversarial_abstentions_as_correct():
+    s = scoring.qa_scores(
+        [NOT_MENTIONED, "Paris", "No information available", "in Paris"],
+        [NOT_MENTIONED, NOT_MENTIONED, "Lyon", "Paris"],
+        [5, 5, 4, 1],
+    )
+    assert s["token_f1"] == pytest.approx([1.0, 0.0, 0.0, 2 / 3])
+    assert s["bleu1"][:3] == [1.0, 0.0, 0.0]
+
+
+@pytest.mark.timeout(120)
+def test_confidence_intervals():
+    low, high = wilson(5, 10)
+    assert (low, high) == (pytest.approx(0.2366, abs=1e-4), pytest.approx(0.7634, abs=1e-4))
+    assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == pytest.approx(1.0)
+    p = proportion([True, False, True, True])
+    assert p.value == 0.75 and p.n == 4 and p.ci_method == "wilson-95" and p.ci_low < 0.75 < p.ci_high
+    b = bootstrap([0.0, 1.0] * 20, samples=500)
+    assert b.value == 0.5 and b.ci_low < 0.5 < b.ci_high and b.ci_method == "bootstrap-95"
+    assert bootstrap([0.3, 0.3, 0.3], samples=100).ci_low == pytest.approx(0.3)
+    assert math.isnan(bootstrap([]).value) and bootstrap([0.7]).ci_method == "none"
+    assert percentile([1, 2, 3, 4, 100], 50).value == 3.0
+    assert percentile([1.0, 2.0], 95).value == pytest.approx(1.95)
+
+
+def _row(op, index, parsed, ok=True, ref=None, group=0):
+    return {"operation": op, "index": index, "ref_index": index if ref is None else ref, "group": group,
+            "parse_ok": ok, "parsed_output": json.dumps(parsed) if ok else None}
+
+
+@pytest.mark.timeout(120)
+def test_agreement_leaves_out_unparsed_teacher_calls_and_zeroes_unparsed_answers():
+    teacher = {0: _row("extraction", 0, {"facts": ["Ann has a cat"]}),
+               1: _row("extraction", 1, {"facts": []}),
+               2: _row("extraction", 2, None, ok=False),           # no reference: left out
+               3: _row("update", 3, {"memory": [{"id": "0", "text": "x", "event": "ADD"}]}),
+               4: _row("update", 4, {"memory": [{"id": "0", "text": "x", "event": "NONE"}]}),
+               5: _row("generation", 5, {"answer": "a cat"})}
+    system = [_row("extraction", 0, {"facts": ["Ann has one cat"]}),
+              _row("extraction", 1, None, ok=False),               # empty reference, but unparsed: 0
+              _row("extraction", 2, {"facts": ["whatever"]}),
+              _row("update", 3, {"memory": [{"id": "0", "text": "x", "event": "ADD"}]}),
+              _row("update", 4, None, ok=False),
+              _row("generation", 5, {"answer": "A cat!"})]
+    ex = agreement.score("extraction", system, teacher, 0.5, samples=0)
+    assert ex["fact_f1"].n == 2 and ex["fact_f1"].value == pytest.approx(0.5)
+    up = agreement.score("update", system, teacher, 0.5, samples=0)
+    assert up["event_accuracy"].value == 0.5 and up["event_macro_f1"].value == pytest.approx(1 / 2)
+    gen = agreement.score("generation", system, teacher, 0.5, samples=0)
+    assert gen["answer_token_f1"].value == 1.0 and gen["answer_rouge_l"].value == 1.0
+
+
+@pytest.mark.timeout(60)
+def test_free_output_is_checked_like_constrained_output():
+    shown = [Memory("a", "Ann has a cat", "", ""), Memory("b", "Ben bakes", "", "")]
+    messages = TEMPLATES["update"].messages(render_update(shown, "Ann has two cats", "2"))
+    assert update_ids(messages) == (["0", "1"], "2")
+    assert parse_output("update", messages, '{"memory": [{"id": "1", "text": "t", "event": "UPDATE"}]}').ok
+    assert not parse_output("update", messages, '{"memory": [{"id": "5", "text": "t", "event": "UPDATE"}]}').ok
+    schema = reference_schema("update", messages, MemoryConfig())
+    assert schema_valid('{"memory": [{"id": "2", "text": "t", "event": "ADD"}]}', schema)
+    assert not schema_valid('Sure: {"memory": [{"id": "2", "text": "t", "event": "ADD"}]}', schema)  # prose
+    gen_schema = reference_schema("generation", [], MemoryConfig())
+    assert parse_output("generation", [], "a cat").ok and not schema_valid("a cat", gen_schema)
+
+
+class ScriptedJudge:
+    model_id, backend_name = "scripted", "scripted"
+
+    def __init__(self, texts):
+        self.texts, self.requests = list(texts), []
+
+    def generate(self, requests):
+        self.requests += requests
+        return [GenerationResult(self.texts.pop(0), 1, 1, 0.0, len(requests), r.constrained) for r in requests]
+
+
+@pytest.mark.timeout(60)
+def test_judge_labels_asks_once_per_distinct_answer_and_never_for_empty_ones():
+    assert parse_label('{"label": "CORRECT"}') == "CORRECT"
+    assert parse_label("WRONG, the gold says Paris") == "WRONG"
+    assert parse_label("maybe") is None
+    qa = [{"system": s, "conversation_id": "c", "question_id": i, "question": "Q?", "gold": "Paris", "answer": a}
+          for s, i, a in [("teacher", 0, "Paris"), ("student", 0, "Paris"), ("student", 1, ""), ("x", 2, "Rome")]]
+    judge = ScriptedJudge(['{"label": "CORRECT"}', "no idea"])
+    labels = judge_answers(judge, qa, max_new_tokens=8)
+    assert len(judge.requests) == 2 and all(r.schema["properties"]["label"]["enum"] == ["CORRECT", "WRONG"]
+                                            for r in judge.requests)
+    assert [j["label"] for j in labels] == ["CORRECT", "CORRECT", "WRONG", "WRONG"]
+    assert [j["judged"] for j in labels] == [True, True, False, True]
+    assert labels[3]["judge_parse_ok"] is False
+
+
+@pytest.mark.timeout(120)
+def test_metrics_load_from_the_repo_without_network_or_nltk_data(monkeypatch, tmp_path):
+    """Sockets refused, nltk without data or download: every metric module loads again by path and computes."""
+    import socket
+
+    import nltk
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(nltk, "download", refuse)
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "no-nltk-data")])
+    scoring.load.cache_clear()
+    try:
+        assert scoring.token_f1(["a b"], ["a b"]) == [1.0]
+        assert scoring.rouge_l(["A b."], ["a b"]) == [1.0]
+        assert scoring.bleu1(["a b"], ["a b"]) == [1.0]
+        assert scoring.fact_set([["a b"]], [["a b"]], 0.5)["f1"] == [1.0]
+        assert scoring.events(["ADD"], ["ADD"])["accuracy"] == 1.0
+    finally:
+        scoring.load.cache_clear()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux's")
+def test_peak_rss_is_the_child_process_own_not_its_parents():
+    """A child started by a big parent reports its own (small) peak: getrusage's ru_maxrss would not."""
+    code = ("import json; from memlora.evaluation import probes; "
+            "print(json.dumps({'peak': probes.peak_rss_mb(), 'ru': probes.ru_maxrss_mb()}))")
+    ballast = bytearray(300 * 1024 * 1024)
+    ballast[:: 4096] = b"\x01" * len(ballast[:: 4096])  # touch every page: the parent's RSS grows by 300 MiB
+    from memlora.evaluation.probes import peak_rss_mb
+
+    parent_peak = peak_rss_mb()
+    child = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                      check=True, timeout=50).stdout)
+    del ballast
+    assert parent_peak > 300
+    assert 0 < child["peak"] < 150 < parent_peak, child

@@ -1,0 +1,184 @@
+"""Experts on a tiny random Llama: which modules DeLoRA adapts and trains, save/reload, one base with every
+expert switched per operation (no reload), the bare mode, and the export to plain LoRA."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from memlora.config import OPERATIONS, ExpertConfig
+from memlora.memory.llm import GenerationRequest
+from memlora.student.experts import ExpertBackend, adapter_config, adapter_name, attach_expert
+from memlora.teacher.hf_backend import load_causal_lm
+from tests.student_fixtures import perturb
+
+PROMPT = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Where does Alice live?"}]
+
+
+def fresh(tiny_model_dir: Path):
+    model, tokenizer, _ = load_causal_lm(str(tiny_model_dir), dtype="float32", device="cpu")
+    return model, tokenizer
+
+
+def logits_of(model, tokenizer) -> torch.Tensor:
+    text = tokenizer.apply_chat_template(PROMPT, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.fixture(scope="module")
+def experts_out(tmp_path_factory, tiny_model_dir) -> Path:
+    """OUT/adapters/<op>/ for every operation: DeLoRA experts with different (non-zero) weights."""
+    out = tmp_path_factory.mktemp("experts-out")
+    for i, op in enumerate(OPERATIONS):
+        model, _ = fresh(tiny_model_dir)
+        torch.manual_seed(i)
+        peft_model = attach_expert(model, ExpertConfig(r=4), name="default")
+        perturb(peft_model, seed=10 + i)
+        peft_model.save_pretrained(str(out / "adapters" / op), safe_serialization=True)
+    return out
+
+
+@pytest.mark.timeout(60)
+def test_delora_adapts_only_the_target_modules_and_only_it_trains(tiny_model_dir):
+    from peft.tuners.delora.layer import DeloraLinear
+
+    model, tokenizer = fresh(tiny_model_dir)
+    targets = ["q_proj", "v_proj", "down_proj"]
+    peft_model = attach_expert(model, ExpertConfig(r=4, target_modules=targets))
+    adapted = {n for n, m in peft_model.named_modules() if isinstance(m, DeloraLinear)}
+    assert adapted and all(n.rsplit(".", 1)[-1] in targets for n in adapted)
+    assert len(adapted) == len(targets) * model.config.num_hidden_layers
+    trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all("delora_" in n for n in trainable)
+    # r * (in + out) for A and B, plus one lambda, per adapted Linear
+    expected = sum(4 * (m.in_features + m.out_features) + 1
+                   for n, m in peft_model.named_modules() if isinstance(m, DeloraLinear))
+    assert sum(p.numel() for p in trainable.values()) == expected
+
+    frozen = {n: p.detach().clone() for n, p in peft_model.named_parameters() if not p.requires_grad}
+    before = logits_of(peft_model, tokenizer)
+    assert torch.allclose(before, logits_of(fresh(tiny_model_dir)[0], tokenizer))  # B = 0: outputs unchanged
+    optimizer = torch.optim.AdamW(trainable.values(), lr=5e-3)
+    peft_model.train()
+    logits_of_train = peft_model(input_ids=torch.tensor([[1, 2, 3, 4, 5]])).logits
+    logits_of_train.logsumexp(-1).mean().backward()
+    optimizer.step()
+    peft_model.eval()
+    for n, p in peft_model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, frozen[n]), f"{n} changed but is not part of the expert"
+    assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in trainable.items() if "delora_B" in n)
+    assert not torch.allclose(before, logits_of(peft_model, tokenizer))  # one step moves the outputs
+
+
+@pytest.mark.timeout(60)
+def test_lora_is_a_config_switch_with_r_and_alpha():
+    cfg = adapter_config(ExpertConfig(method="lora", r=4, lora_alpha=8, target_modules=["q_proj"]))
+    assert type(cfg).__name__ == "LoraConfig" and cfg.r == 4 and cfg.lora_alpha == 8
+    cfg = adapter_config(ExpertConfig(r=4, delora_lambda=10, target_modules=["q_proj"]))
+    assert type(cfg).__name__ == "DeloraConfig" and cfg.r == 4 and cfg.delora_lambda == 10
+
+
+@pytest.mark.timeout(60)
+def test_saved_adapter_reloads_with_the_same_logits(tiny_model_dir, experts_out):
+    from peft import PeftModel
+
+    folder = experts_out / "adapters" / "extraction"
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["peft_type"] == "DELORA"
+    assert (folder / "adapter_model.safetensors").is_file() and not (folder / "adapter_model.bin").exists()
+
+    model, tokenizer = fresh(tiny_model_dir)
+    torch.manual_seed(0)
+    original = attach_expert(model, ExpertConfig(r=4))
+    perturb(original, seed=10)  # the same weights the fixture saved for `extraction`
+    expected = logits_of(original, tokenizer)
+
+    base, _ = fresh(tiny_model_dir)
+    reloaded = PeftModel.from_pretrained(base, str(folder), use_safetensors=True)
+    got = logits_of(reloaded, tokenizer)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not torch.allclose(got, logits_of(fresh(tiny_model_dir)[0], tokenizer), atol=1e-3)
+
+
+def requests(operation: str) -> list[GenerationRequest]:
+    return [GenerationRequest(operation=operation, messages=PROMPT, max_new_tokens=6)]
+
+
+@pytest.mark.timeout(120)
+def test_switching_experts_changes_outputs_without_reloading(tiny_model_dir, experts_out, monkeypatch):
+    import memlora.student.experts as experts
+
+    loads = []
+    real_load = experts.load_causal_lm
+    monkeypatch.setattr(experts, "load_causal_lm", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    backend = ExpertBackend.from_out(tiny_model_dir, experts_out, device="cpu", batch_size=4)
+    assert backend.operations == list(OPERATIONS) and len(loads) == 1
+    model = backend.model
+    weights = {n: p.data_ptr() for n, p in model.named_parameters()}
+
+    seen = {}
+    for op in [*OPERATIONS, "extraction", "generation"]:
+        backend.use(op)
+        assert model.active_adapter == adapter_name(op) and backend.active == op
+        seen.setdefault(op, logits_of(model, backend.tokenizer))
+        assert torch.allclose(logits_of(model, backend.tokenizer), seen[op])  # switching back restores it
+    assert not torch.allclose(seen["extraction"], seen["update"], atol=1e-3)
+    assert not torch.allclose(seen["update"], seen["generation"], atol=1e-3)
+
+    # Through the LLMBackend interface, mixed operations in one call: each batch runs on its own expert.
+    mixed = requests("extraction") + requests("update") + requests("generation") + requests("extraction")
+    results = backend.generate(mixed)
+    alone = {op: backend.generate(requests(op))[0].token_ids for op in OPERATIONS}
+    assert [r.token_ids for r in results] == [alone[r.operation] for r in mixed]
+    assert len(loads) == 1 and backend.model is model
+    assert weights == {n: p.data_ptr() for n, p in model.named_parameters()}  # nothing reloaded or copied
+
+
+@pytest.mark.timeout(120)
+def test_bare_mode_equals_the_base_model(tiny_model_dir, experts_out):
+    base, tokenizer = fresh(tiny_model_dir)
+    expected = logits_of(base, tokenizer)
+    backend = ExpertBackend.from_out(tiny_model_dir, experts_out, device="cpu")
+    with backend.bare():
+        assert torch.allclose(logits_of(backend.model, tokenizer), expected, atol=1e-6)
+        bare_ids = backend.generate(requests("extraction"))[0].token_ids
+    backend.use("extraction")
+    assert not torch.allclose(logits_of(backend.model, tokenizer), expected, atol=1e-3)
+
+    no_experts = ExpertBackend(tiny_model_dir, None, device="cpu")  # the student base alone
+    assert no_experts.operations == []
+    assert no_experts.generate(requests("extraction"))[0].token_ids == bare_ids
+    with pytest.raises(KeyError):
+        no_experts.use("extraction")
+
+
+@pytest.mark.timeout(120)
+def test_lora_export_reloads_as_lora_and_matches_the_delora_expert(tiny_model_dir, experts_out, tmp_path):
+    import shutil
+
+    from peft import PeftModel
+    from peft.tuners.lora import LoraModel
+
+    from memlora.student.export import export_lora
+
+    out = tmp_path / "out"
+    shutil.copytree(experts_out / "adapters", out / "adapters")
+    written = export_lora(out, tiny_model_dir)
+    assert set(written) == set(OPERATIONS)
+    for op in ("extraction", "generation"):
+        folder = out / "export" / "lora" / op
+        assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == "LORA"
+        lora = PeftModel.from_pretrained(fresh(tiny_model_dir)[0], str(folder), use_safetensors=True)
+        assert isinstance(lora.base_model, LoraModel)
+        delora = PeftModel.from_pretrained(fresh(tiny_model_dir)[0], str(out / "adapters" / op))
+        tok = fresh(tiny_model_dir)[1]
+        expected, got = logits_of(delora, tok), logits_of(lora, tok)
+        base = logits_of(fresh(tiny_model_dir)[0], tok)
+        # DeLoRA's update has rank r, so the rank-r LoRA is the same update up to float error.
+        assert (got - expected).abs().max() < 1e-3 * (expected - base).abs().max()

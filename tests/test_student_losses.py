@@ -1,0 +1,120 @@
+"""Distillation losses against values computed by hand: top-k forward KL, generalised JSD, the CE fallback."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from memlora.student.losses import IGNORE, distillation_loss, topk_divergence
+
+# One position, a 6-token vocabulary. The teacher stored its top-3: ids 5, 1, 0 (un-normalised log-probs: the
+# rest of its mass is unknown). The student's logits over the whole vocabulary:
+STUDENT = [1.0, 2.0, 0.5, -1.0, 0.0, 3.0]
+TOP_IDS = [5, 1, 0]
+TOP_LPS = [-0.2, -2.0, -3.0]
+
+
+def by_hand() -> tuple[list[float], list[float]]:
+    """p: the teacher's top-3 renormalised; q: the student's softmax over the same 3 ids."""
+    st = sum(math.exp(v) for v in TOP_LPS)
+    p = [math.exp(v) / st for v in TOP_LPS]
+    sq = sum(math.exp(STUDENT[i]) for i in TOP_IDS)
+    q = [math.exp(STUDENT[i]) / sq for i in TOP_IDS]
+    return p, q
+
+
+def tensors(k_pad: int = 0):
+    ids = torch.tensor([TOP_IDS + [0] * k_pad])
+    lps = torch.tensor([TOP_LPS + [float("-inf")] * k_pad])
+    return torch.tensor([STUDENT]), ids, lps, torch.tensor([True])
+
+
+@pytest.mark.timeout(30)
+def test_forward_kl_equals_hand_computed_value():
+    p, q = by_hand()
+    expected = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+    assert expected == pytest.approx(0.0562308, abs=1e-6)  # written out once, so a formula slip shows too
+    got = topk_divergence(*tensors(), kind="forward_kl")
+    assert float(got) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.timeout(30)
+def test_generalised_jsd_equals_hand_computed_value():
+    p, q = by_hand()
+    beta = 0.5
+    m = [beta * pi + (1 - beta) * qi for pi, qi in zip(p, q)]
+    expected = beta * sum(pi * math.log(pi / mi) for pi, mi in zip(p, m)) + (1 - beta) * sum(
+        qi * math.log(qi / mi) for qi, mi in zip(q, m)
+    )
+    assert expected == pytest.approx(0.0148650, abs=1e-6)
+    got = topk_divergence(*tensors(), kind="jsd", beta=beta)
+    assert float(got) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.timeout(30)
+def test_padding_candidates_at_minus_inf_are_ignored():
+    """A step where the grammar left fewer than K candidates is padded with -inf: same value as without it."""
+    p, q = by_hand()
+    expected = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+    got = topk_divergence(*tensors(k_pad=2), kind="forward_kl")
+    assert float(got) == pytest.approx(expected, rel=1e-5)
+    assert torch.isfinite(got)
+
+
+@pytest.mark.timeout(30)
+def test_zero_when_student_matches_teacher_on_the_top_k():
+    logits = torch.tensor([[0.0, -2.0 + 7, 9.0, 9.0, 9.0, -0.2 + 7]])  # ids 5, 1 shifted by the same constant
+    ids, lps = torch.tensor([[5, 1]]), torch.tensor([[-0.2, -2.0]])
+    assert float(topk_divergence(logits, ids, lps, torch.tensor([True]))) == pytest.approx(0.0, abs=1e-6)
+
+
+def batch(with_logprobs: bool):
+    """Two rows, 4 positions, labels on the last two (the completion); teacher top-3 at those positions."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 6)
+    labels = torch.tensor([[IGNORE, IGNORE, 5, 1], [IGNORE, IGNORE, 0, 5]])
+    ids = torch.zeros(2, 4, 3, dtype=torch.long)
+    lps = torch.full((2, 4, 3), float("-inf"))
+    mask = torch.zeros(2, 4, dtype=torch.bool)
+    if with_logprobs:
+        for row in range(2):
+            for t in (2, 3):
+                ids[row, t] = torch.tensor(TOP_IDS)
+                lps[row, t] = torch.tensor(TOP_LPS)
+                mask[row, t] = True
+    return logits, labels, ids, lps, mask
+
+
+@pytest.mark.timeout(30)
+def test_weighted_sum_of_ce_and_kd():
+    logits, labels, ids, lps, mask = batch(with_logprobs=True)
+    w = 0.3
+    loss, parts = distillation_loss(logits, labels, ids, lps, mask, kd_weight=w)
+    # CE: logits at t-1 predict the label at t.
+    ce = F.cross_entropy(logits[:, 1:3].reshape(-1, 6), labels[:, 2:4].reshape(-1))
+    kd = topk_divergence(logits[:, 1:3].reshape(-1, 6), ids[:, 2:4].reshape(-1, 3), lps[:, 2:4].reshape(-1, 3),
+                         torch.ones(4, dtype=torch.bool))
+    assert float(loss) == pytest.approx(float((1 - w) * ce + w * kd), rel=1e-5)
+    assert parts["ce"] == pytest.approx(float(ce), rel=1e-5) and parts["kd"] == pytest.approx(float(kd), rel=1e-5)
+
+
+@pytest.mark.timeout(30)
+def test_rows_without_logprobs_fall_back_to_ce():
+    logits, labels, ids, lps, mask = batch(with_logprobs=False)
+    loss, parts = distillation_loss(logits, labels, ids, lps, mask, kd_weight=0.5)
+    ce = F.cross_entropy(logits[:, 1:3].reshape(-1, 6), labels[:, 2:4].reshape(-1))
+    assert float(loss) == pytest.approx(float(ce), rel=1e-6)
+    assert parts["kd"] == 0.0
+
+
+@pytest.mark.timeout(30)
+def test_kd_gradient_reaches_only_the_top_k_logits():
+    logits = torch.tensor([STUDENT], requires_grad=True)
+    _, ids, lps, mask = tensors()
+    topk_divergence(logits, ids, lps, mask).backward()
+    outside = [i for i in range(6) if i not in TOP_IDS]
+    assert torch.all(logits.grad[0, outside] == 0)
+    assert torch.all(logits.grad[0, TOP_IDS] != 0)
