@@ -62,6 +62,9 @@ def cmd_distill(args) -> int:
     load_config(args.config)
     records = distill(config=args.config, out=args.out)
     for op, r in records.items():
+        if r.get("no_expert"):
+            print(f"{op:<11} no expert: {r['reason']}")
+            continue
         note = " (kept: already trained)" if r.get("skipped") else ""
         print(f"{op:<11} loss {r['loss_before']:.4f} -> {r['loss_after']:.4f}  {r['steps']} steps{note}"
               f"  -> {Path(args.out) / 'adapters' / op}")

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from memlora.config import Config
-from memlora.student.examples import trace_files, traces_fingerprint
+from memlora.student.examples import load_traces, trace_files, traces_fingerprint
 from memlora.student.experts import adapter_dir, is_complete_adapter
 from memlora.student.launch import TrainingFailed, run_training
 
@@ -45,6 +45,12 @@ def distill_operation(config: Config, config_path: str, out: str | Path, operati
                       on_line: Callable[[str], None] = print) -> dict:
     if not trace_files(out, operation):
         raise TrainingFailed(f"{Path(out) / 'traces' / operation}: no trace files (run `memlora traces` first)")
+    usable = sum(load_traces(trace_files(out, operation)).column("parse_ok").to_pylist())
+    if usable == 0:
+        # Nothing to learn from (e.g. the teacher extracted no facts, so no update calls): no expert, and the
+        # memory system runs this operation on the bare student. Said loudly, recorded in the manifest.
+        on_line(f"WARNING {operation}: no parse_ok trace rows; no expert trained for it")
+        return {"operation": operation, "no_expert": True, "reason": "no parse_ok trace rows", "steps": 0}
     done = finished_record(config, out, operation)
     if done is not None:
         on_line(f"{operation}: expert already trained on these traces with this recipe; kept")

@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from memlora.data.io import read_parquet, sha256_file
 from memlora.data.schemas import TRACES

@@ -24,6 +24,9 @@ def build_student_task(config: Config, out: str) -> Path:
 def distill_expert_task(config: Config, config_path: str, out: str, operation: str, base: Path) -> dict:
     log = get_run_logger()
     record = distill_operation(config, config_path, out, operation, base, on_line=log.info)
+    if record.get("no_expert"):
+        log.warning("%s: no expert (%s)", operation, record["reason"])
+        return record
     log.info("%s: loss %.4f -> %.4f over %d steps, %d rows used (%s skipped), world size %d, ZeRO-%d",
              operation, record["loss_before"], record["loss_after"], record["steps"], record["rows_used"],
              record["rows_skipped"] or "none", record["world_size"], record["deepspeed_stage"])

@@ -66,8 +66,12 @@ def test_deployment_run_of_the_pipeline_then_verify(prefect_server, tiny_model_d
     releases = list((out / "releases").glob("*/latest"))
     assert len(releases) == 1
     release = releases[0].resolve()
-    for op in ("extraction", "update", "generation"):
-        assert (out / "adapters" / op / "adapter_model.safetensors").is_file()
+    import pyarrow.parquet as pq
+
+    for op in ("extraction", "update", "generation"):  # an expert wherever the teacher left usable rows
+        usable = sum(pq.read_table(out / "traces" / op).column("parse_ok").to_pylist())
+        assert (out / "adapters" / op / "adapter_model.safetensors").is_file() == (usable > 0)
+    assert (out / "eval" / "results.parquet").is_file() and (out / "eval" / "report.png").is_file()
     assert (release / "README.md").is_file() and "load_dataset" in (release / "README.md").read_text()
 
     verify = [sys.executable, "-m", "memlora.cli", "verify"]

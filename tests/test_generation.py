@@ -116,3 +116,20 @@ def test_prefix_cache_changes_nothing_but_speed(tiny_backend):
         for a, b in zip(cached, uncached):
             assert [t for t, _ in a.top_logprobs[0]] == [t for t, _ in b.top_logprobs[0]]
     assert len(tiny_backend._prefixes) >= 1 and not plain._prefixes
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_real_teacher_every_constrained_output_validates(teacher_backend):
+    """The bundled SmolLM2-135M under the extraction and update schemas: all rows parse and validate."""
+    ex_schema = extraction_schema(max_facts=3, max_chars=80)
+    requests = [extraction(p, ex_schema, n=160) for p in PROMPTS[:4]]
+    for n_shown in (0, 2):
+        shown = [type("M", (), {"text": t})() for t in ("Ann has a cat", "Ben lives in Boston")[:n_shown]]
+        ids = [str(i) for i in range(n_shown)]
+        requests.append(GenerationRequest("update", TEMPLATES["update"].messages(
+            render_update(shown, "Ben moved to Denver", str(n_shown))), 160, update_schema(ids, str(n_shown), 80)))
+    results = teacher_backend.generate(requests)
+    for request, r in zip(requests, results):
+        assert r.finish_reason == "stop", r.text
+        jsonschema.validate(json.loads(r.text), request.schema)
