@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from memlora.flows.distill import distill
-from memlora.flows.evaluate import evaluate
+from memlora.flows.evaluation import evaluate
 from memlora.flows.traces import generate_traces
 from memlora.tasks.common import load_config_task
 from memlora.tasks.release import publish_release_task

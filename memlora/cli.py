@@ -86,7 +86,7 @@ def cmd_export(args) -> int:
 def cmd_evaluate(args) -> int:
     from memlora.config import load_config
     from memlora.evaluation.systems import EvalError
-    from memlora.flows.evaluate import evaluate
+    from memlora.flows.evaluation import evaluate
 
     load_config(args.config)
     try:

@@ -139,7 +139,7 @@ def test_evaluate_flow_on_tiny_models(prefect_server, tiny_teacher, tiny_model_d
 
     from memlora.cli import main
     from memlora.data.ingest import ingest
-    from memlora.flows.evaluate import evaluate
+    from memlora.flows.evaluation import evaluate
 
     out = tmp_path / "out"
     config = tmp_path / "c.yaml"
