@@ -110,11 +110,18 @@ def test_a_failed_rank_raises_with_its_error_and_a_timeout_kills_the_launch(tiny
 
     out, path, config, base = setup(tmp_path, tiny_model_dir, num_ranks=1)
     write_traces(out, AutoTokenizer.from_pretrained(tiny_model_dir), operations=("generation",), n=3, bad=3)
-    with pytest.raises(TrainingFailed) as failed:
-        distill_operation(config, str(path), out, "generation", base, on_line=lambda line: None)
-    message = str(failed.value)
-    assert "exit code" in message and "no usable trace rows" in message and "parse_failed" in message
+    # Only unparsable rows: no expert, said so, nothing written.
+    record = distill_operation(config, str(path), out, "generation", base, on_line=lambda line: None)
+    assert record["no_expert"] and "no parse_ok" in record["reason"]
     assert not (out / "adapters" / "generation").exists()
+
+    # Rows too long for distill.max_length: the rank itself fails, and its error comes back.
+    path, short = distill_config(tmp_path / "s.yaml", str(tiny_model_dir), student=PRUNE, num_ranks=1, max_length=8)
+    with pytest.raises(TrainingFailed) as failed:
+        distill_operation(short, str(path), out, "extraction", base, on_line=lambda line: None)
+    message = str(failed.value)
+    assert "exit code" in message and "no usable trace rows" in message and "too_long" in message
+    assert not (out / "adapters" / "extraction").exists()
 
     path, quick = distill_config(tmp_path / "t.yaml", str(tiny_model_dir), student=PRUNE, num_ranks=1, timeout_s=2)
     with pytest.raises(TrainingFailed, match="timeout_s=2"):
