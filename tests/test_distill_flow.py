@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -77,9 +78,11 @@ def test_distill_flow_trains_each_operation_once_and_records_it(prefect_server, 
     paths = {f["path"] for f in manifest["files"]}
     assert {f"adapters/{op}/adapter_model.safetensors" for op in OPERATIONS} <= paths
 
-    messages = asyncio.run(flow_logs(state.state_details.flow_run_id))
-    for op in OPERATIONS:
-        assert f"[launch.py] fake rank 0 for {op}" in messages  # the subprocess lines reach the task log
+    expected = {f"[launch.py] fake rank 0 for {op}" for op in OPERATIONS}  # the subprocess lines reach the task log
+    deadline = time.monotonic() + 60
+    while not expected <= set(messages := asyncio.run(flow_logs(state.state_details.flow_run_id))):
+        assert time.monotonic() < deadline, f"missing from the flow's logs: {expected - set(messages)}"
+        time.sleep(1)  # Prefect ships logs in batches, in the background
 
     again = distill(config=str(config), out=str(out))
     assert calls == list(OPERATIONS) and all(r["skipped"] for r in again.values())
