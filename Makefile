@@ -14,7 +14,7 @@ export TRANSFORMERS_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: setup run test serve clean
+.PHONY: setup run test bench serve clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,12 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+# Benchmarks, each printing ratios measured side by side and writing bench/results/<name>.json.
+# BENCH_ARGS=--quick for a fast smoke run; BENCH_ARGS="--out out" to use a pipeline run's traces and experts.
+BENCHES := teacher_generation serving_cost expert_switching training_step mixed_batch
+bench: setup
+	set -e; for b in $(BENCHES); do echo "== $$b"; $(BIN)/python bench/$$b.py $(BENCH_ARGS); done
 
 # Local Prefect server (SQLite) + process worker + the deployments of prefect.yaml; Ctrl-C tears both down.
 serve: setup

@@ -9,7 +9,7 @@ import statistics
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(os.environ.get("MEMLORA_BENCH_RESULTS", Path(__file__).parent / "results"))
 
 
 def machine() -> dict:
@@ -47,3 +47,70 @@ def table(rows: list[dict], columns: list[str]) -> str:
     line = "  ".join(c.ljust(widths[c]) for c in columns)
     return "\n".join([line, "  ".join("-" * widths[c] for c in columns)] +
                      ["  ".join(f"{r.get(c, '')}".ljust(widths[c]) for c in columns) for r in rows])
+
+
+# --- inputs shared by the benches --------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_TRACES = Path(__file__).parent / "data" / "traces"  # real teacher traces of the embedded default
+CONFIG = REPO / "configs" / "default.yaml"
+
+
+def traces_root(out: str | Path | None) -> Path:
+    """OUT (its traces/<op>/ folders) when given, else the bundled sample of the embedded default's traces."""
+    return Path(out) if out else SAMPLE_TRACES.parent
+
+
+def trace_requests(out: str | Path | None, per_op: int, constrained: bool = True) -> list:
+    """The teacher's own requests (prompt, schema, token budget) from trace rows, `per_op` per operation."""
+    import pyarrow.parquet as pq
+
+    from memlora.config import OPERATIONS, load_config
+    from memlora.memory.llm import GenerationRequest
+
+    budgets = load_config(CONFIG).memory.operations
+    requests = []
+    for op in OPERATIONS:
+        rows = pq.read_table(traces_root(out) / "traces" / op).to_pylist()[:per_op]
+        requests += [GenerationRequest(op, r["messages"], budgets[op].max_new_tokens,
+                                       json.loads(r["output_schema"]) if constrained and r["output_schema"] else None)
+                     for r in rows]
+    return requests
+
+
+def student_with_experts(out: str | Path | None, scratch: Path) -> tuple[Path, Path]:
+    """(student base, OUT holding experts): OUT's own trained experts when it has them, else the embedded
+    default's pruned student with fresh DeLoRA experts of the configured shape (their weights are random; their
+    cost, which is what the benches measure, is the trained experts')."""
+    from memlora.config import OPERATIONS, load_config
+    from memlora.manifest import update_manifest
+    from memlora.student.build import build_student
+    from memlora.student.experts import attach_expert, expert_folders
+    from memlora.teacher.hf_backend import load_causal_lm
+
+    config = load_config(CONFIG)
+    if out and expert_folders(out):
+        return build_student(config, out), Path(out)
+    base = build_student(config, scratch)
+    if len(expert_folders(scratch)) < len(OPERATIONS):
+        import torch
+
+        for i, op in enumerate(OPERATIONS):
+            model, _, _ = load_causal_lm(str(base), dtype="float32", device="cpu")
+            expert = attach_expert(model, config.student.expert)
+            gen = torch.Generator().manual_seed(i)
+            with torch.no_grad():
+                for name, p in expert.named_parameters():
+                    if "delora_B" in name or "lora_B" in name:
+                        p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
+            expert.save_pretrained(str(scratch / "adapters" / op), safe_serialization=True)
+        update_manifest(scratch)
+    return base, scratch
+
+
+def ratio_spread(numerators: list[float], denominators: list[float]) -> dict:
+    return spread([a / b for a, b in zip(numerators, denominators)])
+
+
+def fmt(s: dict, digits: int = 2) -> str:
+    return f"{s['median']:.{digits}f}x ({s['min']:.{digits}f}-{s['max']:.{digits}f})"

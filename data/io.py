@@ -20,21 +20,46 @@ class DataError(ValueError):
     """Input data that cannot be used; the message names the file, the record and the field."""
 
 
+class WriteError(OSError):
+    """A write that failed (disk full, permissions); the message names the file, and the previous version of
+    it is untouched."""
+
+    @classmethod
+    def of(cls, err: OSError, message: str) -> "WriteError":
+        return cls(err.errno, message) if err.errno is not None else cls(message)
+
+
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # once, at import: os.umask is process-wide, so reading it later would race threads
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling of `path`; rename it over `path` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
         yield tmp_path
         with open(tmp_path, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide the file from other readers
         os.replace(tmp_path, path)
+    except WriteError:
+        raise
+    except OSError as err:
+        raise WriteError.of(err, f"{path}: not written ({err}); the previous version, if any, is unchanged") from err
     finally:
-        tmp_path.unlink(missing_ok=True)
+        if tmp_path is not None:
+            tmp_path.unlink(missing_ok=True)
 
 
 def write_parquet(table: pa.Table, path: str | Path, kind: str) -> Path:

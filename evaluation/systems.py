@@ -65,9 +65,9 @@ def build_system(name: str, config: Config, out: str | Path, base: str | Path | 
     base = Path(base) if base is not None else student_base(config, out)
     adapters = None
     if name == "student+experts":
-        from memlora.student.experts import expert_folders
+        from memlora.student.experts import verified_expert_folders
 
-        adapters = expert_folders(out)
+        adapters = verified_expert_folders(out)
         if not adapters:
             raise EvalError(f"{Path(out) / 'adapters'}: no trained expert (run `memlora distill` first)")
     backend = ExpertBackend(

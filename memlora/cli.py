@@ -24,12 +24,14 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from memlora.config import ConfigError
     from memlora.data.io import DataError
     from memlora.flows.traces import TracesIncomplete
+    from memlora.manifest import UntrustedArtifact
     from memlora.models import ModelRefError
+    from memlora.release import VerifyError
     from memlora.student.launch import TrainingFailed
     from memlora.teacher.http_backend import SchemaRejected, TeacherUnavailable
 
     return (ConfigError, DataError, ModelRefError, TracesIncomplete, TrainingFailed, TeacherUnavailable,
-            SchemaRejected)
+            SchemaRejected, UntrustedArtifact, VerifyError)
 
 
 def cmd_ingest(args) -> int:
@@ -118,6 +120,15 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def cmd_release(args) -> int:
+    from memlora.config import load_config
+    from memlora.release import publish_release
+
+    release = publish_release(args.out, load_config(args.config), args.data, name=args.name)
+    print(f"release: {release}  (latest -> {release.name})")
+    return 0
+
+
 def cmd_serve(args) -> int:
     from memlora.serve import serve
 
@@ -176,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.set_defaults(func=cmd_verify)
 
+    p = sub.add_parser("release", help="publish OUT's Parquet datasets as a versioned release (the pipeline's last step)")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--data", required=True, help="the source data the datasets were made from (fingerprinted)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--name", default=None, help="dataset name (default: <config name>-traces)")
+    p.set_defaults(func=cmd_release)
+
     p = sub.add_parser("serve", help="local Prefect server + process worker with the deployments of prefect.yaml")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=4200)
@@ -198,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     except _known_errors() as err:
         print(f"memlora {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # disk full, permissions: the message names the path; earlier artifacts are intact
+        print(f"memlora {args.command}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

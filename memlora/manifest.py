@@ -51,11 +51,12 @@ def read_manifest(out: str | Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def update_manifest(out: str | Path, section: str, payload: dict) -> dict:
-    """Merge one stage's section and re-describe every artifact file, then write atomically."""
+def update_manifest(out: str | Path, section: str | None = None, payload: dict | None = None) -> dict:
+    """Merge one stage's section (if given) and re-describe every artifact file, then write atomically."""
     root = Path(out)
     manifest = read_manifest(root)
-    manifest[section] = payload
+    if section is not None:
+        manifest[section] = payload
     manifest.update(
         memlora_version=__version__,
         git_revision=git_revision(),
@@ -64,3 +65,22 @@ def update_manifest(out: str | Path, section: str, payload: dict) -> dict:
     )
     write_json(manifest, root / MANIFEST)
     return manifest
+
+
+class UntrustedArtifact(RuntimeError):
+    """A file about to be loaded is not the one the pipeline recorded."""
+
+
+def check_recorded(out: str | Path, paths: list[Path]) -> None:
+    """Stop before loading any of `paths` that OUT/manifest.json does not list with the same sha256."""
+    root = Path(out)
+    listed = {f["path"]: f["sha256"] for f in read_manifest(root).get("files", [])}
+    for path in paths:
+        rel = Path(path).resolve().relative_to(root.resolve()).as_posix()
+        if rel not in listed:
+            raise UntrustedArtifact(f"{path}: not recorded in {root / MANIFEST}; refusing to load a file this "
+                                    "pipeline did not write (rerun the stage that makes it)")
+        digest = sha256_file(path)
+        if digest != listed[rel]:
+            raise UntrustedArtifact(f"{path}: sha256 {digest[:16]}… differs from {root / MANIFEST}'s "
+                                    f"{listed[rel][:16]}…; refusing to load a changed file")

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from memlora import __version__
 from memlora.config import Config
-from memlora.data.io import sha256_file
+from memlora.data.io import WriteError, sha256_file
 from memlora.data.schemas import SCHEMA_VERSION, VERSION_KEY
 from memlora.manifest import describe_file, git_revision
 from memlora.memory.prompts import TEMPLATES
@@ -46,6 +46,18 @@ def release_files(out: Path) -> list[Path]:
             for p in sorted((out / folder).rglob("*.parquet")) if not p.name.startswith(".")]
 
 
+def sweep_leftovers(root: Path) -> None:
+    """Remove what a publisher killed mid-way left behind: hidden staging folders and link temporaries. They are
+    never what `latest` points at, so nothing a reader sees goes away (one publisher per dataset at a time)."""
+    if not root.is_dir():
+        return
+    for leftover in root.iterdir():
+        if leftover.name.startswith(".staging-"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        elif leftover.name.startswith(".latest-"):
+            leftover.unlink(missing_ok=True)
+
+
 def publish_release(out: str | Path, config: Config, data: str | Path, name: str | None = None) -> Path:
     out = Path(out)
     files = release_files(out)
@@ -56,11 +68,15 @@ def publish_release(out: str | Path, config: Config, data: str | Path, name: str
     created = datetime.now(timezone.utc)
     version = f"{created:%Y%m%dT%H%M%SZ}-{content}"
     root = out / "releases" / name
-    final = root / version
+    final, n = root / version, 1
+    while final.exists():  # same content published twice within a second
+        n += 1
+        final = root / f"{version}.{n}"
+    version = final.name
     staging = root / f".staging-{version}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    sweep_leftovers(root)
     try:
+        staging.mkdir(parents=True)
         for f in files:
             target = staging / f.relative_to(out)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -83,6 +99,9 @@ def publish_release(out: str | Path, config: Config, data: str | Path, name: str
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         (staging / "README.md").write_text(dataset_card(manifest))
         staging.rename(final)
+    except OSError as err:
+        raise WriteError.of(err, f"{final}: release not published ({err}); `latest` still points at the "
+                                    "previous release") from err
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     link = root / "latest"

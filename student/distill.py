@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from memlora.config import Config
+from memlora.manifest import update_manifest
 from memlora.student.examples import load_traces, trace_files, traces_fingerprint
 from memlora.student.experts import adapter_dir, is_complete_adapter
 from memlora.student.launch import TrainingFailed, run_training
@@ -55,5 +56,7 @@ def distill_operation(config: Config, config_path: str, out: str | Path, operati
     if done is not None:
         on_line(f"{operation}: expert already trained on these traces with this recipe; kept")
         return {**done, "skipped": True}
-    return run_training(config, config_path, str(out), operation, str(base), cache_key(config, out, operation),
-                        on_line)
+    record = run_training(config, config_path, str(out), operation, str(base), cache_key(config, out, operation),
+                          on_line)
+    update_manifest(out)  # the new expert's sha256, checked before anything loads it
+    return record

@@ -10,6 +10,7 @@ from typing import Iterator
 from peft import DeloraConfig, LoraConfig, PeftModel, get_peft_model
 
 from memlora.config import OPERATIONS, ExpertConfig
+from memlora.manifest import check_recorded
 from memlora.teacher.hf_backend import TransformersBackend, load_causal_lm
 
 
@@ -41,6 +42,14 @@ def is_complete_adapter(folder: Path) -> bool:
 def expert_folders(out: str | Path) -> dict[str, Path]:
     """The trained experts under OUT/adapters/, by operation."""
     return {op: adapter_dir(out, op) for op in OPERATIONS if is_complete_adapter(adapter_dir(out, op))}
+
+
+def verified_expert_folders(out: str | Path) -> dict[str, Path]:
+    """`expert_folders`, each file checked against OUT/manifest.json first: a changed or unrecorded adapter
+    stops the load (UntrustedArtifact) instead of being run."""
+    folders = expert_folders(out)
+    check_recorded(out, [f for folder in folders.values() for f in sorted(folder.iterdir()) if f.is_file()])
+    return folders
 
 
 def adapter_name(operation: str) -> str:
@@ -79,7 +88,7 @@ class ExpertBackend(TransformersBackend):
 
     @classmethod
     def from_out(cls, base: str | Path, out: str | Path, **kwargs) -> "ExpertBackend":
-        return cls(base, expert_folders(out) or None, **kwargs)
+        return cls(base, verified_expert_folders(out) or None, **kwargs)
 
     def use(self, operation: str | None) -> None:
         """Activate `operation`'s expert (None: the bare base). A switch is `set_adapter`: no weights move."""

@@ -12,7 +12,7 @@ from peft.tuners.lora.conversion import convert_to_lora
 from safetensors.torch import save_file
 
 from memlora.student.build import student_dir
-from memlora.student.experts import adapter_name, expert_folders
+from memlora.student.experts import adapter_name, verified_expert_folders
 from memlora.teacher.hf_backend import load_causal_lm
 
 
@@ -32,7 +32,7 @@ def export_lora(out: str | Path, base: str | Path | None = None, rank: int | Non
 
     DeLoRA's update B diag(.) A has rank r, so a rank-r LoRA (the default: the expert's own r) reproduces it up
     to float error; a smaller `rank` keeps the top singular directions (peft's SVD conversion)."""
-    experts = expert_folders(out)
+    experts = verified_expert_folders(out)
     if not experts:
         return {}
     base = str(base or default_base(out, experts))

@@ -39,6 +39,13 @@ def gpu_count() -> int:
         return 0
 
 
+def remove_shm_buffers(port: str) -> None:
+    """DeepSpeed's CPU accelerator shares all-reduce buffers through /dev/shm files named after the master
+    port and does not remove them when a rank exits (or is killed); left alone they fill /dev/shm run after run."""
+    for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+        leftover.unlink(missing_ok=True)
+
+
 def launcher_command(config: Config, config_path: str, out: str, operation: str, base: str,
                      cache: dict) -> tuple[list[str], dict]:
     env = dict(os.environ)
@@ -72,6 +79,7 @@ def run_training(config: Config, config_path: str, out: str, operation: str, bas
 
     `cache` (traces sha256, config fingerprint, key) is written into training.json by rank 0."""
     cmd, env = launcher_command(config, config_path, out, operation, base, cache)
+    port = cmd[cmd.index("--master_port") + 1]
     on_line("launching: " + " ".join(cmd))
     tail: deque[str] = deque(maxlen=40)
     record = None
@@ -102,6 +110,7 @@ def run_training(config: Config, config_path: str, out: str, operation: str, bas
         if proc.poll() is None:
             kill_group()
             proc.wait()
+        remove_shm_buffers(port)
     if timed_out.is_set():
         raise TrainingFailed(f"{operation}: training exceeded distill.timeout_s={config.distill.timeout_s} and was "
                              "killed; last lines:\n" + "\n".join(tail))

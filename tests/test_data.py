@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -131,6 +132,15 @@ def test_parquet_with_wrong_schema_version_is_refused(sample_path, tmp_path):
     with pytest.raises(DataError, match="missing column"):
         write_parquet(table.drop_columns(["speaker"]), tmp_path / "x" / "c.parquet", "conversations")
         read_parquet(tmp_path / "x" / "c.parquet", "conversations", CONVERSATIONS)
+
+
+def test_written_files_are_readable_by_others_as_the_umask_allows(tmp_path):
+    import stat
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    path = write_parquet(pa.table({"a": [1]}), tmp_path / "t.parquet", "x")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask  # not mkstemp's private 0600
 
 
 def test_atomic_write_leaves_previous_file_on_failure(tmp_path, monkeypatch):

@@ -120,6 +120,9 @@ def write_experts(out: Path, base: Path) -> None:
                 if "delora_B" in name:
                     p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
         expert.save_pretrained(str(out / "adapters" / op), safe_serialization=True)
+    from memlora.manifest import update_manifest
+
+    update_manifest(out)  # as the distill stage does: the evaluation checks adapters against it
 
 
 AGREEMENT = {"extraction": ["fact_precision", "fact_recall", "fact_f1"],

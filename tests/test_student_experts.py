@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from memlora.config import OPERATIONS, ExpertConfig
+from memlora.manifest import UntrustedArtifact, update_manifest
 from memlora.memory.llm import GenerationRequest
 from memlora.student.experts import ExpertBackend, adapter_config, adapter_name, attach_expert
 from memlora.teacher.hf_backend import load_causal_lm
@@ -40,6 +41,7 @@ def experts_out(tmp_path_factory, tiny_model_dir) -> Path:
         peft_model = attach_expert(model, ExpertConfig(r=4), name="default")
         perturb(peft_model, seed=10 + i)
         peft_model.save_pretrained(str(out / "adapters" / op), safe_serialization=True)
+    update_manifest(out)  # as the distill stage does: loads are checked against these sha256s
     return out
 
 
@@ -182,3 +184,24 @@ def test_lora_export_reloads_as_lora_and_matches_the_delora_expert(tiny_model_di
         base = logits_of(fresh(tiny_model_dir)[0], tok)
         # DeLoRA's update has rank r, so the rank-r LoRA is the same update up to float error.
         assert (got - expected).abs().max() < 1e-3 * (expected - base).abs().max()
+
+
+@pytest.mark.timeout(60)
+def test_a_changed_or_unrecorded_adapter_is_not_loaded(tiny_model_dir, experts_out, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(experts_out, out)
+    weights = out / "adapters" / "update" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    with pytest.raises(UntrustedArtifact, match=r"adapters/update/adapter_model\.safetensors: sha256 .* differs"):
+        ExpertBackend.from_out(tiny_model_dir, out, device="cpu")
+
+    update_manifest(out)  # recorded again: loads
+    assert ExpertBackend.from_out(tiny_model_dir, out, device="cpu").operations == list(OPERATIONS)
+
+    (out / "manifest.json").unlink()  # nothing recorded: nothing loaded
+    with pytest.raises(UntrustedArtifact, match="not recorded in"):
+        ExpertBackend.from_out(tiny_model_dir, out, device="cpu")

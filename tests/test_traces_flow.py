@@ -71,9 +71,30 @@ def test_flow_with_real_bundled_teacher(prefect_server, sample_path, tmp_path):
     assert all(len(f["sha256"]) == 64 for f in files.values())
 
 
+def shards(out: Path) -> int:
+    return len(list((out / "traces" / "generation").glob("part-*.parquet")))
+
+
+def run_until(cmd: list[str], env: dict, out: Path, ready) -> None:
+    """Start the traces command and SIGKILL its whole process group as soon as `ready(out)` holds."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ready(out):
+            assert proc.poll() is None, "the run finished before it could be interrupted"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        os.killpg(proc.pid, 9)
+        proc.wait(timeout=30)
+    finally:
+        stop_process(proc)
+
+
 @pytest.mark.timeout(900)
-def test_resume_after_sigkill_gives_the_same_rows(prefect_server, tiny_model_dir, sample_path, tmp_path):
-    config = write_config(tmp_path / "c.yaml", str(tiny_model_dir), max_conversations=2, max_sessions=2,
+def test_resume_after_sigkill_at_three_points_gives_the_same_rows(prefect_server, tiny_model_dir, sample_path,
+                                                                  tmp_path):
+    config = write_config(tmp_path / "c.yaml", str(tiny_model_dir), max_conversations=3, max_sessions=2,
                           max_questions=2)
     cmd = [sys.executable, "-m", "memlora.cli", "traces", "--config", str(config), "--data", str(sample_path)]
     env = dict(os.environ)
@@ -81,25 +102,19 @@ def test_resume_after_sigkill_gives_the_same_rows(prefect_server, tiny_model_dir
     reference = tmp_path / "reference"
     subprocess.run(cmd + ["--out", str(reference)], env=env, check=True, timeout=600, capture_output=True)
     expected = rows(reference)
-    assert all(expected[op] for op in ("extraction", "generation"))
+    assert all(expected[op] for op in ("extraction", "generation")) and shards(reference) == 3
 
+    # One output folder, killed three times, each run resuming the last: right after ingest (no trace yet),
+    # with one conversation done and the next in flight, with two done.
     out = tmp_path / "interrupted"
-    proc = subprocess.Popen(cmd + ["--out", str(out)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not list((out / "traces" / "generation").glob("part-*.parquet")):
-            assert proc.poll() is None, "the run finished before it could be interrupted"
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        os.killpg(proc.pid, 9)  # SIGKILL, mid-run: one conversation done, the next in flight
-        proc.wait(timeout=30)
-    finally:
-        stop_process(proc)
-    done = [p.stem for p in (out / "traces" / "generation").glob("part-*.parquet")]
-    assert len(done) == 1
-    for leftover in (out / "traces").rglob("*"):  # a killed write leaves only a hidden temp name behind
-        assert leftover.is_dir() or leftover.name.startswith("part-") or leftover.name.startswith(".")
+    points = [lambda o: (o / "datasets" / "questions.parquet").is_file(), lambda o: shards(o) >= 1,
+              lambda o: shards(o) >= 2]
+    for k, ready in enumerate(points):
+        run_until(cmd + ["--out", str(out)], env, out, ready)
+        assert shards(out) == k  # a shard is only written when its conversation is complete
+        for leftover in (out / "traces").rglob("*") if (out / "traces").exists() else []:
+            # a killed write leaves only a hidden temp name behind, which no reader lists
+            assert leftover.is_dir() or leftover.name.startswith("part-") or leftover.name.startswith(".")
 
     subprocess.run(cmd + ["--out", str(out)], env=env, check=True, timeout=600, capture_output=True)
     assert rows(out) == expected  # no duplicate, no missing row

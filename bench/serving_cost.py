@@ -1,0 +1,125 @@
+"""Serving cost: per-operation latency (p50/p95) and peak memory of the student + experts vs the teacher, the
+same requests one call at a time (how the memory system serves a user), each system in its own process so
+neither's memory shows in the other's numbers. Writes bench/results/serving_cost.json.
+
+    python bench/serving_cost.py [--quick] [--out OUT]   (OUT: use its traces and trained experts)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import fmt, ratio_spread, save, spread, student_with_experts, table, trace_requests  # noqa: E402
+
+SYSTEMS = ("teacher", "student+experts")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def worker(system: str, base: str, experts_out: str, out: str | None, per_op: int, repeats: int) -> dict:
+    import torch  # noqa: F401  (imported before the baseline: every system needs the runtime)
+
+    from memlora.config import LLMConfig, load_config
+    from memlora.evaluation import probes
+    from memlora.student.experts import ExpertBackend
+    from memlora.teacher.hf_backend import TransformersBackend
+
+    baseline = probes.snapshot("runtime imported")
+    requests = trace_requests(out, per_op)
+    started = time.perf_counter()
+    if system == "teacher":
+        teacher = load_config(Path(__file__).resolve().parents[1] / "configs" / "default.yaml").teacher
+        backend = TransformersBackend.from_config(LLMConfig(model=teacher.model, device="cpu", batch_size=1))
+    else:
+        backend = ExpertBackend.from_out(base, experts_out, device="cpu", batch_size=1)
+    load_s = time.perf_counter() - started
+    for op in dict.fromkeys(r.operation for r in requests):  # warm-up: grammars compiled, prefixes cached
+        backend.generate([next(r for r in requests if r.operation == op)])
+    calls: dict[str, list[dict]] = {}
+    for _ in range(repeats):
+        for request in requests:
+            t0 = time.perf_counter()
+            result = backend.generate([request])[0]
+            calls.setdefault(request.operation, []).append(
+                {"s": time.perf_counter() - t0, "tokens": result.completion_tokens})
+    return {"system": system, "load_s": load_s, "calls": calls, "baseline_rss_mb": baseline["rss_mb"],
+            "peak_rss_mb": probes.peak_rss_mb(), "parameters": probes.parameter_counts(backend.model),
+            "cuda_peak_mb": probes.cuda_peaks_mb()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="2 requests per operation, one repeat")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
+    parser.add_argument("--base", help=argparse.SUPPRESS)
+    parser.add_argument("--experts-out", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--per-op", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None)
+    args = parser.parse_args()
+    per_op = args.per_op or (2 if args.quick else 6)
+    repeats = args.repeats or (1 if args.quick else 3)
+    if args.worker:
+        Path(args.result).write_text(json.dumps(worker(args.worker, args.base, args.experts_out, args.out, per_op,
+                                                       repeats)))
+        return
+
+    with tempfile.TemporaryDirectory(prefix="memlora-bench-") as scratch:
+        base, experts_out = student_with_experts(args.out, Path(scratch))
+        records = {}
+        for system in SYSTEMS:  # one after the other: each has the machine to itself
+            result = Path(scratch) / f"{system}.json"
+            cmd = [sys.executable, __file__, "--worker", system, "--base", str(base), "--experts-out",
+                   str(experts_out), "--result", str(result), "--per-op", str(per_op), "--repeats", str(repeats)]
+            subprocess.run(cmd + (["--out", args.out] if args.out else []), check=True, timeout=3600)
+            records[system] = json.loads(result.read_text())
+
+    teacher, student = records["teacher"], records["student+experts"]
+    rows, latency_ratios = [], {}
+    for op, t_calls in teacher["calls"].items():
+        s_calls = student["calls"][op]
+        t, s = [c["s"] for c in t_calls], [c["s"] for c in s_calls]
+        t_tok = [c["s"] / max(c["tokens"], 1) for c in t_calls]
+        s_tok = [c["s"] / max(c["tokens"], 1) for c in s_calls]
+        latency_ratios[op] = ratio_spread(s, t)
+        rows.append({"operation": op, "calls": len(t),
+                     "teacher_p50_s": f"{statistics.median(t):.3f}", "teacher_p95_s": f"{percentile(t, 0.95):.3f}",
+                     "student_p50_s": f"{statistics.median(s):.3f}", "student_p95_s": f"{percentile(s, 0.95):.3f}",
+                     "p50_ratio": f"{statistics.median(s) / statistics.median(t):.2f}x",
+                     "per_call_ratio": fmt(latency_ratios[op]),
+                     "per_token_ratio": f"{statistics.median(s_tok) / statistics.median(t_tok):.2f}x",
+                     "tokens_t/s": f"{sum(c['tokens'] for c in t_calls)}/{sum(c['tokens'] for c in s_calls)}"})
+    memory = {sys_: {"peak_rss_mb": r["peak_rss_mb"], "above_runtime_mb": r["peak_rss_mb"] - r["baseline_rss_mb"],
+                     "parameters": r["parameters"], "load_s": r["load_s"]} for sys_, r in records.items()}
+    peak_ratio = memory["student+experts"]["peak_rss_mb"] / memory["teacher"]["peak_rss_mb"]
+    above_ratio = memory["student+experts"]["above_runtime_mb"] / memory["teacher"]["above_runtime_mb"]
+    print(table(rows, list(rows[0])))
+    for name, m in memory.items():
+        print(f"{name:<16} peak RSS {m['peak_rss_mb']:.0f} MiB ({m['above_runtime_mb']:.0f} above the torch runtime), "
+              f"parameters {m['parameters']}, load {m['load_s']:.1f} s")
+    print(f"student+experts / teacher: peak RSS {peak_ratio:.2f}x (target <= 0.5x), above runtime {above_ratio:.2f}x; "
+          "p50 latency " + ", ".join(f"{op} {statistics.median([c['s'] for c in student['calls'][op]]) / statistics.median([c['s'] for c in teacher['calls'][op]]):.2f}x"
+                                     for op in teacher["calls"]) + " (target <= 0.4x)")
+    print("saved", save("serving_cost", {"rows": rows, "latency_ratio_per_call": latency_ratios,
+                                         "peak_rss_ratio": peak_ratio, "above_runtime_ratio": above_ratio,
+                                         "memory": memory, "per_op": per_op, "repeats": repeats,
+                                         "raw": {k: v["calls"] for k, v in records.items()}}))
+
+
+if __name__ == "__main__":
+    main()

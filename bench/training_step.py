@@ -1,0 +1,131 @@
+"""Training step: DeLoRA vs LoRA at equal rank and targets on the student (same batches, forward + backward +
+optimizer step), and the real DeepSpeed training with 1 vs 2 ranks on this machine. Writes
+bench/results/training_step.json.
+
+    python bench/training_step.py [--quick] [--out OUT] [--operation update] [--steps 6] [--no-ranks]
+
+DeLoRA vs LoRA: both experts sit on their own copy of the same student base and train on the same batches of
+the teacher's traces with the distillation loss; their steps alternate (DeLoRA, LoRA, DeLoRA, ...) so that load
+from other processes hits both alike. Plain torch in one process: the adapters' own cost, not DeepSpeed's.
+Ranks: `memlora.student.launch.run_training` (the `deepspeed` launcher, ZeRO-2, CPU accelerator without a GPU)
+with `distill.num_ranks` 1 then 2, same steps and per-rank batch; the record's step time and throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from common import CONFIG, fmt, ratio_spread, save, spread, table, traces_root  # noqa: E402
+
+from memlora.config import load_config, parse_config  # noqa: E402
+from memlora.student.build import build_student, shares_teacher_tokenizer  # noqa: E402
+from memlora.student.examples import build_examples, load_traces, trace_files  # noqa: E402
+from memlora.student.experts import attach_expert  # noqa: E402
+from memlora.student.losses import distillation_loss  # noqa: E402
+from memlora.student.trainer import Collator  # noqa: E402
+from memlora.teacher.hf_backend import load_causal_lm  # noqa: E402
+
+
+def delora_vs_lora(config, base: Path, traces: Path, operation: str, steps: int) -> dict:
+    cfg, expert = config.distill, config.student.expert
+    runs = {}
+    for method in ("delora", "lora"):
+        model, tokenizer, _ = load_causal_lm(str(base), dtype="float32", device="cpu")
+        torch.manual_seed(cfg.seed)
+        model = attach_expert(model, expert.model_copy(update={"method": method}))
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        runs[method] = {"model": model, "opt": torch.optim.AdamW(params, lr=cfg.learning_rate),
+                        "trainable": sum(p.numel() for p in params), "times": [], "losses": []}
+    data = build_examples(load_traces(trace_files(traces, operation)), tokenizer, cfg.max_length,
+                          shares_teacher_tokenizer(config, tokenizer))
+    top_k = max((len(s) for e in data.examples if e.teacher_ids for s in e.teacher_ids), default=1)
+    collator = Collator(tokenizer.pad_token_id, top_k)
+    batches = [collator(data.examples[i : i + cfg.batch_size]) for i in range(0, len(data.examples), cfg.batch_size)]
+    for step in range(steps + 1):  # step 0 warms both up and is not timed
+        batch = batches[step % len(batches)]
+        for run in runs.values():
+            started = time.perf_counter()
+            logits = run["model"](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss, _ = distillation_loss(logits, batch["labels"], batch["teacher_ids"], batch["teacher_logprobs"],
+                                        batch["teacher_mask"], cfg.kd_weight, cfg.kd_loss, cfg.jsd_beta)
+            loss.backward()
+            run["opt"].step()
+            run["opt"].zero_grad(set_to_none=True)
+            if step:
+                run["times"].append(time.perf_counter() - started)
+            run["losses"].append(round(loss.item(), 3))
+    ratio = ratio_spread(runs["delora"]["times"], runs["lora"]["times"])
+    rows = [{"method": m, "trainable": f"{r['trainable']:,}", "step_median_s": f"{spread(r['times'])['median']:.3f}",
+             "step_min_s": f"{spread(r['times'])['min']:.3f}", "loss": f"{r['losses'][0]} -> {r['losses'][-1]}"}
+            for m, r in runs.items()]
+    print(f"operation {operation}: {len(data.examples)} rows, batch {cfg.batch_size}, r={expert.r}, "
+          f"targets {','.join(expert.target_modules)}, {steps} timed steps each, interleaved")
+    print(table(rows, list(rows[0])))
+    print(f"DeLoRA / LoRA step time: {fmt(ratio)} (target <= 1.2x)")
+    return {"rows": rows, "delora_over_lora": ratio, "times": {m: r["times"] for m, r in runs.items()},
+            "trainable": {m: r["trainable"] for m, r in runs.items()}}
+
+
+def ranks(traces: Path, operation: str, steps: int, scratch: Path) -> dict:
+    from memlora.student.distill import cache_key
+    from memlora.student.launch import run_training
+
+    records = {}
+    for n in (1, 2):
+        out = scratch / f"ranks-{n}"
+        shutil.copytree(traces / "traces", out / "traces")
+        raw = yaml.safe_load(CONFIG.read_text())
+        raw["distill"].update(num_ranks=n, max_steps=steps)
+        path = scratch / f"ranks-{n}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        config = parse_config(raw, path)
+        base = build_student(config, out)
+        started = time.perf_counter()
+        record = run_training(config, str(path), str(out), operation, str(base), cache_key(config, out, operation),
+                              on_line=lambda line: None)
+        record["launch_wall_s"] = time.perf_counter() - started
+        records[n] = record
+    rows = [{"ranks": n, "steps": r["steps"], "global_batch": r["global_batch_size"], "step_s": r["step_time_s"],
+             "examples_per_s": round(r["global_batch_size"] / r["step_time_s"], 2), "train_s": r["train_time_s"],
+             "launch_wall_s": round(r["launch_wall_s"], 1)} for n, r in records.items()]
+    speed = rows[1]["examples_per_s"] / rows[0]["examples_per_s"]
+    print(table(rows, list(rows[0])))
+    print(f"2 ranks / 1 rank throughput (examples/s): {speed:.2f}x on {os.cpu_count()} cores "
+          "(each rank gets half the cores; gloo all-reduce of the adapter gradients each step)")
+    return {"rows": rows, "throughput_2_over_1": speed}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=None, help="use OUT/traces (default: the bundled sample of traces)")
+    parser.add_argument("--operation", default="update")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--no-ranks", action="store_true", help="skip the 1 vs 2 DeepSpeed ranks part")
+    args = parser.parse_args()
+    steps = args.steps or (2 if args.quick else 6)
+    config = load_config(CONFIG)
+    traces = traces_root(args.out)
+    result = {}
+    with tempfile.TemporaryDirectory(prefix="memlora-bench-") as scratch:
+        base = build_student(config, args.out or scratch)
+        result["delora_vs_lora"] = delora_vs_lora(config, base, traces, args.operation, steps)
+        if not args.no_ranks:
+            result["ranks"] = ranks(traces, args.operation, steps + 2, Path(scratch))
+    print("saved", save("training_step", {**result, "operation": args.operation, "steps": steps}))
+
+
+if __name__ == "__main__":
+    main()
