@@ -35,8 +35,11 @@ def adapter_dir(out: str | Path, operation: str) -> Path:
     return Path(out) / "adapters" / operation
 
 
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what peft reads when loading an expert
+
+
 def is_complete_adapter(folder: Path) -> bool:
-    return (folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file()
+    return all((folder / name).is_file() for name in ADAPTER_FILES)
 
 
 def expert_folders(out: str | Path) -> dict[str, Path]:
@@ -48,7 +51,7 @@ def verified_expert_folders(out: str | Path) -> dict[str, Path]:
     """`expert_folders`, each file checked against OUT/manifest.json first: a changed or unrecorded adapter
     stops the load (UntrustedArtifact) instead of being run."""
     folders = expert_folders(out)
-    check_recorded(out, [f for folder in folders.values() for f in sorted(folder.iterdir()) if f.is_file()])
+    check_recorded(out, [folder / name for folder in folders.values() for name in ADAPTER_FILES])
     return folders
 
 

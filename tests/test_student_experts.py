@@ -170,7 +170,7 @@ def test_lora_export_reloads_as_lora_and_matches_the_delora_expert(tiny_model_di
     from memlora.student.export import export_lora
 
     out = tmp_path / "out"
-    shutil.copytree(experts_out / "adapters", out / "adapters")
+    shutil.copytree(experts_out, out)
     written = export_lora(out, tiny_model_dir)
     assert set(written) == set(OPERATIONS)
     for op in ("extraction", "generation"):
