@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow, get_run_logger
-from prefect.task_runners import ThreadPoolTaskRunner
 from tqdm.auto import tqdm
 
 from memlora.memory.embedder import Embedder
@@ -14,7 +13,9 @@ from memlora.memory.store import MemoryStore
 from memlora.teacher.backends import build_backend
 from memlora.teacher.batcher import MicroBatcher
 from memlora.teacher.traces import is_traced, trace_summary
-from memlora.tasks.common import forward_domain_logs, ingest_task, load_config_task, manifest_task
+from memlora.tasks.common import (
+    build_task_runner, forward_domain_logs, ingest_task, load_config_task, manifest_task,
+)
 from memlora.tasks.traces import trace_conversation_task
 
 
@@ -33,16 +34,19 @@ def generate_traces(config: str = "configs/default.yaml", data: str = "", out: s
     log.info("%d train conversations selected, %d already traced, %d to trace",
              len(train), len(train) - len(todo), len(todo))
     if todo:
-        teacher = build_backend(cfg.teacher)
-        llm = MicroBatcher(teacher, cfg.teacher.batch_size) if cfg.prefect.concurrency > 1 else teacher
-        embedder = Embedder(cfg.memory.embedder)
-        store = MemoryStore(Path(out) / "memory" / "teacher.sqlite")
-        runner = ThreadPoolTaskRunner(max_workers=cfg.prefect.concurrency)
+        shared = cfg.prefect.task_runner == "thread"
+        llm = embedder = store = None
+        if shared:
+            teacher = build_backend(cfg.teacher)
+            llm = MicroBatcher(teacher, cfg.teacher.batch_size) if cfg.prefect.concurrency > 1 else teacher
+            embedder = Embedder(cfg.memory.embedder)
+            store = MemoryStore(Path(out) / "memory" / "teacher.sqlite")
+        runner = build_task_runner(cfg.prefect)
         try:
             with runner:
                 futures = [
                     runner.submit(trace_conversation_task, parameters=dict(
-                        conversation=c, llm=llm, embedder=embedder, store=store, config=cfg, out=out))
+                        conversation=c, config=cfg, out=out, llm=llm, embedder=embedder, store=store))
                     for c in todo
                 ]
                 failed = {}
@@ -57,7 +61,8 @@ def generate_traces(config: str = "configs/default.yaml", data: str = "", out: s
                         f"(first error: {next(iter(failed.values()))}); rerun the same command to fill them in"
                     )
         finally:
-            store.close()
+            if store is not None:
+                store.close()
             if isinstance(llm, MicroBatcher):
                 llm.close()
     summary = trace_summary(out)

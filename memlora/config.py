@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -174,6 +174,11 @@ class EvalConfig(_Strict):
 
 class PrefectConfig(_Strict):
     concurrency: int = Field(2, gt=0)
+    # How conversations fan out: "thread" (one process, calls share model batches), "process" (Prefect's
+    # ProcessPoolTaskRunner), or "module:Class" of a Prefect task runner such as "prefect_dask:DaskTaskRunner"
+    # or "prefect_ray:RayTaskRunner", built with `task_runner_options` (e.g. {address: "tcp://host:8786"}).
+    task_runner: str = Field("thread", pattern=r"^(thread|process|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$")
+    task_runner_options: dict[str, Any] = Field(default_factory=dict)
 
 
 class Config(_Strict):
@@ -186,6 +191,14 @@ class Config(_Strict):
     distill: DistillConfig = DistillConfig()
     evaluation: EvalConfig = EvalConfig()
     prefect: PrefectConfig = PrefectConfig()
+
+    @model_validator(mode="after")
+    def _runner_reaches_the_teacher(self) -> "Config":
+        if self.prefect.task_runner != "thread" and self.teacher.backend != "openai":
+            raise ValueError(
+                "prefect.task_runner: outside the flow's process a conversation cannot use the flow's in-memory "
+                "teacher; with a process, Dask or Ray runner set teacher.backend: openai (e.g. a vLLM server)")
+        return self
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()

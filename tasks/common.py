@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
-from memlora.config import Config, load_config
+from memlora.config import Config, ConfigError, PrefectConfig, load_config
 from memlora.data.ingest import ingest
 from memlora.data.records import Conversation
 from memlora.manifest import update_manifest
@@ -50,3 +51,20 @@ def ingest_task(data: str, out: str, config: Config) -> list[Conversation]:
 @task(name="update-manifest", cache_policy=NONE)
 def manifest_task(out: str, section: str, payload: dict) -> dict:
     return update_manifest(out, section, payload)
+
+
+def build_task_runner(cfg: PrefectConfig):
+    """The task runner `prefect.task_runner` names, with `prefect.concurrency` workers unless its options say."""
+    from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+
+    if cfg.task_runner == "thread":
+        return ThreadPoolTaskRunner(max_workers=cfg.concurrency)
+    if cfg.task_runner == "process":
+        return ProcessPoolTaskRunner(max_workers=cfg.concurrency)
+    module, _, name = cfg.task_runner.partition(":")
+    try:
+        runner_class = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"prefect.task_runner: cannot import {cfg.task_runner} ({err}); install its Prefect "
+                          "integration, e.g. `pip install prefect-dask` or `pip install prefect-ray`") from None
+    return runner_class(**cfg.task_runner_options)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
@@ -10,14 +12,28 @@ from memlora.data.records import Conversation
 from memlora.memory.embedder import Embedder
 from memlora.memory.llm import LLMBackend
 from memlora.memory.store import MemoryStore
+from memlora.teacher.backends import build_backend
 from memlora.teacher.traces import trace_conversation, write_shards
 
 
 @task(name="trace-conversation", cache_policy=NONE, task_run_name="trace-{conversation.conversation_id}")
 def trace_conversation_task(
-    conversation: Conversation, llm: LLMBackend, embedder: Embedder, store: MemoryStore, config: Config, out: str
+    conversation: Conversation, config: Config, out: str, llm: LLMBackend | None = None,
+    embedder: Embedder | None = None, store: MemoryStore | None = None,
 ) -> dict[str, int]:
-    rows = trace_conversation(conversation, llm, embedder, store, config)
+    """With `llm`, `embedder` and `store` from the flow (thread runner: one process, shared model batches); without
+    them the task makes its own (process, Dask or Ray runners, where a task may run on another machine): an
+    HTTP teacher client, an embedder and a SQLite store of its own under OUT/memory/."""
+    own = llm is None
+    if own:
+        llm = build_backend(config.teacher)
+        embedder = Embedder(config.memory.embedder)
+        store = MemoryStore(Path(out) / "memory" / f"teacher-{conversation.conversation_id}.sqlite")
+    try:
+        rows = trace_conversation(conversation, llm, embedder, store, config)
+    finally:
+        if own:
+            store.close()
     counts = write_shards(out, conversation.conversation_id, rows)
     ok = {op: sum(r["parse_ok"] for r in rows[op]) for op in rows}
     get_run_logger().info(

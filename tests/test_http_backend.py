@@ -99,3 +99,49 @@ def test_server_dying_mid_run_names_missing_conversations_and_rerun_fills_them(p
         stub.fail_after = None
         generate_traces(config=str(config), data=str(sample_path), out=str(out))
     assert rows(out) == rows(reference)
+
+
+@pytest.mark.timeout(300)
+def test_process_task_runner_gives_the_thread_runners_rows(prefect_server, sample_path, tmp_path):
+    """The path a Dask or Ray runner takes: each conversation's task runs in another process, gets its
+    parameters pickled and builds its own HTTP teacher client, embedder and store."""
+    import yaml
+
+    from memlora.flows.traces import generate_traces
+    from tests.conftest import REPO
+    from tests.test_traces_flow import rows
+
+    with StubOpenAI() as stub:
+        stub.replies = {
+            "extraction": '{"facts": ["Ann has a cat", "Ben bakes bread"]}',
+            "update": '{"memory": [{"id": "0", "text": "Ann has a cat", "event": "ADD"}]}',
+            "generation": '{"answer": "a cat"}',
+        }
+        raw = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+        raw["teacher"] = {"backend": "openai", "model": "big-teacher",
+                          "http": {"base_url": stub.url, "max_retries": 1, "backoff_s": 0.01, "timeout_s": 5}}
+        raw["data"].update(max_conversations=2, max_sessions=1, max_questions=1)
+        outs = {}
+        for runner in ("thread", "process"):
+            raw["prefect"] = {"concurrency": 2, "task_runner": runner}
+            config = tmp_path / f"{runner}.yaml"
+            config.write_text(yaml.safe_dump(raw))
+            outs[runner] = tmp_path / runner
+            generate_traces(config=str(config), data=str(sample_path), out=str(outs[runner]))
+    assert rows(outs["process"]) == rows(outs["thread"])
+    assert len(list((outs["process"] / "memory").glob("teacher-*.sqlite"))) == 2  # a store per task
+
+
+def test_distributed_runner_needs_an_http_teacher_and_an_importable_class(tmp_path):
+    import yaml
+
+    from memlora.config import ConfigError, PrefectConfig, parse_config
+    from memlora.tasks.common import build_task_runner
+    from tests.conftest import REPO
+
+    raw = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+    raw["prefect"] = {"task_runner": "prefect_dask:DaskTaskRunner"}
+    with pytest.raises(ConfigError, match="prefect.task_runner: .*teacher.backend: openai"):
+        parse_config(raw)
+    with pytest.raises(ConfigError, match=r"cannot import not_installed_pkg:Runner .*pip install prefect-dask"):
+        build_task_runner(PrefectConfig(task_runner="not_installed_pkg:Runner"))
