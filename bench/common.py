@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -61,8 +62,9 @@ def traces_root(out: str | Path | None) -> Path:
     return Path(out) if out else SAMPLE_TRACES.parent
 
 
-def trace_requests(out: str | Path | None, per_op: int, constrained: bool = True) -> list:
-    """The teacher's own requests (prompt, schema, token budget) from trace rows, `per_op` per operation."""
+def trace_requests(out: str | Path | None, per_op: int, constrained: bool = True, max_tokens: int | None = None) -> list:
+    """The teacher's own requests (prompt, schema, token budget) from trace rows, `per_op` per operation;
+    `max_tokens` caps the budget (quick runs)."""
     import pyarrow.parquet as pq
 
     from memlora.config import OPERATIONS, load_config
@@ -72,7 +74,8 @@ def trace_requests(out: str | Path | None, per_op: int, constrained: bool = True
     requests = []
     for op in OPERATIONS:
         rows = pq.read_table(traces_root(out) / "traces" / op).to_pylist()[:per_op]
-        requests += [GenerationRequest(op, r["messages"], budgets[op].max_new_tokens,
+        budget = min(budgets[op].max_new_tokens, max_tokens or budgets[op].max_new_tokens)
+        requests += [GenerationRequest(op, r["messages"], budget,
                                        json.loads(r["output_schema"]) if constrained and r["output_schema"] else None)
                      for r in rows]
     return requests
@@ -114,3 +117,14 @@ def ratio_spread(numerators: list[float], denominators: list[float]) -> dict:
 
 def fmt(s: dict, digits: int = 2) -> str:
     return f"{s['median']:.{digits}f}x ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
+
+
+def bench_parser(doc: str) -> argparse.ArgumentParser:
+    """Every bench's flags: --quick (tiny sizes, one repeat; CI runs it) and --out (a pipeline run's OUT)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: keeps the bench working")
+    parser.add_argument("--out", default=None, help="use this OUT's traces and trained experts")
+    return parser
+
+
+QUICK_TOKENS = 8  # the token budget of a call in --quick runs: enough to exercise every path

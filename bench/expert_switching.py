@@ -6,7 +6,6 @@ all three experts add to the bare student. Writes bench/results/expert_switching
 
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import sys
@@ -17,37 +16,36 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import save, spread, student_with_experts, table  # noqa: E402
+from common import bench_parser, save, spread, student_with_experts, table  # noqa: E402
+
+
+def loaded(make) -> tuple[object, float]:
+    """What `make()` returns and the resident memory (MiB) it added."""
+    from memlora.evaluation.probes import current_rss_mb
+
+    gc.collect()
+    start = current_rss_mb()
+    value = make()
+    gc.collect()
+    return value, current_rss_mb() - start
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    args = bench_parser(__doc__).parse_args()
     switches, reloads = (30, 2) if args.quick else (300, 6)
 
     from memlora.config import OPERATIONS
-    from memlora.evaluation.probes import current_rss_mb, parameter_counts
+    from memlora.evaluation.probes import parameter_counts
     from memlora.student.experts import ExpertBackend, adapter_name, verified_expert_folders
 
     with tempfile.TemporaryDirectory(prefix="memlora-bench-") as scratch:
         base, experts_out = student_with_experts(args.out, Path(scratch))
         folders = verified_expert_folders(experts_out)
 
-        gc.collect()
-        rss_start = current_rss_mb()
-        bare = ExpertBackend(base, None, device="cpu")
-        gc.collect()
-        rss_bare = current_rss_mb() - rss_start
+        bare, rss_bare = loaded(lambda: ExpertBackend(base, None, device="cpu"))
         bare_params = parameter_counts(bare.model)
         del bare
-        gc.collect()
-
-        rss_start = current_rss_mb()
-        backend = ExpertBackend(base, folders, device="cpu")
-        gc.collect()
-        rss_experts = current_rss_mb() - rss_start
+        backend, rss_experts = loaded(lambda: ExpertBackend(base, folders, device="cpu"))
         counts = parameter_counts(backend.model)
         model = backend.model
 

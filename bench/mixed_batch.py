@@ -7,7 +7,6 @@ counted. Writes bench/results/mixed_batch.json.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -16,19 +15,17 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import fmt, ratio_spread, save, spread, student_with_experts, table, timed, trace_requests  # noqa: E402
+from common import QUICK_TOKENS, bench_parser, fmt, ratio_spread, save, spread, student_with_experts, table, timed, trace_requests  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    args = bench_parser(__doc__).parse_args()
     per_op, repeats = (2, 1) if args.quick else (6, 3)
+    max_tokens = QUICK_TOKENS if args.quick else None
 
     from memlora.student.experts import ExpertBackend
 
-    requests = trace_requests(args.out, per_op)
+    requests = trace_requests(args.out, per_op, max_tokens=max_tokens)
     mixed = [requests[i] for k in range(per_op) for i in range(k, len(requests), per_op)]  # ops interleaved
     with tempfile.TemporaryDirectory(prefix="memlora-bench-") as scratch:
         base, experts_out = student_with_experts(args.out, Path(scratch))

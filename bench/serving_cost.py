@@ -20,7 +20,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import fmt, ratio_spread, save, spread, student_with_experts, table, trace_requests  # noqa: E402
+from common import QUICK_TOKENS, bench_parser, fmt, ratio_spread, save, spread, student_with_experts, table, trace_requests  # noqa: E402
 
 SYSTEMS = ("teacher", "student+experts")
 
@@ -30,7 +30,8 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def worker(system: str, base: str, experts_out: str, out: str | None, per_op: int, repeats: int) -> dict:
+def worker(system: str, base: str, experts_out: str, out: str | None, per_op: int, repeats: int,
+           max_tokens: int | None) -> dict:
     import torch  # noqa: F401  (imported before the baseline: every system needs the runtime)
 
     from memlora.config import LLMConfig, load_config
@@ -39,7 +40,7 @@ def worker(system: str, base: str, experts_out: str, out: str | None, per_op: in
     from memlora.teacher.hf_backend import TransformersBackend
 
     baseline = probes.snapshot("runtime imported")
-    requests = trace_requests(out, per_op)
+    requests = trace_requests(out, per_op, max_tokens=max_tokens)
     started = time.perf_counter()
     if system == "teacher":
         teacher = load_config(Path(__file__).resolve().parents[1] / "configs" / "default.yaml").teacher
@@ -62,9 +63,7 @@ def worker(system: str, base: str, experts_out: str, out: str | None, per_op: in
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="2 requests per operation, one repeat")
-    parser.add_argument("--out", default=None)
+    parser = bench_parser(__doc__)
     parser.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
     parser.add_argument("--base", help=argparse.SUPPRESS)
     parser.add_argument("--experts-out", help=argparse.SUPPRESS)
@@ -72,11 +71,12 @@ def main() -> None:
     parser.add_argument("--per-op", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
     args = parser.parse_args()
-    per_op = args.per_op or (2 if args.quick else 6)
+    per_op = args.per_op or (1 if args.quick else 6)
+    max_tokens = QUICK_TOKENS if args.quick else None
     repeats = args.repeats or (1 if args.quick else 3)
     if args.worker:
         Path(args.result).write_text(json.dumps(worker(args.worker, args.base, args.experts_out, args.out, per_op,
-                                                       repeats)))
+                                                       repeats, max_tokens)))
         return
 
     with tempfile.TemporaryDirectory(prefix="memlora-bench-") as scratch:
@@ -86,6 +86,7 @@ def main() -> None:
             result = Path(scratch) / f"{system}.json"
             cmd = [sys.executable, __file__, "--worker", system, "--base", str(base), "--experts-out",
                    str(experts_out), "--result", str(result), "--per-op", str(per_op), "--repeats", str(repeats)]
+            cmd += ["--quick"] if args.quick else []
             subprocess.run(cmd + (["--out", args.out] if args.out else []), check=True, timeout=3600)
             records[system] = json.loads(result.read_text())
 

@@ -6,7 +6,6 @@ one run. Prints ratios with min/median/max over repeats; writes bench/results/te
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import save, spread, table, timed  # noqa: E402
+from common import bench_parser, save, spread, table, timed  # noqa: E402
 
 from memlora.config import LLMConfig  # noqa: E402
 from memlora.data.loaders import load_corpus  # noqa: E402
@@ -38,12 +37,13 @@ def prompts(n: int, window: int = 2) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: keeps the bench working")
-    parser.add_argument("--out", default=None, help="not used: the prompts are the bundled sample's windows")
+    parser = bench_parser(__doc__)  # --out is not used: the prompts are the bundled sample's windows
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=48, help="max new tokens per call")
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    n, repeats, tokens = (4, 1, 16) if args.quick else (16, 3, 96)
-    batches = [1, 4] if args.quick else [1, 4, 8, 16]
+    n, repeats, tokens = (2, 1, 8) if args.quick else (args.prompts, args.repeats, args.tokens)
+    batches = [1, 2] if args.quick else [1, 4, 8, 16]
     backend = TransformersBackend.from_config(LLMConfig(model=TEACHER, device="cpu", batch_size=16))
     schema = extraction_schema(4, 160)
     texts = prompts(n)

@@ -13,7 +13,6 @@ with `distill.num_ranks` 1 then 2, same steps and per-rank batch; the record's s
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -26,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from common import CONFIG, fmt, ratio_spread, save, spread, table, traces_root  # noqa: E402
+from common import CONFIG, bench_parser, fmt, ratio_spread, save, spread, table, traces_root  # noqa: E402
 
 from memlora.config import load_config, parse_config  # noqa: E402
 from memlora.student.build import build_student, shares_teacher_tokenizer  # noqa: E402
@@ -37,7 +36,7 @@ from memlora.student.trainer import Collator  # noqa: E402
 from memlora.teacher.hf_backend import load_causal_lm  # noqa: E402
 
 
-def delora_vs_lora(config, base: Path, traces: Path, operation: str, steps: int) -> dict:
+def delora_vs_lora(config, base: Path, traces: Path, operation: str, steps: int, max_rows: int | None = None) -> dict:
     cfg, expert = config.distill, config.student.expert
     runs = {}
     for method in ("delora", "lora"):
@@ -50,6 +49,7 @@ def delora_vs_lora(config, base: Path, traces: Path, operation: str, steps: int)
                         "trainable": sum(p.numel() for p in params), "times": [], "losses": []}
     data = build_examples(load_traces(trace_files(traces, operation)), tokenizer, cfg.max_length,
                           shares_teacher_tokenizer(config, tokenizer))
+    data.examples = data.examples[:max_rows]
     top_k = max((len(s) for e in data.examples if e.teacher_ids for s in e.teacher_ids), default=1)
     collator = Collator(tokenizer.pad_token_id, top_k)
     batches = [collator(data.examples[i : i + cfg.batch_size]) for i in range(0, len(data.examples), cfg.batch_size)]
@@ -108,20 +108,19 @@ def ranks(traces: Path, operation: str, steps: int, scratch: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default=None, help="use OUT/traces (default: the bundled sample of traces)")
+    parser = bench_parser(__doc__)
     parser.add_argument("--operation", default="update")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--no-ranks", action="store_true", help="skip the 1 vs 2 DeepSpeed ranks part")
     args = parser.parse_args()
-    steps = args.steps or (2 if args.quick else 6)
+    steps = args.steps or (1 if args.quick else 6)
     config = load_config(CONFIG)
     traces = traces_root(args.out)
     result = {}
     with tempfile.TemporaryDirectory(prefix="memlora-bench-") as scratch:
         base = build_student(config, args.out or scratch)
-        result["delora_vs_lora"] = delora_vs_lora(config, base, traces, args.operation, steps)
+        result["delora_vs_lora"] = delora_vs_lora(config, base, traces, args.operation, steps,
+                                                  max_rows=2 if args.quick else None)
         if not args.no_ranks:
             result["ranks"] = ranks(traces, args.operation, steps + 2, Path(scratch))
     print("saved", save("training_step", {**result, "operation": args.operation, "steps": steps}))

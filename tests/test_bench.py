@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -21,15 +23,27 @@ QUICK = {
 }
 
 
+@pytest.fixture(scope="module")
+def bench_out(tmp_path_factory) -> Path:
+    """One OUT for every bench: the bundled sample traces, the pruned student and its experts, made once."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from common import SAMPLE_TRACES, student_with_experts
+
+    out = tmp_path_factory.mktemp("bench-out")
+    shutil.copytree(SAMPLE_TRACES, out / "traces")
+    student_with_experts(None, out)
+    return out
+
+
 @pytest.mark.timeout(420)
 @pytest.mark.parametrize("name", list(QUICK))
-def test_bench_quick_mode_runs_and_writes_its_results(name, tmp_path):
+def test_bench_quick_mode_runs_and_writes_its_results(name, bench_out, tmp_path):
     # The DeepSpeed 1-vs-2-ranks half of training_step is left to `make bench`: test_distill_launcher runs
     # the same launcher with two ranks.
     extra = ["--no-ranks"] if name == "training_step" else []
     env = dict(os.environ, MEMLORA_BENCH_RESULTS=str(tmp_path))
-    result = subprocess.run([sys.executable, str(REPO / "bench" / f"{name}.py"), "--quick", *extra], cwd=REPO,
-                            env=env, capture_output=True, text=True, timeout=400)
+    result = subprocess.run([sys.executable, str(REPO / "bench" / f"{name}.py"), "--quick", "--out", str(bench_out),
+                             *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     saved = json.loads((tmp_path / f"{name}.json").read_text())
     assert saved["machine"]["cpus"] >= 1
