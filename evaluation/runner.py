@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from memlora.data.io import sha256_file, write_json
 from memlora.evaluation.systems import SYSTEMS, EvalError, slug
 
 JUDGE = "judge"
@@ -60,6 +62,10 @@ def run_system_process(config_path: str | Path, out: str | Path, system: str, *,
            "--config", str(config_path), "--out", str(out)]
     if base is not None:
         cmd += ["--base", str(base)]
+    key = cache_key(config_path, out, system, base)
+    kept = finished_probe(out, system, key)
+    if kept is not None:
+        return {**kept, "kept": True}
     log = log_path(out, system)
     log.parent.mkdir(parents=True, exist_ok=True)
     probe_path(out, system).unlink(missing_ok=True)
@@ -74,7 +80,47 @@ def run_system_process(config_path: str | Path, out: str | Path, system: str, *,
     if rc != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
         raise EvalError(f"evaluation of {system!r} failed (exit code {rc}); see {log}:\n{tail}")
-    return json.loads(probe_path(out, system).read_text())
+    probe = {**json.loads(probe_path(out, system).read_text()), "cache_key": key}
+    write_json(probe, probe_path(out, system))
+    return probe
+
+
+def system_inputs(out: str | Path, system: str, base: str | Path | None) -> list[Path]:
+    """The files a system's evaluation depends on besides the config: the data; for the students, the
+    teacher's calls they replay and the student base; the experts; for the judge, every system's answers."""
+    from memlora.student.experts import ADAPTER_FILES, expert_folders
+
+    out = Path(out)
+    files = sorted((out / "datasets").glob("*.parquet"))
+    if system in ("student", "student+experts"):
+        files.append(calls_path(out, "teacher"))
+        if base is not None:
+            files += sorted(p for p in Path(base).rglob("*") if p.is_file())
+    if system == "student+experts":
+        files += [folder / name for folder in expert_folders(out).values() for name in ADAPTER_FILES]
+    if system == JUDGE:
+        files += [qa_path(out, s) for s in SYSTEMS]
+    return files
+
+
+def cache_key(config_path: str | Path, out: str | Path, system: str, base: str | Path | None) -> str:
+    """Same config + same input files = same results: a rerun keeps a system whose inputs did not change."""
+    from memlora.config import load_config
+
+    digest = hashlib.sha256(f"{system}:{load_config(config_path).fingerprint()}".encode())
+    for f in system_inputs(out, system, base):
+        digest.update(f"{f.name}:{sha256_file(f) if f.is_file() else 'missing'}".encode())
+    return digest.hexdigest()
+
+
+def finished_probe(out: str | Path, system: str, key: str) -> dict | None:
+    """The probe of a finished run with this cache key whose outputs are all there, else None."""
+    path = probe_path(out, system)
+    outputs = [judgements_path(out)] if system == JUDGE else [calls_path(out, system), qa_path(out, system)]
+    if not (path.is_file() and all(f.is_file() for f in outputs)):
+        return None
+    probe = json.loads(path.read_text())
+    return probe if probe.get("cache_key") == key else None
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -236,3 +236,17 @@ def test_evaluate_flow_on_tiny_models(prefect_server, tiny_teacher, tiny_model_d
     assert set(artifacts) == {"evaluation-headline", "evaluation-report"}
     assert "student+experts" in str(artifacts["evaluation-headline"].data)
     assert "Agreement with the teacher" in artifacts["evaluation-report"].data
+
+    # A rerun keeps every system whose config and inputs are unchanged (no model process starts) ...
+    from memlora.evaluation.runner import cache_key, run_system_process
+
+    base = result["student_base"]
+    for system in [*SYSTEMS, "judge"]:
+        again = run_system_process(str(config), out, system, base=base)
+        assert again["kept"] is True and again["pid"] == probes[system]["pid"]
+    # ... and its key follows what the system reads: a changed expert changes only student+experts' key.
+    keys = {s: cache_key(str(config), out, s, base) for s in SYSTEMS}
+    weights = out / "adapters" / "update" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes() + b"\0")
+    changed = {s: cache_key(str(config), out, s, base) != keys[s] for s in SYSTEMS}
+    assert changed == {"teacher": False, "student": False, "student+experts": True}

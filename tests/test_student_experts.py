@@ -130,6 +130,10 @@ def test_switching_experts_changes_outputs_without_reloading(tiny_model_dir, exp
         assert model.active_adapter == adapter_name(op) and backend.active == op
         seen.setdefault(op, logits_of(model, backend.tokenizer))
         assert torch.allclose(logits_of(model, backend.tokenizer), seen[op])  # switching back restores it
+    for op in OPERATIONS:  # the fast switch computes what peft's own set_adapter does
+        model.set_adapter(adapter_name(op), inference_mode=True)
+        assert torch.allclose(logits_of(model, backend.tokenizer), seen[op])
+        backend.use(OPERATIONS[(OPERATIONS.index(op) + 1) % len(OPERATIONS)])
     assert not torch.allclose(seen["extraction"], seen["update"], atol=1e-3)
     assert not torch.allclose(seen["update"], seen["generation"], atol=1e-3)
 
