@@ -5,13 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from memlora.data.io import sha256_file, write_json
 from memlora.evaluation.systems import SYSTEMS, EvalError, slug
+from memlora.processes import stop_group
 
 JUDGE = "judge"
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -58,14 +58,14 @@ def run_system_process(config_path: str | Path, out: str | Path, system: str, *,
     Its output goes to OUT/eval/logs/<system>.log; a failure raises with the log's last lines."""
     if system not in SYSTEMS + (JUDGE,):
         raise EvalError(f"unknown system {system!r}")
-    cmd = [sys.executable, "-m", "memlora.evaluation.run_system", "--system", system,
-           "--config", str(config_path), "--out", str(out)]
-    if base is not None:
-        cmd += ["--base", str(base)]
     key = cache_key(config_path, out, system, base)
     kept = finished_probe(out, system, key)
     if kept is not None:
         return {**kept, "kept": True}
+    cmd = [sys.executable, "-m", "memlora.evaluation.run_system", "--system", system,
+           "--config", str(config_path), "--out", str(out)]
+    if base is not None:
+        cmd += ["--base", str(base)]
     log = log_path(out, system)
     log.parent.mkdir(parents=True, exist_ok=True)
     probe_path(out, system).unlink(missing_ok=True)
@@ -75,7 +75,7 @@ def run_system_process(config_path: str | Path, out: str | Path, system: str, *,
         try:
             rc = proc.wait(timeout=timeout_s)
         except BaseException:  # timeout or interrupt: leave no orphan model process behind
-            _kill_group(proc)
+            stop_group(proc)
             raise
     if rc != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
@@ -121,18 +121,6 @@ def finished_probe(out: str | Path, system: str, key: str) -> dict | None:
         return None
     probe = json.loads(path.read_text())
     return probe if probe.get("cache_key") == key else None
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=10)
-    except (subprocess.TimeoutExpired, ProcessLookupError):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=10)
 
 
 def prepare(config, out: str | Path) -> dict:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import httpx
 
+from memlora.processes import stop_group
+
 REPO = Path.cwd()  # the checkout holding prefect.yaml: `make serve` and the tests run from its root
 BIN = Path(sys.executable).parent
 
@@ -62,21 +64,6 @@ def start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def stop(proc: subprocess.Popen, grace_s: float = 10) -> None:
-    """SIGTERM the process group, then SIGKILL what is left (a worker can outlive its first SIGTERM)."""
-    if proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-        except ProcessLookupError:
-            return
-
-
 def serve(host: str = "127.0.0.1", port: int = 4200, pool: str = "memlora-pool", deploy: bool = True) -> int:
     api_url = f"http://{host}:{port}/api"
     env = prefect_env(api_url)
@@ -103,5 +90,5 @@ def serve(host: str = "127.0.0.1", port: int = 4200, pool: str = "memlora-pool",
         return 0
     finally:
         if worker is not None:
-            stop(worker)
-        stop(server)
+            stop_group(worker)
+        stop_group(server)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from memlora.processes import stop_group
+from memlora.serve import wait_healthy
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -103,21 +104,11 @@ def prefect_server(tmp_path_factory):
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}/api"
-    import httpx
-
-    deadline = time.monotonic() + 120
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"prefect server exited: {(home / 'server.log').read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("prefect server did not become healthy within 120 s")
-            time.sleep(0.5)
+        try:
+            wait_healthy(url, proc, timeout_s=120)
+        except (RuntimeError, TimeoutError) as err:
+            raise RuntimeError(f"{err}: {(home / 'server.log').read_text()[-2000:]}") from None
         previous = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_HOME")}
         os.environ.update(PREFECT_API_URL=url, PREFECT_HOME=str(home))
         yield {"url": url, "home": home, "env": env}
@@ -127,23 +118,8 @@ def prefect_server(tmp_path_factory):
             else:
                 os.environ[key] = value
     finally:
-        stop_process(proc)
+        stop_group(proc)
         log.close()
-
-
-def stop_process(proc: subprocess.Popen, grace_s: float = 10) -> None:
-    """SIGTERM the process group, wait, then SIGKILL what is left: nothing outlives the tests."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=grace_s)
-    except (subprocess.TimeoutExpired, ProcessLookupError):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=10)
 
 
 @pytest.fixture

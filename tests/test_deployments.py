@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from memlora.serve import deploy_all, ensure_pool, prefect, prefect_env, start, stop
+from memlora.processes import stop_group
+from memlora.serve import deploy_all, ensure_pool, prefect, prefect_env, start
 from tests.conftest import REPO
 
 
@@ -58,7 +59,7 @@ def test_deployment_run_of_the_pipeline_then_verify(prefect_server, tiny_model_d
         assert run.returncode == 0, f"{run.stdout}\n{run.stderr}\n{log}"
         assert "Completed" in run.stdout + run.stderr
     finally:
-        stop(worker)
+        stop_group(worker)
 
     artifacts = asyncio.run(_artifacts())
     keys = {a.key for a in artifacts}

@@ -19,6 +19,7 @@ from memlora.evaluation.replay import FORCED, replay
 from memlora.evaluation.systems import SYSTEMS
 from memlora.memory.store import MemoryStore
 from tests.conftest import REPO
+from tests.student_fixtures import perturb
 
 T0 = datetime(2023, 5, 8, 13, 56)
 EXPERT = {"r": 4, "target_modules": ["q_proj", "v_proj"]}
@@ -106,22 +107,15 @@ def tiny_teacher(tmp_path_factory, tiny_model_dir) -> Path:
 
 def write_experts(out: Path, base: Path) -> None:
     """OUT/adapters/<op>/: DeLoRA experts with non-zero B (a fresh one would leave outputs unchanged)."""
-    import torch
-
+    from memlora.manifest import update_manifest
     from memlora.student.experts import attach_expert
     from memlora.teacher.hf_backend import load_causal_lm
 
     for i, op in enumerate(OPERATIONS):
         model, _, _ = load_causal_lm(str(base), dtype="float32", device="cpu")
         expert = attach_expert(model, ExpertConfig(**EXPERT))
-        gen = torch.Generator().manual_seed(10 + i)
-        with torch.no_grad():
-            for name, p in expert.named_parameters():
-                if "delora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        perturb(expert, seed=10 + i)
         expert.save_pretrained(str(out / "adapters" / op), safe_serialization=True)
-    from memlora.manifest import update_manifest
-
     update_manifest(out)  # as the distill stage does: the evaluation checks adapters against it
 
 

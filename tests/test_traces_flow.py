@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from memlora.config import OPERATIONS
-from tests.conftest import REPO, TEACHER_REF, stop_process
+from memlora.processes import stop_group
+from tests.conftest import REPO, TEACHER_REF
 
 VOLATILE = {"latency_s", "batch_size"}  # wall time, and how calls happened to share batches
 
@@ -88,7 +89,7 @@ def run_until(cmd: list[str], env: dict, out: Path, ready) -> None:
         os.killpg(proc.pid, 9)
         proc.wait(timeout=30)
     finally:
-        stop_process(proc)
+        stop_group(proc)
 
 
 @pytest.mark.timeout(900)
