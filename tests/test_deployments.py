@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -37,6 +39,60 @@ async def _artifacts(flow_run_name: str | None = None):
 
     async with get_client() as client:
         return await client.read_artifacts()
+
+
+async def _scheduled_runs(name: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterId, FlowRunFilter,
+                                                FlowRunFilterState, FlowRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
+
+    async with get_client() as client:
+        deployment = await client.read_deployment_by_name(name)
+        runs = await client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))),
+        )
+        return deployment, runs
+
+
+async def _pause_schedules(deployment) -> None:
+    """So no test worker picks up a nightly run that falls due while the suite runs."""
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        for schedule in deployment.schedules:
+            await client.update_deployment_schedule(deployment.id, schedule.id, active=False)
+        _, runs = await _scheduled_runs("memlora-pipeline/embedded-default")
+        for run in runs:
+            await client.delete_flow_run(run.id)
+
+
+@pytest.mark.prefect
+@pytest.mark.timeout(300)
+def test_the_nightly_schedule_creates_runs(prefect_server):
+    """The scheduler must create the nightly runs (SQLAlchemy 2.1 made it fail silently on every pass)."""
+    env = prefect_env(prefect_server["url"], PREFECT_HOME=str(prefect_server["home"]))
+    ensure_pool("memlora-pool", env)
+    deploy_all(env)
+    deadline = time.monotonic() + 150
+    runs = []
+    while time.monotonic() < deadline:
+        deployment, runs = asyncio.run(_scheduled_runs("memlora-pipeline/embedded-default"))
+        if runs:
+            break
+        time.sleep(2)
+    try:
+        assert runs, "the scheduler created no run of the nightly deployment within 150 s"
+        for run in runs:
+            when = run.expected_start_time.astimezone(timezone.utc)
+            assert (when.hour, when.minute) == (2, 0) and when > datetime.now(timezone.utc), when
+        log = (prefect_server["home"] / "server.log").read_text(errors="replace")
+        for marker in ("schedule_deployments", "InvalidRequestError", "Traceback"):
+            assert marker not in log, f"server log has {marker!r}:\n{log[-3000:]}"
+    finally:
+        asyncio.run(_pause_schedules(deployment))
 
 
 @pytest.mark.prefect
