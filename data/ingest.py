@@ -15,7 +15,7 @@ from memlora.data.split import assign_split
 def ingest(data_path: str | Path, out: str | Path, config: DataConfig) -> list[Conversation]:
     """Load `data_path`, split it, and write the normalized tables; nothing is written if it is invalid."""
     corpus = load_corpus(data_path, LoadOptions(config.max_turn_chars, config.on_long_turn))
-    assign_split(corpus, config.split.test_ratio, config.split.seed)
+    assign_split(corpus, config.split.test_ratio, config.split.seed, config.split.validation_ratio)
     conversations, questions = to_tables(corpus)
     datasets = Path(out) / "datasets"
     write_parquet(conversations, datasets / "conversations.parquet", "conversations")

@@ -1,4 +1,5 @@
-"""Deterministic train/test split by conversation, so no test conversation ever reaches the teacher's traces."""
+"""Deterministic train/validation/test split by conversation, so no test conversation ever reaches the
+teacher's traces and no validation conversation is ever trained on."""
 
 from __future__ import annotations
 
@@ -7,16 +8,25 @@ import math
 
 from memlora.data.records import Conversation
 
+SPLITS = ("train", "validation", "test")
+TRACED = ("train", "validation")  # the teacher plays these; experts train on `train` and stop on `validation`
 
-def assign_split(corpus: list[Conversation], test_ratio: float, seed: int) -> list[Conversation]:
-    """Mark each conversation train or test; the order of `corpus` does not change the outcome."""
+
+def assign_split(corpus: list[Conversation], test_ratio: float, seed: int,
+                 validation_ratio: float = 0.0) -> list[Conversation]:
+    """Mark each conversation train, validation or test; the order of `corpus` does not change the outcome.
+
+    Test conversations are drawn first and exactly as before validation existed, so turning validation on
+    never moves a conversation into or out of the test split. At least one conversation always trains."""
     ranked = sorted(corpus, key=lambda c: hashlib.sha256(f"{seed}:{c.conversation_id}".encode()).hexdigest())
     n_test = math.ceil(len(corpus) * test_ratio) if test_ratio > 0 else 0
-    if len(corpus) > 1:
-        n_test = min(n_test, len(corpus) - 1)  # always leave something to train on
-    else:
-        n_test = 0
+    n_test = min(n_test, len(corpus) - 1) if len(corpus) > 1 else 0
+    rest = len(corpus) - n_test
+    n_val = math.ceil(rest * validation_ratio) if validation_ratio > 0 else 0
+    n_val = min(n_val, rest - 1) if rest > 1 else 0
     test_ids = {c.conversation_id for c in ranked[:n_test]}
+    val_ids = {c.conversation_id for c in ranked[n_test : n_test + n_val]}
     for conv in corpus:
-        conv.split = "test" if conv.conversation_id in test_ids else "train"
+        cid = conv.conversation_id
+        conv.split = "test" if cid in test_ids else "validation" if cid in val_ids else "train"
     return corpus

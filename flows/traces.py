@@ -1,4 +1,4 @@
-"""`generate-traces`: ingest the data, then replay every train conversation through the memory system with
+"""`generate-traces`: ingest the data, then replay every train and validation conversation through the memory system with
 the teacher, recording each call. Conversations fan out over a thread pool whose calls share model batches."""
 
 from __future__ import annotations
@@ -29,9 +29,11 @@ def generate_traces(config: str = "configs/default.yaml", data: str = "", out: s
     log = get_run_logger()
     cfg = load_config_task(config)
     corpus = ingest_task(data, out, cfg)
+    # Validation conversations are traced too: their teacher calls are what early stopping is measured on.
     train = [c for c in corpus if c.split == "train"][: cfg.data.max_conversations]
+    train += [c for c in corpus if c.split == "validation"]
     todo = [c for c in train if not is_traced(out, c.conversation_id)]
-    log.info("%d train conversations selected, %d already traced, %d to trace",
+    log.info("%d train/validation conversations selected, %d already traced, %d to trace",
              len(train), len(train) - len(todo), len(todo))
     if todo:
         shared = cfg.prefect.task_runner == "thread"

@@ -24,6 +24,9 @@ class _Strict(BaseModel):
 
 class SplitConfig(_Strict):
     test_ratio: float = Field(0.25, ge=0.0, lt=1.0)
+    # Share of the non-test conversations held out for validation: traced by the teacher like train ones,
+    # never trained on; their teacher-forced loss drives early stopping and the choice of settings.
+    validation_ratio: float = Field(0.0, ge=0.0, lt=1.0)
     seed: int = 0
 
 
@@ -106,16 +109,22 @@ class MemoryConfig(_Strict):
 
 
 class PruneConfig(_Strict):
+    """Which teacher layers the student keeps: a list, every n-th, or `drop` layers chosen by measurement
+    (the contiguous block whose input and output hidden states differ least on the teacher's own trace
+    prompts: Gromov et al.'s angular distance)."""
+
     source: Literal["teacher"] = Field("teacher", alias="from")
     keep_layers: list[int] | None = None
     every: int | None = Field(None, gt=0)
+    drop: int | None = Field(None, gt=0)
+    probe_rows: int = Field(32, gt=0)  # trace prompts the angular distances are measured on
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     @model_validator(mode="after")
     def _one_rule(self) -> "PruneConfig":
-        if (self.keep_layers is None) == (self.every is None):
-            raise ValueError("give exactly one of keep_layers or every")
+        if sum(rule is not None for rule in (self.keep_layers, self.every, self.drop)) != 1:
+            raise ValueError("give exactly one of keep_layers, every or drop")
         return self
 
 
@@ -134,6 +143,10 @@ class StudentConfig(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
     expert: ExpertConfig = ExpertConfig()
+    # What an expert reads: `minimal`, one instruction line + the operation's input (context distillation: the
+    # teacher's instructions and few-shot examples are trained into the expert); `teacher`, the teacher's
+    # whole prompt. The bare student always gets the teacher's prompt: it needs the examples.
+    prompt: Literal["minimal", "teacher"] = "minimal"
 
     _model_exists = field_validator("model")(classmethod(lambda cls, v: _model_exists(v)))
 
@@ -144,9 +157,22 @@ class StudentConfig(_Strict):
         return self
 
 
+class TargetsConfig(_Strict):
+    """What each expert learns to write, from the teacher's trace row (MemLoRA's target cleaning)."""
+
+    generation: Literal["gold", "teacher"] = "gold"  # the gold answer where the trace's question has one
+    dedupe_facts: bool = True  # drop exact and near-duplicate facts from the teacher's extraction output
+    drop_redundant_none: bool = True  # drop update NONE entries that restate memories the fact leaves alone
+    near_duplicate: float = Field(0.8, gt=0.0, le=1.0)  # token Jaccard at or above which two facts are one
+
+
 class DistillConfig(_Strict):
     learning_rate: float = Field(5e-3, gt=0)
-    max_steps: int = Field(30, gt=0)
+    max_steps: int | None = Field(None, gt=0)  # a cap on optimizer steps over all epochs (None: epochs decide)
+    max_epochs: int = Field(8, gt=0)
+    patience: int = Field(2, ge=0)  # epochs without a better validation loss before stopping (0: never stop)
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    targets: TargetsConfig = TargetsConfig()
     batch_size: int = Field(4, gt=0)
     gradient_accumulation_steps: int = Field(1, gt=0)
     max_length: int = Field(1024, gt=0)

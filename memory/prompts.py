@@ -120,6 +120,27 @@ TEMPLATES = {
 }
 
 
+# --- student prompts (context distillation) ---------------------------------------------------------------
+
+# One instruction line per operation: an expert learns the rest (the teacher's instructions and examples) from
+# being trained on (this prompt -> the teacher's output under its full prompt).
+STUDENT_SYSTEM = {
+    "extraction": 'Extract the facts worth remembering as JSON {"facts": [...]}.',
+    "update": 'Decide ADD, UPDATE, DELETE or NONE for the new fact as JSON {"memory": [...]}.',
+    "generation": 'Answer the question from the memories as JSON {"answer": ...}.',
+}
+
+
+def student_messages(operation: str, messages: list[dict]) -> list[dict]:
+    """The minimal student prompt for a request built with our teacher template: its one instruction line and
+    the request's own input (the last user message). A prompt made by another template (a captured client's)
+    is returned unchanged: it is not ours to shorten."""
+    template = TEMPLATES.get(operation)
+    if template is None or not messages or messages[0].get("content") != template.system:
+        return messages
+    return [{"role": "system", "content": STUDENT_SYSTEM[operation]}, messages[-1]]
+
+
 # --- output schemas -------------------------------------------------------------------------------------
 
 

@@ -20,7 +20,58 @@ from memlora.teacher.hf_backend import load_causal_lm
 MARKER = "memlora_student.json"
 
 
-def keep_layers(n_layers: int, prune: PruneConfig) -> list[int]:
+@torch.no_grad()
+def angular_distances(model, rows: list[list[int]], n: int) -> list[float]:
+    """For each start l, the mean angular distance (arccos of the cosine, over pi) between the hidden state
+    entering layer l and the one leaving layer l+n-1, over every token of `rows` (Gromov et al. 2024: the block
+    that changes the residual stream least is the one to drop). Blocks that would include the last layer are
+    not scored: its output goes through the final norm, and it is always kept."""
+    n_layers = model.config.num_hidden_layers
+    starts = range(0, n_layers - n)  # l + n <= n_layers - 1
+    totals = [0.0] * len(starts)
+    count = 0
+    model.eval()
+    for ids in rows:
+        hidden = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+        for i, l in enumerate(starts):
+            a, b = hidden[l][0].float(), hidden[l + n][0].float()
+            cos = torch.nn.functional.cosine_similarity(a, b, dim=-1).clamp(-1.0, 1.0)
+            totals[i] += float((torch.arccos(cos) / torch.pi).sum())
+        count += len(ids)
+    return [t / max(count, 1) for t in totals]
+
+
+def probe_rows(out: str | Path, tokenizer, limit: int, max_tokens: int = 512) -> list[list[int]]:
+    """Token ids of the teacher's own calls (prompt + output), spread over the operations: what the student
+    will read and write."""
+    from memlora.config import OPERATIONS
+    from memlora.student.examples import load_traces, trace_files
+
+    per_op = []
+    for op in OPERATIONS:
+        rows = load_traces(trace_files(out, op)).to_pylist()
+        per_op.append([tokenizer.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=True)
+                       + r["raw_output"] for r in rows])
+    from itertools import chain, zip_longest
+
+    texts = [t for t in chain.from_iterable(zip_longest(*per_op)) if t is not None][:limit]  # round robin
+    return [tokenizer(t, add_special_tokens=False)["input_ids"][-max_tokens:] for t in texts]
+
+
+def choose_drop(scores: list[float], n: int) -> list[int]:
+    start = min(range(len(scores)), key=scores.__getitem__)
+    return list(range(start, start + n))
+
+
+def keep_layers(n_layers: int, prune: PruneConfig, scores: list[float] | None = None) -> list[int]:
+    if prune.drop is not None:
+        if not 0 < prune.drop < n_layers - 1:
+            raise ValueError(f"student.prune.drop: {prune.drop} layers cannot be dropped from a {n_layers}-layer "
+                             "teacher (one layer and the last one stay)")
+        if scores is None:
+            raise ValueError("student.prune.drop needs angular-distance scores (teacher traces to measure on)")
+        dropped = set(choose_drop(scores, prune.drop))
+        return [i for i in range(n_layers) if i not in dropped]
     if prune.keep_layers is not None:
         bad = [i for i in prune.keep_layers if not 0 <= i < n_layers]
         if bad:
@@ -81,7 +132,14 @@ def build_student(config: Config, out: str | Path) -> Path:
                                          dtype="float32", device="cpu",
                                          trust_remote_code=config.teacher.trust_remote_code)
     n_layers = model.config.num_hidden_layers
-    keep = keep_layers(n_layers, student.prune)
+    scores = None
+    if student.prune.drop is not None:
+        rows = probe_rows(out, tokenizer, student.prune.probe_rows)
+        if not rows:
+            raise ValueError(f"{Path(out) / 'traces'}: no teacher traces to choose the layers to drop on "
+                             "(run `memlora traces` first)")
+        scores = angular_distances(model, rows, student.prune.drop)
+    keep = keep_layers(n_layers, student.prune, scores)
     prune_layers(model, keep)
     # A GGUF teacher arrives dequantized but still tagged with its quantizer, which refuses to save.
     model.hf_quantizer = None
@@ -93,6 +151,7 @@ def build_student(config: Config, out: str | Path) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / MARKER).write_text(json.dumps({"recipe": recipe, "kept_layers": keep, "teacher_layers": n_layers,
+                                              "angular_distance_by_start": scores,
                                               "parameters": sum(p.numel() for p in model.parameters())}, indent=2))
         if target.exists():
             shutil.rmtree(target)

@@ -7,8 +7,11 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from memlora.config import TargetsConfig
 from memlora.data.io import read_parquet, sha256_file
 from memlora.data.schemas import TRACES
+from memlora.memory.prompts import student_messages
+from memlora.student.targets import Target, TargetStats, make_target
 
 IGNORE = -100
 
@@ -31,6 +34,8 @@ class ExampleSet:
     skipped: dict[str, int] = field(default_factory=dict)
     completion_tokens: int = 0
     with_logprobs: int = 0
+    targets: dict = field(default_factory=dict)  # what target cleaning changed (counts)
+    prompt_tokens: int = 0
 
 
 def trace_files(out: str | Path, operation: str) -> list[Path]:
@@ -52,31 +57,63 @@ def load_traces(files: list[Path]) -> pa.Table:
     return pa.concat_tables(read_parquet(f, "traces", TRACES) for f in files)
 
 
-def build_examples(table: pa.Table, tokenizer, max_length: int, same_tokenizer: bool) -> ExampleSet:
-    """Only parse_ok rows train; token ids and log-probs from the teacher are used where the vocabularies match."""
+def conversation_splits(out: str | Path) -> dict[str, str]:
+    """conversation_id -> train / validation / test, as ingest assigned them."""
+    import pyarrow.parquet as pq
+
+    path = Path(out) / "datasets" / "conversations.parquet"
+    if not path.is_file():
+        return {}
+    table = pq.read_table(path, columns=["conversation_id", "split"])
+    return dict(zip(table.column("conversation_id").to_pylist(), table.column("split").to_pylist()))
+
+
+def split_rows(table: pa.Table, splits: dict[str, str]) -> tuple[pa.Table, pa.Table]:
+    """(train rows, validation rows) by each row's conversation; a conversation ingest did not mark as
+    validation trains (traces made before validation existed)."""
+    is_val = [splits.get(cid) == "validation" for cid in table.column("conversation_id").to_pylist()]
+    import pyarrow.compute as pc
+
+    mask = pa.array(is_val, type=pa.bool_())
+    return table.filter(pc.invert(mask)), table.filter(mask)
+
+
+def build_examples(table: pa.Table, tokenizer, max_length: int, same_tokenizer: bool, *,
+                   prompt: str = "teacher", targets: TargetsConfig | None = None,
+                   gold: dict | None = None, answer_max_chars: int = 120) -> ExampleSet:
+    """Only parse_ok rows train; token ids and log-probs from the teacher are used where the vocabularies match
+    and the target is the teacher's own output. `prompt="minimal"` trains on the student template
+    (`memory.prompts.student_messages`); `targets` cleans what the expert learns to write."""
     skipped: dict[str, int] = {}
     examples: list[Example] = []
-    tokens = with_lp = 0
+    tokens = with_lp = prompt_total = 0
     eos = tokenizer.eos_token_id
+    stats = TargetStats()
     rows = table.to_pylist()
     for row in rows:
         if not row["parse_ok"]:
             skipped["parse_failed"] = skipped.get("parse_failed", 0) + 1
             continue
-        prompt = tokenizer.apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True)
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        if same_tokenizer and row["completion_token_ids"] is not None:
+        messages = student_messages(row["operation"], row["messages"]) if prompt == "minimal" else row["messages"]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        target = (make_target(row, targets, gold or {}, answer_max_chars, stats) if targets is not None
+                  else Target(row["raw_output"], False))
+        if target.changed:
+            stats.counts["targets_changed"] += 1
+            completion = tokenizer(target.text, add_special_tokens=False)["input_ids"]
+        elif same_tokenizer and row["completion_token_ids"] is not None:
             completion = list(row["completion_token_ids"])
         else:
             completion = tokenizer(row["raw_output"], add_special_tokens=False)["input_ids"]
         teacher_tokens = len(completion)
-        if row["finish_reason"] != "length":
+        if row["finish_reason"] != "length" or target.changed:
             completion = completion + [eos]  # teach it to stop where the teacher stopped (not where it was cut)
         if len(prompt_ids) + len(completion) > max_length:
             skipped["too_long"] = skipped.get("too_long", 0) + 1
             continue
         teacher_ids = teacher_lps = None
-        top = row["top_logprobs"] if same_tokenizer else None
+        top = row["top_logprobs"] if same_tokenizer and not target.changed else None
         if top and len(top) == teacher_tokens:  # one top-k per teacher token; none for the EOS we add
             finite = [[t for t in step if t["logprob"] > float("-inf")] for step in top]
             teacher_ids = [[t["token_id"] for t in step] for step in finite]
@@ -92,4 +129,5 @@ def build_examples(table: pa.Table, tokenizer, max_length: int, same_tokenizer: 
             )
         )
         tokens += len(completion)
-    return ExampleSet(examples, len(rows), len(examples), skipped, tokens, with_lp)
+        prompt_total += len(prompt_ids)
+    return ExampleSet(examples, len(rows), len(examples), skipped, tokens, with_lp, stats.as_dict(), prompt_total)

@@ -1,5 +1,5 @@
 """Experts: one peft adapter per memory operation (DeLoRA by default, LoRA for comparison), and inference
-with all of them on one base model, switched per operation with `set_adapter`."""
+with all of them on one base model, switched per operation by repointing the adapted layers."""
 
 from __future__ import annotations
 
@@ -72,8 +72,9 @@ class ExpertBackend(TransformersBackend):
     backend_name = "transformers+experts"
 
     def __init__(self, base: str | Path, adapters: dict[str, Path] | None, *, batch_size: int = 8,
-                 device: str = "auto", dtype: str = "auto", prefix_cache: bool = True):
+                 device: str = "auto", dtype: str = "auto", prefix_cache: bool = True, prompt: str = "teacher"):
         model, tokenizer, model_id = load_causal_lm(str(base), dtype=dtype, device=device)
+        self.prompt = prompt  # "minimal": an operation with an expert reads the student template
         self.operations: list[str] = [op for op in OPERATIONS if op in (adapters or {})]
         self.operations += [op for op in (adapters or {}) if op not in self.operations]
         if self.operations:
@@ -137,6 +138,18 @@ class ExpertBackend(TransformersBackend):
         finally:
             with self._lock:
                 self._bare = previous
+
+    def generate(self, requests):
+        """Requests for an operation with an expert are rewritten to the student template when the experts
+        were trained on it (`student.prompt: minimal`); the bare base keeps the teacher's prompt."""
+        if self.prompt == "minimal" and not self._bare:
+            from dataclasses import replace
+
+            from memlora.memory.prompts import student_messages
+
+            requests = [replace(r, messages=student_messages(r.operation, r.messages))
+                        if r.operation in self.operations else r for r in requests]
+        return super().generate(requests)
 
     def before_batch(self, operation: str) -> None:
         self.use(operation if operation in self.operations and not self._bare else None)

@@ -7,6 +7,7 @@ saving on rank 0) that TRL's trainers would only wrap again; the one thing we ad
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -14,11 +15,14 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from memlora.config import Config
 from memlora.student.build import shares_teacher_tokenizer
-from memlora.student.examples import IGNORE, Example, ExampleSet, build_examples, load_traces, trace_files
+from memlora.student.examples import (
+    IGNORE, Example, ExampleSet, build_examples, conversation_splits, load_traces, split_rows, trace_files,
+)
+from memlora.student.targets import gold_answers
 from memlora.student.experts import adapter_dir, attach_expert
 from memlora.student.losses import distillation_loss
 from memlora.teacher.hf_backend import load_causal_lm
@@ -124,6 +128,75 @@ def mean_loss(model, examples: list[Example], collator: Collator, cfg, device) -
     return total / max(len(batches), 1)
 
 
+class BestEpoch(TrainerCallback):
+    """Validation loss after every epoch; keeps a copy of the best epoch's adapter weights and stops once
+    `patience` epochs have not beaten it. Without validation rows every epoch counts as the best (the last
+    one is kept) and nothing stops early."""
+
+    def __init__(self, trainer_ref, validation: list[Example], collator: Collator, cfg, zero_stage: int):
+        self.trainer_ref, self.validation, self.collator, self.cfg = trainer_ref, validation, collator, cfg
+        self.zero_stage = zero_stage
+        self.epochs: list[dict] = []
+        self.best_loss = math.inf
+        self.best_epoch = 0
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.bad_epochs = 0
+        self.stopped_early = False
+        self._logged = 0
+
+    def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in self.trainer_ref().model.named_parameters() if p.requires_grad]
+
+    def _gathered(self, params):
+        if self.zero_stage == 3:
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+        from contextlib import nullcontext
+
+        return nullcontext()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        trainer = self.trainer_ref()
+        history = [h["loss"] for h in state.log_history if "loss" in h]
+        epoch_losses, self._logged = history[self._logged:], len(history)
+        train_loss = sum(epoch_losses) / len(epoch_losses) if epoch_losses else None
+        val = mean_loss(trainer.model_wrapped, self.validation, self.collator, self.cfg, args.device) \
+            if self.validation else None
+        epoch = len(self.epochs) + 1
+        self.epochs.append({"epoch": epoch, "step": state.global_step,
+                            "train_loss": round(train_loss, 5) if train_loss is not None else None,
+                            "validation_loss": round(val, 5) if val is not None else None})
+        if val is None or val < self.best_loss:
+            self.best_loss = val if val is not None else math.inf
+            self.best_epoch, self.bad_epochs = epoch, 0
+            params = [p for _, p in self._trainable()]
+            with self._gathered(params):
+                self.best_state = {n: p.detach().clone() for n, p in self._trainable()}
+        else:
+            self.bad_epochs += 1
+            if self.cfg.patience and self.bad_epochs >= self.cfg.patience:
+                self.stopped_early = True
+                control.should_training_stop = True
+        return control
+
+    def restore_best(self) -> bool:
+        """Put the best epoch's weights back; True if that changed anything (the last epoch was not it)."""
+        if self.best_state is None or self.best_epoch == len(self.epochs):
+            return False
+        params = [p for _, p in self._trainable()]
+        with self._gathered(params), torch.no_grad():
+            for name, p in self._trainable():
+                p.copy_(self.best_state[name].to(p.device, p.dtype))
+        return True
+
+
+def planned_steps(n_examples: int, cfg, world: int) -> int:
+    per_epoch = math.ceil(math.ceil(n_examples / (cfg.batch_size * world)) / cfg.gradient_accumulation_steps)
+    total = max(per_epoch, 1) * cfg.max_epochs
+    return min(total, cfg.max_steps) if cfg.max_steps else total
+
+
 def train_expert(config: Config, out: str | Path, operation: str, base: str | Path, cache: dict) -> dict | None:
     """Train `operation`'s expert; rank 0 writes OUT/adapters/<operation>/ atomically and returns its record.
 
@@ -139,13 +212,19 @@ def train_expert(config: Config, out: str | Path, operation: str, base: str | Pa
                                          trust_remote_code=config.student.trust_remote_code)
     same_tokenizer = shares_teacher_tokenizer(config, tokenizer)
     files = trace_files(out, operation)
-    data: ExampleSet = build_examples(load_traces(files), tokenizer, cfg.max_length, same_tokenizer)
+    train_rows, val_rows = split_rows(load_traces(files), conversation_splits(out))
+    recipe = dict(prompt=config.student.prompt, targets=cfg.targets, gold=gold_answers(out),
+                  answer_max_chars=config.memory.answer_max_chars)
+    data: ExampleSet = build_examples(train_rows, tokenizer, cfg.max_length, same_tokenizer, **recipe)
+    val_data: ExampleSet = build_examples(val_rows, tokenizer, cfg.max_length, same_tokenizer, **recipe)
     if not data.examples:
         raise RuntimeError(f"{operation}: no usable trace rows under {Path(out) / 'traces' / operation} "
                            f"({data.rows_total} rows, skipped {data.skipped})")
-    top_k = max((len(step) for e in data.examples if e.teacher_ids for step in e.teacher_ids), default=1)
+    top_k = max((len(step) for e in data.examples + val_data.examples if e.teacher_ids for step in e.teacher_ids),
+                default=1)
     collator = Collator(tokenizer.pad_token_id, top_k)
     probe = data.examples[: 4 * cfg.batch_size]
+    total_steps = planned_steps(len(data.examples), cfg, world)
 
     work = Path(out) / "adapters" / f".work-{operation}"
     args = TrainingArguments(
@@ -153,9 +232,10 @@ def train_expert(config: Config, out: str | Path, operation: str, base: str | Pa
         per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=cfg.learning_rate,
-        max_steps=cfg.max_steps,
+        num_train_epochs=cfg.max_epochs,
+        max_steps=cfg.max_steps or -1,
         lr_scheduler_type="constant_with_warmup",
-        warmup_steps=min(5, cfg.max_steps // 10),
+        warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
         logging_steps=1,
         save_strategy="no",
         report_to=[],
@@ -173,13 +253,19 @@ def train_expert(config: Config, out: str | Path, operation: str, base: str | Pa
     torch.manual_seed(cfg.seed)  # the same expert init on every rank
     model = attach_expert(model, config.student.expert, name="default").to(args.device)
     loss_before = mean_loss(model, probe, collator, cfg, args.device)
+    val_before = mean_loss(model, val_data.examples, collator, cfg, args.device) if val_data.examples else None
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     trainer = DistillTrainer(
         model=model, args=args, train_dataset=ExampleDataset(data.examples), data_collator=collator,
         kd_weight=cfg.kd_weight, kd_loss=cfg.kd_loss, jsd_beta=cfg.jsd_beta,
     )
+    import weakref
+
+    best = BestEpoch(weakref.ref(trainer), val_data.examples, collator, cfg, cfg.zero_stage)
+    trainer.add_callback(best)
     train_metrics = trainer.train().metrics
+    restored = best.restore_best()
     loss_after = mean_loss(trainer.model_wrapped, probe, collator, cfg, trainer.args.device)
     tokens = torch.tensor([trainer.tokens_seen], dtype=torch.long)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -198,13 +284,27 @@ def train_expert(config: Config, out: str | Path, operation: str, base: str | Pa
     for leftover in ("training_args.bin", "README.md"):
         (staging / leftover).unlink(missing_ok=True)  # a pickle and a template card: not part of an adapter
     curve = [round(h["loss"], 5) for h in trainer.state.log_history if "loss" in h]
+    grad_norms = [round(h["grad_norm"], 3) for h in trainer.state.log_history if "grad_norm" in h]
     record = {
         "operation": operation,
         "method": config.student.expert.method,
         "steps": trainer.state.global_step,
         "loss_curve": curve,
+        "grad_norms": grad_norms,
         "loss_before": round(loss_before, 5),
         "loss_after": round(loss_after, 5),
+        "epochs": best.epochs,
+        "best_epoch": best.best_epoch,
+        "best_restored": restored,
+        "stopped_early": best.stopped_early,
+        "validation_loss_before": round(val_before, 5) if val_before is not None else None,
+        "validation_loss_best": round(best.best_loss, 5) if math.isfinite(best.best_loss) else None,
+        "validation_rows": val_data.rows_used,
+        "warmup_steps": args.warmup_steps,
+        "learning_rate": cfg.learning_rate,
+        "prompt": config.student.prompt,
+        "prompt_tokens_mean": round(data.prompt_tokens / max(data.rows_used, 1), 1),
+        "targets": data.targets,
         "tokens_seen": int(tokens.item()),
         "wall_time_s": round(time.perf_counter() - started, 2),
         "train_time_s": round(train_metrics["train_runtime"], 2),

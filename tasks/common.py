@@ -39,10 +39,10 @@ def load_config_task(path: str) -> Config:
 @task(name="ingest", cache_policy=NONE)
 def ingest_task(data: str, out: str, config: Config) -> list[Conversation]:
     corpus = ingest(data, out, config.data)
-    n_test = sum(c.split == "test" for c in corpus)
+    n = {split: sum(c.split == split for c in corpus) for split in ("train", "validation", "test")}
     get_run_logger().info(
-        "ingested %d conversations (%d train, %d test), %d turns, %d questions from %s",
-        len(corpus), len(corpus) - n_test, n_test, sum(len(c.turns) for c in corpus),
+        "ingested %d conversations (%d train, %d validation, %d test), %d turns, %d questions from %s",
+        len(corpus), n["train"], n["validation"], n["test"], sum(len(c.turns) for c in corpus),
         sum(len(c.questions) for c in corpus), data,
     )
     return corpus

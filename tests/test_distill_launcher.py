@@ -147,3 +147,17 @@ def test_launcher_command_on_a_cpu_machine(tiny_model_dir, tmp_path, monkeypatch
     _, two = distill_config(tmp_path / "d.yaml", str(tiny_model_dir), student=PRUNE, num_gpus=2)
     cmd, _ = launcher_command(two, "c.yaml", "out", "update", "base", cache)
     assert cmd[cmd.index("--num_gpus") + 1] == "2"
+
+
+def reloaded_validation_loss(config, out: Path, base: Path, operation: str) -> float:
+    """The validation loss of the adapter as saved, on the validation conversations' rows."""
+    from peft import PeftModel
+
+    from memlora.student.examples import conversation_splits, split_rows
+    from memlora.teacher.hf_backend import load_causal_lm
+
+    model, tokenizer, _ = load_causal_lm(str(base), dtype="float32", device="cpu")
+    model = PeftModel.from_pretrained(model, str(out / "adapters" / operation), use_safetensors=True)
+    _, val_rows = split_rows(load_traces(trace_files(out, operation)), conversation_splits(out))
+    data = build_examples(val_rows, tokenizer, config.distill.max_length, True, prompt=config.student.prompt)
+    return mean_loss(model, data.examples, Collator(tokenizer.pad_token_id, 4), config.distill, "cpu")
