@@ -94,6 +94,10 @@ def student_with_experts(out: str | Path | None, scratch: Path) -> tuple[Path, P
     config = load_config(CONFIG)
     if out and expert_folders(out):
         return build_student(config, out), Path(out)
+    if not (Path(scratch) / "traces").is_dir():  # the student's layers are chosen on teacher traces
+        import shutil
+
+        shutil.copytree(SAMPLE_TRACES, Path(scratch) / "traces")
     base = build_student(config, scratch)
     if len(expert_folders(scratch)) < len(OPERATIONS):
         import torch

@@ -76,11 +76,19 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
     items = [("extraction fact precision", "extraction", "fact_precision"),
              ("extraction fact recall", "extraction", "fact_recall"),
              ("extraction fact F1", "extraction", "fact_f1"),
-             ("update event accuracy", "update", "event_accuracy"),
              ("update event macro-F1", "update", "event_macro_f1"),
+             ("update majority-class baseline macro-F1", "update", "majority_baseline_macro_f1"),
+             ("update event accuracy", "update", "event_accuracy"),
+             ("update majority-class baseline accuracy", "update", "majority_baseline_accuracy"),
              ("generation token F1", "generation", "answer_token_f1"),
              ("generation ROUGE-L", "generation", "answer_rouge_l")]
     lines += _table(rows, items)
+    events = ("add", "update", "delete", "none", "invalid")
+    lines += ["", "Update decisions per class (teacher-forced, constrained): what the teacher decided on these calls, "
+              "then what each system decided. The majority-class baseline always answers the teacher's most common "
+              "event: an expert is only useful above it.", ""]
+    lines += _table(rows, [(f"teacher says {e.upper()}", "update", f"reference_{e}") for e in events[:4]]
+                    + [(f"system says {e.upper()}", "update", f"predicted_{e}") for e in events])
     lines += ["", "### The same requests without their schema (free decoding)", ""]
     lines += _table(rows, [(label, op, metric + "_free") for label, op, metric in items])
     lines += ["", "## JSON validity", "",
@@ -159,13 +167,62 @@ def _v(rows, system, operation, metric):
     return (r["value"], r["ci_low"], r["ci_high"])
 
 
-def render_png(rows: list[dict], path: Path) -> Path:
+def training_records(out: str | Path) -> dict[str, dict]:
+    """Each expert's training.json, by operation (the per-epoch losses the report plots)."""
+    import json
+
+    records = {}
+    for op in OPERATIONS:
+        path = Path(out) / "adapters" / op / "training.json"
+        if path.is_file():
+            records[op] = json.loads(path.read_text())
+    return records
+
+
+def training_markdown(records: dict[str, dict]) -> list[str]:
+    if not records:
+        return []
+    lines = ["", "## Expert training (per epoch; the best validation epoch is the expert kept)", "",
+             "| expert | epochs run | best epoch | train loss per epoch | validation loss per epoch | stopped early | "
+             "student prompt tokens (mean) | target cleaning |", "|---|---|---|---|---|---|---|---|"]
+    for op, r in records.items():
+        epochs = r.get("epochs") or []
+        fmt = lambda key: ", ".join("–" if e[key] is None else f"{e[key]:.3f}" for e in epochs) or "–"  # noqa: E731
+        lines.append(f"| {op} | {len(epochs)} | {r.get('best_epoch', '–')} | {fmt('train_loss')} | "
+                     f"{fmt('validation_loss')} | {r.get('stopped_early', '–')} | {r.get('prompt_tokens_mean', '–')} "
+                     f"({r.get('prompt', 'teacher')}) | {r.get('targets') or '–'} |")
+    return lines
+
+
+def _curves(ax, records: dict[str, dict]) -> None:
+    colors = dict(zip(OPERATIONS, ("#4C72B0", "#DD8452", "#55A868")))
+    for op, r in records.items():
+        epochs = r.get("epochs") or []
+        x = [e["epoch"] for e in epochs]
+        ax.plot(x, [e["train_loss"] for e in epochs], "o--", color=colors[op], label=f"{op} train", alpha=0.7)
+        if any(e["validation_loss"] is not None for e in epochs):
+            ax.plot(x, [e["validation_loss"] for e in epochs], "o-", color=colors[op], label=f"{op} validation")
+        if r.get("best_epoch"):
+            best = epochs[r["best_epoch"] - 1]
+            if best["validation_loss"] is not None:
+                ax.plot([best["epoch"]], [best["validation_loss"]], "*", color=colors[op], markersize=14)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("distillation loss")
+    ax.set_title("Expert training: loss per epoch (star: the epoch kept)", fontsize=10)
+    ax.grid(alpha=0.3)
+    if records:
+        ax.legend(fontsize=7, framealpha=0.7)
+
+
+def render_png(rows: list[dict], path: Path, records: dict[str, dict] | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    fig, axes = plt.subplots(3, 2, figsize=(13, 13))
+    _curves(axes[2, 0], records or {})
+    axes[2, 1].axis("off")
     acc = [(f"{op}\n{m}", op, m) for op, m in PRIMARY.items()] + [
         ("QA\ntoken F1", "qa", "token_f1"), ("QA\njudge accuracy", "qa", "judge_accuracy")]
     _bars(axes[0, 0], [g for g, _, _ in acc], {s: [_v(rows, s, op, m) for _, op, m in acc] for s in SYSTEMS},
@@ -196,6 +253,7 @@ def render_png(rows: list[dict], path: Path) -> Path:
 
 def write_report(rows: list[dict], meta: dict, out: str | Path) -> tuple[Path, Path]:
     md, png = report_paths(out)
-    write_text(render_markdown(rows, meta) + "\n", md)
-    render_png(rows, png)
+    records = training_records(out)
+    write_text(render_markdown(rows, meta) + "\n".join(training_markdown(records)) + "\n", md)
+    render_png(rows, png, records)
     return md, png

@@ -74,7 +74,8 @@ def _decoding_rows(system, rows, reference, label, config: Config) -> list[dict]
                         proportion([r["schema_valid"] for r in op_rows]), decoding=label))
         for metric, estimate in agreement.score(op, op_rows, reference, ev.fact_match_threshold,
                                                 ev.bootstrap_samples).items():
-            out.append(_row(system, "agreement", op, metric + suffix, estimate, decoding=label))
+            unit = "calls" if metric.startswith(("predicted_", "reference_")) else "ratio"
+            out.append(_row(system, "agreement", op, metric + suffix, estimate, unit, decoding=label))
     return out
 
 
@@ -185,6 +186,8 @@ def headline(rows: list[dict]) -> list[dict]:
         table.append({
             "system": system,
             "extraction_fact_f1": v(system, "extraction", "fact_f1"),
+            "update_event_macro_f1": v(system, "update", "event_macro_f1"),
+            "update_majority_macro_f1": v(system, "update", "majority_baseline_macro_f1"),
             "update_event_accuracy": v(system, "update", "event_accuracy"),
             "generation_token_f1": v(system, "generation", "answer_token_f1"),
             "parse_ok_constrained": _mean([v(system, op, "parse_ok") for op in OPERATIONS]),

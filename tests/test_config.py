@@ -29,7 +29,7 @@ def test_default_config_loads():
         ({"student": {"model": "./missing-student"}}, "student.model", "not found"),
         ({"student": {"prune": {"from": "teacher", "every": 3}, "expert": {"r": 0}}}, "student.expert.r", "greater than 0"),
         ({"student": {"prune": {"from": "teacher", "every": 3}, "expert": {"r": -4}}}, "student.expert.r", "greater than 0"),
-        ({"student": {"prune": {"from": "teacher"}}}, "student.prune", "exactly one of keep_layers or every"),
+        ({"student": {"prune": {"from": "teacher"}}}, "student.prune", "exactly one of keep_layers, every or drop"),
         ({"distill": {"zero_stage": 1}}, "distill.zero_stage", "2 or 3"),
         ({"distill": {"learning_rate": -1}}, "distill.learning_rate", "greater than 0"),
         ({"data": {"split": {"test_ratio": 1.5}}}, "data.split.test_ratio", "less than 1"),

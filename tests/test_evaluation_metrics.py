@@ -110,6 +110,10 @@ def test_agreement_leaves_out_unparsed_teacher_calls_and_zeroes_unparsed_answers
     assert ex["fact_f1"].n == 2 and ex["fact_f1"].value == pytest.approx(0.5)
     up = agreement.score("update", system, teacher, 0.5, samples=0)
     assert up["event_accuracy"].value == 0.5 and up["event_macro_f1"].value == pytest.approx(1 / 2)
+    # Always answering the teacher's most common event (a tie ADD/NONE: ADD, first in EVENTS order).
+    assert up["majority_baseline_accuracy"].value == 0.5 and up["majority_baseline_macro_f1"].value == pytest.approx(1 / 3)
+    assert (up["reference_add"].value, up["reference_none"].value) == (1, 1)
+    assert (up["predicted_add"].value, up["predicted_invalid"].value) == (1, 1)
     gen = agreement.score("generation", system, teacher, 0.5, samples=0)
     assert gen["answer_token_f1"].value == 1.0 and gen["answer_rouge_l"].value == 1.0
 

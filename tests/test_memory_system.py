@@ -114,3 +114,26 @@ def test_micro_batcher_merges_threads_and_keeps_results(tiny_backend):
     batcher.close()
     assert [got[i] for i in range(6)] == direct
     assert max(sizes) > 1  # calls from different threads shared a batch
+
+
+def test_a_fact_unlike_every_memory_is_added_without_an_update_call(embedder):
+    """memory.min_similarity: unrelated memories are not shown (a small model answers NONE to them and the
+    new fact is lost); a fact with nothing similar is stored directly, a similar one still gets its call."""
+    llm = ScriptedLLM({"update": ['{"memory": [{"id": "0", "text": "Ann has two cats", "event": "UPDATE", '
+                                  '"old_memory": "Ann has a cat"}]}']})
+    calls = []
+    store = MemoryStore()
+    system = MemorySystem(llm, store, embedder, MemoryConfig(min_similarity=0.5), on_call=calls.append)
+    system.update("c1", 1, ["Ann has a cat"], T0)  # empty store: stored without a call
+    system.update("c1", 1, ["The bakery on Pine Road opens at 6 am"], T0)  # unrelated: stored without a call
+    assert calls == [] and len(store.all("c1")) == 2
+    system.update("c1", 1, ["Ann has two cats"], T0)  # like "Ann has a cat": the model decides
+    assert len(calls) == 1 and "Ann has a cat" in calls[0].request.messages[-1]["content"]
+    assert "Pine Road" not in calls[0].request.messages[-1]["content"]
+    assert sorted(m.text for m in store.all("c1")) == ["Ann has two cats", "The bakery on Pine Road opens at 6 am"]
+    # min_similarity 0 (the code's default) keeps Mem0's way: every fact gets a call, top_k memories shown.
+    plain_calls = []
+    plain = MemorySystem(ScriptedLLM({"update": ['{"memory": [{"id": "0", "text": "x", "event": "ADD"}]}']}),
+                         MemoryStore(), embedder, MemoryConfig(), on_call=plain_calls.append)
+    plain.update("c1", 1, ["Ann has a cat"], T0)
+    assert len(plain_calls) == 1

@@ -1,0 +1,137 @@
+"""Student depth: the same expert trained on students of several depths, scored on the validation
+conversation(s), next to each student's latency and size: the curve a user needs to pick a student size.
+Writes bench/results/prune_depth.json.
+
+    python bench/prune_depth.py --out OUT [--operation extraction] [--depths full,drop:4,drop:8,every:2,every:3]
+
+OUT must hold a pipeline run's datasets and traces with a validation split (`data.split.validation_ratio`).
+Each depth: the student is built with that prune rule (layers to drop chosen by angular distance on the
+teacher's traces for `drop:N`), the operation's expert is trained through the real launcher with the
+configured recipe (minimal prompt, cleaned targets, epochs with early stopping on validation), then it answers
+the teacher's own validation requests under the same schema. Agreement with the teacher (the operation's
+primary metric), parse rate, latency per call and parameters are reported per depth, and each depth's
+latency relative to the unpruned student, measured in the same run. No healing is applied.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import yaml  # noqa: E402
+from common import CONFIG, bench_parser, save, table  # noqa: E402
+
+from memlora.config import parse_config  # noqa: E402
+from memlora.evaluation import agreement  # noqa: E402
+from memlora.evaluation.replay import parse_output  # noqa: E402
+from memlora.manifest import update_manifest  # noqa: E402
+from memlora.memory.llm import GenerationRequest  # noqa: E402
+from memlora.student.build import build_student  # noqa: E402
+from memlora.student.distill import distill_operation  # noqa: E402
+from memlora.student.examples import conversation_splits, load_traces, split_rows, trace_files  # noqa: E402
+from memlora.student.experts import ExpertBackend  # noqa: E402
+
+
+def prune_rule(spec: str) -> dict | None:
+    if spec == "full":
+        return {"from": "teacher", "every": 1}  # every layer: the unpruned teacher as student
+    kind, _, n = spec.partition(":")
+    return {"from": "teacher", kind: int(n)}
+
+
+def depth_config(raw: dict, spec: str, quick: bool) -> dict:
+    raw = json.loads(json.dumps(raw))
+    raw["student"]["prune"] = prune_rule(spec)
+    if quick:
+        raw["distill"].update(max_epochs=1, max_steps=2)
+    return raw
+
+
+def validation_requests(out: Path, operation: str, budget: int, limit: int | None) -> list[dict]:
+    _, val = split_rows(load_traces(trace_files(out, operation)), conversation_splits(out))
+    rows = [r for r in val.to_pylist() if r["parse_ok"]]
+    return rows[:limit] if limit else rows
+
+
+def score(operation: str, rows: list[dict], backend: ExpertBackend, budget: int, batch: int) -> dict:
+    requests = [GenerationRequest(operation, r["messages"], budget, json.loads(r["output_schema"]))
+                for r in rows]
+    started = time.perf_counter()
+    results = backend.generate(requests)
+    wall = time.perf_counter() - started
+    system, reference = [], {}
+    for i, (row, result) in enumerate(zip(rows, results)):
+        parsed = parse_output(operation, row["messages"], result.text)
+        system.append({"operation": operation, "ref_index": i, "parse_ok": parsed.ok,
+                       "parsed_output": json.dumps(parsed.value) if parsed.ok else None})
+        reference[i] = row
+    metrics = agreement.score(operation, system, reference, 0.5, samples=1000)
+    primary = metrics[agreement.PRIMARY[operation]]
+    return {"agreement": round(primary.value, 3), "ci": [round(primary.ci_low, 3), round(primary.ci_high, 3)],
+            "parse_ok": round(sum(s["parse_ok"] for s in system) / max(len(system), 1), 3),
+            "latency_per_call_s": round(wall / max(len(rows), 1), 3),
+            "prompt_tokens": round(statistics.mean(r.prompt_tokens for r in results), 1), "n": len(rows)}
+
+
+def main() -> int:
+    parser = bench_parser(__doc__)
+    parser.add_argument("--operation", default="extraction")
+    parser.add_argument("--depths", default="full,drop:4,drop:8,every:2,every:3")
+    args = parser.parse_args()
+    if not args.out:
+        parser.error("--out OUT (a pipeline run with a validation split) is required")
+    out = Path(args.out)
+    raw = yaml.safe_load(CONFIG.read_text())
+    budget = raw["memory"]["operations"][args.operation]["max_new_tokens"]
+    limit = 4 if args.quick else None
+    rows = validation_requests(out, args.operation, budget, limit)
+    if not rows:
+        parser.error(f"{out}: no parse_ok validation rows for {args.operation} (is data.split.validation_ratio set?)")
+    results = []
+    for spec in args.depths.split(","):
+        scratch = Path(tempfile.mkdtemp(prefix="prune-depth-"))
+        try:
+            for folder in ("datasets", "traces"):
+                shutil.copytree(out / folder, scratch / folder)
+            config_raw = depth_config(raw, spec, args.quick)
+            path = scratch / "config.yaml"
+            path.write_text(yaml.safe_dump(config_raw))
+            config = parse_config(config_raw, path)
+            base = build_student(config, scratch)
+            marker = json.loads((base / "memlora_student.json").read_text())
+            started = time.perf_counter()
+            record = distill_operation(config, str(path), scratch, args.operation, base, on_line=lambda line: None)
+            train_s = time.perf_counter() - started
+            update_manifest(scratch)
+            backend = ExpertBackend(base, {args.operation: scratch / "adapters" / args.operation}, device="cpu",
+                                    batch_size=config.teacher.batch_size, prompt=config.student.prompt)
+            params = sum(p.numel() for p in backend.model.parameters())
+            result = {"depth": spec, "layers": len(marker["kept_layers"]), "kept": marker["kept_layers"],
+                      "parameters": params, **score(args.operation, rows, backend, budget, config.teacher.batch_size),
+                      "best_epoch": record.get("best_epoch"), "train_s": round(train_s, 1)}
+            del backend
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        results.append(result)
+        print(json.dumps({k: v for k, v in result.items() if k != "kept"}), flush=True)
+    ref = next((r for r in results if r["depth"] == "full"), results[0])
+    for r in results:
+        r["latency_vs_full"] = f"{r['latency_per_call_s'] / ref['latency_per_call_s']:.2f}x"
+        r["params_vs_full"] = f"{r['parameters'] / ref['parameters']:.2f}x"
+    print(table(results, ["depth", "layers", "agreement", "ci", "parse_ok", "latency_per_call_s", "latency_vs_full",
+                          "params_vs_full", "best_epoch", "train_s", "n"]))
+    print(f"saved {save('prune_depth', {'operation': args.operation, 'quick': args.quick, 'depths': results})}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
