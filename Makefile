@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= out
 CONFIG ?= configs/default.yaml
-DATA ?= data/samples/locomo_sample.json
+DATA ?= data/samples/locomo_sample12.json
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1

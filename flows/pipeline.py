@@ -12,7 +12,7 @@ from memlora.tasks.release import publish_release_task
 
 
 @flow(name="memlora-pipeline")
-def pipeline(config: str = "configs/default.yaml", data: str = "data/samples/locomo_sample.json",
+def pipeline(config: str = "configs/default.yaml", data: str = "data/samples/locomo_sample12.json",
              out: str = "out") -> dict:
     log = get_run_logger()
     summary = {"traces": generate_traces(config=config, data=data, out=out)}

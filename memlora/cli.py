@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="the whole pipeline (what `make run` calls)")
     p.add_argument("--config", default=DEFAULT_CONFIG)
-    p.add_argument("--data", default="data/samples/locomo_sample.json")
+    p.add_argument("--data", default="data/samples/locomo_sample12.json")
     p.add_argument("--out", default="out")
     p.set_defaults(func=cmd_run)
     return parser

@@ -109,6 +109,24 @@ def test_split_keeps_test_conversations_and_adds_validation(sample_path):
 
 
 @pytest.mark.timeout(60)
+def test_the_bundled_12_conversation_sample_loads_and_splits_as_documented():
+    from memlora.config import load_config
+    from memlora.data.loaders import load_corpus
+    from tests.conftest import REPO
+
+    config = load_config(REPO / "configs" / "default.yaml")
+    corpus = load_corpus(REPO / "data" / "samples" / "locomo_sample12.json")
+    assert len(corpus) == 12 and sum(len(c.turns) for c in corpus) >= 300
+    questions = [q for c in corpus for q in c.questions]
+    assert len(questions) >= 100 and {q.category for q in questions} == {1, 2, 3, 4, 5}
+    assert all(q.answer for q in questions if q.category != 5)  # gold answers: the generation targets
+    split = config.data.split
+    assign_split(corpus, split.test_ratio, split.seed, split.validation_ratio)
+    counts = {s: sum(c.split == s for c in corpus) for s in ("train", "validation", "test")}
+    assert counts == {"train": 9, "validation": 1, "test": 2}
+
+
+@pytest.mark.timeout(60)
 def test_a_layer_made_identity_scores_as_most_redundant(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
