@@ -77,7 +77,7 @@ def parse_output(operation: str, messages: list[dict], text: str) -> Parsed:
 def reference_schema(operation: str, messages: list[dict], memory: MemoryConfig) -> dict:
     """The schema an operation's output must follow (what constrained decoding enforces)."""
     if operation == "extraction":
-        return extraction_schema(memory.max_facts, memory.max_fact_chars)
+        return extraction_schema(memory.max_facts, memory.fact_chars())
     if operation == "update":
         shown, new_id = update_ids(messages)
         return update_schema(shown, new_id, memory.max_fact_chars)

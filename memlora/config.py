@@ -110,6 +110,14 @@ class MemoryConfig(_Strict):
     def _all_operations(cls, value: dict) -> dict:
         return {op: value.get(op, OperationConfig()) for op in OPERATIONS}
 
+    def fact_chars(self) -> int:
+        """The longest fact the extraction schema allows, sized so `max_facts` facts of it fit the token budget
+        (at a conservative 3 characters a token, less the JSON around them): a schema that allows more than the
+        budget lets a looping model run into the limit, and a cut output does not parse."""
+        budget = self.operations["extraction"].max_new_tokens
+        fitted = (budget * 3 - 16) // self.max_facts - 4
+        return max(8, min(self.max_fact_chars, fitted))
+
 
 class PruneConfig(_Strict):
     """Which teacher layers the student keeps: a list, every n-th, or `drop` layers chosen by measurement

@@ -110,7 +110,7 @@ class MemorySystem:
     def ingest_session(self, cid: str, session: int, turns: list[Turn]) -> None:
         """Extract facts from every window of the session in one batch, then update window by window."""
         windows = [turns[i : i + self.config.window] for i in range(0, len(turns), self.config.window)]
-        schema = extraction_schema(self.config.max_facts, self.config.max_fact_chars)
+        schema = extraction_schema(self.config.max_facts, self.config.fact_chars())
         requests = [self._request("extraction", render_window(w), schema) for w in windows]
         extracted = self._call(cid, session, requests, lambda i, text: parse_extraction(text))
         for window, parsed in zip(windows, extracted):

@@ -14,7 +14,8 @@ def raw(**overrides):
 def test_default_config_loads():
     cfg = load_config(REPO / "configs" / "default.yaml")
     assert cfg.memory.operations["update"].constrained
-    assert cfg.student.prune.every == 3 and cfg.distill.zero_stage == 2
+    assert cfg.student.prune.drop == 4 and cfg.distill.zero_stage == 2 and cfg.student.prompt == "minimal"
+    assert cfg.data.split.validation_ratio > 0 and cfg.student.expert.delora_lambda == 1.0
 
 
 @pytest.mark.parametrize(
@@ -56,3 +57,22 @@ def test_bad_yaml_and_missing_file(tmp_path):
 def test_trust_remote_code_is_off_by_default():
     cfg = parse_config(raw())
     assert cfg.teacher.trust_remote_code is False and cfg.student.trust_remote_code is False
+
+
+def test_the_extraction_schema_fits_its_token_budget(smol_tokenizer_dir):
+    """max_facts facts of the longest allowed length must fit max_new_tokens, or a looping teacher is cut."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from memlora.config import MemoryConfig, OperationConfig
+
+    tok = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
+    words = "Felix opened a bread stall at the Sunday farmers market on Pine Road with Juno and Nadia in May 2023 "
+    for budget, facts, chars in ((128, 4, 160), (64, 2, 200), (256, 6, 120)):
+        memory = MemoryConfig(max_facts=facts, max_fact_chars=chars,
+                              operations={"extraction": OperationConfig(max_new_tokens=budget)})
+        n = memory.fact_chars()
+        assert n <= chars
+        worst = json.dumps({"facts": [(words * 10)[:n]] * facts})
+        assert len(tok(worst, add_special_tokens=False)["input_ids"]) <= budget, (budget, facts, n)
