@@ -209,3 +209,22 @@ def test_a_changed_or_unrecorded_adapter_is_not_loaded(tiny_model_dir, experts_o
     (out / "manifest.json").unlink()  # nothing recorded: nothing loaded
     with pytest.raises(UntrustedArtifact, match="not recorded in"):
         ExpertBackend.from_out(tiny_model_dir, out, device="cpu")
+
+
+@pytest.mark.timeout(120)
+def test_experts_read_the_minimal_prompt_and_the_bare_base_the_teachers(tiny_model_dir, experts_out):
+    """student.prompt: minimal: an operation with an expert is sent the student template (one instruction line
+    and the input); the bare base, and the same backend in bare mode, keep the teacher's few-shot prompt."""
+    from memlora.memory.prompts import TEMPLATES, student_messages
+
+    minimal = ExpertBackend.from_out(tiny_model_dir, experts_out, device="cpu", prompt="minimal")
+    teacher_prompt = ExpertBackend.from_out(tiny_model_dir, experts_out, device="cpu")
+    reqs = [GenerationRequest("extraction", TEMPLATES["extraction"].messages(
+        "Conversation on 8 May 2023:\nAnn: I adopted a cat named Tom."), 6)]
+    short, full = minimal.generate(reqs)[0], teacher_prompt.generate(reqs)[0]
+    assert short.prompt_tokens < 0.5 * full.prompt_tokens
+    rewritten = [GenerationRequest(r.operation, student_messages(r.operation, r.messages), r.max_new_tokens, r.schema)
+                 for r in reqs]
+    assert teacher_prompt.generate(rewritten)[0].token_ids == short.token_ids  # the very same input
+    with minimal.bare():
+        assert minimal.generate(reqs)[0].prompt_tokens == full.prompt_tokens
