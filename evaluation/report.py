@@ -62,9 +62,13 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
         p = probes[s]
         experts = ", ".join(sorted(p.get("adapters") or {})) or "–"
         lines.append(f"| {s} | `{p['model_id']}` | {p['device']} ({p['dtype']}) | {p['pid']} | {experts} |")
-    lines += ["", "## Headline", "", "| " + " | ".join(headline(rows)[0]) + " |",
-              "|" + "---|" * len(headline(rows)[0])]
-    for h in headline(rows):
+    heads = headline(rows, meta.get("independent_judge", False))
+    if not meta.get("independent_judge", False):
+        lines += ["", f"The LLM judge is the teacher itself (`{meta['judge']}`): a model judging its own answers, "
+                  "and here one too small to judge, so its accuracy is left out of the headline (it is in the QA "
+                  "table below for reference). Configure `evaluation.judge` with another model to make it count."]
+    lines += ["", "## Headline", "", "| " + " | ".join(heads[0]) + " |", "|" + "---|" * len(heads[0])]
+    for h in heads:
         lines.append("| " + " | ".join("–" if v is None else str(v) for v in h.values()) + " |")
     lines += [
         "", "## Agreement with the teacher (teacher-forced, constrained decoding)", "",

@@ -175,8 +175,16 @@ def lookup(rows: list[dict], system: str, operation: str, metric: str) -> dict |
     return None
 
 
-def headline(rows: list[dict]) -> list[dict]:
-    """One line per system: the numbers a reader wants first (the Prefect table artifact)."""
+def independent_judge(config: Config) -> bool:
+    """A judge that is not the teacher being judged (by default the teacher judges, a 135M model here: it labelled
+    all its own answers CORRECT, "2023" for "autumn 2024" included). Only such a judge makes the headline."""
+    judge = config.evaluation.judge
+    return judge is not None and judge.model != config.teacher.model
+
+
+def headline(rows: list[dict], with_judge: bool = False) -> list[dict]:
+    """One line per system: the numbers a reader wants first (the Prefect table artifact). The judge's accuracy
+    is in it only `with_judge` (an independent judge)."""
     def v(system, operation, metric):
         r = lookup(rows, system, operation, metric)
         return None if r is None or r["value"] is None else round(r["value"], 3)
@@ -193,7 +201,7 @@ def headline(rows: list[dict]) -> list[dict]:
             "parse_ok_constrained": _mean([v(system, op, "parse_ok") for op in OPERATIONS]),
             "parse_ok_free": _mean([v(system, op, "parse_ok_free") for op in OPERATIONS]),
             "qa_token_f1": v(system, "qa", "token_f1"),
-            "qa_judge_accuracy": v(system, "qa", "judge_accuracy"),
+            **({"qa_judge_accuracy": v(system, "qa", "judge_accuracy")} if with_judge else {}),
             "peak_rss_mb": round(v(system, "model", "peak_rss_mb") or 0, 1) or None,
             **{f"{op}_p50_s": v(system, op, "latency_p50") for op in OPERATIONS},
         })

@@ -148,7 +148,7 @@ def prepare(config, out: str | Path) -> dict:
 
 def summary(config, plan: dict, probes: dict, rows: list[dict], files: list[Path], out: str | Path) -> dict:
     """The manifest's `evaluation` section."""
-    from memlora.evaluation.results import headline
+    from memlora.evaluation.results import headline, independent_judge
 
     keep = ("pid", "ppid", "model_id", "backend", "device", "dtype", "peak_rss_mb", "ru_maxrss_mb", "cuda_peak_mb",
             "load_s", "wall_s", "calls", "questions", "parameters", "adapter_switches", "timings")
@@ -161,7 +161,7 @@ def summary(config, plan: dict, probes: dict, rows: list[dict], files: list[Path
         "systems": {s: {k: p.get(k) for k in keep} | {"adapters": p.get("adapters", {})}
                     for s, p in probes.items() if s in SYSTEMS},
         "judge": probes.get(JUDGE, {}),
-        "headline": headline(rows),
+        "headline": headline(rows, independent_judge(config)),
         "results_rows": len(rows),
         "files": [Path(f).relative_to(out).as_posix() if Path(f).is_relative_to(out) else str(f) for f in files],
     }
@@ -189,6 +189,8 @@ def evaluate_all(config_path: str | Path, out: str | Path) -> dict:
 
 
 def report_meta(config, plan: dict, probes: dict) -> dict:
+    from memlora.evaluation.results import independent_judge
+
     judge = config.evaluation.judge or config.teacher
     return {"config_name": config.name, "conversations": plan["conversations"], "questions": plan["questions"],
-            "judge": judge.model, "probes": probes}
+            "judge": judge.model, "independent_judge": independent_judge(config), "probes": probes}

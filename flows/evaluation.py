@@ -10,6 +10,7 @@ from memlora.evaluation.runner import JUDGE, report_meta, summary
 from memlora.evaluation.results import results_path
 from memlora.evaluation.systems import SYSTEMS
 from memlora.tasks.common import forward_domain_logs, load_config_task, manifest_task
+from memlora.evaluation.results import independent_judge
 from memlora.tasks.evaluate import artifacts_task, prepare_task, report_task, results_task, run_system_task
 
 
@@ -24,7 +25,7 @@ def evaluate(config: str = "configs/default.yaml", out: str = "out") -> dict:
               for system in (*SYSTEMS, JUDGE)}
     rows = results_task(cfg, out)
     markdown, png = report_task(rows, report_meta(cfg, plan, probes), out)
-    artifacts_task(rows, markdown, png)
+    artifacts_task(rows, markdown, png, independent_judge(cfg))
     payload = summary(cfg, plan, probes, rows, [results_path(out), markdown, png], out)
     manifest_task(out, "evaluation", payload)
     return payload

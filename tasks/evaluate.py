@@ -47,9 +47,9 @@ def report_task(rows: list[dict], meta: dict, out: str) -> tuple[Path, Path]:
 
 
 @task(name="evaluation-artifacts", cache_policy=NONE)
-def artifacts_task(rows: list[dict], markdown: Path, png: Path) -> None:
+def artifacts_task(rows: list[dict], markdown: Path, png: Path, with_judge: bool = False) -> None:
     """What shows in the Prefect UI: the headline numbers as a table, the whole report as Markdown."""
-    create_table_artifact(key="evaluation-headline", table=headline(rows),
+    create_table_artifact(key="evaluation-headline", table=headline(rows, with_judge),
                           description="Teacher vs student vs student+experts: headline numbers")
     create_markdown_artifact(key="evaluation-report",
                              markdown=Path(markdown).read_text(encoding="utf-8") + f"\n\nFigure: `{png}`\n",

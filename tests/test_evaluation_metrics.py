@@ -200,3 +200,16 @@ def test_peak_rss_is_the_child_process_own_not_its_parents():
     del ballast
     assert parent_peak > 300
     assert 0 < child["peak"] < 150 < parent_peak, child
+
+
+@pytest.mark.timeout(30)
+def test_a_judge_that_is_the_teacher_stays_out_of_the_headline():
+    from memlora.config import parse_config
+    from memlora.evaluation.results import headline, independent_judge
+    from tests.conftest import TEACHER_REF
+
+    base = {"teacher": {"model": TEACHER_REF}, "student": {"prune": {"from": "teacher", "every": 3}}}
+    assert not independent_judge(parse_config(base))
+    assert not independent_judge(parse_config({**base, "evaluation": {"judge": {"model": TEACHER_REF}}}))
+    assert "qa_judge_accuracy" not in headline([])[0]
+    assert "qa_judge_accuracy" in headline([], with_judge=True)[0]
