@@ -6,13 +6,14 @@ from prefect import flow
 
 from memlora.config import OPERATIONS
 from memlora.tasks.common import forward_domain_logs, load_config_task, manifest_task
-from memlora.tasks.distill import build_student_task, distill_expert_task
+from memlora.tasks.distill import build_student_task, check_traces_task, distill_expert_task
 
 
 @flow(name="distill")
 def distill(config: str = "configs/default.yaml", out: str = "out") -> dict:
     forward_domain_logs()
     cfg = load_config_task(config)
+    check_traces_task(out)  # every input read before the first expensive step
     base = build_student_task(cfg, out)
     # One after another: each training already uses every core (or GPU) it is given.
     records = {op: distill_expert_task(cfg, config, out, op, base) for op in OPERATIONS}

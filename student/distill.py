@@ -42,6 +42,24 @@ def finished_record(config: Config, out: str | Path, operation: str) -> dict | N
     return record if record.get("cache_key") == cache_key(config, out, operation)["key"] else None
 
 
+def check_traces(out: str | Path) -> dict[str, int]:
+    """Read every trace file distillation will need before anything expensive starts (the student base takes
+    a minute to build; a truncated update shard used to surface only after the extraction expert had trained).
+    Returns parse_ok rows per operation; raises TrainingFailed naming the file or folder."""
+    from memlora.config import OPERATIONS
+    from memlora.data.io import DataError
+
+    if not any(trace_files(out, op) for op in OPERATIONS):
+        raise TrainingFailed(f"{Path(out) / 'traces'}: no trace files (run `memlora traces` first)")
+    usable = {}
+    for op in OPERATIONS:
+        try:
+            usable[op] = sum(load_traces(trace_files(out, op)).column("parse_ok").to_pylist())
+        except DataError as err:
+            raise TrainingFailed(str(err)) from None
+    return usable
+
+
 def distill_operation(config: Config, config_path: str, out: str | Path, operation: str, base: Path,
                       on_line: Callable[[str], None] = print) -> dict:
     if not trace_files(out, operation):

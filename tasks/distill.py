@@ -10,7 +10,14 @@ from prefect.cache_policies import NONE
 
 from memlora.config import Config
 from memlora.student.build import build_student
-from memlora.student.distill import distill_operation
+from memlora.student.distill import check_traces, distill_operation
+
+
+@task(name="check-traces", cache_policy=NONE)
+def check_traces_task(out: str) -> dict[str, int]:
+    usable = check_traces(out)
+    get_run_logger().info("usable trace rows per operation: %s", usable)
+    return usable
 
 
 @task(name="build-student", cache_policy=NONE)

@@ -189,3 +189,23 @@ def test_early_stopping_keeps_the_best_epoch(tiny_model_dir, tmp_path):
     # Validation got worse epoch after epoch: it stopped `patience` epochs after the best and put it back.
     assert record["stopped_early"] and len(losses) == best + 2 and record["best_restored"]
     assert reloaded_validation_loss(config, out, base, "extraction") == pytest.approx(losses[best - 1], abs=1e-3)
+
+
+@pytest.mark.timeout(60)
+def test_distill_reads_every_trace_file_before_building_anything(smol_tokenizer_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from memlora.student.distill import check_traces
+    from memlora.student.launch import TrainingFailed
+    from tests.student_fixtures import write_traces
+
+    out = tmp_path / "out"
+    with pytest.raises(TrainingFailed, match="no trace files"):
+        check_traces(out)
+    write_traces(out, AutoTokenizer.from_pretrained(smol_tokenizer_dir))
+    assert check_traces(out) == {"extraction": 5, "update": 5, "generation": 5}
+    shard = out / "traces" / "update" / "part-c1.parquet"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # truncated
+    with pytest.raises(TrainingFailed, match="update/part-c1.parquet"):
+        check_traces(out)
+    assert not (out / "student").exists()
