@@ -138,6 +138,10 @@ def prepare(config, out: str | Path) -> dict:
         raise EvalError(f"{datasets}: no test conversation (is data.split.test_ratio above 0?)")
     if config.student is None:
         raise EvalError("the config has no `student` section: there is no student to evaluate")
+    from memlora.student.experts import verified_expert_folders
+
+    if not verified_expert_folders(out):  # before the student base or any model process: fail first
+        raise EvalError(f"{Path(out) / 'adapters'}: no trained expert (run `memlora distill` first)")
     base = build_student(config, out)  # the distill stage's folder, made once; reused as it is
     return {
         "conversations": [c.conversation_id for c in conversations],
