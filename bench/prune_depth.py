@@ -48,9 +48,11 @@ def prune_rule(spec: str) -> dict | None:
     return {"from": "teacher", kind: int(n)}
 
 
-def depth_config(raw: dict, spec: str, quick: bool) -> dict:
+def depth_config(raw: dict, spec: str, quick: bool, epochs: int | None) -> dict:
     raw = json.loads(json.dumps(raw))
     raw["student"]["prune"] = prune_rule(spec)
+    if epochs:
+        raw["distill"]["max_epochs"] = epochs
     if quick:
         raw["distill"].update(max_epochs=1, max_steps=2)
     return raw
@@ -86,6 +88,7 @@ def main() -> int:
     parser = bench_parser(__doc__)
     parser.add_argument("--operation", default="extraction")
     parser.add_argument("--depths", default="full,drop:4,drop:8,every:2,every:3")
+    parser.add_argument("--epochs", type=int, default=None, help="override distill.max_epochs (same for every depth)")
     args = parser.parse_args()
     if not args.out:
         parser.error("--out OUT (a pipeline run with a validation split) is required")
@@ -102,7 +105,7 @@ def main() -> int:
         try:
             for folder in ("datasets", "traces"):
                 shutil.copytree(out / folder, scratch / folder)
-            config_raw = depth_config(raw, spec, args.quick)
+            config_raw = depth_config(raw, spec, args.quick, args.epochs)
             path = scratch / "config.yaml"
             path.write_text(yaml.safe_dump(config_raw))
             config = parse_config(config_raw, path)
@@ -129,7 +132,7 @@ def main() -> int:
         r["params_vs_full"] = f"{r['parameters'] / ref['parameters']:.2f}x"
     print(table(results, ["depth", "layers", "agreement", "ci", "parse_ok", "latency_per_call_s", "latency_vs_full",
                           "params_vs_full", "best_epoch", "train_s", "n"]))
-    print(f"saved {save('prune_depth', {'operation': args.operation, 'quick': args.quick, 'depths': results})}")
+    print(f"saved {save('prune_depth', {'operation': args.operation, 'quick': args.quick, 'epochs': args.epochs, 'depths': results})}")
     return 0
 
 
