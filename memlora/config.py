@@ -175,6 +175,7 @@ class TargetsConfig(_Strict):
     dedupe_facts: bool = True  # drop exact and near-duplicate facts from the teacher's extraction output
     drop_redundant_none: bool = True  # drop update NONE entries that restate memories the fact leaves alone
     near_duplicate: float = Field(0.8, gt=0.0, le=1.0)  # token Jaccard at or above which two facts are one
+    balance_update: bool = True  # repeat rarer update decisions (train split only) so NONE does not drown them
 
 
 class DistillConfig(_Strict):

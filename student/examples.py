@@ -24,6 +24,7 @@ class Example:
     # Per completion position (aligned with labels != IGNORE): the teacher's top-k ids and log-probs, or None.
     teacher_ids: list[list[int]] | None = None
     teacher_logprobs: list[list[float]] | None = None
+    label: str | None = None  # update: the target's decision (ADD / UPDATE / DELETE / NONE), for balancing
 
 
 @dataclass
@@ -55,6 +56,33 @@ def load_traces(files: list[Path]) -> pa.Table:
     if not files:
         return pa.Table.from_pylist([], schema=TRACES)
     return pa.concat_tables(read_parquet(f, "traces", TRACES) for f in files)
+
+
+def update_event(text: str) -> str | None:
+    import json
+
+    try:
+        return json.loads(text)["memory"][0]["event"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+def oversample_minority(examples: list[Example]) -> tuple[list[Example], dict[str, int]]:
+    """Repeat the examples of each rarer label sqrt(majority / its count) times (rounded down): the teacher
+    says NONE to ~90 % of update calls, and an expert trained on that says NONE to everything (its macro-F1 is
+    then exactly the majority-class baseline's). Returns the examples and the repeat factor per label."""
+    import math
+    from collections import Counter
+
+    counts = Counter(e.label for e in examples if e.label is not None)
+    if len(counts) < 2:
+        return examples, {}
+    majority = max(counts.values())
+    factors = {label: max(1, int(math.sqrt(majority / n))) for label, n in counts.items()}
+    out = []
+    for e in examples:
+        out += [e] * (factors.get(e.label, 1) if e.label is not None else 1)
+    return out, factors
 
 
 def conversation_splits(out: str | Path) -> dict[str, str]:
@@ -126,6 +154,7 @@ def build_examples(table: pa.Table, tokenizer, max_length: int, same_tokenizer: 
                 prompt_len=len(prompt_ids),
                 teacher_ids=teacher_ids,
                 teacher_logprobs=teacher_lps,
+                label=update_event(target.text) if row["operation"] == "update" else None,
             )
         )
         tokens += len(completion)

@@ -20,7 +20,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from memlora.config import Config
 from memlora.student.build import shares_teacher_tokenizer
 from memlora.student.examples import (
-    IGNORE, Example, ExampleSet, build_examples, conversation_splits, load_traces, split_rows, trace_files,
+    IGNORE, Example, ExampleSet, build_examples, conversation_splits, load_traces, oversample_minority, split_rows,
+    trace_files,
 )
 from memlora.student.targets import gold_answers
 from memlora.student.experts import adapter_dir, attach_expert
@@ -220,6 +221,9 @@ def train_expert(config: Config, out: str | Path, operation: str, base: str | Pa
     if not data.examples:
         raise RuntimeError(f"{operation}: no usable trace rows under {Path(out) / 'traces' / operation} "
                            f"({data.rows_total} rows, skipped {data.skipped})")
+    repeats = {}
+    if operation == "update" and cfg.targets.balance_update:
+        data.examples, repeats = oversample_minority(data.examples)
     top_k = max((len(step) for e in data.examples + val_data.examples if e.teacher_ids for step in e.teacher_ids),
                 default=1)
     collator = Collator(tokenizer.pad_token_id, top_k)
@@ -305,6 +309,8 @@ def train_expert(config: Config, out: str | Path, operation: str, base: str | Pa
         "prompt": config.student.prompt,
         "prompt_tokens_mean": round(data.prompt_tokens / max(data.rows_used, 1), 1),
         "targets": data.targets,
+        "oversampled": repeats,  # label -> repeat factor (update, train split only)
+        "train_examples": len(data.examples),
         "tokens_seen": int(tokens.item()),
         "wall_time_s": round(time.perf_counter() - started, 2),
         "train_time_s": round(train_metrics["train_runtime"], 2),

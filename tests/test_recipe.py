@@ -209,3 +209,17 @@ def test_distill_reads_every_trace_file_before_building_anything(smol_tokenizer_
     with pytest.raises(TrainingFailed, match="update/part-c1.parquet"):
         check_traces(out)
     assert not (out / "student").exists()
+
+
+@pytest.mark.timeout(30)
+def test_rare_update_decisions_are_repeated_so_none_does_not_drown_them():
+    from memlora.student.examples import Example, oversample_minority, update_event
+
+    assert update_event('{"memory": [{"id": "0", "text": "x", "event": "DELETE"}]}') == "DELETE"
+    assert update_event("not json") is None
+    make = lambda label: Example([1, 2], [IGNORE, 2], 1, label=label)  # noqa: E731
+    examples = [make("NONE")] * 36 + [make("DELETE")] * 4 + [make("ADD")] * 9
+    balanced, factors = oversample_minority(examples)
+    assert factors == {"NONE": 1, "DELETE": 3, "ADD": 2}
+    assert [e.label for e in balanced].count("DELETE") == 12 and [e.label for e in balanced].count("ADD") == 18
+    assert oversample_minority([make("NONE")] * 3) == ([make("NONE")] * 3, {})  # one class: nothing to balance
