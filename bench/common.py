@@ -81,24 +81,33 @@ def trace_requests(out: str | Path | None, per_op: int, constrained: bool = True
     return requests
 
 
-def student_with_experts(out: str | Path | None, scratch: Path) -> tuple[Path, Path]:
-    """(student base, OUT holding experts): OUT's own trained experts when it has them, else the embedded
-    default's pruned student with fresh DeLoRA experts of the configured shape (their weights are random; their
-    cost, which is what the benches measure, is the trained experts')."""
+def bench_student(config, folder: str | Path) -> Path:
+    """`folder`'s student base as it is (whatever recipe made it, e.g. a pipeline run's), else the configured
+    one built there (on the bundled sample traces when `folder` has none: the layers to drop are chosen on them)."""
+    import shutil
+
+    from memlora.student.build import build_student, student_dir
+
+    if (student_dir(folder) / "config.json").is_file():
+        return student_dir(folder)
+    if not (Path(folder) / "traces").is_dir():
+        shutil.copytree(SAMPLE_TRACES, Path(folder) / "traces")
+    return build_student(config, folder)
+
+
+def student_with_experts(out: str | Path | None, scratch: Path, config=None) -> tuple[Path, Path]:
+    """(student base, OUT holding experts): OUT's own trained experts when it has them, else a pruned student
+    (`config`'s, by default the embedded default's) with fresh experts of the configured shape (their weights
+    are random; their cost, which is what the benches measure, is the trained experts')."""
     from memlora.config import OPERATIONS, load_config
     from memlora.manifest import update_manifest
-    from memlora.student.build import build_student
     from memlora.student.experts import attach_expert, expert_folders
     from memlora.teacher.hf_backend import load_causal_lm
 
-    config = load_config(CONFIG)
+    config = config or load_config(CONFIG)
     if out and expert_folders(out):
-        return build_student(config, out), Path(out)
-    if not (Path(scratch) / "traces").is_dir():  # the student's layers are chosen on teacher traces
-        import shutil
-
-        shutil.copytree(SAMPLE_TRACES, Path(scratch) / "traces")
-    base = build_student(config, scratch)
+        return bench_student(config, out), Path(out)
+    base = bench_student(config, scratch)
     if len(expert_folders(scratch)) < len(OPERATIONS):
         import torch
 

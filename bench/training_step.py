@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from common import CONFIG, bench_parser, fmt, ratio_spread, save, spread, table, traces_root  # noqa: E402
+from common import CONFIG, bench_parser, bench_student, fmt, ratio_spread, save, spread, table, traces_root  # noqa: E402
 
 from memlora.config import load_config, parse_config  # noqa: E402
 from memlora.student.build import build_student, shares_teacher_tokenizer  # noqa: E402
@@ -118,7 +118,7 @@ def main() -> None:
     traces = traces_root(args.out)
     result = {}
     with tempfile.TemporaryDirectory(prefix="memlora-bench-") as scratch:
-        base = build_student(config, args.out or scratch)
+        base = bench_student(config, args.out or scratch)
         result["delora_vs_lora"] = delora_vs_lora(config, base, traces, args.operation, steps,
                                                   max_rows=2 if args.quick else None)
         if not args.no_ranks:

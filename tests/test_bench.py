@@ -27,11 +27,17 @@ QUICK = {
 def bench_out(tmp_path_factory) -> Path:
     """One OUT for every bench: the bundled sample traces, the pruned student and its experts, made once."""
     sys.path.insert(0, str(REPO / "bench"))
-    from common import SAMPLE_TRACES, student_with_experts
+    from common import CONFIG, SAMPLE_TRACES, student_with_experts
+
+    from memlora.config import load_config
 
     out = tmp_path_factory.mktemp("bench-out")
     shutil.copytree(SAMPLE_TRACES, out / "traces")
-    student_with_experts(None, out)
+    # A 10-layer student keeps the smoke runs short; the benches use OUT's student as it is.
+    config = load_config(CONFIG)
+    light = config.model_copy(update={"student": config.student.model_copy(
+        update={"prune": config.student.prune.model_copy(update={"drop": None, "every": 3})})})
+    student_with_experts(None, out, light)
     return out
 
 
