@@ -23,7 +23,7 @@ from tests.student_fixtures import perturb
 
 T0 = datetime(2023, 5, 8, 13, 56)
 EXPERT = {"r": 4, "target_modules": ["q_proj", "v_proj"]}
-MEMORY = {"window": 4, "max_facts": 2, "max_fact_chars": 16, "answer_max_chars": 16,
+MEMORY = {"window": 4, "max_facts": 2, "min_similarity": 0.0, "max_fact_chars": 16, "answer_max_chars": 16,
           "operations": {"extraction": {"max_new_tokens": 32}, "update": {"max_new_tokens": 40},
                          "generation": {"max_new_tokens": 16}}}
 

@@ -83,7 +83,8 @@ def test_server_dying_mid_run_names_missing_conversations_and_rerun_fills_them(p
         raw = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
         raw["teacher"] = {"backend": "openai", "model": "big-teacher",
                           "http": {"base_url": stub.url, "max_retries": 1, "backoff_s": 0.01, "timeout_s": 5}}
-        raw["data"].update(max_conversations=2, max_sessions=1, max_questions=1)
+        raw["data"].update(max_conversations=2, max_sessions=1, max_questions=1,
+                           split={"test_ratio": 0.25, "validation_ratio": 0.0, "seed": 0})
         raw["prefect"] = {"concurrency": 1}
         config = tmp_path / "c.yaml"
         config.write_text(yaml.safe_dump(raw))
@@ -120,7 +121,8 @@ def test_process_task_runner_gives_the_thread_runners_rows(prefect_server, sampl
         raw = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
         raw["teacher"] = {"backend": "openai", "model": "big-teacher",
                           "http": {"base_url": stub.url, "max_retries": 1, "backoff_s": 0.01, "timeout_s": 5}}
-        raw["data"].update(max_conversations=2, max_sessions=1, max_questions=1)
+        raw["data"].update(max_conversations=2, max_sessions=1, max_questions=1,
+                           split={"test_ratio": 0.25, "validation_ratio": 0.0, "seed": 0})
         outs = {}
         for runner in ("thread", "process"):
             raw["prefect"] = {"concurrency": 2, "task_runner": runner}

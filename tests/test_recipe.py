@@ -177,6 +177,7 @@ def test_early_stopping_keeps_the_best_epoch(tiny_model_dir, tmp_path):
     _contrary_traces(out, AutoTokenizer.from_pretrained(tiny_model_dir))
     path, config = distill_config(tmp_path / "c.yaml", str(tiny_model_dir),
                                   student={"prune": {"from": "teacher", "keep_layers": [0, 2]}},
+                                  expert={"delora_lambda": 15.0},  # large steps: it overfits train at once
                                   max_steps=None, max_epochs=6, patience=2, batch_size=3, learning_rate=0.02,
                                   num_ranks=1, timeout_s=240)
     base = build_student(config, out)
