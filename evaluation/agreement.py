@@ -11,6 +11,7 @@ import json
 
 from memlora.evaluation import scoring
 from memlora.evaluation.stats import Estimate, bootstrap, proportion
+from memlora.memory.prompts import EVENTS
 
 INVALID = "INVALID"  # the update "event" of an output that did not parse
 
@@ -18,7 +19,6 @@ INVALID = "INVALID"  # the update "event" of an output that did not parse
 # Update is judged by macro-F1, not accuracy: the teacher says NONE to most facts, so a model that always says
 # NONE scores a high accuracy (reported next to it as the majority-class baseline).
 PRIMARY = {"extraction": "fact_f1", "update": "event_macro_f1", "generation": "answer_token_f1"}
-EVENTS = ("ADD", "UPDATE", "DELETE", "NONE")
 
 
 def _value(row: dict) -> dict | None:
