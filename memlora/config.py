@@ -139,6 +139,24 @@ class PruneConfig(_Strict):
         return self
 
 
+class HealConfig(_Strict):
+    """Distil a pruned base toward the full teacher before any expert is trained: token-level KL on the
+    teacher's whole next-token distribution, computed in-process (the pruned student shares its tokenizer),
+    over the train conversations' text and the teacher's own trace calls (prompt + output). A LoRA of rank
+    `r` on every linear layer is trained and merged, so the healed base is a plain model again."""
+
+    max_tokens: int = Field(60_000, gt=0)  # healing text, packed into chunks of `chunk_tokens`
+    chunk_tokens: int = Field(256, ge=16)
+    epochs: int = Field(1, gt=0)
+    learning_rate: float = Field(1e-3, gt=0)
+    r: int = Field(64, gt=0)
+    batch_size: int = Field(4, gt=0)
+    # Teacher-student KL is measured before and after on this much held-out text: the validation
+    # conversations (their text and traces), else the last chunks of the train text, which then do not train.
+    held_out_tokens: int = Field(4096, gt=0)
+    seed: int = 0
+
+
 class ExpertConfig(_Strict):
     method: Literal["delora", "lora"] = "delora"
     r: int = Field(8, gt=0)
@@ -151,6 +169,7 @@ class ExpertConfig(_Strict):
 class StudentConfig(_Strict):
     model: str | None = None
     prune: PruneConfig | None = None
+    heal: HealConfig | None = None  # None: the pruned base is used as cut
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
     expert: ExpertConfig = ExpertConfig()
@@ -165,6 +184,9 @@ class StudentConfig(_Strict):
     def _one_source(self) -> "StudentConfig":
         if (self.model is None) == (self.prune is None):
             raise ValueError("give exactly one of student.model or student.prune")
+        if self.heal is not None and self.prune is None:
+            raise ValueError("student.heal heals a pruned teacher: it needs student.prune (the KL is taken over "
+                             "the teacher's vocabulary)")
         return self
 
 

@@ -10,6 +10,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -116,8 +117,9 @@ def student_dir(out: str | Path) -> Path:
     return Path(out) / "student" / "base"
 
 
-def build_student(config: Config, out: str | Path) -> Path:
-    """Return a folder `from_pretrained` can load: the configured model, or the pruned teacher (made once)."""
+def build_student(config: Config, out: str | Path, on_line: Callable[[str], None] = print) -> Path:
+    """Return a folder `from_pretrained` can load: the configured model, or the pruned teacher (made once,
+    healed once where `student.heal` says so)."""
     student = config.student
     if student is None:
         raise ValueError("config has no `student` section")
@@ -126,6 +128,8 @@ def build_student(config: Config, out: str | Path) -> Path:
     target = student_dir(out)
     marker = target / MARKER
     recipe = {"teacher": config.teacher.model, "prune": student.prune.model_dump(by_alias=True)}
+    if student.heal is not None:
+        recipe["heal"] = student.heal.model_dump()
     if marker.is_file() and json.loads(marker.read_text())["recipe"] == recipe:
         return target
     model, tokenizer, _ = load_causal_lm(config.teacher.model, tokenizer_ref=config.teacher.tokenizer,
@@ -146,6 +150,8 @@ def build_student(config: Config, out: str | Path) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
+    # A healed student is cut into a work folder first; healing writes the base from it.
+    cut = target.parent / ".pruned" if student.heal is not None else target
     tmp = Path(tempfile.mkdtemp(prefix=".base.", dir=target.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -153,9 +159,34 @@ def build_student(config: Config, out: str | Path) -> Path:
         (tmp / MARKER).write_text(json.dumps({"recipe": recipe, "kept_layers": keep, "teacher_layers": n_layers,
                                               "angular_distance_by_start": scores,
                                               "parameters": sum(p.numel() for p in model.parameters())}, indent=2))
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
+        if cut.exists():
+            shutil.rmtree(cut)
+        tmp.rename(cut)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if student.heal is not None:
+        del model
+        heal(config, out, cut, target, on_line)
+        shutil.rmtree(cut, ignore_errors=True)
     return target
+
+
+def heal(config: Config, out: str | Path, cut: Path, target: Path, on_line: Callable[[str], None]) -> dict:
+    """Heal through the same DeepSpeed launcher as the experts; the ranks read the config from a copy of the
+    validated one, written next to the base."""
+    import yaml
+
+    from memlora.student.launch import deepspeed_command, run_ranks
+
+    config_copy = target.parent / ".heal-config.yaml"
+    config_copy.write_text(yaml.safe_dump(config.model_dump(mode="json", by_alias=True), sort_keys=False))
+    try:
+        cmd, env = deepspeed_command(config, [
+            "--task", "heal", "--config", str(config_copy.resolve()), "--out", str(Path(out).resolve()),
+            "--base", str(cut.resolve()), "--target", str(target.resolve())])
+        record = run_ranks(config, cmd, env, "heal", on_line)
+    finally:
+        config_copy.unlink(missing_ok=True)
+    on_line(f"healed student base: teacher-student KL on held-out text {record['kl_before']} -> "
+            f"{record['kl_after']} ({record['train_tokens']} tokens, {record['train_time_s']} s)")
+    return record

@@ -46,8 +46,8 @@ def remove_shm_buffers(port: str) -> None:
         leftover.unlink(missing_ok=True)
 
 
-def launcher_command(config: Config, config_path: str, out: str, operation: str, base: str,
-                     cache: dict) -> tuple[list[str], dict]:
+def deepspeed_command(config: Config, entry_args: list[str]) -> tuple[list[str], dict]:
+    """`deepspeed ... --module memlora.student.train_entry <entry_args>` and its environment."""
     env = dict(os.environ)
     gpus = gpu_count()
     if gpus and env.get("DS_ACCELERATOR", "") != "cpu":
@@ -64,21 +64,31 @@ def launcher_command(config: Config, config_path: str, out: str, operation: str,
         raise TrainingFailed("the `deepspeed` launcher is not installed in this environment")
     cmd = [
         launcher, "--num_gpus", str(ranks), "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        "--no_local_rank", "--module", "memlora.student.train_entry",
-        "--config", str(Path(config_path).resolve()), "--out", str(Path(out).resolve()), "--operation", operation,
-        "--base", base,
-        "--cache-key", cache["key"], "--traces-sha256", cache["traces_sha256"],
-        "--config-fingerprint", cache["config_fingerprint"],
+        "--no_local_rank", "--module", "memlora.student.train_entry", *entry_args,
     ]
     return cmd, env
 
 
+def launcher_command(config: Config, config_path: str, out: str, operation: str, base: str,
+                     cache: dict) -> tuple[list[str], dict]:
+    return deepspeed_command(config, [
+        "--config", str(Path(config_path).resolve()), "--out", str(Path(out).resolve()), "--operation", operation,
+        "--base", base,
+        "--cache-key", cache["key"], "--traces-sha256", cache["traces_sha256"],
+        "--config-fingerprint", cache["config_fingerprint"],
+    ])
+
+
 def run_training(config: Config, config_path: str, out: str, operation: str, base: str, cache: dict,
                  on_line: Callable[[str], None] = print) -> dict:
-    """Run the launcher, forward each log line, and return rank 0's training record.
+    """Train `operation`'s expert; `cache` (traces sha256, config fingerprint, key) is written into
+    training.json by rank 0."""
+    return run_ranks(config, *launcher_command(config, config_path, out, operation, base, cache), operation, on_line)
 
-    `cache` (traces sha256, config fingerprint, key) is written into training.json by rank 0."""
-    cmd, env = launcher_command(config, config_path, out, operation, base, cache)
+
+def run_ranks(config: Config, cmd: list[str], env: dict, operation: str,
+              on_line: Callable[[str], None] = print) -> dict:
+    """Run the launcher, forward each log line, and return rank 0's record (its MEMLORA_RESULT line)."""
     port = cmd[cmd.index("--master_port") + 1]
     on_line("launching: " + " ".join(cmd))
     tail: deque[str] = deque(maxlen=40)

@@ -22,8 +22,9 @@ def check_traces_task(out: str) -> dict[str, int]:
 
 @task(name="build-student", cache_policy=NONE)
 def build_student_task(config: Config, out: str) -> Path:
-    base = build_student(config, out)
-    get_run_logger().info("student base: %s", base)
+    log = get_run_logger()
+    base = build_student(config, out, on_line=log.info)
+    log.info("student base: %s", base)
     return base
 
 
