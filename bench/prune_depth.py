@@ -10,7 +10,9 @@ teacher's traces for `drop:N`), the operation's expert is trained through the re
 configured recipe (minimal prompt, cleaned targets, epochs with early stopping on validation), then it answers
 the teacher's own validation requests under the same schema. Agreement with the teacher (the operation's
 primary metric), parse rate, latency per call and parameters are reported per depth, and each depth's
-latency relative to the unpruned student, measured in the same run. No healing is applied.
+latency relative to the unpruned student, measured in the same run. A depth ending in `+heal` (`drop:8+heal`)
+heals the cut student first with the default `student.heal` settings and reports its teacher-student KL on
+held-out validation text before and after.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from memlora.student.experts import ExpertBackend  # noqa: E402
 
 
 def prune_rule(spec: str) -> dict | None:
+    spec = spec.removesuffix("+heal")
     if spec == "full":
         return {"from": "teacher", "every": 1}  # every layer: the unpruned teacher as student
     kind, _, n = spec.partition(":")
@@ -51,6 +54,9 @@ def prune_rule(spec: str) -> dict | None:
 def depth_config(raw: dict, spec: str, quick: bool, epochs: int | None) -> dict:
     raw = json.loads(json.dumps(raw))
     raw["student"]["prune"] = prune_rule(spec)
+    raw["student"].pop("heal", None)
+    if spec.endswith("+heal"):
+        raw["student"]["heal"] = {"max_tokens": 4096, "chunk_tokens": 128, "held_out_tokens": 512} if quick else {}
     if epochs:
         raw["distill"]["max_epochs"] = epochs
     if quick:
@@ -121,6 +127,9 @@ def main() -> int:
             result = {"depth": spec, "layers": len(marker["kept_layers"]), "kept": marker["kept_layers"],
                       "parameters": params, **score(args.operation, rows, backend, budget, config.teacher.batch_size),
                       "best_epoch": record.get("best_epoch"), "train_s": round(train_s, 1)}
+            if "healing" in marker:
+                result.update(heal_kl=[marker["healing"]["kl_before"], marker["healing"]["kl_after"]],
+                              heal_s=marker["healing"]["wall_time_s"])
             del backend
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -131,7 +140,7 @@ def main() -> int:
         r["latency_vs_full"] = f"{r['latency_per_call_s'] / ref['latency_per_call_s']:.2f}x"
         r["params_vs_full"] = f"{r['parameters'] / ref['parameters']:.2f}x"
     print(table(results, ["depth", "layers", "agreement", "ci", "parse_ok", "latency_per_call_s", "latency_vs_full",
-                          "params_vs_full", "best_epoch", "train_s", "n"]))
+                          "params_vs_full", "best_epoch", "train_s", "heal_kl", "n"]))
     print(f"saved {save('prune_depth', {'operation': args.operation, 'quick': args.quick, 'epochs': args.epochs, 'depths': results})}")
     return 0
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from memlora.data.io import sha256_file, write_json
 from memlora.evaluation.systems import SYSTEMS, EvalError, slug
-from memlora.processes import stop_group
+from memlora.processes import stop_group, track, untrack
 
 JUDGE = "judge"
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -71,12 +71,15 @@ def run_system_process(config_path: str | Path, out: str | Path, system: str, *,
     probe_path(out, system).unlink(missing_ok=True)
     full_env = {**os.environ, **OFFLINE_ENV, **(env or {})}
     with open(log, "wb") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+        proc = track(subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=full_env,
+                                      start_new_session=True))
         try:
             rc = proc.wait(timeout=timeout_s)
         except BaseException:  # timeout or interrupt: leave no orphan model process behind
             stop_group(proc)
             raise
+        finally:
+            untrack(proc)
     if rc != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
         raise EvalError(f"evaluation of {system!r} failed (exit code {rc}); see {log}:\n{tail}")

@@ -211,8 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from contextlib import nullcontext
+
+    from memlora.processes import exit_on_interrupt
+
+    # serve stops its own server and worker on a signal
+    guard = nullcontext() if args.command == "serve" else exit_on_interrupt(args.command)
     try:
-        return args.func(args)
+        with guard:
+            return args.func(args)
     except _known_errors() as err:
         print(f"memlora {args.command}: error: {err}", file=sys.stderr)
         return 2

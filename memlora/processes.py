@@ -1,10 +1,18 @@
-"""Stopping the process groups we start (Prefect server and worker, evaluation systems, test servers)."""
+"""Stopping the process groups we start (Prefect server and worker, evaluation systems, DeepSpeed launchers,
+test servers), also when the command itself is interrupted."""
 
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+
+_children: set[subprocess.Popen] = set()
+_lock = threading.Lock()
 
 
 def stop_group(proc: subprocess.Popen, grace_s: float = 10) -> None:
@@ -21,3 +29,79 @@ def stop_group(proc: subprocess.Popen, grace_s: float = 10) -> None:
             continue
         except ProcessLookupError:
             return
+
+
+def track(proc: subprocess.Popen) -> subprocess.Popen:
+    """Remember a child started in its own session: an interrupt of this process must stop it too (a signal
+    to the terminal's process group does not reach another session)."""
+    with _lock:
+        _children.add(proc)
+    return proc
+
+
+def untrack(proc: subprocess.Popen) -> None:
+    with _lock:
+        _children.discard(proc)
+
+
+def _kill_groups(procs: list[subprocess.Popen], grace_s: float) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for proc in procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+            time.sleep(0.05)
+
+
+def stop_everything(grace_s: float = 3.0) -> None:
+    """Stop every tracked child group and Prefect's temporary API server, if this process started one."""
+    with _lock:
+        procs = list(_children)
+    servers = []
+    module = sys.modules.get("prefect.server.api.server")
+    if module is not None:  # Prefect starts a temporary server when no PREFECT_API_URL is set
+        for server in list(module.SubprocessASGIServer._instances.values()):
+            if getattr(server, "server_process", None) is not None:
+                servers.append(server.server_process)
+    _kill_groups(procs, grace_s)
+    for proc in servers:  # in our own process group: signal the process, not the group
+        for stop in (proc.terminate, proc.kill):
+            if proc.poll() is None:
+                stop()
+                try:
+                    proc.wait(timeout=grace_s)
+                except subprocess.TimeoutExpired:
+                    continue
+
+
+@contextmanager
+def exit_on_interrupt(command: str):
+    """SIGINT or SIGTERM: stop every child and the temporary server, then exit at once (128 + signal).
+    Unwinding through Prefect instead would have it report to a server that Ctrl-C has already killed, and
+    retry for minutes. Every artifact is written atomically, so a rerun resumes as after a crash."""
+
+    def handler(signum, _frame) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the cleanup
+        name = signal.Signals(signum).name
+        print(f"memlora {command}: {name}: stopping its processes; a rerun resumes where this one stopped",
+              file=sys.stderr, flush=True)
+        try:
+            stop_everything()
+        finally:
+            sys.stdout.flush()
+            os._exit(128 + signum)
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from memlora.config import Config
+from memlora.processes import track, untrack
 
 
 class TrainingFailed(RuntimeError):
@@ -93,8 +94,8 @@ def run_ranks(config: Config, cmd: list[str], env: dict, operation: str,
     on_line("launching: " + " ".join(cmd))
     tail: deque[str] = deque(maxlen=40)
     record = None
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            bufsize=1, start_new_session=True)
+    proc = track(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  bufsize=1, start_new_session=True))
     timed_out = threading.Event()
 
     def kill_group() -> None:
@@ -120,6 +121,7 @@ def run_ranks(config: Config, cmd: list[str], env: dict, operation: str,
         if proc.poll() is None:
             kill_group()
             proc.wait()
+        untrack(proc)
         remove_shm_buffers(port)
     if timed_out.is_set():
         raise TrainingFailed(f"{operation}: training exceeded distill.timeout_s={config.distill.timeout_s} and was "
