@@ -30,8 +30,28 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from memlora.student.launch import TrainingFailed
     from memlora.teacher.http_backend import SchemaRejected, TeacherUnavailable
 
-    return (ConfigError, DataError, ModelRefError, TracesIncomplete, TrainingFailed, TeacherUnavailable,
+    return (UsageError, ConfigError, DataError, ModelRefError, TracesIncomplete, TrainingFailed, TeacherUnavailable,
             SchemaRejected, UntrustedArtifact, VerifyError)
+
+
+class UsageError(ValueError):
+    """A command-line argument that cannot be used; exit 2 with one line."""
+
+
+def check_out(args) -> None:
+    out = getattr(args, "out", None)
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise UsageError(f"--out {out}: is a file; OUT must be a folder (created if missing)")
+
+
+def check_data(args) -> None:
+    """Read and validate --data before a flow starts: a bad file costs a second and one line, not a Prefect
+    run with two tracebacks."""
+    from memlora.config import load_config
+    from memlora.data.loaders import LoadOptions, load_corpus
+
+    data_cfg = load_config(args.config).data
+    load_corpus(args.data, LoadOptions(data_cfg.max_turn_chars, data_cfg.on_long_turn))
 
 
 def cmd_ingest(args) -> int:
@@ -47,10 +67,9 @@ def cmd_ingest(args) -> int:
 
 
 def cmd_traces(args) -> int:
-    from memlora.config import load_config
+    check_data(args)  # a bad config or data file fails before Prefect is even imported
     from memlora.flows.traces import generate_traces
 
-    load_config(args.config)  # fail on a bad config before Prefect starts
     summary = generate_traces(config=args.config, data=args.data, out=args.out)
     for op, s in summary.items():
         print(f"{op:<11} {s['rows']:>5} calls  {s['parse_ok']:>5} parsed  -> {Path(args.out) / 'traces' / op}")
@@ -136,10 +155,9 @@ def cmd_serve(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from memlora.config import load_config
+    check_data(args)
     from memlora.flows.pipeline import pipeline
 
-    load_config(args.config)
     pipeline(config=args.config, data=args.data, out=args.out)
     out = Path(args.out)
     print(f"pipeline finished: manifest at {out / 'manifest.json'}, release under {out / 'releases'}")
@@ -149,62 +167,126 @@ def cmd_run(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="memlora", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
 
-    p = sub.add_parser("ingest", help="normalize + validate input into OUT/datasets/*.parquet")
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--config", default=None)
+    try:
+        return version("memlora")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default where it has one (not for required options or `None`)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.required or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+COMMANDS = {
+    "ingest": ("validate input conversations into OUT/datasets",
+        "Validate the input conversations (LoCoMo JSON or JSONL) and write them, split into train / "
+              "validation / test, as OUT/datasets/*.parquet. A bad file is named with its row and field."),
+    "traces": ("record the teacher's memory-operation calls as Parquet traces",
+        "Run the teacher through the memory system over the train and validation conversations and record "
+              "every extraction, update and generation call as OUT/traces/<operation>/part-*.parquet (runs "
+              "ingest first; resumes after an interruption)."),
+    "distill": ("train one expert adapter per operation on the student",
+        "Train one expert adapter per operation on the student from OUT/traces, through the DeepSpeed "
+               "launcher; experts already trained on the same traces with the same recipe are kept."),
+    "export": ("write the experts as plain LoRA adapters",
+        "Write the experts as plain LoRA adapters (OUT/export/<operation>/) that peft or a multi-LoRA "
+              "server loads without memlora."),
+    "evaluate": ("teacher vs bare student vs student + experts on the test conversations",
+        "Replay the test conversations with the teacher, the bare student and the student + experts; "
+                "write OUT/eval/results.parquet, report.md and report.png."),
+    "verify": ("check a release (or OUT) against its manifest",
+        "Check a dataset release (or OUT) against its manifest: sizes and sha256 of every file."),
+    "release": ("publish OUT's datasets as a versioned release",
+        "Publish OUT's Parquet datasets as a versioned, checksummed release under OUT/releases/ (the "
+               "pipeline's last step)."),
+    "serve": ("local Prefect server + worker with the scheduled deployments",
+        "Start a local Prefect server and a process worker with the deployments of prefect.yaml (the "
+             "nightly schedule included); Ctrl-C stops both."),
+    "run": ("the whole pipeline (what `make run` calls)",
+        "The whole pipeline: ingest, traces, distill, evaluate, release (what `make run` calls)."),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memlora", description="Distil a large LLM's memory operations into "
+                                     "small expert adapters: traces -> distill -> evaluate -> release.")
+    parser.add_argument("--version", action="version", version=f"memlora {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str):
+        short, summary = COMMANDS[name]
+        return sub.add_parser(name, help=short, description=summary,
+                              formatter_class=_HelpFormatter)
+
+    def config(p) -> None:
+        p.add_argument("--config", default=DEFAULT_CONFIG, help="run config (YAML); see configs/default.yaml")
+
+    def out(p, required: bool = True) -> None:
+        p.add_argument("--out", required=required, default=None if required else "out",
+                       help="output folder holding datasets, traces, adapters, eval and releases")
+
+    data_help = "input conversations: LoCoMo JSON or memlora JSONL"
+
+    p = command("ingest")
+    p.add_argument("--data", required=True, help=data_help)
+    out(p)
+    p.add_argument("--config", default=None, help="run config whose `data` section to use (default: built-in)")
     p.set_defaults(func=cmd_ingest)
 
-    p = sub.add_parser("traces", help="teacher traces (runs ingest first)")
-    p.add_argument("--config", default=DEFAULT_CONFIG)
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True)
+    p = command("traces")
+    config(p)
+    p.add_argument("--data", required=True, help=data_help)
+    out(p)
     p.set_defaults(func=cmd_traces)
 
-    p = sub.add_parser("distill", help="DeLoRA experts from OUT/traces")
-    p.add_argument("--config", default=DEFAULT_CONFIG)
-    p.add_argument("--out", required=True)
+    p = command("distill")
+    config(p)
+    out(p)
     p.set_defaults(func=cmd_distill)
 
-    p = sub.add_parser("export", help="experts as plain LoRA adapters")
-    p.add_argument("--out", required=True)
-    p.add_argument("--format", choices=["lora"], default="lora")
+    p = command("export")
+    out(p)
+    p.add_argument("--format", choices=["lora"], default="lora", help="adapter format")
     p.add_argument("--base", default=None,
                    help="student base (default: OUT/student/base, else the base the experts were trained on)")
     p.add_argument("--rank", type=int, default=None, help="LoRA rank (default: the expert's own)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("evaluate", help="teacher vs student vs student+experts on the test conversations")
-    p.add_argument("--config", default=DEFAULT_CONFIG)
-    p.add_argument("--out", required=True)
+    p = command("evaluate")
+    config(p)
+    out(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("verify", help="check a dataset release against its manifest")
-    p.add_argument("path")
+    p = command("verify")
+    p.add_argument("path", help="a release folder (OUT/releases/<version>) or OUT")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("release", help="publish OUT's Parquet datasets as a versioned release (the pipeline's last step)")
-    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p = command("release")
+    config(p)
     p.add_argument("--data", required=True, help="the source data the datasets were made from (fingerprinted)")
-    p.add_argument("--out", required=True)
+    out(p)
     p.add_argument("--name", default=None, help="dataset name (default: <config name>-traces)")
     p.set_defaults(func=cmd_release)
 
-    p = sub.add_parser("serve", help="local Prefect server + process worker with the deployments of prefect.yaml")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=4200)
-    p.add_argument("--pool", default="memlora-pool")
-    p.add_argument("--no-deploy", action="store_true")
+    p = command("serve")
+    p.add_argument("--host", default="127.0.0.1", help="address the Prefect API and UI bind to")
+    p.add_argument("--port", type=int, default=4200, help="Prefect API and UI port")
+    p.add_argument("--pool", default="memlora-pool", help="process work pool the worker serves")
+    p.add_argument("--no-deploy", action="store_true", help="do not (re)deploy prefect.yaml's deployments")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("run", help="the whole pipeline (what `make run` calls)")
-    p.add_argument("--config", default=DEFAULT_CONFIG)
-    p.add_argument("--data", default="data/samples/locomo_sample12.json")
-    p.add_argument("--out", default="out")
+    p = command("run")
+    config(p)
+    p.add_argument("--data", default="data/samples/locomo_sample12.json", help=data_help)
+    out(p, required=False)
     p.set_defaults(func=cmd_run)
     return parser
 
@@ -219,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     guard = nullcontext() if args.command == "serve" else exit_on_interrupt(args.command)
     try:
         with guard:
+            check_out(args)
             return args.func(args)
     except _known_errors() as err:
         print(f"memlora {args.command}: error: {err}", file=sys.stderr)

@@ -59,6 +59,23 @@ def deploy_all(env: dict) -> str:
     return done.stdout
 
 
+def deployed_summary(output: str) -> str:
+    """Prefect's deploy output, less its advice to start a worker (serve has started one) and its
+    `prefect deployment run` hints (which need this venv's prefect and PREFECT_API_URL: see run_hint)."""
+    names = [line.strip() for line in output.splitlines() if "Deployment '" in line]
+    return "\n".join(names) if names else output
+
+
+def run_hint(api_url: str) -> str:
+    """Commands that work as printed in a fresh shell (no venv activated, no PREFECT_API_URL exported)."""
+    prefect_bin = BIN / "prefect"
+    return (f"Run the pipeline now, from another shell:\n"
+            f"  PREFECT_API_URL={api_url} {prefect_bin} deployment run 'memlora-pipeline/embedded-default' --watch\n"
+            f"List scheduled runs:\n"
+            f"  PREFECT_API_URL={api_url} {prefect_bin} flow-run ls --state SCHEDULED\n"
+            f"Ctrl-C here stops the server and the worker.")
+
+
 def start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
     return subprocess.Popen([str(BIN / "prefect"), *args], env=env, cwd=REPO, stdout=open(log, "ab"),
                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -78,10 +95,10 @@ def serve(host: str = "127.0.0.1", port: int = 4200, pool: str = "memlora-pool",
         wait_healthy(api_url, server)
         ensure_pool(pool, env)
         if deploy:
-            print(deploy_all(env))
+            print(deployed_summary(deploy_all(env)))
         worker = start(["worker", "start", "--pool", pool], env, logs / "worker.log")
-        print(f"Prefect UI and API at http://{host}:{port} (logs in {logs}); worker on pool {pool!r}.")
-        print("Run: prefect deployment run 'memlora-pipeline/embedded-default' --watch   (Ctrl-C here stops all)")
+        print(f"Prefect UI and API at http://{host}:{port} (logs in {logs}); a worker is running on pool {pool!r}.")
+        print(run_hint(api_url))
         while not stopping.is_set():
             if server.poll() is not None or worker.poll() is not None:
                 print("server or worker exited; stopping", file=sys.stderr)

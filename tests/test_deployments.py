@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from memlora.processes import stop_group
-from memlora.serve import deploy_all, ensure_pool, prefect, prefect_env, start
+from memlora.serve import deploy_all, deployed_summary, ensure_pool, prefect, prefect_env, run_hint, start
 from tests.conftest import REPO
 
 
@@ -75,7 +75,8 @@ def test_the_nightly_schedule_creates_runs(prefect_server):
     """The scheduler must create the nightly runs (SQLAlchemy 2.1 made it fail silently on every pass)."""
     env = prefect_env(prefect_server["url"], PREFECT_HOME=str(prefect_server["home"]))
     ensure_pool("memlora-pool", env)
-    deploy_all(env)
+    summary = deployed_summary(deploy_all(env))
+    assert "memlora-pipeline/embedded-default" in summary and "start a worker" not in summary
     deadline = time.monotonic() + 150
     runs = []
     while time.monotonic() < deadline:
@@ -91,6 +92,11 @@ def test_the_nightly_schedule_creates_runs(prefect_server):
         log = (prefect_server["home"] / "server.log").read_text(errors="replace")
         for marker in ("schedule_deployments", "InvalidRequestError", "Traceback"):
             assert marker not in log, f"server log has {marker!r}:\n{log[-3000:]}"
+        # `memlora serve`'s hint works as printed in a fresh shell: no venv on PATH, no PREFECT_API_URL.
+        listing = run_hint(prefect_server["url"]).splitlines()[3].strip()
+        fresh = {"PATH": "/usr/bin:/bin", "HOME": str(prefect_server["home"]), "PREFECT_HOME": str(prefect_server["home"])}
+        done = subprocess.run(["bash", "-c", listing], env=fresh, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and any(str(r.id)[:13] in done.stdout for r in runs), done.stdout + done.stderr
     finally:
         asyncio.run(_pause_schedules(deployment))
 

@@ -19,3 +19,34 @@ def test_evaluate_without_experts_refuses_before_building_anything(sample_path, 
     with pytest.raises(EvalError, match="no trained expert"):
         prepare(config, out)
     assert not (out / "student").exists()  # the student base was not built first
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("command", ["traces", "run"])
+def test_bad_data_through_a_flow_command_is_one_line_before_any_flow(command, tmp_path):
+    import subprocess
+
+    from tests.conftest import BIN, REPO
+
+    bad = REPO / "tests" / "data" / "bad" / "qa_no_answer.json"
+    done = subprocess.run([str(BIN / "memlora"), command, "--data", str(bad), "--out", str(tmp_path / "out")],
+                          cwd=REPO, capture_output=True, text=True, timeout=100)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"memlora {command}: error: ") and str(bad) in lines[0], lines
+    assert not (tmp_path / "out").exists()  # nothing ran, nothing written
+
+
+@pytest.mark.timeout(120)
+def test_out_pointing_at_a_file_is_one_line_and_exit_2(tmp_path):
+    import subprocess
+
+    from tests.conftest import BIN, REPO
+
+    file = tmp_path / "notafolder"
+    file.write_text("x")
+    done = subprocess.run([str(BIN / "memlora"), "distill", "--out", str(file)], cwd=REPO, capture_output=True,
+                          text=True, timeout=100)
+    assert done.returncode == 2 and done.stderr.strip() == (
+        f"memlora distill: error: --out {file}: is a file; OUT must be a folder (created if missing)")
+    assert file.read_text() == "x"
