@@ -46,10 +46,24 @@ def _table(rows, items: list[tuple[str, str, str]]) -> list[str]:
     return lines
 
 
+def scope_sentence(rows: list[dict], meta: dict) -> str:
+    """What these numbers can and cannot say, in one plain sentence, for this config."""
+    params = lookup(rows, "teacher", "model", "params_base")
+    size = f"{params['value'] / 1e6:,.0f}M-parameter " if params and params["value"] else ""
+    n_conv = len(meta["conversations"])
+    return (f"These numbers say how closely a small student agrees with this config's {size}teacher "
+            f"(`{meta['probes']['teacher']['model_id']}`) on {n_conv} held-out conversation"
+            f"{'s' if n_conv != 1 else ''} and {meta['questions']} gold questions; they cannot say how much any of "
+            "the three knows about the world or how it would do on other conversations, and with samples this "
+            "small the 95% intervals, not the point values, are what to compare.")
+
+
 def render_markdown(rows: list[dict], meta: dict) -> str:
     probes = meta["probes"]
     lines = [
         "# Evaluation: teacher vs student vs student+experts",
+        "",
+        scope_sentence(rows, meta),
         "",
         f"Config `{meta['config_name']}`; test conversations: {', '.join(meta['conversations']) or 'none'}; "
         f"{meta['questions']} gold questions; judge: `{meta['judge']}`. "
@@ -95,15 +109,19 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
                     + [(f"system says {e.upper()}", "update", f"predicted_{e}") for e in events])
     lines += ["", "### The same requests without their schema (free decoding)", ""]
     lines += _table(rows, [(label, op, metric + "_free") for label, op, metric in items])
-    lines += ["", "## JSON validity", "",
-              "`parse_ok`: the memory system's tolerant parser accepted the output (it would be applied). "
-              "`schema_valid`: the whole output is one JSON object valid under the operation's schema, no repair. "
-              "Free decoding shows what a model writes by itself; constrained decoding what the grammar forces.", ""]
+    lines += ["", "## Output validity", "",
+              "Each measure means one thing. `schema_valid`: the raw output is exactly one JSON object valid under "
+              "the operation's schema (format, no repair). `parse_ok`: the memory system's tolerant parser took "
+              "something it can apply (under free decoding it also takes plain text, so a model that ignores the "
+              "format can still score 1 here). `empty`: a degenerate output, blank or a blank answer such as "
+              '`{"answer": " "}`, which can be schema-valid yet says nothing. `cut_at_limit`: generation stopped at '
+              "the token budget, not by itself. Free decoding shows what a model writes by itself; constrained "
+              "decoding what the grammar forces.", ""]
     validity = []
     for op in OPERATIONS:
-        validity += [(f"{op} parse_ok (constrained)", op, "parse_ok"), (f"{op} parse_ok (free)", op, "parse_ok_free"),
-                     (f"{op} schema_valid (constrained)", op, "schema_valid"),
-                     (f"{op} schema_valid (free)", op, "schema_valid_free")]
+        for decoding, suffix in (("constrained", ""), ("free", "_free")):
+            validity += [(f"{op} {m} ({decoding})", op, m + suffix)
+                         for m in ("schema_valid", "parse_ok", "empty", "cut_at_limit")]
     lines += _table(rows, validity)
     lines += ["", "## End-to-end QA", "",
               "Each system built its own memory from the test conversation, then answered the gold questions. "
@@ -117,12 +135,15 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
                      (f"{name} answered", operation, "answered")]
     lines += _table(rows, qa_items)
     lines += ["", "## Latency (teacher-forced requests, constrained, same batches for every system)", "",
-              "Per-call wall time is the batch's wall time divided by its size.", ""]
+              "Per-call wall time is the batch's wall time divided by its size. Read it with the tokens each call "
+              "generated next to it: a call that writes 6 tokens, or stops at the budget, is fast for that "
+              "reason; seconds per generated token compares the models themselves.", ""]
     lat = []
     for op in OPERATIONS:
         lat += [(f"{op} p50 (s)", op, "latency_p50"), (f"{op} p95 (s)", op, "latency_p95"),
-                (f"{op} completion tokens", op, "completion_tokens"), (f"{op} prompt tokens", op, "prompt_tokens"),
-                (f"{op} tokens/s", op, "tokens_per_s")]
+                (f"{op} generated tokens per call", op, "completion_tokens"),
+                (f"{op} s per generated token", op, "s_per_token"),
+                (f"{op} prompt tokens per call", op, "prompt_tokens"), (f"{op} tokens/s", op, "tokens_per_s")]
     lines += _table(rows, lat)
     lines += ["", "## Memory (each system in its own process)", "",
               "`peak_rss_mb` is the process's VmHWM (its own peak resident set, model + runtime + retrieval embedder); "
@@ -157,6 +178,13 @@ def _bars(ax, groups: list[str], series: dict[str, list[tuple[float | None, floa
                hatch="//" if name.endswith("p95") else None, edgecolor="white", linewidth=0.5)
         if labels:
             ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=2)
+        for bar, v in zip(bars, vals):
+            if v == 0:  # a zero bar has no height: draw it as a thick line at zero, labelled, so it reads as zero
+                left = bar.get_x()
+                ax.plot([left, left + bar.get_width()], [0, 0], color=COLORS.get(system, "grey"), linewidth=3,
+                        solid_capstyle="butt", clip_on=False, zorder=3)
+                ax.annotate("0", (left + bar.get_width() / 2, 0), xytext=(0, 3), textcoords="offset points",
+                            ha="center", va="bottom", fontsize=7, color=COLORS.get(system, "grey"))
     ax.set_xticks(x, groups, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
@@ -232,10 +260,10 @@ def render_png(rows: list[dict], path: Path, records: dict[str, dict] | None = N
     _bars(axes[0, 0], [g for g, _, _ in acc], {s: [_v(rows, s, op, m) for _, op, m in acc] for s in SYSTEMS},
           "score (95% CI)", "Accuracy per operation: agreement with the teacher; end-to-end QA")
     axes[0, 0].set_ylim(0, 1.05)
-    val = [(f"{op}\n{d}", op, "parse_ok" + ("" if d == "constrained" else "_free"))
+    val = [(f"{op}\n{d}", op, "schema_valid" + ("" if d == "constrained" else "_free"))
            for op in OPERATIONS for d in ("constrained", "free")]
     _bars(axes[0, 1], [g for g, _, _ in val], {s: [_v(rows, s, op, m) for _, op, m in val] for s in SYSTEMS},
-          "parse_ok rate (95% CI)", "JSON validity, constrained vs free decoding")
+          "schema_valid rate (95% CI)", "Schema-valid outputs, constrained vs free decoding")
     axes[0, 1].set_ylim(0, 1.05)
     mem = [("peak RSS", "peak_rss_mb"), ("RSS after load", "rss_after_load_mb"),
            ("peak CUDA", "peak_cuda_allocated_mb")]

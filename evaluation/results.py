@@ -72,11 +72,30 @@ def _decoding_rows(system, rows, reference, label, config: Config) -> list[dict]
                         decoding=label))
         out.append(_row(system, "validity", op, "schema_valid" + suffix,
                         proportion([r["schema_valid"] for r in op_rows]), decoding=label))
+        out.append(_row(system, "validity", op, "empty" + suffix, proportion([is_empty(r) for r in op_rows]),
+                        decoding=label))
+        out.append(_row(system, "validity", op, "cut_at_limit" + suffix,
+                        proportion([r["finish_reason"] == "length" for r in op_rows]), decoding=label))
         for metric, estimate in agreement.score(op, op_rows, reference, ev.fact_match_threshold,
                                                 ev.bootstrap_samples).items():
             unit = "calls" if metric.startswith(("predicted_", "reference_")) else "ratio"
             out.append(_row(system, "agreement", op, metric + suffix, estimate, unit, decoding=label))
     return out
+
+
+def is_empty(row: dict) -> bool:
+    """A degenerate output: nothing but whitespace, or a generation whose answer is blank (`{"answer": " "}` is
+    valid under the schema, and says nothing)."""
+    text = row["raw_output"].strip()
+    if not text:
+        return True
+    if row["operation"] == "generation":
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return False
+        return isinstance(value, dict) and isinstance(value.get("answer"), str) and not value["answer"].strip()
+    return False
 
 
 def latency_rows(system, rows, samples) -> list[dict]:
@@ -95,6 +114,9 @@ def latency_rows(system, rows, samples) -> list[dict]:
                                                                       samples=samples), "tokens"),
             _row(system, "latency", op, "tokens_per_s",
                  _plain(completion / total_s if total_s > 0 else None, len(op_rows)), "tokens/s"),
+            # Seconds per generated token: a short or truncated answer makes a call fast, not the model.
+            _row(system, "latency", op, "s_per_token",
+                 _plain(total_s / completion if completion > 0 else None, len(op_rows)), "s/token"),
             _row(system, "latency", op, "batch_size", bootstrap([r["batch_size"] for r in op_rows], samples=0),
                  "calls"),
         ]
@@ -203,7 +225,9 @@ def headline(rows: list[dict], with_judge: bool = False) -> list[dict]:
             "qa_token_f1": v(system, "qa", "token_f1"),
             **({"qa_judge_accuracy": v(system, "qa", "judge_accuracy")} if with_judge else {}),
             "peak_rss_mb": round(v(system, "model", "peak_rss_mb") or 0, 1) or None,
-            **{f"{op}_p50_s": v(system, op, "latency_p50") for op in OPERATIONS},
+            **{key: value for op in OPERATIONS for key, value in (
+                (f"{op}_p50_s", v(system, op, "latency_p50")),
+                (f"{op}_tokens_per_call", v(system, op, "completion_tokens")))},
         })
     return table
 

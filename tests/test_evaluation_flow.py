@@ -201,6 +201,15 @@ def test_evaluate_flow_on_tiny_models(prefect_server, tiny_teacher, tiny_model_d
     # report
     md = (out / "eval" / "report.md").read_text()
     assert "## Agreement with the teacher" in md and "## End-to-end QA" in md and "student+experts" in md
+    assert md.splitlines()[2].startswith("These numbers say how closely a small student agrees")
+    for label in ("generation empty (constrained)", "extraction cut_at_limit (constrained)",
+                  "generation s per generated token", "generation generated tokens per call"):
+        assert f"| {label} |" in md, label
+    for s in SYSTEMS:  # the degenerate counts are the rows' own
+        calls = [r for r in pq.read_table(out / "eval" / "systems" / s.replace("+", "-") / "calls.parquet").to_pylist()
+                 if r["phase"] == "forced" and r["constrained"] and r["operation"] == "extraction"]
+        cut = by_key[(s, "extraction", "cut_at_limit")]
+        assert cut["value"] == pytest.approx(sum(r["finish_reason"] == "length" for r in calls) / len(calls))
     png = out / "eval" / "report.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     h, w, _ = matplotlib.image.imread(str(png)).shape

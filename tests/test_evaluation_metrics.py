@@ -213,3 +213,27 @@ def test_a_judge_that_is_the_teacher_stays_out_of_the_headline():
     assert not independent_judge(parse_config({**base, "evaluation": {"judge": {"model": TEACHER_REF}}}))
     assert "qa_judge_accuracy" not in headline([])[0]
     assert "qa_judge_accuracy" in headline([], with_judge=True)[0]
+
+
+@pytest.mark.timeout(60)
+def test_degenerate_outputs_are_counted_and_a_zero_bar_shows_as_zero():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from memlora.evaluation.report import _bars
+    from memlora.evaluation.results import is_empty
+
+    row = lambda op, text: {"operation": op, "raw_output": text}  # noqa: E731
+    assert is_empty(row("generation", '{"answer": " "}')) and is_empty(row("extraction", "  \n"))
+    assert not is_empty(row("generation", '{"answer": "Paris"}')) and not is_empty(row("extraction", '{"facts": []}'))
+    assert not is_empty(row("generation", "Paris"))  # free text: not blank
+
+    fig, ax = plt.subplots()
+    _bars(ax, ["a", "b"], {"teacher": [(0.5, 0.4, 0.6), (0.0, 0.0, 0.1)], "student": [(0.0, None, None), (0.2, None, None)]},
+          "score", "t")
+    zero_lines = [line for line in ax.lines if list(line.get_ydata()) == [0, 0] and line.get_linewidth() == 3]
+    assert len(zero_lines) == 2  # one per zero value, none for the others
+    assert sum(t.get_text() == "0" for t in ax.texts) == 2
+    plt.close(fig)
