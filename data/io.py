@@ -38,6 +38,17 @@ def _read_umask() -> int:
 _UMASK = _read_umask()  # once, at import: os.umask is process-wide, so reading it later would race threads
 
 
+def shareable(folder: str | Path) -> Path:
+    """Give a folder made with mkdtemp (0700) and its files the modes a normal write would have (0755 / 0644
+    under the usual umask), so a server running as another user can read a published model or adapter."""
+    folder = Path(folder)
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_symlink():
+            continue
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_UMASK)
+    return folder
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling of `path`; rename it over `path` only if the block succeeds."""

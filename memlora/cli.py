@@ -95,12 +95,10 @@ def cmd_distill(args) -> int:
 def cmd_export(args) -> int:
     from memlora.student.export import export_lora
 
-    written = export_lora(args.out, args.base, args.rank)
+    written = export_lora(args.out, args.base, args.rank, on_line=lambda line: print(line, flush=True))
     if not written:
         print(f"memlora export: error: no trained experts under {Path(args.out) / 'adapters'}", file=sys.stderr)
         return 2
-    for op, path in written.items():
-        print(f"{op:<11} -> {path}")
     return 0
 
 

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from memlora.config import Config, PruneConfig
+from memlora.data.io import shareable
 from memlora.models import resolve
 from memlora.teacher.hf_backend import load_causal_lm
 
@@ -159,6 +160,7 @@ def build_student(config: Config, out: str | Path, on_line: Callable[[str], None
         (tmp / MARKER).write_text(json.dumps({"recipe": recipe, "kept_layers": keep, "teacher_layers": n_layers,
                                               "angular_distance_by_start": scores,
                                               "parameters": sum(p.numel() for p in model.parameters())}, indent=2))
+        shareable(tmp)
         if cut.exists():
             shutil.rmtree(cut)
         tmp.rename(cut)

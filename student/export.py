@@ -1,19 +1,39 @@
-"""Export experts as plain LoRA adapters (peft's conversion), for servers that only speak multi-LoRA."""
+"""Export experts as plain LoRA adapters, for servers that only speak multi-LoRA."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import tempfile
+import time
 from pathlib import Path
+from typing import Callable
 
-from peft import PeftModel
-from peft.tuners.lora.conversion import convert_to_lora
+import torch
+from peft import LoraConfig, PeftModel
 from safetensors.torch import save_file
 
+from memlora.data.io import shareable
 from memlora.student.build import student_dir
 from memlora.student.experts import adapter_name, verified_expert_folders
 from memlora.teacher.hf_backend import load_causal_lm
+
+
+def portable_base(base: str | Path, out: str | Path) -> str:
+    """A base inside OUT is recorded relative to OUT (`student/base`), so a copied OUT does not point back at
+    this machine's folder; any other base (a hub id, a folder elsewhere) as it was given."""
+    try:
+        return Path(base).resolve().relative_to(Path(out).resolve()).as_posix()
+    except (ValueError, OSError):
+        return str(base)
+
+
+def recorded_base(recorded: str, out: str | Path) -> str:
+    """The inverse of portable_base: a relative base that exists under OUT is that folder."""
+    path = Path(recorded)
+    if not path.is_absolute() and (Path(out) / path / "config.json").is_file():
+        return str(Path(out) / path)
+    return recorded
 
 
 def default_base(out: str | Path, experts: dict[str, Path]) -> str:
@@ -23,19 +43,42 @@ def default_base(out: str | Path, experts: dict[str, Path]) -> str:
     for folder in experts.values():
         base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
         if base:
-            return base
+            return recorded_base(base, out)
     raise FileNotFoundError(f"{student_dir(out)}: no student base; give it with --base")
 
 
-def export_lora(out: str | Path, base: str | Path | None = None, rank: int | None = None) -> dict[str, Path]:
+@torch.no_grad()
+def delora_as_lora(peft_model, adapter: str) -> tuple[list[str], dict[str, torch.Tensor], int]:
+    """DeLoRA's update is B diag(lambda / r / (|a_i| |b_i|)) A, each input column scaled by the base weight's
+    norm: a rank-r product, so a rank-r LoRA with B' = B diag(.), A' = A diag(w_norm) and scaling 1 is the very
+    same update, written in milliseconds (peft's generic conversion takes an SVD of every delta weight)."""
+    from peft.tuners.delora.layer import DeloraLayer
+
+    targets, state, rank = set(), {}, 0
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, DeloraLayer) or adapter not in module.delora_A:
+            continue
+        a, b = module.delora_A[adapter].float(), module.delora_B[adapter].float()
+        r = module.r[adapter]
+        scale = module.delora_lambda[adapter].float() / r / (a.norm(dim=1).clamp(min=1e-4) * b.norm(dim=0).clamp(min=1e-4))
+        state[f"{name}.lora_A.weight"] = (a * module.delora_w_norm[adapter].float().unsqueeze(0)).contiguous()
+        state[f"{name}.lora_B.weight"] = (b * scale.unsqueeze(0)).contiguous()
+        targets.add(name.rsplit(".", 1)[-1])
+        rank = r
+    return sorted(targets), state, rank
+
+
+def export_lora(out: str | Path, base: str | Path | None = None, rank: int | None = None,
+                on_line: Callable[[str], None] = lambda line: None) -> dict[str, Path]:
     """Write OUT/export/lora/<op>/ for every trained expert, each a standard LoRA adapter folder.
 
-    DeLoRA's update B diag(.) A has rank r, so a rank-r LoRA (the default: the expert's own r) reproduces it up
-    to float error; a smaller `rank` keeps the top singular directions (peft's SVD conversion)."""
+    At the expert's own rank the conversion is exact (delora_as_lora); a smaller `rank` keeps the top singular
+    directions (peft's SVD conversion)."""
     experts = verified_expert_folders(out)
     if not experts:
         return {}
     base = str(base or default_base(out, experts))
+    started = time.perf_counter()
     model, _, _ = load_causal_lm(base, dtype="float32", device="cpu")  # once, with every expert attached
     peft_model = None
     for op, folder in experts.items():
@@ -44,11 +87,19 @@ def export_lora(out: str | Path, base: str | Path | None = None, rank: int | Non
                                                    use_safetensors=True)
         else:
             peft_model.load_adapter(str(folder), adapter_name=adapter_name(op), use_safetensors=True)
+    on_line(f"loaded the base and {len(experts)} experts in {time.perf_counter() - started:.1f} s")
     written = {}
     for op, folder in experts.items():
-        r = rank or json.loads((folder / "adapter_config.json").read_text())["r"]
-        lora_config, state_dict = convert_to_lora(peft_model, r, adapter_name=adapter_name(op))
-        lora_config.base_model_name_or_path = base
+        began = time.perf_counter()
+        own_rank = json.loads((folder / "adapter_config.json").read_text())["r"]
+        if rank is None or rank >= own_rank:
+            targets, state, r = delora_as_lora(peft_model, adapter_name(op))
+            lora_config = LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=targets)
+        else:
+            from peft.tuners.lora.conversion import convert_to_lora
+
+            lora_config, state = convert_to_lora(peft_model, rank, adapter_name=adapter_name(op))
+        lora_config.base_model_name_or_path = portable_base(base, out)
         lora_config.task_type = "CAUSAL_LM"
         target = Path(out) / "export" / "lora" / op
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -56,8 +107,9 @@ def export_lora(out: str | Path, base: str | Path | None = None, rank: int | Non
         old = target.parent / f".old-{op}"
         try:
             lora_config.save_pretrained(str(tmp))
-            save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp / "adapter_model.safetensors"),
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "adapter_model.safetensors"),
                       metadata={"format": "pt"})
+            shareable(tmp)
             shutil.rmtree(old, ignore_errors=True)
             if target.exists():
                 target.rename(old)
@@ -65,5 +117,6 @@ def export_lora(out: str | Path, base: str | Path | None = None, rank: int | Non
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.rmtree(old, ignore_errors=True)
+        on_line(f"{op}: LoRA r={lora_config.r} written in {time.perf_counter() - began:.1f} s -> {target}")
         written[op] = target
     return written

@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
 from memlora.config import OPERATIONS, Config, HealConfig
+from memlora.data.io import shareable
 from memlora.student.build import MARKER
 from memlora.student.examples import conversation_splits, load_traces, trace_files
 from memlora.teacher.hf_backend import load_causal_lm
@@ -200,6 +201,7 @@ def heal_base(config: Config, out: str | Path, pruned: str | Path, target: str |
     marker = json.loads((Path(pruned) / MARKER).read_text())
     marker["healing"] = record
     (staging / MARKER).write_text(json.dumps(marker, indent=2))
+    shareable(staging)
     if target.exists():
         shutil.rmtree(target)
     staging.rename(target)

@@ -18,6 +18,8 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from memlora.config import Config
+from memlora.data.io import shareable
+from memlora.student.export import portable_base
 from memlora.student.build import shares_teacher_tokenizer
 from memlora.student.examples import (
     IGNORE, Example, ExampleSet, build_examples, conversation_splits, load_traces, oversample_minority, split_rows,
@@ -287,6 +289,11 @@ def train_expert(config: Config, out: str | Path, operation: str, base: str | Pa
         return None
     for leftover in ("training_args.bin", "README.md"):
         (staging / leftover).unlink(missing_ok=True)  # a pickle and a template card: not part of an adapter
+    # The base as OUT-relative path where it lives in OUT: a copied OUT must not point back at this machine.
+    adapter_config = staging / "adapter_config.json"
+    settings = json.loads(adapter_config.read_text())
+    settings["base_model_name_or_path"] = portable_base(base, out)
+    adapter_config.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
     curve = [round(h["loss"], 5) for h in trainer.state.log_history if "loss" in h]
     grad_norms = [round(h["grad_norm"], 3) for h in trainer.state.log_history if "grad_norm" in h]
     record = {
@@ -333,6 +340,7 @@ def train_expert(config: Config, out: str | Path, operation: str, base: str | Pa
         "base": str(base),
     }
     (staging / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    shareable(staging)
     # Swap in with renames only: readers see the old complete expert or the new one, never a partial folder.
     old = final.parent / f".old-{operation}"
     shutil.rmtree(old, ignore_errors=True)

@@ -190,6 +190,8 @@ def test_early_stopping_keeps_the_best_epoch(tiny_model_dir, tmp_path):
     # Validation got worse epoch after epoch: it stopped `patience` epochs after the best and put it back.
     assert record["stopped_early"] and len(losses) == best + 2 and record["best_restored"]
     assert reloaded_validation_loss(config, out, base, "extraction") == pytest.approx(losses[best - 1], abs=1e-3)
+    adapter_config = json.loads((out / "adapters" / "extraction" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == "student/base"  # relative to OUT: OUT can be copied
 
 
 @pytest.mark.timeout(60)

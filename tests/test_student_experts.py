@@ -188,6 +188,20 @@ def test_lora_export_reloads_as_lora_and_matches_the_delora_expert(tiny_model_di
         base = logits_of(fresh(tiny_model_dir)[0], tok)
         # DeLoRA's update has rank r, so the rank-r LoRA is the same update up to float error.
         assert (got - expected).abs().max() < 1e-3 * (expected - base).abs().max()
+        # Readable by a server running as another user, like any normally written file.
+        import os
+        import stat
+
+        umask = os.umask(0o022)
+        os.umask(umask)
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
+        assert stat.S_IMODE((folder / "adapter_model.safetensors").stat().st_mode) == 0o666 & ~umask
+
+    # A base inside OUT is recorded relative to OUT, so a copied OUT does not point back at this machine.
+    shutil.copytree(tiny_model_dir, out / "student" / "base")
+    export_lora(out)
+    config = json.loads((out / "export" / "lora" / "update" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "student/base"
 
 
 @pytest.mark.timeout(60)
