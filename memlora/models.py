@@ -22,9 +22,14 @@ class ModelRef:
 
     path: str
     gguf_file: str | None = None
+    ref: str | None = None  # the reference as configured
 
     @property
     def model_id(self) -> str:
+        """What rows and reports record: a packaged model by its `pkg:` reference (the same on every machine,
+        as the release card names it), anything else by where it was loaded from."""
+        if self.ref and self.ref.startswith("pkg:"):
+            return self.ref
         return f"{self.path}/{self.gguf_file}" if self.gguf_file else self.path
 
     def pretrained_kwargs(self) -> dict:
@@ -46,8 +51,8 @@ def resolve(ref: str) -> ModelRef:
         if not target.exists():
             raise ModelRefError(f"{ref}: {target} does not exist")
         if target.is_dir():
-            return ModelRef(str(_model_folder(target)))
-        return ModelRef(str(target.parent), target.name if target.suffix == ".gguf" else None)
+            return ModelRef(str(_model_folder(target)), ref=ref)
+        return ModelRef(str(target.parent), target.name if target.suffix == ".gguf" else None, ref=ref)
     path = Path(ref).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():

@@ -113,7 +113,7 @@ def publish_release(out: str | Path, config: Config, data: str | Path, name: str
 
 
 COLUMN_NOTES = {
-    "conversations": "one row per conversation turn: conversation_id, split (train/test), session, turn, dia_id, "
+    "conversations": "one row per conversation turn: conversation_id, split (train/validation/test), session, turn, dia_id, "
     "speaker, text, time (session start), image_caption (caption of a shared image, if any)",
     "questions": "one row per question: conversation_id, split, question_id, question, answer (gold; null for "
     "adversarial questions), adversarial_answer (the trap answer of category 5), category (1 multi-hop, "
@@ -123,12 +123,23 @@ COLUMN_NOTES = {
     "parsed_output (JSON), parse_ok, parse_error, constrained, finish_reason, prompt_tokens, completion_tokens, "
     "completion_token_ids, top_logprobs (teacher's top-k per completion token), latency_s, batch_size, model_id, "
     "backend, template_hash",
+    "eval": "the evaluation of the test conversations. `eval/results.parquet`: one row per (system, section, "
+    "operation, metric) with value, n, 95% CI (ci_low, ci_high, ci_method), unit and decoding; "
+    "`eval/systems/<system>/calls.parquet`: every call each system (teacher, student, student-experts) made, "
+    "end-to-end and teacher-forced, with its raw and parsed output, parse_ok, schema_valid, finish_reason, tokens "
+    "and latency; `eval/systems/<system>/qa.parquet`: each gold question with the system's answer and the memories "
+    "it answered from; `eval/systems/judge/judgements.parquet`: the LLM judge's label per answer (by default the "
+    "teacher judges itself: not an independent measure)",
 }
 
 
 def dataset_card(manifest: dict) -> str:
     rows = "\n".join(f"| `{f['path']}` | {f.get('rows', '')} | `{f['sha256'][:16]}…` |" for f in manifest["files"])
-    columns = "\n".join(f"- **{kind}**: {note}" for kind, note in COLUMN_NOTES.items())
+    paths = [f["path"] for f in manifest["files"]]
+    prefix = {"conversations": "datasets/conversations", "questions": "datasets/questions", "traces": "traces/",
+              "eval": "eval/"}
+    columns = "\n".join(f"- **{kind}**: {note}" for kind, note in COLUMN_NOTES.items()
+                        if any(p.startswith(prefix[kind]) for p in paths))
     first = next((f["path"] for f in manifest["files"] if f["path"].startswith("traces/")), manifest["files"][0]["path"])
     return f"""# {manifest['name']} — release {manifest['version']}
 
@@ -205,6 +216,8 @@ def verify_release(path: str | Path) -> list[str]:
                 problems.append(f"{rel}: {meta.num_rows} rows, manifest says {entry.get('rows')}")
     for f in sorted(release.rglob("*.parquet")):
         rel = f.relative_to(release).as_posix()
+        if rel.startswith("releases/"):  # OUT's releases carry manifests of their own: verify them one by one
+            continue
         if rel not in listed:
             problems.append(f"{rel}: present but not in the manifest")
     if manifest.get("schema_version") not in (None, SCHEMA_VERSION):

@@ -76,3 +76,11 @@ def test_the_extraction_schema_fits_its_token_budget(smol_tokenizer_dir):
         assert n <= chars
         worst = json.dumps({"facts": [(words * 10)[:n]] * facts})
         assert len(tok(worst, add_special_tokens=False)["input_ids"]) <= budget, (budget, facts, n)
+
+
+def test_a_packaged_model_is_recorded_by_its_reference_not_this_machines_path():
+    from memlora.models import resolve
+    from tests.conftest import TEACHER_REF
+
+    ref = resolve(TEACHER_REF)
+    assert ref.model_id == TEACHER_REF and ref.path.startswith("/")  # loaded from the venv, recorded portably

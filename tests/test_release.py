@@ -35,6 +35,23 @@ def test_release_has_card_manifest_and_latest(released, sample_path):
     assert not [p for p in release.parent.iterdir() if p.name.startswith(".")]  # no staging left behind
     assert verify_release(release) == []
     assert verify_release(release.parent) == []  # via `latest`
+    assert "**eval**" not in card  # only what the release holds is described
+
+
+def test_verify_out_is_clean_with_releases_and_the_card_describes_eval(released, sample_path):
+    import shutil
+
+    from memlora.manifest import update_manifest
+
+    out, config, _ = released
+    (out / "eval").mkdir()
+    shutil.copy2(out / "datasets" / "questions.parquet", out / "eval" / "results.parquet")  # any Parquet file
+    update_manifest(out)
+    release = publish_release(out, config, sample_path)
+    assert verify_release(out) == []  # OUT's manifest covers OUT; each release is verified on its own
+    assert verify_release(release) == []
+    card = (release / "README.md").read_text()
+    assert "**eval**" in card and "eval/results.parquet" in card
 
 
 def test_verify_names_every_difference(released):
