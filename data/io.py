@@ -106,6 +106,11 @@ def read_parquet(path: str | Path, kind: str, schema: pa.Schema) -> pa.Table:
     found_kind = meta.get(KIND_KEY, b"").decode()
     if found_kind and found_kind != kind:
         raise DataError(f"{path}: holds {found_kind!r} rows, expected {kind!r}")
+    from memlora.data.schemas import ADDED_COLUMNS
+
+    for name in ADDED_COLUMNS.get(kind, ()):
+        if name not in table.column_names and name in schema.names:
+            table = table.append_column(name, pa.nulls(table.num_rows, schema.field(name).type))
     missing = [f.name for f in schema if f.name not in table.column_names]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}")

@@ -62,8 +62,13 @@ TRACES = pa.schema(
         pa.field("model_id", pa.string(), nullable=False),
         pa.field("backend", pa.string(), nullable=False),
         pa.field("template_hash", pa.string(), nullable=False),
+        # Decoding settings beyond greedy + schema, as JSON (e.g. {"no_repeat_ngram": 8}); null: none.
+        pa.field("decoding", pa.string()),
     ]
 )
+
+# Nullable columns added within a schema version: a file written before them reads them as null.
+ADDED_COLUMNS = {"traces": {"decoding"}}
 
 SCHEMAS = {"conversations": CONVERSATIONS, "questions": QUESTIONS, "traces": TRACES}
 

@@ -85,6 +85,10 @@ class LLMConfig(_Strict):
 class OperationConfig(_Strict):
     constrained: bool = True
     max_new_tokens: int = Field(128, gt=0)
+    # Ban a token that would repeat an n-gram of this many tokens already in the output (the prompt does not
+    # count: copying from the input is the job). Stops the loops a small teacher falls into ("We had to postpone
+    # it to August 12 ..." written until the budget ran out). Local models only; recorded in each trace row.
+    no_repeat_ngram: int | None = Field(None, ge=2)
 
 
 class MemoryConfig(_Strict):

@@ -16,6 +16,7 @@ class GenerationRequest:
     messages: list[dict]
     max_new_tokens: int
     schema: dict | None = None  # JSON schema the output must follow when decoding is constrained
+    no_repeat_ngram: int | None = None  # see OperationConfig.no_repeat_ngram
 
     @property
     def constrained(self) -> bool:

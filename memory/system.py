@@ -79,6 +79,7 @@ class MemorySystem:
             messages=TEMPLATES[operation].messages(user),
             max_new_tokens=op.max_new_tokens,
             schema=schema if op.constrained else None,
+            no_repeat_ngram=op.no_repeat_ngram,
         )
 
     def _call(self, cid: str, session: int, requests: list[GenerationRequest], parse) -> list[Parsed]:

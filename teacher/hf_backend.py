@@ -146,7 +146,8 @@ class TransformersBackend:
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         """Group requests that can share a batch (same operation, cap and decoding mode), keep input order."""
         results: list[GenerationResult | None] = [None] * len(requests)
-        key = lambda i: (requests[i].operation, requests[i].max_new_tokens, requests[i].constrained)  # noqa: E731
+        key = lambda i: (requests[i].operation, requests[i].max_new_tokens, requests[i].constrained,  # noqa: E731
+                         requests[i].no_repeat_ngram or 0)
         for _, group in groupby(sorted(range(len(requests)), key=key), key=key):
             indices = list(group)
             for start in range(0, len(indices), self.batch_size):
@@ -168,8 +169,13 @@ class TransformersBackend:
             )
             if cache is not None:
                 kwargs["past_key_values"] = cache
+            processors = []
             if batch[0].constrained:
-                kwargs["logits_processor"] = [self.grammars.logits_processor([r.schema for r in batch])]
+                processors.append(self.grammars.logits_processor([r.schema for r in batch]))
+            if batch[0].no_repeat_ngram:  # after the grammar: it never bans the only token the grammar allows
+                processors.append(CompletionNgramBlock(batch[0].no_repeat_ngram, enc["input_ids"].shape[1]))
+            if processors:
+                kwargs["logits_processor"] = processors
             out = self.model.generate(**enc, **kwargs)
             elapsed = time.perf_counter() - started
         prompt_len = enc["input_ids"].shape[1]
@@ -206,9 +212,36 @@ class TransformersBackend:
                     finish_reason=finish,
                     token_ids=kept,
                     top_logprobs=top_lp,
+                    extra={"decoding": {"no_repeat_ngram": batch[0].no_repeat_ngram}} if batch[0].no_repeat_ngram
+                    else {},
                 )
             )
         return results
+
+
+class CompletionNgramBlock:
+    """A logits processor that bans any token completing an n-gram the output already holds. Unlike
+    transformers' `no_repeat_ngram_size`, the prompt is not counted (an extraction copies phrases from its
+    input), and a token is never banned where the grammar left nothing else."""
+
+    def __init__(self, n: int, prompt_len: int):
+        self.n, self.prompt_len = n, prompt_len
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        n = self.n
+        generated = input_ids[:, self.prompt_len:]
+        if generated.shape[1] < n - 1:
+            return scores
+        for row, seq in enumerate(generated.tolist()):
+            head = seq[len(seq) - (n - 1):] if n > 1 else []
+            banned = {seq[i + n - 1] for i in range(len(seq) - n + 1) if seq[i : i + n - 1] == head}
+            if not banned:
+                continue
+            banned_ids = torch.tensor(sorted(banned), device=scores.device)
+            allowed = torch.isfinite(scores[row])
+            if int(allowed.sum()) > int(allowed[banned_ids].sum()):
+                scores[row, banned_ids] = float("-inf")
+        return scores
 
 
 def _as_list(value) -> list:

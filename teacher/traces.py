@@ -61,6 +61,7 @@ def record_to_row(record: CallRecord, model_id: str, backend: str) -> dict:
         "model_id": model_id,
         "backend": backend,
         "template_hash": record.template_hash,
+        "decoding": json.dumps(result.extra["decoding"], sort_keys=True) if result.extra.get("decoding") else None,
     }
 
 

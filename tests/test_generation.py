@@ -133,3 +133,49 @@ def test_real_teacher_every_constrained_output_validates(teacher_backend):
     for request, r in zip(requests, results):
         assert r.finish_reason == "stop", r.text
         jsonschema.validate(json.loads(r.text), request.schema)
+
+
+@pytest.mark.timeout(30)
+def test_ngram_block_counts_the_output_only_and_never_leaves_the_grammar_nothing():
+    import torch
+
+    from memlora.teacher.hf_backend import CompletionNgramBlock
+
+    block = CompletionNgramBlock(3, prompt_len=4)
+    prompt = [1, 2, 3, 9]  # "1 2 3" in the prompt: copying it is allowed
+    ids = torch.tensor([prompt + [1, 2, 3, 1, 2], prompt + [1, 2, 5, 6, 7]])
+    scores = block(ids, torch.zeros(2, 10))
+    assert scores[0, 3] == float("-inf") and torch.isfinite(scores[0, :3]).all()  # "1 2 3" again: banned
+    assert torch.isfinite(scores[1]).all()  # "6 7" never seen followed by anything: nothing banned
+    only = torch.full((1, 10), float("-inf"))
+    only[0, 3] = 0.0  # the grammar allows just the token the block would ban: it stays
+    assert block(ids[:1], only)[0, 3] == 0.0
+
+
+@pytest.mark.timeout(120)
+def test_trace_rows_record_the_ngram_block_and_old_shards_read_it_as_null(tiny_backend, tmp_path):
+    import json
+
+    from memlora.data.io import read_parquet
+    from memlora.data.schemas import TRACES
+    from memlora.memory.llm import GenerationRequest
+    from tests.conftest import REPO
+
+    request = GenerationRequest("generation", [{"role": "user", "content": "Say hello hello hello."}], 24,
+                                no_repeat_ngram=2)
+    result = tiny_backend.generate([request])[0]
+    assert result.extra["decoding"] == {"no_repeat_ngram": 2}
+    ids = result.token_ids
+    pairs = list(zip(ids, ids[1:]))
+    assert len(pairs) == len(set(pairs))  # no bigram twice in the output
+    import pyarrow as pa
+
+    from memlora.memory.parsing import parse_generation
+    from memlora.memory.system import CallRecord
+    from memlora.teacher.traces import record_to_row
+
+    row = record_to_row(CallRecord("generation", "c1", 1, 0, request, result, parse_generation(result.text), "h"),
+                        "tiny", "transformers")
+    assert json.loads(pa.Table.from_pylist([row], schema=TRACES).column("decoding")[0].as_py()) == {"no_repeat_ngram": 2}
+    old = read_parquet(REPO / "bench" / "data" / "traces" / "extraction" / "part-sample-1.parquet", "traces", TRACES)
+    assert old.column("decoding").null_count == old.num_rows
