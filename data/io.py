@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,6 +37,43 @@ def _read_umask() -> int:
 
 
 _UMASK = _read_umask()  # once, at import: os.umask is process-wide, so reading it later would race threads
+
+
+def swap_in(staging: str | Path, final: str | Path) -> Path:
+    """Put a complete staging folder (a hidden sibling of `final`) in `final`'s place, with renames only: a
+    reader sees the old folder or the new one, each whole, never a partial one. Files are synced and given
+    normal modes first. Used for every folder we publish: student bases, experts, exports, releases."""
+    staging, final = Path(staging), Path(final)
+    old = final.parent / f".old-{final.name}"
+    try:
+        shareable(staging)
+        for path in staging.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                with open(path, "rb") as fh:
+                    os.fsync(fh.fileno())
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        staging.rename(final)
+    except OSError as err:
+        raise WriteError.of(err, f"{final}: not written ({err}); the previous version, if any, is unchanged") from err
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+@contextmanager
+def publishing(final: str | Path) -> Iterator[Path]:
+    """Yield an empty hidden staging folder next to `final`; when the block succeeds it replaces `final`
+    (swap_in), when it fails it is removed and `final` is untouched."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{final.name}.", dir=final.parent))
+    try:
+        yield staging
+        swap_in(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def shareable(folder: str | Path) -> Path:

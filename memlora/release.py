@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from memlora import __version__
 from memlora.config import Config
-from memlora.data.io import WriteError, sha256_file
+from memlora.data.io import WriteError, sha256_file, swap_in
 from memlora.data.schemas import SCHEMA_VERSION, VERSION_KEY
 from memlora.manifest import describe_file, git_revision
 from memlora.memory.prompts import TEMPLATES
@@ -98,7 +98,7 @@ def publish_release(out: str | Path, config: Config, data: str | Path, name: str
         }
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         (staging / "README.md").write_text(dataset_card(manifest))
-        staging.rename(final)
+        swap_in(staging, final)  # `final` is new: a plain rename, after the files are synced
     except OSError as err:
         raise WriteError.of(err, f"{final}: release not published ({err}); `latest` still points at the "
                                     "previous release") from err

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from memlora.config import Config, PruneConfig
-from memlora.data.io import shareable
+from memlora.data.io import publishing
 from memlora.models import resolve
 from memlora.teacher.hf_backend import load_causal_lm
 
@@ -150,22 +149,14 @@ def build_student(config: Config, out: str | Path, on_line: Callable[[str], None
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
     # A healed student is cut into a work folder first; healing writes the base from it.
     cut = target.parent / ".pruned" if student.heal is not None else target
-    tmp = Path(tempfile.mkdtemp(prefix=".base.", dir=target.parent))
-    try:
+    with publishing(cut) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / MARKER).write_text(json.dumps({"recipe": recipe, "kept_layers": keep, "teacher_layers": n_layers,
                                               "angular_distance_by_start": scores,
                                               "parameters": sum(p.numel() for p in model.parameters())}, indent=2))
-        shareable(tmp)
-        if cut.exists():
-            shutil.rmtree(cut)
-        tmp.rename(cut)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     if student.heal is not None:
         del model
         heal(config, out, cut, target, on_line)

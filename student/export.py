@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -13,7 +11,7 @@ import torch
 from peft import LoraConfig, PeftModel
 from safetensors.torch import save_file
 
-from memlora.data.io import shareable
+from memlora.data.io import publishing
 from memlora.student.build import student_dir
 from memlora.student.experts import adapter_name, verified_expert_folders
 from memlora.teacher.hf_backend import load_causal_lm
@@ -102,21 +100,10 @@ def export_lora(out: str | Path, base: str | Path | None = None, rank: int | Non
         lora_config.base_model_name_or_path = portable_base(base, out)
         lora_config.task_type = "CAUSAL_LM"
         target = Path(out) / "export" / "lora" / op
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{op}.", dir=target.parent))
-        old = target.parent / f".old-{op}"
-        try:
+        with publishing(target) as tmp:
             lora_config.save_pretrained(str(tmp))
             save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "adapter_model.safetensors"),
                       metadata={"format": "pt"})
-            shareable(tmp)
-            shutil.rmtree(old, ignore_errors=True)
-            if target.exists():
-                target.rename(old)
-            tmp.rename(target)  # rename only: a reader sees the old adapter or the new one, whole
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(old, ignore_errors=True)
         on_line(f"{op}: LoRA r={lora_config.r} written in {time.perf_counter() - began:.1f} s -> {target}")
         written[op] = target
     return written

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
 from memlora.config import OPERATIONS, Config, HealConfig
-from memlora.data.io import shareable
+from memlora.data.io import publishing
 from memlora.student.build import MARKER
 from memlora.student.examples import conversation_splits, load_traces, trace_files
 from memlora.teacher.hf_backend import load_causal_lm
@@ -193,17 +193,11 @@ def heal_base(config: Config, out: str | Path, pruned: str | Path, target: str |
         "train_time_s": round(metrics["train_runtime"], 2), "wall_time_s": round(time.perf_counter() - started, 2),
         "device": "cuda" if on_gpu else "cpu",
     }
-    target = Path(target)
-    staging = target.parent / ".healed-staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    healed.to("cpu").to(torch.float32).save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
     marker = json.loads((Path(pruned) / MARKER).read_text())
     marker["healing"] = record
-    (staging / MARKER).write_text(json.dumps(marker, indent=2))
-    shareable(staging)
-    if target.exists():
-        shutil.rmtree(target)
-    staging.rename(target)
+    with publishing(target) as staging:
+        healed.to("cpu").to(torch.float32).save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        (staging / MARKER).write_text(json.dumps(marker, indent=2))
     shutil.rmtree(work, ignore_errors=True)
     return record

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from memlora.config import Config
-from memlora.data.io import shareable
+from memlora.data.io import swap_in
 from memlora.student.export import portable_base
 from memlora.student.build import shares_teacher_tokenizer
 from memlora.student.examples import (
@@ -340,13 +340,6 @@ def train_expert(config: Config, out: str | Path, operation: str, base: str | Pa
         "base": str(base),
     }
     (staging / "training.json").write_text(json.dumps(record, indent=2) + "\n")
-    shareable(staging)
-    # Swap in with renames only: readers see the old complete expert or the new one, never a partial folder.
-    old = final.parent / f".old-{operation}"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    staging.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_in(staging, final)  # a collective save wrote it, so the staging name is fixed, not a context's
     shutil.rmtree(work, ignore_errors=True)
     return record
