@@ -9,6 +9,8 @@ from itertools import groupby
 
 import pyarrow as pa
 
+NOT_MENTIONED = "Not mentioned in the conversation"  # the gold answer of a question about something never said
+
 from memlora.data.schemas import CONVERSATIONS, QUESTIONS
 
 # Conversation ids become file names (trace shards, memory namespaces): keep them to a safe alphabet.
@@ -38,7 +40,7 @@ class Question:
     @property
     def gold(self) -> str:
         """What a correct system says: category-5 questions ask about things never said."""
-        return self.answer if self.answer is not None else "Not mentioned in the conversation"
+        return self.answer if self.answer is not None else NOT_MENTIONED
 
 
 @dataclass

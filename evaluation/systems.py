@@ -2,8 +2,8 @@
 
 - `teacher`: the configured teacher (`teacher` config section);
 - `student`: the student base alone (no adapter);
-- `student+experts`: the same base with every trained expert attached, switched per operation with
-  `set_adapter` (`memlora.student.experts.ExpertBackend`).
+- `student+experts`: the same base with every trained expert attached, switched per operation by repointing
+  the adapted layers (`memlora.student.experts.ExpertBackend`).
 """
 
 from __future__ import annotations

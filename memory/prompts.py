@@ -10,8 +10,9 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+from memlora.data.records import NOT_MENTIONED  # noqa: F401  (defined once, with the data it describes)
+
 EVENTS = ("ADD", "UPDATE", "DELETE", "NONE")
-NOT_MENTIONED = "Not mentioned in the conversation"
 
 EXTRACTION_SYSTEM = (
     "You are a personal information organizer. Read the conversation lines and extract the facts worth "

@@ -11,9 +11,8 @@ from memlora.config import TargetsConfig
 from memlora.data.io import read_parquet, sha256_file
 from memlora.data.schemas import TRACES
 from memlora.memory.prompts import student_messages
+from memlora.student.losses import IGNORE
 from memlora.student.targets import Target, TargetStats, make_target
-
-IGNORE = -100
 
 
 @dataclass

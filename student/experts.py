@@ -65,8 +65,9 @@ def adapter_name(operation: str) -> str:
 class ExpertBackend(TransformersBackend):
     """One student base with every expert attached, an `LLMBackend` like the teacher's.
 
-    Each batch runs on its operation's expert: `before_batch` (called under the generation lock) switches with
-    `set_adapter`; the base is loaded once and never reloaded. An operation without an expert, `bare()`, or
+    Each batch runs on its operation's expert: `before_batch` (called under the generation lock) repoints the
+    adapted layers at that expert (what peft's `set_adapter` does, without walking every module); the base is
+    loaded once and never reloaded. An operation without an expert, `bare()`, or
     `adapters=None` run the bare student base (adapter layers disabled, or none attached)."""
 
     backend_name = "transformers+experts"
@@ -103,7 +104,7 @@ class ExpertBackend(TransformersBackend):
         return cls(base, verified_expert_folders(out) or None, **kwargs)
 
     def use(self, operation: str | None) -> None:
-        """Activate `operation`'s expert (None: the bare base). A switch is `set_adapter`: no weights move."""
+        """Activate `operation`'s expert (None: the bare base). A switch repoints the adapted layers: no weights move."""
         if operation is not None and operation not in self.operations:
             raise KeyError(f"no expert for {operation!r} (have: {', '.join(self.operations) or 'none'})")
         if not self.operations:
