@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from typing import Callable
+
 import pyarrow as pa
 
 from memlora.config import Config, EvalConfig
@@ -40,17 +43,23 @@ def questions_of(conversation: Conversation, evaluation: EvalConfig) -> list[Que
 
 
 def run_end_to_end(system: str, backend: LLMBackend, embedder: Embedder, store: MemoryStore, config: Config,
-                   conversations: list[Conversation]) -> tuple[list[dict], list[dict]]:
+                   conversations: list[Conversation],
+                   progress: Callable[[str], None] = lambda line: None) -> tuple[list[dict], list[dict]]:
     """Ingest each conversation into the system's own (cleared) memory namespace, then answer its questions.
     Returns (call rows, QA rows)."""
     llm = GroupingLLM(backend)
     recorder = CallRecorder(system, llm, config.memory)
     qa_rows: list[dict] = []
-    for conv in conversations:
+    started = time.perf_counter()
+    for k, conv in enumerate(conversations, 1):
         cid = conv.conversation_id
         store.clear(cid)
         memory = MemorySystem(llm, store, embedder, config.memory, on_call=recorder)
-        memory.ingest(conv, max_sessions=config.evaluation.max_sessions)
+        sessions = conv.sessions()[: config.evaluation.max_sessions]
+        for number, (session, turns) in enumerate(sessions, 1):
+            memory.ingest_session(cid, session, turns)
+            progress(f"{system}: end to end, conversation {k}/{len(conversations)} ({cid}), session "
+                     f"{number}/{len(sessions)}, {len(recorder.rows)} calls, {time.perf_counter() - started:.0f} s")
         questions = questions_of(conv, config.evaluation)
         first = len(recorder.rows)
         answers = memory.answer(cid, questions)

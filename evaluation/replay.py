@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Iterable
+import time
+from typing import Callable, Iterable
 
 import jsonschema
 import pyarrow as pa
@@ -148,13 +149,18 @@ def request_of(row: dict, free: bool = False) -> GenerationRequest:
 
 
 def replay(backend: LLMBackend, reference: Iterable[dict], system: str, phase: str, memory: MemoryConfig,
-           *, free: bool = False) -> list[dict]:
+           *, free: bool = False, progress: Callable[[str], None] = lambda line: None) -> list[dict]:
     """Send the reference rows' requests to `backend`, batch by batch as they were first made."""
     groups: dict[int, list[dict]] = {}
     for row in reference:
         groups.setdefault(row["group"], []).append(row)
+    total = sum(map(len, groups.values()))
     rows: list[dict] = []
+    started = last = time.perf_counter()
     for group, members in sorted(groups.items()):
+        if time.perf_counter() - last > 10:  # a line every 10 s at most
+            last = time.perf_counter()
+            progress(f"{system}: {phase}: {len(rows)}/{total} calls, {last - started:.0f} s")
         requests = [request_of(r, free) for r in members]
         for ref, request, result in zip(members, requests, backend.generate(requests)):
             rows.append(make_row(

@@ -106,25 +106,25 @@ def run_model_system(system: str, config, out: Path, base: str | None) -> dict:
     try:
         started = time.perf_counter()
         if system == "teacher":
-            e2e, qa_rows = run_end_to_end(system, backend, embedder, store, config, conversations)
+            e2e, qa_rows = run_end_to_end(system, backend, embedder, store, config, conversations, progress=say)
             timings["e2e_s"] = time.perf_counter() - started
             _phase(system, "end to end (the reference requests)", e2e, timings["e2e_s"])
             forced = as_forced(e2e)
             reference = e2e
         else:
-            forced = replay(backend, reference, system, FORCED, memory_cfg)
+            forced = replay(backend, reference, system, FORCED, memory_cfg, progress=say)
             timings["forced_s"] = time.perf_counter() - started
             _phase(system, "teacher's requests", forced, timings["forced_s"])
         started = time.perf_counter()
         free = []
         if config.evaluation.free_decoding:
             free = replay(backend, [r for r in reference if r["output_schema"] is not None], system, FORCED_FREE,
-                          memory_cfg, free=True)
+                          memory_cfg, free=True, progress=say)
         timings["forced_free_s"] = time.perf_counter() - started
         _phase(system, "teacher's requests without schema", free, timings["forced_free_s"])
         if system != "teacher":
             started = time.perf_counter()
-            e2e, qa_rows = run_end_to_end(system, backend, embedder, store, config, conversations)
+            e2e, qa_rows = run_end_to_end(system, backend, embedder, store, config, conversations, progress=say)
             timings["e2e_s"] = time.perf_counter() - started
             _phase(system, "end to end", e2e, timings["e2e_s"])
     finally:

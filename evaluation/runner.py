@@ -5,9 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 from memlora.data.io import sha256_file, write_json
 from memlora.evaluation.systems import SYSTEMS, EvalError, slug
@@ -51,11 +54,39 @@ def store_path(out: str | Path, system: str) -> Path:
     return Path(out) / "memory" / f"eval-{slug(system)}.sqlite"
 
 
+PROGRESS = re.compile(r"^\[\d\d:\d\d:\d\d\] ")  # run_system.say's lines; the rest is library noise
+
+
+def wait_following(proc: subprocess.Popen, log: Path, timeout_s: float, on_line: Callable[[str], None]) -> int:
+    """Wait for the process, passing each new progress line of its log to `on_line`."""
+    deadline = time.monotonic() + timeout_s
+    with open(log, "rb") as reader:
+        pending = b""
+        while True:
+            try:
+                rc = proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                rc = None
+            pending += reader.read()
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                text = line.decode(errors="replace").rstrip()
+                if PROGRESS.match(text):
+                    on_line(text)
+            if rc is not None:
+                return rc
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(proc.args, timeout_s)
+
+
 def run_system_process(config_path: str | Path, out: str | Path, system: str, *, base: str | Path | None = None,
-                       timeout_s: float = 7200, env: dict | None = None) -> dict:
+                       timeout_s: float = 7200, env: dict | None = None,
+                       on_line: Callable[[str], None] = lambda line: None) -> dict:
     """Run one system (or the judge) in a fresh Python process; return the probe record it wrote.
 
-    Its output goes to OUT/eval/logs/<system>.log; a failure raises with the log's last lines."""
+    Its output goes to OUT/eval/logs/<system>.log; its progress lines (`[HH:MM:SS] ...`) are passed to
+    `on_line` as they come, so a user sees where a minutes-long run is. A failure raises with the log's last
+    lines."""
     if system not in SYSTEMS + (JUDGE,):
         raise EvalError(f"unknown system {system!r}")
     key = cache_key(config_path, out, system, base)
@@ -74,7 +105,7 @@ def run_system_process(config_path: str | Path, out: str | Path, system: str, *,
         proc = track(subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=full_env,
                                       start_new_session=True))
         try:
-            rc = proc.wait(timeout=timeout_s)
+            rc = wait_following(proc, log, timeout_s, on_line)
         except BaseException:  # timeout or interrupt: leave no orphan model process behind
             stop_group(proc)
             raise

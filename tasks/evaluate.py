@@ -25,7 +25,8 @@ def prepare_task(config: Config, out: str) -> dict:
 
 @task(name="evaluate-system", cache_policy=NONE, retries=0, task_run_name="evaluate-{system}")
 def run_system_task(config_path: str, out: str, system: str, base: str, timeout_s: float) -> dict:
-    probe = run_system_process(config_path, out, system, base=base, timeout_s=timeout_s)
+    probe = run_system_process(config_path, out, system, base=base, timeout_s=timeout_s,
+                               on_line=get_run_logger().info)
     if probe.get("kept"):
         get_run_logger().info("%s: evaluated before with the same config and inputs; kept", system)
     get_run_logger().info("%s: pid %s, peak RSS %.0f MiB, %.1f s", system, probe["pid"], probe["peak_rss_mb"],

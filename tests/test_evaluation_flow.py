@@ -202,6 +202,8 @@ def test_evaluate_flow_on_tiny_models(prefect_server, tiny_teacher, tiny_model_d
     md = (out / "eval" / "report.md").read_text()
     assert "## Agreement with the teacher" in md and "## End-to-end QA" in md and "student+experts" in md
     assert md.splitlines()[2].startswith("These numbers say how closely a small student agrees")
+    log = (out / "eval" / "logs" / "student-experts.log").read_text()
+    assert "student+experts: end to end, conversation 1/1" in log and "calls," in log  # progress, per session
     for label in ("generation empty (constrained)", "extraction cut_at_limit (constrained)",
                   "generation s per generated token", "generation generated tokens per call"):
         assert f"| {label} |" in md, label

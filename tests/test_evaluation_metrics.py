@@ -237,3 +237,26 @@ def test_degenerate_outputs_are_counted_and_a_zero_bar_shows_as_zero():
     assert len(zero_lines) == 2  # one per zero value, none for the others
     assert sum(t.get_text() == "0" for t in ax.texts) == 2
     plt.close(fig)
+
+
+@pytest.mark.timeout(60)
+def test_a_system_process_progress_reaches_the_caller_as_it_comes(tmp_path):
+    import subprocess
+    import sys
+
+    from memlora.evaluation.runner import wait_following
+
+    log = tmp_path / "system.log"
+    script = ("import time\n"
+              "print('[12:00:00] teacher: end to end, conversation 1/1, session 1/2', flush=True)\n"
+              "print('Loading weights: 100%', flush=True)\n"
+              "time.sleep(1.5)\n"
+              "print('[12:00:02] teacher: end to end, conversation 1/1, session 2/2', flush=True)\n")
+    seen: list[tuple[float, str]] = []
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=fh, stderr=subprocess.STDOUT)
+        rc = wait_following(proc, log, 30, lambda line: seen.append((proc.poll(), line)))
+    assert rc == 0
+    assert [line for _, line in seen] == ["[12:00:00] teacher: end to end, conversation 1/1, session 1/2",
+                                          "[12:00:02] teacher: end to end, conversation 1/1, session 2/2"]
+    assert seen[0][0] is None  # the first line arrived while the process was still running
