@@ -10,8 +10,9 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from typing import Callable
 
-_children: set[subprocess.Popen] = set()
+_children: dict[subprocess.Popen, Callable[[], None] | None] = {}
 _lock = threading.Lock()
 
 
@@ -31,17 +32,18 @@ def stop_group(proc: subprocess.Popen, grace_s: float = 10) -> None:
             return
 
 
-def track(proc: subprocess.Popen) -> subprocess.Popen:
+def track(proc: subprocess.Popen, cleanup: Callable[[], None] | None = None) -> subprocess.Popen:
     """Remember a child started in its own session: an interrupt of this process must stop it too (a signal
-    to the terminal's process group does not reach another session)."""
+    to the terminal's process group does not reach another session). `cleanup` runs once it is stopped
+    (e.g. removing the shared-memory files its ranks leave)."""
     with _lock:
-        _children.add(proc)
+        _children[proc] = cleanup
     return proc
 
 
 def untrack(proc: subprocess.Popen) -> None:
     with _lock:
-        _children.discard(proc)
+        _children.pop(proc, None)
 
 
 def _kill_groups(procs: list[subprocess.Popen], grace_s: float) -> None:
@@ -60,7 +62,7 @@ def _kill_groups(procs: list[subprocess.Popen], grace_s: float) -> None:
 def stop_everything(grace_s: float = 3.0) -> None:
     """Stop every tracked child group and Prefect's temporary API server, if this process started one."""
     with _lock:
-        procs = list(_children)
+        procs, cleanups = list(_children), [c for c in _children.values() if c is not None]
     servers = []
     module = sys.modules.get("prefect.server.api.server")
     if module is not None:  # Prefect starts a temporary server when no PREFECT_API_URL is set
@@ -68,6 +70,11 @@ def stop_everything(grace_s: float = 3.0) -> None:
             if getattr(server, "server_process", None) is not None:
                 servers.append(server.server_process)
     _kill_groups(procs, grace_s)
+    for cleanup in cleanups:
+        try:
+            cleanup()
+        except OSError:
+            pass
     for proc in servers:  # in our own process group: signal the process, not the group
         for stop in (proc.terminate, proc.kill):
             if proc.poll() is None:

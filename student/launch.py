@@ -95,7 +95,7 @@ def run_ranks(config: Config, cmd: list[str], env: dict, operation: str,
     tail: deque[str] = deque(maxlen=40)
     record = None
     proc = track(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                  bufsize=1, start_new_session=True))
+                                  bufsize=1, start_new_session=True), cleanup=lambda: remove_shm_buffers(port))
     timed_out = threading.Event()
 
     def kill_group() -> None:
