@@ -70,8 +70,8 @@ def export_lora(out: str | Path, base: str | Path | None = None, rank: int | Non
                 on_line: Callable[[str], None] = lambda line: None) -> dict[str, Path]:
     """Write OUT/export/lora/<op>/ for every trained expert, each a standard LoRA adapter folder.
 
-    At the expert's own rank the conversion is exact (delora_as_lora); a smaller `rank` keeps the top singular
-    directions (peft's SVD conversion)."""
+    A DeLoRA expert at its own rank is converted exactly, in closed form (delora_as_lora); a smaller `rank`, or
+    another adapter type, goes through peft's SVD conversion, which keeps the top singular directions."""
     experts = verified_expert_folders(out)
     if not experts:
         return {}
@@ -89,14 +89,14 @@ def export_lora(out: str | Path, base: str | Path | None = None, rank: int | Non
     written = {}
     for op, folder in experts.items():
         began = time.perf_counter()
-        own_rank = json.loads((folder / "adapter_config.json").read_text())["r"]
-        if rank is None or rank >= own_rank:
+        settings = json.loads((folder / "adapter_config.json").read_text())
+        if settings["peft_type"] == "DELORA" and (rank is None or rank >= settings["r"]):
             targets, state, r = delora_as_lora(peft_model, adapter_name(op))
             lora_config = LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=targets)
         else:
             from peft.tuners.lora.conversion import convert_to_lora
 
-            lora_config, state = convert_to_lora(peft_model, rank, adapter_name=adapter_name(op))
+            lora_config, state = convert_to_lora(peft_model, rank or settings["r"], adapter_name=adapter_name(op))
         lora_config.base_model_name_or_path = portable_base(base, out)
         lora_config.task_type = "CAUSAL_LM"
         target = Path(out) / "export" / "lora" / op

@@ -204,6 +204,28 @@ def test_lora_export_reloads_as_lora_and_matches_the_delora_expert(tiny_model_di
     assert config["base_model_name_or_path"] == "student/base"
 
 
+@pytest.mark.timeout(120)
+def test_a_lora_expert_exports_through_peft_conversion(tiny_model_dir, tmp_path):
+    """The closed form is DeLoRA's; an expert of another method (`student.expert.method: lora`) still exports."""
+    from peft import PeftModel
+
+    from memlora.student.export import export_lora
+
+    out = tmp_path / "out"
+    model, tok = fresh(tiny_model_dir)
+    torch.manual_seed(0)
+    peft_model = attach_expert(model, ExpertConfig(method="lora", r=4), name="default")
+    perturb(peft_model, seed=3)
+    peft_model.save_pretrained(str(out / "adapters" / "extraction"), safe_serialization=True)
+    update_manifest(out)
+    folder = export_lora(out, tiny_model_dir)["extraction"]
+    lora = PeftModel.from_pretrained(fresh(tiny_model_dir)[0], str(folder), use_safetensors=True)
+    expected = logits_of(PeftModel.from_pretrained(fresh(tiny_model_dir)[0], str(out / "adapters" / "extraction")), tok)
+    base = logits_of(fresh(tiny_model_dir)[0], tok)
+    assert (expected - base).abs().max() > 1e-3  # the expert changes the model, and the export keeps that
+    assert (logits_of(lora, tok) - expected).abs().max() < 1e-3 * (expected - base).abs().max()
+
+
 @pytest.mark.timeout(60)
 def test_a_changed_or_unrecorded_adapter_is_not_loaded(tiny_model_dir, experts_out, tmp_path):
     import shutil
