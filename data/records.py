@@ -9,9 +9,9 @@ from itertools import groupby
 
 import pyarrow as pa
 
-NOT_MENTIONED = "Not mentioned in the conversation"  # the gold answer of a question about something never said
-
 from memlora.data.schemas import CONVERSATIONS, QUESTIONS
+
+NOT_MENTIONED = "Not mentioned in the conversation"  # the gold answer of a question about something never said
 
 # Conversation ids become file names (trace shards, memory namespaces): keep them to a safe alphabet.
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

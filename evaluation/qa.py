@@ -55,11 +55,9 @@ def run_end_to_end(system: str, backend: LLMBackend, embedder: Embedder, store: 
         cid = conv.conversation_id
         store.clear(cid)
         memory = MemorySystem(llm, store, embedder, config.memory, on_call=recorder)
-        sessions = conv.sessions()[: config.evaluation.max_sessions]
-        for number, (session, turns) in enumerate(sessions, 1):
-            memory.ingest_session(cid, session, turns)
-            progress(f"{system}: end to end, conversation {k}/{len(conversations)} ({cid}), session "
-                     f"{number}/{len(sessions)}, {len(recorder.rows)} calls, {time.perf_counter() - started:.0f} s")
+        memory.ingest(conv, max_sessions=config.evaluation.max_sessions, after_session=lambda done, total: progress(
+            f"{system}: end to end, conversation {k}/{len(conversations)} ({cid}), session {done}/{total}, "
+            f"{len(recorder.rows)} calls, {time.perf_counter() - started:.0f} s"))
         questions = questions_of(conv, config.evaluation)
         first = len(recorder.rows)
         answers = memory.answer(cid, questions)

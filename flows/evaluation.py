@@ -7,10 +7,9 @@ from __future__ import annotations
 from prefect import flow
 
 from memlora.evaluation.runner import JUDGE, report_meta, summary
-from memlora.evaluation.results import results_path
+from memlora.evaluation.results import independent_judge, results_path
 from memlora.evaluation.systems import SYSTEMS
 from memlora.tasks.common import forward_domain_logs, load_config_task, manifest_task
-from memlora.evaluation.results import independent_judge
 from memlora.tasks.evaluate import artifacts_task, prepare_task, report_task, results_task, run_system_task
 
 

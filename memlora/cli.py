@@ -186,28 +186,28 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 COMMANDS = {
     "ingest": ("validate input conversations into OUT/datasets",
         "Validate the input conversations (LoCoMo JSON or JSONL) and write them, split into train / "
-              "validation / test, as OUT/datasets/*.parquet. A bad file is named with its row and field."),
+        "validation / test, as OUT/datasets/*.parquet. A bad file is named with its row and field."),
     "traces": ("record the teacher's memory-operation calls as Parquet traces",
         "Run the teacher through the memory system over the train and validation conversations and record "
-              "every extraction, update and generation call as OUT/traces/<operation>/part-*.parquet (runs "
-              "ingest first; resumes after an interruption)."),
+        "every extraction, update and generation call as OUT/traces/<operation>/part-*.parquet (runs "
+        "ingest first; resumes after an interruption)."),
     "distill": ("train one expert adapter per operation on the student",
         "Train one expert adapter per operation on the student from OUT/traces, through the DeepSpeed "
-               "launcher; experts already trained on the same traces with the same recipe are kept."),
+        "launcher; experts already trained on the same traces with the same recipe are kept."),
     "export": ("write the experts as plain LoRA adapters",
-        "Write the experts as plain LoRA adapters (OUT/export/<operation>/) that peft or a multi-LoRA "
-              "server loads without memlora."),
+        "Write the experts as plain LoRA adapters (OUT/export/lora/<operation>/) that peft or a multi-LoRA "
+        "server loads without memlora."),
     "evaluate": ("teacher vs bare student vs student + experts on the test conversations",
         "Replay the test conversations with the teacher, the bare student and the student + experts; "
-                "write OUT/eval/results.parquet, report.md and report.png."),
+        "write OUT/eval/results.parquet, report.md and report.png."),
     "verify": ("check a release (or OUT) against its manifest",
         "Check a dataset release (or OUT) against its manifest: sizes and sha256 of every file."),
     "release": ("publish OUT's datasets as a versioned release",
         "Publish OUT's Parquet datasets as a versioned, checksummed release under OUT/releases/ (the "
-               "pipeline's last step)."),
+        "pipeline's last step)."),
     "serve": ("local Prefect server + worker with the scheduled deployments",
         "Start a local Prefect server and a process worker with the deployments of prefect.yaml (the "
-             "nightly schedule included); Ctrl-C stops both."),
+        "nightly schedule included); Ctrl-C stops both."),
     "run": ("the whole pipeline (what `make run` calls)",
         "The whole pipeline: ingest, traces, distill, evaluate, release (what `make run` calls)."),
 }

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from contextlib import contextmanager
 from typing import Callable
 
@@ -46,44 +45,21 @@ def untrack(proc: subprocess.Popen) -> None:
         _children.pop(proc, None)
 
 
-def _kill_groups(procs: list[subprocess.Popen], grace_s: float) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for proc in procs:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, sig)
-                except (ProcessLookupError, PermissionError):
-                    pass
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and any(p.poll() is None for p in procs):
-            time.sleep(0.05)
-
-
 def stop_everything(grace_s: float = 3.0) -> None:
     """Stop every tracked child group and Prefect's temporary API server, if this process started one."""
     with _lock:
         procs, cleanups = list(_children), [c for c in _children.values() if c is not None]
-    servers = []
-    module = sys.modules.get("prefect.server.api.server")
-    if module is not None:  # Prefect starts a temporary server when no PREFECT_API_URL is set
-        for server in list(module.SubprocessASGIServer._instances.values()):
-            if getattr(server, "server_process", None) is not None:
-                servers.append(server.server_process)
-    _kill_groups(procs, grace_s)
+    for proc in procs:
+        stop_group(proc, grace_s)
     for cleanup in cleanups:
         try:
             cleanup()
         except OSError:
             pass
-    for proc in servers:  # in our own process group: signal the process, not the group
-        for stop in (proc.terminate, proc.kill):
-            if proc.poll() is None:
-                stop()
-                try:
-                    proc.wait(timeout=grace_s)
-                except subprocess.TimeoutExpired:
-                    continue
-
+    module = sys.modules.get("prefect.server.api.server")
+    if module is not None:  # Prefect starts a temporary server when no PREFECT_API_URL is set
+        for server in list(module.SubprocessASGIServer._instances.values()):
+            server.stop()  # terminate, then kill after 5 s
 
 @contextmanager
 def exit_on_interrupt(command: str):

@@ -102,11 +102,14 @@ class MemorySystem:
 
     # --- operations ---------------------------------------------------------------------------------------
 
-    def ingest(self, conversation: Conversation, max_sessions: int | None = None) -> None:
-        for number, (session, turns) in enumerate(conversation.sessions()):
-            if max_sessions is not None and number >= max_sessions:
-                break
+    def ingest(self, conversation: Conversation, max_sessions: int | None = None,
+               after_session: Callable[[int, int], None] | None = None) -> None:
+        """`after_session(done, total)` is called after each session (progress)."""
+        sessions = conversation.sessions()[:max_sessions]
+        for number, (session, turns) in enumerate(sessions, 1):
             self.ingest_session(conversation.conversation_id, session, turns)
+            if after_session is not None:
+                after_session(number, len(sessions))
 
     def ingest_session(self, cid: str, session: int, turns: list[Turn]) -> None:
         """Extract facts from every window of the session in one batch, then update window by window."""

@@ -283,17 +283,14 @@ def train_expert(config: Config, out: str | Path, operation: str, base: str | Pa
     if rank == 0 and staging.exists():
         shutil.rmtree(staging)
     trainer.accelerator.wait_for_everyone()
+    # The base as an OUT-relative path where it lives in OUT: a copied OUT must not point back at this machine.
+    trainer.model.peft_config["default"].base_model_name_or_path = portable_base(base, out)
     trainer.save_model(str(staging))  # collective under ZeRO-3; only rank 0 writes
     trainer.accelerator.wait_for_everyone()
     if rank != 0:
         return None
     for leftover in ("training_args.bin", "README.md"):
         (staging / leftover).unlink(missing_ok=True)  # a pickle and a template card: not part of an adapter
-    # The base as OUT-relative path where it lives in OUT: a copied OUT must not point back at this machine.
-    adapter_config = staging / "adapter_config.json"
-    settings = json.loads(adapter_config.read_text())
-    settings["base_model_name_or_path"] = portable_base(base, out)
-    adapter_config.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
     curve = [round(h["loss"], 5) for h in trainer.state.log_history if "loss" in h]
     grad_norms = [round(h["grad_norm"], 3) for h in trainer.state.log_history if "grad_norm" in h]
     record = {

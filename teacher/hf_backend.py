@@ -233,7 +233,7 @@ class CompletionNgramBlock:
         if generated.shape[1] < n - 1:
             return scores
         for row, seq in enumerate(generated.tolist()):
-            head = seq[len(seq) - (n - 1):] if n > 1 else []
+            head = seq[len(seq) - (n - 1):]  # n >= 2 (OperationConfig)
             banned = {seq[i + n - 1] for i in range(len(seq) - n + 1) if seq[i : i + n - 1] == head}
             if not banned:
                 continue
