@@ -10,7 +10,6 @@ import json
 import threading
 
 import xgrammar as xgr
-from xgrammar.contrib.hf import LogitsProcessor
 
 
 class GrammarCache:
@@ -29,7 +28,3 @@ class GrammarCache:
                 self._cache[key] = self._compiler.compile_json_schema(key, any_whitespace=False)
                 self.compiled += 1
             return self._cache[key]
-
-    def logits_processor(self, schemas: list[dict]) -> LogitsProcessor:
-        """A fresh processor per `generate` call (it is stateful), one grammar per batch row."""
-        return LogitsProcessor([self.grammar(s) for s in schemas])

@@ -18,6 +18,7 @@ import torch
 from memlora.config import LLMConfig
 from memlora.memory.llm import GenerationRequest, GenerationResult
 from memlora.models import resolve
+from memlora.teacher.decoding import greedy_decode
 from memlora.teacher.grammar import GrammarCache
 
 log = logging.getLogger("memlora.teacher")
@@ -124,7 +125,7 @@ class TransformersBackend:
             return None  # the template does not tokenize the prefix the same way inside the full prompt
         return ids, cache
 
-    def _encode(self, batch: list[GenerationRequest]) -> tuple[dict, object | None]:
+    def _encode(self, batch: list[GenerationRequest]) -> tuple[dict, object | None, int]:
         """Token ids + attention mask, left-padded; with a shared prefix, the padding sits between the prefix and
         each row's own part (masked out, so positions and outputs match the unpadded prompt)."""
         rows = [self.tokenizer(self.prompt_text(r), add_special_tokens=False)["input_ids"] for r in batch]
@@ -138,10 +139,10 @@ class TransformersBackend:
             ids[i, :start], mask[i, :start] = torch.tensor(row[:start], dtype=torch.long), 1
             ids[i, start + width - len(own):], mask[i, start + width - len(own):] = torch.tensor(own), 1
         if cache is not None:
-            cache = copy.deepcopy(cache)  # generate() extends the cache in place
+            cache = copy.deepcopy(cache)  # decoding extends the cache in place
             cache.batch_repeat_interleave(len(rows))
         device = self.model.device
-        return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}, cache
+        return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}, cache, start
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         """Group requests that can share a batch (same operation, cap and decoding mode), keep input order."""
@@ -161,87 +162,34 @@ class TransformersBackend:
         with self._lock:
             self.before_batch(batch[0].operation)
             started = time.perf_counter()
-            enc, cache = self._encode(batch)
-            kwargs = dict(
-                max_new_tokens=batch[0].max_new_tokens, do_sample=False, num_beams=1,
-                pad_token_id=self.tokenizer.pad_token_id, return_dict_in_generate=True,
-                output_logits=self.logprobs_top_k > 0, temperature=None, top_p=None, top_k=None,
+            enc, cache, cached_len = self._encode(batch)
+            # The grammar masks before the n-gram block, so the block never bans the only token the grammar
+            # allows; log-probs are taken after both: the distribution the model actually decoded from, and the
+            # one the student decodes from under the same schema.
+            decoded = greedy_decode(
+                self.model, enc["input_ids"], enc["attention_mask"], cache=cache, cached_len=cached_len,
+                max_new_tokens=batch[0].max_new_tokens, stop_ids=self.stop_ids,
+                grammars=[self.grammars.grammar(r.schema) for r in batch] if batch[0].constrained else None,
+                no_repeat_ngram=batch[0].no_repeat_ngram or 0, logprobs_top_k=self.logprobs_top_k,
             )
-            if cache is not None:
-                kwargs["past_key_values"] = cache
-            processors = []
-            if batch[0].constrained:
-                processors.append(self.grammars.logits_processor([r.schema for r in batch]))
-            if batch[0].no_repeat_ngram:  # after the grammar: it never bans the only token the grammar allows
-                processors.append(CompletionNgramBlock(batch[0].no_repeat_ngram, enc["input_ids"].shape[1]))
-            if processors:
-                kwargs["logits_processor"] = processors
-            out = self.model.generate(**enc, **kwargs)
             elapsed = time.perf_counter() - started
-        prompt_len = enc["input_ids"].shape[1]
-        new_tokens = out.sequences[:, prompt_len:].tolist()
         prompt_counts = enc["attention_mask"].sum(dim=1).tolist()
-        logprobs = None
-        if self.logprobs_top_k > 0:
-            # `output_logits` are the logits the processors saw; xgrammar masks them in place, so under a
-            # schema these are the teacher's log-probs over what the grammar allowed: the distribution it
-            # actually decoded from, and the one the student will decode from under the same schema.
-            stacked = torch.stack(out.logits, dim=1).float().log_softmax(dim=-1)
-            top = stacked.topk(self.logprobs_top_k, dim=-1)
-            logprobs = (top.indices.tolist(), top.values.tolist())
-        results = []
-        for row, tokens in enumerate(new_tokens):
-            kept, finish = [], "length"
-            for tok in tokens:
-                if tok in self.stop_ids:
-                    finish = "stop"
-                    break
-                kept.append(tok)
-            top_lp = None
-            if logprobs is not None:  # tokens the grammar forbade (log-prob -inf) are left out
-                top_lp = [[(i, lp) for i, lp in zip(logprobs[0][row][t], logprobs[1][row][t]) if lp > float("-inf")]
-                          for t in range(len(kept))]
-            results.append(
-                GenerationResult(
-                    text=self.tokenizer.decode(kept, skip_special_tokens=True),
-                    prompt_tokens=int(prompt_counts[row]),
-                    completion_tokens=len(kept),
-                    latency_s=elapsed / len(batch),
-                    batch_size=len(batch),
-                    constrained=batch[0].constrained,
-                    finish_reason=finish,
-                    token_ids=kept,
-                    top_logprobs=top_lp,
-                    extra={"decoding": {"no_repeat_ngram": batch[0].no_repeat_ngram}} if batch[0].no_repeat_ngram
-                    else {},
-                )
+        extra = {"decoding": {"no_repeat_ngram": batch[0].no_repeat_ngram}} if batch[0].no_repeat_ngram else {}
+        return [
+            GenerationResult(
+                text=self.tokenizer.decode(d.tokens, skip_special_tokens=True),
+                prompt_tokens=int(prompt_counts[row]),
+                completion_tokens=len(d.tokens),
+                latency_s=elapsed / len(batch),
+                batch_size=len(batch),
+                constrained=batch[0].constrained,
+                finish_reason="stop" if d.finished else "length",
+                token_ids=d.tokens,
+                top_logprobs=d.top_logprobs,
+                extra=dict(extra),
             )
-        return results
-
-
-class CompletionNgramBlock:
-    """A logits processor that bans any token completing an n-gram the output already holds. Unlike
-    transformers' `no_repeat_ngram_size`, the prompt is not counted (an extraction copies phrases from its
-    input), and a token is never banned where the grammar left nothing else."""
-
-    def __init__(self, n: int, prompt_len: int):
-        self.n, self.prompt_len = n, prompt_len
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        n = self.n
-        generated = input_ids[:, self.prompt_len:]
-        if generated.shape[1] < n - 1:
-            return scores
-        for row, seq in enumerate(generated.tolist()):
-            head = seq[len(seq) - (n - 1):]  # n >= 2 (OperationConfig)
-            banned = {seq[i + n - 1] for i in range(len(seq) - n + 1) if seq[i : i + n - 1] == head}
-            if not banned:
-                continue
-            banned_ids = torch.tensor(sorted(banned), device=scores.device)
-            allowed = torch.isfinite(scores[row])
-            if int(allowed.sum()) > int(allowed[banned_ids].sum()):
-                scores[row, banned_ids] = float("-inf")
-        return scores
+            for row, d in enumerate(decoded)
+        ]
 
 
 def _as_list(value) -> list:

@@ -139,17 +139,18 @@ def test_real_teacher_every_constrained_output_validates(teacher_backend):
 def test_ngram_block_counts_the_output_only_and_never_leaves_the_grammar_nothing():
     import torch
 
-    from memlora.teacher.hf_backend import CompletionNgramBlock
+    from memlora.teacher.decoding import block_ngrams
 
-    block = CompletionNgramBlock(3, prompt_len=4)
-    prompt = [1, 2, 3, 9]  # "1 2 3" in the prompt: copying it is allowed
-    ids = torch.tensor([prompt + [1, 2, 3, 1, 2], prompt + [1, 2, 5, 6, 7]])
-    scores = block(ids, torch.zeros(2, 10))
+    # The completions so far (the prompt is not passed: copying a phrase of the input is allowed).
+    completions = [[1, 2, 3, 1, 2], [1, 2, 5, 6, 7]]
+    scores = torch.zeros(2, 10)
+    block_ngrams(scores, completions, 3)
     assert scores[0, 3] == float("-inf") and torch.isfinite(scores[0, :3]).all()  # "1 2 3" again: banned
     assert torch.isfinite(scores[1]).all()  # "6 7" never seen followed by anything: nothing banned
     only = torch.full((1, 10), float("-inf"))
     only[0, 3] = 0.0  # the grammar allows just the token the block would ban: it stays
-    assert block(ids[:1], only)[0, 3] == 0.0
+    block_ngrams(only, completions[:1], 3)
+    assert only[0, 3] == 0.0
 
 
 @pytest.mark.timeout(120)
@@ -179,3 +180,28 @@ def test_trace_rows_record_the_ngram_block_and_old_shards_read_it_as_null(tiny_b
     assert json.loads(pa.Table.from_pylist([row], schema=TRACES).column("decoding")[0].as_py()) == {"no_repeat_ngram": 2}
     old = read_parquet(REPO / "bench" / "data" / "traces" / "extraction" / "part-sample-1.parquet", "traces", TRACES)
     assert old.column("decoding").null_count == old.num_rows
+
+
+@pytest.mark.timeout(300)
+def test_rows_leaving_the_batch_change_no_token_against_generate(tiny_backend):
+    """`greedy_decode` drops finished rows; `model.generate` keeps them to the end. Same tokens, same stops."""
+    import torch
+    from xgrammar.contrib.hf import LogitsProcessor
+
+    schema = extraction_schema(4, 160)
+    lengths = set()
+    for requests in ([free(t, 20) for t in PROMPTS], [extraction(t, schema, 40) for t in PROMPTS]):
+        ours = tiny_backend.generate(requests)
+        with torch.inference_mode():
+            enc, cache, _ = tiny_backend._encode(requests)
+            processors = [LogitsProcessor([tiny_backend.grammars.grammar(schema)] * len(requests))] \
+                if requests[0].constrained else []
+            out = tiny_backend.model.generate(**enc, past_key_values=cache, max_new_tokens=requests[0].max_new_tokens,
+                                              do_sample=False, logits_processor=processors, temperature=None,
+                                              top_p=None, top_k=None, pad_token_id=tiny_backend.tokenizer.pad_token_id)
+        for result, seq in zip(ours, out[:, enc["input_ids"].shape[1]:].tolist()):
+            stop = next((i for i, t in enumerate(seq) if t in tiny_backend.stop_ids), None)
+            assert result.token_ids == seq[:stop]
+            assert result.finish_reason == ("length" if stop is None else "stop")
+        lengths |= {len(r.token_ids) for r in ours}
+    assert len(lengths) > 1  # rows did end at different steps
