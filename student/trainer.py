@@ -97,11 +97,44 @@ class Collator:
         return out
 
 
+class LengthBucketSampler(torch.utils.data.Sampler):
+    """Batches of similar lengths, still shuffled every epoch: a CPU step costs what its padded tokens cost, and
+    random batches of 4 pad the embedded default's rows to 1.07-1.23x their tokens, these to 1.02-1.04x.
+
+    Each epoch: shuffle, sort each run of `chunk` batches' rows by length, cut it into batches, shuffle the
+    batches (a short one last, so the loader's batches line up with these)."""
+
+    def __init__(self, lengths: list[int], batch_size: int, chunk: int = 8, seed: int = 0):
+        self.lengths, self.batch_size, self.chunk, self.seed, self.epoch = lengths, batch_size, chunk, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        self.epoch += 1
+        order = torch.randperm(len(self.lengths), generator=gen).tolist()
+        run = self.batch_size * self.chunk
+        batches = []
+        for start in range(0, len(order), run):
+            rows = sorted(order[start : start + run], key=self.lengths.__getitem__)
+            batches += [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+        full = [b for b in batches if len(b) == self.batch_size]
+        short = [b for b in batches if len(b) < self.batch_size]
+        shuffled = [full[i] for i in torch.randperm(len(full), generator=gen).tolist()] + short
+        return iter([i for batch in shuffled for i in batch])
+
+
 class DistillTrainer(Trainer):
     def __init__(self, *args, kd_weight: float, kd_loss: str, jsd_beta: float, **kwargs):
         super().__init__(*args, **kwargs)
         self.kd_weight, self.kd_loss, self.jsd_beta = kd_weight, kd_loss, jsd_beta
         self.tokens_seen = 0
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return LengthBucketSampler([len(e.input_ids) for e in dataset.examples], self.args.train_batch_size,
+                                   seed=self.args.seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")

@@ -188,7 +188,7 @@ def test_early_stopping_keeps_the_best_epoch(tiny_model_dir, tmp_path):
     assert record["best_epoch"] == best
     assert record["validation_loss_best"] == pytest.approx(losses[best - 1], abs=1e-4)
     # Validation got worse epoch after epoch: it stopped `patience` epochs after the best and put it back.
-    assert record["stopped_early"] and len(losses) == best + 2 and record["best_restored"]
+    assert record["stopped_early"] and len(losses) == best + 2 and record["best_restored"], (losses, record["best_epoch"])
     assert reloaded_validation_loss(config, out, base, "extraction") == pytest.approx(losses[best - 1], abs=1e-3)
     adapter_config = json.loads((out / "adapters" / "extraction" / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == "student/base"  # relative to OUT: OUT can be copied
@@ -226,3 +226,24 @@ def test_rare_update_decisions_are_repeated_so_none_does_not_drown_them():
     assert factors == {"NONE": 1, "DELETE": 3, "ADD": 2}
     assert [e.label for e in balanced].count("DELETE") == 12 and [e.label for e in balanced].count("ADD") == 18
     assert oversample_minority([make("NONE")] * 3) == ([make("NONE")] * 3, {})  # one class: nothing to balance
+
+
+@pytest.mark.timeout(30)
+def test_training_batches_group_similar_lengths_and_reshuffle_every_epoch():
+    import random
+
+    from memlora.student.trainer import LengthBucketSampler
+
+    rng = random.Random(0)
+    lengths = [rng.randint(40, 240) for _ in range(130)]
+    sampler = LengthBucketSampler(lengths, batch_size=4)
+    first, second = list(sampler), list(sampler)
+    assert sorted(first) == sorted(second) == list(range(130)) and first != second  # every row, new order
+
+    def padded(order):
+        return sum(max(lengths[i] for i in order[b : b + 4]) * len(order[b : b + 4]) for b in range(0, 130, 4))
+
+    shuffled = list(range(130))
+    rng.shuffle(shuffled)
+    assert padded(first) < 0.9 * padded(shuffled)
+    assert padded(first) < 1.1 * sum(lengths)
