@@ -18,6 +18,7 @@ import torch
 from memlora.config import LLMConfig
 from memlora.memory.llm import GenerationRequest, GenerationResult
 from memlora.models import resolve
+from memlora.teacher import gguf_cache
 from memlora.teacher.decoding import greedy_decode
 from memlora.teacher.grammar import GrammarCache
 
@@ -45,15 +46,16 @@ def load_causal_lm(ref: str, *, tokenizer_ref: str | None = None, dtype: str = "
 
     device = pick_device(device)
     model_ref = resolve(ref)
-    tok_ref = resolve(tokenizer_ref) if tokenizer_ref else model_ref
-    tokenizer = AutoTokenizer.from_pretrained(
-        tok_ref.path, trust_remote_code=trust_remote_code, **tok_ref.pretrained_kwargs()
-    )
-    kwargs = model_ref.pretrained_kwargs()
-    if not model_ref.gguf_file:
+    folder, kwargs = model_ref.path, model_ref.pretrained_kwargs()
+    if model_ref.gguf_file and gguf_cache.enabled():
+        folder, kwargs = str(gguf_cache.converted(model_ref, trust_remote_code=trust_remote_code)), {}
+    tok_folder, tok_kwargs = (folder, kwargs) if not tokenizer_ref else \
+        (resolve(tokenizer_ref).path, resolve(tokenizer_ref).pretrained_kwargs())
+    tokenizer = AutoTokenizer.from_pretrained(tok_folder, trust_remote_code=trust_remote_code, **tok_kwargs)
+    if "gguf_file" not in kwargs:
         kwargs["use_safetensors"] = True  # never unpickle weights
     model = AutoModelForCausalLM.from_pretrained(
-        model_ref.path, dtype=pick_dtype(dtype, device), trust_remote_code=trust_remote_code, **kwargs
+        folder, dtype=pick_dtype(dtype, device), trust_remote_code=trust_remote_code, **kwargs
     )
     model.to(device).eval()
     prepare_tokenizer(tokenizer)

@@ -39,9 +39,9 @@ def smol_tokenizer_dir(tmp_path_factory) -> Path:
     from transformers import AutoTokenizer
 
     from memlora.models import resolve
+    from memlora.teacher.gguf_cache import converted
 
-    ref = resolve(TEACHER_REF)
-    tok = AutoTokenizer.from_pretrained(ref.path, gguf_file=ref.gguf_file)
+    tok = AutoTokenizer.from_pretrained(converted(resolve(TEACHER_REF)))  # the GGUF's tokenizer, converted once
     folder = tmp_path_factory.mktemp("smol-tokenizer")
     tok.save_pretrained(folder)
     return folder
