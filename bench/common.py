@@ -86,7 +86,8 @@ def bench_student(config, folder: str | Path) -> Path:
     one built there (on the bundled sample traces when `folder` has none: the layers to drop are chosen on them)."""
     import shutil
 
-    from memlora.student.build import build_student, student_dir
+    from memlora.layout import student_dir
+    from memlora.student.build import build_student
 
     if (student_dir(folder) / "config.json").is_file():
         return student_dir(folder)
@@ -100,9 +101,9 @@ def student_with_experts(out: str | Path | None, scratch: Path, config=None) -> 
     (`config`'s, by default the embedded default's) with fresh experts of the configured shape (their weights
     are random; their cost, which is what the benches measure, is the trained experts')."""
     from memlora.config import OPERATIONS, load_config
+    from memlora.llm.hf_backend import load_causal_lm
     from memlora.manifest import update_manifest
     from memlora.student.experts import attach_expert, expert_folders
-    from memlora.teacher.hf_backend import load_causal_lm
 
     config = config or load_config(CONFIG)
     if out and expert_folders(out):

@@ -21,8 +21,8 @@ import torch  # noqa: E402
 from xgrammar.contrib.hf import LogitsProcessor  # noqa: E402
 
 from memlora.config import OPERATIONS, load_config  # noqa: E402
-from memlora.teacher.decoding import block_ngrams, greedy_decode  # noqa: E402
-from memlora.teacher.hf_backend import TransformersBackend  # noqa: E402
+from memlora.llm.decoding import block_ngrams, greedy_decode  # noqa: E402
+from memlora.llm.hf_backend import TransformersBackend  # noqa: E402
 
 
 class NgramProcessor:

@@ -35,11 +35,12 @@ from common import CONFIG, bench_parser, save, table  # noqa: E402
 from memlora.config import parse_config  # noqa: E402
 from memlora.evaluation import agreement  # noqa: E402
 from memlora.evaluation.replay import parse_output  # noqa: E402
+from memlora.layout import trace_files  # noqa: E402
 from memlora.manifest import update_manifest  # noqa: E402
 from memlora.memory.llm import GenerationRequest  # noqa: E402
 from memlora.student.build import build_student  # noqa: E402
 from memlora.student.distill import distill_operation  # noqa: E402
-from memlora.student.examples import conversation_splits, load_traces, split_rows, trace_files  # noqa: E402
+from memlora.student.examples import conversation_splits, load_traces, split_rows  # noqa: E402
 from memlora.student.experts import ExpertBackend  # noqa: E402
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import QUICK_TOKENS, bench_parser, fmt, ratio_spread, save, spread, student_with_experts, table, trace_requests  # noqa: E402
+from common import QUICK_TOKENS, bench_parser, fmt, ratio_spread, save, student_with_experts, table, trace_requests  # noqa: E402
 
 SYSTEMS = ("teacher", "student+experts")
 
@@ -36,8 +36,8 @@ def worker(system: str, base: str, experts_out: str, out: str | None, per_op: in
 
     from memlora.config import LLMConfig, load_config
     from memlora.evaluation import probes
+    from memlora.llm.hf_backend import TransformersBackend
     from memlora.student.experts import ExpertBackend
-    from memlora.teacher.hf_backend import TransformersBackend
 
     baseline = probes.snapshot("runtime imported")
     requests = trace_requests(out, per_op, max_tokens=max_tokens)

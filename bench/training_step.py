@@ -28,12 +28,13 @@ import yaml  # noqa: E402
 from common import CONFIG, bench_parser, bench_student, fmt, ratio_spread, save, spread, table, traces_root  # noqa: E402
 
 from memlora.config import load_config, parse_config  # noqa: E402
+from memlora.layout import trace_files  # noqa: E402
+from memlora.llm.hf_backend import load_causal_lm  # noqa: E402
 from memlora.student.build import build_student, shares_teacher_tokenizer  # noqa: E402
-from memlora.student.examples import build_examples, load_traces, trace_files  # noqa: E402
+from memlora.student.examples import build_examples, load_traces  # noqa: E402
 from memlora.student.experts import attach_expert  # noqa: E402
 from memlora.student.losses import distillation_loss  # noqa: E402
 from memlora.student.trainer import Collator  # noqa: E402
-from memlora.teacher.hf_backend import load_causal_lm  # noqa: E402
 
 
 def delora_vs_lora(config, base: Path, traces: Path, operation: str, steps: int, max_rows: int | None = None) -> dict:

@@ -10,6 +10,7 @@ from memlora.data.loaders import LoadOptions, load_corpus
 from memlora.data.records import Conversation, from_tables, to_tables
 from memlora.data.schemas import CONVERSATIONS, QUESTIONS
 from memlora.data.split import assign_split
+from memlora.layout import conversations_file, questions_file
 
 
 def ingest(data_path: str | Path, out: str | Path, config: DataConfig) -> list[Conversation]:
@@ -17,15 +18,13 @@ def ingest(data_path: str | Path, out: str | Path, config: DataConfig) -> list[C
     corpus = load_corpus(data_path, LoadOptions(config.max_turn_chars, config.on_long_turn))
     assign_split(corpus, config.split.test_ratio, config.split.seed, config.split.validation_ratio)
     conversations, questions = to_tables(corpus)
-    datasets = Path(out) / "datasets"
-    write_parquet(conversations, datasets / "conversations.parquet", "conversations")
-    write_parquet(questions, datasets / "questions.parquet", "questions")
+    write_parquet(conversations, conversations_file(out), "conversations")
+    write_parquet(questions, questions_file(out), "questions")
     return corpus
 
 
 def load_ingested(out: str | Path) -> list[Conversation]:
-    datasets = Path(out) / "datasets"
     return from_tables(
-        read_parquet(datasets / "conversations.parquet", "conversations", CONVERSATIONS),
-        read_parquet(datasets / "questions.parquet", "questions", QUESTIONS),
+        read_parquet(conversations_file(out), "conversations", CONVERSATIONS),
+        read_parquet(questions_file(out), "questions", QUESTIONS),
     )

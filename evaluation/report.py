@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import math
 from datetime import datetime, timezone
 from pathlib import Path
+
+import numpy as np
 
 from memlora.config import OPERATIONS
 from memlora.data.io import atomic_path, write_text
 from memlora.evaluation.agreement import PRIMARY
 from memlora.evaluation.qa import CATEGORIES
 from memlora.evaluation.results import headline, lookup
-from memlora.evaluation.runner import eval_dir
 from memlora.evaluation.systems import SYSTEMS
+from memlora.layout import adapter_dir, report_path
 
 COLORS = {"teacher": "#4C72B0", "student": "#DD8452", "student+experts": "#55A868"}
 
 
 def report_paths(out: str | Path) -> tuple[Path, Path]:
-    return eval_dir(out) / "report.md", eval_dir(out) / "report.png"
+    return report_path(out, ".md"), report_path(out, ".png")
 
 
 def _fmt(row: dict | None, digits: int = 3) -> str:
@@ -161,8 +164,6 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
 
 def _bars(ax, groups: list[str], series: dict[str, list[tuple[float | None, float | None, float | None]]],
           ylabel: str, title: str, labels: bool = False) -> None:
-    import numpy as np
-
     names = list(series)
     width = 0.8 / max(len(names), 1)
     x = np.arange(len(groups))
@@ -201,11 +202,9 @@ def _v(rows, system, operation, metric):
 
 def training_records(out: str | Path) -> dict[str, dict]:
     """Each expert's training.json, by operation (the per-epoch losses the report plots)."""
-    import json
-
     records = {}
     for op in OPERATIONS:
-        path = Path(out) / "adapters" / op / "training.json"
+        path = adapter_dir(out, op) / "training.json"
         if path.is_file():
             records[op] = json.loads(path.read_text())
     return records
@@ -247,7 +246,7 @@ def _curves(ax, records: dict[str, dict]) -> None:
 
 
 def render_png(rows: list[dict], path: Path, records: dict[str, dict] | None = None) -> Path:
-    import matplotlib
+    import matplotlib  # only where a figure is drawn: it is the slowest import here
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

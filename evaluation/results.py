@@ -19,9 +19,9 @@ from memlora.config import OPERATIONS, Config
 from memlora.data.io import write_parquet
 from memlora.evaluation import agreement, scoring
 from memlora.evaluation.replay import E2E, FORCED, FORCED_FREE
-from memlora.evaluation.runner import calls_path, eval_dir, judgements_path, probe_path, qa_path
 from memlora.evaluation.stats import Estimate, bootstrap, percentile, proportion
 from memlora.evaluation.systems import SYSTEMS
+from memlora.layout import calls_path, judgements_path, probe_path, qa_path, results_path
 
 RESULTS = pa.schema([
     pa.field("system", pa.string(), nullable=False),
@@ -36,10 +36,6 @@ RESULTS = pa.schema([
     pa.field("ci_method", pa.string(), nullable=False),  # wilson-95 | bootstrap-95 | none
     pa.field("unit", pa.string(), nullable=False),
 ])
-
-
-def results_path(out: str | Path) -> Path:
-    return eval_dir(out) / "results.parquet"
 
 
 def _row(system, section, operation, metric, estimate: Estimate, unit="ratio", decoding=None) -> dict:

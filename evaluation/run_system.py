@@ -25,10 +25,8 @@ from memlora.evaluation import probes
 from memlora.evaluation.judge import JUDGEMENTS, judge_answers
 from memlora.evaluation.qa import QA, run_end_to_end, test_conversations
 from memlora.evaluation.replay import CALLS, E2E, FORCED, FORCED_FREE, as_forced, replay
-from memlora.evaluation.runner import (
-    JUDGE, calls_path, judgements_path, probe_path, qa_path, store_path,
-)
-from memlora.evaluation.systems import SYSTEMS, EvalError, build_system
+from memlora.evaluation.systems import JUDGE, SYSTEMS, EvalError, build_system
+from memlora.layout import calls_path, judgements_path, probe_path, qa_path, store_path
 
 
 def adapter_files(folders: dict[str, str]) -> dict[str, dict]:
@@ -63,7 +61,7 @@ def _write_rows(rows: list[dict], schema: pa.Schema, path: Path, kind: str) -> N
 
 
 def run_judge(config, out: Path) -> dict:
-    from memlora.teacher.backends import build_backend
+    from memlora.llm.backends import build_backend
 
     qa_rows = []
     for system in SYSTEMS:

@@ -16,15 +16,11 @@ from memlora.config import Config
 from memlora.memory.llm import LLMBackend
 
 SYSTEMS = ("teacher", "student", "student+experts")
+JUDGE = "judge"  # not a system: the model that labels every system's answers, run after them
 
 
 class EvalError(RuntimeError):
     """Evaluation cannot run as configured; the message says what is missing."""
-
-
-def slug(system: str) -> str:
-    """A file-name-safe form of a system name (`student+experts` -> `student-experts`)."""
-    return system.replace("+", "-")
 
 
 @dataclass
@@ -37,7 +33,7 @@ class LoadedSystem:
 
 def student_base(config: Config, out: str | Path) -> Path:
     """Where the student base is: the pruned teacher the distill stage saved, or the configured model."""
-    from memlora.student.build import student_dir
+    from memlora.layout import student_dir
 
     if config.student is None:
         raise EvalError("the config has no `student` section: there is no student to evaluate")
@@ -54,7 +50,7 @@ def build_system(name: str, config: Config, out: str | Path, base: str | Path | 
         raise EvalError(f"unknown system {name!r} (one of {', '.join(SYSTEMS)})")
     started = time.perf_counter()
     if name == "teacher":
-        from memlora.teacher.backends import build_backend
+        from memlora.llm.backends import build_backend
 
         # No log-probs: evaluation does not use them, and computing them would slow the teacher's timed calls.
         backend = build_backend(config.teacher.model_copy(update={"logprobs_top_k": 0}))

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from prefect import flow
 
-from memlora.evaluation.runner import JUDGE, report_meta, summary
-from memlora.evaluation.results import independent_judge, results_path
-from memlora.evaluation.systems import SYSTEMS
+from memlora.evaluation.plan import report_meta, summary
+from memlora.evaluation.results import independent_judge
+from memlora.evaluation.systems import JUDGE, SYSTEMS
+from memlora.layout import results_path
 from memlora.tasks.common import forward_domain_logs, load_config_task, manifest_task
 from memlora.tasks.evaluate import artifacts_task, prepare_task, report_task, results_task, run_system_task
 

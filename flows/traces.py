@@ -3,15 +3,14 @@ the teacher, recording each call. Conversations fan out over a thread pool whose
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import flow, get_run_logger
 from tqdm.auto import tqdm
 
+from memlora.layout import memory_store
+from memlora.llm.backends import build_backend
+from memlora.llm.batcher import MicroBatcher
 from memlora.memory.embedder import Embedder
 from memlora.memory.store import MemoryStore
-from memlora.teacher.backends import build_backend
-from memlora.teacher.batcher import MicroBatcher
 from memlora.teacher.traces import is_traced, trace_summary
 from memlora.tasks.common import (
     build_task_runner, forward_domain_logs, ingest_task, load_config_task, manifest_task,
@@ -42,7 +41,7 @@ def generate_traces(config: str = "configs/default.yaml", data: str = "", out: s
             teacher = build_backend(cfg.teacher)
             llm = MicroBatcher(teacher, cfg.teacher.batch_size) if cfg.prefect.concurrency > 1 else teacher
             embedder = Embedder(cfg.memory.embedder)
-            store = MemoryStore(Path(out) / "memory" / "teacher.sqlite")
+            store = MemoryStore(memory_store(out, "teacher"))
         runner = build_task_runner(cfg.prefect)
         try:
             with runner:

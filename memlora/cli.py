@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from memlora.layout import manifest_path, releases_dir, report_path, results_path
+
 # Offline by default: a bundled model must never wait on a hub that cannot be reached.
 for _key, _value in {
     "HF_HUB_OFFLINE": "1",
@@ -24,11 +26,11 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from memlora.config import ConfigError
     from memlora.data.io import DataError
     from memlora.flows.traces import TracesIncomplete
+    from memlora.llm.http_backend import SchemaRejected, TeacherUnavailable
     from memlora.manifest import UntrustedArtifact
     from memlora.models import ModelRefError
     from memlora.release import VerifyError
     from memlora.student.launch import TrainingFailed
-    from memlora.teacher.http_backend import SchemaRejected, TeacherUnavailable
 
     return (UsageError, ConfigError, DataError, ModelRefError, TracesIncomplete, TrainingFailed, TeacherUnavailable,
             SchemaRejected, UntrustedArtifact, VerifyError)
@@ -115,8 +117,7 @@ def cmd_evaluate(args) -> int:
         return 2
     for row in result["headline"]:
         print("  ".join(f"{k}={v}" for k, v in row.items()))
-    eval_dir = Path(args.out) / "eval"
-    print(f"results: {eval_dir / 'results.parquet'}  report: {eval_dir / 'report.md'}, {eval_dir / 'report.png'}")
+    print(f"results: {results_path(args.out)}  report: {report_path(args.out, '.md')}, {report_path(args.out, '.png')}")
     return 0
 
 
@@ -158,8 +159,8 @@ def cmd_run(args) -> int:
 
     pipeline(config=args.config, data=args.data, out=args.out)
     out = Path(args.out)
-    print(f"pipeline finished: manifest at {out / 'manifest.json'}, release under {out / 'releases'}")
-    report = out / "eval" / "report.md"
+    print(f"pipeline finished: manifest at {manifest_path(out)}, release under {releases_dir(out, '')}")
+    report = report_path(out)
     if report.is_file():
         print(f"report: {report}")
     return 0

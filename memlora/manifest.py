@@ -12,9 +12,8 @@ import pyarrow.parquet as pq
 from memlora import __version__
 from memlora.data.io import sha256_file, write_json
 from memlora.data.schemas import VERSION_KEY
+from memlora.layout import MANIFEST, TRACKED
 
-MANIFEST = "manifest.json"
-TRACKED = ("datasets", "traces", "adapters", "eval")
 
 
 def git_revision() -> str:

@@ -20,10 +20,10 @@ from memlora import __version__
 from memlora.config import Config
 from memlora.data.io import WriteError, sha256_file, swap_in
 from memlora.data.schemas import SCHEMA_VERSION, VERSION_KEY
+from memlora.layout import RELEASED, releases_dir
 from memlora.manifest import describe_file, git_revision
 from memlora.memory.prompts import TEMPLATES
 
-RELEASED = ("datasets", "traces", "eval")
 
 
 class VerifyError(RuntimeError):
@@ -67,7 +67,7 @@ def publish_release(out: str | Path, config: Config, data: str | Path, name: str
     content = hashlib.sha256("".join(sha256_file(f) for f in files).encode()).hexdigest()[:10]
     created = datetime.now(timezone.utc)
     version = f"{created:%Y%m%dT%H%M%SZ}-{content}"
-    root = out / "releases" / name
+    root = releases_dir(out, name)
     final, n = root / version, 1
     while final.exists():  # same content published twice within a second
         n += 1

@@ -15,8 +15,9 @@ import torch
 
 from memlora.config import Config, PruneConfig
 from memlora.data.io import publishing
+from memlora.layout import student_dir, trace_files
+from memlora.llm.hf_backend import load_causal_lm
 from memlora.models import resolve
-from memlora.teacher.hf_backend import load_causal_lm
 
 MARKER = "memlora_student.json"
 
@@ -46,7 +47,7 @@ def probe_rows(out: str | Path, tokenizer, limit: int, max_tokens: int = 512) ->
     """Token ids of the teacher's own calls (prompt + output), spread over the operations: what the student
     will read and write."""
     from memlora.config import OPERATIONS
-    from memlora.student.examples import load_traces, trace_files
+    from memlora.student.examples import load_traces
 
     per_op = []
     for op in OPERATIONS:
@@ -111,10 +112,6 @@ def shares_teacher_tokenizer(config: Config, tokenizer) -> bool:
     except Exception:  # an HTTP teacher's model name, or a hub the machine cannot reach: assume not
         return False
     return teacher.get_vocab() == tokenizer.get_vocab()
-
-
-def student_dir(out: str | Path) -> Path:
-    return Path(out) / "student" / "base"
 
 
 def build_student(config: Config, out: str | Path, on_line: Callable[[str], None] = print) -> Path:

@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Callable
 
 from memlora.config import Config
+from memlora.layout import adapter_dir, trace_files
 from memlora.manifest import update_manifest
-from memlora.student.examples import load_traces, trace_files, traces_fingerprint
-from memlora.student.experts import adapter_dir, is_complete_adapter
+from memlora.student.examples import load_traces, traces_fingerprint
+from memlora.student.experts import is_complete_adapter
 from memlora.student.launch import TrainingFailed, run_training
 
 

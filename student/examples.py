@@ -10,6 +10,7 @@ import pyarrow as pa
 from memlora.config import TargetsConfig
 from memlora.data.io import read_parquet, sha256_file
 from memlora.data.schemas import TRACES
+from memlora.layout import conversations_file
 from memlora.memory.prompts import student_messages
 from memlora.student.losses import IGNORE
 from memlora.student.targets import Target, TargetStats, make_target
@@ -36,10 +37,6 @@ class ExampleSet:
     with_logprobs: int = 0
     targets: dict = field(default_factory=dict)  # what target cleaning changed (counts)
     prompt_tokens: int = 0
-
-
-def trace_files(out: str | Path, operation: str) -> list[Path]:
-    return sorted((Path(out) / "traces" / operation).glob("part-*.parquet"))
 
 
 def traces_fingerprint(files: list[Path]) -> str:
@@ -88,7 +85,7 @@ def conversation_splits(out: str | Path) -> dict[str, str]:
     """conversation_id -> train / validation / test, as ingest assigned them."""
     import pyarrow.parquet as pq
 
-    path = Path(out) / "datasets" / "conversations.parquet"
+    path = conversations_file(out)
     if not path.is_file():
         return {}
     table = pq.read_table(path, columns=["conversation_id", "split"])

@@ -10,8 +10,9 @@ from typing import Iterator
 from peft import DeloraConfig, LoraConfig, PeftModel, get_peft_model
 
 from memlora.config import OPERATIONS, ExpertConfig
+from memlora.layout import adapter_dir
+from memlora.llm.hf_backend import TransformersBackend, load_causal_lm
 from memlora.manifest import check_recorded
-from memlora.teacher.hf_backend import TransformersBackend, load_causal_lm
 
 
 def adapter_config(expert: ExpertConfig):
@@ -29,10 +30,6 @@ def adapter_config(expert: ExpertConfig):
 def attach_expert(model, expert: ExpertConfig, name: str = "default"):
     """A fresh trainable expert on `model`; only the adapter's parameters require grad."""
     return get_peft_model(model, adapter_config(expert), adapter_name=name)
-
-
-def adapter_dir(out: str | Path, operation: str) -> Path:
-    return Path(out) / "adapters" / operation
 
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what peft reads when loading an expert

@@ -12,9 +12,9 @@ from peft import LoraConfig, PeftModel
 from safetensors.torch import save_file
 
 from memlora.data.io import publishing
-from memlora.student.build import student_dir
+from memlora.layout import export_dir, student_dir
+from memlora.llm.hf_backend import load_causal_lm
 from memlora.student.experts import adapter_name, verified_expert_folders
-from memlora.teacher.hf_backend import load_causal_lm
 
 
 def portable_base(base: str | Path, out: str | Path) -> str:
@@ -99,7 +99,7 @@ def export_lora(out: str | Path, base: str | Path | None = None, rank: int | Non
             lora_config, state = convert_to_lora(peft_model, rank or settings["r"], adapter_name=adapter_name(op))
         lora_config.base_model_name_or_path = portable_base(base, out)
         lora_config.task_type = "CAUSAL_LM"
-        target = Path(out) / "export" / "lora" / op
+        target = export_dir(out, "lora", op)
         with publishing(target) as tmp:
             lora_config.save_pretrained(str(tmp))
             save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "adapter_model.safetensors"),

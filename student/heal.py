@@ -25,16 +25,17 @@ from transformers import Trainer, TrainingArguments
 
 from memlora.config import OPERATIONS, Config, HealConfig
 from memlora.data.io import publishing
+from memlora.layout import conversations_file, trace_files
+from memlora.llm.hf_backend import load_causal_lm
 from memlora.student.build import MARKER
-from memlora.student.examples import conversation_splits, load_traces, trace_files
-from memlora.teacher.hf_backend import load_causal_lm
+from memlora.student.examples import conversation_splits, load_traces
 
 
 def session_texts(out: str | Path, splits: dict[str, str]) -> dict[str, list[str]]:
     """Each session of each conversation as one transcript, by split."""
     import pyarrow.parquet as pq
 
-    path = Path(out) / "datasets" / "conversations.parquet"
+    path = conversations_file(out)
     by_split: dict[str, list[str]] = {}
     if not path.is_file():
         return by_split

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from memlora.config import TargetsConfig
+from memlora.layout import questions_file
 from memlora.memory.prompts import NOT_MENTIONED
 
 _WORD = re.compile(r"[a-z0-9]+")
@@ -76,7 +77,7 @@ def gold_answers(out: str | Path) -> dict[tuple[str, str], str]:
     """(conversation_id, question) -> gold answer; adversarial questions (no answer) -> "Not mentioned"."""
     import pyarrow.parquet as pq
 
-    path = Path(out) / "datasets" / "questions.parquet"
+    path = questions_file(out)
     if not path.is_file():
         return {}
     rows = pq.read_table(path, columns=["conversation_id", "question", "answer", "category"]).to_pylist()

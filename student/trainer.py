@@ -19,16 +19,17 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from memlora.config import Config
 from memlora.data.io import swap_in
-from memlora.student.export import portable_base
+from memlora.layout import adapter_dir, adapter_work_dir
 from memlora.student.build import shares_teacher_tokenizer
+from memlora.student.export import portable_base
 from memlora.student.examples import (
     IGNORE, Example, ExampleSet, build_examples, conversation_splits, load_traces, oversample_minority, split_rows,
     trace_files,
 )
-from memlora.student.targets import gold_answers
-from memlora.student.experts import adapter_dir, attach_expert
+from memlora.llm.hf_backend import load_causal_lm
+from memlora.student.experts import attach_expert
 from memlora.student.losses import distillation_loss
-from memlora.teacher.hf_backend import load_causal_lm
+from memlora.student.targets import gold_answers
 
 
 def deepspeed_config(stage: int, on_gpu: bool) -> dict:
@@ -265,7 +266,7 @@ def train_expert(config: Config, out: str | Path, operation: str, base: str | Pa
     probe = data.examples[: 4 * cfg.batch_size]
     total_steps = planned_steps(len(data.examples), cfg, world)
 
-    work = Path(out) / "adapters" / f".work-{operation}"
+    work = adapter_work_dir(out, operation)
     args = TrainingArguments(
         output_dir=str(work),
         per_device_train_batch_size=cfg.batch_size,

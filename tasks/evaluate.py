@@ -10,9 +10,10 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
 from memlora.config import Config
+from memlora.evaluation.plan import prepare
+from memlora.evaluation.process import run_system_process
 from memlora.evaluation.report import write_report
 from memlora.evaluation.results import build_results, headline, write_results
-from memlora.evaluation.runner import prepare, run_system_process
 
 
 @task(name="evaluation-plan", cache_policy=NONE)

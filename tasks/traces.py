@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
 from memlora.config import Config
 from memlora.data.records import Conversation
+from memlora.layout import memory_store
+from memlora.llm.backends import build_backend
 from memlora.memory.embedder import Embedder
 from memlora.memory.llm import LLMBackend
 from memlora.memory.store import MemoryStore
-from memlora.teacher.backends import build_backend
 from memlora.teacher.traces import trace_conversation, write_shards
 
 
@@ -28,7 +27,7 @@ def trace_conversation_task(
     if own:
         llm = build_backend(config.teacher)
         embedder = Embedder(config.memory.embedder)
-        store = MemoryStore(Path(out) / "memory" / f"teacher-{conversation.conversation_id}.sqlite")
+        store = MemoryStore(memory_store(out, f"teacher-{conversation.conversation_id}"))
     try:
         rows = trace_conversation(conversation, llm, embedder, store, config)
     finally:

@@ -1,1 +1,1 @@
-"""LLM backends (local transformers, OpenAI-compatible HTTP) and teacher trace generation."""
+"""Teacher traces: the memory system run over conversations with the teacher, every call a Parquet row."""

@@ -18,14 +18,11 @@ from memlora.config import OPERATIONS, Config
 from memlora.data.io import write_parquet
 from memlora.data.records import Conversation
 from memlora.data.schemas import TRACES
+from memlora.layout import shard_path, trace_files
 from memlora.memory.embedder import Embedder
 from memlora.memory.llm import LLMBackend
 from memlora.memory.store import MemoryStore
 from memlora.memory.system import CallRecord, MemorySystem
-
-
-def shard_path(out: str | Path, operation: str, conversation_id: str) -> Path:
-    return Path(out) / "traces" / operation / f"part-{conversation_id}.parquet"
 
 
 def is_traced(out: str | Path, conversation_id: str) -> bool:
@@ -97,7 +94,7 @@ def trace_summary(out: str | Path) -> dict:
     """Per operation: rows, parse_ok, constrained, and why the failures failed."""
     summary = {}
     for op in OPERATIONS:
-        files = sorted((Path(out) / "traces" / op).glob("part-*.parquet"))
+        files = trace_files(out, op)
         if not files:
             summary[op] = {"rows": 0, "parse_ok": 0, "constrained": 0, "parse_errors": {}}
             continue

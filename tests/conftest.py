@@ -38,8 +38,8 @@ def smol_tokenizer_dir(tmp_path_factory) -> Path:
     """The bundled teacher's tokenizer (chat template included), saved as a plain folder."""
     from transformers import AutoTokenizer
 
+    from memlora.llm.gguf_cache import converted
     from memlora.models import resolve
-    from memlora.teacher.gguf_cache import converted
 
     tok = AutoTokenizer.from_pretrained(converted(resolve(TEACHER_REF)))  # the GGUF's tokenizer, converted once
     folder = tmp_path_factory.mktemp("smol-tokenizer")
@@ -69,7 +69,7 @@ def tiny_model_dir(tmp_path_factory, smol_tokenizer_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_backend(tiny_model_dir):
-    from memlora.teacher.hf_backend import TransformersBackend, load_causal_lm
+    from memlora.llm.hf_backend import TransformersBackend, load_causal_lm
 
     model, tok, model_id = load_causal_lm(str(tiny_model_dir), device="cpu")
     return TransformersBackend(model, tok, model_id, batch_size=8, logprobs_top_k=4)
@@ -79,7 +79,7 @@ def tiny_backend(tiny_model_dir):
 def teacher_backend():
     """The real bundled teacher (SmolLM2-135M-Instruct from its GGUF), loaded once."""
     from memlora.config import LLMConfig
-    from memlora.teacher.hf_backend import TransformersBackend
+    from memlora.llm.hf_backend import TransformersBackend
 
     return TransformersBackend.from_config(LLMConfig(model=TEACHER_REF, batch_size=8, device="cpu"))
 

@@ -19,8 +19,9 @@ from tests.student_fixtures import distill_config, perturb, write_traces
 
 def fake_run_training(calls: list):
     def run(config, config_path, out, operation, base, cache, on_line):
-        from memlora.student.experts import adapter_dir, attach_expert
-        from memlora.teacher.hf_backend import load_causal_lm
+        from memlora.layout import adapter_dir
+        from memlora.llm.hf_backend import load_causal_lm
+        from memlora.student.experts import attach_expert
 
         calls.append(operation)
         on_line(f"[launch.py] fake rank 0 for {operation}")

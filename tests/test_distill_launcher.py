@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from memlora.layout import trace_files
 from memlora.student.build import build_student
 from memlora.student.distill import distill_operation, finished_record
-from memlora.student.examples import build_examples, load_traces, trace_files
+from memlora.student.examples import build_examples, load_traces
 from memlora.student.launch import TrainingFailed
 from memlora.student.trainer import Collator, mean_loss
 from tests.student_fixtures import distill_config, write_traces
@@ -34,7 +35,7 @@ def reloaded_loss(config, out: Path, base: Path, operation: str) -> tuple[float,
     """The training record's loss, recomputed from the adapter as saved: same probe rows, same loss."""
     from peft import PeftModel
 
-    from memlora.teacher.hf_backend import load_causal_lm
+    from memlora.llm.hf_backend import load_causal_lm
 
     model, tokenizer, _ = load_causal_lm(str(base), dtype="float32", device="cpu")
     model = PeftModel.from_pretrained(model, str(out / "adapters" / operation), use_safetensors=True)
@@ -153,8 +154,8 @@ def reloaded_validation_loss(config, out: Path, base: Path, operation: str) -> f
     """The validation loss of the adapter as saved, on the validation conversations' rows."""
     from peft import PeftModel
 
+    from memlora.llm.hf_backend import load_causal_lm
     from memlora.student.examples import conversation_splits, split_rows
-    from memlora.teacher.hf_backend import load_causal_lm
 
     model, tokenizer, _ = load_causal_lm(str(base), dtype="float32", device="cpu")
     model = PeftModel.from_pretrained(model, str(out / "adapters" / operation), use_safetensors=True)

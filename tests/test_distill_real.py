@@ -26,10 +26,10 @@ MESSAGES = [
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_distil_an_expert_on_the_real_bundled_models(teacher_backend, tmp_path):
+    from memlora.llm.hf_backend import TransformersBackend
     from memlora.student.build import build_student
     from memlora.student.distill import distill_operation
     from memlora.student.experts import ExpertBackend
-    from memlora.teacher.hf_backend import TransformersBackend
 
     # Three real teacher calls, top-4 log-probs kept (the loaded teacher is shared, not loaded again).
     teacher = TransformersBackend(teacher_backend.model, teacher_backend.tokenizer, teacher_backend.model_id,

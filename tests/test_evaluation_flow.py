@@ -75,9 +75,9 @@ def test_replay_sends_the_same_requests_in_the_same_batches_and_reproduces_the_o
 
 
 def writes_facts(model_dir: Path) -> bool:
+    from memlora.llm.hf_backend import TransformersBackend, load_causal_lm
     from memlora.memory.llm import GenerationRequest
     from memlora.memory.prompts import TEMPLATES, extraction_schema
-    from memlora.teacher.hf_backend import TransformersBackend, load_causal_lm
 
     model, tok, model_id = load_causal_lm(str(model_dir), device="cpu")
     request = GenerationRequest("extraction", TEMPLATES["extraction"].messages(
@@ -107,9 +107,9 @@ def tiny_teacher(tmp_path_factory, tiny_model_dir) -> Path:
 
 def write_experts(out: Path, base: Path) -> None:
     """OUT/adapters/<op>/: DeLoRA experts with non-zero B (a fresh one would leave outputs unchanged)."""
+    from memlora.llm.hf_backend import load_causal_lm
     from memlora.manifest import update_manifest
     from memlora.student.experts import attach_expert
-    from memlora.teacher.hf_backend import load_causal_lm
 
     for i, op in enumerate(OPERATIONS):
         model, _, _ = load_causal_lm(str(base), dtype="float32", device="cpu")
@@ -243,7 +243,8 @@ def test_evaluate_flow_on_tiny_models(prefect_server, tiny_teacher, tiny_model_d
     assert "Agreement with the teacher" in artifacts["evaluation-report"].data
 
     # A rerun keeps every system whose config and inputs are unchanged (no model process starts) ...
-    from memlora.evaluation.runner import cache_key, run_system_process
+    from memlora.evaluation.cache import cache_key
+    from memlora.evaluation.process import run_system_process
 
     base = result["student_base"]
     for system in [*SYSTEMS, "judge"]:

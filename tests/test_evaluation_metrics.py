@@ -244,7 +244,7 @@ def test_a_system_process_progress_reaches_the_caller_as_it_comes(tmp_path):
     import subprocess
     import sys
 
-    from memlora.evaluation.runner import wait_following
+    from memlora.evaluation.process import wait_following
 
     log = tmp_path / "system.log"
     script = ("import time\n"

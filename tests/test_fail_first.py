@@ -9,7 +9,7 @@ import pytest
 def test_evaluate_without_experts_refuses_before_building_anything(sample_path, tmp_path):
     from memlora.config import load_config
     from memlora.data.ingest import ingest
-    from memlora.evaluation.runner import prepare
+    from memlora.evaluation.plan import prepare
     from memlora.evaluation.systems import EvalError
     from tests.conftest import REPO
 

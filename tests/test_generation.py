@@ -103,7 +103,7 @@ def test_mixed_operations_keep_input_order(tiny_backend):
 
 @pytest.mark.timeout(300)
 def test_prefix_cache_changes_nothing_but_speed(tiny_backend):
-    from memlora.teacher.hf_backend import TransformersBackend
+    from memlora.llm.hf_backend import TransformersBackend
 
     plain = TransformersBackend(tiny_backend.model, tiny_backend.tokenizer, "tiny", batch_size=8,
                                 logprobs_top_k=4, prefix_cache=False)
@@ -139,7 +139,7 @@ def test_real_teacher_every_constrained_output_validates(teacher_backend):
 def test_ngram_block_counts_the_output_only_and_never_leaves_the_grammar_nothing():
     import torch
 
-    from memlora.teacher.decoding import block_ngrams
+    from memlora.llm.decoding import block_ngrams
 
     # The completions so far (the prompt is not passed: copying a phrase of the input is allowed).
     completions = [[1, 2, 3, 1, 2], [1, 2, 5, 6, 7]]

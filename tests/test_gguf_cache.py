@@ -13,9 +13,9 @@ from tests.conftest import TEACHER_REF
 @pytest.mark.timeout(300)
 def test_converted_teacher_equals_the_gguf_it_came_from(monkeypatch):
     from memlora.data.io import sha256_file
+    from memlora.llm.gguf_cache import MARKER, converted
+    from memlora.llm.hf_backend import load_causal_lm
     from memlora.models import resolve
-    from memlora.teacher.gguf_cache import MARKER, converted
-    from memlora.teacher.hf_backend import load_causal_lm
 
     ref = resolve(TEACHER_REF)
     folder = converted(ref)
@@ -39,7 +39,7 @@ def test_converted_teacher_equals_the_gguf_it_came_from(monkeypatch):
 
 @pytest.mark.timeout(30)
 def test_a_changed_or_half_written_conversion_is_not_used(tmp_path):
-    from memlora.teacher.gguf_cache import MARKER, _complete
+    from memlora.llm.gguf_cache import MARKER, _complete
 
     folder = tmp_path / "model-0123"
     folder.mkdir()

@@ -1,9 +1,9 @@
 import pytest
 
 from memlora.config import HttpConfig, LLMConfig
+from memlora.llm.http_backend import OpenAIBackend, SchemaRejected, TeacherUnavailable
 from memlora.memory.llm import GenerationRequest
 from memlora.memory.prompts import TEMPLATES, extraction_schema
-from memlora.teacher.http_backend import OpenAIBackend, SchemaRejected, TeacherUnavailable
 from tests.stub_openai import StubOpenAI
 
 SCHEMA = extraction_schema(4, 100)

@@ -10,10 +10,10 @@ import pytest
 
 from memlora.config import MemoryConfig
 from memlora.data.records import Conversation, Question, Turn
+from memlora.llm.batcher import MicroBatcher
 from memlora.memory.llm import GenerationResult
 from memlora.memory.store import MemoryStore
 from memlora.memory.system import MemorySystem
-from memlora.teacher.batcher import MicroBatcher
 
 T0 = datetime(2023, 5, 8, 13, 56)
 

@@ -11,7 +11,8 @@ import torch
 
 from memlora.config import PruneConfig
 from memlora.data.schemas import TRACES
-from memlora.student.build import build_student, keep_layers, student_dir
+from memlora.layout import student_dir
+from memlora.student.build import build_student, keep_layers
 from memlora.student.examples import IGNORE, build_examples
 from tests.student_fixtures import distill_config, trace_rows
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from memlora.config import OPERATIONS, ExpertConfig
+from memlora.llm.hf_backend import load_causal_lm
 from memlora.manifest import UntrustedArtifact, update_manifest
 from memlora.memory.llm import GenerationRequest
 from memlora.student.experts import ExpertBackend, adapter_config, adapter_name, attach_expert
-from memlora.teacher.hf_backend import load_causal_lm
 from tests.student_fixtures import perturb
 
 PROMPT = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Where does Alice live?"}]

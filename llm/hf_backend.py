@@ -16,13 +16,13 @@ from itertools import groupby
 import torch
 
 from memlora.config import LLMConfig
+from memlora.llm import gguf_cache
+from memlora.llm.decoding import greedy_decode
+from memlora.llm.grammar import GrammarCache
 from memlora.memory.llm import GenerationRequest, GenerationResult
 from memlora.models import resolve
-from memlora.teacher import gguf_cache
-from memlora.teacher.decoding import greedy_decode
-from memlora.teacher.grammar import GrammarCache
 
-log = logging.getLogger("memlora.teacher")
+log = logging.getLogger("memlora.llm")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

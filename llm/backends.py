@@ -8,9 +8,9 @@ from memlora.memory.llm import LLMBackend
 
 def build_backend(config: LLMConfig) -> LLMBackend:
     if config.backend == "openai":
-        from memlora.teacher.http_backend import OpenAIBackend
+        from memlora.llm.http_backend import OpenAIBackend
 
         return OpenAIBackend(config)
-    from memlora.teacher.hf_backend import TransformersBackend
+    from memlora.llm.hf_backend import TransformersBackend
 
     return TransformersBackend.from_config(config)

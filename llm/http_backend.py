@@ -17,7 +17,7 @@ import httpx
 from memlora.config import LLMConfig
 from memlora.memory.llm import GenerationRequest, GenerationResult
 
-log = logging.getLogger("memlora.teacher")
+log = logging.getLogger("memlora.llm")
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 

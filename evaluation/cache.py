@@ -1,0 +1,46 @@
+"""Same config + same input files = same results: a rerun keeps a system whose inputs did not change."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from memlora.config import load_config
+from memlora.data.io import sha256_file
+from memlora.evaluation.systems import JUDGE, SYSTEMS
+from memlora.layout import calls_path, datasets_dir, judgements_path, probe_path, qa_path
+from memlora.student.experts import ADAPTER_FILES, expert_folders
+
+
+def system_inputs(out: str | Path, system: str, base: str | Path | None) -> list[Path]:
+    """The files a system's evaluation depends on besides the config: the data; for the students, the
+    teacher's calls they replay and the student base; the experts; for the judge, every system's answers."""
+    out = Path(out)
+    files = sorted(datasets_dir(out).glob("*.parquet"))
+    if system in ("student", "student+experts"):
+        files.append(calls_path(out, "teacher"))
+        if base is not None:
+            files += sorted(p for p in Path(base).rglob("*") if p.is_file())
+    if system == "student+experts":
+        files += [folder / name for folder in expert_folders(out).values() for name in ADAPTER_FILES]
+    if system == JUDGE:
+        files += [qa_path(out, s) for s in SYSTEMS]
+    return files
+
+
+def cache_key(config_path: str | Path, out: str | Path, system: str, base: str | Path | None) -> str:
+    digest = hashlib.sha256(f"{system}:{load_config(config_path).fingerprint()}".encode())
+    for f in system_inputs(out, system, base):
+        digest.update(f"{f.name}:{sha256_file(f) if f.is_file() else 'missing'}".encode())
+    return digest.hexdigest()
+
+
+def finished_probe(out: str | Path, system: str, key: str) -> dict | None:
+    """The probe of a finished run with this cache key whose outputs are all there, else None."""
+    path = probe_path(out, system)
+    outputs = [judgements_path(out)] if system == JUDGE else [calls_path(out, system), qa_path(out, system)]
+    if not (path.is_file() and all(f.is_file() for f in outputs)):
+        return None
+    probe = json.loads(path.read_text())
+    return probe if probe.get("cache_key") == key else None

@@ -1,0 +1,60 @@
+"""The evaluation's plan (what it will run on, checked before any model process starts) and its manifest
+section."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from memlora.data.ingest import load_ingested
+from memlora.evaluation.qa import questions_of, test_conversations
+from memlora.evaluation.results import headline, independent_judge
+from memlora.evaluation.systems import JUDGE, SYSTEMS, EvalError
+from memlora.layout import ADAPTERS, conversations_file, datasets_dir
+from memlora.student.build import build_student
+from memlora.student.experts import verified_expert_folders
+
+
+def prepare(config, out: str | Path) -> dict:
+    """Check what evaluation needs before any model process starts; build the student base if it is missing.
+    Returns the plan: test conversations, question count, student base folder."""
+    datasets = datasets_dir(out)
+    if not conversations_file(out).is_file():
+        raise EvalError(f"{datasets}: no ingested data (run `memlora traces` or `memlora ingest` first)")
+    conversations = test_conversations(load_ingested(out), config.evaluation)
+    if not conversations:
+        raise EvalError(f"{datasets}: no test conversation (is data.split.test_ratio above 0?)")
+    if config.student is None:
+        raise EvalError("the config has no `student` section: there is no student to evaluate")
+    if not verified_expert_folders(out):  # before the student base or any model process: fail first
+        raise EvalError(f"{Path(out) / ADAPTERS}: no trained expert (run `memlora distill` first)")
+    base = build_student(config, out)  # the distill stage's folder, made once; reused as it is
+    return {
+        "conversations": [c.conversation_id for c in conversations],
+        "questions": sum(len(questions_of(c, config.evaluation)) for c in conversations),
+        "base": str(base),
+    }
+
+
+def summary(config, plan: dict, probes: dict, rows: list[dict], files: list[Path], out: str | Path) -> dict:
+    """The manifest's `evaluation` section."""
+    keep = ("pid", "ppid", "model_id", "backend", "device", "dtype", "peak_rss_mb", "ru_maxrss_mb", "cuda_peak_mb",
+            "load_s", "wall_s", "calls", "questions", "parameters", "adapter_switches", "timings")
+    return {
+        "config": config.model_dump(mode="json"),
+        "config_fingerprint": config.fingerprint(),
+        "conversations": plan["conversations"],
+        "questions": plan["questions"],
+        "student_base": plan["base"],
+        "systems": {s: {k: p.get(k) for k in keep} | {"adapters": p.get("adapters", {})}
+                    for s, p in probes.items() if s in SYSTEMS},
+        "judge": probes.get(JUDGE, {}),
+        "headline": headline(rows, independent_judge(config)),
+        "results_rows": len(rows),
+        "files": [Path(f).relative_to(out).as_posix() if Path(f).is_relative_to(out) else str(f) for f in files],
+    }
+
+
+def report_meta(config, plan: dict, probes: dict) -> dict:
+    judge = config.evaluation.judge or config.teacher
+    return {"config_name": config.name, "conversations": plan["conversations"], "questions": plan["questions"],
+            "judge": judge.model, "independent_judge": independent_judge(config), "probes": probes}

@@ -1,0 +1,85 @@
+"""Each system's evaluation in an OS process of its own (so memory peaks never mix), followed as it runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from memlora.data.io import write_json
+from memlora.evaluation.cache import cache_key, finished_probe
+from memlora.evaluation.systems import JUDGE, SYSTEMS, EvalError
+from memlora.layout import log_path, probe_path
+from memlora.processes import stop_group, track, untrack
+
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false"}
+
+PROGRESS = re.compile(r"^\[\d\d:\d\d:\d\d\] ")  # run_system.say's lines; the rest is library noise
+
+
+def wait_following(proc: subprocess.Popen, log: Path, timeout_s: float, on_line: Callable[[str], None]) -> int:
+    """Wait for the process, passing each new progress line of its log to `on_line`."""
+    deadline = time.monotonic() + timeout_s
+    with open(log, "rb") as reader:
+        pending = b""
+        while True:
+            try:
+                rc = proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                rc = None
+            pending += reader.read()
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                text = line.decode(errors="replace").rstrip()
+                if PROGRESS.match(text):
+                    on_line(text)
+            if rc is not None:
+                return rc
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(proc.args, timeout_s)
+
+
+def run_system_process(config_path: str | Path, out: str | Path, system: str, *, base: str | Path | None = None,
+                       timeout_s: float = 7200, env: dict | None = None,
+                       on_line: Callable[[str], None] = lambda line: None) -> dict:
+    """Run one system (or the judge) in a fresh Python process; return the probe record it wrote.
+
+    Its output goes to OUT/eval/logs/<system>.log; its progress lines (`[HH:MM:SS] ...`) are passed to
+    `on_line` as they come, so a user sees where a minutes-long run is. A failure raises with the log's last
+    lines."""
+    if system not in SYSTEMS + (JUDGE,):
+        raise EvalError(f"unknown system {system!r}")
+    key = cache_key(config_path, out, system, base)
+    kept = finished_probe(out, system, key)
+    if kept is not None:
+        return {**kept, "kept": True}
+    cmd = [sys.executable, "-m", "memlora.evaluation.run_system", "--system", system,
+           "--config", str(config_path), "--out", str(out)]
+    if base is not None:
+        cmd += ["--base", str(base)]
+    log = log_path(out, system)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    probe_path(out, system).unlink(missing_ok=True)
+    full_env = {**os.environ, **OFFLINE_ENV, **(env or {})}
+    with open(log, "wb") as fh:
+        proc = track(subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=full_env,
+                                      start_new_session=True))
+        try:
+            rc = wait_following(proc, log, timeout_s, on_line)
+        except BaseException:  # timeout or interrupt: leave no orphan model process behind
+            stop_group(proc)
+            raise
+        finally:
+            untrack(proc)
+    if rc != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
+        raise EvalError(f"evaluation of {system!r} failed (exit code {rc}); see {log}:\n{tail}")
+    probe = {**json.loads(probe_path(out, system).read_text()), "cache_key": key}
+    write_json(probe, probe_path(out, system))
+    return probe
