@@ -3,6 +3,7 @@ section."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from memlora.data.ingest import load_ingested
@@ -14,9 +15,17 @@ from memlora.student.build import build_student
 from memlora.student.experts import verified_expert_folders
 
 
-def prepare(config, out: str | Path) -> dict:
-    """Check what evaluation needs before any model process starts; build the student base if it is missing.
-    Returns the plan: test conversations, question count, student base folder."""
+@dataclass(frozen=True)
+class EvalPlan:
+    """What an evaluation runs on, fixed before any model process starts."""
+
+    conversations: list[str]  # the test conversations' ids
+    questions: int            # gold questions over them
+    base: str                 # the student base folder both students load
+
+
+def prepare(config, out: str | Path) -> EvalPlan:
+    """Check what evaluation needs before any model process starts; build the student base if it is missing."""
     datasets = datasets_dir(out)
     if not conversations_file(out).is_file():
         raise EvalError(f"{datasets}: no ingested data (run `memlora traces` or `memlora ingest` first)")
@@ -28,23 +37,20 @@ def prepare(config, out: str | Path) -> dict:
     if not verified_expert_folders(out):  # before the student base or any model process: fail first
         raise EvalError(f"{Path(out) / ADAPTERS}: no trained expert (run `memlora distill` first)")
     base = build_student(config, out)  # the distill stage's folder, made once; reused as it is
-    return {
-        "conversations": [c.conversation_id for c in conversations],
-        "questions": sum(len(questions_of(c, config.evaluation)) for c in conversations),
-        "base": str(base),
-    }
+    return EvalPlan(conversations=[c.conversation_id for c in conversations],
+                    questions=sum(len(questions_of(c, config.evaluation)) for c in conversations), base=str(base))
 
 
-def summary(config, plan: dict, probes: dict, rows: list[dict], files: list[Path], out: str | Path) -> dict:
+def summary(config, plan: EvalPlan, probes: dict, rows: list[dict], files: list[Path], out: str | Path) -> dict:
     """The manifest's `evaluation` section."""
     keep = ("pid", "ppid", "model_id", "backend", "device", "dtype", "peak_rss_mb", "ru_maxrss_mb", "cuda_peak_mb",
             "load_s", "wall_s", "calls", "questions", "parameters", "adapter_switches", "timings")
     return {
         "config": config.model_dump(mode="json"),
         "config_fingerprint": config.fingerprint(),
-        "conversations": plan["conversations"],
-        "questions": plan["questions"],
-        "student_base": plan["base"],
+        "conversations": plan.conversations,
+        "questions": plan.questions,
+        "student_base": plan.base,
         "systems": {s: {k: p.get(k) for k in keep} | {"adapters": p.get("adapters", {})}
                     for s, p in probes.items() if s in SYSTEMS},
         "judge": probes.get(JUDGE, {}),
@@ -54,7 +60,7 @@ def summary(config, plan: dict, probes: dict, rows: list[dict], files: list[Path
     }
 
 
-def report_meta(config, plan: dict, probes: dict) -> dict:
+def report_meta(config, plan: EvalPlan, probes: dict) -> dict:
     judge = config.evaluation.judge or config.teacher
-    return {"config_name": config.name, "conversations": plan["conversations"], "questions": plan["questions"],
+    return {"config_name": config.name, "conversations": plan.conversations, "questions": plan.questions,
             "judge": judge.model, "independent_judge": independent_judge(config), "probes": probes}

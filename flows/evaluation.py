@@ -21,7 +21,7 @@ def evaluate(config: str = "configs/default.yaml", out: str = "out") -> dict:
     plan = prepare_task(cfg, out)
     # One after another: the teacher's calls are the students' inputs, and a system measured alone has its
     # latency and its memory to itself. The judge labels every system's answers last.
-    probes = {system: run_system_task(config, out, system, plan["base"], cfg.evaluation.timeout_s)
+    probes = {system: run_system_task(config, out, system, plan.base, cfg.evaluation.timeout_s)
               for system in (*SYSTEMS, JUDGE)}
     rows = results_task(cfg, out)
     markdown, png = report_task(rows, report_meta(cfg, plan, probes), out)

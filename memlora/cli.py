@@ -25,12 +25,12 @@ DEFAULT_CONFIG = "configs/default.yaml"
 def _known_errors() -> tuple[type[BaseException], ...]:
     from memlora.config import ConfigError
     from memlora.data.io import DataError
-    from memlora.flows.traces import TracesIncomplete
     from memlora.llm.http_backend import SchemaRejected, TeacherUnavailable
     from memlora.manifest import UntrustedArtifact
     from memlora.models import ModelRefError
     from memlora.release import VerifyError
     from memlora.student.launch import TrainingFailed
+    from memlora.teacher.traces import TracesIncomplete
 
     return (UsageError, ConfigError, DataError, ModelRefError, TracesIncomplete, TrainingFailed, TeacherUnavailable,
             SchemaRejected, UntrustedArtifact, VerifyError)

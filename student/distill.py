@@ -13,6 +13,7 @@ from memlora.manifest import update_manifest
 from memlora.student.examples import load_traces, traces_fingerprint
 from memlora.student.experts import is_complete_adapter
 from memlora.student.launch import TrainingFailed, run_training
+from memlora.student.records import DistillResult, NoExpert, TrainingRecord
 
 
 def config_fingerprint(config: Config) -> str:
@@ -34,13 +35,13 @@ def cache_key(config: Config, out: str | Path, operation: str) -> dict:
     return {"key": key, "traces_sha256": traces, "config_fingerprint": fingerprint}
 
 
-def finished_record(config: Config, out: str | Path, operation: str) -> dict | None:
+def finished_record(config: Config, out: str | Path, operation: str) -> TrainingRecord | None:
     folder = adapter_dir(out, operation)
     record_file = folder / "training.json"
     if not (is_complete_adapter(folder) and record_file.is_file()):
         return None
-    record = json.loads(record_file.read_text())
-    return record if record.get("cache_key") == cache_key(config, out, operation)["key"] else None
+    record = TrainingRecord.read(record_file)
+    return record if record.cache_key == cache_key(config, out, operation)["key"] else None
 
 
 def check_traces(out: str | Path) -> dict[str, int]:
@@ -62,7 +63,7 @@ def check_traces(out: str | Path) -> dict[str, int]:
 
 
 def distill_operation(config: Config, config_path: str, out: str | Path, operation: str, base: Path,
-                      on_line: Callable[[str], None] = print) -> dict:
+                      on_line: Callable[[str], None] = print) -> DistillResult:
     if not trace_files(out, operation):
         raise TrainingFailed(f"{Path(out) / 'traces' / operation}: no trace files (run `memlora traces` first)")
     usable = sum(load_traces(trace_files(out, operation)).column("parse_ok").to_pylist())
@@ -70,12 +71,13 @@ def distill_operation(config: Config, config_path: str, out: str | Path, operati
         # Nothing to learn from (e.g. the teacher extracted no facts, so no update calls): no expert, and the
         # memory system runs this operation on the bare student. Said loudly, recorded in the manifest.
         on_line(f"WARNING {operation}: no parse_ok trace rows; no expert trained for it")
-        return {"operation": operation, "no_expert": True, "reason": "no parse_ok trace rows", "steps": 0}
+        return NoExpert(operation, "no parse_ok trace rows")
     done = finished_record(config, out, operation)
     if done is not None:
         on_line(f"{operation}: expert already trained on these traces with this recipe; kept")
-        return {**done, "skipped": True}
-    record = run_training(config, config_path, str(out), operation, str(base), cache_key(config, out, operation),
-                          on_line)
+        done.skipped = True
+        return done
+    record = TrainingRecord.from_dict(run_training(config, config_path, str(out), operation, str(base),
+                                                   cache_key(config, out, operation), on_line))
     update_manifest(out)  # the new expert's sha256, checked before anything loads it
     return record

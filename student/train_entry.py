@@ -7,6 +7,7 @@ import json
 import sys
 
 from memlora.config import load_config
+from memlora.student.records import TrainingRecord
 from memlora.student.trainer import train_expert
 
 
@@ -31,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         record = heal_base(config, args.out, args.base, args.target)
     else:
         record = train_expert(config, args.out, args.operation, args.base, cache)
+    if isinstance(record, TrainingRecord):
+        record = record.to_dict(on_disk=True)
     if record is not None:
         print("MEMLORA_RESULT " + json.dumps(record), flush=True)
     return 0

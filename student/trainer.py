@@ -19,16 +19,16 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from memlora.config import Config
 from memlora.data.io import swap_in
-from memlora.layout import adapter_dir, adapter_work_dir
+from memlora.layout import adapter_dir, adapter_work_dir, trace_files
+from memlora.llm.hf_backend import load_causal_lm
 from memlora.student.build import shares_teacher_tokenizer
-from memlora.student.export import portable_base
 from memlora.student.examples import (
     IGNORE, Example, ExampleSet, build_examples, conversation_splits, load_traces, oversample_minority, split_rows,
-    trace_files,
 )
-from memlora.llm.hf_backend import load_causal_lm
 from memlora.student.experts import attach_expert
+from memlora.student.export import portable_base
 from memlora.student.losses import distillation_loss
+from memlora.student.records import TrainingRecord
 from memlora.student.targets import gold_answers
 
 
@@ -234,7 +234,8 @@ def planned_steps(n_examples: int, cfg, world: int) -> int:
     return min(total, cfg.max_steps) if cfg.max_steps else total
 
 
-def train_expert(config: Config, out: str | Path, operation: str, base: str | Path, cache: dict) -> dict | None:
+def train_expert(config: Config, out: str | Path, operation: str, base: str | Path,
+                 cache: dict) -> TrainingRecord | None:
     """Train `operation`'s expert; rank 0 writes OUT/adapters/<operation>/ atomically and returns its record.
 
     `cache`: {"key", "traces_sha256", "config_fingerprint"}, recorded so a rerun can tell the expert is done."""
@@ -327,7 +328,7 @@ def train_expert(config: Config, out: str | Path, operation: str, base: str | Pa
         (staging / leftover).unlink(missing_ok=True)  # a pickle and a template card: not part of an adapter
     curve = [round(h["loss"], 5) for h in trainer.state.log_history if "loss" in h]
     grad_norms = [round(h["grad_norm"], 3) for h in trainer.state.log_history if "grad_norm" in h]
-    record = {
+    record = TrainingRecord.from_dict({
         "operation": operation,
         "method": config.student.expert.method,
         "steps": trainer.state.global_step,
@@ -369,8 +370,8 @@ def train_expert(config: Config, out: str | Path, operation: str, base: str | Pa
         "traces_sha256": cache["traces_sha256"],
         "config_fingerprint": cache["config_fingerprint"],
         "base": str(base),
-    }
-    (staging / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    })
+    (staging / "training.json").write_text(json.dumps(record.to_dict(on_disk=True), indent=2) + "\n")
     swap_in(staging, final)  # a collective save wrote it, so the staging name is fixed, not a context's
     shutil.rmtree(work, ignore_errors=True)
     return record

@@ -11,6 +11,7 @@ from prefect.cache_policies import NONE
 from memlora.config import Config
 from memlora.student.build import build_student
 from memlora.student.distill import check_traces, distill_operation
+from memlora.student.records import DistillResult, NoExpert
 
 
 @task(name="check-traces", cache_policy=NONE)
@@ -29,13 +30,13 @@ def build_student_task(config: Config, out: str) -> Path:
 
 
 @task(name="distill-expert", cache_policy=NONE, retries=0, task_run_name="distill-{operation}")
-def distill_expert_task(config: Config, config_path: str, out: str, operation: str, base: Path) -> dict:
+def distill_expert_task(config: Config, config_path: str, out: str, operation: str, base: Path) -> DistillResult:
     log = get_run_logger()
     record = distill_operation(config, config_path, out, operation, base, on_line=log.info)
-    if record.get("no_expert"):
-        log.warning("%s: no expert (%s)", operation, record["reason"])
+    if isinstance(record, NoExpert):
+        log.warning("%s: no expert (%s)", operation, record.reason)
         return record
     log.info("%s: loss %.4f -> %.4f over %d steps, %d rows used (%s skipped), world size %d, ZeRO-%d",
-             operation, record["loss_before"], record["loss_after"], record["steps"], record["rows_used"],
-             record["rows_skipped"] or "none", record["world_size"], record["deepspeed_stage"])
+             operation, record.loss_before, record.loss_after, record.steps, record.rows_used,
+             record.rows_skipped or "none", record.world_size, record.deepspeed_stage)
     return record

@@ -10,17 +10,17 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
 from memlora.config import Config
-from memlora.evaluation.plan import prepare
+from memlora.evaluation.plan import EvalPlan, prepare
 from memlora.evaluation.process import run_system_process
 from memlora.evaluation.report import write_report
 from memlora.evaluation.results import build_results, headline, write_results
 
 
 @task(name="evaluation-plan", cache_policy=NONE)
-def prepare_task(config: Config, out: str) -> dict:
+def prepare_task(config: Config, out: str) -> EvalPlan:
     plan = prepare(config, out)
     get_run_logger().info("evaluating on %d test conversation(s) (%s), %d questions; student base %s",
-                          len(plan["conversations"]), ", ".join(plan["conversations"]), plan["questions"], plan["base"])
+                          len(plan.conversations), ", ".join(plan.conversations), plan.questions, plan.base)
     return plan
 
 

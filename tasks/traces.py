@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
+from tqdm.auto import tqdm
 
 from memlora.config import Config
 from memlora.data.records import Conversation
@@ -12,7 +13,7 @@ from memlora.llm.backends import build_backend
 from memlora.memory.embedder import Embedder
 from memlora.memory.llm import LLMBackend
 from memlora.memory.store import MemoryStore
-from memlora.teacher.traces import trace_conversation, write_shards
+from memlora.teacher.traces import TracesIncomplete, trace_conversation, write_shards
 
 
 @task(name="trace-conversation", cache_policy=NONE, task_run_name="trace-{conversation.conversation_id}")
@@ -40,3 +41,19 @@ def trace_conversation_task(
         ", ".join(f"{op} {ok[op]}/{counts[op]} parsed" for op in counts),
     )
     return counts
+
+
+def raise_for_failures(conversations: list[Conversation], futures) -> None:
+    """Wait for every conversation (a progress bar as they finish); if any failed, raise naming them all: the
+    others' shards are written and kept, and a rerun traces only the missing ones."""
+    failed = {}
+    for conversation, future in tqdm(list(zip(conversations, futures)), desc="conversations traced", unit="conv"):
+        try:
+            future.result()
+        except Exception as err:
+            failed[conversation.conversation_id] = f"{type(err).__name__}: {err}"
+    if failed:
+        raise TracesIncomplete(
+            f"no traces for {len(failed)} conversation(s): {', '.join(sorted(failed))} "
+            f"(first error: {next(iter(failed.values()))}); rerun the same command to fill them in"
+        )

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -18,15 +21,58 @@ from memlora.config import OPERATIONS, Config
 from memlora.data.io import write_parquet
 from memlora.data.records import Conversation
 from memlora.data.schemas import TRACES
-from memlora.layout import shard_path, trace_files
+from memlora.layout import memory_store, shard_path, trace_files
+from memlora.llm.backends import build_backend
+from memlora.llm.batcher import MicroBatcher
 from memlora.memory.embedder import Embedder
 from memlora.memory.llm import LLMBackend
 from memlora.memory.store import MemoryStore
 from memlora.memory.system import CallRecord, MemorySystem
 
 
+class TracesIncomplete(RuntimeError):
+    """Some conversations have no traces; the others' are written and kept."""
+
+
 def is_traced(out: str | Path, conversation_id: str) -> bool:
     return all(shard_path(out, op, conversation_id).is_file() for op in OPERATIONS)
+
+
+def select_conversations(corpus: list[Conversation], config: Config,
+                         out: str | Path) -> tuple[list[Conversation], list[Conversation]]:
+    """(selected, still to trace): the train conversations (up to `data.max_conversations`) and the validation
+    ones, whose teacher calls are what early stopping is measured on; the test ones are never traced here."""
+    selected = [c for c in corpus if c.split == "train"][: config.data.max_conversations]
+    selected += [c for c in corpus if c.split == "validation"]
+    return selected, [c for c in selected if not is_traced(out, c.conversation_id)]
+
+
+@dataclass
+class TracingResources:
+    """What the conversations of one process share; None where each task makes its own."""
+
+    llm: LLMBackend | None = None
+    embedder: Embedder | None = None
+    store: MemoryStore | None = None
+
+
+@contextmanager
+def shared_resources(config: Config, out: str | Path, shared: bool) -> Iterator[TracingResources]:
+    """One teacher for every conversation traced in this process, behind a micro-batcher that merges their
+    calls into shared batches, with one embedder and one store; closed on the way out. With `shared` off
+    (process, Dask or Ray runners, where a task may run elsewhere) each task builds its own."""
+    if not shared:
+        yield TracingResources()
+        return
+    teacher = build_backend(config.teacher)
+    llm = MicroBatcher(teacher, config.teacher.batch_size) if config.prefect.concurrency > 1 else teacher
+    store = MemoryStore(memory_store(out, "teacher"))
+    try:
+        yield TracingResources(llm, Embedder(config.memory.embedder), store)
+    finally:
+        store.close()
+        if isinstance(llm, MicroBatcher):
+            llm.close()
 
 
 def record_to_row(record: CallRecord, model_id: str, backend: str) -> dict:

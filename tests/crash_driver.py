@@ -35,7 +35,7 @@ def distill(config_path: str, out: str, base: str, trigger: str = "") -> None:
                 crash()
 
         record = distill_operation(config, config_path, out, op, Path(base), on_line)
-        print(f"DONE {op} skipped={bool(record.get('skipped'))}", flush=True)
+        print(f"DONE {op} skipped={bool(getattr(record, 'skipped', False))}", flush=True)
 
 
 def release(config_path: str, data: str, out: str, point: str = "") -> None:

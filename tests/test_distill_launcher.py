@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from memlora.layout import trace_files
 from memlora.student.build import build_student
 from memlora.student.distill import distill_operation, finished_record
+from memlora.student.records import NoExpert
 from memlora.student.examples import build_examples, load_traces
 from memlora.student.launch import TrainingFailed
 from memlora.student.trainer import Collator, mean_loss
@@ -64,27 +65,27 @@ def test_two_cpu_ranks_zero2_lower_the_loss_and_write_a_loadable_adapter(tiny_mo
     record = distill_operation(config, str(path), out, "extraction", base, on_line=lines.append)
 
     saved = check_adapter(out / "adapters" / "extraction")
-    assert record == saved
-    assert (record["world_size"], record["deepspeed_stage"], record["device"], record["steps"]) == (2, 2, "cpu", 8)
-    assert record["global_batch_size"] == 4 and len(record["loss_curve"]) == 8
-    assert record["loss_after"] < record["loss_before"]
-    assert (record["rows_total"], record["rows_used"], record["rows_skipped"]) == (6, 5, {"parse_failed": 1})
-    assert record["rows_with_teacher_logprobs"] == 5 and record["tokens_seen"] > 0
-    assert 0 < record["trainable_parameters"] < record["total_parameters"]
+    assert record.to_dict(on_disk=True) == saved
+    assert (record.world_size, record.deepspeed_stage, record.device, record.steps) == (2, 2, "cpu", 8)
+    assert record.global_batch_size == 4 and len(record.loss_curve) == 8
+    assert record.loss_after < record.loss_before
+    assert (record.rows_total, record.rows_used, record.rows_skipped) == (6, 5, {"parse_failed": 1})
+    assert record.rows_with_teacher_logprobs == 5 and record.tokens_seen > 0
+    assert 0 < record.trainable_parameters < record.total_parameters
     # The launcher's log came through line by line: both ranks spawned and exited cleanly.
     assert sum("spawned with command" in line for line in lines) == 2
     assert sum("exits successfully" in line for line in lines) == 2
     assert any("'loss'" in line for line in lines)
 
     loss, _ = reloaded_loss(config, out, base, "extraction")
-    assert loss == pytest.approx(record["loss_after"], rel=1e-4, abs=1e-4)
+    assert loss == pytest.approx(record.loss_after, rel=1e-4, abs=1e-4)
 
     # Same traces and recipe: kept, no launch. Another recipe: trained again.
     import memlora.student.distill as distill
 
     monkeypatch.setattr(distill, "run_training", lambda *a, **k: pytest.fail("trained a finished expert again"))
     again = distill_operation(config, str(path), out, "extraction", base, on_line=lines.append)
-    assert again["skipped"] and again["cache_key"] == record["cache_key"]
+    assert again.skipped and again.cache_key == record.cache_key
     _, changed = distill_config(tmp_path / "c2.yaml", str(tiny_model_dir), student=PRUNE, max_steps=9,
                                 batch_size=2, learning_rate=0.01, num_ranks=2)
     assert finished_record(changed, out, "extraction") is None
@@ -101,8 +102,8 @@ def test_zero3_adapter_reloads_with_the_same_outputs(tiny_model_dir, tmp_path):
     assert (saved["world_size"], saved["deepspeed_stage"]) == (2, 3)
     loss, model = reloaded_loss(config, out, base, "update")
     # The loss the engine computed with its (sharded) weights, and the loss of the adapter as saved, agree.
-    assert loss == pytest.approx(record["loss_after"], rel=1e-4, abs=1e-4)
-    assert record["loss_after"] < record["loss_before"]
+    assert loss == pytest.approx(record.loss_after, rel=1e-4, abs=1e-4)
+    assert record.loss_after < record.loss_before
 
 
 @pytest.mark.timeout(180)
@@ -113,7 +114,7 @@ def test_a_failed_rank_raises_with_its_error_and_a_timeout_kills_the_launch(tiny
     write_traces(out, AutoTokenizer.from_pretrained(tiny_model_dir), operations=("generation",), n=3, bad=3)
     # Only unparsable rows: no expert, said so, nothing written.
     record = distill_operation(config, str(path), out, "generation", base, on_line=lambda line: None)
-    assert record["no_expert"] and "no parse_ok" in record["reason"]
+    assert isinstance(record, NoExpert) and "no parse_ok" in record.reason
     assert not (out / "adapters" / "generation").exists()
 
     # Rows too long for distill.max_length: the rank itself fails, and its error comes back.

@@ -69,7 +69,8 @@ def test_timeouts_and_dead_server():
 def test_server_dying_mid_run_names_missing_conversations_and_rerun_fills_them(prefect_server, sample_path, tmp_path):
     import yaml
 
-    from memlora.flows.traces import TracesIncomplete, generate_traces
+    from memlora.flows.traces import generate_traces
+    from memlora.teacher.traces import TracesIncomplete
     from tests.conftest import REPO
     from tests.test_traces_flow import rows
 

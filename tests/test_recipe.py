@@ -182,13 +182,13 @@ def test_early_stopping_keeps_the_best_epoch(tiny_model_dir, tmp_path):
                                   num_ranks=1, timeout_s=240)
     base = build_student(config, out)
     record = distill_operation(config, str(path), out, "extraction", base, on_line=lambda line: None)
-    losses = [e["validation_loss"] for e in record["epochs"]]
-    assert record["validation_rows"] == 6 and record["rows_used"] == 6 and all(v is not None for v in losses)
+    losses = [e["validation_loss"] for e in record.epochs]
+    assert record.validation_rows == 6 and record.rows_used == 6 and all(v is not None for v in losses)
     best = min(range(len(losses)), key=losses.__getitem__) + 1
-    assert record["best_epoch"] == best
-    assert record["validation_loss_best"] == pytest.approx(losses[best - 1], abs=1e-4)
+    assert record.best_epoch == best
+    assert record.validation_loss_best == pytest.approx(losses[best - 1], abs=1e-4)
     # Validation got worse epoch after epoch: it stopped `patience` epochs after the best and put it back.
-    assert record["stopped_early"] and len(losses) == best + 2 and record["best_restored"], (losses, record["best_epoch"])
+    assert record.stopped_early and len(losses) == best + 2 and record.best_restored, (losses, record.best_epoch)
     assert reloaded_validation_loss(config, out, base, "extraction") == pytest.approx(losses[best - 1], abs=1e-3)
     adapter_config = json.loads((out / "adapters" / "extraction" / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == "student/base"  # relative to OUT: OUT can be copied

@@ -1,0 +1,86 @@
+"""What distillation says about each operation: the expert's training record (its training.json), or why
+there is no expert. Typed here so the trainer, the flow, the CLI and the report read the same names."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+
+@dataclass
+class TrainingRecord:
+    operation: str
+    method: str                            # student.expert.method (delora | lora)
+    steps: int
+    loss_before: float                     # distillation loss on a fixed train probe, before and after
+    loss_after: float
+    loss_curve: list[float] = field(default_factory=list)   # per logged step
+    grad_norms: list[float] = field(default_factory=list)
+    epochs: list[dict] = field(default_factory=list)        # {epoch, step, train_loss, validation_loss}
+    best_epoch: int | None = None          # the epoch whose adapter was kept (lowest validation loss)
+    best_restored: bool = False            # a later epoch was worse, so the best one was put back
+    stopped_early: bool = False            # `distill.patience` epochs without a better validation loss
+    validation_loss_before: float | None = None
+    validation_loss_best: float | None = None
+    validation_rows: int = 0
+    warmup_steps: int = 0
+    learning_rate: float = 0.0
+    prompt: str = "teacher"                # the student template trained on (minimal | teacher)
+    prompt_tokens_mean: float = 0.0
+    targets: dict = field(default_factory=dict)      # what target selection kept and dropped
+    oversampled: dict = field(default_factory=dict)  # update label -> repeat factor (train split only)
+    train_examples: int = 0
+    tokens_seen: int = 0
+    wall_time_s: float = 0.0
+    train_time_s: float = 0.0
+    step_time_s: float = 0.0
+    world_size: int = 1
+    global_batch_size: int = 0
+    deepspeed_stage: int = 0
+    device: str = "cpu"
+    rows_total: int = 0
+    rows_used: int = 0
+    rows_skipped: dict = field(default_factory=dict)
+    rows_with_teacher_logprobs: int = 0
+    shares_teacher_tokenizer: bool = True
+    trainable_parameters: int = 0
+    total_parameters: int = 0
+    trace_files: list[str] = field(default_factory=list)
+    cache_key: str = ""                    # traces + recipe: the same key means the same expert
+    traces_sha256: str = ""
+    config_fingerprint: str = ""
+    base: str = ""
+    skipped: bool = False                  # not trained now: an earlier run's expert with the same cache key
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainingRecord":
+        """From a training.json or a rank's result line; keys an older version wrote and this one does not
+        know are ignored, ones it did not write take their defaults."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    @classmethod
+    def read(cls, path: str | Path) -> "TrainingRecord":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def to_dict(self, *, on_disk: bool = False) -> dict:
+        """`on_disk`: what training.json holds (whether this run trained it is not the expert's property)."""
+        data = asdict(self)
+        if on_disk:
+            data.pop("skipped")
+        return data
+
+
+@dataclass
+class NoExpert:
+    """No expert for this operation: the memory system runs it on the bare student."""
+
+    operation: str
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"operation": self.operation, "no_expert": True, "reason": self.reason, "steps": 0}
+
+
+DistillResult = TrainingRecord | NoExpert
