@@ -103,10 +103,11 @@ def test_server_dying_mid_run_names_missing_conversations_and_rerun_fills_them(p
     assert rows(out) == rows(reference)
 
 
-@pytest.mark.timeout(300)
-def test_process_task_runner_gives_the_thread_runners_rows(prefect_server, sample_path, tmp_path):
-    """The path a Dask or Ray runner takes: each conversation's task runs in another process, gets its
-    parameters pickled and builds its own HTTP teacher client, embedder and store."""
+@pytest.mark.timeout(420)
+def test_process_and_dask_task_runners_give_the_thread_runners_rows(prefect_server, sample_path, tmp_path):
+    """The distributed path: each conversation's task runs in another process (a process pool, then the two
+    worker processes of a Dask LocalCluster), gets its parameters pickled and builds its own HTTP teacher
+    client, embedder and store."""
     import yaml
 
     from memlora.flows.traces import generate_traces
@@ -125,14 +126,18 @@ def test_process_task_runner_gives_the_thread_runners_rows(prefect_server, sampl
         raw["data"].update(max_conversations=2, max_sessions=1, max_questions=1,
                            split={"test_ratio": 0.25, "validation_ratio": 0.0, "seed": 0})
         outs = {}
-        for runner in ("thread", "process"):
-            raw["prefect"] = {"concurrency": 2, "task_runner": runner}
-            config = tmp_path / f"{runner}.yaml"
+        dask = {"cluster_kwargs": {"n_workers": 2, "threads_per_worker": 1, "processes": True,
+                                   "dashboard_address": None}}
+        for name, runner, options in (("thread", "thread", {}), ("process", "process", {}),
+                                      ("dask", "prefect_dask:DaskTaskRunner", dask)):
+            raw["prefect"] = {"concurrency": 2, "task_runner": runner, "task_runner_options": options}
+            config = tmp_path / f"{name}.yaml"
             config.write_text(yaml.safe_dump(raw))
-            outs[runner] = tmp_path / runner
-            generate_traces(config=str(config), data=str(sample_path), out=str(outs[runner]))
-    assert rows(outs["process"]) == rows(outs["thread"])
-    assert len(list((outs["process"] / "memory").glob("teacher-*.sqlite"))) == 2  # a store per task
+            outs[name] = tmp_path / name
+            generate_traces(config=str(config), data=str(sample_path), out=str(outs[name]))
+    assert rows(outs["process"]) == rows(outs["thread"]) == rows(outs["dask"])
+    for name in ("process", "dask"):
+        assert len(list((outs[name] / "memory").glob("teacher-*.sqlite"))) == 2  # a store per task
 
 
 def test_distributed_runner_needs_an_http_teacher_and_an_importable_class(tmp_path):
