@@ -6,7 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from memlora.config import load_config
+from memlora.config import Config
 from memlora.data.io import sha256_file
 from memlora.evaluation.systems import JUDGE, SYSTEMS
 from memlora.layout import calls_path, datasets_dir, judgements_path, probe_path, qa_path
@@ -29,8 +29,8 @@ def system_inputs(out: str | Path, system: str, base: str | Path | None) -> list
     return files
 
 
-def cache_key(config_path: str | Path, out: str | Path, system: str, base: str | Path | None) -> str:
-    digest = hashlib.sha256(f"{system}:{load_config(config_path).fingerprint()}".encode())
+def cache_key(config: Config, out: str | Path, system: str, base: str | Path | None) -> str:
+    digest = hashlib.sha256(f"{system}:{config.fingerprint()}".encode())
     for f in system_inputs(out, system, base):
         digest.update(f"{f.name}:{sha256_file(f) if f.is_file() else 'missing'}".encode())
     return digest.hexdigest()

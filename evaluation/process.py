@@ -11,10 +11,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from memlora.config import Config
 from memlora.data.io import write_json
 from memlora.evaluation.cache import cache_key, finished_probe
 from memlora.evaluation.systems import JUDGE, SYSTEMS, EvalError
-from memlora.layout import log_path, probe_path
+from memlora.jobs import write_job
+from memlora.layout import log_path, probe_path, system_folder
 from memlora.processes import stop_group, track, untrack
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -45,7 +47,7 @@ def wait_following(proc: subprocess.Popen, log: Path, timeout_s: float, on_line:
                 raise subprocess.TimeoutExpired(proc.args, timeout_s)
 
 
-def run_system_process(config_path: str | Path, out: str | Path, system: str, *, base: str | Path | None = None,
+def run_system_process(config: Config, out: str | Path, system: str, *, base: str | Path | None = None,
                        timeout_s: float = 7200, env: dict | None = None,
                        on_line: Callable[[str], None] = lambda line: None) -> dict:
     """Run one system (or the judge) in a fresh Python process; return the probe record it wrote.
@@ -55,14 +57,13 @@ def run_system_process(config_path: str | Path, out: str | Path, system: str, *,
     lines."""
     if system not in SYSTEMS + (JUDGE,):
         raise EvalError(f"unknown system {system!r}")
-    key = cache_key(config_path, out, system, base)
+    key = cache_key(config, out, system, base)
     kept = finished_probe(out, system, key)
     if kept is not None:
         return {**kept, "kept": True}
-    cmd = [sys.executable, "-m", "memlora.evaluation.run_system", "--system", system,
-           "--config", str(config_path), "--out", str(out)]
-    if base is not None:
-        cmd += ["--base", str(base)]
+    job = write_job(config, out, f"eval-{system_folder(system)}", system=system,
+                    base=str(Path(base).resolve()) if base is not None else None)
+    cmd = [sys.executable, "-m", "memlora.evaluation.run_system", "--job", str(job)]
     log = log_path(out, system)
     log.parent.mkdir(parents=True, exist_ok=True)
     probe_path(out, system).unlink(missing_ok=True)

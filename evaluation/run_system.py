@@ -1,6 +1,6 @@
 """One system's evaluation run, in its own process:
 
-    python -m memlora.evaluation.run_system --system student+experts --config C --out OUT [--base DIR]
+    python -m memlora.evaluation.run_system --job OUT/.jobs/eval-student-experts.json
 
 `teacher` runs end to end first (its calls are the reference requests), then replays its own requests without
 their schema (free decoding). Each student replays the teacher's requests as they were and without schema, then
@@ -18,7 +18,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from memlora.config import load_config
 from memlora.data.ingest import load_ingested
 from memlora.data.io import write_json, write_parquet
 from memlora.evaluation import probes
@@ -26,6 +25,7 @@ from memlora.evaluation.judge import JUDGEMENTS, judge_answers
 from memlora.evaluation.qa import QA, run_end_to_end, test_conversations
 from memlora.evaluation.replay import CALLS, E2E, FORCED, FORCED_FREE, as_forced, replay
 from memlora.evaluation.systems import JUDGE, SYSTEMS, EvalError, build_system
+from memlora.jobs import read_job
 from memlora.layout import calls_path, judgements_path, probe_path, qa_path, store_path
 
 
@@ -153,10 +153,8 @@ def run_model_system(system: str, config, out: Path, base: str | None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m memlora.evaluation.run_system", description=__doc__)
-    parser.add_argument("--system", required=True, choices=[*SYSTEMS, JUDGE])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--base", default=None, help="student base folder (default: from the config and OUT)")
+    parser.add_argument("--job", required=True, help="the job file the evaluation flow wrote (memlora.jobs): the "
+                        "config, OUT, the system (teacher, student, student+experts or judge) and the student base")
     args = parser.parse_args(argv)
 
     import torch  # noqa: F401  (the baseline below includes the runtime every system needs)
@@ -164,14 +162,16 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     baseline = probes.snapshot("runtime imported")
-    config = load_config(args.config)
-    out = Path(args.out)
-    if args.system == JUDGE:
+    config, job = read_job(args.job)
+    system, out = job["system"], Path(job["out"])
+    if system not in (*SYSTEMS, JUDGE):
+        raise EvalError(f"{args.job}: unknown system {system!r}")
+    if system == JUDGE:
         record = run_judge(config, out)
     else:
-        record = run_model_system(args.system, config, out, args.base)
+        record = run_model_system(system, config, out, job.get("base"))
     record.update(
-        system=args.system,
+        system=system,
         **probes.process_info(),
         baseline=baseline,
         peak_rss_mb=probes.peak_rss_mb(),
@@ -179,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         cuda_peak_mb=probes.cuda_peaks_mb(),
         wall_s=time.perf_counter() - started,
     )
-    write_json(record, probe_path(out, args.system))
-    say(f"{args.system}: peak RSS {record['peak_rss_mb']:.0f} MiB, {record['wall_s']:.1f} s (pid {record['pid']})")
+    write_json(record, probe_path(out, system))
+    say(f"{system}: peak RSS {record['peak_rss_mb']:.0f} MiB, {record['wall_s']:.1f} s (pid {record['pid']})")
     return 0
 
 

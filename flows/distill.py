@@ -10,13 +10,13 @@ from memlora.tasks.distill import build_student_task, check_traces_task, distill
 
 
 @flow(name="distill")
-def distill(config: str = "configs/default.yaml", out: str = "out") -> dict:
+def distill(config_path: str = "configs/default.yaml", out: str = "out") -> dict:
     forward_domain_logs()
-    cfg = load_config_task(config)
+    cfg = load_config_task(config_path)
     check_traces_task(out)  # every input read before the first expensive step
     base = build_student_task(cfg, out)
     # One after another: each training already uses every core (or GPU) it is given.
-    records = {op: distill_expert_task(cfg, config, out, op, base).to_dict() for op in OPERATIONS}
+    records = {op: distill_expert_task(cfg, out, op, base).to_dict() for op in OPERATIONS}
     manifest_task(out, "distill", {
         "student_base": str(base),
         "experts": {op: {k: v for k, v in r.items() if k != "loss_curve"} for op, r in records.items()},

@@ -15,13 +15,13 @@ from memlora.tasks.evaluate import artifacts_task, prepare_task, report_task, re
 
 
 @flow(name="evaluate")
-def evaluate(config: str = "configs/default.yaml", out: str = "out") -> dict:
+def evaluate(config_path: str = "configs/default.yaml", out: str = "out") -> dict:
     forward_domain_logs()
-    cfg = load_config_task(config)
+    cfg = load_config_task(config_path)
     plan = prepare_task(cfg, out)
     # One after another: the teacher's calls are the students' inputs, and a system measured alone has its
     # latency and its memory to itself. The judge labels every system's answers last.
-    probes = {system: run_system_task(config, out, system, plan.base, cfg.evaluation.timeout_s)
+    probes = {system: run_system_task(cfg, out, system, plan.base)
               for system in (*SYSTEMS, JUDGE)}
     rows = results_task(cfg, out)
     markdown, png = report_task(rows, report_meta(cfg, plan, probes), out)

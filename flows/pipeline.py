@@ -7,17 +7,21 @@ from prefect import flow, get_run_logger
 from memlora.flows.distill import distill
 from memlora.flows.evaluation import evaluate
 from memlora.flows.traces import generate_traces
+from memlora.jobs import write_resolved_config
 from memlora.tasks.common import load_config_task
 from memlora.tasks.release import publish_release_task
 
 
 @flow(name="memlora-pipeline")
-def pipeline(config: str = "configs/default.yaml", data: str = "data/samples/locomo_sample12.json",
+def pipeline(config_path: str = "configs/default.yaml", data: str = "data/samples/locomo_sample12.json",
              out: str = "out") -> dict:
     log = get_run_logger()
-    summary = {"traces": generate_traces(config=config, data=data, out=out)}
-    summary["distill"] = distill(config=config, out=out)
-    summary["evaluate"] = evaluate(config=config, out=out)
-    summary["release"] = publish_release_task(out, load_config_task(config), data)
+    cfg = load_config_task(config_path)
+    # Parsed once: every stage reads this resolved copy, so an edit to the YAML mid-run changes nothing here.
+    resolved = str(write_resolved_config(cfg, out))
+    summary = {"traces": generate_traces(config_path=resolved, data=data, out=out)}
+    summary["distill"] = distill(config_path=resolved, out=out)
+    summary["evaluate"] = evaluate(config_path=resolved, out=out)
+    summary["release"] = publish_release_task(out, cfg, data)
     log.info("pipeline finished; artifacts under %s, release %s", out, summary["release"])
     return summary

@@ -15,9 +15,9 @@ from memlora.teacher.traces import select_conversations, shared_resources, trace
 
 
 @flow(name="generate-traces", log_prints=True)
-def generate_traces(config: str = "configs/default.yaml", data: str = "", out: str = "out") -> dict:
+def generate_traces(config_path: str = "configs/default.yaml", data: str = "", out: str = "out") -> dict:
     forward_domain_logs()
-    cfg = load_config_task(config)
+    cfg = load_config_task(config_path)
     corpus = ingest_task(data, out, cfg)
     selected, todo = select_conversations(corpus, cfg, out)
     get_run_logger().info("%d train/validation conversations selected, %d already traced, %d to trace",

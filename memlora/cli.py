@@ -72,7 +72,7 @@ def cmd_traces(args) -> int:
     check_data(args)  # a bad config or data file fails before Prefect is even imported
     from memlora.flows.traces import generate_traces
 
-    summary = generate_traces(config=args.config, data=args.data, out=args.out)
+    summary = generate_traces(config_path=args.config, data=args.data, out=args.out)
     for op, s in summary.items():
         print(f"{op:<11} {s['rows']:>5} calls  {s['parse_ok']:>5} parsed  -> {Path(args.out) / 'traces' / op}")
     return 0
@@ -83,7 +83,7 @@ def cmd_distill(args) -> int:
     from memlora.flows.distill import distill
 
     load_config(args.config)
-    records = distill(config=args.config, out=args.out)
+    records = distill(config_path=args.config, out=args.out)
     for op, r in records.items():
         if r.get("no_expert"):
             print(f"{op:<11} no expert: {r['reason']}")
@@ -111,7 +111,7 @@ def cmd_evaluate(args) -> int:
 
     load_config(args.config)
     try:
-        result = evaluate(config=args.config, out=args.out)
+        result = evaluate(config_path=args.config, out=args.out)
     except EvalError as err:
         print(f"memlora evaluate: error: {err}", file=sys.stderr)
         return 2
@@ -157,7 +157,7 @@ def cmd_run(args) -> int:
     check_data(args)
     from memlora.flows.pipeline import pipeline
 
-    pipeline(config=args.config, data=args.data, out=args.out)
+    pipeline(config_path=args.config, data=args.data, out=args.out)
     out = Path(args.out)
     print(f"pipeline finished: manifest at {manifest_path(out)}, release under {releases_dir(out, '')}")
     report = report_path(out)

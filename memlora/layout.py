@@ -121,3 +121,8 @@ def releases_dir(out: str | Path, name: str) -> Path:
 
 def manifest_path(root: str | Path) -> Path:
     return Path(root) / MANIFEST
+
+
+def job_path(out: str | Path, name: str) -> Path:
+    """A job handed to another process (memlora.jobs): hidden, never in the manifest or a release."""
+    return Path(out) / ".jobs" / f"{name}.json"

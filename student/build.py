@@ -15,6 +15,7 @@ import torch
 
 from memlora.config import Config, PruneConfig
 from memlora.data.io import publishing
+from memlora.jobs import write_job
 from memlora.layout import student_dir, trace_files
 from memlora.llm.hf_backend import load_causal_lm
 from memlora.models import resolve
@@ -162,21 +163,12 @@ def build_student(config: Config, out: str | Path, on_line: Callable[[str], None
 
 
 def heal(config: Config, out: str | Path, cut: Path, target: Path, on_line: Callable[[str], None]) -> dict:
-    """Heal through the same DeepSpeed launcher as the experts; the ranks read the config from a copy of the
-    validated one, written next to the base."""
-    import yaml
-
+    """Heal through the same DeepSpeed launcher as the experts, handing the ranks a job file."""
     from memlora.student.launch import deepspeed_command, run_ranks
 
-    config_copy = target.parent / ".heal-config.yaml"
-    config_copy.write_text(yaml.safe_dump(config.model_dump(mode="json", by_alias=True), sort_keys=False))
-    try:
-        cmd, env = deepspeed_command(config, [
-            "--task", "heal", "--config", str(config_copy.resolve()), "--out", str(Path(out).resolve()),
-            "--base", str(cut.resolve()), "--target", str(target.resolve())])
-        record = run_ranks(config, cmd, env, "heal", on_line)
-    finally:
-        config_copy.unlink(missing_ok=True)
+    job = write_job(config, out, "heal", task="heal", base=str(cut.resolve()), target=str(target.resolve()))
+    cmd, env = deepspeed_command(config, ["--job", str(job)])
+    record = run_ranks(config, cmd, env, "heal", on_line)
     on_line(f"healed student base: teacher-student KL on held-out text {record['kl_before']} -> "
             f"{record['kl_after']} ({record['train_tokens']} tokens, {record['train_time_s']} s)")
     return record

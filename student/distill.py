@@ -62,7 +62,7 @@ def check_traces(out: str | Path) -> dict[str, int]:
     return usable
 
 
-def distill_operation(config: Config, config_path: str, out: str | Path, operation: str, base: Path,
+def distill_operation(config: Config, out: str | Path, operation: str, base: Path,
                       on_line: Callable[[str], None] = print) -> DistillResult:
     if not trace_files(out, operation):
         raise TrainingFailed(f"{Path(out) / 'traces' / operation}: no trace files (run `memlora traces` first)")
@@ -77,7 +77,7 @@ def distill_operation(config: Config, config_path: str, out: str | Path, operati
         on_line(f"{operation}: expert already trained on these traces with this recipe; kept")
         done.skipped = True
         return done
-    record = TrainingRecord.from_dict(run_training(config, config_path, str(out), operation, str(base),
+    record = TrainingRecord.from_dict(run_training(config, str(out), operation, str(base),
                                                    cache_key(config, out, operation), on_line))
     update_manifest(out)  # the new expert's sha256, checked before anything loads it
     return record

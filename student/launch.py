@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from memlora.config import Config
+from memlora.jobs import write_job
 from memlora.processes import track, untrack
 
 
@@ -70,21 +71,18 @@ def deepspeed_command(config: Config, entry_args: list[str]) -> tuple[list[str],
     return cmd, env
 
 
-def launcher_command(config: Config, config_path: str, out: str, operation: str, base: str,
-                     cache: dict) -> tuple[list[str], dict]:
-    return deepspeed_command(config, [
-        "--config", str(Path(config_path).resolve()), "--out", str(Path(out).resolve()), "--operation", operation,
-        "--base", base,
-        "--cache-key", cache["key"], "--traces-sha256", cache["traces_sha256"],
-        "--config-fingerprint", cache["config_fingerprint"],
-    ])
+def launcher_command(config: Config, out: str, operation: str, base: str, cache: dict) -> tuple[list[str], dict]:
+    """The ranks get one job file: the config, the base, and the cache key rank 0 writes into training.json."""
+    job = write_job(config, out, f"expert-{operation}", task="expert", operation=operation,
+                    base=str(Path(base).resolve()), cache=cache)
+    return deepspeed_command(config, ["--job", str(job)])
 
 
-def run_training(config: Config, config_path: str, out: str, operation: str, base: str, cache: dict,
+def run_training(config: Config, out: str, operation: str, base: str, cache: dict,
                  on_line: Callable[[str], None] = print) -> dict:
     """Train `operation`'s expert; `cache` (traces sha256, config fingerprint, key) is written into
     training.json by rank 0."""
-    return run_ranks(config, *launcher_command(config, config_path, out, operation, base, cache), operation, on_line)
+    return run_ranks(config, *launcher_command(config, out, operation, base, cache), operation, on_line)
 
 
 def run_ranks(config: Config, cmd: list[str], env: dict, operation: str,

@@ -1,4 +1,4 @@
-"""The script every DeepSpeed rank runs: `deepspeed ... --module memlora.student.train_entry --config ...`."""
+"""The script every DeepSpeed rank runs: `deepspeed ... --module memlora.student.train_entry --job JOB.json`."""
 
 from __future__ import annotations
 
@@ -6,32 +6,23 @@ import argparse
 import json
 import sys
 
-from memlora.config import load_config
+from memlora.jobs import read_job
 from memlora.student.records import TrainingRecord
 from memlora.student.trainer import train_expert
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--task", choices=["expert", "heal"], default="expert")
-    parser.add_argument("--operation", default="")
-    parser.add_argument("--target", default="")  # heal: the healed base's folder
-    parser.add_argument("--base", required=True)
-    parser.add_argument("--cache-key", default="")
-    parser.add_argument("--traces-sha256", default="")
-    parser.add_argument("--config-fingerprint", default="")
+    parser.add_argument("--job", required=True, help="the job file the launching process wrote (memlora.jobs)")
     parser.add_argument("--local_rank", type=int, default=-1)  # passed by some launchers; LOCAL_RANK rules
     args = parser.parse_args(argv)
-    cache = {"key": args.cache_key, "traces_sha256": args.traces_sha256, "config_fingerprint": args.config_fingerprint}
-    config = load_config(args.config)
-    if args.task == "heal":
+    config, job = read_job(args.job)
+    if job["task"] == "heal":
         from memlora.student.heal import heal_base
 
-        record = heal_base(config, args.out, args.base, args.target)
+        record = heal_base(config, job["out"], job["base"], job["target"])
     else:
-        record = train_expert(config, args.out, args.operation, args.base, cache)
+        record = train_expert(config, job["out"], job["operation"], job["base"], job["cache"])
     if isinstance(record, TrainingRecord):
         record = record.to_dict(on_disk=True)
     if record is not None:

@@ -30,9 +30,9 @@ def build_student_task(config: Config, out: str) -> Path:
 
 
 @task(name="distill-expert", cache_policy=NONE, retries=0, task_run_name="distill-{operation}")
-def distill_expert_task(config: Config, config_path: str, out: str, operation: str, base: Path) -> DistillResult:
+def distill_expert_task(config: Config, out: str, operation: str, base: Path) -> DistillResult:
     log = get_run_logger()
-    record = distill_operation(config, config_path, out, operation, base, on_line=log.info)
+    record = distill_operation(config, out, operation, base, on_line=log.info)
     if isinstance(record, NoExpert):
         log.warning("%s: no expert (%s)", operation, record.reason)
         return record

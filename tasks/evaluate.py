@@ -25,8 +25,8 @@ def prepare_task(config: Config, out: str) -> EvalPlan:
 
 
 @task(name="evaluate-system", cache_policy=NONE, retries=0, task_run_name="evaluate-{system}")
-def run_system_task(config_path: str, out: str, system: str, base: str, timeout_s: float) -> dict:
-    probe = run_system_process(config_path, out, system, base=base, timeout_s=timeout_s,
+def run_system_task(config: Config, out: str, system: str, base: str) -> dict:
+    probe = run_system_process(config, out, system, base=base, timeout_s=config.evaluation.timeout_s,
                                on_line=get_run_logger().info)
     if probe.get("kept"):
         get_run_logger().info("%s: evaluated before with the same config and inputs; kept", system)

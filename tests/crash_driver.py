@@ -34,7 +34,7 @@ def distill(config_path: str, out: str, base: str, trigger: str = "") -> None:
             if op == operation and text in line:
                 crash()
 
-        record = distill_operation(config, config_path, out, op, Path(base), on_line)
+        record = distill_operation(config, out, op, Path(base), on_line)
         print(f"DONE {op} skipped={bool(getattr(record, 'skipped', False))}", flush=True)
 
 

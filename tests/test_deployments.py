@@ -113,7 +113,7 @@ def test_deployment_run_of_the_pipeline_then_verify(prefect_server, tiny_model_d
     worker = start(["worker", "start", "--pool", "memlora-pool"], env, tmp_path / "worker.log")
     try:
         run = prefect(
-            ["deployment", "run", "memlora-pipeline/embedded-default", "--param", f"config={config}",
+            ["deployment", "run", "memlora-pipeline/embedded-default", "--param", f"config_path={config}",
              "--param", f"data={sample_path}", "--param", f"out={out}", "--watch", "--watch-timeout", "1300"],
             env, timeout_s=1400,
         )

@@ -18,7 +18,7 @@ from tests.student_fixtures import distill_config, perturb, write_traces
 
 
 def fake_run_training(calls: list):
-    def run(config, config_path, out, operation, base, cache, on_line):
+    def run(config, out, operation, base, cache, on_line):
         from memlora.layout import adapter_dir
         from memlora.llm.hf_backend import load_causal_lm
         from memlora.student.experts import attach_expert
@@ -66,7 +66,7 @@ def test_distill_flow_trains_each_operation_once_and_records_it(prefect_server, 
     calls: list[str] = []
     monkeypatch.setattr(distill_module, "run_training", fake_run_training(calls))
 
-    state = distill(config=str(config), out=str(out), return_state=True)
+    state = distill(config_path=str(config), out=str(out), return_state=True)
     records = state.result()
     assert calls == list(OPERATIONS)  # one after another, in order
     assert set(records) == set(OPERATIONS) and not any(r.get("skipped") for r in records.values())
@@ -85,7 +85,7 @@ def test_distill_flow_trains_each_operation_once_and_records_it(prefect_server, 
         assert time.monotonic() < deadline, f"missing from the flow's logs: {expected - set(messages)}"
         time.sleep(1)  # Prefect ships logs in batches, in the background
 
-    again = distill(config=str(config), out=str(out))
+    again = distill(config_path=str(config), out=str(out))
     assert calls == list(OPERATIONS) and all(r["skipped"] for r in again.values())
 
     # Export to plain LoRA from the command line.
@@ -104,4 +104,4 @@ def test_distill_without_traces_says_what_to_run(tiny_model_dir, tmp_path):
     _, config = distill_config(tmp_path / "c.yaml", str(tiny_model_dir),
                                student={"prune": {"from": "teacher", "keep_layers": [0, 2]}})
     with pytest.raises(TrainingFailed, match="memlora traces"):
-        distill_operation(config, "c.yaml", tmp_path / "out", "update", tmp_path / "base")
+        distill_operation(config, tmp_path / "out", "update", tmp_path / "base")

@@ -62,7 +62,7 @@ def check_adapter(folder: Path) -> dict:
 def test_two_cpu_ranks_zero2_lower_the_loss_and_write_a_loadable_adapter(tiny_model_dir, tmp_path, monkeypatch):
     out, path, config, base = setup(tmp_path, tiny_model_dir)
     lines: list[str] = []
-    record = distill_operation(config, str(path), out, "extraction", base, on_line=lines.append)
+    record = distill_operation(config, out, "extraction", base, on_line=lines.append)
 
     saved = check_adapter(out / "adapters" / "extraction")
     assert record.to_dict(on_disk=True) == saved
@@ -84,7 +84,7 @@ def test_two_cpu_ranks_zero2_lower_the_loss_and_write_a_loadable_adapter(tiny_mo
     import memlora.student.distill as distill
 
     monkeypatch.setattr(distill, "run_training", lambda *a, **k: pytest.fail("trained a finished expert again"))
-    again = distill_operation(config, str(path), out, "extraction", base, on_line=lines.append)
+    again = distill_operation(config, out, "extraction", base, on_line=lines.append)
     assert again.skipped and again.cache_key == record.cache_key
     _, changed = distill_config(tmp_path / "c2.yaml", str(tiny_model_dir), student=PRUNE, max_steps=9,
                                 batch_size=2, learning_rate=0.01, num_ranks=2)
@@ -97,7 +97,7 @@ def test_two_cpu_ranks_zero2_lower_the_loss_and_write_a_loadable_adapter(tiny_mo
 @pytest.mark.timeout(240)
 def test_zero3_adapter_reloads_with_the_same_outputs(tiny_model_dir, tmp_path):
     out, path, config, base = setup(tmp_path, tiny_model_dir, operations=("update",), zero_stage=3, max_steps=4)
-    record = distill_operation(config, str(path), out, "update", base, on_line=lambda line: None)
+    record = distill_operation(config, out, "update", base, on_line=lambda line: None)
     saved = check_adapter(out / "adapters" / "update")
     assert (saved["world_size"], saved["deepspeed_stage"]) == (2, 3)
     loss, model = reloaded_loss(config, out, base, "update")
@@ -113,21 +113,21 @@ def test_a_failed_rank_raises_with_its_error_and_a_timeout_kills_the_launch(tiny
     out, path, config, base = setup(tmp_path, tiny_model_dir, num_ranks=1)
     write_traces(out, AutoTokenizer.from_pretrained(tiny_model_dir), operations=("generation",), n=3, bad=3)
     # Only unparsable rows: no expert, said so, nothing written.
-    record = distill_operation(config, str(path), out, "generation", base, on_line=lambda line: None)
+    record = distill_operation(config, out, "generation", base, on_line=lambda line: None)
     assert isinstance(record, NoExpert) and "no parse_ok" in record.reason
     assert not (out / "adapters" / "generation").exists()
 
     # Rows too long for distill.max_length: the rank itself fails, and its error comes back.
     path, short = distill_config(tmp_path / "s.yaml", str(tiny_model_dir), student=PRUNE, num_ranks=1, max_length=8)
     with pytest.raises(TrainingFailed) as failed:
-        distill_operation(short, str(path), out, "extraction", base, on_line=lambda line: None)
+        distill_operation(short, out, "extraction", base, on_line=lambda line: None)
     message = str(failed.value)
     assert "exit code" in message and "no usable trace rows" in message and "too_long" in message
     assert not (out / "adapters" / "extraction").exists()
 
     path, quick = distill_config(tmp_path / "t.yaml", str(tiny_model_dir), student=PRUNE, num_ranks=1, timeout_s=2)
     with pytest.raises(TrainingFailed, match="timeout_s=2"):
-        distill_operation(quick, str(path), out, "extraction", base, on_line=lambda line: None)
+        distill_operation(quick, out, "extraction", base, on_line=lambda line: None)
     assert not (out / "adapters" / "extraction").exists()
 
 
@@ -138,16 +138,22 @@ def test_launcher_command_on_a_cpu_machine(tiny_model_dir, tmp_path, monkeypatch
     monkeypatch.setattr("memlora.student.launch.gpu_count", lambda: 0)
     _, config = distill_config(tmp_path / "c.yaml", str(tiny_model_dir), student=PRUNE, num_ranks=3)
     cache = {"key": "k", "traces_sha256": "t", "config_fingerprint": "f"}
-    cmd, env = launcher_command(config, "c.yaml", "out", "update", "base", cache)
+    cmd, env = launcher_command(config, str(tmp_path / "out"), "update", "base", cache)
     assert Path(cmd[0]).name == "deepspeed" and cmd[cmd.index("--num_gpus") + 1] == "3"
     assert env["DS_ACCELERATOR"] == "cpu" and int(cmd[cmd.index("--master_port") + 1]) > 0
     assert cmd[cmd.index("--module") + 1] == "memlora.student.train_entry"
+    # The ranks read one job file: the config as this process parsed it, the base and the cache key.
+    from memlora.jobs import read_job
+
+    job_config, job = read_job(cmd[cmd.index("--job") + 1])
+    assert job_config.fingerprint() == config.fingerprint() and job["cache"] == cache
+    assert (job["task"], job["operation"], job["base"]) == ("expert", "update", str(Path("base").resolve()))
     monkeypatch.setattr("memlora.student.launch.gpu_count", lambda: 4)
     monkeypatch.delenv("DS_ACCELERATOR", raising=False)
-    cmd, env = launcher_command(config, "c.yaml", "out", "update", "base", cache)
+    cmd, env = launcher_command(config, str(tmp_path / "out"), "update", "base", cache)
     assert cmd[cmd.index("--num_gpus") + 1] == "4" and "DS_ACCELERATOR" not in env  # all visible GPUs
     _, two = distill_config(tmp_path / "d.yaml", str(tiny_model_dir), student=PRUNE, num_gpus=2)
-    cmd, _ = launcher_command(two, "c.yaml", "out", "update", "base", cache)
+    cmd, _ = launcher_command(two, str(tmp_path / "out"), "update", "base", cache)
     assert cmd[cmd.index("--num_gpus") + 1] == "2"
 
 

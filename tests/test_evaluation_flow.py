@@ -150,7 +150,7 @@ def test_evaluate_flow_on_tiny_models(prefect_server, tiny_teacher, tiny_model_d
     test = [c for c in corpus if c.split == "test"][0]
     questions = test.questions[:3]
     write_experts(out, tiny_model_dir)
-    result = evaluate(config=str(config), out=str(out))
+    result = evaluate(config_path=str(config), out=str(out))
 
     # results.parquet: every (system, operation, metric) row, once
     table = pq.read_table(out / "eval" / "results.parquet")

@@ -91,15 +91,15 @@ def test_server_dying_mid_run_names_missing_conversations_and_rerun_fills_them(p
         config.write_text(yaml.safe_dump(raw))
 
         reference = tmp_path / "reference"
-        generate_traces(config=str(config), data=str(sample_path), out=str(reference))
+        generate_traces(config_path=str(config), data=str(sample_path), out=str(reference))
         total = stub.served
         stub.served, stub.fail_after = 0, total // 2 + 1  # dies during the second conversation
         out = tmp_path / "out"
         with pytest.raises(TracesIncomplete, match=r"no traces for 1 conversation\(s\): sample-\w+") as err:
-            generate_traces(config=str(config), data=str(sample_path), out=str(out))
+            generate_traces(config_path=str(config), data=str(sample_path), out=str(out))
         assert "rerun" in str(err.value)
         stub.fail_after = None
-        generate_traces(config=str(config), data=str(sample_path), out=str(out))
+        generate_traces(config_path=str(config), data=str(sample_path), out=str(out))
     assert rows(out) == rows(reference)
 
 
@@ -134,7 +134,7 @@ def test_process_and_dask_task_runners_give_the_thread_runners_rows(prefect_serv
             config = tmp_path / f"{name}.yaml"
             config.write_text(yaml.safe_dump(raw))
             outs[name] = tmp_path / name
-            generate_traces(config=str(config), data=str(sample_path), out=str(outs[name]))
+            generate_traces(config_path=str(config), data=str(sample_path), out=str(outs[name]))
     assert rows(outs["process"]) == rows(outs["thread"]) == rows(outs["dask"])
     for name in ("process", "dask"):
         assert len(list((outs[name] / "memory").glob("teacher-*.sqlite"))) == 2  # a store per task

@@ -43,7 +43,7 @@ def test_failed_task_then_rerun_skips_finished_work(prefect_server, tiny_model_d
 
     monkeypatch.setattr(distill_module, "run_training", fail_second)
     with pytest.raises(Exception, match="deliberate failure"):
-        pipeline(config=config, data=str(sample_path), out=str(out))
+        pipeline(config_path=config, data=str(sample_path), out=str(out))
     first_expert = trained[0]
     assert trained == [first_expert, "failed"]
     assert not (out / "eval").exists() and not (out / "releases").exists()  # nothing after the failed task ran
@@ -54,7 +54,7 @@ def test_failed_task_then_rerun_skips_finished_work(prefect_server, tiny_model_d
     real_build = traces_flow.build_backend
     monkeypatch.setattr(traces_flow, "build_backend", lambda cfg: teachers_built.append(cfg) or real_build(cfg))
     monkeypatch.setattr(distill_module, "run_training", fake)
-    summary = pipeline(config=config, data=str(sample_path), out=str(out))
+    summary = pipeline(config_path=config, data=str(sample_path), out=str(out))
 
     assert teachers_built == []  # every conversation's shards were complete: nothing traced again
     assert summary["distill"][first_expert].get("skipped") is True

@@ -181,7 +181,7 @@ def test_early_stopping_keeps_the_best_epoch(tiny_model_dir, tmp_path):
                                   max_steps=None, max_epochs=6, patience=2, batch_size=3, learning_rate=0.02,
                                   num_ranks=1, timeout_s=240)
     base = build_student(config, out)
-    record = distill_operation(config, str(path), out, "extraction", base, on_line=lambda line: None)
+    record = distill_operation(config, out, "extraction", base, on_line=lambda line: None)
     losses = [e["validation_loss"] for e in record.epochs]
     assert record.validation_rows == 6 and record.rows_used == 6 and all(v is not None for v in losses)
     best = min(range(len(losses)), key=losses.__getitem__) + 1

@@ -53,7 +53,7 @@ def test_flow_with_real_bundled_teacher(prefect_server, sample_path, tmp_path):
 
     config = write_config(tmp_path / "c.yaml", TEACHER_REF, max_conversations=1, max_sessions=1, max_questions=2)
     out = tmp_path / "out"
-    summary = generate_traces(config=str(config), data=str(sample_path), out=str(out))
+    summary = generate_traces(config_path=str(config), data=str(sample_path), out=str(out))
     manifest = json.loads((out / "manifest.json").read_text())
     traced = manifest["traces"]["conversations"]
     assert len(traced) == 1
