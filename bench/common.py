@@ -10,6 +10,9 @@ import statistics
 import time
 from pathlib import Path
 
+from memlora.models import go_offline
+
+go_offline()  # every bench imports this module before any model library
 RESULTS = Path(os.environ.get("MEMLORA_BENCH_RESULTS", Path(__file__).parent / "results"))
 
 

@@ -8,11 +8,9 @@ repeats; writes bench/results/decode_eviction.json.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import CONFIG, QUICK_TOKENS, bench_parser, fmt, ratio_spread, save, spread, table, timed, trace_requests  # noqa: E402,I001

@@ -7,13 +7,11 @@ all three experts add to the bare student. Writes bench/results/expert_switching
 from __future__ import annotations
 
 import gc
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import bench_parser, save, spread, student_with_experts, table  # noqa: E402

@@ -7,12 +7,10 @@ counted. Writes bench/results/mixed_batch.json.
 
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import QUICK_TOKENS, bench_parser, fmt, ratio_spread, save, spread, student_with_experts, table, timed, trace_requests  # noqa: E402

@@ -18,7 +18,6 @@ held-out validation text before and after.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -26,7 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import yaml  # noqa: E402

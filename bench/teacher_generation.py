@@ -6,11 +6,9 @@ one run. Prints ratios with min/median/max over repeats; writes bench/results/te
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import bench_parser, save, spread, table, timed  # noqa: E402

@@ -17,10 +17,9 @@ from memlora.evaluation.cache import cache_key, finished_probe
 from memlora.evaluation.systems import JUDGE, SYSTEMS, EvalError
 from memlora.jobs import write_job
 from memlora.layout import log_path, probe_path, system_folder
+from memlora.models import OFFLINE_ENV
 from memlora.processes import stop_group, track, untrack
 
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false"}
 
 PROGRESS = re.compile(r"^\[\d\d:\d\d:\d\d\] ")  # run_system.say's lines; the rest is library noise
 

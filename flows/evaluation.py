@@ -11,7 +11,7 @@ from memlora.evaluation.results import independent_judge
 from memlora.evaluation.systems import JUDGE, SYSTEMS
 from memlora.layout import results_path
 from memlora.tasks.common import forward_domain_logs, load_config_task, manifest_task
-from memlora.tasks.evaluate import artifacts_task, prepare_task, report_task, results_task, run_system_task
+from memlora.tasks.evaluation import artifacts_task, prepare_task, report_task, results_task, run_system_task
 
 
 @flow(name="evaluate")

@@ -8,16 +8,10 @@ import sys
 from pathlib import Path
 
 from memlora.layout import manifest_path, releases_dir, report_path, results_path
+from memlora.models import go_offline
 
-# Offline by default: a bundled model must never wait on a hub that cannot be reached.
-for _key, _value in {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "TOKENIZERS_PARALLELISM": "false",
-}.items():
-    os.environ.setdefault(_key, _value)
+go_offline()
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 DEFAULT_CONFIG = "configs/default.yaml"
 

@@ -8,8 +8,19 @@ packages import things their `--no-deps` install does not bring.
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
+
+# Offline by default: a bundled model must never wait on a hub that cannot be reached. Every entry point
+# (the CLI, `make serve`'s worker, the evaluation processes, the benches) sets these, unless the user did.
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false"}
+
+
+def go_offline() -> None:
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
 
 
 class ModelRefError(ValueError):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 
+from memlora.models import OFFLINE_ENV
 from memlora.processes import stop_group
 
 REPO = Path.cwd()  # the checkout holding prefect.yaml: `make serve` and the tests run from its root
@@ -20,8 +21,8 @@ BIN = Path(sys.executable).parent
 
 
 def prefect_env(api_url: str, **extra: str) -> dict:
-    env = dict(os.environ, PREFECT_API_URL=api_url, PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PWD=str(REPO))
+    env = dict(os.environ, **OFFLINE_ENV, PREFECT_API_URL=api_url, PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PWD=str(REPO))
     env.update(extra)
     return env
 
