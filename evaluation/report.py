@@ -222,6 +222,17 @@ def training_markdown(records: dict[str, dict]) -> list[str]:
         lines.append(f"| {op} | {len(epochs)} | {r.get('best_epoch', '–')} | {fmt('train_loss')} | "
                      f"{fmt('validation_loss')} | {r.get('stopped_early', '–')} | {r.get('prompt_tokens_mean', '–')} "
                      f"({r.get('prompt', 'teacher')}) | {r.get('targets') or '–'} |")
+    lines += ["", "Weight deviation: ||W_adapted - W||_F over every adapted layer, relative to ||W||_F "
+              "(`student/deviation.py`): per epoch, then the saved adapter's, and its largest single layer. ETHER "
+              "bounds it by construction, DeLoRA by lambda and the weight's column norms; LoRA does not bound it.", "",
+              "| expert | method | relative, per epoch | saved: absolute | saved: relative | largest layer, relative |",
+              "|---|---|---|---|---|---|"]
+    for op, r in records.items():
+        saved = r.get("weight_deviation") or {}
+        per_epoch = ", ".join(f"{e['weight_deviation']['total_relative']:.4f}" for e in r.get("epochs") or []
+                              if (e.get("weight_deviation") or {}).get("total_relative") is not None) or "–"
+        lines.append(f"| {op} | {r.get('method', '–')} | {per_epoch} | {saved.get('total', '–')} | "
+                     f"{saved.get('total_relative', '–')} | {saved.get('max_relative', '–')} |")
     return lines
 
 

@@ -16,9 +16,9 @@ def distill(config_path: str = "configs/default.yaml", out: str = "out") -> dict
     check_traces_task(out)  # every input read before the first expensive step
     base = build_student_task(cfg, out)
     # One after another: each training already uses every core (or GPU) it is given.
-    records = {op: distill_expert_task(cfg, out, op, base).to_dict() for op in OPERATIONS}
+    results = {op: distill_expert_task(cfg, out, op, base) for op in OPERATIONS}
     manifest_task(out, "distill", {
         "student_base": str(base),
-        "experts": {op: {k: v for k, v in r.items() if k != "loss_curve"} for op, r in records.items()},
+        "experts": {op: r.summary() for op, r in results.items()},
     })
-    return records
+    return {op: r.to_dict() for op, r in results.items()}

@@ -23,11 +23,12 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from memlora.manifest import UntrustedArtifact
     from memlora.models import ModelRefError
     from memlora.release import VerifyError
+    from memlora.student.export import ExportRefused
     from memlora.student.launch import TrainingFailed
     from memlora.teacher.traces import TracesIncomplete
 
     return (UsageError, ConfigError, DataError, ModelRefError, TracesIncomplete, TrainingFailed, TeacherUnavailable,
-            SchemaRejected, UntrustedArtifact, VerifyError)
+            SchemaRejected, UntrustedArtifact, VerifyError, ExportRefused)
 
 
 class UsageError(ValueError):

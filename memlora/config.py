@@ -161,8 +161,17 @@ class HealConfig(_Strict):
     seed: int = 0
 
 
+# Each expert method's learning rate where `distill.learning_rate` is not given. delora: chosen on this project's
+# validation split (README, "Distillation recipe"), inside the 1e-3..1e-2 that peft's DeLoRA docs recommend.
+# lora: a tenth of that, as peft's DeLoRA docs put DeLoRA at 10-100x a LoRA's rate. ether: DeLoRA's, since the
+# ETHER paper reports its reflections robust to the learning rate and, like DeLoRA, bounded.
+DEFAULT_LEARNING_RATES = {"delora": 2e-3, "lora": 2e-4, "ether": 2e-3}
+
+
 class ExpertConfig(_Strict):
-    method: Literal["delora", "lora"] = "delora"
+    # delora: peft's DeloraConfig; lora: LoraConfig; ether: one Householder reflection per adapted weight (peft's
+    # HRAConfig with r=1, what ETHER is; `r` does not apply to it).
+    method: Literal["delora", "lora", "ether"] = "delora"
     r: int = Field(8, gt=0)
     delora_lambda: float = Field(15.0, gt=0)
     lora_alpha: float = Field(16.0, gt=0)
@@ -205,7 +214,7 @@ class TargetsConfig(_Strict):
 
 
 class DistillConfig(_Strict):
-    learning_rate: float = Field(5e-3, gt=0)
+    learning_rate: float | None = Field(None, gt=0)  # None: the expert method's (DEFAULT_LEARNING_RATES)
     max_steps: int | None = Field(None, gt=0)  # a cap on optimizer steps over all epochs (None: epochs decide)
     max_epochs: int = Field(8, gt=0)
     patience: int = Field(2, ge=0)  # epochs without a better validation loss before stopping (0: never stop)
@@ -262,6 +271,16 @@ class Config(_Strict):
             raise ValueError(
                 "prefect.task_runner: outside the flow's process a conversation cannot use the flow's in-memory "
                 "teacher; with a process, Dask or Ray runner set teacher.backend: openai (e.g. a vLLM server)")
+        return self
+
+    @model_validator(mode="after")
+    def _method_learning_rate(self) -> "Config":
+        """An unset learning rate becomes the expert method's, so the resolved config (and its fingerprint, and
+        every training record) says which rate trained the experts."""
+        if self.distill.learning_rate is None:
+            method = self.student.expert.method if self.student else "delora"
+            object.__setattr__(self, "distill",
+                               self.distill.model_copy(update={"learning_rate": DEFAULT_LEARNING_RATES[method]}))
         return self
 
     def fingerprint(self) -> str:

@@ -1,5 +1,5 @@
-"""Experts: one peft adapter per memory operation (DeLoRA by default, LoRA for comparison), and inference
-with all of them on one base model, switched per operation by repointing the adapted layers."""
+"""Experts: one peft adapter per memory operation (DeLoRA by default; LoRA and ETHER for comparison), and
+inference with all of them on one base model, switched per operation by repointing the adapted layers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from peft import DeloraConfig, LoraConfig, PeftModel, get_peft_model
+from peft import DeloraConfig, HRAConfig, LoraConfig, PeftModel, get_peft_model
 
 from memlora.config import OPERATIONS, ExpertConfig
 from memlora.layout import adapter_dir
@@ -21,6 +21,10 @@ def adapter_config(expert: ExpertConfig):
             r=expert.r, delora_lambda=expert.delora_lambda, target_modules=list(expert.target_modules),
             module_dropout=expert.module_dropout, task_type="CAUSAL_LM",
         )
+    if expert.method == "ether":
+        # ETHER is one Householder reflection per weight: W (I - 2 u u^T / |u|^2). peft's HRA with r=1 is exactly
+        # that (it warns that an odd r cannot start as the identity: a reflection never is).
+        return HRAConfig(r=1, apply_GS=False, target_modules=list(expert.target_modules), task_type="CAUSAL_LM")
     return LoraConfig(
         r=expert.r, lora_alpha=expert.lora_alpha, target_modules=list(expert.target_modules),
         lora_dropout=expert.module_dropout, task_type="CAUSAL_LM",

@@ -66,12 +66,39 @@ def delora_as_lora(peft_model, adapter: str) -> tuple[list[str], dict[str, torch
     return sorted(targets), state, rank
 
 
+@torch.no_grad()
+def ether_as_lora(peft_model, adapter: str) -> tuple[list[str], dict[str, torch.Tensor], int]:
+    """ETHER turns W into W (I - 2 u u^T) with u of unit length, so it adds -2 (W u) u^T: a rank-1 product. A rank-1
+    LoRA with A = u^T, B = -2 W u and scaling 1 is the same update, exactly (for this base's W)."""
+    from peft.tuners.hra.layer import HRALayer
+
+    targets, state = set(), {}
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, HRALayer) or adapter not in module.hra_u:
+            continue
+        if module.hra_r[adapter] != 1:
+            raise ExportRefused(f"{adapter}: an HRA adapter with r={module.hra_r[adapter]} is not ETHER (r=1); "
+                                "it has no closed form here")
+        u = module.hra_u[adapter].float()[:, 0]
+        u = u / u.norm()
+        weight = module.get_base_layer().weight.float()
+        state[f"{name}.lora_A.weight"] = u.unsqueeze(0).contiguous()
+        state[f"{name}.lora_B.weight"] = (-2.0 * (weight @ u)).unsqueeze(1).contiguous()
+        targets.add(name.rsplit(".", 1)[-1])
+    return sorted(targets), state, 1
+
+
+class ExportRefused(ValueError):
+    """An expert that cannot be written as a LoRA adapter; the message names it and its method."""
+
+
 def export_lora(out: str | Path, base: str | Path | None = None, rank: int | None = None,
                 on_line: Callable[[str], None] = lambda line: None) -> dict[str, Path]:
     """Write OUT/export/lora/<op>/ for every trained expert, each a standard LoRA adapter folder.
 
-    A DeLoRA expert at its own rank is converted exactly, in closed form (delora_as_lora); a smaller `rank`, or
-    another adapter type, goes through peft's SVD conversion, which keeps the top singular directions."""
+    A DeLoRA expert at its own rank and an ETHER expert are converted exactly, in closed form (delora_as_lora,
+    ether_as_lora); a smaller `rank`, or another adapter type, goes through peft's SVD conversion, which keeps the
+    top singular directions, and a type peft cannot convert is refused (ExportRefused, naming it)."""
     experts = verified_expert_folders(out)
     if not experts:
         return {}
@@ -93,10 +120,18 @@ def export_lora(out: str | Path, base: str | Path | None = None, rank: int | Non
         if settings["peft_type"] == "DELORA" and (rank is None or rank >= settings["r"]):
             targets, state, r = delora_as_lora(peft_model, adapter_name(op))
             lora_config = LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=targets)
+        elif settings["peft_type"] == "HRA":
+            targets, state, r = ether_as_lora(peft_model, adapter_name(op))
+            lora_config = LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=targets)
         else:
             from peft.tuners.lora.conversion import convert_to_lora
 
-            lora_config, state = convert_to_lora(peft_model, rank or settings["r"], adapter_name=adapter_name(op))
+            try:
+                lora_config, state = convert_to_lora(peft_model, rank or settings["r"],
+                                                     adapter_name=adapter_name(op))
+            except TypeError as err:  # a method peft cannot convert
+                raise ExportRefused(f"{folder}: a {settings['peft_type']} expert cannot be written as LoRA ({err})") \
+                    from None
         lora_config.base_model_name_or_path = portable_base(base, out)
         lora_config.task_type = "CAUSAL_LM"
         target = export_dir(out, "lora", op)

@@ -17,7 +17,9 @@ class TrainingRecord:
     loss_after: float
     loss_curve: list[float] = field(default_factory=list)   # per logged step
     grad_norms: list[float] = field(default_factory=list)
-    epochs: list[dict] = field(default_factory=list)        # {epoch, step, train_loss, validation_loss}
+    epochs: list[dict] = field(default_factory=list)  # {epoch, step, train_loss, validation_loss, weight_deviation}
+    # ||W_adapted - W||_F of the saved adapter (student.deviation): total, total_relative, max_relative, layers
+    weight_deviation: dict = field(default_factory=dict)
     best_epoch: int | None = None          # the epoch whose adapter was kept (lowest validation loss)
     best_restored: bool = False            # a later epoch was worse, so the best one was put back
     stopped_early: bool = False            # `distill.patience` epochs without a better validation loss
@@ -71,6 +73,18 @@ class TrainingRecord:
             data.pop("skipped")
         return data
 
+    def summary(self) -> dict:
+        """For the manifest: all but the per-step loss curve and the per-layer deviations (training.json has them)."""
+        def totals(deviation: dict) -> dict:
+            return {k: v for k, v in deviation.items() if k != "layers"}
+
+        data = self.to_dict()
+        data.pop("loss_curve")
+        data["weight_deviation"] = totals(data["weight_deviation"])
+        data["epochs"] = [{**e, "weight_deviation": totals(e["weight_deviation"])} if "weight_deviation" in e else e
+                          for e in data["epochs"]]
+        return data
+
 
 @dataclass
 class NoExpert:
@@ -81,6 +95,8 @@ class NoExpert:
 
     def to_dict(self) -> dict:
         return {"operation": self.operation, "no_expert": True, "reason": self.reason, "steps": 0}
+
+    summary = to_dict
 
 
 DistillResult = TrainingRecord | NoExpert

@@ -22,6 +22,7 @@ from memlora.data.io import swap_in
 from memlora.layout import adapter_dir, adapter_work_dir, trace_files
 from memlora.llm.hf_backend import load_causal_lm
 from memlora.student.build import shares_teacher_tokenizer
+from memlora.student.deviation import weight_deviation
 from memlora.student.examples import (
     IGNORE, Example, ExampleSet, build_examples, conversation_splits, load_traces, oversample_minority, split_rows,
 )
@@ -203,7 +204,8 @@ class BestEpoch(TrainerCallback):
         epoch = len(self.epochs) + 1
         self.epochs.append({"epoch": epoch, "step": state.global_step,
                             "train_loss": round(train_loss, 5) if train_loss is not None else None,
-                            "validation_loss": round(val, 5) if val is not None else None})
+                            "validation_loss": round(val, 5) if val is not None else None,
+                            "weight_deviation": self.deviation()})
         if val is None or val < self.best_loss:
             self.best_loss = val if val is not None else math.inf
             self.best_epoch, self.bad_epochs = epoch, 0
@@ -216,6 +218,12 @@ class BestEpoch(TrainerCallback):
                 self.stopped_early = True
                 control.should_training_stop = True
         return control
+
+    def deviation(self) -> dict:
+        """||W_adapted - W||_F of every adapted layer now (student.deviation), gathered first under ZeRO-3."""
+        model = self.trainer_ref().model
+        with self._gathered(list(model.parameters())):
+            return weight_deviation(model, "default")
 
     def restore_best(self) -> bool:
         """Put the best epoch's weights back; True if that changed anything (the last epoch was not it)."""
@@ -307,6 +315,7 @@ def train_expert(config: Config, out: str | Path, operation: str, base: str | Pa
     trainer.add_callback(best)
     train_metrics = trainer.train().metrics
     restored = best.restore_best()
+    deviation = best.deviation()  # of the adapter as saved: the best epoch's
     loss_after = mean_loss(trainer.model_wrapped, probe, collator, cfg, trainer.args.device)
     tokens = torch.tensor([trainer.tokens_seen], dtype=torch.long)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -337,6 +346,7 @@ def train_expert(config: Config, out: str | Path, operation: str, base: str | Pa
         "loss_before": round(loss_before, 5),
         "loss_after": round(loss_after, 5),
         "epochs": best.epochs,
+        "weight_deviation": deviation,
         "best_epoch": best.best_epoch,
         "best_restored": restored,
         "stopped_early": best.stopped_early,
