@@ -3,6 +3,7 @@ inference with all of them on one base model, switched per operation by repointi
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -75,6 +76,11 @@ class ExpertBackend(TransformersBackend):
 
     def __init__(self, base: str | Path, adapters: dict[str, Path] | None, *, batch_size: int = 8,
                  device: str = "auto", dtype: str = "auto", prefix_cache: bool = True, prompt: str = "teacher"):
+        methods = {op: json.loads((Path(folder) / "adapter_config.json").read_text())["peft_type"]
+                   for op, folder in (adapters or {}).items()}
+        if len(set(methods.values())) > 1:  # peft keeps one adapter type per model
+            raise ValueError("experts of different methods cannot share one base (peft loads one adapter type per "
+                             f"model): {', '.join(f'{op} {m}' for op, m in sorted(methods.items()))}")
         model, tokenizer, model_id = load_causal_lm(str(base), dtype=dtype, device=device)
         self.prompt = prompt  # "minimal": an operation with an expert reads the student template
         self.operations: list[str] = [op for op in OPERATIONS if op in (adapters or {})]

@@ -11,10 +11,10 @@ from pathlib import Path
 @dataclass
 class TrainingRecord:
     operation: str
-    method: str                            # student.expert.method (delora | lora)
-    steps: int
-    loss_before: float                     # distillation loss on a fixed train probe, before and after
-    loss_after: float
+    method: str = "delora"                 # student.expert.method (delora | lora | ether)
+    steps: int = 0
+    loss_before: float | None = None       # distillation loss on a fixed train probe, before and after
+    loss_after: float | None = None
     loss_curve: list[float] = field(default_factory=list)   # per logged step
     grad_norms: list[float] = field(default_factory=list)
     epochs: list[dict] = field(default_factory=list)  # {epoch, step, train_loss, validation_loss, weight_deviation}

@@ -68,12 +68,12 @@ def test_distil_an_expert_on_the_real_bundled_models(teacher_backend, tmp_path):
     scores = marker["angular_distance_by_start"]
     assert len(scores) == 26 and scores[dropped[0]] == min(scores)
     lines: list[str] = []
-    record = distill_operation(config, str(path), out, "extraction", base, on_line=lines.append)
-    assert record["steps"] == 3 and record["rows_used"] == used and record["rows_with_teacher_logprobs"] == used
-    assert record["world_size"] == 1 and record["trainable_parameters"] == 2116790  # r=8 on 7 projections x 26 layers
+    record = distill_operation(config, out, "extraction", base, on_line=lines.append)
+    assert record.steps == 3 and record.rows_used == used and record.rows_with_teacher_logprobs == used
+    assert record.world_size == 1 and record.trainable_parameters == 2116790  # r=8 on 7 projections x 26 layers
     # Three DeLoRA steps need not lower the loss (its first step jumps to the full lambda-bounded update, see
     # the report); the tiny-model launcher tests check that training lowers it. Here: finite, and it trained.
-    assert all(0 < loss < float("inf") for loss in record["loss_curve"] + [record["loss_after"]])
+    assert all(0 < loss < float("inf") for loss in record.loss_curve + [record.loss_after])
     assert any("'loss'" in line for line in lines)
 
     backend = ExpertBackend.from_out(base, out, device="cpu", batch_size=3)

@@ -246,13 +246,15 @@ def test_evaluate_flow_on_tiny_models(prefect_server, tiny_teacher, tiny_model_d
     from memlora.evaluation.cache import cache_key
     from memlora.evaluation.process import run_system_process
 
-    base = result["student_base"]
+    from memlora.config import load_config
+
+    base, cfg = result["student_base"], load_config(config)
     for system in [*SYSTEMS, "judge"]:
-        again = run_system_process(str(config), out, system, base=base)
+        again = run_system_process(cfg, out, system, base=base)
         assert again["kept"] is True and again["pid"] == probes[system]["pid"]
     # ... and its key follows what the system reads: a changed expert changes only student+experts' key.
-    keys = {s: cache_key(str(config), out, s, base) for s in SYSTEMS}
+    keys = {s: cache_key(cfg, out, s, base) for s in SYSTEMS}
     weights = out / "adapters" / "update" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes() + b"\0")
-    changed = {s: cache_key(str(config), out, s, base) != keys[s] for s in SYSTEMS}
+    changed = {s: cache_key(cfg, out, s, base) != keys[s] for s in SYSTEMS}
     assert changed == {"teacher": False, "student": False, "student+experts": True}

@@ -91,7 +91,7 @@ def test_a_delora_update_stays_within_its_bound_after_training_at_a_large_learni
 
 
 @pytest.mark.timeout(180)
-def test_ether_and_delora_experts_save_reload_switch_and_export(tiny_model_dir, tmp_path):
+def test_ether_experts_save_reload_switch_and_export(tiny_model_dir, tmp_path):
     from peft.tuners.lora import LoraModel
 
     from memlora.student.export import ExportRefused, export_lora
@@ -99,10 +99,10 @@ def test_ether_and_delora_experts_save_reload_switch_and_export(tiny_model_dir, 
     out = tmp_path / "out"
     tok = fresh(tiny_model_dir)[1]
     expected = {}
-    for op, method in (("extraction", "ether"), ("update", "delora")):
+    for seed, op in enumerate(("extraction", "update")):
         model, _ = fresh(tiny_model_dir)
-        torch.manual_seed(1)
-        expert = attach_expert(model, ExpertConfig(method=method, r=4, target_modules=TARGETS))
+        torch.manual_seed(seed)
+        expert = attach_expert(model, ExpertConfig(method="ether", target_modules=TARGETS))
         train_steps(expert, tok, 3, 5e-2)
         expected[op] = logits_of(expert, tok)
         expert.save_pretrained(str(out / "adapters" / op), safe_serialization=True)
@@ -110,21 +110,18 @@ def test_ether_and_delora_experts_save_reload_switch_and_export(tiny_model_dir, 
         reloaded = PeftModel.from_pretrained(fresh(tiny_model_dir)[0], str(out / "adapters" / op),
                                              use_safetensors=True)
         assert torch.equal(logits_of(reloaded, tok), expected[op])
+    assert not torch.equal(expected["extraction"], expected["update"])
     assert json.loads((out / "adapters" / "extraction" / "adapter_config.json").read_text())["peft_type"] == "HRA"
     update_manifest(out)
 
     # One base, both experts, switched per batch: each operation runs on its own expert.
     backend = ExpertBackend.from_out(tiny_model_dir, out, device="cpu")
     assert backend.operations == ["extraction", "update"]
-    request = GenerationRequest("extraction", [{"role": "user", "content": "Alice moved to Paris."}], 6)
-    alone = {}
-    for op in ("extraction", "update"):
-        single = ExpertBackend(tiny_model_dir, {op: out / "adapters" / op}, device="cpu")
-        alone[op] = single.generate([GenerationRequest(op, request.messages, 6)])[0].token_ids
-    both = backend.generate([GenerationRequest("extraction", request.messages, 6),
-                             GenerationRequest("update", request.messages, 6)])
-    assert [r.token_ids for r in both] == [alone["extraction"], alone["update"]]
-    assert backend.switches >= 1
+    messages = [{"role": "user", "content": "Alice moved to Paris."}]
+    alone = {op: ExpertBackend(tiny_model_dir, {op: out / "adapters" / op}, device="cpu").generate(
+        [GenerationRequest(op, messages, 6)])[0].token_ids for op in ("extraction", "update")}
+    both = backend.generate([GenerationRequest("extraction", messages, 6), GenerationRequest("update", messages, 6)])
+    assert [r.token_ids for r in both] == [alone["extraction"], alone["update"]] and backend.switches >= 1
 
     # ETHER's change is rank one, so it exports exactly as a rank-1 LoRA.
     written = export_lora(out, tiny_model_dir)
@@ -136,14 +133,20 @@ def test_ether_and_delora_experts_save_reload_switch_and_export(tiny_model_dir, 
     assert (got - expected["extraction"]).abs().max() < 1e-3 * (expected["extraction"] - base).abs().max()
 
     # What has no LoRA form here is refused, naming the method: HRA with more than one reflection.
-    model, _ = fresh(tiny_model_dir)
     from peft import HRAConfig, get_peft_model
 
-    two = get_peft_model(model, HRAConfig(r=2, target_modules=TARGETS, task_type="CAUSAL_LM"))
+    two = get_peft_model(fresh(tiny_model_dir)[0], HRAConfig(r=2, target_modules=TARGETS, task_type="CAUSAL_LM"))
     two.save_pretrained(str(out / "adapters" / "generation"), safe_serialization=True)
     update_manifest(out)
     with pytest.raises(ExportRefused, match="r=2 is not ETHER"):
         export_lora(out, tiny_model_dir)
+
+    # Experts of two methods cannot share one base in peft: said plainly, naming them.
+    delora = attach_expert(fresh(tiny_model_dir)[0], ExpertConfig(method="delora", r=4, target_modules=TARGETS))
+    delora.save_pretrained(str(tmp_path / "delora"), safe_serialization=True)
+    with pytest.raises(ValueError, match="extraction HRA, update DELORA"):
+        ExpertBackend(tiny_model_dir, {"extraction": out / "adapters" / "extraction", "update": tmp_path / "delora"},
+                      device="cpu")
 
 
 @pytest.mark.timeout(30)

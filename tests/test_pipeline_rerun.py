@@ -26,7 +26,7 @@ def snapshot(out) -> dict[str, tuple[int, int]]:
 @pytest.mark.timeout(900)
 def test_failed_task_then_rerun_skips_finished_work(prefect_server, tiny_model_dir, sample_path, tmp_path,
                                                     monkeypatch):
-    import memlora.flows.traces as traces_flow
+    import memlora.teacher.traces as traces_module
     import memlora.student.distill as distill_module
     from memlora.flows.pipeline import pipeline
 
@@ -51,8 +51,8 @@ def test_failed_task_then_rerun_skips_finished_work(prefect_server, tiny_model_d
     assert any(k.startswith("traces/") for k in before) and f"adapters/{first_expert}/adapter_model.safetensors" in before
 
     teachers_built = []
-    real_build = traces_flow.build_backend
-    monkeypatch.setattr(traces_flow, "build_backend", lambda cfg: teachers_built.append(cfg) or real_build(cfg))
+    real_build = traces_module.build_backend
+    monkeypatch.setattr(traces_module, "build_backend", lambda cfg: teachers_built.append(cfg) or real_build(cfg))
     monkeypatch.setattr(distill_module, "run_training", fake)
     summary = pipeline(config_path=config, data=str(sample_path), out=str(out))
 
