@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
-    batch_size, repeats = (4, 1) if args.quick else (args.batch, args.repeats)
+    batch_size, repeats = (2, 1) if args.quick else (args.batch, args.repeats)
     config = load_config(CONFIG)
     backend = TransformersBackend.from_config(config.teacher.model_copy(update={"device": "cpu"}))
     requests = trace_requests(args.out, batch_size, max_tokens=QUICK_TOKENS if args.quick else None)

@@ -48,7 +48,10 @@ def load_causal_lm(ref: str, *, tokenizer_ref: str | None = None, dtype: str = "
     model_ref = resolve(ref)
     folder, kwargs = model_ref.path, model_ref.pretrained_kwargs()
     if model_ref.gguf_file and gguf_cache.enabled():
-        folder, kwargs = str(gguf_cache.converted(model_ref, trust_remote_code=trust_remote_code)), {}
+        try:
+            folder, kwargs = str(gguf_cache.converted(model_ref, trust_remote_code=trust_remote_code)), {}
+        except OSError as err:  # a read-only or full cache folder: load the GGUF itself, as without the cache
+            log.warning("GGUF cache unusable (%s); loading %s directly", err, model_ref.gguf_file)
     tok_folder, tok_kwargs = (folder, kwargs) if not tokenizer_ref else \
         (resolve(tokenizer_ref).path, resolve(tokenizer_ref).pretrained_kwargs())
     tokenizer = AutoTokenizer.from_pretrained(tok_folder, trust_remote_code=trust_remote_code, **tok_kwargs)

@@ -46,3 +46,15 @@ def test_a_changed_or_half_written_conversion_is_not_used(tmp_path):
     assert not _complete(folder, "ab")  # no marker: never finished
     (folder / MARKER).write_text(json.dumps({"sha256": "cd"}))
     assert not _complete(folder, "ab") and _complete(folder, "cd")
+
+
+@pytest.mark.timeout(120)
+def test_an_unwritable_cache_falls_back_to_the_gguf_itself(tmp_path, monkeypatch):
+    from memlora.llm.hf_backend import load_causal_lm
+
+    blocked = tmp_path / "cache"
+    blocked.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("MEMLORA_CACHE_DIR", str(blocked))
+    model, tokenizer, model_id = load_causal_lm(TEACHER_REF, device="cpu")
+    assert model_id == TEACHER_REF and tokenizer("Ann")["input_ids"]
+
