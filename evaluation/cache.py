@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 from memlora.config import Config
 from memlora.data.io import sha256_file
+from memlora.evaluation.probes import Probe
 from memlora.evaluation.systems import JUDGE, SYSTEMS
 from memlora.layout import calls_path, datasets_dir, judgements_path, probe_path, qa_path
 from memlora.student.experts import ADAPTER_FILES, expert_folders
@@ -36,11 +36,11 @@ def cache_key(config: Config, out: str | Path, system: str, base: str | Path | N
     return digest.hexdigest()
 
 
-def finished_probe(out: str | Path, system: str, key: str) -> dict | None:
+def finished_probe(out: str | Path, system: str, key: str) -> Probe | None:
     """The probe of a finished run with this cache key whose outputs are all there, else None."""
     path = probe_path(out, system)
     outputs = [judgements_path(out)] if system == JUDGE else [calls_path(out, system), qa_path(out, system)]
     if not (path.is_file() and all(f.is_file() for f in outputs)):
         return None
-    probe = json.loads(path.read_text())
-    return probe if probe.get("cache_key") == key else None
+    probe = Probe.read(path)
+    return probe if probe.cache_key == key else None

@@ -51,9 +51,9 @@ def summary(config, plan: EvalPlan, probes: dict, rows: list[dict], files: list[
         "conversations": plan.conversations,
         "questions": plan.questions,
         "student_base": plan.base,
-        "systems": {s: {k: p.get(k) for k in keep} | {"adapters": p.get("adapters", {})}
+        "systems": {s: {k: getattr(p, k) for k in keep} | {"adapters": p.adapters}
                     for s, p in probes.items() if s in SYSTEMS},
-        "judge": probes.get(JUDGE, {}),
+        "judge": probes[JUDGE].model_dump(mode="json") if JUDGE in probes else {},
         "headline": headline(rows, independent_judge(config)),
         "results_rows": len(rows),
         "files": [Path(f).relative_to(out).as_posix() if Path(f).is_relative_to(out) else str(f) for f in files],

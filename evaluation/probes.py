@@ -3,7 +3,8 @@
 Peak RSS is read from `/proc/self/status` (VmHWM, the high-water mark of this process image). `getrusage`'s
 `ru_maxrss` is recorded too, but on Linux it is inherited across fork/vfork + exec: a child started by a
 parent that had reached 600 MB reports at least 600 MB (measured here), so it cannot tell apart systems started
-from the same parent. Each system runs in its own process (see `runner`), so VmHWM is that system's own peak.
+from the same parent. Each system runs in its own process (see `evaluation/process.py`), so VmHWM is that
+system's own peak.
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ import platform
 import resource
 import sys
 from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from memlora.data.io import write_json
 
 MiB = 1024 * 1024
 
@@ -82,3 +87,43 @@ def process_info() -> dict:
 def snapshot(label: str) -> dict:
     """RSS now and so far, under a label (e.g. after imports, after the model loaded, at the end)."""
     return {"label": label, "rss_mb": current_rss_mb(), "peak_rss_mb": peak_rss_mb(), "ru_maxrss_mb": ru_maxrss_mb()}
+
+
+class Probe(BaseModel):
+    """What one evaluation process recorded about itself (OUT/eval/systems/<system>/probe.json): which model,
+    where, how big, how long and how much memory. The judge's also has `model`, `asked` and `rows`; fields
+    this class does not name are kept as they are."""
+
+    model_config = ConfigDict(extra="allow")
+
+    system: str
+    pid: int
+    ppid: int | None = None
+    model_id: str | None = None
+    backend: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    parameters: dict | None = None        # base / adapters parameter counts
+    adapters: dict = {}                   # operation -> {bytes, tensors, ...} of each expert loaded
+    adapter_switches: int | None = None
+    load_s: float | None = None
+    after_load: dict | None = None        # memory snapshot once the model is loaded
+    baseline: dict | None = None          # memory snapshot after importing the runtime
+    timings: dict = {}
+    calls: dict = {}                      # phase -> calls made
+    questions: int | None = None
+    conversations: list[str] = []
+    peak_rss_mb: float | None = None      # VmHWM: this process's own peak
+    ru_maxrss_mb: float | None = None     # inherited across fork/exec on Linux: for reference only
+    cuda_peak_mb: dict | None = None
+    wall_s: float | None = None
+    cache_key: str | None = None          # the inputs it measured (evaluation/cache.py)
+    kept: bool = False                    # not run now: an earlier run's, same cache key (never written)
+
+    @classmethod
+    def read(cls, path: str | Path) -> "Probe":
+        return cls.model_validate_json(Path(path).read_text())
+
+    def write(self, path: str | Path) -> Path:
+        return write_json(self.model_dump(mode="json", exclude={"kept"}), path)
+

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -12,8 +11,8 @@ from pathlib import Path
 from typing import Callable
 
 from memlora.config import Config
-from memlora.data.io import write_json
 from memlora.evaluation.cache import cache_key, finished_probe
+from memlora.evaluation.probes import Probe
 from memlora.evaluation.systems import JUDGE, SYSTEMS, EvalError
 from memlora.jobs import write_job
 from memlora.layout import log_path, probe_path, system_folder
@@ -48,7 +47,7 @@ def wait_following(proc: subprocess.Popen, log: Path, timeout_s: float, on_line:
 
 def run_system_process(config: Config, out: str | Path, system: str, *, base: str | Path | None = None,
                        timeout_s: float = 7200, env: dict | None = None,
-                       on_line: Callable[[str], None] = lambda line: None) -> dict:
+                       on_line: Callable[[str], None] = lambda line: None) -> Probe:
     """Run one system (or the judge) in a fresh Python process; return the probe record it wrote.
 
     Its output goes to OUT/eval/logs/<system>.log; its progress lines (`[HH:MM:SS] ...`) are passed to
@@ -59,7 +58,8 @@ def run_system_process(config: Config, out: str | Path, system: str, *, base: st
     key = cache_key(config, out, system, base)
     kept = finished_probe(out, system, key)
     if kept is not None:
-        return {**kept, "kept": True}
+        kept.kept = True
+        return kept
     job = write_job(config, out, f"eval-{system_folder(system)}", system=system,
                     base=str(Path(base).resolve()) if base is not None else None)
     cmd = [sys.executable, "-m", "memlora.evaluation.run_system", "--job", str(job)]
@@ -80,6 +80,7 @@ def run_system_process(config: Config, out: str | Path, system: str, *, base: st
     if rc != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
         raise EvalError(f"evaluation of {system!r} failed (exit code {rc}); see {log}:\n{tail}")
-    probe = {**json.loads(probe_path(out, system).read_text()), "cache_key": key}
-    write_json(probe, probe_path(out, system))
+    probe = Probe.read(probe_path(out, system))
+    probe.cache_key = key
+    probe.write(probe_path(out, system))
     return probe

@@ -55,7 +55,7 @@ def scope_sentence(rows: list[dict], meta: dict) -> str:
     size = f"{params['value'] / 1e6:,.0f}M-parameter " if params and params["value"] else ""
     n_conv = len(meta["conversations"])
     return (f"These numbers say how closely a small student agrees with this config's {size}teacher "
-            f"(`{meta['probes']['teacher']['model_id']}`) on {n_conv} held-out conversation"
+            f"(`{meta['probes']['teacher'].model_id}`) on {n_conv} held-out conversation"
             f"{'s' if n_conv != 1 else ''} and {meta['questions']} gold questions; they cannot say how much any of "
             "the three knows about the world or how it would do on other conversations, and with samples this "
             "small the 95% intervals, not the point values, are what to compare.")
@@ -77,8 +77,8 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
     ]
     for s in SYSTEMS:
         p = probes[s]
-        experts = ", ".join(sorted(p.get("adapters") or {})) or "–"
-        lines.append(f"| {s} | `{p['model_id']}` | {p['device']} ({p['dtype']}) | {p['pid']} | {experts} |")
+        experts = ", ".join(sorted(p.adapters)) or "–"
+        lines.append(f"| {s} | `{p.model_id}` | {p.device} ({p.dtype}) | {p.pid} | {experts} |")
     heads = headline(rows, meta.get("independent_judge", False))
     if not meta.get("independent_judge", False):
         lines += ["", f"The LLM judge is the teacher itself (`{meta['judge']}`): a model judging its own answers, "

@@ -19,6 +19,7 @@ from memlora.config import OPERATIONS, Config
 from memlora.data.io import write_parquet
 from memlora.evaluation import agreement, scoring
 from memlora.evaluation.replay import E2E, FORCED, FORCED_FREE
+from memlora.evaluation.probes import Probe
 from memlora.evaluation.stats import Estimate, bootstrap, percentile, proportion
 from memlora.evaluation.systems import SYSTEMS
 from memlora.layout import calls_path, judgements_path, probe_path, qa_path, results_path
@@ -54,7 +55,7 @@ def load_system(out: Path, system: str) -> dict:
     return {
         "calls": calls,
         "qa": pq.read_table(qa_path(out, system)).to_pylist(),
-        "probe": json.loads(probe_path(out, system).read_text()),
+        "probe": Probe.read(probe_path(out, system)),
     }
 
 
@@ -137,19 +138,19 @@ def qa_rows(system, qa, judged: dict, samples) -> list[dict]:
     return out
 
 
-def memory_rows(system, probe) -> list[dict]:
-    params = probe.get("parameters") or {}
-    adapters = probe.get("adapters") or {}
-    cuda = probe.get("cuda_peak_mb") or {}
+def memory_rows(system, probe: Probe) -> list[dict]:
+    params = probe.parameters or {}
+    adapters = probe.adapters
+    cuda = probe.cuda_peak_mb or {}
     values = [
         ("params_base", params.get("base"), "parameters"),
         ("params_adapters", params.get("adapters", 0) if params else None, "parameters"),
         ("adapter_bytes", sum(a["bytes"] for a in adapters.values()), "bytes"),
-        ("peak_rss_mb", probe["peak_rss_mb"], "MiB"),
-        ("ru_maxrss_mb", probe["ru_maxrss_mb"], "MiB"),
-        ("rss_after_load_mb", probe["after_load"]["rss_mb"], "MiB"),
-        ("rss_baseline_mb", probe["baseline"]["rss_mb"], "MiB"),
-        ("load_s", probe["load_s"], "s"),
+        ("peak_rss_mb", probe.peak_rss_mb, "MiB"),
+        ("ru_maxrss_mb", probe.ru_maxrss_mb, "MiB"),
+        ("rss_after_load_mb", (probe.after_load or {}).get("rss_mb"), "MiB"),
+        ("rss_baseline_mb", (probe.baseline or {}).get("rss_mb"), "MiB"),
+        ("load_s", probe.load_s, "s"),
     ]
     if cuda:  # on a GPU only
         values += [("peak_cuda_allocated_mb", cuda["allocated"], "MiB"),

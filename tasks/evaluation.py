@@ -28,10 +28,10 @@ def prepare_task(config: Config, out: str) -> EvalPlan:
 def run_system_task(config: Config, out: str, system: str, base: str) -> dict:
     probe = run_system_process(config, out, system, base=base, timeout_s=config.evaluation.timeout_s,
                                on_line=get_run_logger().info)
-    if probe.get("kept"):
+    if probe.kept:
         get_run_logger().info("%s: evaluated before with the same config and inputs; kept", system)
-    get_run_logger().info("%s: pid %s, peak RSS %.0f MiB, %.1f s", system, probe["pid"], probe["peak_rss_mb"],
-                          probe["wall_s"])
+    get_run_logger().info("%s: pid %s, peak RSS %.0f MiB, %.1f s", system, probe.pid, probe.peak_rss_mb,
+                          probe.wall_s)
     return probe
 
 

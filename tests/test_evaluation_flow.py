@@ -251,7 +251,7 @@ def test_evaluate_flow_on_tiny_models(prefect_server, tiny_teacher, tiny_model_d
     base, cfg = result["student_base"], load_config(config)
     for system in [*SYSTEMS, "judge"]:
         again = run_system_process(cfg, out, system, base=base)
-        assert again["kept"] is True and again["pid"] == probes[system]["pid"]
+        assert again.kept is True and again.pid == probes[system]["pid"]
     # ... and its key follows what the system reads: a changed expert changes only student+experts' key.
     keys = {s: cache_key(cfg, out, s, base) for s in SYSTEMS}
     weights = out / "adapters" / "update" / "adapter_model.safetensors"
