@@ -52,8 +52,8 @@ def load_causal_lm(ref: str, *, tokenizer_ref: str | None = None, dtype: str = "
             folder, kwargs = str(gguf_cache.converted(model_ref, trust_remote_code=trust_remote_code)), {}
         except OSError as err:  # a read-only or full cache folder: load the GGUF itself, as without the cache
             log.warning("GGUF cache unusable (%s); loading %s directly", err, model_ref.gguf_file)
-    tok_folder, tok_kwargs = (folder, kwargs) if not tokenizer_ref else \
-        (resolve(tokenizer_ref).path, resolve(tokenizer_ref).pretrained_kwargs())
+    tok_ref = resolve(tokenizer_ref) if tokenizer_ref else None
+    tok_folder, tok_kwargs = (tok_ref.path, tok_ref.pretrained_kwargs()) if tok_ref else (folder, kwargs)
     tokenizer = AutoTokenizer.from_pretrained(tok_folder, trust_remote_code=trust_remote_code, **tok_kwargs)
     if "gguf_file" not in kwargs:
         kwargs["use_safetensors"] = True  # never unpickle weights

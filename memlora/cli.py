@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from memlora.layout import manifest_path, releases_dir, report_path, results_path
+from memlora.layout import manifest_path, releases_root, report_path, results_path
 from memlora.models import go_offline
 
 go_offline()
@@ -154,7 +154,7 @@ def cmd_run(args) -> int:
 
     pipeline(config_path=args.config, data=args.data, out=args.out)
     out = Path(args.out)
-    print(f"pipeline finished: manifest at {manifest_path(out)}, release under {releases_dir(out, '')}")
+    print(f"pipeline finished: manifest at {manifest_path(out)}, release under {releases_root(out)}")
     report = report_path(out)
     if report.is_file():
         print(f"report: {report}")

@@ -115,8 +115,12 @@ def store_path(out: str | Path, system: str) -> Path:
 
 # --- releases and the manifest ------------------------------------------------------------------------------------
 
+def releases_root(out: str | Path) -> Path:
+    return Path(out) / "releases"
+
+
 def releases_dir(out: str | Path, name: str) -> Path:
-    return Path(out) / "releases" / name
+    return releases_root(out) / name
 
 
 def manifest_path(root: str | Path) -> Path:

@@ -66,6 +66,10 @@ def delora_as_lora(peft_model, adapter: str) -> tuple[list[str], dict[str, torch
     return sorted(targets), state, rank
 
 
+class ExportRefused(ValueError):
+    """An expert that cannot be written as a LoRA adapter; the message names it and its method."""
+
+
 @torch.no_grad()
 def ether_as_lora(peft_model, adapter: str) -> tuple[list[str], dict[str, torch.Tensor], int]:
     """ETHER turns W into W (I - 2 u u^T) with u of unit length, so it adds -2 (W u) u^T: a rank-1 product. A rank-1
@@ -88,8 +92,7 @@ def ether_as_lora(peft_model, adapter: str) -> tuple[list[str], dict[str, torch.
     return sorted(targets), state, 1
 
 
-class ExportRefused(ValueError):
-    """An expert that cannot be written as a LoRA adapter; the message names it and its method."""
+CLOSED_FORMS = {"DELORA": delora_as_lora, "HRA": ether_as_lora}  # peft_type -> its exact rank-r LoRA
 
 
 def export_lora(out: str | Path, base: str | Path | None = None, rank: int | None = None,
@@ -117,11 +120,9 @@ def export_lora(out: str | Path, base: str | Path | None = None, rank: int | Non
     for op, folder in experts.items():
         began = time.perf_counter()
         settings = json.loads((folder / "adapter_config.json").read_text())
-        if settings["peft_type"] == "DELORA" and (rank is None or rank >= settings["r"]):
-            targets, state, r = delora_as_lora(peft_model, adapter_name(op))
-            lora_config = LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=targets)
-        elif settings["peft_type"] == "HRA":
-            targets, state, r = ether_as_lora(peft_model, adapter_name(op))
+        closed_form = CLOSED_FORMS.get(settings["peft_type"])
+        if closed_form is not None and (rank is None or rank >= settings["r"]):
+            targets, state, r = closed_form(peft_model, adapter_name(op))
             lora_config = LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=targets)
         else:
             from peft.tuners.lora.conversion import convert_to_lora
