@@ -20,6 +20,7 @@ class Decoded:
     tokens: list[int]          # the completion, stop token excluded
     finished: bool             # ended on a stop token (else: ran to max_new_tokens)
     top_logprobs: list[list[tuple[int, float]]] | None
+    token_logprobs: list[float] | None = None  # each emitted token's log-prob (with top_logprobs)
 
 
 def banned_by_ngram(seq: list[int], n: int) -> set[int]:
@@ -42,11 +43,26 @@ def block_ngrams(scores: torch.Tensor, completions: list[list[int]], n: int) -> 
             scores[row, ids] = float("-inf")
 
 
+def sample(scores: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row from softmax(scores / temperature), cut to the smallest set whose mass reaches top_p
+    (the OpenAI API's sampling parameters); masked tokens (-inf) are never drawn."""
+    probs = (scores / temperature).softmax(dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_p.cumsum(dim=-1) - sorted_p >= top_p  # the most likely token always stays
+        sorted_p = sorted_p.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
 @torch.inference_mode()
 def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, cache, cached_len: int,
                   max_new_tokens: int, stop_ids: set[int], grammars: list | None = None,
-                  no_repeat_ngram: int = 0, logprobs_top_k: int = 0) -> list[Decoded]:
-    """Decode every row greedily; `cache` holds the KV of the first `cached_len` positions (or is empty)."""
+                  no_repeat_ngram: int = 0, logprobs_top_k: int = 0, temperature: float = 0.0,
+                  top_p: float = 1.0, generator: torch.Generator | None = None,
+                  stop_check=None) -> list[Decoded]:
+    """Decode every row greedily (or, with a temperature, by sampling); `cache` holds the KV of the first
+    `cached_len` positions (or is empty). `stop_check(row, tokens)` ends a row early (stop strings)."""
     from transformers import DynamicCache
 
     cache = cache if cache is not None else DynamicCache(config=model.config)
@@ -55,7 +71,7 @@ def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     matchers = [xgr.GrammarMatcher(g) for g in grammars] if grammars else None
     if matchers:
         bitmask = xgr.allocate_token_bitmask(batch, grammars[0].tokenizer_info.vocab_size)
-    out = [Decoded([], False, [] if logprobs_top_k else None) for _ in range(batch)]
+    out = [Decoded([], False, [] if logprobs_top_k else None, [] if logprobs_top_k else None) for _ in range(batch)]
     active = list(range(batch))  # original row of each row still in the batch
     mask = attention_mask
     logits = model(input_ids=input_ids[:, cached_len:], attention_mask=mask, position_ids=positions[:, cached_len:],
@@ -70,10 +86,12 @@ def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
             xgr.apply_token_bitmask_inplace(scores, bitmask[: len(active)].to(scores.device))
         if no_repeat_ngram:
             block_ngrams(scores, [out[row].tokens for row in active], no_repeat_ngram)
-        chosen = scores.argmax(dim=-1)
+        chosen = scores.argmax(dim=-1) if temperature <= 0 else sample(scores, temperature, top_p, generator)
         if logprobs_top_k:
-            top = scores.log_softmax(dim=-1).topk(logprobs_top_k, dim=-1)
+            logp = scores.log_softmax(dim=-1)
+            top = logp.topk(logprobs_top_k, dim=-1)
             indices, values = top.indices.tolist(), top.values.tolist()
+            chosen_lp = logp.gather(-1, chosen[:, None]).squeeze(-1).tolist()
         keep = []
         for i, (row, tok) in enumerate(zip(active, chosen.tolist())):
             if tok in stop_ids:
@@ -82,11 +100,15 @@ def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
             out[row].tokens.append(tok)
             if logprobs_top_k:  # tokens the grammar forbade (log-prob -inf) are left out
                 out[row].top_logprobs.append([(t, lp) for t, lp in zip(indices[i], values[i]) if lp > float("-inf")])
+                out[row].token_logprobs.append(chosen_lp[i])
             if matchers:
                 matchers[row].accept_token(tok)
                 if matchers[row].is_terminated():  # the grammar took a stop token of its own: done
                     out[row].finished = True
                     continue
+            if stop_check is not None and stop_check(row, out[row].tokens):
+                out[row].finished = True
+                continue
             keep.append(i)
         if not keep or step == max_new_tokens - 1:
             break

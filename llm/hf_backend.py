@@ -152,8 +152,7 @@ class TransformersBackend:
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         """Group requests that can share a batch (same operation, cap and decoding mode), keep input order."""
         results: list[GenerationResult | None] = [None] * len(requests)
-        key = lambda i: (requests[i].operation, requests[i].max_new_tokens, requests[i].constrained,  # noqa: E731
-                         requests[i].no_repeat_ngram or 0)
+        key = lambda i: requests[i].batch_key()  # noqa: E731
         for _, group in groupby(sorted(range(len(requests)), key=key), key=key):
             indices = list(group)
             for start in range(0, len(indices), self.batch_size):
@@ -168,6 +167,11 @@ class TransformersBackend:
             self.before_batch(batch[0].operation)
             started = time.perf_counter()
             enc, cache, cached_len = self._encode(batch)
+            first = batch[0]
+            top_k = self.logprobs_top_k if first.logprobs_top_k is None else first.logprobs_top_k
+            generator = None
+            if first.temperature > 0 and first.seed is not None:
+                generator = torch.Generator(device=self.model.device).manual_seed(first.seed)
             # The grammar masks before the n-gram block, so the block never bans the only token the grammar
             # allows; log-probs are taken after both: the distribution the model actually decoded from, and the
             # one the student decodes from under the same schema.
@@ -175,14 +179,16 @@ class TransformersBackend:
                 self.model, enc["input_ids"], enc["attention_mask"], cache=cache, cached_len=cached_len,
                 max_new_tokens=batch[0].max_new_tokens, stop_ids=self.stop_ids,
                 grammars=[self.grammars.grammar(r.schema) for r in batch] if batch[0].constrained else None,
-                no_repeat_ngram=batch[0].no_repeat_ngram or 0, logprobs_top_k=self.logprobs_top_k,
+                no_repeat_ngram=first.no_repeat_ngram or 0, logprobs_top_k=top_k,
+                temperature=first.temperature, top_p=first.top_p, generator=generator,
+                stop_check=self._stop_check(batch),
             )
             elapsed = time.perf_counter() - started
         prompt_counts = enc["attention_mask"].sum(dim=1).tolist()
         extra = {"decoding": {"no_repeat_ngram": batch[0].no_repeat_ngram}} if batch[0].no_repeat_ngram else {}
         return [
             GenerationResult(
-                text=self.tokenizer.decode(d.tokens, skip_special_tokens=True),
+                text=cut_at_stop(self.tokenizer.decode(d.tokens, skip_special_tokens=True), batch[row].stop),
                 prompt_tokens=int(prompt_counts[row]),
                 completion_tokens=len(d.tokens),
                 latency_s=elapsed / len(batch),
@@ -191,10 +197,29 @@ class TransformersBackend:
                 finish_reason="stop" if d.finished else "length",
                 token_ids=d.tokens,
                 top_logprobs=d.top_logprobs,
+                token_logprobs=d.token_logprobs,
                 extra=dict(extra),
             )
             for row, d in enumerate(decoded)
         ]
+
+
+    def _stop_check(self, batch: list[GenerationRequest]):
+        """A row ends once its text holds one of its request's stop strings (None: no request has any)."""
+        if not any(r.stop for r in batch):
+            return None
+
+        def check(row: int, tokens: list[int]) -> bool:
+            stops = batch[row].stop
+            return bool(stops) and any(s in self.tokenizer.decode(tokens, skip_special_tokens=True) for s in stops)
+
+        return check
+
+
+def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
+    """The text before the first stop string (the OpenAI API leaves the stop sequence out)."""
+    cuts = [text.find(s) for s in stops if s and s in text]
+    return text[: min(cuts)] if cuts else text
 
 
 def _as_list(value) -> list:

@@ -148,6 +148,84 @@ def cmd_serve(args) -> int:
     return serve(host=args.host, port=args.port, pool=args.pool, deploy=not args.no_deploy)
 
 
+def _api_key(args) -> str | None:
+    if not args.api_key_env:
+        return None
+    key = os.environ.get(args.api_key_env)
+    if not key:
+        raise UsageError(f"--api-key-env {args.api_key_env}: that environment variable is not set")
+    return key
+
+
+def _serve(engine, args) -> int:
+    from memlora.llm.openai_server import create_app, run_server
+
+    print(f"serving {', '.join(engine.model_names())} at http://{args.host}:{args.port}/v1 "
+          f"(OpenAI chat completions; Ctrl-C stops)", flush=True)
+    try:
+        run_server(create_app(engine, _api_key(args)), args.host, args.port)
+    finally:
+        engine.close()
+    return 0
+
+
+def cmd_serve_experts(args) -> int:
+    from memlora.config import load_config
+    from memlora.layout import student_dir
+    from memlora.llm.openai_server import ServingEngine, expert_models
+    from memlora.student.experts import ExpertBackend, verified_expert_folders
+
+    config = load_config(args.config)
+    adapters = verified_expert_folders(args.out)
+    if not adapters:
+        raise UsageError(f"{Path(args.out) / 'adapters'}: no trained expert (run `memlora distill` first)")
+    base = args.base or (student_dir(args.out) if (student_dir(args.out) / "config.json").is_file()
+                         else (config.student.model if config.student else None))
+    if base is None:
+        raise UsageError(f"{student_dir(args.out)}: no student base; give --base")
+    backend = ExpertBackend(base, adapters, batch_size=config.teacher.batch_size, device=config.teacher.device,
+                            dtype=config.student.dtype if config.student else "auto",
+                            prefix_cache=config.teacher.prefix_cache,
+                            prompt=config.student.prompt if config.student else "teacher")
+    engine = ServingEngine(backend, expert_models(backend.operations), config.capture.rules,
+                           default_max_tokens=args.max_tokens)
+    return _serve(engine, args)
+
+
+def cmd_serve_model(args) -> int:
+    from memlora.config import load_config
+    from memlora.llm.hf_backend import TransformersBackend
+    from memlora.llm.openai_server import MODEL, ServedModel, ServingEngine
+
+    config = load_config(args.config)
+    llm = config.teacher.model_copy(update={"logprobs_top_k": 0, **({"model": args.model} if args.model else {})})
+    if llm.backend != "transformers":
+        raise UsageError(f"{args.config}: teacher.backend {llm.backend!r} is already a server; serve-model loads "
+                         "a local model (give --model)")
+    engine = ServingEngine(TransformersBackend.from_config(llm), [ServedModel(args.name or llm.model, MODEL)],
+                           config.capture.rules, default_max_tokens=args.max_tokens)
+    return _serve(engine, args)
+
+
+def cmd_capture(args) -> int:
+    from memlora.config import load_config
+    from memlora.llm.openai_server import run_server
+    from memlora.teacher.capture import CaptureRecorder, create_capture_app
+
+    config = load_config(args.config)
+    if not config.capture.rules:
+        raise UsageError(f"{args.config}: capture.rules is empty: no call would be recorded")
+    recorder = CaptureRecorder(args.out, args.upstream)
+    upstream_key = os.environ.get(args.upstream_key_env) if args.upstream_key_env else None
+    app = create_capture_app(args.upstream, config.capture, recorder, upstream_key=upstream_key,
+                             logprobs_top_k=config.capture.logprobs_top_k)
+    print(f"capturing at http://{args.host}:{args.port}/v1 -> {args.upstream}; traces under "
+          f"{Path(args.out) / 'traces'} (Ctrl-C stops)", flush=True)
+    run_server(app, args.host, args.port)
+    print(f"capture: {dict(sorted(recorder.counts.items()))}", flush=True)
+    return 0
+
+
 def cmd_run(args) -> int:
     check_data(args)
     from memlora.flows.pipeline import pipeline
@@ -204,6 +282,15 @@ COMMANDS = {
     "serve": ("local Prefect server + worker with the scheduled deployments",
         "Start a local Prefect server and a process worker with the deployments of prefect.yaml (the "
         "nightly schedule included); Ctrl-C stops both."),
+    "serve-experts": ("serve the student + experts over the OpenAI API",
+        "Serve the student base with every expert of OUT (manifest-checked) as an OpenAI-compatible endpoint: "
+        "model memlora-<operation> picks the expert, memlora-base the bare student."),
+    "serve-model": ("serve one model (e.g. the teacher) over the OpenAI API",
+        "Serve the config's teacher (or --model) as an OpenAI-compatible endpoint, with the same decoding, "
+        "schemas and batching as serve-experts."),
+    "capture": ("record a memory system's calls to its teacher as traces",
+        "An OpenAI-compatible proxy in front of a teacher endpoint: forwards every call and records those the "
+        "config's capture.rules match as trace rows under OUT/traces/<operation>/ (what distill trains on)."),
     "run": ("the whole pipeline (what `make run` calls)",
         "The whole pipeline: ingest, traces, distill, evaluate, release (what `make run` calls)."),
 }
@@ -277,12 +364,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-deploy", action="store_true", help="do not (re)deploy prefect.yaml's deployments")
     p.set_defaults(func=cmd_serve)
 
+    def server(p, port: int) -> None:
+        p.add_argument("--host", default="127.0.0.1", help="address to bind (anything but loopback exposes it)")
+        p.add_argument("--port", type=int, default=port, help="port")
+
+    def api(p) -> None:
+        p.add_argument("--api-key-env", default=None,
+                       help="environment variable holding a bearer key clients must send (default: no key)")
+        p.add_argument("--max-tokens", type=int, default=512, help="completion cap when a request gives none")
+
+    p = command("serve-experts")
+    config(p)
+    out(p)
+    p.add_argument("--base", default=None, help="student base (default: OUT/student/base, else student.model)")
+    server(p, 8100)
+    api(p)
+    p.set_defaults(func=cmd_serve_experts)
+
+    p = command("serve-model")
+    config(p)
+    p.add_argument("--model", default=None, help="model to serve (default: the config's teacher.model)")
+    p.add_argument("--name", default=None, help="the name clients request it by (default: the model reference)")
+    server(p, 8000)
+    api(p)
+    p.set_defaults(func=cmd_serve_model)
+
+    p = command("capture")
+    config(p)
+    out(p)
+    p.add_argument("--upstream", required=True, help="the teacher's OpenAI-compatible base URL, e.g. "
+                   "http://127.0.0.1:8000/v1")
+    p.add_argument("--upstream-key-env", default=None,
+                   help="environment variable with the upstream's key (default: the client's own header)")
+    server(p, 8200)
+    p.set_defaults(func=cmd_capture)
+
     p = command("run")
     config(p)
     p.add_argument("--data", default="data/samples/locomo_sample12.json", help=data_help)
     out(p, required=False)
     p.set_defaults(func=cmd_run)
     return parser
+
+
+SERVERS = ("serve", "serve-experts", "serve-model", "capture")  # they stop themselves on a signal
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -292,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     from memlora.processes import exit_on_interrupt
 
     # serve stops its own server and worker on a signal
-    guard = nullcontext() if args.command == "serve" else exit_on_interrupt(args.command)
+    guard = nullcontext() if args.command in SERVERS else exit_on_interrupt(args.command)
     try:
         with guard:
             check_out(args)

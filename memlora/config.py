@@ -245,6 +245,38 @@ class EvalConfig(_Strict):
     timeout_s: int = Field(7200, gt=0)  # per system process
 
 
+class CaptureRule(_Strict):
+    """Which memory operation a call from a client's memory system (Mem0, ...) belongs to, matched on the
+    request by exactly one of: a substring of its first message, the sha256 fingerprint (hex prefix) of that
+    message, or the requested model name. `schema` is the JSON schema the output is decoded under when the
+    caller asks only for `response_format: json_object` (Mem0 1.x does), so a small model still answers in
+    the shape the caller parses."""
+
+    operation: Operation
+    system_contains: str | None = Field(None, min_length=1)
+    fingerprint: str | None = Field(None, pattern=r"^[0-9a-f]{8,64}$")
+    model: str | None = Field(None, min_length=1)
+    output_schema: dict[str, Any] | None = Field(None, alias="schema")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _one_matcher(self) -> "CaptureRule":
+        if sum(m is not None for m in (self.system_contains, self.fingerprint, self.model)) != 1:
+            raise ValueError("give exactly one of system_contains, fingerprint or model")
+        return self
+
+
+class CaptureConfig(_Strict):
+    """`memlora capture` (the recording proxy) and the servers' `json_object` schemas: rules in order, the
+    first that matches decides; a call no rule matches is forwarded and counted, not recorded."""
+
+    rules: list[CaptureRule] = []
+    # Ask the upstream for this many top log-probs on every recorded call (0: only what the client asked for):
+    # token-level distillation targets; a client that did not ask gets its answer without them.
+    logprobs_top_k: int = Field(0, ge=0, le=20)
+
+
 class PrefectConfig(_Strict):
     concurrency: int = Field(2, gt=0)
     # How conversations fan out: "thread" (one process, calls share model batches), "process" (Prefect's
@@ -264,6 +296,7 @@ class Config(_Strict):
     distill: DistillConfig = DistillConfig()
     evaluation: EvalConfig = EvalConfig()
     prefect: PrefectConfig = PrefectConfig()
+    capture: CaptureConfig = CaptureConfig()
 
     @model_validator(mode="after")
     def _runner_reaches_the_teacher(self) -> "Config":
@@ -284,7 +317,9 @@ class Config(_Strict):
         return self
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+        """What the pipeline's artifacts depend on (cache keys): the capture rules only shape serving."""
+        dumped = self.model_dump(mode="json", exclude={"capture"})
+        return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()
 
 
 def _format_error(path: Path, err: ValidationError) -> str:

@@ -36,6 +36,11 @@ def shard_path(out: str | Path, operation: str, conversation_id: str) -> Path:
     return traces_dir(out, operation) / f"part-{conversation_id}.parquet"
 
 
+def capture_shard_path(out: str | Path, operation: str, call_id: str) -> Path:
+    """One captured call (`memlora capture`): a shard of its own, read with the traced ones."""
+    return traces_dir(out, operation) / f"part-capture-{call_id}.parquet"
+
+
 def trace_files(out: str | Path, operation: str) -> list[Path]:
     return sorted(traces_dir(out, operation).glob("part-*.parquet"))
 

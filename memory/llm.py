@@ -17,6 +17,18 @@ class GenerationRequest:
     max_new_tokens: int
     schema: dict | None = None  # JSON schema the output must follow when decoding is constrained
     no_repeat_ngram: int | None = None  # see OperationConfig.no_repeat_ngram
+    # What a served request (OpenAI API) may ask beyond the memory system's greedy calls; the defaults are
+    # those calls' own settings, so nothing changes for them.
+    logprobs_top_k: int | None = None  # None: the backend's own setting
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # the output ends before the first of these strings
+
+    def batch_key(self) -> tuple:
+        """Requests with the same key decode in one batch (one cap, one decoding mode)."""
+        return (self.operation, self.max_new_tokens, self.constrained, self.no_repeat_ngram or 0,
+                self.logprobs_top_k, self.temperature, self.top_p, self.seed)
 
     @property
     def constrained(self) -> bool:
@@ -34,6 +46,7 @@ class GenerationResult:
     finish_reason: str = "stop"  # "stop" or "length"
     token_ids: list[int] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    token_logprobs: list[float] | None = None  # the log-prob of each emitted token (with top_logprobs)
     extra: dict = field(default_factory=dict)
 
 

@@ -1,0 +1,192 @@
+"""The OpenAI chat-completions protocol, as far as this project's servers speak it: the request (validated,
+unknown fields refused), OpenAI-shaped errors, and the response built from a `GenerationResult`.
+
+A client such as Mem0 talks to `memlora serve-experts`, `serve-model` and `capture` exactly as to OpenAI; what
+they cannot do (streaming, n > 1, tools, penalties) is refused with a 400 that names the field.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from memlora.memory.llm import GenerationResult
+
+
+class ApiError(Exception):
+    """An error the client gets as `{"error": {message, type, param, code}}` with `status`."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def error_body(status: int, message: str, type: str = "invalid_request_error") -> dict:
+    return ApiError(status, message, type=type).body()
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):  # content parts: the text ones, in order
+            return "".join(str(part.get("text", "")) for part in self.content if part.get("type", "text") == "text")
+        return self.content or ""
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = "output"
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class ChatRequest(BaseModel):
+    """The fields of the OpenAI API this server honours or knowingly ignores; any other field is an error."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, gt=0)
+    max_completion_tokens: int | None = Field(None, gt=0)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)  # OpenAI's default; 0 decodes greedily
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1)
+    stop: str | list[str] | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    seed: int | None = None
+    stream: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    # Accepted and ignored: bookkeeping that does not change the completion.
+    user: str | None = None
+    store: bool | None = None
+    metadata: dict[str, Any] | None = None
+    stream_options: dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    service_tier: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value):
+        if isinstance(value, list) and len(value) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return value
+
+    def stops(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return tuple(s for s in ([self.stop] if isinstance(self.stop, str) else self.stop) if s)
+
+    def plain_messages(self) -> list[dict]:
+        """role/content dicts with string content: what chat templates and trace rows take."""
+        return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+    def unsupported(self) -> ApiError | None:
+        """What this server cannot honour, as the error to answer with."""
+        if self.stream:
+            return ApiError(400, "stream: streaming is not supported by this server; send stream: false",
+                            param="stream")
+        if self.n != 1:
+            return ApiError(400, "n: only one choice per request is supported", param="n")
+        if self.tools:
+            return ApiError(400, "tools: tool calls are not supported by this server", param="tools")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                return ApiError(400, f"{name}: only 0 is supported", param=name)
+        if self.top_logprobs and not self.logprobs:
+            return ApiError(400, "top_logprobs: requires logprobs: true", param="top_logprobs")
+        return None
+
+
+def parse_chat_request(raw: bytes) -> ChatRequest:
+    """The request body, or an ApiError naming what is wrong (malformed JSON, a missing, unknown or bad field)."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ApiError(400, f"malformed JSON body: {err}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    try:
+        request = ChatRequest.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        param = ".".join(str(p) for p in first["loc"])
+        message = f"unknown field {param!r}" if first["type"] == "extra_forbidden" else f"{param}: {first['msg']}"
+        raise ApiError(400, message, param=param) from None
+    problem = request.unsupported()
+    if problem is not None:
+        raise problem
+    return request
+
+
+def _token_entry(tokenizer, token_id: int, logprob: float) -> dict:
+    text = tokenizer.decode([token_id])
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode()), "token_id": token_id}
+
+
+def logprobs_content(result: GenerationResult, tokenizer, top_k: int) -> list[dict] | None:
+    """OpenAI's `choices[].logprobs.content`; each entry also carries `token_id` (as vLLM can), which is what
+    `capture` and the HTTP teacher backend read to keep the teacher's distribution for distillation."""
+    if result.token_ids is None or result.token_logprobs is None or result.top_logprobs is None:
+        return None
+    content = []
+    for token, logprob, top in zip(result.token_ids, result.token_logprobs, result.top_logprobs):
+        entry = _token_entry(tokenizer, token, logprob)
+        entry["top_logprobs"] = [_token_entry(tokenizer, t, lp) for t, lp in top[:top_k]]
+        content.append(entry)
+    return content
+
+
+def completion_body(result: GenerationResult, model: str, *, tokenizer=None, logprobs: bool = False,
+                    top_logprobs: int = 0) -> dict:
+    choice = {
+        "index": 0,
+        "message": {"role": "assistant", "content": result.text},
+        "finish_reason": result.finish_reason,
+        "logprobs": None,
+    }
+    if logprobs and tokenizer is not None:
+        choice["logprobs"] = {"content": logprobs_content(result, tokenizer, top_logprobs)}
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": {
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens,
+        },
+    }
+
+
+def models_body(names: list[str]) -> dict:
+    return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "memlora"}
+                                       for n in names]}

@@ -1,0 +1,180 @@
+"""An OpenAI-compatible server (FastAPI + uvicorn) on one local model: the student with every expert
+(`memlora serve-experts`, the request's `model` picks the expert) or any single model such as the teacher
+(`memlora serve-model`).
+
+Requests that arrive together are merged into shared batches per expert by the same micro-batcher that merges
+traced conversations' calls. Every request is checked before it joins a batch (model, fields, schema, context
+length), so a bad one gets its own OpenAI-shaped error and never fails the batch it would have joined.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass
+
+from anyio import to_thread
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from memlora.config import OPERATIONS, CaptureRule
+from memlora.llm.batcher import MicroBatcher
+from memlora.llm.call_rules import classify, schema_for
+from memlora.llm.hf_backend import TransformersBackend
+from memlora.llm.openai_protocol import ApiError, ChatRequest, completion_body, error_body, models_body, \
+    parse_chat_request
+from memlora.memory.llm import GenerationRequest, GenerationResult
+
+log = logging.getLogger("memlora.serve")
+
+ANY_JSON_OBJECT = {"type": "object"}  # json_object with no rule for the call: any JSON object
+BASE = "base"  # the operation name of the bare student (no expert)
+MODEL = "model"  # the operation name of a single served model (serve-model): no expert to pick
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    name: str  # what a client puts in `model`
+    operation: str  # the memory operation whose expert answers (BASE: none)
+
+
+class ServingEngine:
+    """Turns OpenAI requests into the memory system's `GenerationRequest`s on one backend."""
+
+    def __init__(self, backend: TransformersBackend, models: list[ServedModel], rules: list[CaptureRule] = (),
+                 *, default_max_tokens: int = 512, linger_s: float = 0.02):
+        self.backend, self.rules = backend, list(rules)
+        self.models = {m.name: m for m in models}
+        self.default_max_tokens = default_max_tokens
+        self.context = int(getattr(backend.model.config, "max_position_embeddings", 0) or 0)
+        self.batcher = MicroBatcher(backend, backend.batch_size, linger_s=linger_s)
+
+    def close(self) -> None:
+        self.batcher.close()
+
+    def model_names(self) -> list[str]:
+        return list(self.models)
+
+    def _schema(self, chat: ChatRequest, served: ServedModel, messages: list[dict]) -> dict | None:
+        fmt = chat.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_schema":
+            if fmt.json_schema is None or fmt.json_schema.json_schema is None:
+                raise ApiError(400, "response_format.json_schema.schema: required for type json_schema",
+                               param="response_format")
+            return fmt.json_schema.json_schema
+        # json_object: the operation's schema from the rules where one is known (an expert's own operation, else
+        # the rule the call matches), else any JSON object
+        if served.operation in OPERATIONS:
+            return schema_for(self.rules, served.operation) or ANY_JSON_OBJECT
+        rule = classify(self.rules, messages, chat.model)
+        return (rule.output_schema if rule is not None else None) or ANY_JSON_OBJECT
+
+    def to_request(self, chat: ChatRequest) -> GenerationRequest:
+        served = self.models.get(chat.model)
+        if served is None:
+            raise ApiError(404, f"The model {chat.model!r} does not exist; this server has: "
+                           f"{', '.join(self.models)}", param="model", code="model_not_found")
+        messages = chat.plain_messages()
+        schema = self._schema(chat, served, messages)
+        if schema is not None:
+            try:
+                self.backend.grammars.grammar(schema)
+            except Exception as err:  # noqa: BLE001  (xgrammar raises plain RuntimeErrors)
+                raise ApiError(400, f"response_format: the JSON schema cannot be compiled to a grammar: {err}",
+                               param="response_format") from None
+        try:
+            prompt = self.backend.prompt_text(GenerationRequest(served.operation, messages, 1))
+        except Exception as err:  # noqa: BLE001  (a chat template rejects the message order or roles)
+            raise ApiError(400, f"messages: the model's chat template cannot render them: {err}",
+                           param="messages") from None
+        prompt_tokens = len(self.backend.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        asked = chat.max_completion_tokens or chat.max_tokens
+        room = self.context - prompt_tokens if self.context else None
+        if room is not None and (room <= 0 or (asked is not None and asked > room)):
+            raise ApiError(400, f"This model's maximum context length is {self.context} tokens; the messages take "
+                           f"{prompt_tokens} and {asked or 'at least 1'} more were asked for",
+                           param="messages", code="context_length_exceeded")
+        max_new = asked or min(self.default_max_tokens, room or self.default_max_tokens)
+        top_k = (max(1, chat.top_logprobs or 0)) if chat.logprobs else 0
+        return GenerationRequest(
+            operation=served.operation, messages=messages, max_new_tokens=max_new, schema=schema,
+            logprobs_top_k=top_k, temperature=chat.temperature, top_p=chat.top_p, seed=chat.seed,
+            stop=chat.stops(),
+        )
+
+    def complete(self, request: GenerationRequest) -> GenerationResult:
+        return self.batcher.generate([request])[0]
+
+    def answer(self, chat: ChatRequest, result: GenerationResult) -> dict:
+        return completion_body(result, chat.model, tokenizer=self.backend.tokenizer, logprobs=chat.logprobs,
+                               top_logprobs=chat.top_logprobs or 0)
+
+
+def add_error_handlers(app, api_key: str | None = None) -> None:
+    """OpenAI-shaped errors for everything (ours, FastAPI's, unexpected ones) and the optional bearer key."""
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, err: ApiError):
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_: Request, err: HTTPException):
+        return JSONResponse(error_body(err.status_code, str(err.detail)), status_code=err.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, err: RequestValidationError):
+        return JSONResponse(error_body(400, str(err)), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, err: Exception):
+        log.exception("request failed")
+        return JSONResponse(error_body(500, f"internal error: {type(err).__name__}: {err}", "server_error"),
+                            status_code=500)
+
+    if api_key:
+        @app.middleware("http")
+        async def _bearer(request: Request, call_next):
+            if request.url.path.startswith("/v1/"):
+                given = request.headers.get("authorization", "")
+                if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                    return JSONResponse(error_body(401, "Incorrect API key provided", "authentication_error"),
+                                        status_code=401)
+            return await call_next(request)
+
+
+def create_app(engine: ServingEngine, api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="memlora", docs_url=None, redoc_url=None)
+    add_error_handlers(app, api_key)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "models": engine.model_names()}
+
+    @app.get("/v1/models")
+    async def models():
+        return models_body(engine.model_names())
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        chat = parse_chat_request(await request.body())
+        generation = engine.to_request(chat)
+        # The batcher's thread decodes; a client that hangs up only loses its own answer.
+        result = await to_thread.run_sync(engine.complete, generation)
+        return engine.answer(chat, result)
+
+    return app
+
+
+def expert_models(operations: list[str], prefix: str = "memlora") -> list[ServedModel]:
+    """`memlora-<operation>` per expert, and `memlora-base` for the student without one."""
+    return [ServedModel(f"{prefix}-{op}", op) for op in operations] + [ServedModel(f"{prefix}-{BASE}", BASE)]
+
+
+def run_server(app, host: str, port: int) -> None:
+    """Serve until interrupted (uvicorn stops on SIGINT/SIGTERM)."""
+    import uvicorn
+
+    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)).run()

@@ -1,0 +1,230 @@
+"""`memlora capture`: an OpenAI-compatible proxy in front of any teacher endpoint that records what a client's
+memory system (Mem0, ...) asks, as trace rows in the same schema as ours.
+
+Each call is forwarded as it came, except that a `json_object` request whose rule carries a schema goes out as
+`json_schema` with it (a small teacher then answers in the shape the caller parses). Which operation a call
+belongs to comes from `capture.rules`; a call no rule matches is forwarded and counted, not recorded. A recorded
+call is written as its own Parquet shard (temporary name, then rename) before its response is returned, so a
+killed proxy loses at most the calls in flight and never leaves half a row.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import threading
+import time
+from collections import Counter
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import jsonschema
+import pyarrow as pa
+from anyio import to_thread
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from memlora.config import CaptureConfig, CaptureRule
+from memlora.data.io import write_parquet
+from memlora.data.schemas import TRACES
+from memlora.layout import capture_shard_path
+from memlora.llm.call_rules import classify, fingerprint
+from memlora.llm.openai_protocol import ApiError, Message, error_body
+from memlora.llm.openai_server import add_error_handlers
+
+CONVERSATION_HEADER = "x-memlora-conversation"  # optional: groups a client's calls (e.g. per Mem0 user)
+SESSION_HEADER = "x-memlora-session"
+
+
+def parse_output(text: str, schema: dict | None) -> tuple[dict | None, str | None]:
+    """(parsed JSON, None) or (None, why not): malformed output is recorded raw and never trains."""
+    body = text.strip()
+    if body.startswith("```"):  # what Mem0 strips before parsing, so the row means what the client saw
+        body = body.strip("`").removeprefix("json").strip()
+    try:
+        value = json.loads(body)
+    except ValueError as err:
+        return None, f"invalid JSON: {err}"
+    if schema is not None:
+        try:
+            jsonschema.validate(value, schema)
+        except jsonschema.ValidationError as err:
+            return None, f"schema: {err.message}"
+    return value, None
+
+
+def _top_logprobs(choice: dict) -> tuple[list[int] | None, list | None]:
+    """Token ids and top-k log-probs where the upstream sends ids (vLLM, our servers); else (None, None)."""
+    content = (choice.get("logprobs") or {}).get("content")
+    if not content or any("token_id" not in step for step in content):
+        return None, None
+    ids = [int(step["token_id"]) for step in content]
+    top = [[{"token_id": int(t["token_id"]), "logprob": float(t["logprob"])}
+            for t in step.get("top_logprobs", []) if "token_id" in t] for step in content]
+    return ids, top
+
+
+class CaptureRecorder:
+    """Writes one trace shard per recorded call and counts what passed through."""
+
+    def __init__(self, out: str | Path, upstream: str):
+        self.out, self.upstream = Path(out), upstream
+        self.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+        self.counts: Counter = Counter()
+        self._seq = itertools.count()
+        self._steps: Counter = Counter()
+        self._lock = threading.Lock()
+
+    def row(self, rule: CaptureRule, messages: list[dict], sent_schema: dict | None, response: dict,
+            latency_s: float, conversation: str | None, session: int) -> dict:
+        choice = response["choices"][0]
+        text = (choice.get("message") or {}).get("content") or ""
+        usage = response.get("usage") or {}
+        parsed, error = parse_output(text, sent_schema)
+        ids, top = _top_logprobs(choice)
+        cid = conversation or f"capture-{self.run_id}"
+        with self._lock:
+            seq = next(self._seq)
+            step = self._steps[(cid, rule.operation)]
+            self._steps[(cid, rule.operation)] += 1
+        return {
+            "trace_id": f"{cid}:{rule.operation}:{self.run_id}-{seq:06d}",
+            "operation": rule.operation,
+            "conversation_id": cid,
+            "session": session,
+            "step": step,
+            "messages": messages,
+            "output_schema": json.dumps(sent_schema) if sent_schema is not None else None,
+            "raw_output": text,
+            "parsed_output": json.dumps(parsed) if parsed is not None else None,
+            "parse_ok": parsed is not None,
+            "parse_error": error,
+            "constrained": sent_schema is not None,
+            "finish_reason": "length" if choice.get("finish_reason") == "length" else "stop",
+            "prompt_tokens": int(usage.get("prompt_tokens") or 0),
+            "completion_tokens": int(usage.get("completion_tokens") or 0),
+            "completion_token_ids": ids,
+            "top_logprobs": top,
+            "latency_s": latency_s,
+            "batch_size": 1,
+            "model_id": str(response.get("model") or ""),
+            "backend": "capture",
+            "template_hash": fingerprint(messages)[:16],
+            "decoding": None,
+        }
+
+    def write(self, row: dict) -> Path:
+        path = capture_shard_path(self.out, row["operation"], row["trace_id"].rsplit(":", 1)[-1])
+        write_parquet(pa.Table.from_pylist([row], schema=TRACES), path, "traces")
+        with self._lock:
+            self.counts[f"recorded_{row['operation']}"] += 1
+            self.counts["parse_failed"] += not row["parse_ok"]
+        return path
+
+    def count(self, what: str) -> None:
+        with self._lock:
+            self.counts[what] += 1
+
+
+def outgoing(body: dict, rule: CaptureRule | None, logprobs_top_k: int) -> tuple[dict, dict | None, bool]:
+    """(the body to send upstream, the schema decoding runs under, whether log-probs were added for us)."""
+    sent = dict(body)
+    fmt = body.get("response_format") or {}
+    schema = None
+    if fmt.get("type") == "json_schema":
+        schema = (fmt.get("json_schema") or {}).get("schema")
+    elif fmt.get("type") == "json_object" and rule is not None and rule.output_schema is not None:
+        schema = rule.output_schema
+        sent["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": rule.operation, "schema": schema, "strict": True}}
+    added = False
+    if rule is not None and logprobs_top_k and not body.get("logprobs"):
+        sent["logprobs"], sent["top_logprobs"], added = True, logprobs_top_k, True
+    return sent, schema, added
+
+
+def create_capture_app(upstream: str, config: CaptureConfig, recorder: CaptureRecorder, *,
+                       logprobs_top_k: int = 0, timeout_s: float = 600.0, upstream_key: str | None = None) -> FastAPI:
+    base = upstream.rstrip("/")
+    client = httpx.AsyncClient(timeout=timeout_s)
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        yield
+        await client.aclose()
+
+    app = FastAPI(title="memlora capture", docs_url=None, redoc_url=None, lifespan=lifespan)
+    add_error_handlers(app)
+
+    def headers(request: Request) -> dict:
+        key = upstream_key or request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    async def forward(method: str, path: str, request: Request, **kwargs) -> httpx.Response:
+        try:
+            return await client.request(method, f"{base}{path}", headers=headers(request), **kwargs)
+        except httpx.HTTPError as err:
+            recorder.count("upstream_failed")
+            raise ApiError(502, f"upstream {base} unreachable: {type(err).__name__}: {err}",
+                           type="upstream_error") from None
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "upstream": base, "counts": dict(recorder.counts)}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        response = await forward("GET", "/models", request)
+        return JSONResponse(_json_or_error(response), status_code=response.status_code)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ApiError(400, f"malformed JSON body: {err}") from None
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list) or not body["messages"]:
+            raise ApiError(400, "messages: a non-empty list is required", param="messages")
+        try:
+            messages = [{"role": m.role, "content": m.text()}
+                        for m in (Message.model_validate(m) for m in body["messages"])]
+        except ValueError as err:
+            raise ApiError(400, f"messages: {err}", param="messages") from None
+        rule = classify(config.rules, messages, str(body.get("model", "")))
+        sent, schema, added = outgoing(body, rule, logprobs_top_k)
+        recorder.count("forwarded")
+        started = time.perf_counter()
+        response = await forward("POST", "/chat/completions", request, json=sent)
+        latency = time.perf_counter() - started
+        if response.status_code >= 400:  # the upstream's own error, passed on as it is
+            recorder.count("upstream_errors")
+            return JSONResponse(_json_or_error(response), status_code=response.status_code)
+        data = _json_or_error(response)
+        choices = data.get("choices") if isinstance(data, dict) else None
+        if not choices or not isinstance(choices[0], dict) or "message" not in choices[0]:
+            recorder.count("upstream_garbage")
+            raise ApiError(502, f"upstream {base} answered without choices[0].message: {response.text[:200]!r}",
+                           type="upstream_error")
+        if rule is None:
+            recorder.count("unmatched")
+        else:
+            session = request.headers.get(SESSION_HEADER, "0")
+            row = recorder.row(rule, messages, schema, data, latency, request.headers.get(CONVERSATION_HEADER),
+                               int(session) if session.lstrip("-").isdigit() else 0)
+            await to_thread.run_sync(recorder.write, row)
+        if added:  # the client did not ask for log-probs: it gets the answer it would have had
+            for choice in choices:
+                choice["logprobs"] = None
+        return data
+
+    return app
+
+
+def _json_or_error(response) -> dict:
+    try:
+        return response.json()
+    except ValueError:
+        return error_body(502, f"upstream answered HTTP {response.status_code} with a non-JSON body: "
+                               f"{response.text[:200]!r}", "upstream_error")
