@@ -217,8 +217,7 @@ def cmd_capture(args) -> int:
         raise UsageError(f"{args.config}: capture.rules is empty: no call would be recorded")
     recorder = CaptureRecorder(args.out, args.upstream)
     upstream_key = os.environ.get(args.upstream_key_env) if args.upstream_key_env else None
-    app = create_capture_app(args.upstream, config.capture, recorder, upstream_key=upstream_key,
-                             logprobs_top_k=config.capture.logprobs_top_k)
+    app = create_capture_app(args.upstream, config.capture, recorder, upstream_key=upstream_key)
     print(f"capturing at http://{args.host}:{args.port}/v1 -> {args.upstream}; traces under "
           f"{Path(args.out) / 'traces'} (Ctrl-C stops)", flush=True)
     run_server(app, args.host, args.port)

@@ -146,7 +146,7 @@ def outgoing(body: dict, rule: CaptureRule | None, logprobs_top_k: int) -> tuple
 
 
 def create_capture_app(upstream: str, config: CaptureConfig, recorder: CaptureRecorder, *,
-                       logprobs_top_k: int = 0, timeout_s: float = 600.0, upstream_key: str | None = None) -> FastAPI:
+                       timeout_s: float = 600.0, upstream_key: str | None = None) -> FastAPI:
     base = upstream.rstrip("/")
     client = httpx.AsyncClient(timeout=timeout_s)
 
@@ -193,7 +193,7 @@ def create_capture_app(upstream: str, config: CaptureConfig, recorder: CaptureRe
         except ValueError as err:
             raise ApiError(400, f"messages: {err}", param="messages") from None
         rule = classify(config.rules, messages, str(body.get("model", "")))
-        sent, schema, added = outgoing(body, rule, logprobs_top_k)
+        sent, schema, added = outgoing(body, rule, config.logprobs_top_k)
         recorder.count("forwarded")
         started = time.perf_counter()
         response = await forward("POST", "/chat/completions", request, json=sent)

@@ -16,6 +16,7 @@ class StubOpenAI:
         self.fail_first = 0          # answer this many requests with `fail_status` first
         self.fail_status = 503
         self.stall_s = 0.0
+        self.garbage = False         # answer 200 with a body that is not JSON
         self.reply = '{"facts": ["Ann has a cat"]}'
         # Per operation (the json_schema name), for runs of the whole memory system.
         self.replies: dict[str, str] = {}
@@ -41,6 +42,8 @@ class StubOpenAI:
                     time.sleep(stub.stall_s)
                 if failing:
                     return self._send(stub.fail_status, {"error": {"message": "try later"}})
+                if stub.garbage:
+                    return self._send(200, None, raw=b"<html>upstream proxy error</html>")
                 if stub.reject_schema and "response_format" in body:
                     return self._send(400, {"error": {"message": "response_format json_schema not supported"}})
                 op = (body.get("response_format") or {}).get("json_schema", {}).get("name")
@@ -50,8 +53,8 @@ class StubOpenAI:
                     "usage": {"prompt_tokens": 11, "completion_tokens": 7},
                 })
 
-            def _send(self, status, payload):
-                data = json.dumps(payload).encode()
+            def _send(self, status, payload, raw: bytes | None = None):
+                data = raw if raw is not None else json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))

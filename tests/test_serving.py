@@ -1,0 +1,204 @@
+"""The OpenAI-compatible server and the capture proxy, on real uvicorn servers, spoken to by the `openai`
+client and raw HTTP (tiny random model: the protocol, batching and faults, not answer quality)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import jsonschema
+import pyarrow.parquet as pq
+import pytest
+
+from memlora.config import CaptureConfig, CaptureRule, HttpConfig, LLMConfig
+from memlora.llm.openai_server import MODEL, ServedModel, ServingEngine, create_app
+from memlora.memory.llm import GenerationRequest
+from memlora.memory.prompts import TEMPLATES, extraction_schema
+from memlora.teacher.capture import CaptureRecorder, create_capture_app
+from tests.serving_fixtures import running
+from tests.stub_openai import StubOpenAI
+
+SCHEMA = extraction_schema(3, 40)
+RULES = [
+    CaptureRule(operation="extraction", system_contains="Personal Information Organizer", schema=SCHEMA),
+    CaptureRule(operation="update", model="update-model"),
+]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_backend):
+    engine = ServingEngine(tiny_backend, [ServedModel("tiny", MODEL)], RULES, default_max_tokens=16)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    with running(create_app(engine)) as url:
+        yield url
+
+
+def chat(url, timeout=60, **body):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Ann: I have a cat."}], "temperature": 0,
+            **body}
+    return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=timeout)
+
+
+@pytest.mark.timeout(120)
+def test_openai_client_gets_schema_valid_json_logprobs_and_stops(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server}/v1", api_key="unused")
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    done = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Ann: I have a cat."}], temperature=0, max_tokens=40,
+        response_format={"type": "json_schema", "json_schema": {"name": "facts", "schema": SCHEMA}},
+        logprobs=True, top_logprobs=3)
+    jsonschema.validate(json.loads(done.choices[0].message.content), SCHEMA)
+    assert done.usage.completion_tokens == len(done.choices[0].logprobs.content) > 0
+    first = done.choices[0].logprobs.content[0]
+    # at most 3 (the grammar leaves fewer allowed where it forces a token); greedy: the chosen is the top one
+    assert all(1 <= len(step.top_logprobs) <= 3 for step in done.choices[0].logprobs.content)
+    assert any(len(step.top_logprobs) == 3 for step in done.choices[0].logprobs.content)
+    assert first.logprob == pytest.approx(first.top_logprobs[0].logprob)
+    assert done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens
+    # json_object: the rule the call matches gives the schema (the system prompt names the operation)
+    messages = [{"role": "system", "content": "You are a Personal Information Organizer."},
+                {"role": "user", "content": "Ann: hi"}]
+    obj = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=60,
+                                         response_format={"type": "json_object"})
+    if obj.choices[0].finish_reason == "stop":
+        jsonschema.validate(json.loads(obj.choices[0].message.content), SCHEMA)
+    # a cap ends the answer with finish_reason length; a stop string ends it before the string
+    capped = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=3)
+    assert capped.choices[0].finish_reason == "length" and capped.usage.completion_tokens == 3
+    free = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=12)
+    text = free.choices[0].message.content
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    if stop.strip():
+        cut = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=12,
+                                             stop=[stop])
+        assert cut.choices[0].message.content == text[: text.find(stop)]
+    # sampling: the same seed gives the same text
+    sampled = [client.chat.completions.create(model="tiny", messages=messages, temperature=1.0, seed=7,
+                                              max_tokens=8).choices[0].message.content for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
+@pytest.mark.timeout(120)
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, engine):
+    def error(response, status):
+        assert response.status_code == status, response.text
+        return response.json()["error"]
+
+    raw = httpx.post(f"{server}/v1/chat/completions", content=b"{not json", timeout=30,
+                     headers={"content-type": "application/json"})
+    assert "malformed JSON body" in error(raw, 400)["message"]
+    assert error(chat(server, foo=1), 400)["message"] == "unknown field 'foo'"
+    assert error(chat(server, messages=[]), 400)["param"] == "messages"
+    missing = error(chat(server, model="nope"), 404)
+    assert missing["code"] == "model_not_found" and "tiny" in missing["message"]
+    bad_schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "("}}}
+    assert "cannot be compiled" in error(chat(server, response_format=bad_schema), 400)["message"]
+    long = [{"role": "user", "content": "word " * 3000}]
+    assert error(chat(server, messages=long), 400)["code"] == "context_length_exceeded"
+    assert error(chat(server, stream=True), 400)["param"] == "stream"
+    assert error(chat(server, n=2), 400)["param"] == "n"
+    assert error(httpx.get(f"{server}/v1/nothing-here"), 404)["message"]
+    # a client that hangs up mid-generation loses only its own answer
+    with pytest.raises(httpx.TimeoutException):
+        chat(server, max_tokens=400, timeout=0.05)
+    assert chat(server, max_tokens=4).status_code == 200
+
+
+@pytest.mark.timeout(120)
+def test_requests_that_arrive_together_share_a_batch(server, engine, monkeypatch):
+    sizes = []
+    inner = engine.backend._generate_batch
+    monkeypatch.setattr(engine.backend, "_generate_batch", lambda batch: sizes.append(len(batch)) or inner(batch))
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda i: chat(server, max_tokens=6, messages=[
+            {"role": "user", "content": f"Ann: fact number {i}"}]), range(8)))
+    assert all(a.status_code == 200 for a in answers)
+    assert sum(sizes) == 8 and max(sizes) > 1
+
+
+@pytest.mark.timeout(120)
+def test_bearer_key_and_http_teacher_backend_against_the_real_server(engine):
+    from memlora.llm.http_backend import OpenAIBackend
+
+    with running(create_app(engine, api_key="s3cret")) as url:
+        assert chat(url).status_code == 401
+        assert httpx.get(f"{url}/health").status_code == 200  # health needs no key
+        teacher = OpenAIBackend(LLMConfig(backend="openai", model="tiny", logprobs_top_k=2,
+                                          http=HttpConfig(base_url=f"{url}/v1", api_key_env="MEMLORA_TEST_KEY")))
+        import os
+
+        os.environ["MEMLORA_TEST_KEY"] = "s3cret"
+        try:
+            teacher = OpenAIBackend(teacher.config)
+            request = GenerationRequest("extraction", TEMPLATES["extraction"].messages("Ann: I have a cat."), 48,
+                                        SCHEMA)
+            result = teacher.generate([request])[0]
+        finally:
+            os.environ.pop("MEMLORA_TEST_KEY")
+    assert result.constrained and result.completion_tokens > 0
+    if result.finish_reason == "stop":
+        jsonschema.validate(json.loads(result.text), SCHEMA)
+    assert len(result.top_logprobs) == result.completion_tokens
+    assert all(1 <= len(step) <= 2 and step[0][0] >= 0 for step in result.top_logprobs)  # real token ids
+
+
+@pytest.mark.timeout(120)
+def test_capture_records_matched_calls_as_trace_rows(server, tmp_path):
+    out = tmp_path / "out"
+    recorder = CaptureRecorder(out, f"{server}/v1")
+    app = create_capture_app(f"{server}/v1", CaptureConfig(rules=RULES, logprobs_top_k=2), recorder)
+    organizer = [{"role": "system", "content": "You are a Personal Information Organizer."},
+                 {"role": "user", "content": "Ann: I have a cat."}]
+    with running(app) as proxy:
+        got = chat(proxy, messages=organizer, max_tokens=60, response_format={"type": "json_object"},
+                   timeout=60).json()
+        assert got["choices"][0]["logprobs"] is None  # added for the trace, not for the client
+        assert chat(proxy, model="tiny", max_tokens=4).status_code == 200  # no rule: forwarded, not recorded
+        assert chat(proxy, model="nope").status_code == 404  # the upstream's own error, passed on
+        assert chat(proxy, messages=[]).status_code == 400
+        health = httpx.get(f"{proxy}/health").json()["counts"]
+    assert health["recorded_extraction"] == 1 and health["unmatched"] == 1 and health["upstream_errors"] == 1
+    shards = list((out / "traces" / "extraction").glob("part-capture-*.parquet"))
+    assert len(shards) == 1 and not list((out / "traces").rglob("*.tmp*"))
+    row = pq.read_table(shards[0]).to_pylist()[0]
+    assert row["operation"] == "extraction" and row["backend"] == "capture" and row["constrained"]
+    assert json.loads(row["output_schema"]) == SCHEMA  # json_object went out as the rule's json_schema
+    assert row["raw_output"] == got["choices"][0]["message"]["content"]
+    assert row["completion_tokens"] == len(row["completion_token_ids"]) == len(row["top_logprobs"])
+    assert row["parse_ok"] == (row["finish_reason"] == "stop")
+
+
+@pytest.mark.timeout(120)
+def test_capture_upstream_down_or_garbage_is_a_502_and_no_row(tmp_path):
+    out = tmp_path / "out"
+    organizer = [{"role": "system", "content": "You are a Personal Information Organizer."},
+                 {"role": "user", "content": "Ann: I have a cat."}]
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    with running(create_capture_app(dead, CaptureConfig(rules=RULES), CaptureRecorder(out, dead))) as proxy:
+        down = chat(proxy, messages=organizer)
+        assert down.status_code == 502 and "unreachable" in down.json()["error"]["message"]
+    with StubOpenAI() as stub:
+        stub.garbage = True
+        with running(create_capture_app(stub.url, CaptureConfig(rules=RULES), CaptureRecorder(out, stub.url))) as proxy:
+            bad = chat(proxy, messages=organizer)
+            assert bad.status_code == 502 and "without choices" in bad.json()["error"]["message"]
+            stub.garbage = False
+            stub.reply = "not json at all"
+            kept = chat(proxy, messages=organizer)  # malformed model output: kept raw, counted, never trained
+            assert kept.status_code == 200
+    rows = [pq.read_table(f).to_pylist()[0] for f in (out / "traces" / "extraction").glob("*.parquet")]
+    assert len(rows) == 1 and not rows[0]["parse_ok"] and rows[0]["raw_output"] == "not json at all"
+    assert rows[0]["parse_error"].startswith("invalid JSON")
+    assert threading.active_count() < 50
