@@ -30,3 +30,12 @@ def assign_split(corpus: list[Conversation], test_ratio: float, seed: int,
         cid = conv.conversation_id
         conv.split = "test" if cid in test_ids else "validation" if cid in val_ids else "train"
     return corpus
+
+
+# Captured calls (`memlora capture`) have no ingested conversation: the proxy names the one they belong to, and
+# holds out every `round(1 / validation_ratio)`-th call per operation under the same name with this suffix.
+CAPTURED_VALIDATION_SUFFIX = "-validation"
+
+
+def captured_split(conversation_id: str) -> str:
+    return "validation" if conversation_id.endswith(CAPTURED_VALIDATION_SUFFIX) else "train"

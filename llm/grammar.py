@@ -24,7 +24,10 @@ class GrammarCache:
         key = json.dumps(schema, sort_keys=True)
         with self._lock:
             if key not in self._cache:
-                # Compact JSON (no free whitespace): the model cannot pad its output with endless spaces.
-                self._cache[key] = self._compiler.compile_json_schema(key, any_whitespace=False)
+                # Compact JSON (no free whitespace): the model cannot pad its output with endless spaces. The
+                # schema as written, not the sorted key: xgrammar emits properties in the schema's order, and
+                # sorted they would make the model write an update's "event" before its "id" and "text" (the
+                # opposite of the prompts' examples).
+                self._cache[key] = self._compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
                 self.compiled += 1
             return self._cache[key]

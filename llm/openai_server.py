@@ -32,6 +32,7 @@ log = logging.getLogger("memlora.serve")
 ANY_JSON_OBJECT = {"type": "object"}  # json_object with no rule for the call: any JSON object
 BASE = "base"  # the operation name of the bare student (no expert)
 MODEL = "model"  # the operation name of a single served model (serve-model): no expert to pick
+ROUTED = "routed"  # not an operation: the request's capture rule picks the expert
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class ServingEngine:
                  *, default_max_tokens: int = 512, linger_s: float = 0.02):
         self.backend, self.rules = backend, list(rules)
         self.models = {m.name: m for m in models}
+        self.experts = set(getattr(backend, "operations", ()))
         self.default_max_tokens = default_max_tokens
         self.context = int(getattr(backend.model.config, "max_position_embeddings", 0) or 0)
         self.batcher = MicroBatcher(backend, backend.batch_size, linger_s=linger_s)
@@ -57,7 +59,15 @@ class ServingEngine:
     def model_names(self) -> list[str]:
         return list(self.models)
 
-    def _schema(self, chat: ChatRequest, served: ServedModel, messages: list[dict]) -> dict | None:
+    def _operation(self, served: ServedModel, messages: list[dict], model: str) -> str:
+        """The expert a request runs on: its model's, or for the routed name the one its rule names (a client
+        such as Mem0 sends every call under one model name); the bare base where there is no such expert."""
+        if served.operation != ROUTED:
+            return served.operation
+        rule = classify(self.rules, messages, model)
+        return rule.operation if rule is not None and rule.operation in self.experts else BASE
+
+    def _schema(self, chat: ChatRequest, operation: str, messages: list[dict]) -> dict | None:
         fmt = chat.response_format
         if fmt is None or fmt.type == "text":
             return None
@@ -68,8 +78,8 @@ class ServingEngine:
             return fmt.json_schema.json_schema
         # json_object: the operation's schema from the rules where one is known (an expert's own operation, else
         # the rule the call matches), else any JSON object
-        if served.operation in OPERATIONS:
-            return schema_for(self.rules, served.operation) or ANY_JSON_OBJECT
+        if operation in OPERATIONS:
+            return schema_for(self.rules, operation) or ANY_JSON_OBJECT
         rule = classify(self.rules, messages, chat.model)
         return (rule.output_schema if rule is not None else None) or ANY_JSON_OBJECT
 
@@ -79,7 +89,8 @@ class ServingEngine:
             raise ApiError(404, f"The model {chat.model!r} does not exist; this server has: "
                            f"{', '.join(self.models)}", param="model", code="model_not_found")
         messages = chat.plain_messages()
-        schema = self._schema(chat, served, messages)
+        operation = self._operation(served, messages, chat.model)
+        schema = self._schema(chat, operation, messages)
         if schema is not None:
             try:
                 self.backend.grammars.grammar(schema)
@@ -87,7 +98,7 @@ class ServingEngine:
                 raise ApiError(400, f"response_format: the JSON schema cannot be compiled to a grammar: {err}",
                                param="response_format") from None
         try:
-            prompt = self.backend.prompt_text(GenerationRequest(served.operation, messages, 1))
+            prompt = self.backend.prompt_text(GenerationRequest(operation, messages, 1))
         except Exception as err:  # noqa: BLE001  (a chat template rejects the message order or roles)
             raise ApiError(400, f"messages: the model's chat template cannot render them: {err}",
                            param="messages") from None
@@ -101,7 +112,7 @@ class ServingEngine:
         max_new = asked or min(self.default_max_tokens, room or self.default_max_tokens)
         top_k = (max(1, chat.top_logprobs or 0)) if chat.logprobs else 0
         return GenerationRequest(
-            operation=served.operation, messages=messages, max_new_tokens=max_new, schema=schema,
+            operation=operation, messages=messages, max_new_tokens=max_new, schema=schema,
             logprobs_top_k=top_k, temperature=chat.temperature, top_p=chat.top_p, seed=chat.seed,
             stop=chat.stops(),
         )
@@ -169,12 +180,20 @@ def create_app(engine: ServingEngine, api_key: str | None = None) -> FastAPI:
 
 
 def expert_models(operations: list[str], prefix: str = "memlora") -> list[ServedModel]:
-    """`memlora-<operation>` per expert, and `memlora-base` for the student without one."""
-    return [ServedModel(f"{prefix}-{op}", op) for op in operations] + [ServedModel(f"{prefix}-{BASE}", BASE)]
+    """`memlora` (the expert chosen per request by the capture rules), `memlora-<operation>` per expert, and
+    `memlora-base` for the student without one."""
+    return ([ServedModel(prefix, ROUTED)] + [ServedModel(f"{prefix}-{op}", op) for op in operations]
+            + [ServedModel(f"{prefix}-{BASE}", BASE)])
 
 
 def run_server(app, host: str, port: int) -> None:
-    """Serve until interrupted (uvicorn stops on SIGINT/SIGTERM)."""
+    """Serve until SIGINT or SIGTERM, then return after a graceful shutdown (requests in flight finish).
+    uvicorn raises the signal again once it has stopped; the handlers set here take it, so the command can
+    say what it did and exit 0 instead of dying by the signal."""
+    import signal
+
     import uvicorn
 
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
     uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)).run()

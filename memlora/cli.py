@@ -215,7 +215,7 @@ def cmd_capture(args) -> int:
     config = load_config(args.config)
     if not config.capture.rules:
         raise UsageError(f"{args.config}: capture.rules is empty: no call would be recorded")
-    recorder = CaptureRecorder(args.out, args.upstream)
+    recorder = CaptureRecorder(args.out, args.upstream, config.capture.validation_ratio)
     upstream_key = os.environ.get(args.upstream_key_env) if args.upstream_key_env else None
     app = create_capture_app(args.upstream, config.capture, recorder, upstream_key=upstream_key)
     print(f"capturing at http://{args.host}:{args.port}/v1 -> {args.upstream}; traces under "

@@ -275,6 +275,9 @@ class CaptureConfig(_Strict):
     # Ask the upstream for this many top log-probs on every recorded call (0: only what the client asked for):
     # token-level distillation targets; a client that did not ask gets its answer without them.
     logprobs_top_k: int = Field(0, ge=0, le=20)
+    # Every round(1 / validation_ratio)-th recorded call per operation is held out for early stopping (its
+    # conversation id ends in "-validation"); 0: all calls train.
+    validation_ratio: float = Field(0.1, ge=0.0, le=0.5)
 
 
 class PrefectConfig(_Strict):

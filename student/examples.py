@@ -94,8 +94,11 @@ def conversation_splits(out: str | Path) -> dict[str, str]:
 
 def split_rows(table: pa.Table, splits: dict[str, str]) -> tuple[pa.Table, pa.Table]:
     """(train rows, validation rows) by each row's conversation; a conversation ingest did not mark as
-    validation trains (traces made before validation existed)."""
-    is_val = [splits.get(cid) == "validation" for cid in table.column("conversation_id").to_pylist()]
+    validation trains (traces made before validation existed), unless capture held it out."""
+    from memlora.data.split import captured_split
+
+    is_val = [splits.get(cid, captured_split(cid)) == "validation"
+              for cid in table.column("conversation_id").to_pylist()]
     import pyarrow.compute as pc
 
     mask = pa.array(is_val, type=pa.bool_())

@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse
 
 from memlora.config import CaptureConfig, CaptureRule
 from memlora.data.io import write_parquet
+from memlora.data.split import CAPTURED_VALIDATION_SUFFIX
 from memlora.data.schemas import TRACES
 from memlora.layout import capture_shard_path
 from memlora.llm.call_rules import classify, fingerprint
@@ -69,8 +70,10 @@ def _top_logprobs(choice: dict) -> tuple[list[int] | None, list | None]:
 class CaptureRecorder:
     """Writes one trace shard per recorded call and counts what passed through."""
 
-    def __init__(self, out: str | Path, upstream: str):
+    def __init__(self, out: str | Path, upstream: str, validation_ratio: float = 0.0):
         self.out, self.upstream = Path(out), upstream
+        self.hold_out_every = round(1 / validation_ratio) if validation_ratio > 0 else 0
+        self._calls: Counter = Counter()
         self.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
         self.counts: Counter = Counter()
         self._seq = itertools.count()
@@ -87,6 +90,10 @@ class CaptureRecorder:
         cid = conversation or f"capture-{self.run_id}"
         with self._lock:
             seq = next(self._seq)
+            calls = self._calls[rule.operation]
+            self._calls[rule.operation] += 1
+            if self.hold_out_every and calls % self.hold_out_every == self.hold_out_every - 1:
+                cid += CAPTURED_VALIDATION_SUFFIX  # early stopping's rows (data.split.captured_split)
             step = self._steps[(cid, rule.operation)]
             self._steps[(cid, rule.operation)] += 1
         return {

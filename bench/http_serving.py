@@ -1,0 +1,156 @@
+"""Serving over HTTP: the student + experts (`memlora serve-experts`) vs the teacher (`memlora serve-model`), the
+same OpenAI requests (the teacher's own trace requests, json_schema, temperature 0) sent to each server in turn:
+per-operation latency p50/p95 with 1 client, requests/s with 1 and 8 concurrent clients (8 clients of mixed
+operations is what the per-expert batching serves), and each server process's peak RSS. Each server runs alone
+in its own process. Writes bench/results/http_serving.json.
+
+    python bench/http_serving.py [--quick] [--out OUT]   (OUT: use its traces and trained experts)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import CONFIG, QUICK_TOKENS, REPO, bench_parser, save, student_with_experts, table, trace_requests  # noqa: E402
+
+SYSTEMS = ("teacher", "student+experts")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def start_server(system: str, port: int, base: Path, experts_out: Path, log) -> subprocess.Popen:
+    memlora = str(Path(sys.executable).parent / "memlora")
+    if system == "teacher":
+        cmd = [memlora, "serve-model", "--config", str(CONFIG), "--name", "teacher", "--port", str(port)]
+    else:
+        cmd = [memlora, "serve-experts", "--config", str(CONFIG), "--out", str(experts_out), "--base", str(base),
+               "--port", str(port)]
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+
+
+def wait_up(url: str, proc: subprocess.Popen, timeout_s: float = 300) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+def body(request, system: str) -> dict:
+    payload = {"model": "teacher" if system == "teacher" else f"memlora-{request.operation}",
+               "messages": request.messages, "max_tokens": request.max_new_tokens, "temperature": 0}
+    if request.schema is not None:
+        payload["response_format"] = {"type": "json_schema",
+                                      "json_schema": {"name": request.operation, "schema": request.schema}}
+    return payload
+
+
+def measure(system: str, url: str, requests: list, repeats: int) -> dict:
+    import httpx
+
+    client = httpx.Client(timeout=600)
+
+    def call(request) -> tuple[str, float, int]:
+        started = time.perf_counter()
+        response = client.post(f"{url}/v1/chat/completions", json=body(request, system))
+        response.raise_for_status()
+        return request.operation, time.perf_counter() - started, response.json()["usage"]["completion_tokens"]
+
+    for op in dict.fromkeys(r.operation for r in requests):  # warm-up: grammars compiled, prefixes cached
+        call(next(r for r in requests if r.operation == op))
+    one: dict[str, list[float]] = {}
+    throughput = {}
+    for clients in (1, 8):
+        work = requests * repeats
+        started = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            done = list(pool.map(call, work))
+        throughput[clients] = len(work) / (time.perf_counter() - started)
+        if clients == 1:
+            for op, seconds, _ in done:
+                one.setdefault(op, []).append(seconds)
+    return {"latency": one, "requests_per_s": throughput}
+
+
+def main() -> None:
+    parser = bench_parser(__doc__)
+    parser.add_argument("--per-op", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None)
+    args = parser.parse_args()
+    per_op = args.per_op or (1 if args.quick else 6)
+    repeats = args.repeats or (1 if args.quick else 2)
+    requests = trace_requests(args.out, per_op, max_tokens=QUICK_TOKENS if args.quick else None)
+    records = {}
+    with tempfile.TemporaryDirectory(prefix="memlora-bench-") as scratch:
+        base, experts_out = student_with_experts(args.out, Path(scratch))
+        for system in SYSTEMS:  # one server at a time: each has the machine to itself
+            port = free_port()
+            with open(Path(scratch) / f"{system}.log", "wb") as log:
+                proc = start_server(system, port, base, experts_out, log)
+                try:
+                    wait_up(f"http://127.0.0.1:{port}", proc)
+                    records[system] = measure(system, f"http://127.0.0.1:{port}", requests, repeats)
+                    records[system]["peak_rss_mb"] = peak_rss_mb(proc.pid)
+                finally:
+                    proc.terminate()
+                    proc.wait(timeout=60)
+            if proc.returncode not in (0, -15):
+                raise SystemExit(f"{system} server exited with {proc.returncode}: "
+                                 f"{(Path(scratch) / f'{system}.log').read_text()[-2000:]}")
+
+    teacher, student = records["teacher"], records["student+experts"]
+    rows = []
+    for op, t in teacher["latency"].items():
+        s = student["latency"][op]
+        rows.append({"operation": op, "calls": len(t),
+                     "teacher_p50_s": f"{statistics.median(t):.3f}", "teacher_p95_s": f"{percentile(t, 0.95):.3f}",
+                     "student_p50_s": f"{statistics.median(s):.3f}", "student_p95_s": f"{percentile(s, 0.95):.3f}",
+                     "p50_ratio": f"{statistics.median(s) / statistics.median(t):.2f}x"})
+    print(table(rows, list(rows[0])))
+    for name, r in records.items():
+        rps = r["requests_per_s"]
+        print(f"{name:<16} requests/s: 1 client {rps[1]:.2f}, 8 clients {rps[8]:.2f} "
+              f"(batching gain {rps[8] / rps[1]:.2f}x); server peak RSS {r['peak_rss_mb']:.0f} MiB")
+    print(f"student+experts / teacher: peak RSS {student['peak_rss_mb'] / teacher['peak_rss_mb']:.2f}x; "
+          f"requests/s at 8 clients {student['requests_per_s'][8] / teacher['requests_per_s'][8]:.2f}x")
+    print("saved", save("http_serving", {"rows": rows, "records": records, "per_op": per_op, "repeats": repeats,
+                                         "pid": os.getpid()}))
+
+
+if __name__ == "__main__":
+    main()
