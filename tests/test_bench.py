@@ -21,6 +21,7 @@ QUICK = {
     "expert_switching": ["switch_s", "reload_s", "parameters"],
     "training_step": ["delora_over_lora"],
     "mixed_batch": ["speedup", "identical_outputs"],
+    "http_serving": ["rows", "records"],
 }
 
 

@@ -38,6 +38,7 @@ def small_config(path, tmp_path):
         update["memory"]["items"]["properties"][key]["maxLength"] = 60
     raw["capture"]["validation_ratio"] = 0.0
     raw["distill"].update(max_steps=1, max_epochs=1, batch_size=1)
+    raw["student"]["prune"] = {"from": "teacher", "every": 3}  # a 10-layer student keeps the test short
     path.write_text(yaml.safe_dump(raw, sort_keys=False))  # the schemas' property order is the output's
     return path
 
