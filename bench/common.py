@@ -128,6 +128,11 @@ def student_with_experts(out: str | Path | None, scratch: Path, config=None) -> 
     return base, scratch
 
 
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
 def ratio_spread(numerators: list[float], denominators: list[float]) -> dict:
     return spread([a / b for a, b in zip(numerators, denominators)])
 

@@ -9,7 +9,6 @@ in its own process. Writes bench/results/http_serving.json.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import subprocess
@@ -21,14 +20,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import CONFIG, QUICK_TOKENS, REPO, bench_parser, save, student_with_experts, table, trace_requests  # noqa: E402
+from common import (CONFIG, QUICK_TOKENS, REPO, bench_parser, percentile, save, student_with_experts,  # noqa: E402
+                    table, trace_requests)
+
+from memlora.serve import wait_healthy  # noqa: E402
 
 SYSTEMS = ("teacher", "student+experts")
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def free_port() -> int:
@@ -54,21 +51,6 @@ def start_server(system: str, port: int, base: Path, experts_out: Path, log) -> 
         cmd = [memlora, "serve-experts", "--config", str(CONFIG), "--out", str(experts_out), "--base", str(base),
                "--port", str(port)]
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
-
-
-def wait_up(url: str, proc: subprocess.Popen, timeout_s: float = 300) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    raise TimeoutError(url)
 
 
 def body(request, system: str) -> dict:
@@ -123,7 +105,7 @@ def main() -> None:
             with open(Path(scratch) / f"{system}.log", "wb") as log:
                 proc = start_server(system, port, base, experts_out, log)
                 try:
-                    wait_up(f"http://127.0.0.1:{port}", proc)
+                    wait_healthy(f"http://127.0.0.1:{port}", proc, timeout_s=300)
                     records[system] = measure(system, f"http://127.0.0.1:{port}", requests, repeats)
                     records[system]["peak_rss_mb"] = peak_rss_mb(proc.pid)
                 finally:

@@ -18,14 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import QUICK_TOKENS, bench_parser, fmt, ratio_spread, save, student_with_experts, table, trace_requests  # noqa: E402
+from common import (QUICK_TOKENS, bench_parser, fmt, percentile, ratio_spread, save,  # noqa: E402
+                    student_with_experts, table, trace_requests)
 
 SYSTEMS = ("teacher", "student+experts")
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def worker(system: str, base: str, experts_out: str, out: str | None, per_op: int, repeats: int,

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from memlora.config import Config
+from memlora.config import OPERATIONS, Config
 from memlora.layout import adapter_dir, trace_files
 from memlora.manifest import update_manifest
 from memlora.student.examples import load_traces, traces_fingerprint
@@ -48,7 +48,6 @@ def check_traces(out: str | Path) -> dict[str, int]:
     """Read every trace file distillation will need before anything expensive starts (the student base takes
     a minute to build; a truncated update shard used to surface only after the extraction expert had trained).
     Returns parse_ok rows per operation; raises TrainingFailed naming the file or folder."""
-    from memlora.config import OPERATIONS
     from memlora.data.io import DataError
 
     if not any(trace_files(out, op) for op in OPERATIONS):
@@ -65,8 +64,10 @@ def check_traces(out: str | Path) -> dict[str, int]:
 def distill_operation(config: Config, out: str | Path, operation: str, base: Path,
                       on_line: Callable[[str], None] = print) -> DistillResult:
     if not trace_files(out, operation):
-        # Other operations have traces (check_traces saw to that): a captured memory system need not make every
-        # kind of call (Mem0's add() extracts and updates; it never asks a question). No expert, said loudly.
+        if not any(trace_files(out, op) for op in OPERATIONS):
+            raise TrainingFailed(f"{Path(out) / 'traces'}: no trace files (run `memlora traces` first)")
+        # Other operations have traces: a captured memory system need not make every kind of call (Mem0's add()
+        # extracts and updates; it never asks a question). No expert, said loudly.
         on_line(f"WARNING {operation}: no trace files under {Path(out) / 'traces' / operation}; no expert")
         return NoExpert(operation, "no trace files for this operation")
     usable = sum(load_traces(trace_files(out, operation)).column("parse_ok").to_pylist())

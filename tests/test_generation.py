@@ -58,7 +58,7 @@ def test_update_id_enum_holds_per_prompt_in_a_mixed_batch(tiny_backend):
         schema = update_schema(ids, str(n_shown), max_chars=10)
         shown = [type("M", (), {"text": f"memory {i}"})() for i in range(n_shown)]
         requests.append(GenerationRequest("update", TEMPLATES["update"].messages(
-            render_update(shown, "Ann has a cat", str(n_shown))), 120, schema))
+            render_update(shown, "Ann has a cat", str(n_shown))), 240, schema))  # room for 4 full entries
         schemas.append(schema)
     results = tiny_backend.generate(requests)
     assert {r.batch_size for r in results} == {len(requests)}  # one batch: no per-row fallback

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 import httpx
 import jsonschema
@@ -22,6 +21,7 @@ import yaml
 from memlora.data.loaders import LoadOptions, load_corpus
 from memlora.models import resolve
 from memlora.processes import stop_group
+from memlora.serve import wait_healthy
 from tests.conftest import BIN, REPO, SAMPLE, free_port
 
 os.environ.setdefault("MEM0_TELEMETRY", "False")
@@ -49,17 +49,10 @@ def start(args, log):
 
 
 def wait_up(url, proc, log_path, timeout_s=180):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited {proc.returncode}: {log_path.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(log_path.read_text()[-3000:])
+    try:
+        wait_healthy(url, proc, timeout_s)
+    except (RuntimeError, TimeoutError) as err:
+        raise RuntimeError(f"{err}: {log_path.read_text()[-3000:]}") from None
 
 
 def mem0_client(base_url, model, folder, seen):
