@@ -76,6 +76,7 @@ def measure(system: str, url: str, requests: list, repeats: int) -> dict:
     for op in dict.fromkeys(r.operation for r in requests):  # warm-up: grammars compiled, prefixes cached
         call(next(r for r in requests if r.operation == op))
     one: dict[str, list[float]] = {}
+    tokens: dict[str, list[int]] = {}
     throughput = {}
     for clients in (1, 8):
         work = requests * repeats
@@ -84,9 +85,14 @@ def measure(system: str, url: str, requests: list, repeats: int) -> dict:
             done = list(pool.map(call, work))
         throughput[clients] = len(work) / (time.perf_counter() - started)
         if clients == 1:
-            for op, seconds, _ in done:
+            for op, seconds, n in done:
                 one.setdefault(op, []).append(seconds)
-    return {"latency": one, "requests_per_s": throughput}
+                tokens.setdefault(op, []).append(n)
+    return {"latency": one, "tokens": tokens, "requests_per_s": throughput}
+
+
+def per_token(record: dict, op: str) -> float:
+    return statistics.median(s / max(n, 1) for s, n in zip(record["latency"][op], record["tokens"][op]))
 
 
 def main() -> None:
@@ -122,7 +128,11 @@ def main() -> None:
         rows.append({"operation": op, "calls": len(t),
                      "teacher_p50_s": f"{statistics.median(t):.3f}", "teacher_p95_s": f"{percentile(t, 0.95):.3f}",
                      "student_p50_s": f"{statistics.median(s):.3f}", "student_p95_s": f"{percentile(s, 0.95):.3f}",
-                     "p50_ratio": f"{statistics.median(s) / statistics.median(t):.2f}x"})
+                     "p50_ratio": f"{statistics.median(s) / statistics.median(t):.2f}x",
+                     # Experts that write more or fewer tokens than the teacher (untrained ones do) cost more or
+                     # less per call for that reason alone: seconds per generated token compares the machinery.
+                     "tokens_t/s": f"{sum(teacher['tokens'][op])}/{sum(student['tokens'][op])}",
+                     "per_token_ratio": f"{per_token(student, op) / per_token(teacher, op):.2f}x"})
     print(table(rows, list(rows[0])))
     for name, r in records.items():
         rps = r["requests_per_s"]
