@@ -202,3 +202,45 @@ def test_capture_upstream_down_or_garbage_is_a_502_and_no_row(tmp_path):
     assert len(rows) == 1 and not rows[0]["parse_ok"] and rows[0]["raw_output"] == "not json at all"
     assert rows[0]["parse_error"].startswith("invalid JSON")
     assert threading.active_count() < 50
+
+
+@pytest.mark.timeout(180)
+def test_a_killed_capture_proxy_keeps_every_finished_row_and_no_half_one(tmp_path):
+    import os
+    import signal
+    import subprocess
+
+    import yaml
+
+    from memlora.processes import stop_group
+    from memlora.serve import wait_healthy
+    from tests.conftest import BIN, REPO, TEACHER_REF, free_port
+
+    config = tmp_path / "capture.yaml"
+    config.write_text(yaml.safe_dump({"teacher": {"model": TEACHER_REF}, "capture": {"validation_ratio": 0.0, "rules": [
+        {"operation": "extraction", "system_contains": "Personal Information Organizer"}]}}))
+    organizer = [{"role": "system", "content": "You are a Personal Information Organizer."},
+                 {"role": "user", "content": "Ann: I have a cat."}]
+    out, port = tmp_path / "out", free_port()
+    with StubOpenAI() as stub, open(tmp_path / "capture.log", "wb") as log:
+        proxy = subprocess.Popen([str(BIN / "memlora"), "capture", "--config", str(config), "--out", str(out),
+                                  "--upstream", stub.url, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True, cwd=REPO)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_healthy(url, proxy, timeout_s=120)
+            assert chat(url, messages=organizer).status_code == 200  # finished: its row is on disk
+            stub.stall_s = 5.0
+            in_flight = ThreadPoolExecutor(1).submit(lambda: chat(url, messages=organizer, timeout=30))
+            while len(stub.requests) < 2:  # the second call has reached the upstream and waits there
+                threading.Event().wait(0.05)
+            os.killpg(proxy.pid, signal.SIGKILL)
+            proxy.wait(timeout=30)
+            with pytest.raises(httpx.HTTPError):
+                in_flight.result(timeout=30).raise_for_status()
+        finally:
+            stop_group(proxy)
+    files = sorted((out / "traces").rglob("*"))
+    shards = [f for f in files if f.suffix == ".parquet"]
+    assert len(shards) == 1 and all(f.is_dir() or f.suffix == ".parquet" for f in files), files
+    assert pq.read_table(shards[0]).num_rows == 1
