@@ -205,3 +205,15 @@ def test_rows_leaving_the_batch_change_no_token_against_generate(tiny_backend):
             assert result.finish_reason == ("length" if stop is None else "stop")
         lengths |= {len(r.token_ids) for r in ours}
     assert len(lengths) > 1  # rows did end at different steps
+
+
+@pytest.mark.timeout(120)
+def test_constrained_output_follows_the_schemas_property_order(tiny_backend):
+    """An update entry is written id, text, event, as the prompt's examples show (a grammar compiled from the
+    sorted schema once made every entry begin with "event": the model chose before writing anything)."""
+    schema = update_schema(["0"], "1", max_chars=10)
+    request = GenerationRequest("update", TEMPLATES["update"].messages(
+        render_update([type("M", (), {"text": "memory 0"})()], "Ann has a cat", "1")), 240, schema)
+    value = json.loads(tiny_backend.generate([request])[0].text)
+    for entry in value["memory"]:
+        assert list(entry)[:3] == ["id", "text", "event"]
