@@ -66,10 +66,7 @@ def build_system(name: str, config: Config, out: str | Path, base: str | Path | 
         adapters = verified_expert_folders(out)
         if not adapters:
             raise EvalError(f"{Path(out) / 'adapters'}: no trained expert (run `memlora distill` first)")
-    backend = ExpertBackend(
-        base, adapters, batch_size=config.teacher.batch_size, device=config.teacher.device,
-        dtype=config.student.dtype if config.student else "auto", prefix_cache=config.teacher.prefix_cache,
-        prompt=config.student.prompt if name == "student+experts" else "teacher",
-    )
+    backend = ExpertBackend.from_config(
+        config, base, adapters, prompt=config.student.prompt if name == "student+experts" else "teacher")
     return LoadedSystem(name, backend, time.perf_counter() - started,
                         {"model": str(base), "experts": {op: str(p) for op, p in (adapters or {}).items()}})

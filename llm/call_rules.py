@@ -13,12 +13,8 @@ from memlora.config import CaptureRule
 
 
 def first_message_text(messages: list[dict]) -> str:
-    if not messages:
-        return ""
-    content = messages[0].get("content")
-    if isinstance(content, list):  # the content-parts form: the text parts, in order
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
-    return content if isinstance(content, str) else ""
+    """Of plain role/content messages (`openai_protocol.plain_messages`)."""
+    return (messages[0].get("content") or "") if messages else ""
 
 
 def fingerprint(messages: list[dict]) -> str:

@@ -164,10 +164,10 @@ class TransformersBackend:
     @torch.inference_mode()
     def _generate_batch(self, batch: list[GenerationRequest]) -> list[GenerationResult]:
         with self._lock:
-            self.before_batch(batch[0].operation)
+            first = batch[0]  # every row shares its batch key (operation, cap, decoding mode)
+            self.before_batch(first.operation)
             started = time.perf_counter()
             enc, cache, cached_len = self._encode(batch)
-            first = batch[0]
             top_k = self.logprobs_top_k if first.logprobs_top_k is None else first.logprobs_top_k
             generator = None
             if first.temperature > 0 and first.seed is not None:
@@ -177,15 +177,15 @@ class TransformersBackend:
             # one the student decodes from under the same schema.
             decoded = greedy_decode(
                 self.model, enc["input_ids"], enc["attention_mask"], cache=cache, cached_len=cached_len,
-                max_new_tokens=batch[0].max_new_tokens, stop_ids=self.stop_ids,
-                grammars=[self.grammars.grammar(r.schema) for r in batch] if batch[0].constrained else None,
+                max_new_tokens=first.max_new_tokens, stop_ids=self.stop_ids,
+                grammars=[self.grammars.grammar(r.schema) for r in batch] if first.constrained else None,
                 no_repeat_ngram=first.no_repeat_ngram or 0, logprobs_top_k=top_k,
                 temperature=first.temperature, top_p=first.top_p, generator=generator,
                 stop_check=self._stop_check(batch),
             )
             elapsed = time.perf_counter() - started
         prompt_counts = enc["attention_mask"].sum(dim=1).tolist()
-        extra = {"decoding": {"no_repeat_ngram": batch[0].no_repeat_ngram}} if batch[0].no_repeat_ngram else {}
+        extra = {"decoding": {"no_repeat_ngram": first.no_repeat_ngram}} if first.no_repeat_ngram else {}
         return [
             GenerationResult(
                 text=cut_at_stop(self.tokenizer.decode(d.tokens, skip_special_tokens=True), batch[row].stop),
@@ -193,7 +193,7 @@ class TransformersBackend:
                 completion_tokens=len(d.tokens),
                 latency_s=elapsed / len(batch),
                 batch_size=len(batch),
-                constrained=batch[0].constrained,
+                constrained=first.constrained,
                 finish_reason="stop" if d.finished else "length",
                 token_ids=d.tokens,
                 top_logprobs=d.top_logprobs,
@@ -202,7 +202,6 @@ class TransformersBackend:
             )
             for row, d in enumerate(decoded)
         ]
-
 
     def _stop_check(self, batch: list[GenerationRequest]):
         """A row ends once its text holds one of its request's stop strings (None: no request has any)."""

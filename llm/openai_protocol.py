@@ -45,6 +45,11 @@ class Message(BaseModel):
         return self.content or ""
 
 
+def plain_messages(messages: list[Message]) -> list[dict]:
+    """role/content dicts with string content: what chat templates, capture rules and trace rows take."""
+    return [{"role": m.role, "content": m.text()} for m in messages]
+
+
 class JsonSchemaFormat(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -104,8 +109,7 @@ class ChatRequest(BaseModel):
         return tuple(s for s in ([self.stop] if isinstance(self.stop, str) else self.stop) if s)
 
     def plain_messages(self) -> list[dict]:
-        """role/content dicts with string content: what chat templates and trace rows take."""
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+        return plain_messages(self.messages)
 
     def unsupported(self) -> ApiError | None:
         """What this server cannot honour, as the error to answer with."""

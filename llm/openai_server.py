@@ -59,15 +59,14 @@ class ServingEngine:
     def model_names(self) -> list[str]:
         return list(self.models)
 
-    def _operation(self, served: ServedModel, messages: list[dict], model: str) -> str:
+    def _operation(self, served: ServedModel, rule: CaptureRule | None) -> str:
         """The expert a request runs on: its model's, or for the routed name the one its rule names (a client
         such as Mem0 sends every call under one model name); the bare base where there is no such expert."""
         if served.operation != ROUTED:
             return served.operation
-        rule = classify(self.rules, messages, model)
         return rule.operation if rule is not None and rule.operation in self.experts else BASE
 
-    def _schema(self, chat: ChatRequest, operation: str, messages: list[dict]) -> dict | None:
+    def _schema(self, chat: ChatRequest, operation: str, rule: CaptureRule | None) -> dict | None:
         fmt = chat.response_format
         if fmt is None or fmt.type == "text":
             return None
@@ -80,7 +79,6 @@ class ServingEngine:
         # the rule the call matches), else any JSON object
         if operation in OPERATIONS:
             return schema_for(self.rules, operation) or ANY_JSON_OBJECT
-        rule = classify(self.rules, messages, chat.model)
         return (rule.output_schema if rule is not None else None) or ANY_JSON_OBJECT
 
     def to_request(self, chat: ChatRequest) -> GenerationRequest:
@@ -89,8 +87,9 @@ class ServingEngine:
             raise ApiError(404, f"The model {chat.model!r} does not exist; this server has: "
                            f"{', '.join(self.models)}", param="model", code="model_not_found")
         messages = chat.plain_messages()
-        operation = self._operation(served, messages, chat.model)
-        schema = self._schema(chat, operation, messages)
+        rule = classify(self.rules, messages, chat.model)
+        operation = self._operation(served, rule)
+        schema = self._schema(chat, operation, rule)
         if schema is not None:
             try:
                 self.backend.grammars.grammar(schema)

@@ -171,7 +171,7 @@ def _serve(engine, args) -> int:
 
 def cmd_serve_experts(args) -> int:
     from memlora.config import load_config
-    from memlora.layout import student_dir
+    from memlora.evaluation.systems import EvalError, student_base
     from memlora.llm.openai_server import ServingEngine, expert_models
     from memlora.student.experts import ExpertBackend, verified_expert_folders
 
@@ -179,14 +179,12 @@ def cmd_serve_experts(args) -> int:
     adapters = verified_expert_folders(args.out)
     if not adapters:
         raise UsageError(f"{Path(args.out) / 'adapters'}: no trained expert (run `memlora distill` first)")
-    base = args.base or (student_dir(args.out) if (student_dir(args.out) / "config.json").is_file()
-                         else (config.student.model if config.student else None))
-    if base is None:
-        raise UsageError(f"{student_dir(args.out)}: no student base; give --base")
-    backend = ExpertBackend(base, adapters, batch_size=config.teacher.batch_size, device=config.teacher.device,
-                            dtype=config.student.dtype if config.student else "auto",
-                            prefix_cache=config.teacher.prefix_cache,
-                            prompt=config.student.prompt if config.student else "teacher")
+    try:
+        base = args.base or student_base(config, args.out)  # where evaluation finds the student
+    except EvalError as err:
+        raise UsageError(f"{err}; or give --base") from None
+    backend = ExpertBackend.from_config(config, base, adapters,
+                                        prompt=config.student.prompt if config.student else "teacher")
     engine = ServingEngine(backend, expert_models(backend.operations), config.capture.rules,
                            default_max_tokens=args.max_tokens)
     return _serve(engine, args)
@@ -215,7 +213,7 @@ def cmd_capture(args) -> int:
     config = load_config(args.config)
     if not config.capture.rules:
         raise UsageError(f"{args.config}: capture.rules is empty: no call would be recorded")
-    recorder = CaptureRecorder(args.out, args.upstream, config.capture.validation_ratio)
+    recorder = CaptureRecorder(args.out, config.capture.validation_ratio)
     upstream_key = os.environ.get(args.upstream_key_env) if args.upstream_key_env else None
     app = create_capture_app(args.upstream, config.capture, recorder, upstream_key=upstream_key)
     print(f"capturing at http://{args.host}:{args.port}/v1 -> {args.upstream}; traces under "

@@ -22,6 +22,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _exactly_one(model: BaseModel, *fields: str) -> None:
+    if sum(getattr(model, f) is not None for f in fields) != 1:
+        raise ValueError(f"give exactly one of {', '.join(fields[:-1])} or {fields[-1]}")
+
+
 class SplitConfig(_Strict):
     test_ratio: float = Field(0.25, ge=0.0, lt=1.0)
     # Share of the non-test conversations held out for validation: traced by the teacher like train ones,
@@ -138,8 +143,7 @@ class PruneConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_rule(self) -> "PruneConfig":
-        if sum(rule is not None for rule in (self.keep_layers, self.every, self.drop)) != 1:
-            raise ValueError("give exactly one of keep_layers, every or drop")
+        _exactly_one(self, "keep_layers", "every", "drop")
         return self
 
 
@@ -262,8 +266,7 @@ class CaptureRule(_Strict):
 
     @model_validator(mode="after")
     def _one_matcher(self) -> "CaptureRule":
-        if sum(m is not None for m in (self.system_contains, self.fingerprint, self.model)) != 1:
-            raise ValueError("give exactly one of system_contains, fingerprint or model")
+        _exactly_one(self, "system_contains", "fingerprint", "model")
         return self
 
 

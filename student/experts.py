@@ -107,6 +107,14 @@ class ExpertBackend(TransformersBackend):
         self._bare = False
 
     @classmethod
+    def from_config(cls, config, base: str | Path, adapters: dict[str, Path] | None,
+                    prompt: str = "teacher") -> "ExpertBackend":
+        """The run config's batch size, device, dtype and prefix cache (what evaluation and serve-experts use)."""
+        return cls(base, adapters, batch_size=config.teacher.batch_size, device=config.teacher.device,
+                   dtype=config.student.dtype if config.student else "auto",
+                   prefix_cache=config.teacher.prefix_cache, prompt=prompt)
+
+    @classmethod
     def from_out(cls, base: str | Path, out: str | Path, **kwargs) -> "ExpertBackend":
         return cls(base, verified_expert_folders(out) or None, **kwargs)
 

@@ -32,7 +32,7 @@ from memlora.data.split import CAPTURED_VALIDATION_SUFFIX
 from memlora.data.schemas import TRACES
 from memlora.layout import capture_shard_path
 from memlora.llm.call_rules import classify, fingerprint
-from memlora.llm.openai_protocol import ApiError, Message, error_body
+from memlora.llm.openai_protocol import ApiError, Message, error_body, plain_messages
 from memlora.llm.openai_server import add_error_handlers
 
 CONVERSATION_HEADER = "x-memlora-conversation"  # optional: groups a client's calls (e.g. per Mem0 user)
@@ -70,8 +70,8 @@ def _top_logprobs(choice: dict) -> tuple[list[int] | None, list | None]:
 class CaptureRecorder:
     """Writes one trace shard per recorded call and counts what passed through."""
 
-    def __init__(self, out: str | Path, upstream: str, validation_ratio: float = 0.0):
-        self.out, self.upstream = Path(out), upstream
+    def __init__(self, out: str | Path, validation_ratio: float = 0.0):
+        self.out = Path(out)
         self.hold_out_every = round(1 / validation_ratio) if validation_ratio > 0 else 0
         self._calls: Counter = Counter()
         self.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
@@ -195,8 +195,7 @@ def create_capture_app(upstream: str, config: CaptureConfig, recorder: CaptureRe
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list) or not body["messages"]:
             raise ApiError(400, "messages: a non-empty list is required", param="messages")
         try:
-            messages = [{"role": m.role, "content": m.text()}
-                        for m in (Message.model_validate(m) for m in body["messages"])]
+            messages = plain_messages([Message.model_validate(m) for m in body["messages"]])
         except ValueError as err:
             raise ApiError(400, f"messages: {err}", param="messages") from None
         rule = classify(config.rules, messages, str(body.get("model", "")))

@@ -133,13 +133,12 @@ def test_bearer_key_and_http_teacher_backend_against_the_real_server(engine):
     with running(create_app(engine, api_key="s3cret")) as url:
         assert chat(url).status_code == 401
         assert httpx.get(f"{url}/health").status_code == 200  # health needs no key
-        teacher = OpenAIBackend(LLMConfig(backend="openai", model="tiny", logprobs_top_k=2,
-                                          http=HttpConfig(base_url=f"{url}/v1", api_key_env="MEMLORA_TEST_KEY")))
         import os
 
         os.environ["MEMLORA_TEST_KEY"] = "s3cret"
         try:
-            teacher = OpenAIBackend(teacher.config)
+            teacher = OpenAIBackend(LLMConfig(backend="openai", model="tiny", logprobs_top_k=2, http=HttpConfig(
+                base_url=f"{url}/v1", api_key_env="MEMLORA_TEST_KEY")))
             request = GenerationRequest("extraction", TEMPLATES["extraction"].messages("Ann: I have a cat."), 48,
                                         SCHEMA)
             result = teacher.generate([request])[0]
@@ -155,7 +154,7 @@ def test_bearer_key_and_http_teacher_backend_against_the_real_server(engine):
 @pytest.mark.timeout(120)
 def test_capture_records_matched_calls_as_trace_rows(server, tmp_path):
     out = tmp_path / "out"
-    recorder = CaptureRecorder(out, f"{server}/v1")
+    recorder = CaptureRecorder(out)
     app = create_capture_app(f"{server}/v1", CaptureConfig(rules=RULES, logprobs_top_k=2), recorder)
     organizer = [{"role": "system", "content": "You are a Personal Information Organizer."},
                  {"role": "user", "content": "Ann: I have a cat."}]
@@ -186,12 +185,12 @@ def test_capture_upstream_down_or_garbage_is_a_502_and_no_row(tmp_path):
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
-    with running(create_capture_app(dead, CaptureConfig(rules=RULES), CaptureRecorder(out, dead))) as proxy:
+    with running(create_capture_app(dead, CaptureConfig(rules=RULES), CaptureRecorder(out))) as proxy:
         down = chat(proxy, messages=organizer)
         assert down.status_code == 502 and "unreachable" in down.json()["error"]["message"]
     with StubOpenAI() as stub:
         stub.garbage = True
-        with running(create_capture_app(stub.url, CaptureConfig(rules=RULES), CaptureRecorder(out, stub.url))) as proxy:
+        with running(create_capture_app(stub.url, CaptureConfig(rules=RULES), CaptureRecorder(out))) as proxy:
             bad = chat(proxy, messages=organizer)
             assert bad.status_code == 502 and "without choices" in bad.json()["error"]["message"]
             stub.garbage = False
