@@ -17,6 +17,7 @@ import torch
 
 from memlora.config import LLMConfig
 from memlora.llm import gguf_cache
+from memlora.llm.cpu_matmul import use_rows_first_linears
 from memlora.llm.decoding import greedy_decode
 from memlora.llm.grammar import GrammarCache
 from memlora.memory.llm import GenerationRequest, GenerationResult
@@ -81,6 +82,7 @@ class TransformersBackend:
         self.prefix_cache = prefix_cache
         self._prefixes: OrderedDict[tuple, tuple[list[int], object]] = OrderedDict()
         prepare_tokenizer(tokenizer)
+        use_rows_first_linears(model)  # decode steps are a few rows: see cpu_matmul
         self.grammars = GrammarCache(tokenizer, model.config.vocab_size)
         self._lock = threading.Lock()  # one generate at a time on a shared model
         self.stop_ids = {i for i in _as_list(model.generation_config.eos_token_id) + [tokenizer.eos_token_id]

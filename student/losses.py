@@ -18,6 +18,19 @@ import torch.nn.functional as F
 IGNORE = -100
 
 
+def completion_window(labels: torch.Tensor) -> int:
+    """How many trailing positions hold every logit the loss reads: from the one before the earliest label on.
+
+    The model then computes its output head (49152 x 576 for SmolLM2) on those positions only, not on the
+    prompt's, which the loss never reads."""
+    labelled = labels != IGNORE
+    rows = labelled.any(dim=1)
+    if not rows.any():
+        return labels.size(1)
+    first = labelled[rows].float().argmax(dim=1).min()
+    return int(labels.size(1) - first + 1)
+
+
 def shifted_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over positions whose label is not IGNORE."""
     return F.cross_entropy(

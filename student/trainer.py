@@ -28,7 +28,7 @@ from memlora.student.examples import (
 )
 from memlora.student.experts import attach_expert
 from memlora.student.export import portable_base
-from memlora.student.losses import distillation_loss
+from memlora.student.losses import completion_window, distillation_loss
 from memlora.student.records import TrainingRecord
 from memlora.student.targets import gold_answers
 
@@ -139,14 +139,20 @@ class DistillTrainer(Trainer):
                                    seed=self.args.seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = inputs.pop("labels")
-        teacher = {k: inputs.pop(k) for k in ("teacher_ids", "teacher_logprobs", "teacher_mask")}
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        loss, parts = distillation_loss(outputs.logits, labels, teacher["teacher_ids"], teacher["teacher_logprobs"],
-                                        teacher["teacher_mask"], self.kd_weight, self.kd_loss, self.jsd_beta)
+        loss, outputs = forward_loss(model, inputs, self.kd_weight, self.kd_loss, self.jsd_beta)
         if model.training:
-            self.tokens_seen += int((labels != IGNORE).sum())
+            self.tokens_seen += int((inputs["labels"] != IGNORE).sum())
         return (loss, outputs) if return_outputs else loss
+
+
+def forward_loss(model, inputs: dict[str, torch.Tensor], kd_weight: float, kd_loss: str, jsd_beta: float):
+    """The distillation loss of one collated batch, with logits only where the loss reads them."""
+    keep = completion_window(inputs["labels"])
+    outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], logits_to_keep=keep)
+    tail = {k: inputs[k][:, -keep:] for k in ("labels", "teacher_ids", "teacher_logprobs", "teacher_mask")}
+    loss, _ = distillation_loss(outputs.logits, tail["labels"], tail["teacher_ids"], tail["teacher_logprobs"],
+                                tail["teacher_mask"], kd_weight, kd_loss, jsd_beta)
+    return loss, outputs
 
 
 @torch.no_grad()
@@ -158,9 +164,7 @@ def mean_loss(model, examples: list[Example], collator: Collator, cfg, device) -
     batches = [examples[i : i + cfg.batch_size] for i in range(0, len(examples), cfg.batch_size)]
     for batch in batches:
         inputs = {k: v.to(device) for k, v in collator(batch).items()}
-        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-        loss, _ = distillation_loss(logits, inputs["labels"], inputs["teacher_ids"], inputs["teacher_logprobs"],
-                                    inputs["teacher_mask"], cfg.kd_weight, cfg.kd_loss, cfg.jsd_beta)
+        loss, _ = forward_loss(model, inputs, cfg.kd_weight, cfg.kd_loss, cfg.jsd_beta)
         total += float(loss)
     model.train(was_training)
     return total / max(len(batches), 1)

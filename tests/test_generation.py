@@ -217,3 +217,30 @@ def test_constrained_output_follows_the_schemas_property_order(tiny_backend):
     value = json.loads(tiny_backend.generate([request])[0].text)
     for entry in value["memory"]:
         assert list(entry)[:3] == ["id", "text", "event"]
+
+
+@pytest.mark.timeout(120)
+def test_rows_first_linears_match_f_linear(tiny_model_dir):
+    """The CPU decode product (W @ x^T)^T gives F.linear's outputs, with and without bias, for decode-sized and
+    prefill-sized inputs, and the patched model's logits equal the plain model's."""
+    import torch
+
+    from memlora.llm.cpu_matmul import ROWS_FIRST_MAX, use_rows_first_linears
+    from memlora.llm.hf_backend import load_causal_lm
+
+    torch.manual_seed(0)
+    for bias in (False, True):
+        layer = torch.nn.Linear(48, 80, bias=bias)
+        patched = torch.nn.Linear(48, 80, bias=bias)
+        patched.load_state_dict(layer.state_dict())
+        assert use_rows_first_linears(patched) == 1
+        for shape in [(8, 48), (8, 1, 48), (2, 3, 48), (1, ROWS_FIRST_MAX + 1, 48)]:
+            x = torch.randn(*shape)
+            torch.testing.assert_close(patched(x), layer(x), rtol=1e-5, atol=1e-6)
+
+    plain, tok, _ = load_causal_lm(str(tiny_model_dir), device="cpu")
+    fast, _, _ = load_causal_lm(str(tiny_model_dir), device="cpu")
+    assert use_rows_first_linears(fast) > 0
+    ids = torch.tensor(tok(["hello there", "a memory"], padding=True)["input_ids"])
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-4, atol=1e-5)

@@ -118,3 +118,41 @@ def test_kd_gradient_reaches_only_the_top_k_logits():
     outside = [i for i in range(6) if i not in TOP_IDS]
     assert torch.all(logits.grad[0, outside] == 0)
     assert torch.all(logits.grad[0, TOP_IDS] != 0)
+
+
+@pytest.mark.timeout(60)
+def test_logits_on_the_completion_window_give_the_full_loss_and_gradient(tiny_model_dir):
+    """The trainer asks the model for logits from the position before the earliest label on; loss and
+    gradients are those of the full logits (rows of different prompt lengths, right-padded)."""
+    from transformers import AutoModelForCausalLM
+
+    from memlora.student.losses import completion_window
+    from memlora.student.trainer import forward_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    torch.manual_seed(0)
+    width, k = 12, 3
+    ids_ = torch.randint(5, 200, (2, width))
+    attention = torch.ones(2, width, dtype=torch.long)
+    attention[1, 10:] = 0
+    labels = torch.full((2, width), IGNORE)
+    labels[0, 7:12] = ids_[0, 7:12]  # prompt of 7 tokens
+    labels[1, 4:10] = ids_[1, 4:10]  # prompt of 4 tokens, then padding
+    teacher_ids = torch.randint(5, 200, (2, width, k))
+    teacher_lps = torch.randn(2, width, k).log_softmax(-1)
+    inputs = {"input_ids": ids_, "attention_mask": attention, "labels": labels, "teacher_ids": teacher_ids,
+              "teacher_logprobs": teacher_lps, "teacher_mask": labels != IGNORE}
+    assert completion_window(labels) == width - 4 + 1
+
+    loss, outputs = forward_loss(model, inputs, 0.5, "forward_kl", 0.5)
+    assert outputs.logits.shape[1] == 9
+    loss.backward()
+    windowed = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    full = model(input_ids=ids_, attention_mask=attention).logits
+    reference, _ = distillation_loss(full, labels, teacher_ids, teacher_lps, labels != IGNORE, 0.5)
+    reference.backward()
+    assert float(loss) == pytest.approx(float(reference), rel=1e-5)
+    for got, want in zip(windowed, [p.grad for p in model.parameters()]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert completion_window(torch.full((2, 5), IGNORE)) == 5  # no labels at all: every position
