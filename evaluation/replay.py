@@ -1,8 +1,9 @@
 """Recording a system's model calls, and replaying the teacher's recorded requests to another system.
 
-Every call becomes one row (`CALLS` below). Rows keep the `generate` batch ("group") they were made in, so a
-replay sends the very same requests in the very same batches: per-call latencies of two systems are then
-measured on identical work.
+Every call becomes one row (`CALLS` below). Rows keep the `generate` call ("group") of the memory system they
+were made in, so a replay sends the very same requests in the very same groups, the test conversations at once
+as in the end-to-end run (their groups merge into shared model batches as they arrive): per-call latencies of
+two systems are then measured on the same work, batched the same way up to timing.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import jsonschema
 import pyarrow as pa
 
 from memlora.config import MemoryConfig
+from memlora.llm.batcher import in_threads
 from memlora.memory.llm import GenerationRequest, GenerationResult, LLMBackend
 from memlora.memory.parsing import Parsed, parse_extraction, parse_generation, parse_update
 from memlora.memory.prompts import extraction_schema, generation_schema, update_schema
@@ -150,25 +152,42 @@ def request_of(row: dict, free: bool = False) -> GenerationRequest:
 
 def replay(backend: LLMBackend, reference: Iterable[dict], system: str, phase: str, memory: MemoryConfig,
            *, free: bool = False, progress: Callable[[str], None] = lambda line: None) -> list[dict]:
-    """Send the reference rows' requests to `backend`, batch by batch as they were first made."""
-    groups: dict[int, list[dict]] = {}
+    """Send the reference rows' requests to `backend`, batch by batch as they were first made; the
+    conversations at once (one thread each, calls merged into shared batches), as the reference ran."""
+    conversations: dict[str, list[dict]] = {}
     for row in reference:
-        groups.setdefault(row["group"], []).append(row)
-    total = sum(map(len, groups.values()))
-    rows: list[dict] = []
-    started = last = time.perf_counter()
-    for group, members in sorted(groups.items()):
-        if time.perf_counter() - last > 10:  # a line every 10 s at most
-            last = time.perf_counter()
-            progress(f"{system}: {phase}: {len(rows)}/{total} calls, {last - started:.0f} s")
-        requests = [request_of(r, free) for r in members]
-        for ref, request, result in zip(members, requests, backend.generate(requests)):
-            rows.append(make_row(
-                system, phase, len(rows), ref["index"], group, request, result,
-                parse_output(request.operation, request.messages, result.text), memory,
-                conversation_id=ref["conversation_id"], session=ref["session"], step=ref["step"],
-                question_id=ref["question_id"],
-            ))
+        conversations.setdefault(row["conversation_id"], []).append(row)
+    total = sum(map(len, conversations.values()))
+    done = [0]
+    started = time.perf_counter()
+    last = [started]
+
+    def job(members: list[dict]):
+        def run(llm: LLMBackend) -> list[dict]:
+            groups: dict[int, list[dict]] = {}
+            for row in members:
+                groups.setdefault(row["group"], []).append(row)
+            rows: list[dict] = []
+            for group, batch in sorted(groups.items()):
+                if time.perf_counter() - last[0] > 10:  # a line every 10 s at most
+                    last[0] = time.perf_counter()
+                    progress(f"{system}: {phase}: {done[0]}/{total} calls, {last[0] - started:.0f} s")
+                requests = [request_of(r, free) for r in batch]
+                for ref, request, result in zip(batch, requests, llm.generate(requests)):
+                    rows.append(make_row(
+                        system, phase, 0, ref["index"], group, request, result,
+                        parse_output(request.operation, request.messages, result.text), memory,
+                        conversation_id=ref["conversation_id"], session=ref["session"], step=ref["step"],
+                        question_id=ref["question_id"],
+                    ))
+                done[0] += len(batch)
+            return rows
+        return run
+
+    parts = in_threads([job(members) for members in conversations.values()], backend)
+    rows = [row for part in parts for row in part]
+    for i, row in enumerate(rows):
+        row["index"] = i
     return rows
 
 

@@ -1,8 +1,8 @@
 """OUT/eval/results.parquet: one row per (system, operation, metric), merged from the per-system files.
 
 Sections: `agreement` (teacher-forced, per operation), `validity` (parse_ok and strict schema validity, per
-operation, constrained and free), `latency` (per operation, on the teacher-forced requests, same batches for
-every system), `qa` (end to end, overall as operation `qa` and per LoCoMo category as `qa/cat-N`), `memory`
+operation, constrained and free), `latency` (per operation, on the teacher-forced requests, sent in the same
+groups by every system), `qa` (end to end, overall as operation `qa` and per LoCoMo category as `qa/cat-N`), `memory`
 (per system, operation `model`). A metric measured under free decoding carries the suffix `_free`.
 """
 

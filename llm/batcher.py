@@ -11,9 +11,12 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, TypeVar
 
 from memlora.memory.llm import GenerationRequest, GenerationResult, LLMBackend
+
+T = TypeVar("T")
 
 
 class MicroBatcher:
@@ -63,3 +66,17 @@ class MicroBatcher:
                 continue
             for (_, future), result in zip(pending, results):
                 future.set_result(result)
+
+
+def in_threads(jobs: list[Callable[[LLMBackend], T]], backend: LLMBackend, max_batch: int | None = None) -> list[T]:
+    """Run `jobs` (each given the LLM to call) at once, one thread each, their calls merged into shared batches
+    of `backend`; results in job order. One job runs on the backend directly."""
+    if len(jobs) <= 1:
+        return [job(backend) for job in jobs]
+    batcher = MicroBatcher(backend, max_batch or getattr(backend, "batch_size", 16))
+    try:
+        with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+            futures = [pool.submit(job, batcher) for job in jobs]
+            return [f.result() for f in futures]
+    finally:
+        batcher.close()

@@ -22,6 +22,7 @@ QUICK = {
     "training_step": ["delora_over_lora"],
     "mixed_batch": ["speedup", "identical_outputs"],
     "http_serving": ["rows", "records"],
+    "methods": ["runs", "steps", "training_rows"],
 }
 
 

@@ -38,12 +38,14 @@ def small_config(teacher: str, student: str, **evaluation) -> dict:
     return raw
 
 
-def conversation() -> Conversation:
+def conversation(cid: str = "c1") -> Conversation:
     lines = ["I adopted a cat named Tom.", "Nice! I started baking bread.", "I moved to Oslo in May.",
              "My sister lives in Lyon."]
+    if cid != "c1":
+        lines = lines[2:] + lines[:2]
     turns = [Turn(1, i + 1, f"D1:{i + 1}", "Ann" if i % 2 == 0 else "Ben", text, T0) for i, text in enumerate(lines)]
-    return Conversation("c1", turns, [Question(0, "What is Ann's cat called?", "Tom", None, 4),
-                                      Question(1, "Where does Ben's aunt live?", None, "Lyon", 5)], split="test")
+    return Conversation(cid, turns, [Question(0, "What is Ann's cat called?", "Tom", None, 4),
+                                     Question(1, "Where does Ben's aunt live?", None, "Lyon", 5)], split="test")
 
 
 @pytest.fixture
@@ -72,6 +74,30 @@ def test_replay_sends_the_same_requests_in_the_same_batches_and_reproduces_the_o
     assert [r["raw_output"] for r in again] == [r["raw_output"] for r in calls]  # greedy: same model, same output
     free = replay(tiny_backend, calls, "teacher", "forced_free", config.memory, free=True)
     assert not any(r["constrained"] for r in free) and all(r["ref_index"] == c["index"] for r, c in zip(free, calls))
+
+
+@pytest.mark.timeout(180)
+def test_conversations_run_at_once_and_replay_the_same_way(tiny_backend, embedder, one_thread):
+    """Two test conversations run in threads with merged batches: calls are numbered across both (index,
+    ref_index, group unique and in conversation order), each conversation's rows are those it makes alone, and a
+    replay sends every group again and gets the same greedy outputs."""
+    config = parse_config(small_config("unused", "unused"))
+    alone = {cid: run_end_to_end("teacher", tiny_backend, embedder, MemoryStore(), config, [conversation(cid)])
+             for cid in ("c1", "c2")}
+    calls, qa = run_end_to_end("teacher", tiny_backend, embedder, MemoryStore(), config,
+                               [conversation("c1"), conversation("c2")])
+    assert [c["index"] for c in calls] == list(range(len(calls))) == [c["ref_index"] for c in calls]
+    assert [c["conversation_id"] for c in calls] == sorted(c["conversation_id"] for c in calls)
+    assert [q["conversation_id"] for q in qa] == ["c1", "c1", "c2", "c2"]
+    groups = {cid: {c["group"] for c in calls if c["conversation_id"] == cid} for cid in ("c1", "c2")}
+    assert groups["c1"] and groups["c2"] and not groups["c1"] & groups["c2"]
+    key = lambda r: (r["operation"], r["messages"], r["raw_output"], r["question_id"])  # noqa: E731
+    for cid, (own, _) in alone.items():
+        assert [key(c) for c in calls if c["conversation_id"] == cid] == [key(c) for c in own]
+    again = replay(tiny_backend, calls, "student", FORCED, config.memory)
+    assert [(r["ref_index"], r["group"], r["raw_output"]) for r in again] == \
+        [(c["index"], c["group"], c["raw_output"]) for c in calls]
+    assert [r["index"] for r in again] == list(range(len(calls)))
 
 
 def writes_facts(model_dir: Path) -> bool:
