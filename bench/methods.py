@@ -216,6 +216,8 @@ def main() -> None:
         steps = args.steps or (2 if args.quick else min(40, math.ceil(len(data.examples) / cfg.batch_size)))
         print(f"operation {args.operation}: {len(data.examples)} training rows, {len(held_rows)} held out, "
               f"{steps} steps of batch {cfg.batch_size}, seed {cfg.seed}, student {base}", flush=True)
+        header = {"operation": args.operation, "steps": steps, "batch_size": cfg.batch_size,
+                  "training_rows": len(data.examples), "held_out_rows": len(held_rows)}
         for method in METHODS:
             for m in multipliers:
                 lr = DEFAULT_LEARNING_RATES[method] * m
@@ -223,6 +225,7 @@ def main() -> None:
                 trained = train_ours(config, base, data, method, lr, steps)
                 results.append(measure(f"{method} {m:g}x", method, m, lr, trained, config, data, held_data,
                                        held_rows, args.operation, max_tokens, started))
+                save("methods", {**header, "complete": False, "runs": results})  # a long run keeps what it has
         if not args.no_trl:
             started = time.perf_counter()
             trained = train_trl(config, base, data, steps, Path(scratch))
@@ -234,9 +237,7 @@ def main() -> None:
              "parsed": f"{r['agreement']['parsed']}/{r['agreement']['n']}", "trainable": f"{r['trainable']:,}",
              "step_s": r["step_s"], "dW_rel": r["dW_rel"], "wall_s": r["wall_s"]} for r in results]
     print(table(rows, list(rows[0])))
-    print("saved", save("methods", {"operation": args.operation, "steps": steps, "batch_size": cfg.batch_size,
-                                    "training_rows": len(data.examples), "held_out_rows": len(held_rows),
-                                    "runs": results}))
+    print("saved", save("methods", {**header, "complete": True, "runs": results}))
 
 
 if __name__ == "__main__":
