@@ -41,6 +41,7 @@ from memlora.config import DEFAULT_LEARNING_RATES, load_config  # noqa: E402
 from memlora.evaluation import agreement  # noqa: E402
 from memlora.evaluation.replay import parse_output  # noqa: E402
 from memlora.layout import trace_files  # noqa: E402
+from memlora.llm.grammar import GrammarCache  # noqa: E402
 from memlora.llm.hf_backend import TransformersBackend, load_causal_lm  # noqa: E402
 from memlora.memory.llm import GenerationRequest  # noqa: E402
 from memlora.memory.prompts import student_messages  # noqa: E402
@@ -85,10 +86,14 @@ class Data:
             self.pairs.append({"prompt": messages, "completion": [{"role": "assistant", "content": target}]})
 
 
+_GRAMMARS: dict[int, GrammarCache] = {}  # one per tokenizer: compiling xgrammar's token table takes seconds
+
+
 def agreement_on(model, tokenizer, config, operation: str, held: list[dict], max_tokens: int | None) -> dict:
     """The operation's evaluation metric against the teacher, on the held-out rows the teacher's output parsed."""
     model.eval()
-    backend = TransformersBackend(model, tokenizer, "bench", batch_size=8, logprobs_top_k=0)
+    grammars = _GRAMMARS.setdefault(len(tokenizer), GrammarCache(tokenizer, model.config.vocab_size))
+    backend = TransformersBackend(model, tokenizer, "bench", batch_size=8, logprobs_top_k=0, grammars=grammars)
     budget = config.memory.operations[operation].max_new_tokens
     refs = [r for r in held if r["parse_ok"]]
     requests = [GenerationRequest(operation, student_messages(operation, r["messages"])
@@ -199,6 +204,7 @@ def main() -> None:
                         "at most 40; --quick: 2)")
     parser.add_argument("--multipliers", default=None, help="learning rates as multiples of each method's "
                         "default (default 1,4,16; --quick: 1)")
+    parser.add_argument("--methods", default=",".join(METHODS), help="ours to train (comma-separated; '' for none)")
     parser.add_argument("--no-trl", action="store_true", help="skip the TRL SFTTrainer run")
     args = parser.parse_args()
     multipliers = [float(m) for m in (args.multipliers or ("1" if args.quick else "1,4,16")).split(",")]
@@ -218,7 +224,7 @@ def main() -> None:
               f"{steps} steps of batch {cfg.batch_size}, seed {cfg.seed}, student {base}", flush=True)
         header = {"operation": args.operation, "steps": steps, "batch_size": cfg.batch_size,
                   "training_rows": len(data.examples), "held_out_rows": len(held_rows)}
-        for method in METHODS:
+        for method in [m for m in args.methods.split(",") if m]:
             for m in multipliers:
                 lr = DEFAULT_LEARNING_RATES[method] * m
                 started = time.perf_counter()

@@ -76,14 +76,14 @@ class TransformersBackend:
     backend_name = "transformers"
 
     def __init__(self, model, tokenizer, model_id: str, batch_size: int = 8, logprobs_top_k: int = 0,
-                 prefix_cache: bool = True):
+                 prefix_cache: bool = True, grammars: GrammarCache | None = None):
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
         self.batch_size, self.logprobs_top_k = batch_size, logprobs_top_k
         self.prefix_cache = prefix_cache
         self._prefixes: OrderedDict[tuple, tuple[list[int], object]] = OrderedDict()
         prepare_tokenizer(tokenizer)
         use_rows_first_linears(model)  # decode steps are a few rows: see cpu_matmul
-        self.grammars = GrammarCache(tokenizer, model.config.vocab_size)
+        self.grammars = grammars or GrammarCache(tokenizer, model.config.vocab_size)
         self._lock = threading.Lock()  # one generate at a time on a shared model
         self.stop_ids = {i for i in _as_list(model.generation_config.eos_token_id) + [tokenizer.eos_token_id]
                          if i is not None}
