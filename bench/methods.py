@@ -44,7 +44,7 @@ from memlora.layout import trace_files  # noqa: E402
 from memlora.llm.grammar import GrammarCache  # noqa: E402
 from memlora.llm.hf_backend import TransformersBackend, load_causal_lm  # noqa: E402
 from memlora.memory.llm import GenerationRequest  # noqa: E402
-from memlora.memory.prompts import student_messages  # noqa: E402
+from memlora.memory.prompts import expert_messages  # noqa: E402
 from memlora.student.build import shares_teacher_tokenizer  # noqa: E402
 from memlora.student.deviation import weight_deviation  # noqa: E402
 from memlora.student.examples import build_examples, conversation_splits, load_traces, split_rows  # noqa: E402
@@ -80,8 +80,7 @@ class Data:
                 continue  # did not parse, or too long: the trainer skips it too
             example = built[0]
             self.examples.append(example)
-            messages = student_messages(row["operation"], row["messages"]) if config.student.prompt == "minimal" \
-                else row["messages"]
+            messages = expert_messages(config.student.prompt, row["operation"], row["messages"])
             target = tokenizer.decode(example.input_ids[example.prompt_len:], skip_special_tokens=True)
             self.pairs.append({"prompt": messages, "completion": [{"role": "assistant", "content": target}]})
 
@@ -96,8 +95,7 @@ def agreement_on(model, tokenizer, config, operation: str, held: list[dict], max
     backend = TransformersBackend(model, tokenizer, "bench", batch_size=8, logprobs_top_k=0, grammars=grammars)
     budget = config.memory.operations[operation].max_new_tokens
     refs = [r for r in held if r["parse_ok"]]
-    requests = [GenerationRequest(operation, student_messages(operation, r["messages"])
-                                  if config.student.prompt == "minimal" else r["messages"],
+    requests = [GenerationRequest(operation, expert_messages(config.student.prompt, operation, r["messages"]),
                                   min(budget, max_tokens or budget),
                                   json.loads(r["output_schema"]) if r["output_schema"] else None) for r in refs]
     rows = []

@@ -32,8 +32,7 @@ from memlora.llm.hf_backend import load_causal_lm  # noqa: E402
 from memlora.student.build import build_student, shares_teacher_tokenizer  # noqa: E402
 from memlora.student.examples import build_examples, load_traces  # noqa: E402
 from memlora.student.experts import attach_expert  # noqa: E402
-from memlora.student.losses import distillation_loss  # noqa: E402
-from memlora.student.trainer import Collator  # noqa: E402
+from memlora.student.trainer import Collator, forward_loss  # noqa: E402
 
 
 def delora_vs_lora(config, base: Path, traces: Path, operation: str, steps: int, max_rows: int | None = None) -> dict:
@@ -57,9 +56,7 @@ def delora_vs_lora(config, base: Path, traces: Path, operation: str, steps: int,
         batch = batches[step % len(batches)]
         for run in runs.values():
             started = time.perf_counter()
-            logits = run["model"](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss, _ = distillation_loss(logits, batch["labels"], batch["teacher_ids"], batch["teacher_logprobs"],
-                                        batch["teacher_mask"], cfg.kd_weight, cfg.kd_loss, cfg.jsd_beta)
+            loss, _ = forward_loss(run["model"], batch, cfg.kd_weight, cfg.kd_loss, cfg.jsd_beta)
             loss.backward()
             run["opt"].step()
             run["opt"].zero_grad(set_to_none=True)

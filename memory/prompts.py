@@ -132,6 +132,11 @@ STUDENT_SYSTEM = {
 }
 
 
+def expert_messages(prompt: str, operation: str, messages: list[dict]) -> list[dict]:
+    """What an expert reads under `student.prompt`: the minimal student prompt, or the teacher's as it is."""
+    return student_messages(operation, messages) if prompt == "minimal" else messages
+
+
 def student_messages(operation: str, messages: list[dict]) -> list[dict]:
     """The minimal student prompt for a request built with our teacher template: its one instruction line and
     the request's own input (the last user message). A prompt made by another template (a captured client's)

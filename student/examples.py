@@ -11,7 +11,7 @@ from memlora.config import TargetsConfig
 from memlora.data.io import read_parquet, sha256_file
 from memlora.data.schemas import TRACES
 from memlora.layout import conversations_file
-from memlora.memory.prompts import student_messages
+from memlora.memory.prompts import expert_messages
 from memlora.student.losses import IGNORE
 from memlora.student.targets import Target, TargetStats, make_target
 
@@ -121,7 +121,7 @@ def build_examples(table: pa.Table, tokenizer, max_length: int, same_tokenizer: 
         if not row["parse_ok"]:
             skipped["parse_failed"] = skipped.get("parse_failed", 0) + 1
             continue
-        messages = student_messages(row["operation"], row["messages"]) if prompt == "minimal" else row["messages"]
+        messages = expert_messages(prompt, row["operation"], row["messages"])
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         target = (make_target(row, targets, gold or {}, answer_max_chars, stats) if targets is not None
