@@ -194,6 +194,9 @@ class StudentConfig(_Strict):
     # teacher's instructions and few-shot examples are trained into the expert); `teacher`, the teacher's
     # whole prompt. The bare student always gets the teacher's prompt: it needs the examples.
     prompt: Literal["minimal", "teacher"] = "minimal"
+    # Inference: write the active expert into the base weights at each switch (float32 only; see ExpertBackend)
+    # instead of running the adapter beside every adapted layer. Decode steps cost what the bare base's cost.
+    merge_experts: bool = True
 
     _model_exists = field_validator("model")(classmethod(lambda cls, v: _model_exists(v)))
 

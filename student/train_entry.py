@@ -11,12 +11,31 @@ from memlora.student.records import TrainingRecord
 from memlora.student.trainer import train_expert
 
 
+def skip_shared_memory_all_reduce() -> None:
+    """One rank on a CPU has nothing to all-reduce, yet DeepSpeed's CPU backend builds its shared-memory
+    all-reduce op (a C++ extension compiled on first use) whenever it initialises: 41 s on a fresh 2-core
+    machine, then ~10 s to load per launch. Marking the op unavailable makes DeepSpeed skip it, as it does on a
+    machine without a compiler."""
+    import os
+
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        return
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--job", required=True, help="the job file the launching process wrote (memlora.jobs)")
     parser.add_argument("--local_rank", type=int, default=-1)  # passed by some launchers; LOCAL_RANK rules
     args = parser.parse_args(argv)
     config, job = read_job(args.job)
+    skip_shared_memory_all_reduce()
     if job["task"] == "heal":
         from memlora.student.heal import heal_base
 

@@ -122,6 +122,10 @@ def test_ether_experts_save_reload_switch_and_export(tiny_model_dir, tmp_path):
         [GenerationRequest(op, messages, 6)])[0].token_ids for op in ("extraction", "update")}
     both = backend.generate([GenerationRequest("extraction", messages, 6), GenerationRequest("update", messages, 6)])
     assert [r.token_ids for r in both] == [alone["extraction"], alone["update"]] and backend.switches >= 1
+    merged = ExpertBackend.from_out(tiny_model_dir, out, device="cpu", merge=True)  # W (I - 2uu^T) written in
+    for op in ("update", "extraction", "update"):
+        merged.use(op)
+        assert torch.allclose(logits_of(merged.model, tok), expected[op], atol=1e-4)
 
     # ETHER's change is rank one, so it exports exactly as a rank-1 LoRA.
     written = export_lora(out, tiny_model_dir)

@@ -147,6 +147,33 @@ def test_switching_experts_changes_outputs_without_reloading(tiny_model_dir, exp
 
 
 @pytest.mark.timeout(120)
+def test_merged_experts_compute_what_unmerged_ones_do_and_switching_restores_the_base(tiny_model_dir, experts_out):
+    plain = ExpertBackend.from_out(tiny_model_dir, experts_out, device="cpu")
+    merged = ExpertBackend.from_out(tiny_model_dir, experts_out, device="cpu", merge=True)
+    assert merged.merge and not plain.merge
+    base_weights = {n: p for n, p in plain.model.named_parameters() if "base_layer" in n}  # never merged
+    expected = {}
+    for op in OPERATIONS:
+        plain.use(op)
+        expected[op] = logits_of(plain.model, plain.tokenizer)
+    for op in [*OPERATIONS, "extraction", "update", "generation", "update"]:
+        merged.use(op)
+        assert all(layer.merged for layer in merged._tuner_layers)  # the forward runs the base layer alone
+        assert torch.allclose(logits_of(merged.model, merged.tokenizer), expected[op], atol=1e-4)
+        # the same tokens through the LLMBackend interface, as the evaluation and the server call it
+        assert merged.generate(requests(op))[0].token_ids == plain.generate(requests(op))[0].token_ids
+    with merged.bare():
+        merged.use(None)
+        restored = {n: p for n, p in merged.model.named_parameters() if n in base_weights}
+        assert len(restored) == len(base_weights) > 0  # bit for bit: restored from the copy, not subtracted
+        assert all(torch.equal(p, base_weights[n]) for n, p in restored.items())
+        with plain.bare():
+            assert torch.equal(logits_of(merged.model, merged.tokenizer), logits_of(plain.model, plain.tokenizer))
+    merged.use("update")
+    assert torch.allclose(logits_of(merged.model, merged.tokenizer), expected["update"], atol=1e-4)
+
+
+@pytest.mark.timeout(120)
 def test_bare_mode_equals_the_base_model(tiny_model_dir, experts_out):
     base, tokenizer = fresh(tiny_model_dir)
     expected = logits_of(base, tokenizer)
