@@ -61,6 +61,19 @@ def scope_sentence(rows: list[dict], meta: dict) -> str:
             "small the 95% intervals, not the point values, are what to compare.")
 
 
+def headline_text(heads: list[dict]) -> str:
+    """The headline for a terminal: one line per measure, one column per system."""
+    if not heads:
+        return "(no headline: nothing was evaluated)"
+    measures = [k for k in heads[0] if k != "system"]
+    width = max(map(len, measures))
+    cols = [max(15, len(str(h["system"]))) for h in heads]
+    lines = [" " * width + "  " + "  ".join(f"{h['system']:>{c}}" for h, c in zip(heads, cols))]
+    for m in measures:
+        lines.append(f"{m:<{width}}  " + "  ".join(f"{'-' if h[m] is None else h[m]!s:>{c}}" for h, c in zip(heads, cols)))
+    return "\n".join(lines)
+
+
 def render_markdown(rows: list[dict], meta: dict) -> str:
     probes = meta["probes"]
     lines = [

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from memlora.layout import manifest_path, releases_root, report_path, results_path
+from memlora.evaluation.report import headline_text
 from memlora.models import go_offline
 
 go_offline()
@@ -110,8 +111,7 @@ def cmd_evaluate(args) -> int:
     except EvalError as err:
         print(f"memlora evaluate: error: {err}", file=sys.stderr)
         return 2
-    for row in result["headline"]:
-        print("  ".join(f"{k}={v}" for k, v in row.items()))
+    print(headline_text(result["headline"]))
     print(f"results: {results_path(args.out)}  report: {report_path(args.out, '.md')}, {report_path(args.out, '.png')}")
     return 0
 
@@ -227,12 +227,14 @@ def cmd_run(args) -> int:
     check_data(args)
     from memlora.flows.pipeline import pipeline
 
-    pipeline(config_path=args.config, data=args.data, out=args.out)
+    summary = pipeline(config_path=args.config, data=args.data, out=args.out)
     out = Path(args.out)
     print(f"pipeline finished: manifest at {manifest_path(out)}, release under {releases_root(out)}")
     report = report_path(out)
     if report.is_file():
         print(f"report: {report}")
+    print("headline (test conversations; 95 % intervals and n in the report):")
+    print(headline_text(summary["evaluate"]["headline"]))
     return 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -224,6 +224,8 @@ class DistillConfig(_Strict):
     learning_rate: float | None = Field(None, gt=0)  # None: the expert method's (DEFAULT_LEARNING_RATES)
     max_steps: int | None = Field(None, gt=0)  # a cap on optimizer steps over all epochs (None: epochs decide)
     max_epochs: int = Field(8, gt=0)
+    # Per operation, in place of max_epochs (e.g. {generation: 1}).
+    epochs: dict[Literal["extraction", "update", "generation"], Annotated[int, Field(gt=0)]] = {}
     patience: int = Field(2, ge=0)  # epochs without a better validation loss before stopping (0: never stop)
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
     targets: TargetsConfig = TargetsConfig()
@@ -238,6 +240,9 @@ class DistillConfig(_Strict):
     num_ranks: int = Field(1, gt=0)
     seed: int = 0
     timeout_s: int = Field(3600, gt=0)
+
+    def max_epochs_for(self, operation: str) -> int:
+        return self.epochs.get(operation, self.max_epochs)
 
 
 class EvalConfig(_Strict):

@@ -240,9 +240,9 @@ class BestEpoch(TrainerCallback):
         return True
 
 
-def planned_steps(n_examples: int, cfg, world: int) -> int:
+def planned_steps(n_examples: int, cfg, world: int, epochs: int) -> int:
     per_epoch = math.ceil(math.ceil(n_examples / (cfg.batch_size * world)) / cfg.gradient_accumulation_steps)
-    total = max(per_epoch, 1) * cfg.max_epochs
+    total = max(per_epoch, 1) * epochs
     return min(total, cfg.max_steps) if cfg.max_steps else total
 
 
@@ -277,7 +277,8 @@ def train_expert(config: Config, out: str | Path, operation: str, base: str | Pa
                 default=1)
     collator = Collator(tokenizer.pad_token_id, top_k)
     probe = data.examples[: 4 * cfg.batch_size]
-    total_steps = planned_steps(len(data.examples), cfg, world)
+    epochs = cfg.max_epochs_for(operation)
+    total_steps = planned_steps(len(data.examples), cfg, world, epochs)
 
     work = adapter_work_dir(out, operation)
     args = TrainingArguments(
@@ -285,7 +286,7 @@ def train_expert(config: Config, out: str | Path, operation: str, base: str | Pa
         per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=cfg.learning_rate,
-        num_train_epochs=cfg.max_epochs,
+        num_train_epochs=epochs,
         max_steps=cfg.max_steps or -1,
         lr_scheduler_type="constant_with_warmup",
         warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),

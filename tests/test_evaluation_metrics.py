@@ -260,3 +260,14 @@ def test_a_system_process_progress_reaches_the_caller_as_it_comes(tmp_path):
     assert [line for _, line in seen] == ["[12:00:00] teacher: end to end, conversation 1/1, session 1/2",
                                           "[12:00:02] teacher: end to end, conversation 1/1, session 2/2"]
     assert seen[0][0] is None  # the first line arrived while the process was still running
+
+
+def test_the_headline_prints_one_line_per_measure_and_one_column_per_system():
+    from memlora.evaluation.report import headline_text
+
+    heads = [{"system": "teacher", "qa_token_f1": 0.219, "parse_ok_free": None},
+             {"system": "student+experts", "qa_token_f1": 0.254, "parse_ok_free": None}]
+    lines = headline_text(heads).splitlines()
+    assert lines[0].split() == ["teacher", "student+experts"]
+    assert lines[1].split() == ["qa_token_f1", "0.219", "0.254"] and lines[2].split() == ["parse_ok_free", "-", "-"]
+    assert "nothing was evaluated" in headline_text([])

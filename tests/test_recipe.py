@@ -194,6 +194,24 @@ def test_early_stopping_keeps_the_best_epoch(tiny_model_dir, tmp_path):
     assert adapter_config["base_model_name_or_path"] == "student/base"  # relative to OUT: OUT can be copied
 
 
+@pytest.mark.timeout(300)
+def test_an_operation_trains_the_epochs_given_for_it(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from memlora.student.build import build_student
+    from memlora.student.distill import distill_operation
+
+    out = tmp_path / "out"
+    _contrary_traces(out, AutoTokenizer.from_pretrained(tiny_model_dir))
+    path, config = distill_config(tmp_path / "c.yaml", str(tiny_model_dir),
+                                  student={"prune": {"from": "teacher", "keep_layers": [0, 2]}},
+                                  max_steps=None, max_epochs=5, epochs={"extraction": 2}, patience=0, batch_size=3,
+                                  num_ranks=1, timeout_s=240)
+    assert config.distill.max_epochs_for("extraction") == 2 and config.distill.max_epochs_for("update") == 5
+    record = distill_operation(config, out, "extraction", build_student(config, out), on_line=lambda line: None)
+    assert [e["epoch"] for e in record.epochs] == [1, 2] and record.steps == 2 * 2  # 6 rows, batches of 3
+
+
 @pytest.mark.timeout(60)
 def test_distill_reads_every_trace_file_before_building_anything(smol_tokenizer_dir, tmp_path):
     from transformers import AutoTokenizer
