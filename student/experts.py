@@ -15,6 +15,7 @@ from peft import DeloraConfig, HRAConfig, LoraConfig, PeftModel, get_peft_model
 
 from memlora.config import OPERATIONS, ExpertConfig
 from memlora.layout import adapter_dir
+from memlora.student.householder import use_input_reflections
 from memlora.llm.hf_backend import TransformersBackend, load_causal_lm
 from memlora.manifest import check_recorded
 
@@ -38,8 +39,11 @@ def adapter_config(expert: ExpertConfig):
 
 
 def attach_expert(model, expert: ExpertConfig, name: str = "default"):
-    """A fresh trainable expert on `model`; only the adapter's parameters require grad."""
-    return get_peft_model(model, adapter_config(expert), adapter_name=name)
+    """A fresh trainable expert on `model`; only the adapter's parameters require grad. ETHER layers apply
+    their reflection to the input (`student.householder`), not to a rebuilt weight."""
+    model = get_peft_model(model, adapter_config(expert), adapter_name=name)
+    use_input_reflections(model)
+    return model
 
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what peft reads when loading an expert
@@ -106,6 +110,7 @@ class ExpertBackend(TransformersBackend):
             for op in rest:
                 model.load_adapter(str(adapters[op]), adapter_name=adapter_name(op), use_safetensors=True)
             model.eval()
+            use_input_reflections(model)
         super().__init__(model, tokenizer, model_id, batch_size=batch_size, prefix_cache=prefix_cache)
         # The adapted layers, found once: a switch then only repoints them (peft's `set_adapter` walks every
         # module of the model and toggles requires_grad each time: 4 ms per switch here, measured).

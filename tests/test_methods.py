@@ -90,6 +90,38 @@ def test_a_delora_update_stays_within_its_bound_after_training_at_a_large_learni
     assert weight_deviation(expert, "default")["total"] > 0
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("r", [1, 3])
+def test_reflecting_the_input_computes_what_peft_hra_computes_with_the_same_gradients(tiny_model_dir, r):
+    from peft import HRAConfig, get_peft_model
+
+    from memlora.student.householder import use_input_reflections
+
+    model, tok = fresh(tiny_model_dir)
+    torch.manual_seed(r)
+    expert = get_peft_model(model, HRAConfig(r=r, apply_GS=False, target_modules=TARGETS, task_type="CAUSAL_LM"))
+    with torch.no_grad():  # peft starts paired reflections as the identity; make every one count
+        for name, p in expert.named_parameters():
+            if "hra_u" in name:
+                p.copy_(torch.randn_like(p))
+    ids = tok("Alice moved to Paris and Bob adopted a dog named Rex.", return_tensors="pt")["input_ids"]
+
+    def loss_and_grads():
+        expert.zero_grad()
+        out = expert(input_ids=ids, labels=ids)
+        out.loss.backward()
+        return out.logits.detach(), {n: p.grad.clone() for n, p in expert.named_parameters() if p.requires_grad}
+
+    logits, grads = loss_and_grads()
+    assert use_input_reflections(expert) == len(tuner_layers(expert)) > 0
+    fast_logits, fast_grads = loss_and_grads()
+    assert torch.allclose(fast_logits, logits, atol=1e-5)
+    assert grads.keys() == fast_grads.keys()
+    assert all(torch.allclose(fast_grads[n], g, atol=1e-6, rtol=1e-4) for n, g in grads.items())
+    with torch.no_grad(), expert.disable_adapter():  # disabled: the base layer alone, as peft does
+        assert torch.allclose(expert(input_ids=ids).logits, fresh(tiny_model_dir)[0](input_ids=ids).logits, atol=1e-6)
+
+
 @pytest.mark.timeout(180)
 def test_ether_experts_save_reload_switch_and_export(tiny_model_dir, tmp_path):
     from peft.tuners.lora import LoraModel
@@ -109,7 +141,8 @@ def test_ether_experts_save_reload_switch_and_export(tiny_model_dir, tmp_path):
         assert (out / "adapters" / op / "adapter_model.safetensors").is_file()
         reloaded = PeftModel.from_pretrained(fresh(tiny_model_dir)[0], str(out / "adapters" / op),
                                              use_safetensors=True)
-        assert torch.equal(logits_of(reloaded, tok), expected[op])
+        # peft's own forward (the weight rebuilt) vs ours (the input reflected): the same function
+        assert torch.allclose(logits_of(reloaded, tok), expected[op], atol=1e-5)
     assert not torch.equal(expected["extraction"], expected["update"])
     assert json.loads((out / "adapters" / "extraction" / "adapter_config.json").read_text())["peft_type"] == "HRA"
     update_manifest(out)
