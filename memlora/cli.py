@@ -7,8 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from memlora.layout import manifest_path, releases_root, report_path, results_path
 from memlora.evaluation.report import headline_text
+from memlora.layout import manifest_path, releases_root, report_path, results_path
 from memlora.models import go_offline
 
 go_offline()

@@ -15,9 +15,9 @@ from peft import DeloraConfig, HRAConfig, LoraConfig, PeftModel, get_peft_model
 
 from memlora.config import OPERATIONS, ExpertConfig
 from memlora.layout import adapter_dir
-from memlora.student.householder import use_input_reflections
 from memlora.llm.hf_backend import TransformersBackend, load_causal_lm
 from memlora.manifest import check_recorded
+from memlora.student.householder import use_input_reflections
 
 log = logging.getLogger(__name__)
 

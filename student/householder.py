@@ -17,10 +17,10 @@ import types
 import torch
 
 
-def _reflect(layer, x: torch.Tensor) -> torch.Tensor:
+def _reflect(layer, x: torch.Tensor, active: list[str]) -> torch.Tensor:
     """x (H_1 ... H_r)^T for every active adapter, as peft's forward multiplies them: W' = W D_1 D_2 ..., so
     x W'^T = x ... D_2^T D_1^T W^T, and D^T = H_r ... H_1 (each reflection is symmetric)."""
-    for name in reversed([a for a in layer.active_adapters if a in layer.hra_u]):
+    for name in reversed(active):
         u = layer.hra_u[name]
         u = (u / u.norm(dim=0)).to(x.dtype)
         for i in reversed(range(u.shape[1])):
@@ -35,7 +35,7 @@ def _input_reflection_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.T
         return type(self).forward(self, x, *args, **kwargs)
     previous_dtype = x.dtype
     x = x.to(self.get_base_layer().weight.dtype)
-    return self.base_layer(_reflect(self, x), *args, **kwargs).to(previous_dtype)
+    return self.base_layer(_reflect(self, x, active), *args, **kwargs).to(previous_dtype)
 
 
 def use_input_reflections(model: torch.nn.Module) -> int:

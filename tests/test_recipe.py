@@ -165,23 +165,29 @@ def _contrary_traces(out: Path, tokenizer) -> None:
                    out / "datasets" / "conversations.parquet")
 
 
-@pytest.mark.timeout(300)
-def test_early_stopping_keeps_the_best_epoch(tiny_model_dir, tmp_path):
+def _distill_contrary(tiny_model_dir, tmp_path, expert: dict | None = None, **distill):
+    """The extraction expert of a 2-layer student distilled on `_contrary_traces`: (config, out, base, record)."""
     from transformers import AutoTokenizer
 
     from memlora.student.build import build_student
     from memlora.student.distill import distill_operation
-    from tests.test_distill_launcher import reloaded_validation_loss
 
     out = tmp_path / "out"
     _contrary_traces(out, AutoTokenizer.from_pretrained(tiny_model_dir))
-    path, config = distill_config(tmp_path / "c.yaml", str(tiny_model_dir),
-                                  student={"prune": {"from": "teacher", "keep_layers": [0, 2]}},
-                                  expert={"delora_lambda": 15.0},  # large steps: it overfits train at once
-                                  max_steps=None, max_epochs=6, patience=2, batch_size=3, learning_rate=0.02,
-                                  num_ranks=1, timeout_s=240)
+    _, config = distill_config(tmp_path / "c.yaml", str(tiny_model_dir),
+                               student={"prune": {"from": "teacher", "keep_layers": [0, 2]}}, expert=expert,
+                               max_steps=None, batch_size=3, num_ranks=1, timeout_s=240, **distill)
     base = build_student(config, out)
-    record = distill_operation(config, out, "extraction", base, on_line=lambda line: None)
+    return config, out, base, distill_operation(config, out, "extraction", base, on_line=lambda line: None)
+
+
+@pytest.mark.timeout(300)
+def test_early_stopping_keeps_the_best_epoch(tiny_model_dir, tmp_path):
+    from tests.test_distill_launcher import reloaded_validation_loss
+
+    config, out, base, record = _distill_contrary(
+        tiny_model_dir, tmp_path, expert={"delora_lambda": 15.0},  # large steps: it overfits train at once
+        max_epochs=6, patience=2, learning_rate=0.02)
     losses = [e["validation_loss"] for e in record.epochs]
     assert record.validation_rows == 6 and record.rows_used == 6 and all(v is not None for v in losses)
     best = min(range(len(losses)), key=losses.__getitem__) + 1
@@ -196,19 +202,9 @@ def test_early_stopping_keeps_the_best_epoch(tiny_model_dir, tmp_path):
 
 @pytest.mark.timeout(300)
 def test_an_operation_trains_the_epochs_given_for_it(tiny_model_dir, tmp_path):
-    from transformers import AutoTokenizer
-
-    from memlora.student.build import build_student
-    from memlora.student.distill import distill_operation
-
-    out = tmp_path / "out"
-    _contrary_traces(out, AutoTokenizer.from_pretrained(tiny_model_dir))
-    path, config = distill_config(tmp_path / "c.yaml", str(tiny_model_dir),
-                                  student={"prune": {"from": "teacher", "keep_layers": [0, 2]}},
-                                  max_steps=None, max_epochs=5, epochs={"extraction": 2}, patience=0, batch_size=3,
-                                  num_ranks=1, timeout_s=240)
+    config, _, _, record = _distill_contrary(tiny_model_dir, tmp_path, max_epochs=5, epochs={"extraction": 2},
+                                             patience=0)
     assert config.distill.max_epochs_for("extraction") == 2 and config.distill.max_epochs_for("update") == 5
-    record = distill_operation(config, out, "extraction", build_student(config, out), on_line=lambda line: None)
     assert [e["epoch"] for e in record.epochs] == [1, 2] and record.steps == 2 * 2  # 6 rows, batches of 3
 
 
