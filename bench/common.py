@@ -53,6 +53,21 @@ def table(rows: list[dict], columns: list[str]) -> str:
                      ["  ".join(f"{r.get(c, '')}".ljust(widths[c]) for c in columns) for r in rows])
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 # --- inputs shared by the benches --------------------------------------------------------------------------
 
 REPO = Path(__file__).resolve().parents[1]

@@ -20,27 +20,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (CONFIG, QUICK_TOKENS, REPO, bench_parser, percentile, save, student_with_experts,  # noqa: E402
-                    table, trace_requests)
+from common import (CONFIG, QUICK_TOKENS, REPO, bench_parser, free_port, peak_rss_mb, percentile, save,  # noqa: E402
+                    student_with_experts, table, trace_requests)
 
 from memlora.serve import wait_healthy  # noqa: E402
 
 SYSTEMS = ("teacher", "student+experts")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def start_server(system: str, port: int, base: Path, experts_out: Path, log) -> subprocess.Popen:

