@@ -24,12 +24,14 @@ def report_paths(out: str | Path) -> tuple[Path, Path]:
     return report_path(out, ".md"), report_path(out, ".png")
 
 
-def _fmt(row: dict | None, digits: int = 3) -> str:
+def _fmt(row: dict | None, digits: int = 3, count: bool = False) -> str:
     if row is None:
         return "–"
     if row["value"] is None:
         return f"n/a (n={row['n']})"
     value = row["value"]
+    if count:
+        return f"{value:.0f} of {row['n']}"
     text = f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.{digits}f}"
     if row["ci_low"] is not None and row["ci_high"] is not None:
         text += f" [{row['ci_low']:.{digits}f}, {row['ci_high']:.{digits}f}]"
@@ -38,11 +40,12 @@ def _fmt(row: dict | None, digits: int = 3) -> str:
     return text
 
 
-def _table(rows, items: list[tuple[str, str, str]]) -> list[str]:
-    """items: (label, operation, metric) -> one Markdown table line each, one column per system."""
+def _table(rows, items: list[tuple[str, str, str]], counts: bool = False) -> list[str]:
+    """items: (label, operation, metric) -> one Markdown table line each, one column per system; `counts`: the
+    values are counts out of n (calls per class), not means or rates."""
     lines = ["| | " + " | ".join(SYSTEMS) + " |", "|---|" + "---|" * len(SYSTEMS)]
     for label, operation, metric in items:
-        cells = [_fmt(lookup(rows, s, operation, metric)) for s in SYSTEMS]
+        cells = [_fmt(lookup(rows, s, operation, metric), count=counts) for s in SYSTEMS]
         if all(c == "–" for c in cells):
             continue
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -122,7 +125,7 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
               "then what each system decided. The majority-class baseline always answers the teacher's most common "
               "event: an expert is only useful above it.", ""]
     lines += _table(rows, [(f"teacher says {e.upper()}", "update", f"reference_{e}") for e in events[:4]]
-                    + [(f"system says {e.upper()}", "update", f"predicted_{e}") for e in events])
+                    + [(f"system says {e.upper()}", "update", f"predicted_{e}") for e in events], counts=True)
     lines += ["", "### The same requests without their schema (free decoding)", ""]
     lines += _table(rows, [(label, op, metric + "_free") for label, op, metric in items])
     lines += ["", "## Output validity", "",

@@ -271,3 +271,16 @@ def test_the_headline_prints_one_line_per_measure_and_one_column_per_system():
     assert lines[0].split() == ["teacher", "student+experts"]
     assert lines[1].split() == ["qa_token_f1", "0.219", "0.254"] and lines[2].split() == ["parse_ok_free", "-", "-"]
     assert "nothing was evaluated" in headline_text([])
+
+
+@pytest.mark.timeout(60)
+def test_report_shows_update_class_counts_as_counts_out_of_n():
+    from memlora.evaluation.report import _table
+
+    def row(system, metric, value, n=74):
+        return {"system": system, "section": "agreement", "operation": "update", "metric": metric, "value": value,
+                "ci_low": None, "ci_high": None, "ci_method": "none", "n": n}
+
+    rows = [row(s, "predicted_delete", v) for s, v in (("teacher", 3.0), ("student", 52.0), ("student+experts", 0.0))]
+    line = _table(rows, [("system says DELETE", "update", "predicted_delete")], counts=True)[-1]
+    assert line == "| system says DELETE | 3 of 74 | 52 of 74 | 0 of 74 |"
