@@ -105,8 +105,17 @@ def cmd_evaluate(args) -> int:
     from memlora.evaluation.systems import EvalError
     from memlora.flows.evaluation import evaluate
 
-    load_config(args.config)
+    config = load_config(args.config)
     try:
+        if args.data:
+            from memlora.evaluation.other_corpus import prepare_other_corpus
+
+            if not args.experts_from:
+                raise EvalError("--data needs --experts-from OUT: the run whose trained experts are evaluated")
+            n = prepare_other_corpus(config, args.data, args.experts_from, args.out, args.sessions)
+            print(f"evaluating the experts of {args.experts_from} on {n} conversation(s) of {args.data} in {args.out}")
+        elif args.experts_from or args.sessions:
+            raise EvalError("--experts-from and --sessions go with --data: the conversations to evaluate on")
         result = evaluate(config_path=args.config, out=args.out)
     except EvalError as err:
         print(f"memlora evaluate: error: {err}", file=sys.stderr)
@@ -343,6 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("evaluate")
     config(p)
     out(p)
+    p.add_argument("--data", default=None,
+                   help="evaluate on this corpus's conversations instead (all of them test; LoCoMo JSON or JSONL); "
+                        "OUT is then a new folder, and --experts-from names the trained run")
+    p.add_argument("--experts-from", default=None, metavar="TRAINED_OUT",
+                   help="with --data: the OUT whose student base and trained experts are evaluated")
+    p.add_argument("--sessions", type=int, default=None, metavar="N",
+                   help="with --data: each conversation's first N sessions, and only the questions about them")
     p.set_defaults(func=cmd_evaluate)
 
     p = command("verify")

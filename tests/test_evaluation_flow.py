@@ -284,3 +284,64 @@ def test_evaluate_flow_on_tiny_models(prefect_server, tiny_teacher, tiny_model_d
     weights.write_bytes(weights.read_bytes() + b"\0")
     changed = {s: cache_key(cfg, out, s, base) != keys[s] for s in SYSTEMS}
     assert changed == {"teacher": False, "student": False, "student+experts": True}
+
+
+def other_corpus(path: Path) -> Path:
+    """Two conversations of two sessions each, written for this test, as JSONL; per conversation one question
+    about session 1, one about session 2, one without evidence."""
+    lines = []
+    for c, cid in enumerate(("x1", "x2")):
+        for session in (1, 2):
+            for turn, text in enumerate((f"I adopted a cat named Tom{c}.", "I moved to Oslo in May."), start=1):
+                lines.append({"type": "turn", "conversation_id": cid, "session": session, "turn": turn,
+                              "speaker": "Ann" if turn == 1 else "Ben", "text": text,
+                              "time": f"2023-05-0{session}T10:00:00"})
+        lines += [{"type": "question", "conversation_id": cid, "question": "What is Ann's cat called?",
+                   "answer": f"Tom{c}", "category": 4, "evidence": ["D1:1"]},
+                  {"type": "question", "conversation_id": cid, "question": "Where did Ben move?", "answer": "Oslo",
+                   "category": 4, "evidence": ["D2:2"]},
+                  {"type": "question", "conversation_id": cid, "question": "Who adopted a cat?", "answer": "Ann",
+                   "category": 1}]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+@pytest.mark.prefect
+@pytest.mark.timeout(600)
+def test_trained_experts_evaluated_on_another_corpus(prefect_server, tiny_teacher, tiny_model_dir, tmp_path,
+                                                     one_thread):
+    from memlora.cli import main
+
+    trained, out = tmp_path / "trained", tmp_path / "other"
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(small_config(str(tiny_teacher), str(tiny_model_dir))))  # 1 conversation
+    write_experts(trained, tiny_model_dir)
+    data = other_corpus(tmp_path / "other.jsonl")
+    args = ["evaluate", "--config", str(config), "--out", str(out), "--data", str(data), "--sessions", "1"]
+
+    assert main(args) == 2 and not out.exists()  # --data without --experts-from: refused before anything is made
+    assert main([*args, "--experts-from", str(trained)]) == 0
+
+    # The trained run is untouched; the new OUT holds its verified experts and the other corpus, all test.
+    assert not (trained / "eval").exists()
+    assert (out / "adapters" / "update" / "adapter_model.safetensors").read_bytes() == \
+        (trained / "adapters" / "update" / "adapter_model.safetensors").read_bytes()
+    splits = pq.read_table(out / "datasets" / "conversations.parquet").to_pylist()
+    assert {(r["conversation_id"], r["split"]) for r in splits} == {("x1", "test"), ("x2", "test")}
+    asked = pq.read_table(out / "datasets" / "questions.parquet").to_pylist()
+    assert sorted(r["question"] for r in asked if r["conversation_id"] == "x1") == ["What is Ann's cat called?"]
+    # --sessions 1: the corpus is cut to its first session; the question about session 2 is left out (its answer
+    # is not in what the systems read), and so is the one without evidence (no way to tell)
+    turns = pq.read_table(out / "datasets" / "conversations.parquet").to_pylist()
+    assert {r["session"] for r in turns} == {1}
+    qa = pq.read_table(out / "eval" / "systems" / "teacher" / "qa.parquet").to_pylist()
+    assert [r["question"] for r in qa] == ["What is Ann's cat called?"]
+    assert {r["conversation_id"] for r in qa} == {"x1"}
+
+    # A folder that is not empty and was not made from the same run and data is refused.
+    other = tmp_path / "busy"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert main(["evaluate", "--config", str(config), "--out", str(other), "--data", str(data), "--sessions", "1",
+                 "--experts-from", str(trained)]) == 2
+    assert (other / "notes.txt").read_text() == "mine" and len(list(other.iterdir())) == 1

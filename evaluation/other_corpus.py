@@ -1,0 +1,86 @@
+"""Trained experts evaluated on another corpus's conversations (e.g. real LoCoMo), not on their run's own test
+split: the way to check them on conversations nobody tuned anything on.
+
+A new OUT is made from the trained one: its student base and experts (hard links where the file system allows,
+else copies; each expert first checked against the trained OUT's manifest) and the other corpus ingested with
+every conversation in the test split, cut to its first `sessions` sessions where asked (with only the questions
+whose evidence lies in them: the others cannot be answered from what the systems read). The evaluation then runs
+on it as on any OUT, so the trained OUT's own evaluation is left as it is; `evaluation.max_conversations` bounds
+how many conversations it replays.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+from memlora.config import Config
+from memlora.data.io import write_json, write_parquet
+from memlora.data.loaders import LoadOptions, load_corpus
+from memlora.data.records import Conversation, to_tables
+from memlora.evaluation.systems import EvalError
+from memlora.layout import ADAPTERS, MANIFEST, conversations_file, questions_file, student_dir
+from memlora.student.experts import verified_expert_folders
+
+MARKER = "evaluated_on.json"  # in the new OUT: which trained OUT and which data it was made from
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:  # another file system, or links not allowed
+            shutil.copy2(src, dst)
+
+    shutil.copytree(source, target, copy_function=link_or_copy)
+
+
+def first_sessions(conversation: Conversation, sessions: int) -> Conversation:
+    """The conversation's first `sessions` sessions and the questions whose evidence lies in them."""
+    turns = [t for _, ts in conversation.sessions()[:sessions] for t in ts]
+    kept = {t.dia_id for t in turns}
+    questions = [q for q in conversation.questions if q.evidence and set(q.evidence) <= kept]
+    return replace(conversation, turns=turns, questions=questions)
+
+
+def prepare_other_corpus(config: Config, data: str | Path, trained: str | Path, out: str | Path,
+                         sessions: int | None = None) -> int:
+    """Make `out` hold `trained`'s student base and experts and `data`'s conversations, all of them test.
+    Returns the number of conversations. An `out` made before from the same `trained` and `data` is reused as
+    it is (its evaluation resumes); any other non-empty `out` is refused."""
+    trained, out = Path(trained).resolve(), Path(out).resolve()
+    if trained == out:
+        raise EvalError(f"{out}: --out must be a new folder, not the trained OUT (its own evaluation would be lost)")
+    origin = {"trained": str(trained), "data": str(Path(data).resolve()), "sessions": sessions}
+    marker = out / MARKER
+    if marker.is_file() and json.loads(marker.read_text()) == origin:
+        return len(_conversation_ids(out))
+    if out.exists() and any(out.iterdir()):
+        raise EvalError(f"{out}: not empty; give a new folder for the evaluation on {data}")
+    experts = verified_expert_folders(trained)  # before anything is written: an untrusted adapter stops here
+    if not experts:
+        raise EvalError(f"{trained / ADAPTERS}: no trained expert (run `memlora distill` first)")
+    corpus = load_corpus(data, LoadOptions(config.data.max_turn_chars, config.data.on_long_turn))
+    if sessions:
+        corpus = [first_sessions(c, sessions) for c in corpus]
+    for conversation in corpus:
+        conversation.split = "test"
+    out.mkdir(parents=True, exist_ok=True)
+    _link_tree(trained / ADAPTERS, out / ADAPTERS)
+    if student_dir(trained).is_dir():
+        _link_tree(student_dir(trained), student_dir(out))
+    shutil.copy2(trained / MANIFEST, out / MANIFEST)  # lists the experts' checksums, checked again at load
+    conversations, questions = to_tables(corpus)
+    write_parquet(conversations, conversations_file(out), "conversations")
+    write_parquet(questions, questions_file(out), "questions")
+    write_json(origin, marker)  # last: an interrupted preparation is refused next time, not half reused
+    return len(corpus)
+
+
+def _conversation_ids(out: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(conversations_file(out), columns=["conversation_id"]).column(0).to_pylist()
