@@ -112,6 +112,8 @@ def cmd_evaluate(args) -> int:
 
             if not args.experts_from:
                 raise EvalError("--data needs --experts-from OUT: the run whose trained experts are evaluated")
+            if args.sessions is not None and args.sessions < 1:
+                raise EvalError(f"--sessions: expected a positive number of sessions, got {args.sessions}")
             n = prepare_other_corpus(config, args.data, args.experts_from, args.out, args.sessions)
             print(f"evaluating the experts of {args.experts_from} on {n} conversation(s) of {args.data} in {args.out}")
         elif args.experts_from or args.sessions:
