@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from memlora.models import go_offline
+from memlora.processes import free_port  # noqa: F401  (the benches import it from here)
 
 go_offline()  # every bench imports this module before any model library
 RESULTS = Path(os.environ.get("MEMLORA_BENCH_RESULTS", Path(__file__).parent / "results"))
@@ -51,14 +52,6 @@ def table(rows: list[dict], columns: list[str]) -> str:
     line = "  ".join(c.ljust(widths[c]) for c in columns)
     return "\n".join([line, "  ".join("-" * widths[c] for c in columns)] +
                      ["  ".join(f"{r.get(c, '')}".ljust(widths[c]) for c in columns) for r in rows])
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def peak_rss_mb(pid: int) -> float:

@@ -57,7 +57,7 @@ def prepare_other_corpus(config: Config, data: str | Path, trained: str | Path, 
     origin = {"trained": str(trained), "data": str(Path(data).resolve()), "sessions": sessions}
     marker = out / MARKER
     if marker.is_file() and json.loads(marker.read_text()) == origin:
-        return len(_conversation_ids(out))
+        return len(set(_conversation_ids(out)))  # the table has a row per turn
     if out.exists() and any(out.iterdir()):
         raise EvalError(f"{out}: not empty; give a new folder for the evaluation on {data}")
     experts = verified_expert_folders(trained)  # before anything is written: an untrusted adapter stops here

@@ -116,7 +116,7 @@ def cmd_evaluate(args) -> int:
                 raise EvalError(f"--sessions: expected a positive number of sessions, got {args.sessions}")
             n = prepare_other_corpus(config, args.data, args.experts_from, args.out, args.sessions)
             print(f"evaluating the experts of {args.experts_from} on {n} conversation(s) of {args.data} in {args.out}")
-        elif args.experts_from or args.sessions:
+        elif args.experts_from or args.sessions is not None:
             raise EvalError("--experts-from and --sessions go with --data: the conversations to evaluate on")
         result = evaluate(config_path=args.config, out=args.out)
     except EvalError as err:

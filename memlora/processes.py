@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -88,3 +89,10 @@ def exit_on_interrupt(command: str):
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 free right now, for a server or launcher we are about to start."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -19,17 +18,11 @@ from typing import Callable
 
 from memlora.config import Config
 from memlora.jobs import write_job
-from memlora.processes import track, untrack
+from memlora.processes import free_port, track, untrack
 
 
 class TrainingFailed(RuntimeError):
     pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def gpu_count() -> int:

