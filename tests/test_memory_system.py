@@ -137,3 +137,41 @@ def test_a_fact_unlike_every_memory_is_added_without_an_update_call(embedder):
                          MemoryStore(), embedder, MemoryConfig(), on_call=plain_calls.append)
     plain.update("c1", 1, ["Ann has a cat"], T0)
     assert len(plain_calls) == 1
+
+
+class CallLog(ScriptedLLM):
+    """A scripted LLM that also keeps each `generate` call's operations (one entry per batch the system asked)."""
+
+    def __init__(self, outputs):
+        super().__init__(outputs)
+        self.batches: list[list[str]] = []
+
+    def generate(self, requests):
+        self.batches.append([r.operation for r in requests])
+        return super().generate(requests)
+
+
+def test_every_session_is_extracted_in_one_batch_before_any_update(embedder):
+    """Extraction reads only its window, so a conversation asks for all of it at once (full model batches);
+    updates still follow the windows' order, and each call keeps its own session and step."""
+    turns = [Turn(s, i + 1, f"D{s}:{i + 1}", "Ann" if i % 2 == 0 else "Ben", f"line {s}.{i}", T0)
+             for s in (1, 2) for i in range(3)]
+    llm = CallLog({
+        "extraction": ['{"facts": ["Ann has a cat"]}', '{"facts": []}', '{"facts": ["Ann has a cat named Tom"]}',
+                       '{"facts": []}'],
+        "update": ['{"memory": [{"id": "0", "text": "Ann has a cat named Tom", "event": "UPDATE"}]}'],
+    })
+    calls, progress = [], []
+    store = MemoryStore()
+    system = MemorySystem(llm, store, embedder, MemoryConfig(window=2, min_similarity=0.5), on_call=calls.append)
+    system.ingest(Conversation("c1", turns, []), after_session=lambda done, total: progress.append((done, total)))
+    assert llm.batches == [["extraction"] * 4, ["update"]]
+    extraction = [c for c in calls if c.operation == "extraction"]
+    assert [(c.session, c.step) for c in extraction] == [(1, 0), (1, 1), (2, 2), (2, 3)]
+    assert "line 2.0" in extraction[2].request.messages[-1]["content"]
+    # the session-1 fact was stored (no similar memory: no call), then session 2's fact updated it
+    update = [c for c in calls if c.operation == "update"]
+    assert [(c.session, c.step) for c in update] == [(2, 0)]
+    assert "Ann has a cat" in update[0].request.messages[-1]["content"]
+    assert [m.text for m in store.all("c1")] == ["Ann has a cat named Tom"]
+    assert progress == [(1, 2), (2, 2)]
