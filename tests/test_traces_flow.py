@@ -27,7 +27,9 @@ def write_config(path: Path, teacher: str, **data) -> Path:
     raw["teacher"].update(model=teacher, device="cpu", batch_size=8, logprobs_top_k=4)
     raw["data"].update(data)
     raw["data"]["split"] = {"test_ratio": 0.25, "validation_ratio": 0.0, "seed": 0}  # 3 train, 1 test
-    raw["memory"].update(window=4, max_facts=2, max_fact_chars=40, answer_max_chars=24)
+    # min_similarity 0: every fact gets an update call (Mem0's way), so one short session still traces all
+    # three operations; the embedded default's floor adds its first facts without one.
+    raw["memory"].update(window=4, max_facts=2, max_fact_chars=40, answer_max_chars=24, min_similarity=0.0)
     raw["memory"]["operations"] = {"extraction": {"max_new_tokens": 64}, "update": {"max_new_tokens": 64},
                                    "generation": {"max_new_tokens": 16}}
     raw["prefect"] = {"concurrency": 1}
