@@ -113,21 +113,20 @@ class MemorySystem:
         called after each session's updates (progress)."""
         cid = conversation.conversation_id
         sessions = conversation.sessions()[:max_sessions]
-        windows = [(session, turns[i : i + self.config.window])
-                   for session, turns in sessions for i in range(0, len(turns), self.config.window)]
+        size = self.config.window
+        # (session, its number from 1, window, the session's last window?)
+        windows = [(session, number, turns[i : i + size], i + size >= len(turns))
+                   for number, (session, turns) in enumerate(sessions, 1) for i in range(0, len(turns), size)]
         schema = extraction_schema(self.config.max_facts, self.config.fact_chars())
-        extracted = self._call(cid, [session for session, _ in windows],
-                               [self._request("extraction", render_window(w), schema) for _, w in windows],
+        extracted = self._call(cid, [session for session, *_ in windows],
+                               [self._request("extraction", render_window(w), schema) for _, _, w, _ in windows],
                                lambda i, text: parse_extraction(text))
-        done = 0
-        for (session, window), parsed in zip(windows, extracted):
+        for (session, number, window, last), parsed in zip(windows, extracted):
             if parsed.ok:
                 facts = list(dict.fromkeys(parsed.value["facts"]))[: self.config.max_facts]
                 self.update(cid, session, facts, window[0].time)
-            if window[-1] is sessions[done][1][-1]:  # the session's last window: its updates are all applied
-                done += 1
-                if after_session is not None:
-                    after_session(done, len(sessions))
+            if last and after_session is not None:  # the session's updates are all applied
+                after_session(number, len(sessions))
 
     def update(self, cid: str, session: int, facts: list[str], at: datetime) -> None:
         """One update call per fact, batched against the store as it stands before this window."""

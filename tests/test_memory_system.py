@@ -19,16 +19,18 @@ T0 = datetime(2023, 5, 8, 13, 56)
 
 
 class ScriptedLLM:
-    """Answers each operation from a queue of canned texts; records the requests it saw."""
+    """Answers each operation from a queue of canned texts; records the requests it saw, and in which batches."""
 
     model_id, backend_name = "scripted", "scripted"
 
     def __init__(self, outputs: dict[str, list[str]]):
         self.outputs = {k: list(v) for k, v in outputs.items()}
         self.requests = []
+        self.batches: list[list[str]] = []  # each `generate` call's operations: the batches the system asked for
 
     def generate(self, requests):
         self.requests += requests
+        self.batches.append([r.operation for r in requests])
         return [GenerationResult(self.outputs[r.operation].pop(0), 1, 1, 0.0, len(requests), r.constrained)
                 for r in requests]
 
@@ -139,24 +141,12 @@ def test_a_fact_unlike_every_memory_is_added_without_an_update_call(embedder):
     assert len(plain_calls) == 1
 
 
-class CallLog(ScriptedLLM):
-    """A scripted LLM that also keeps each `generate` call's operations (one entry per batch the system asked)."""
-
-    def __init__(self, outputs):
-        super().__init__(outputs)
-        self.batches: list[list[str]] = []
-
-    def generate(self, requests):
-        self.batches.append([r.operation for r in requests])
-        return super().generate(requests)
-
-
 def test_every_session_is_extracted_in_one_batch_before_any_update(embedder):
     """Extraction reads only its window, so a conversation asks for all of it at once (full model batches);
     updates still follow the windows' order, and each call keeps its own session and step."""
     turns = [Turn(s, i + 1, f"D{s}:{i + 1}", "Ann" if i % 2 == 0 else "Ben", f"line {s}.{i}", T0)
              for s in (1, 2) for i in range(3)]
-    llm = CallLog({
+    llm = ScriptedLLM({
         "extraction": ['{"facts": ["Ann has a cat"]}', '{"facts": []}', '{"facts": ["Ann has a cat named Tom"]}',
                        '{"facts": []}'],
         "update": ['{"memory": [{"id": "0", "text": "Ann has a cat named Tom", "event": "UPDATE"}]}'],
