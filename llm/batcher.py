@@ -20,20 +20,31 @@ T = TypeVar("T")
 
 
 class MicroBatcher:
+    """One worker thread takes whatever calls are waiting (up to `max_batch * 4`, lingering `linger_s` for more)
+    and decodes them together. A failure belongs to the call that caused it: when a merged batch fails, each of
+    its calls is run again on its own, so only the failing one gets the error."""
+
     def __init__(self, inner: LLMBackend, max_batch: int, linger_s: float = 0.05):
         self.inner, self.max_batch, self.linger_s = inner, max_batch, linger_s
         self.model_id, self.backend_name = inner.model_id, inner.backend_name
         self._queue: queue.Queue = queue.Queue()
         self._closed = False
+        self.in_flight = 0  # calls the worker holds now (decoding, or about to)
+        self.isolated_failures = 0
         self._worker = threading.Thread(target=self._run, name="memlora-batcher", daemon=True)
         self._worker.start()
 
+    @property
+    def waiting(self) -> int:
+        return self._queue.qsize()
+
+    def submit(self, request: GenerationRequest) -> Future:
+        future: Future = Future()
+        self._queue.put((request, future))
+        return future
+
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        futures = []
-        for request in requests:
-            future: Future = Future()
-            self._queue.put((request, future))
-            futures.append(future)
+        futures = [self.submit(request) for request in requests]
         return [f.result() for f in futures]
 
     def close(self) -> None:
@@ -57,15 +68,28 @@ class MicroBatcher:
                     self._queue.put(None)
                     break
                 pending.append(nxt)
-            requests = [r for r, _ in pending]
+            self.in_flight = len(pending)
             try:
-                results = self.inner.generate(requests)
-            except BaseException as err:  # hand the failure to every waiting caller
-                for _, future in pending:
-                    future.set_exception(err)
-                continue
-            for (_, future), result in zip(pending, results):
-                future.set_result(result)
+                self._answer(pending)
+            finally:
+                self.in_flight = 0
+
+    def _answer(self, pending: list[tuple[GenerationRequest, Future]]) -> None:
+        try:
+            results = self.inner.generate([r for r, _ in pending])
+        except BaseException as err:  # noqa: BLE001  (whatever one call raised must not reach the others)
+            if len(pending) == 1:
+                pending[0][1].set_exception(err)
+                return
+            self.isolated_failures += 1
+            for request, future in pending:
+                try:
+                    future.set_result(self.inner.generate([request])[0])
+                except BaseException as own:  # noqa: BLE001
+                    future.set_exception(own)
+            return
+        for (_, future), result in zip(pending, results):
+            future.set_result(result)
 
 
 def in_threads(jobs: list[Callable[[LLMBackend], T]], backend: LLMBackend, max_batch: int | None = None) -> list[T]:

@@ -21,6 +21,7 @@ class Decoded:
     finished: bool             # ended on a stop token (else: ran to max_new_tokens)
     top_logprobs: list[list[tuple[int, float]]] | None
     token_logprobs: list[float] | None = None  # each emitted token's log-prob (with top_logprobs)
+    cancelled: bool = False    # left the batch because nobody waits for it any more
 
 
 def banned_by_ngram(seq: list[int], n: int) -> set[int]:
@@ -60,9 +61,10 @@ def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
                   max_new_tokens: int, stop_ids: set[int], grammars: list | None = None,
                   no_repeat_ngram: int = 0, logprobs_top_k: int = 0, temperature: float = 0.0,
                   top_p: float = 1.0, generator: torch.Generator | None = None,
-                  stop_check=None) -> list[Decoded]:
+                  stop_check=None, cancelled=None) -> list[Decoded]:
     """Decode every row greedily (or, with a temperature, by sampling); `cache` holds the KV of the first
-    `cached_len` positions (or is empty). `stop_check(row, tokens)` ends a row early (stop strings)."""
+    `cached_len` positions (or is empty). `stop_check(row, tokens)` ends a row early (stop strings);
+    `cancelled(row)` drops a row whose caller has gone, with its KV cache, at the next step."""
     from transformers import DynamicCache
 
     cache = cache if cache is not None else DynamicCache(config=model.config)
@@ -94,6 +96,9 @@ def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
             chosen_lp = logp.gather(-1, chosen[:, None]).squeeze(-1).tolist()
         keep = []
         for i, (row, tok) in enumerate(zip(active, chosen.tolist())):
+            if cancelled is not None and cancelled(row):
+                out[row].cancelled = True
+                continue
             if tok in stop_ids:
                 out[row].finished = True
                 continue

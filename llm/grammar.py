@@ -1,33 +1,50 @@
 """Schema-constrained decoding through xgrammar, the structured-generation engine vLLM and SGLang use.
 
 Grammars are compiled once per (schema, tokenizer) and cached: an update prompt's id enum only ranges over
-0..top_k, so a whole run compiles a handful of grammars, and each batch row still gets its own.
+0..top_k, so a whole run compiles a handful of grammars, and each batch row still gets its own. The cache is an
+LRU of bounded size (a server's clients may send any number of schemas; each compiled grammar holds a few MiB),
+and xgrammar's own compiler cache is off so that this bound is the only one.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+from collections import OrderedDict
 
 import xgrammar as xgr
 
+DEFAULT_SIZE = 64
+
 
 class GrammarCache:
-    def __init__(self, tokenizer, vocab_size: int):
+    def __init__(self, tokenizer, vocab_size: int, max_size: int = DEFAULT_SIZE):
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
-        self._compiler = xgr.GrammarCompiler(info)
-        self._cache: dict[str, xgr.CompiledGrammar] = {}
+        self._compiler = xgr.GrammarCompiler(info, cache_enabled=False)
+        self._cache: OrderedDict[str, xgr.CompiledGrammar] = OrderedDict()
         self._lock = threading.Lock()
+        self.max_size = max_size
         self.compiled = 0
+
+    def __len__(self) -> int:
+        return len(self._cache)
 
     def grammar(self, schema: dict) -> xgr.CompiledGrammar:
         key = json.dumps(schema, sort_keys=True)
         with self._lock:
-            if key not in self._cache:
-                # Compact JSON (no free whitespace): the model cannot pad its output with endless spaces. The
-                # schema as written, not the sorted key: xgrammar emits properties in the schema's order, and
-                # sorted they would make the model write an update's "event" before its "id" and "text" (the
-                # opposite of the prompts' examples).
-                self._cache[key] = self._compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
-                self.compiled += 1
-            return self._cache[key]
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        # Compiled outside the lock (xgrammar releases the GIL): a slow schema delays only its own request, never
+        # a batch that looks up a grammar it already has. Compact JSON (no free whitespace): the model cannot pad
+        # its output with endless spaces. The schema as written, not the sorted key: xgrammar emits properties in
+        # the schema's order, and sorted they would make the model write an update's "event" before its "id" and
+        # "text" (the opposite of the prompts' examples).
+        compiled = self._compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
+        with self._lock:
+            self.compiled += 1
+            self._cache[key] = compiled
+            self._cache.move_to_end(key)
+            while len(self._cache) > self.max_size:
+                self._cache.popitem(last=False)
+            return compiled

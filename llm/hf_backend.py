@@ -158,8 +158,11 @@ class TransformersBackend:
         for _, group in groupby(sorted(range(len(requests)), key=key), key=key):
             indices = list(group)
             for start in range(0, len(indices), self.batch_size):
-                chunk = indices[start : start + self.batch_size]
-                for i, result in zip(chunk, self._generate_batch([requests[i] for i in chunk])):
+                chunk = [i for i in indices[start : start + self.batch_size] if not requests[i].cancelled]
+                for i in indices[start : start + self.batch_size]:
+                    if requests[i].cancelled:  # its caller left while it waited: never decoded
+                        results[i] = cancelled_result(requests[i])
+                for i, result in zip(chunk, self._generate_batch([requests[i] for i in chunk]) if chunk else ()):
                     results[i] = result
         return results  # type: ignore[return-value]
 
@@ -184,6 +187,7 @@ class TransformersBackend:
                 no_repeat_ngram=first.no_repeat_ngram or 0, logprobs_top_k=top_k,
                 temperature=first.temperature, top_p=first.top_p, generator=generator,
                 stop_check=self._stop_check(batch),
+                cancelled=(lambda row: batch[row].cancelled) if any(r.cancel for r in batch) else None,
             )
             elapsed = time.perf_counter() - started
         prompt_counts = enc["attention_mask"].sum(dim=1).tolist()
@@ -196,7 +200,7 @@ class TransformersBackend:
                 latency_s=elapsed / len(batch),
                 batch_size=len(batch),
                 constrained=first.constrained,
-                finish_reason="stop" if d.finished else "length",
+                finish_reason="cancelled" if d.cancelled else "stop" if d.finished else "length",
                 token_ids=d.tokens,
                 top_logprobs=d.top_logprobs,
                 token_logprobs=d.token_logprobs,
@@ -215,6 +219,11 @@ class TransformersBackend:
             return bool(stops) and any(s in self.tokenizer.decode(tokens, skip_special_tokens=True) for s in stops)
 
         return check
+
+
+def cancelled_result(request: GenerationRequest) -> GenerationResult:
+    return GenerationResult(text="", prompt_tokens=0, completion_tokens=0, latency_s=0.0, batch_size=0,
+                            constrained=request.constrained, finish_reason="cancelled")
 
 
 def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:

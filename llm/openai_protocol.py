@@ -12,7 +12,8 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError, \
+    field_validator
 
 from memlora.memory.llm import GenerationResult
 
@@ -21,9 +22,10 @@ class ApiError(Exception):
     """An error the client gets as `{"error": {message, type, param, code}}` with `status`."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -66,26 +68,30 @@ class ResponseFormat(BaseModel):
     json_schema: JsonSchemaFormat | None = None
 
 
+INT64 = 2**63  # OpenAI's integers are 64-bit; torch's generator takes no larger seed
+
+
 class ChatRequest(BaseModel):
-    """The fields of the OpenAI API this server honours or knowingly ignores; any other field is an error."""
+    """The fields of the OpenAI API this server honours or knowingly ignores; any other field is an error.
+    Numbers and flags are strict: `max_tokens: true` or `logprobs: "yes"` is a 400, not a silent 1 or True."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: str
     messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(None, gt=0)
-    max_completion_tokens: int | None = Field(None, gt=0)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)  # OpenAI's default; 0 decodes greedily
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1)
+    max_tokens: StrictInt | None = Field(None, gt=0, lt=INT64)
+    max_completion_tokens: StrictInt | None = Field(None, gt=0, lt=INT64)
+    temperature: StrictFloat = Field(1.0, ge=0.0, le=2.0)  # OpenAI's default; 0 decodes greedily
+    top_p: StrictFloat = Field(1.0, gt=0.0, le=1.0)
+    n: StrictInt = Field(1, ge=1, lt=INT64)
     stop: str | list[str] | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
-    seed: int | None = None
-    stream: bool = False
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    seed: StrictInt | None = Field(None, ge=-INT64, lt=INT64)
+    stream: StrictBool = False
+    presence_penalty: StrictFloat = 0.0
+    frequency_penalty: StrictFloat = 0.0
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     # Accepted and ignored: bookkeeping that does not change the completion.
@@ -128,12 +134,8 @@ class ChatRequest(BaseModel):
         return None
 
 
-def parse_chat_request(raw: bytes) -> ChatRequest:
-    """The request body, or an ApiError naming what is wrong (malformed JSON, a missing, unknown or bad field)."""
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ApiError(400, f"malformed JSON body: {err}") from None
+def parse_chat_request(data) -> ChatRequest:
+    """The request (a parsed JSON body), or an ApiError naming what is wrong (a missing, unknown or bad field)."""
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object")
     try:

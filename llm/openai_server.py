@@ -3,28 +3,35 @@
 (`memlora serve-model`).
 
 Requests that arrive together are merged into shared batches per expert by the same micro-batcher that merges
-traced conversations' calls. Every request is checked before it joins a batch (model, fields, schema, context
-length), so a bad one gets its own OpenAI-shaped error and never fails the batch it would have joined.
+traced conversations' calls. Every request is checked before it joins a batch (size, nesting, model, fields,
+schema, context length), off the event loop and within a time limit, so a bad one gets its own OpenAI-shaped
+error and never fails or delays the batch it would have joined; a client that hangs up takes its row out of the
+batch at the next decode step; at most `serving.max_queued` requests are admitted at once (429 beyond).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
-from dataclasses import dataclass
+import threading
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 
-from anyio import to_thread
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from memlora.config import OPERATIONS, CaptureRule
+from memlora.config import OPERATIONS, CaptureRule, ServingConfig
 from memlora.llm.batcher import MicroBatcher
 from memlora.llm.call_rules import classify, schema_for
 from memlora.llm.hf_backend import TransformersBackend
 from memlora.llm.openai_protocol import ApiError, ChatRequest, completion_body, error_body, models_body, \
     parse_chat_request
+from memlora.llm.request_limits import Admission, BodyLimit, check_schema, client_stays, drop_outcome, \
+    parse_json_body, rss_mib
 from memlora.memory.llm import GenerationRequest, GenerationResult
 
 log = logging.getLogger("memlora.serve")
@@ -45,16 +52,52 @@ class ServingEngine:
     """Turns OpenAI requests into the memory system's `GenerationRequest`s on one backend."""
 
     def __init__(self, backend: TransformersBackend, models: list[ServedModel], rules: list[CaptureRule] = (),
-                 *, default_max_tokens: int = 512, linger_s: float = 0.02):
+                 *, default_max_tokens: int = 512, linger_s: float = 0.02, limits: ServingConfig | None = None):
         self.backend, self.rules = backend, list(rules)
         self.models = {m.name: m for m in models}
         self.experts = set(getattr(backend, "operations", ()))
         self.default_max_tokens = default_max_tokens
         self.context = int(getattr(backend.model.config, "max_position_embeddings", 0) or 0)
+        self.limits = limits or ServingConfig()
+        backend.grammars.max_size = self.limits.grammar_cache_size
         self.batcher = MicroBatcher(backend, backend.batch_size, linger_s=linger_s)
+        self.admission = Admission(self.limits.max_queued, self.limits.retry_after_s)
+        # Parsing, tokenizing and compiling schemas run here, never on the event loop (xgrammar and the
+        # tokenizer release the GIL): a slow request is slow only for itself.
+        self._preparing = ThreadPoolExecutor(max_workers=4, thread_name_prefix="memlora-prepare")
+        self.counts: Counter = Counter()
 
     def close(self) -> None:
         self.batcher.close()
+        self._preparing.shutdown(wait=False, cancel_futures=True)
+
+    def health(self) -> dict:
+        """What an operator watches: the queue, the batch, the grammar cache, the process's memory, the counts."""
+        return {
+            "status": "ok", "models": self.model_names(),
+            "queue": {"admitted": self.admission.admitted, "limit": self.admission.limit,
+                      "waiting": self.batcher.waiting, "in_flight_rows": self.batcher.in_flight},
+            "grammar_cache": {"size": len(self.backend.grammars), "limit": self.backend.grammars.max_size},
+            "rss_mib": rss_mib(),
+            "counts": {**self.counts, "refused_busy": self.admission.refused,
+                       "isolated_batch_failures": self.batcher.isolated_failures},
+        }
+
+    def prepare(self, raw: bytes) -> tuple[ChatRequest, GenerationRequest]:
+        """The body, checked and turned into the call the batcher takes (runs on a worker thread)."""
+        chat = parse_chat_request(parse_json_body(raw, self.limits.max_json_depth))
+        return chat, self.to_request(chat)
+
+    async def prepared(self, raw: bytes) -> tuple[ChatRequest, GenerationRequest]:
+        work = asyncio.wrap_future(self._preparing.submit(self.prepare, raw))
+        try:
+            return await asyncio.wait_for(asyncio.shield(work), self.limits.schema_timeout_s)
+        except asyncio.TimeoutError:
+            self.counts["prepare_timeouts"] += 1
+            work.add_done_callback(drop_outcome)
+            raise ApiError(400, f"response_format: the request could not be prepared within "
+                           f"{self.limits.schema_timeout_s:g} s (its JSON schema is too complex to compile)",
+                           param="response_format") from None
 
     def model_names(self) -> list[str]:
         return list(self.models)
@@ -91,6 +134,7 @@ class ServingEngine:
         operation = self._operation(served, rule)
         schema = self._schema(chat, operation, rule)
         if schema is not None:
+            check_schema(schema, self.limits.max_schema_depth)
             try:
                 self.backend.grammars.grammar(schema)
             except Exception as err:  # noqa: BLE001  (xgrammar raises plain RuntimeErrors)
@@ -119,6 +163,17 @@ class ServingEngine:
     def complete(self, request: GenerationRequest) -> GenerationResult:
         return self.batcher.generate([request])[0]
 
+    async def answer_unless_gone(self, request: Request, generation: GenerationRequest) -> GenerationResult | None:
+        """The call's result, or None once its client has hung up: then its row leaves the batch at the next
+        decode step (or is never decoded), and nobody else waits for it."""
+        cancel = threading.Event()
+        waiting = asyncio.wrap_future(self.batcher.submit(replace(generation, cancel=cancel)))
+        if await client_stays(request, waiting):
+            return waiting.result()
+        cancel.set()
+        self.counts["client_left"] += 1
+        return None
+
     def answer(self, chat: ChatRequest, result: GenerationResult) -> dict:
         return completion_body(result, chat.model, tokenizer=self.backend.tokenizer, logprobs=chat.logprobs,
                                top_logprobs=chat.top_logprobs or 0)
@@ -128,7 +183,7 @@ def add_error_handlers(app, api_key: str | None = None) -> None:
     """OpenAI-shaped errors for everything (ours, FastAPI's, unexpected ones) and the optional bearer key."""
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, err: ApiError):
-        return JSONResponse(err.body(), status_code=err.status)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
     @app.exception_handler(HTTPException)
     async def _http_error(_: Request, err: HTTPException):
@@ -158,10 +213,11 @@ def add_error_handlers(app, api_key: str | None = None) -> None:
 def create_app(engine: ServingEngine, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="memlora", docs_url=None, redoc_url=None)
     add_error_handlers(app, api_key)
+    app.add_middleware(BodyLimit, max_bytes=engine.limits.max_body_bytes)
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "models": engine.model_names()}
+        return engine.health()
 
     @app.get("/v1/models")
     async def models():
@@ -169,10 +225,11 @@ def create_app(engine: ServingEngine, api_key: str | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        chat = parse_chat_request(await request.body())
-        generation = engine.to_request(chat)
-        # The batcher's thread decodes; a client that hangs up only loses its own answer.
-        result = await to_thread.run_sync(engine.complete, generation)
+        with engine.admission.slot():
+            chat, generation = await engine.prepared(await request.body())
+            result = await engine.answer_unless_gone(request, generation)
+        if result is None:  # the client hung up; there is nobody to answer (499: nginx's "client closed")
+            return Response(status_code=499)
         return engine.answer(chat, result)
 
     return app
@@ -185,7 +242,7 @@ def expert_models(operations: list[str], prefix: str = "memlora") -> list[Served
             + [ServedModel(f"{prefix}-{BASE}", BASE)])
 
 
-def run_server(app, host: str, port: int) -> None:
+def run_server(app, host: str, port: int, limits: ServingConfig | None = None) -> None:
     """Serve until SIGINT or SIGTERM, then return after a graceful shutdown (requests in flight finish).
     uvicorn raises the signal again once it has stopped; the handlers set here take it, so the command can
     say what it did and exit 0 instead of dying by the signal."""
@@ -195,4 +252,8 @@ def run_server(app, host: str, port: int) -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)).run()
+    limits = limits or ServingConfig()
+    # uvicorn's own bound on open connections (503 past it), above the admission limit so that /health and the
+    # 429s still get through while the queue is full.
+    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                                  limit_concurrency=2 * limits.max_queued + 32)).run()

@@ -174,7 +174,7 @@ def _serve(engine, args) -> int:
     print(f"serving {', '.join(engine.model_names())} at http://{args.host}:{args.port}/v1 "
           f"(OpenAI chat completions; Ctrl-C stops)", flush=True)
     try:
-        run_server(create_app(engine, _api_key(args)), args.host, args.port)
+        run_server(create_app(engine, _api_key(args)), args.host, args.port, engine.limits)
     finally:
         engine.close()
     return 0
@@ -197,7 +197,7 @@ def cmd_serve_experts(args) -> int:
     backend = ExpertBackend.from_config(config, base, adapters,
                                         prompt=config.student.prompt if config.student else "teacher")
     engine = ServingEngine(backend, expert_models(backend.operations), config.capture.rules,
-                           default_max_tokens=args.max_tokens)
+                           default_max_tokens=args.max_tokens, limits=config.serving)
     return _serve(engine, args)
 
 
@@ -212,7 +212,7 @@ def cmd_serve_model(args) -> int:
         raise UsageError(f"{args.config}: teacher.backend {llm.backend!r} is already a server; serve-model loads "
                          "a local model (give --model)")
     engine = ServingEngine(TransformersBackend.from_config(llm), [ServedModel(args.name or llm.model, MODEL)],
-                           config.capture.rules, default_max_tokens=args.max_tokens)
+                           config.capture.rules, default_max_tokens=args.max_tokens, limits=config.serving)
     return _serve(engine, args)
 
 
@@ -226,10 +226,11 @@ def cmd_capture(args) -> int:
         raise UsageError(f"{args.config}: capture.rules is empty: no call would be recorded")
     recorder = CaptureRecorder(args.out, config.capture.validation_ratio)
     upstream_key = os.environ.get(args.upstream_key_env) if args.upstream_key_env else None
-    app = create_capture_app(args.upstream, config.capture, recorder, upstream_key=upstream_key)
+    app = create_capture_app(args.upstream, config.capture, recorder, upstream_key=upstream_key,
+                             limits=config.serving)
     print(f"capturing at http://{args.host}:{args.port}/v1 -> {args.upstream}; traces under "
           f"{Path(args.out) / 'traces'} (Ctrl-C stops)", flush=True)
-    run_server(app, args.host, args.port)
+    run_server(app, args.host, args.port, config.serving)
     print(f"capture: {dict(sorted(recorder.counts.items()))}", flush=True)
     return 0
 

@@ -291,6 +291,19 @@ class CaptureConfig(_Strict):
     validation_ratio: float = Field(0.1, ge=0.0, le=0.5)
 
 
+class ServingConfig(_Strict):
+    """What keeps one client of `serve-experts`, `serve-model` or `capture` from hurting the others: every limit
+    is answered at once with its own error, before the request reaches a shared batch."""
+
+    max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)  # larger bodies get 413 before they are read
+    max_json_depth: int = Field(64, gt=0)  # nesting of the request body (arrays and objects)
+    max_schema_depth: int = Field(32, gt=0)  # nesting of a response_format schema (compile time grows fast)
+    schema_timeout_s: float = Field(10.0, gt=0)  # compiling one schema to a grammar: over this, a 400
+    grammar_cache_size: int = Field(32, gt=0)  # compiled grammars kept (LRU); each costs ~1-5 MiB
+    max_queued: int = Field(64, gt=0)  # requests admitted at once (waiting or decoding); beyond: 429
+    retry_after_s: int = Field(1, ge=0)  # the Retry-After a 429 carries
+
+
 class PrefectConfig(_Strict):
     concurrency: int = Field(2, gt=0)
     # How conversations fan out: "thread" (one process, calls share model batches), "process" (Prefect's
@@ -311,6 +324,7 @@ class Config(_Strict):
     evaluation: EvalConfig = EvalConfig()
     prefect: PrefectConfig = PrefectConfig()
     capture: CaptureConfig = CaptureConfig()
+    serving: ServingConfig = ServingConfig()
 
     @model_validator(mode="after")
     def _runner_reaches_the_teacher(self) -> "Config":
@@ -331,8 +345,9 @@ class Config(_Strict):
         return self
 
     def fingerprint(self) -> str:
-        """What the pipeline's artifacts depend on (cache keys): the capture rules only shape serving."""
-        dumped = self.model_dump(mode="json", exclude={"capture"})
+        """What the pipeline's artifacts depend on (cache keys): the capture rules and serving limits only shape
+        serving."""
+        dumped = self.model_dump(mode="json", exclude={"capture", "serving"})
         return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()
 
 

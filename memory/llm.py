@@ -6,6 +6,7 @@ it, so the same memory code runs with any of them.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -24,6 +25,8 @@ class GenerationRequest:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()  # the output ends before the first of these strings
+    # Set by a server when the client that asked has gone: the row leaves its batch at the next decode step.
+    cancel: threading.Event | None = field(default=None, compare=False, repr=False)
 
     def batch_key(self) -> tuple:
         """Requests with the same key decode in one batch (one cap, one decoding mode)."""
@@ -34,6 +37,10 @@ class GenerationRequest:
     def constrained(self) -> bool:
         return self.schema is not None
 
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel is not None and self.cancel.is_set()
+
 
 @dataclass
 class GenerationResult:
@@ -43,7 +50,7 @@ class GenerationResult:
     latency_s: float
     batch_size: int
     constrained: bool
-    finish_reason: str = "stop"  # "stop" or "length"
+    finish_reason: str = "stop"  # "stop", "length", or "cancelled" (the client left; nobody reads it)
     token_ids: list[int] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
     token_logprobs: list[float] | None = None  # the log-prob of each emitted token (with top_logprobs)

@@ -10,6 +10,7 @@ killed proxy loses at most the calls in flight and never leaves half a row.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
@@ -23,10 +24,10 @@ import httpx
 import jsonschema
 import pyarrow as pa
 from anyio import to_thread
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
-from memlora.config import CaptureConfig, CaptureRule
+from memlora.config import CaptureConfig, CaptureRule, ServingConfig
 from memlora.data.io import write_parquet
 from memlora.data.split import CAPTURED_VALIDATION_SUFFIX
 from memlora.data.schemas import TRACES
@@ -34,6 +35,7 @@ from memlora.layout import capture_shard_path
 from memlora.llm.call_rules import classify, fingerprint
 from memlora.llm.openai_protocol import ApiError, Message, error_body, plain_messages
 from memlora.llm.openai_server import add_error_handlers
+from memlora.llm.request_limits import Admission, BodyLimit, client_stays, parse_json_body, rss_mib
 
 CONVERSATION_HEADER = "x-memlora-conversation"  # optional: groups a client's calls (e.g. per Mem0 user)
 SESSION_HEADER = "x-memlora-session"
@@ -153,9 +155,15 @@ def outgoing(body: dict, rule: CaptureRule | None, logprobs_top_k: int) -> tuple
 
 
 def create_capture_app(upstream: str, config: CaptureConfig, recorder: CaptureRecorder, *,
-                       timeout_s: float = 600.0, upstream_key: str | None = None) -> FastAPI:
+                       timeout_s: float = 600.0, upstream_key: str | None = None,
+                       limits: ServingConfig | None = None) -> FastAPI:
+    """The proxy, with the servers' protections: a body-size limit (413), nesting and text checks (400), an
+    admission limit (429), and a client that hangs up cancels its upstream call (its teacher stops decoding
+    it), is counted as `client_left` and leaves no row: no answer reached anyone."""
     base = upstream.rstrip("/")
+    limits = limits or ServingConfig()
     client = httpx.AsyncClient(timeout=timeout_s)
+    admission = Admission(limits.max_queued, limits.retry_after_s)
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -164,6 +172,7 @@ def create_capture_app(upstream: str, config: CaptureConfig, recorder: CaptureRe
 
     app = FastAPI(title="memlora capture", docs_url=None, redoc_url=None, lifespan=lifespan)
     add_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
 
     def headers(request: Request) -> dict:
         key = upstream_key or request.headers.get("authorization", "").removeprefix("Bearer ").strip()
@@ -179,7 +188,9 @@ def create_capture_app(upstream: str, config: CaptureConfig, recorder: CaptureRe
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "upstream": base, "counts": dict(recorder.counts)}
+        return {"status": "ok", "upstream": base,
+                "queue": {"admitted": admission.admitted, "limit": admission.limit},
+                "rss_mib": rss_mib(), "counts": {**recorder.counts, "refused_busy": admission.refused}}
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -188,10 +199,11 @@ def create_capture_app(upstream: str, config: CaptureConfig, recorder: CaptureRe
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        try:
-            body = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError) as err:
-            raise ApiError(400, f"malformed JSON body: {err}") from None
+        with admission.slot():
+            return await relay(request)
+
+    async def relay(request: Request):
+        body = await to_thread.run_sync(parse_json_body, await request.body(), limits.max_json_depth)
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list) or not body["messages"]:
             raise ApiError(400, "messages: a non-empty list is required", param="messages")
         try:
@@ -202,7 +214,12 @@ def create_capture_app(upstream: str, config: CaptureConfig, recorder: CaptureRe
         sent, schema, added = outgoing(body, rule, config.logprobs_top_k)
         recorder.count("forwarded")
         started = time.perf_counter()
-        response = await forward("POST", "/chat/completions", request, json=sent)
+        call = asyncio.ensure_future(forward("POST", "/chat/completions", request, json=sent))
+        if not await client_stays(request, call):
+            call.cancel()  # closes the upstream connection: the teacher drops the row from its batch
+            recorder.count("client_left")
+            return Response(status_code=499)
+        response = call.result()
         latency = time.perf_counter() - started
         if response.status_code >= 400:  # the upstream's own error, passed on as it is
             recorder.count("upstream_errors")
