@@ -296,7 +296,7 @@ class ServingConfig(_Strict):
     is answered at once with its own error, before the request reaches a shared batch."""
 
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)  # larger bodies get 413 before they are read
-    max_json_depth: int = Field(64, gt=0)  # nesting of the request body (arrays and objects)
+    max_json_depth: int = Field(128, gt=0)  # nesting of the request body (a schema level takes two)
     max_schema_depth: int = Field(32, gt=0)  # nesting of a response_format schema (compile time grows fast)
     schema_timeout_s: float = Field(10.0, gt=0)  # compiling one schema to a grammar: over this, a 400
     grammar_cache_size: int = Field(32, gt=0)  # compiled grammars kept (LRU); each costs ~1-5 MiB
