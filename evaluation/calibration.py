@@ -1,0 +1,89 @@
+"""Deferral thresholds, calibrated per operation on held-out calls for a disagreement budget: of the answers the
+expert keeps, at most `budget` may disagree with the teacher, and that must hold at the upper end of the 95 %
+(Wilson) interval, not at the point estimate. Among the thresholds that meet it, the one that keeps the most
+calls (defers the least). `served` then checks a threshold on calls calibration never saw."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+from memlora.evaluation.stats import wilson
+
+Pair = tuple[float, bool]  # (the expert's confidence in its answer, whether the answer agrees with the teacher)
+
+
+class CalibrationError(ValueError):
+    """Calibration cannot give a threshold that means anything (no calls, a budget outside (0, 1))."""
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """Keep an answer whose confidence is at least `value` (inf: defer every call); the rest go to the teacher."""
+
+    value: float
+    budget: float
+    n: int               # calibration calls
+    kept: int            # of them, kept by the expert
+    disagree: int        # of the kept, disagreeing with the teacher
+    upper: float         # Wilson 95 % upper bound of the kept answers' disagreement (nan: none kept)
+
+    @property
+    def keep_share(self) -> float:
+        return self.kept / self.n if self.n else 0.0
+
+
+@dataclass(frozen=True)
+class Served:
+    """What the served system did on a set of calls under one threshold (deferred calls get the teacher's
+    answer, which agrees with the teacher by definition)."""
+
+    n: int
+    kept: int
+    disagree: int                      # among the kept
+    disagreement_ci: tuple[float, float]  # Wilson 95 % of the kept answers' disagreement
+
+    @property
+    def keep_share(self) -> float:
+        return self.kept / self.n if self.n else 0.0
+
+    @property
+    def served_agreement(self) -> float:
+        return 1 - self.disagree / self.n if self.n else math.nan
+
+
+def calibrate(pairs: Sequence[Pair], budget: float, min_calls: int = 1) -> Threshold:
+    """The threshold that keeps the most calls while the kept answers' disagreement stays within `budget` at
+    its upper 95 % bound. Cuts fall only between distinct confidences (tied answers are kept or deferred
+    together)."""
+    if not 0 < budget < 1:
+        raise CalibrationError(f"budget {budget}: must lie strictly between 0 and 1")
+    if len(pairs) < max(1, min_calls):
+        raise CalibrationError(f"{len(pairs)} held-out calls to calibrate on; at least {max(1, min_calls)} are "
+                               "needed (capture or trace more calls, or raise the validation share)")
+    ranked = sorted(pairs, key=lambda p: -p[0])
+    best = Threshold(math.inf, budget, len(pairs), 0, 0, math.nan)
+    disagree = 0
+    for k, (conf, agrees) in enumerate(ranked, start=1):
+        disagree += not agrees
+        if k < len(ranked) and ranked[k][0] == conf:
+            continue  # the next call ties with this one: no cut here
+        upper = wilson(disagree, k)[1]
+        if upper <= budget:
+            best = Threshold(conf, budget, len(pairs), k, disagree, upper)
+    return best
+
+
+def served(threshold: Threshold | float, pairs: Sequence[Pair]) -> Served:
+    value = threshold.value if isinstance(threshold, Threshold) else threshold
+    kept = [agrees for conf, agrees in pairs if conf >= value]
+    disagree = sum(not a for a in kept)
+    return Served(len(pairs), len(kept), disagree, wilson(disagree, len(kept)) if kept else (math.nan, math.nan))
+
+
+def keep_curve(pairs: Sequence[Pair]) -> list[tuple[float, float, float]]:
+    """(threshold, share of calls the expert keeps, agreement of what is served) at every cut: the report's
+    curve, from keeping nothing (agreement 1) to keeping everything (the expert's own agreement)."""
+    cuts = sorted({conf for conf, _ in pairs}, reverse=True)
+    return [(cut, s.keep_share, s.served_agreement) for cut in [math.inf, *cuts] for s in [served(cut, pairs)]]
