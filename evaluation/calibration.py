@@ -5,8 +5,10 @@ calls (defers the least). `served` then checks a threshold on calls calibration 
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 from memlora.evaluation.stats import wilson
@@ -87,3 +89,27 @@ def keep_curve(pairs: Sequence[Pair]) -> list[tuple[float, float, float]]:
     curve, from keeping nothing (agreement 1) to keeping everything (the expert's own agreement)."""
     cuts = sorted({conf for conf, _ in pairs}, reverse=True)
     return [(cut, s.keep_share, s.served_agreement) for cut in [math.inf, *cuts] for s in [served(cut, pairs)]]
+
+
+class DeferralPolicy:
+    """What a server reads from `memlora calibrate`'s file: per operation, the threshold of ordinary answers
+    (`keep`) and, for update, of destructive ones; an operation or class it has no threshold for is deferred."""
+
+    def __init__(self, data: dict):
+        self.data = data
+        self.thresholds = {op: {name: float(t["value"]) for name, t in classes.items()}
+                           for op, classes in data.get("operations", {}).items()}
+
+    @classmethod
+    def read(cls, path: str | Path) -> "DeferralPolicy":
+        path = Path(path)
+        if not path.is_file():
+            raise CalibrationError(f"{path}: no deferral thresholds (run `memlora calibrate` first)")
+        try:
+            return cls(json.loads(path.read_text()))
+        except (ValueError, KeyError, TypeError) as err:
+            raise CalibrationError(f"{path}: not a thresholds file: {err}") from None
+
+    def keeps(self, operation: str, confidence: float, destructive: bool = False) -> bool:
+        value = self.thresholds.get(operation, {}).get("destructive" if destructive else "keep", math.inf)
+        return confidence >= value

@@ -18,6 +18,16 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 from memlora.memory.llm import GenerationResult
 
 
+CONVERSATION_HEADER = "x-memlora-conversation"  # optional: groups a client's calls (e.g. per Mem0 user)
+SESSION_HEADER = "x-memlora-session"
+
+
+def call_context(headers) -> tuple[str | None, int]:
+    """(conversation, session) a client names in its headers, for the trace rows its calls become."""
+    session = headers.get(SESSION_HEADER, "0")
+    return headers.get(CONVERSATION_HEADER), int(session) if session.lstrip("-").isdigit() else 0
+
+
 class ApiError(Exception):
     """An error the client gets as `{"error": {message, type, param, code}}` with `status`."""
 

@@ -17,6 +17,7 @@ import secrets
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 
 from fastapi import FastAPI, Request, Response
@@ -28,8 +29,8 @@ from memlora.config import OPERATIONS, CaptureRule, ServingConfig
 from memlora.llm.batcher import MicroBatcher
 from memlora.llm.call_rules import classify, schema_for
 from memlora.llm.hf_backend import TransformersBackend
-from memlora.llm.openai_protocol import ApiError, ChatRequest, completion_body, error_body, models_body, \
-    parse_chat_request
+from memlora.llm.openai_protocol import ApiError, ChatRequest, call_context, completion_body, error_body, \
+    models_body, parse_chat_request
 from memlora.llm.request_limits import Admission, BodyLimit, check_schema, client_stays, drop_outcome, \
     parse_json_body, rss_mib
 from memlora.memory.llm import GenerationRequest, GenerationResult
@@ -52,7 +53,8 @@ class ServingEngine:
     """Turns OpenAI requests into the memory system's `GenerationRequest`s on one backend."""
 
     def __init__(self, backend: TransformersBackend, models: list[ServedModel], rules: list[CaptureRule] = (),
-                 *, default_max_tokens: int = 512, linger_s: float = 0.02, limits: ServingConfig | None = None):
+                 *, default_max_tokens: int = 512, linger_s: float = 0.02, limits: ServingConfig | None = None,
+                 fallback=None):
         self.backend, self.rules = backend, list(rules)
         self.models = {m.name: m for m in models}
         self.experts = set(getattr(backend, "operations", ()))
@@ -66,6 +68,10 @@ class ServingEngine:
         # tokenizer release the GIL): a slow request is slow only for itself.
         self._preparing = ThreadPoolExecutor(max_workers=4, thread_name_prefix="memlora-prepare")
         self.counts: Counter = Counter()
+        self.fallback = fallback  # llm.fallback.Fallback: unsure experts defer to the teacher
+
+    def defers(self, generation: GenerationRequest) -> bool:
+        return self.fallback is not None and generation.operation in self.experts
 
     def close(self) -> None:
         self.batcher.close()
@@ -81,6 +87,7 @@ class ServingEngine:
             "rss_mib": rss_mib(),
             "counts": {**self.counts, "refused_busy": self.admission.refused,
                        "isolated_batch_failures": self.batcher.isolated_failures},
+            **({"deferral": self.fallback.health()} if self.fallback is not None else {}),
         }
 
     def prepare(self, raw: bytes) -> tuple[ChatRequest, GenerationRequest]:
@@ -154,6 +161,8 @@ class ServingEngine:
                            param="messages", code="context_length_exceeded")
         max_new = asked or min(self.default_max_tokens, room or self.default_max_tokens)
         top_k = (max(1, chat.top_logprobs or 0)) if chat.logprobs else 0
+        if self.fallback is not None and operation in self.experts:
+            top_k = max(1, top_k)  # the expert's confidence is read from its chosen tokens' log-probs
         return GenerationRequest(
             operation=operation, messages=messages, max_new_tokens=max_new, schema=schema,
             logprobs_top_k=top_k, temperature=chat.temperature, top_p=chat.top_p, seed=chat.seed,
@@ -211,7 +220,13 @@ def add_error_handlers(app, api_key: str | None = None) -> None:
 
 
 def create_app(engine: ServingEngine, api_key: str | None = None) -> FastAPI:
-    app = FastAPI(title="memlora", docs_url=None, redoc_url=None)
+    @asynccontextmanager
+    async def lifespan(_app):
+        yield
+        if engine.fallback is not None:
+            await engine.fallback.aclose()
+
+    app = FastAPI(title="memlora", docs_url=None, redoc_url=None, lifespan=lifespan)
     add_error_handlers(app, api_key)
     app.add_middleware(BodyLimit, max_bytes=engine.limits.max_body_bytes)
 
@@ -228,8 +243,13 @@ def create_app(engine: ServingEngine, api_key: str | None = None) -> FastAPI:
         with engine.admission.slot():
             chat, generation = await engine.prepared(await request.body())
             result = await engine.answer_unless_gone(request, generation)
-        if result is None:  # the client hung up; there is nobody to answer (499: nginx's "client closed")
-            return Response(status_code=499)
+            if result is None:  # the client hung up; there is nobody to answer (499: nginx's "client closed")
+                return Response(status_code=499)
+            if engine.defers(generation):
+                body, headers = await engine.fallback.answer(
+                    chat, generation, result, engine.backend.tokenizer, call_context(request.headers),
+                    lambda: engine.answer(chat, result))
+                return JSONResponse(body, headers=headers)
         return engine.answer(chat, result)
 
     return app

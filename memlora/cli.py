@@ -20,6 +20,8 @@ DEFAULT_CONFIG = "configs/default.yaml"
 def _known_errors() -> tuple[type[BaseException], ...]:
     from memlora.config import ConfigError
     from memlora.data.io import DataError
+    from memlora.evaluation.calibration import CalibrationError
+    from memlora.llm.fallback import FallbackError
     from memlora.llm.http_backend import SchemaRejected, TeacherUnavailable
     from memlora.manifest import UntrustedArtifact
     from memlora.models import ModelRefError
@@ -29,7 +31,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from memlora.teacher.traces import TracesIncomplete
 
     return (UsageError, ConfigError, DataError, ModelRefError, TracesIncomplete, TrainingFailed, TeacherUnavailable,
-            SchemaRejected, UntrustedArtifact, VerifyError, ExportRefused)
+            SchemaRejected, UntrustedArtifact, VerifyError, ExportRefused, CalibrationError, FallbackError)
 
 
 class UsageError(ValueError):
@@ -180,13 +182,11 @@ def _serve(engine, args) -> int:
     return 0
 
 
-def cmd_serve_experts(args) -> int:
-    from memlora.config import load_config
+def _expert_backend(config, args):
+    """The student base with every expert of OUT (each checked against OUT's manifest), as evaluation loads it."""
     from memlora.evaluation.systems import EvalError, student_base
-    from memlora.llm.openai_server import ServingEngine, expert_models
     from memlora.student.experts import ExpertBackend, verified_expert_folders
 
-    config = load_config(args.config)
     adapters = verified_expert_folders(args.out)
     if not adapters:
         raise UsageError(f"{Path(args.out) / 'adapters'}: no trained expert (run `memlora distill` first)")
@@ -194,11 +194,70 @@ def cmd_serve_experts(args) -> int:
         base = args.base or student_base(config, args.out)  # where evaluation finds the student
     except EvalError as err:
         raise UsageError(f"{err}; or give --base") from None
-    backend = ExpertBackend.from_config(config, base, adapters,
-                                        prompt=config.student.prompt if config.student else "teacher")
+    return ExpertBackend.from_config(config, base, adapters,
+                                     prompt=config.student.prompt if config.student else "teacher")
+
+
+def _fallback(config, args):
+    """`--fallback URL`: the teacher unsure experts defer to, with the thresholds `memlora calibrate` wrote."""
+    if not args.fallback:
+        return None
+    from memlora.evaluation.calibration import DeferralPolicy
+    from memlora.layout import deferral_path
+    from memlora.llm.fallback import Fallback
+    from memlora.teacher.capture import CaptureRecorder
+
+    policy = DeferralPolicy.read(deferral_path(args.out))
+    key = os.environ.get(args.fallback_key_env) if args.fallback_key_env else None
+    fallback = Fallback(args.fallback, args.fallback_model or config.teacher.model, policy,
+                        CaptureRecorder(args.out, config.capture.validation_ratio), config.deferral, api_key=key,
+                        logprobs_top_k=config.capture.logprobs_top_k)
+    if args.fallback_degraded:
+        try:
+            fallback.check_reachable()
+        except Exception as err:  # noqa: BLE001  (FallbackError: started degraded, by request)
+            print(f"warning: {err}; serving anyway (--fallback-degraded): deferred calls get the expert's answer "
+                  "until the teacher answers", file=sys.stderr, flush=True)
+    else:
+        fallback.check_reachable()
+    return fallback
+
+
+def cmd_serve_experts(args) -> int:
+    from memlora.config import load_config
+    from memlora.llm.openai_server import ServingEngine, expert_models
+
+    config = load_config(args.config)
+    backend = _expert_backend(config, args)
     engine = ServingEngine(backend, expert_models(backend.operations), config.capture.rules,
-                           default_max_tokens=args.max_tokens, limits=config.serving)
+                           default_max_tokens=args.max_tokens, limits=config.serving,
+                           fallback=_fallback(config, args))
     return _serve(engine, args)
+
+
+def cmd_calibrate(args) -> int:
+    from memlora.config import load_config
+    from memlora.data.io import write_json
+    from memlora.evaluation import deferral
+    from memlora.layout import deferral_path
+
+    config = load_config(args.config)
+    backend = _expert_backend(config, args)
+    operations = list(backend.operations)
+    held = deferral.validation_calls(args.out, config, operations)
+    print(f"calibrating on {len(held)} validation calls", flush=True)
+    scored = deferral.score(backend, backend.tokenizer, held, config)
+    policy = deferral.fit(scored, operations, config)
+    tests = deferral.test_calls(args.out, operations)
+    if tests:
+        print(f"checking on {len(tests)} test calls", flush=True)
+    tested = deferral.score(backend, backend.tokenizer, tests, config) if tests else []
+    result = {"budget": config.deferral.budget, "quantile": config.deferral.quantile, "operations": policy,
+              "validation": deferral.check(policy, scored), "test": deferral.check(policy, tested)}
+    path = write_json(result, deferral_path(args.out))
+    print(deferral.summary(result))
+    print(f"wrote {path}")
+    return 0
 
 
 def cmd_serve_model(args) -> int:
@@ -296,6 +355,11 @@ COMMANDS = {
     "serve-experts": ("serve the student + experts over the OpenAI API",
         "Serve the student base with every expert of OUT (manifest-checked) as an OpenAI-compatible endpoint: "
         "model memlora-<operation> picks the expert, memlora-base the bare student."),
+    "calibrate": ("deferral thresholds per expert for serve-experts --fallback",
+        "Answer the validation split's calls with each expert, read each answer's confidence from its token "
+        "log-probs, and write OUT/deferral.json: per operation, the threshold that keeps the most calls with "
+        "the kept answers' disagreement with the teacher within deferral.budget (upper 95 % bound); checked "
+        "on the test conversations' teacher calls where an evaluation has run."),
     "serve-model": ("serve one model (e.g. the teacher) over the OpenAI API",
         "Serve the config's teacher (or --model) as an OpenAI-compatible endpoint, with the same decoding, "
         "schemas and batching as serve-experts."),
@@ -397,7 +461,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=None, help="student base (default: OUT/student/base, else student.model)")
     server(p, 8100)
     api(p)
+    p.add_argument("--fallback", default=None, help="an OpenAI-compatible teacher endpoint (e.g. "
+                   "http://127.0.0.1:8000/v1): calls an expert is unsure of go there (thresholds from "
+                   "`memlora calibrate`)")
+    p.add_argument("--fallback-model", default=None, help="the model name the fallback serves (default: the "
+                   "config's teacher.model, what serve-model names it)")
+    p.add_argument("--fallback-key-env", default=None, help="environment variable with the fallback's key")
+    p.add_argument("--fallback-degraded", action="store_true", help="start even if the fallback is unreachable "
+                   "(deferred calls get the expert's answer, counted, until it answers)")
     p.set_defaults(func=cmd_serve_experts)
+
+    p = command("calibrate")
+    config(p)
+    out(p)
+    p.add_argument("--base", default=None, help="student base (default: OUT/student/base, else student.model)")
+    p.set_defaults(func=cmd_calibrate)
 
     p = command("serve-model")
     config(p)

@@ -304,6 +304,23 @@ class ServingConfig(_Strict):
     retry_after_s: int = Field(1, ge=0)  # the Retry-After a 429 carries
 
 
+class DeferralConfig(_Strict):
+    """Serving with a fallback teacher (`serve-experts --fallback URL`): an expert keeps a call only where its
+    confidence clears the threshold `memlora calibrate` set on held-out calls for `budget`; the rest go to the
+    teacher. What "agrees with the teacher" means per operation is set here too."""
+
+    # Of the answers an expert keeps, at most this share may disagree with the teacher, at the upper end of the
+    # 95 % (Wilson) interval on the calibration calls.
+    budget: float = Field(0.1, gt=0.0, lt=1.0)
+    quantile: float = Field(0.1, gt=0.0, le=1.0)  # confidence: this quantile of the chosen tokens' log-probs
+    fact_f1: float = Field(0.5, ge=0.0, le=1.0)  # an extraction agrees at fact F1 vs the teacher >= this
+    answer_f1: float = Field(0.5, ge=0.0, le=1.0)  # a generation agrees at answer token F1 >= this
+    min_calls: int = Field(1, ge=1)  # held-out calls an operation needs to be calibrated at all
+    strict: bool = False  # a teacher that fails: 502 (strict) or the expert's own answer, counted
+    timeout_s: float = Field(120.0, gt=0)  # one fallback call
+    max_tokens: int = Field(512, gt=0)  # the completion cap of a replayed calibration call with none recorded
+
+
 class PrefectConfig(_Strict):
     concurrency: int = Field(2, gt=0)
     # How conversations fan out: "thread" (one process, calls share model batches), "process" (Prefect's
@@ -325,6 +342,7 @@ class Config(_Strict):
     prefect: PrefectConfig = PrefectConfig()
     capture: CaptureConfig = CaptureConfig()
     serving: ServingConfig = ServingConfig()
+    deferral: DeferralConfig = DeferralConfig()
 
     @model_validator(mode="after")
     def _runner_reaches_the_teacher(self) -> "Config":
@@ -347,7 +365,7 @@ class Config(_Strict):
     def fingerprint(self) -> str:
         """What the pipeline's artifacts depend on (cache keys): the capture rules and serving limits only shape
         serving."""
-        dumped = self.model_dump(mode="json", exclude={"capture", "serving"})
+        dumped = self.model_dump(mode="json", exclude={"capture", "serving", "deferral"})
         return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()
 
 

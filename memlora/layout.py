@@ -118,6 +118,11 @@ def store_path(out: str | Path, system: str) -> Path:
     return memory_store(out, f"eval-{system_folder(system)}")
 
 
+def deferral_path(out: str | Path) -> Path:
+    """`memlora calibrate`'s thresholds, which `serve-experts --fallback` reads."""
+    return Path(out) / "deferral.json"
+
+
 # --- releases and the manifest ------------------------------------------------------------------------------------
 
 def releases_root(out: str | Path) -> Path:

@@ -33,12 +33,10 @@ from memlora.data.split import CAPTURED_VALIDATION_SUFFIX
 from memlora.data.schemas import TRACES
 from memlora.layout import capture_shard_path
 from memlora.llm.call_rules import classify, fingerprint
-from memlora.llm.openai_protocol import ApiError, Message, error_body, plain_messages
+from memlora.llm.openai_protocol import ApiError, Message, call_context, error_body, plain_messages
 from memlora.llm.openai_server import add_error_handlers
 from memlora.llm.request_limits import Admission, BodyLimit, client_stays, parse_json_body, rss_mib
 
-CONVERSATION_HEADER = "x-memlora-conversation"  # optional: groups a client's calls (e.g. per Mem0 user)
-SESSION_HEADER = "x-memlora-session"
 
 
 def parse_output(text: str, schema: dict | None) -> tuple[dict | None, str | None]:
@@ -233,9 +231,7 @@ def create_capture_app(upstream: str, config: CaptureConfig, recorder: CaptureRe
         if rule is None:
             recorder.count("unmatched")
         else:
-            session = request.headers.get(SESSION_HEADER, "0")
-            row = recorder.row(rule, messages, schema, data, latency, request.headers.get(CONVERSATION_HEADER),
-                               int(session) if session.lstrip("-").isdigit() else 0)
+            row = recorder.row(rule, messages, schema, data, latency, *call_context(request.headers))
             await to_thread.run_sync(recorder.write, row)
         if added:  # the client did not ask for log-probs: it gets the answer it would have had
             for choice in choices:

@@ -1,0 +1,173 @@
+"""Calibrating deferral (`memlora calibrate`): the experts answer held-out calls the teacher answered, each answer's
+confidence is read from its own token log-probs, and each operation gets the threshold that keeps the most calls
+within the disagreement budget. Calibration uses the validation split's trace rows (ours or captured); the
+test conversations' teacher calls, where an evaluation has run, check the thresholds on calls calibration never
+saw. Update answers that delete or rewrite a memory are calibrated apart: a destructive answer is kept only where
+such answers' own agreement on the validation calls clears the budget."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from memlora.config import Config
+from memlora.evaluation import scoring
+from memlora.evaluation.calibration import CalibrationError, Threshold, calibrate, keep_curve, served
+from memlora.layout import calls_path, trace_files
+from memlora.llm.confidence import answer_events, confidence, is_destructive
+from memlora.memory.llm import GenerationRequest, LLMBackend
+from memlora.memory.parsing import extract_json
+
+KEEP, DESTRUCTIVE = "keep", "destructive"  # the two classes of an operation's answers, calibrated apart
+
+
+@dataclass(frozen=True)
+class HeldOutCall:
+    operation: str
+    messages: list[dict]
+    schema: dict | None
+    max_new_tokens: int
+    reference: dict  # the teacher's parsed answer
+
+
+@dataclass(frozen=True)
+class Scored:
+    operation: str
+    confidence: float
+    agrees: bool
+    destructive: bool
+
+
+def _value(text: str) -> dict | None:
+    parsed = extract_json(text)
+    return parsed.value if parsed.ok else None
+
+
+def agrees(operation: str, text: str, reference: dict, config: Config) -> bool:
+    """Whether an answer agrees with the teacher's, by the operation's rule (config `deferral`, documented in the
+    README): the same update events entry by entry; extraction fact F1 and answer token F1 at least their
+    thresholds; for a client's own operation, the same JSON."""
+    value = _value(text)
+    if value is None:
+        return False
+    if operation == "update":
+        return answer_events(json.dumps(value)) == answer_events(json.dumps(reference))
+    if operation == "extraction":
+        mine, theirs = [str(f) for f in value.get("facts") or []], [str(f) for f in reference.get("facts") or []]
+        if not mine or not theirs:
+            return not mine and not theirs
+        f1 = scoring.fact_set([mine], [theirs], config.evaluation.fact_match_threshold)["f1"][0]
+        return f1 >= config.deferral.fact_f1
+    if operation == "generation":
+        return scoring.token_f1([str(value.get("answer", ""))], [str(reference.get("answer", ""))])[0] \
+            >= config.deferral.answer_f1
+    return value == reference
+
+
+def max_tokens(operation: str, config: Config) -> int:
+    """The cap the memory system decodes an operation with; a client's own operation: `deferral.max_tokens`."""
+    ours = config.memory.operations.get(operation)
+    return ours.max_new_tokens if ours is not None else config.deferral.max_tokens
+
+
+def validation_calls(out: str | Path, config: Config, operations: list[str]) -> list[HeldOutCall]:
+    """The validation split's trace rows whose teacher answer parsed: early stopping's rows, never trained on."""
+    from memlora.student.examples import conversation_splits, load_traces, split_rows
+
+    splits = conversation_splits(out)
+    calls = []
+    for op in operations:
+        _, held = split_rows(load_traces(trace_files(out, op)), splits)
+        for row in held.to_pylist():
+            if row["parse_ok"] and row["parsed_output"]:
+                calls.append(HeldOutCall(op, row["messages"], json.loads(row["output_schema"])
+                                         if row["output_schema"] else None, max_tokens(op, config),
+                                         json.loads(row["parsed_output"])))
+    return calls
+
+
+def test_calls(out: str | Path, operations: list[str]) -> list[HeldOutCall]:
+    """The teacher's own calls on the test conversations, from an evaluation's run (none if none ran)."""
+    path = calls_path(out, "teacher")
+    if not path.is_file():
+        return []
+    calls = []
+    for row in pq.read_table(path).to_pylist():
+        if row["phase"] == "e2e" and row["operation"] in operations and row["parse_ok"] and row["parsed_output"]:
+            calls.append(HeldOutCall(row["operation"], json.loads(row["messages"]),
+                                     json.loads(row["output_schema"]) if row["output_schema"] else None,
+                                     int(row["max_new_tokens"]), json.loads(row["parsed_output"])))
+    return calls
+
+
+def score(backend: LLMBackend, tokenizer, calls: list[HeldOutCall], config: Config) -> list[Scored]:
+    """Each call answered by its expert (greedy, its schema, the chosen tokens' log-probs kept) and scored."""
+    requests = [GenerationRequest(c.operation, c.messages, c.max_new_tokens, c.schema, logprobs_top_k=1)
+                for c in calls]
+    results = backend.generate(requests)
+    return [Scored(c.operation,
+                   confidence(c.operation, r.text, r.token_ids or [], r.token_logprobs or [], tokenizer,
+                              config.deferral.quantile),
+                   agrees(c.operation, r.text, c.reference, config), is_destructive(c.operation, r.text))
+            for c, r in zip(calls, results)]
+
+
+def _pairs(scored: list[Scored], operation: str, destructive: bool) -> list[tuple[float, bool]]:
+    return [(s.confidence, s.agrees) for s in scored if s.operation == operation and s.destructive == destructive]
+
+
+def fit(scored: list[Scored], operations: list[str], config: Config) -> dict:
+    """Thresholds per operation and class, with the validation curves; a class with no calls defers always."""
+    budget = config.deferral.budget
+    policy = {}
+    for op in operations:
+        n = sum(s.operation == op for s in scored)
+        if n < config.deferral.min_calls:
+            raise CalibrationError(f"{op}: {n} held-out calls to calibrate on; at least "
+                                   f"{config.deferral.min_calls} are needed (deferral.min_calls)")
+        classes = {}
+        for name, destructive in ((KEEP, False), (DESTRUCTIVE, True)):
+            pairs = _pairs(scored, op, destructive)
+            if not pairs and destructive and op != "update":
+                continue
+            threshold = calibrate(pairs, budget) if pairs else Threshold(math.inf, budget, 0, 0, 0, math.nan)
+            classes[name] = {**asdict(threshold), "curve": keep_curve(pairs)}
+        policy[op] = classes
+    return policy
+
+
+def check(policy: dict, scored: list[Scored]) -> dict:
+    """Each operation's thresholds on other calls: share kept, disagreement of the kept (Wilson 95 %)."""
+    report = {}
+    for op, classes in policy.items():
+        pairs = [(s.confidence, s.agrees, s.destructive) for s in scored if s.operation == op]
+        if not pairs:
+            continue
+        keep = [(c, a) for c, a, d in pairs if not d and c >= classes[KEEP]["value"]]
+        keep += [(c, a) for c, a, d in pairs if d and DESTRUCTIVE in classes and c >= classes[DESTRUCTIVE]["value"]]
+        result = served(-math.inf, keep)
+        report[op] = {"n": len(pairs), "kept": result.kept, "disagree": result.disagree,
+                      "disagreement_ci": list(result.disagreement_ci),
+                      "served_agreement": 1 - result.disagree / len(pairs)}
+    return report
+
+
+def summary(result: dict) -> str:
+    """What `memlora calibrate` prints: per operation, the thresholds and what they keep on validation and test."""
+    lines = [f"budget: at most {result['budget']:.0%} of kept answers disagree with the teacher (upper 95 % bound)",
+             "operation   class        threshold  kept/n (validation)  upper   test: kept/n  disagreement of kept"]
+    for op, classes in result["operations"].items():
+        test = result["test"].get(op)
+        for i, (name, t) in enumerate(classes.items()):
+            upper = "-" if math.isnan(t["upper"]) else f"{t['upper']:.3f}"
+            tested = ""
+            if test and i == 0:
+                low, high = test["disagreement_ci"]
+                ci = "-" if test["kept"] == 0 else f"{test['disagree'] / test['kept']:.3f} [{low:.3f}, {high:.3f}]"
+                tested = f"{test['kept']}/{test['n']}  {ci}"
+            lines.append(f"{op:<11} {name:<12} {t['value']:>9.3f}  {t['kept']:>4}/{t['n']:<15} {upper:<7} {tested}")
+    return "\n".join(lines)

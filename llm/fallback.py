@@ -1,0 +1,127 @@
+"""The teacher behind the experts (`serve-experts --fallback URL`): every call is answered by its expert first;
+where the expert's confidence (its own chosen tokens' log-probs, `llm.confidence`) is below the threshold
+`memlora calibrate` set for its operation, the same request goes to the teacher and the teacher's answer goes
+back. A deferred call is recorded as a trace row exactly as `capture` records one (`backend: deferred`), so the
+next training run learns from what the experts could not answer.
+
+A teacher that is down, slow or answers garbage: the expert's own answer goes back and the failure is counted,
+or, with `deferral.strict`, the client gets a 502. The response says who answered: the `model` field and the
+`x-memlora-answered-by` header (`expert`, `teacher`, or `expert-teacher-failed`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import httpx
+from anyio import to_thread
+
+from memlora.config import CaptureRule, DeferralConfig
+from memlora.evaluation.calibration import DeferralPolicy
+from memlora.llm.confidence import confidence, is_destructive
+from memlora.llm.openai_protocol import ApiError, ChatRequest
+from memlora.memory.llm import GenerationRequest, GenerationResult
+
+ANSWERED_BY = "x-memlora-answered-by"
+CONFIDENCE = "x-memlora-confidence"
+DEFERRED_BACKEND = "deferred"  # the trace rows' `backend` of calls the teacher answered for an expert
+
+
+class FallbackError(RuntimeError):
+    """The fallback teacher cannot be used at all (unreachable at start)."""
+
+
+class Fallback:
+    def __init__(self, url: str, model: str, policy: DeferralPolicy, recorder, config: DeferralConfig,
+                 api_key: str | None = None, logprobs_top_k: int = 0):
+        self.url, self.model, self.policy, self.recorder, self.config = url.rstrip("/"), model, policy, recorder, \
+            config
+        self.logprobs_top_k = logprobs_top_k  # asked of the teacher for the trace row (capture.logprobs_top_k)
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.AsyncClient(timeout=config.timeout_s)
+        self.counts: Counter = Counter()
+
+    def check_reachable(self) -> None:
+        """One clear line at start when the teacher cannot be reached (unless the server may start degraded)."""
+        try:
+            response = httpx.get(f"{self.url}/models", headers=self.headers, timeout=10)
+        except httpx.HTTPError as err:
+            raise FallbackError(f"--fallback {self.url}: unreachable ({type(err).__name__}: {err})") from None
+        if response.status_code >= 400:
+            raise FallbackError(f"--fallback {self.url}: GET /models answered HTTP {response.status_code}")
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    def judge(self, generation: GenerationRequest, result: GenerationResult, tokenizer) -> tuple[bool, float]:
+        """(keep the expert's answer, its confidence)."""
+        conf = confidence(generation.operation, result.text, result.token_ids or [], result.token_logprobs or [],
+                          tokenizer, self.config.quantile)
+        destructive = is_destructive(generation.operation, result.text)
+        return self.policy.keeps(generation.operation, conf, destructive), conf
+
+    async def ask(self, chat: ChatRequest, schema: dict | None) -> tuple[dict | None, float, str | None]:
+        """The teacher's answer to the client's own request (under the schema the expert decoded with), its
+        latency, or why there is none."""
+        body = chat.model_dump(mode="json", exclude_unset=True, by_alias=True)
+        body["model"] = self.model
+        if schema is not None:
+            body["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
+        if self.logprobs_top_k and not chat.logprobs:
+            body["logprobs"], body["top_logprobs"] = True, self.logprobs_top_k
+        started = time.perf_counter()
+        try:
+            response = await self.client.post(f"{self.url}/chat/completions", json=body, headers=self.headers)
+        except httpx.HTTPError as err:
+            return None, 0.0, f"unreachable: {type(err).__name__}: {err}"
+        latency = time.perf_counter() - started
+        if response.status_code >= 400:
+            return None, latency, f"HTTP {response.status_code}: {response.text[:200]}"
+        try:
+            data = response.json()
+            message = data["choices"][0]["message"]
+            if not isinstance(message.get("content"), str):
+                raise TypeError("choices[0].message.content is not text")
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as err:
+            return None, latency, f"an answer without choices[0].message.content ({err}): {response.text[:200]!r}"
+        return data, latency, None
+
+    async def record(self, chat: ChatRequest, operation: str, schema: dict | None, data: dict, latency: float,
+                     conversation: str | None, session: int) -> None:
+        """The deferred call as a trace row, on disk before the answer goes back."""
+        row = self.recorder.row(CaptureRule(operation=operation, model=chat.model), chat.plain_messages(), schema,
+                                data, latency, conversation, session)
+        row["backend"] = DEFERRED_BACKEND
+        await to_thread.run_sync(self.recorder.write, row)
+
+    def failed(self, operation: str, why: str) -> None:
+        self.counts[f"teacher_failures_{operation}"] += 1
+        if self.config.strict:
+            raise ApiError(502, f"the fallback teacher {self.url} failed for a deferred call: {why}",
+                           type="upstream_error")
+
+    def health(self) -> dict:
+        return {"url": self.url, "model": self.model, "strict": self.config.strict, "counts": dict(self.counts)}
+
+    async def answer(self, chat: ChatRequest, generation: GenerationRequest, result: GenerationResult, tokenizer,
+                     context: tuple[str | None, int], expert_answer) -> tuple[dict, dict]:
+        """(the response body, its headers): the expert's answer where it is sure enough, else the teacher's
+        (recorded); `expert_answer()` builds the expert's body."""
+        operation = generation.operation
+        keep, conf = self.judge(generation, result, tokenizer)
+        headers = {CONFIDENCE: f"{conf:.4f}"}
+        if keep:
+            self.counts[f"kept_{operation}"] += 1
+            return expert_answer(), {**headers, ANSWERED_BY: "expert"}
+        self.counts[f"deferred_{operation}"] += 1
+        data, latency, error = await self.ask(chat, generation.schema)
+        if error is not None:
+            self.failed(operation, error)
+            return expert_answer(), {**headers, ANSWERED_BY: "expert-teacher-failed"}
+        await self.record(chat, operation, generation.schema, data, latency, *context)
+        if not chat.logprobs:  # asked for the trace row, not by the client
+            for choice in data["choices"]:
+                choice["logprobs"] = None
+        data["model"] = data.get("model") or self.model
+        return data, {**headers, ANSWERED_BY: "teacher"}

@@ -1,0 +1,207 @@
+"""Serving with calibrated deferral on a tiny random model: `memlora calibrate` on an OUT whose validation calls the
+expert partly agrees with, `serve-experts`' engine with `--fallback` in front of a real `serve-model`-style teacher
+server (kept, deferred and recorded, teacher down or garbage, strict), all on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+from pathlib import Path
+
+import httpx
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from memlora.config import DeferralConfig, ExpertConfig
+from memlora.data.io import write_parquet
+from memlora.data.schemas import TRACES
+from memlora.evaluation.calibration import CalibrationError, DeferralPolicy
+from memlora.layout import deferral_path, trace_files
+from memlora.llm.confidence import confidence
+from memlora.llm.fallback import ANSWERED_BY, Fallback, FallbackError
+from memlora.llm.hf_backend import TransformersBackend, load_causal_lm
+from memlora.llm.openai_server import MODEL, ServedModel, ServingEngine, create_app, expert_models
+from memlora.manifest import update_manifest
+from memlora.memory.llm import GenerationRequest
+from memlora.memory.prompts import TEMPLATES, extraction_schema
+from memlora.student.experts import ExpertBackend, attach_expert
+from memlora.teacher.capture import CaptureRecorder
+from tests.serving_fixtures import running
+from tests.student_fixtures import distill_config, perturb
+from tests.stub_openai import StubOpenAI
+
+SCHEMA = extraction_schema(3, 40)
+LINES = [f"{name}: I {verb} {thing}." for name in ("Ann", "Bob", "Eve") for verb, thing in
+         (("have", "a cat"), ("live in", "Porto"), ("love", "jazz"), ("work as", "a nurse"))]
+
+
+@pytest.fixture(scope="module")
+def deferral_out(tmp_path_factory, tiny_model_dir):
+    """OUT with an extraction expert (tiny DeLoRA, non-zero weights) and 12 held-out validation trace rows whose
+    'teacher' answer is the expert's own for the first 8 and a different one for the last 4."""
+    out = tmp_path_factory.mktemp("deferral-out")
+    model, _, _ = load_causal_lm(str(tiny_model_dir), dtype="float32", device="cpu")
+    torch.manual_seed(0)
+    expert = attach_expert(model, ExpertConfig(r=4), name="default")
+    perturb(expert, seed=3, scale=0.05)
+    expert.save_pretrained(str(out / "adapters" / "extraction"), safe_serialization=True)
+    update_manifest(out)
+    config_path, config = distill_config(out / "config.yaml", str(tiny_model_dir))
+    backend = ExpertBackend.from_config(config, tiny_model_dir, {"extraction": out / "adapters" / "extraction"},
+                                        prompt=config.student.prompt)
+    messages = [TEMPLATES["extraction"].messages(line) for line in LINES]
+    cap = config.memory.operations["extraction"].max_new_tokens
+    own = backend.generate([GenerationRequest("extraction", m, cap, SCHEMA, logprobs_top_k=1) for m in messages])
+    sure = [confidence("extraction", r.text, r.token_ids, r.token_logprobs, backend.tokenizer) for r in own]
+    unsure = set(sorted(range(len(own)), key=lambda i: sure[i])[:4])  # the teacher disagrees where it is least sure
+    rows = []
+    for i, (m, result) in enumerate(zip(messages, own)):
+        answer = result.text if i not in unsure else json.dumps({"facts": [f"Zed owns {i} boats in Oslo"]})
+        rows.append({"trace_id": f"cap-validation:extraction:{i}", "operation": "extraction",
+                     "conversation_id": "cap-validation", "session": 0, "step": i, "messages": m,
+                     "output_schema": json.dumps(SCHEMA), "raw_output": answer, "parsed_output": answer,
+                     "parse_ok": True, "constrained": True, "finish_reason": "stop", "prompt_tokens": 10,
+                     "completion_tokens": 5, "latency_s": 0.1, "batch_size": 1, "model_id": "teacher",
+                     "backend": "capture", "template_hash": "x"})
+    write_parquet(pa.Table.from_pylist(rows, schema=TRACES), out / "traces" / "extraction" / "part-val.parquet",
+                  "traces")
+    return {"out": out, "config_path": config_path, "config": config, "backend": backend, "messages": messages}
+
+
+@pytest.mark.timeout(300)
+def test_calibrate_writes_thresholds_that_meet_the_budget(deferral_out, tiny_model_dir, capsys):
+    from memlora.cli import main
+
+    out, config_path = deferral_out["out"], deferral_out["config_path"]
+    raw = config_path.read_text() + "\ndeferral: {budget: 0.4}\n"
+    config_path.with_name("budget.yaml").write_text(raw)
+    assert main(["calibrate", "--config", str(config_path.with_name("budget.yaml")), "--out", str(out),
+                 "--base", str(tiny_model_dir)]) == 0
+    result = json.loads(deferral_path(out).read_text())
+    keep = result["operations"]["extraction"]["keep"]
+    assert keep["n"] == 12 and result["validation"]["extraction"]["n"] == 12
+    # the expert agrees on its 8 surest answers: those are kept (0 of 8 disagree: Wilson upper bound 0.32), the
+    # 4 least sure are deferred
+    assert keep["kept"] == 8 and keep["disagree"] == 0 and keep["upper"] <= 0.4
+    curve = keep["curve"]
+    assert curve[0][1] == 0.0 and curve[-1][1] == 1.0 and curve[-1][2] == pytest.approx(8 / 12)
+    printed = capsys.readouterr().out
+    assert "calibrating on 12 validation calls" in printed and "extraction  keep" in printed
+    policy = DeferralPolicy.read(deferral_path(out))
+    assert policy.keeps("extraction", keep["value"]) and not policy.keeps("update", 0.0)  # no threshold: defer
+
+
+@pytest.mark.timeout(120)
+def test_no_held_out_calls_is_a_clear_error(tmp_path, deferral_out, tiny_model_dir, capsys):
+    from memlora.cli import main
+
+    out = tmp_path / "out"
+    (out / "adapters").mkdir(parents=True)
+    import shutil
+
+    shutil.copytree(deferral_out["out"] / "adapters" / "extraction", out / "adapters" / "extraction")
+    update_manifest(out)
+    assert main(["calibrate", "--config", str(deferral_out["config_path"]), "--out", str(out),
+                 "--base", str(tiny_model_dir)]) == 2
+    assert "extraction: 0 held-out calls to calibrate on; at least 1 are needed" in capsys.readouterr().err
+    with pytest.raises(CalibrationError, match="run `memlora calibrate` first"):
+        DeferralPolicy.read(out / "deferral.json")
+
+
+def policy(value: float) -> DeferralPolicy:
+    return DeferralPolicy({"operations": {"extraction": {"keep": {"value": value}}}})
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_model_dir):
+    """A real teacher server (serve-model's engine) on the tiny model, named `teacher`."""
+    model, tok, model_id = load_causal_lm(str(tiny_model_dir), device="cpu")
+    engine = ServingEngine(TransformersBackend(model, tok, model_id), [ServedModel("teacher", MODEL)],
+                           default_max_tokens=16)
+    with running(create_app(engine)) as url:
+        yield f"{url}/v1"
+    engine.close()
+
+
+def experts_server(deferral_out, fallback_url: str, value: float, tmp_path: Path, **deferral):
+    backend = deferral_out["backend"]
+    fallback = Fallback(fallback_url, "teacher", policy(value), CaptureRecorder(tmp_path / "out"),
+                        DeferralConfig(**deferral))
+    engine = ServingEngine(backend, expert_models(backend.operations), default_max_tokens=16, fallback=fallback)
+    return engine, create_app(engine)
+
+
+def ask(url: str, i: int = 0, **extra) -> httpx.Response:
+    return httpx.post(f"{url}/v1/chat/completions", timeout=60, headers={"x-memlora-conversation": "user-7"},
+                      json={"model": "memlora-extraction", "messages": deferral_out_messages[i], "max_tokens": 40,
+                            "temperature": 0, "response_format": {"type": "json_schema", "json_schema": {
+                                "name": "facts", "schema": SCHEMA}}, **extra})
+
+
+deferral_out_messages = [TEMPLATES["extraction"].messages(line) for line in LINES]
+
+
+@pytest.mark.timeout(180)
+def test_an_unsure_expert_defers_to_the_teacher_and_the_call_is_recorded(deferral_out, teacher, tmp_path):
+    engine, app = experts_server(deferral_out, teacher, math.inf, tmp_path)  # never sure: every call defers
+    with running(app) as url:
+        got = ask(url, 0)
+        assert got.status_code == 200 and got.headers[ANSWERED_BY] == "teacher"
+        assert got.json()["model"] == "teacher" and got.json()["choices"][0]["logprobs"] is None
+        float(got.headers["x-memlora-confidence"])
+        base = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+            "model": "memlora-base", "messages": deferral_out_messages[1], "max_tokens": 4})
+        assert base.status_code == 200 and ANSWERED_BY not in base.headers  # no expert: nothing to defer
+        health = httpx.get(f"{url}/health").json()["deferral"]["counts"]
+    assert health == {"deferred_extraction": 1}
+    rows = pq.read_table(trace_files(tmp_path / "out", "extraction")[0]).to_pylist()
+    assert len(rows) == 1 and rows[0]["backend"] == "deferred" and rows[0]["conversation_id"] == "user-7"
+    assert rows[0]["raw_output"] == got.json()["choices"][0]["message"]["content"]
+    assert rows[0]["messages"] == deferral_out_messages[0] and json.loads(rows[0]["output_schema"]) == SCHEMA
+    engine.close()
+
+
+@pytest.mark.timeout(180)
+def test_a_sure_expert_keeps_the_call(deferral_out, tmp_path):
+    with StubOpenAI() as stub:
+        engine, app = experts_server(deferral_out, stub.url, -math.inf, tmp_path)  # always sure
+        with running(app) as url:
+            got = ask(url, 2)
+            assert got.status_code == 200 and got.headers[ANSWERED_BY] == "expert"
+            assert got.json()["model"] == "memlora-extraction" and not stub.requests
+            assert httpx.get(f"{url}/health").json()["deferral"]["counts"] == {"kept_extraction": 1}
+        engine.close()
+    assert not (tmp_path / "out" / "traces").exists()
+
+
+@pytest.mark.timeout(180)
+def test_a_teacher_that_is_down_or_answers_garbage_degrades_as_configured(deferral_out, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    with pytest.raises(FallbackError, match="unreachable"):
+        Fallback(dead, "teacher", policy(0.0), CaptureRecorder(tmp_path), DeferralConfig()).check_reachable()
+    engine, app = experts_server(deferral_out, dead, math.inf, tmp_path)
+    with running(app) as url:
+        got = ask(url, 3)  # not strict: the expert's own answer, counted
+        assert got.status_code == 200 and got.headers[ANSWERED_BY] == "expert-teacher-failed"
+        assert httpx.get(f"{url}/health").json()["deferral"]["counts"]["teacher_failures_extraction"] == 1
+    engine.close()
+    with StubOpenAI() as stub:
+        stub.garbage = True
+        engine, app = experts_server(deferral_out, stub.url, math.inf, tmp_path, strict=True)
+        with running(app) as url:
+            got = ask(url, 4)
+            assert got.status_code == 502 and "fallback teacher" in got.json()["error"]["message"]
+            stub.garbage = False
+            stub.fail_first, stub.fail_status = 1, 503
+            assert ask(url, 5).status_code == 502  # the teacher's 5xx, strict
+            stub.reply = json.dumps({"facts": ["Ann has a cat"]})
+            kept = ask(url, 6)  # the teacher is back: its answer, recorded
+            assert kept.status_code == 200 and kept.headers[ANSWERED_BY] == "teacher"
+            assert kept.json()["choices"][0]["message"]["content"] == stub.reply
+        engine.close()
+    assert len(trace_files(tmp_path / "out", "extraction")) == 1  # only the answered call became a row
