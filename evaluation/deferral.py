@@ -40,6 +40,8 @@ class Scored:
     confidence: float
     agrees: bool
     destructive: bool
+    text: str = ""  # the expert's answer
+    reference: dict | None = None  # the teacher's parsed answer
 
 
 def _value(text: str) -> dict | None:
@@ -112,7 +114,8 @@ def score(backend: LLMBackend, tokenizer, calls: list[HeldOutCall], config: Conf
     return [Scored(c.operation,
                    confidence(c.operation, r.text, r.token_ids or [], r.token_logprobs or [], tokenizer,
                               config.deferral.quantile),
-                   agrees(c.operation, r.text, c.reference, config), is_destructive(c.operation, r.text))
+                   agrees(c.operation, r.text, c.reference, config), is_destructive(c.operation, r.text), r.text,
+                   c.reference)
             for c, r in zip(calls, results)]
 
 
@@ -140,19 +143,43 @@ def fit(scored: list[Scored], operations: list[str], config: Config) -> dict:
     return policy
 
 
+def _deletes(texts: list[str]) -> int:
+    return sum(answer_events(t).count("DELETE") for t in texts)
+
+
+def _abstains(texts: list[str]) -> int:
+    return sum(scoring.abstains(str((_value(t) or {}).get("answer", ""))) for t in texts)
+
+
+def kept(policy: dict, s: Scored) -> bool:
+    classes = policy.get(s.operation, {})
+    name = DESTRUCTIVE if s.destructive else KEEP
+    return name in classes and s.confidence >= classes[name]["value"]
+
+
 def check(policy: dict, scored: list[Scored]) -> dict:
-    """Each operation's thresholds on other calls: share kept, disagreement of the kept (Wilson 95 %)."""
+    """Each operation's thresholds on other calls: share kept, disagreement of the kept (Wilson 95 %), and what
+    the served answers (the expert's where kept, the teacher's where deferred) do that a user would feel: update
+    DELETEs and abstaining answers, against the teacher's own on the same calls."""
     report = {}
-    for op, classes in policy.items():
-        pairs = [(s.confidence, s.agrees, s.destructive) for s in scored if s.operation == op]
-        if not pairs:
+    for op in policy:
+        calls = [s for s in scored if s.operation == op]
+        if not calls:
             continue
-        keep = [(c, a) for c, a, d in pairs if not d and c >= classes[KEEP]["value"]]
-        keep += [(c, a) for c, a, d in pairs if d and DESTRUCTIVE in classes and c >= classes[DESTRUCTIVE]["value"]]
-        result = served(-math.inf, keep)
-        report[op] = {"n": len(pairs), "kept": result.kept, "disagree": result.disagree,
-                      "disagreement_ci": list(result.disagreement_ci),
-                      "served_agreement": 1 - result.disagree / len(pairs)}
+        result = served(-math.inf, [(s.confidence, s.agrees) for s in calls if kept(policy, s)])
+        entry = {"n": len(calls), "kept": result.kept, "disagree": result.disagree,
+                 "disagreement_ci": list(result.disagreement_ci),
+                 "served_agreement": 1 - result.disagree / len(calls)}
+        teacher_texts = [json.dumps(s.reference) for s in calls]
+        served_texts = [s.text if kept(policy, s) else t for s, t in zip(calls, teacher_texts)]
+        expert_texts = [s.text for s in calls]
+        if op == "update":
+            entry.update(served_deletes=_deletes(served_texts), teacher_deletes=_deletes(teacher_texts),
+                         expert_deletes=_deletes(expert_texts))
+        if op == "generation":
+            entry.update(served_abstains=_abstains(served_texts), teacher_abstains=_abstains(teacher_texts),
+                         expert_abstains=_abstains(expert_texts))
+        report[op] = entry
     return report
 
 

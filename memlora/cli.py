@@ -236,6 +236,8 @@ def cmd_serve_experts(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
+    import json
+
     from memlora.config import load_config
     from memlora.data.io import write_json
     from memlora.evaluation import deferral
@@ -244,16 +246,24 @@ def cmd_calibrate(args) -> int:
     config = load_config(args.config)
     backend = _expert_backend(config, args)
     operations = list(backend.operations)
-    held = deferral.validation_calls(args.out, config, operations)
-    print(f"calibrating on {len(held)} validation calls", flush=True)
-    scored = deferral.score(backend, backend.tokenizer, held, config)
-    policy = deferral.fit(scored, operations, config)
+    if args.thresholds_from:  # check another run's thresholds on this OUT's test calls (e.g. another corpus)
+        result = json.loads(deferral_path(args.thresholds_from).read_text()) \
+            if deferral_path(args.thresholds_from).is_file() else None
+        if result is None:
+            raise UsageError(f"--thresholds-from {args.thresholds_from}: no deferral.json (run calibrate there)")
+        policy = result["operations"]
+        result = {**result, "thresholds_from": str(args.thresholds_from), "validation": {}}
+    else:
+        held = deferral.validation_calls(args.out, config, operations)
+        print(f"calibrating on {len(held)} validation calls", flush=True)
+        scored = deferral.score(backend, backend.tokenizer, held, config)
+        policy = deferral.fit(scored, operations, config)
+        result = {"budget": config.deferral.budget, "quantile": config.deferral.quantile, "operations": policy,
+                  "validation": deferral.check(policy, scored)}
     tests = deferral.test_calls(args.out, operations)
     if tests:
         print(f"checking on {len(tests)} test calls", flush=True)
-    tested = deferral.score(backend, backend.tokenizer, tests, config) if tests else []
-    result = {"budget": config.deferral.budget, "quantile": config.deferral.quantile, "operations": policy,
-              "validation": deferral.check(policy, scored), "test": deferral.check(policy, tested)}
+    result["test"] = deferral.check(policy, deferral.score(backend, backend.tokenizer, tests, config))
     path = write_json(result, deferral_path(args.out))
     print(deferral.summary(result))
     print(f"wrote {path}")
@@ -475,6 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     config(p)
     out(p)
     p.add_argument("--base", default=None, help="student base (default: OUT/student/base, else student.model)")
+    p.add_argument("--thresholds-from", default=None, metavar="OUT2", help="check OUT2's thresholds on OUT's "
+                   "test calls instead of calibrating (e.g. OUT from `memlora evaluate --data ... --experts-from "
+                   "OUT2`)")
     p.set_defaults(func=cmd_calibrate)
 
     p = command("serve-model")

@@ -87,3 +87,29 @@ def test_an_update_answers_confidence_comes_from_its_decision_tokens(smol_tokeni
     assert answer_events(answer) == ["DELETE", "NONE"] and is_destructive("update", answer)
     assert not is_destructive("update", answer.replace("DELETE", "NONE"))
     assert low_quantile([]) == -math.inf and low_quantile([-1.0, -3.0, -2.0], q=0.5) == -2.0
+
+
+@pytest.mark.timeout(30)
+def test_the_served_answers_delete_and_abstain_as_the_kept_and_deferred_mix_says():
+    from memlora.evaluation.deferral import DESTRUCTIVE, KEEP, Scored, check
+
+    def update(event: str) -> str:
+        return json.dumps({"memory": [{"id": "0", "text": "x", "event": event}]})
+
+    none, delete = json.loads(update("NONE")), json.loads(update("DELETE"))
+    scored = [  # a sure NONE kept, an unsure DELETE deferred (the teacher said NONE), a sure DELETE kept
+        Scored("update", -0.1, True, False, update("NONE"), none),
+        Scored("update", -2.0, False, True, update("DELETE"), none),
+        Scored("update", -0.1, True, True, update("DELETE"), delete),
+        Scored("generation", -0.1, True, False, '{"answer": "Not mentioned in the conversation"}',
+               {"answer": "Not mentioned in the conversation"}),
+        Scored("generation", -3.0, False, False, '{"answer": "Not mentioned in the conversation"}',
+               {"answer": "Porto"}),
+    ]
+    policy = {"update": {KEEP: {"value": -1.0}, DESTRUCTIVE: {"value": -0.5}}, "generation": {KEEP: {"value": -1.0}}}
+    report = check(policy, scored)
+    assert report["update"] | {"disagreement_ci": None} == {
+        "n": 3, "kept": 2, "disagree": 0, "disagreement_ci": None, "served_agreement": 1.0,
+        "served_deletes": 1, "teacher_deletes": 1, "expert_deletes": 2}
+    assert report["generation"]["served_abstains"] == 1 and report["generation"]["expert_abstains"] == 2
+    assert report["generation"]["teacher_abstains"] == 1 and report["generation"]["kept"] == 1
