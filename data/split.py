@@ -32,10 +32,20 @@ def assign_split(corpus: list[Conversation], test_ratio: float, seed: int,
     return corpus
 
 
-# Captured calls (`memlora capture`) have no ingested conversation: the proxy names the one they belong to, and
-# holds out every `round(1 / validation_ratio)`-th call per operation under the same name with this suffix.
+# Captured calls (`memlora capture`) have no ingested conversation: the proxy names the one they belong to, puts
+# whole conversations (or blocks of calls) in the test share under the name with CAPTURED_TEST_SUFFIX, and holds
+# out every `round(1 / validation_ratio)`-th other call per operation with CAPTURED_VALIDATION_SUFFIX.
 CAPTURED_VALIDATION_SUFFIX = "-validation"
+CAPTURED_TEST_SUFFIX = "-test"
 
 
 def captured_split(conversation_id: str) -> str:
+    if conversation_id.endswith(CAPTURED_TEST_SUFFIX):
+        return "test"
     return "validation" if conversation_id.endswith(CAPTURED_VALIDATION_SUFFIX) else "train"
+
+
+def held_for_test(name: str, ratio: float) -> bool:
+    """Whether a captured conversation (or block of calls) belongs to the test share: a hash of its name, so
+    every call of it lands on the same side, in any process, on any day."""
+    return ratio > 0 and int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 16**8 < ratio

@@ -76,6 +76,11 @@ def max_tokens(operation: str, config: Config) -> int:
     return ours.max_new_tokens if ours is not None else config.deferral.max_tokens
 
 
+def _from_trace(row: dict, config: Config) -> HeldOutCall:
+    return HeldOutCall(row["operation"], row["messages"], json.loads(row["output_schema"]) if row["output_schema"]
+                       else None, max_tokens(row["operation"], config), json.loads(row["parsed_output"]))
+
+
 def validation_calls(out: str | Path, config: Config, operations: list[str]) -> list[HeldOutCall]:
     """The validation split's trace rows whose teacher answer parsed: early stopping's rows, never trained on."""
     from memlora.student.examples import conversation_splits, load_traces, split_rows
@@ -84,20 +89,23 @@ def validation_calls(out: str | Path, config: Config, operations: list[str]) -> 
     calls = []
     for op in operations:
         _, held = split_rows(load_traces(trace_files(out, op)), splits)
-        for row in held.to_pylist():
-            if row["parse_ok"] and row["parsed_output"]:
-                calls.append(HeldOutCall(op, row["messages"], json.loads(row["output_schema"])
-                                         if row["output_schema"] else None, max_tokens(op, config),
-                                         json.loads(row["parsed_output"])))
+        calls += [_from_trace(row, config) for row in held.to_pylist() if row["parse_ok"] and row["parsed_output"]]
     return calls
 
 
-def test_calls(out: str | Path, operations: list[str]) -> list[HeldOutCall]:
-    """The teacher's own calls on the test conversations, from an evaluation's run (none if none ran)."""
+def test_calls(out: str | Path, config: Config, operations: list[str]) -> list[HeldOutCall]:
+    """Calls calibration never saw: the captured calls in capture's test share, and the teacher's own calls on
+    the test conversations from an evaluation's run (none if none ran)."""
+    from memlora.data.split import captured_split
+    from memlora.student.examples import load_traces
+
+    calls = []
+    for op in operations:
+        calls += [_from_trace(row, config) for row in load_traces(trace_files(out, op)).to_pylist()
+                  if captured_split(row["conversation_id"]) == "test" and row["parse_ok"] and row["parsed_output"]]
     path = calls_path(out, "teacher")
     if not path.is_file():
-        return []
-    calls = []
+        return calls
     for row in pq.read_table(path).to_pylist():
         if row["phase"] == "e2e" and row["operation"] in operations and row["parse_ok"] and row["parsed_output"]:
             calls.append(HeldOutCall(row["operation"], json.loads(row["messages"]),

@@ -210,7 +210,7 @@ def _fallback(config, args):
     policy = DeferralPolicy.read(deferral_path(args.out))
     key = os.environ.get(args.fallback_key_env) if args.fallback_key_env else None
     fallback = Fallback(args.fallback, args.fallback_model or config.teacher.model, policy,
-                        CaptureRecorder(args.out, config.capture.validation_ratio), config.deferral, api_key=key,
+                        CaptureRecorder.from_config(args.out, config.capture), config.deferral, api_key=key,
                         logprobs_top_k=config.capture.logprobs_top_k)
     if args.fallback_degraded:
         try:
@@ -260,7 +260,7 @@ def cmd_calibrate(args) -> int:
         policy = deferral.fit(scored, operations, config)
         result = {"budget": config.deferral.budget, "quantile": config.deferral.quantile, "operations": policy,
                   "validation": deferral.check(policy, scored)}
-    tests = deferral.test_calls(args.out, operations)
+    tests = deferral.test_calls(args.out, config, operations)
     if tests:
         print(f"checking on {len(tests)} test calls", flush=True)
     result["test"] = deferral.check(policy, deferral.score(backend, backend.tokenizer, tests, config))
@@ -293,7 +293,7 @@ def cmd_capture(args) -> int:
     config = load_config(args.config)
     if not config.capture.rules:
         raise UsageError(f"{args.config}: capture.rules is empty: no call would be recorded")
-    recorder = CaptureRecorder(args.out, config.capture.validation_ratio)
+    recorder = CaptureRecorder.from_config(args.out, config.capture)
     upstream_key = os.environ.get(args.upstream_key_env) if args.upstream_key_env else None
     app = create_capture_app(args.upstream, config.capture, recorder, upstream_key=upstream_key,
                              limits=config.serving)

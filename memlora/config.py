@@ -289,6 +289,11 @@ class CaptureConfig(_Strict):
     # Every round(1 / validation_ratio)-th recorded call per operation is held out for early stopping (its
     # conversation id ends in "-validation"); 0: all calls train.
     validation_ratio: float = Field(0.1, ge=0.0, le=0.5)
+    # A test share of the captured calls, never trained on nor used for early stopping (what evaluating captured
+    # traffic and the deferral checks read): whole conversations where the client names them
+    # (x-memlora-conversation), else whole blocks of `test_block` consecutive calls; never call by call.
+    test_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    test_block: int = Field(20, gt=0)
 
 
 class ServingConfig(_Strict):

@@ -94,15 +94,13 @@ def conversation_splits(out: str | Path) -> dict[str, str]:
 
 def split_rows(table: pa.Table, splits: dict[str, str]) -> tuple[pa.Table, pa.Table]:
     """(train rows, validation rows) by each row's conversation; a conversation ingest did not mark as
-    validation trains (traces made before validation existed), unless capture held it out."""
+    validation trains (traces made before validation existed), unless capture held it out. Test rows (captured
+    calls capture put in its test share) are in neither."""
     from memlora.data.split import captured_split
 
-    is_val = [splits.get(cid, captured_split(cid)) == "validation"
-              for cid in table.column("conversation_id").to_pylist()]
-    import pyarrow.compute as pc
-
-    mask = pa.array(is_val, type=pa.bool_())
-    return table.filter(pc.invert(mask)), table.filter(mask)
+    split = [splits.get(cid, captured_split(cid)) for cid in table.column("conversation_id").to_pylist()]
+    return (table.filter(pa.array([s not in ("validation", "test") for s in split], type=pa.bool_())),
+            table.filter(pa.array([s == "validation" for s in split], type=pa.bool_())))
 
 
 def build_examples(table: pa.Table, tokenizer, max_length: int, same_tokenizer: bool, *,

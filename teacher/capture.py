@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse
 
 from memlora.config import CaptureConfig, CaptureRule, ServingConfig
 from memlora.data.io import write_parquet
-from memlora.data.split import CAPTURED_VALIDATION_SUFFIX
+from memlora.data.split import CAPTURED_TEST_SUFFIX, CAPTURED_VALIDATION_SUFFIX, held_for_test
 from memlora.data.schemas import TRACES
 from memlora.layout import capture_shard_path
 from memlora.llm.call_rules import classify, fingerprint
@@ -70,15 +70,21 @@ def _top_logprobs(choice: dict) -> tuple[list[int] | None, list | None]:
 class CaptureRecorder:
     """Writes one trace shard per recorded call and counts what passed through."""
 
-    def __init__(self, out: str | Path, validation_ratio: float = 0.0):
+    def __init__(self, out: str | Path, validation_ratio: float = 0.0, test_ratio: float = 0.0,
+                 test_block: int = 20):
         self.out = Path(out)
         self.hold_out_every = round(1 / validation_ratio) if validation_ratio > 0 else 0
+        self.test_ratio, self.test_block = test_ratio, test_block
         self._calls: Counter = Counter()
         self.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
         self.counts: Counter = Counter()
         self._seq = itertools.count()
         self._steps: Counter = Counter()
         self._lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, out: str | Path, config: CaptureConfig) -> "CaptureRecorder":
+        return cls(out, config.validation_ratio, config.test_ratio, config.test_block)
 
     def row(self, rule: CaptureRule, messages: list[dict], sent_schema: dict | None, response: dict,
             latency_s: float, conversation: str | None, session: int) -> dict:
@@ -87,13 +93,18 @@ class CaptureRecorder:
         usage = response.get("usage") or {}
         parsed, error = parse_output(text, sent_schema)
         ids, top = _top_logprobs(choice)
-        cid = conversation or f"capture-{self.run_id}"
         with self._lock:
             seq = next(self._seq)
-            calls = self._calls[rule.operation]
-            self._calls[rule.operation] += 1
-            if self.hold_out_every and calls % self.hold_out_every == self.hold_out_every - 1:
-                cid += CAPTURED_VALIDATION_SUFFIX  # early stopping's rows (data.split.captured_split)
+            cid = conversation or f"capture-{self.run_id}"
+            if self.test_ratio and not conversation:  # no conversation named: blocks of consecutive calls
+                cid += f"-b{seq // self.test_block:05d}"
+            if held_for_test(cid, self.test_ratio):
+                cid += CAPTURED_TEST_SUFFIX  # never trained on (data.split.captured_split)
+            else:
+                calls = self._calls[rule.operation]
+                self._calls[rule.operation] += 1
+                if self.hold_out_every and calls % self.hold_out_every == self.hold_out_every - 1:
+                    cid += CAPTURED_VALIDATION_SUFFIX  # early stopping's rows
             step = self._steps[(cid, rule.operation)]
             self._steps[(cid, rule.operation)] += 1
         return {
