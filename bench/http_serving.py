@@ -2,7 +2,9 @@
 same OpenAI requests (the teacher's own trace requests, json_schema, temperature 0) sent to each server in turn:
 per-operation latency p50/p95 with 1 client, requests/s with 1 and 8 concurrent clients (8 clients of mixed
 operations is what the per-expert batching serves), and each server process's peak RSS. Each server runs alone
-in its own process. Writes bench/results/http_serving.json.
+in its own process. A third server, serve-experts with `--fallback` and thresholds that keep every call, measures
+what deferral costs when it does not fire (confidence from the chosen tokens' log-probs on every call): its p50
+per operation against serve-experts without it. Writes bench/results/http_serving.json.
 
     python bench/http_serving.py [--quick] [--out OUT]   (OUT: use its traces and trained experts)
 """
@@ -25,17 +27,40 @@ from common import (CONFIG, QUICK_TOKENS, REPO, bench_parser, free_port, peak_rs
 
 from memlora.serve import wait_healthy  # noqa: E402
 
-SYSTEMS = ("teacher", "student+experts")
+SYSTEMS = ("teacher", "student+experts", "student+experts+deferral")
+KEEP_ALL = "student+experts+deferral"  # serve-experts --fallback, every call kept: deferral's cost when idle
 
 
 def start_server(system: str, port: int, base: Path, experts_out: Path, log) -> subprocess.Popen:
     memlora = str(Path(sys.executable).parent / "memlora")
     if system == "teacher":
         cmd = [memlora, "serve-model", "--config", str(CONFIG), "--name", "teacher", "--port", str(port)]
+    elif system == KEEP_ALL:
+        cmd = [memlora, "serve-experts", "--config", str(CONFIG), "--out", str(keep_all_out(experts_out)), "--base",
+               str(base), "--port", str(port), "--fallback", f"http://127.0.0.1:{free_port()}/v1",
+               "--fallback-degraded"]
     else:
         cmd = [memlora, "serve-experts", "--config", str(CONFIG), "--out", str(experts_out), "--base", str(base),
                "--port", str(port)]
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+
+
+def keep_all_out(experts_out: Path) -> Path:
+    """A scratch OUT beside the experts (linked, manifest copied) whose deferral.json keeps every call, so a
+    user's own OUT and its thresholds are never touched."""
+    import json
+    import shutil
+
+    from memlora.config import OPERATIONS
+    from memlora.layout import deferral_path
+
+    out = Path(tempfile.mkdtemp(prefix="memlora-keep-all-"))
+    (out / "adapters").symlink_to(Path(experts_out).resolve() / "adapters")
+    shutil.copy(Path(experts_out) / "manifest.json", out / "manifest.json")
+    always = {"value": float("-inf")}
+    deferral_path(out).write_text(json.dumps({"operations": {op: {"keep": always, "destructive": always}
+                                                              for op in OPERATIONS}}))
+    return out
 
 
 def body(request, system: str) -> dict:
@@ -56,6 +81,8 @@ def measure(system: str, url: str, requests: list, repeats: int) -> dict:
         started = time.perf_counter()
         response = client.post(f"{url}/v1/chat/completions", json=body(request, system))
         response.raise_for_status()
+        if system == KEEP_ALL:  # the thresholds keep every call: the answer must be the expert's own
+            assert response.headers["x-memlora-answered-by"] == "expert", response.headers
         return request.operation, time.perf_counter() - started, response.json()["usage"]["completion_tokens"]
 
     for op in dict.fromkeys(r.operation for r in requests):  # warm-up: grammars compiled, prefixes cached
@@ -106,7 +133,7 @@ def main() -> None:
                 raise SystemExit(f"{system} server exited with {proc.returncode}: "
                                  f"{(Path(scratch) / f'{system}.log').read_text()[-2000:]}")
 
-    teacher, student = records["teacher"], records["student+experts"]
+    teacher, student, keep_all = records["teacher"], records["student+experts"], records[KEEP_ALL]
     rows = []
     for op, t in teacher["latency"].items():
         s = student["latency"][op]
@@ -117,7 +144,9 @@ def main() -> None:
                      # Experts that write more or fewer tokens than the teacher (untrained ones do) cost more or
                      # less per call for that reason alone: seconds per generated token compares the machinery.
                      "tokens_t/s": f"{sum(teacher['tokens'][op])}/{sum(student['tokens'][op])}",
-                     "per_token_ratio": f"{per_token(student, op) / per_token(teacher, op):.2f}x"})
+                     "per_token_ratio": f"{per_token(student, op) / per_token(teacher, op):.2f}x",
+                     "deferral_kept_p50_s": f"{statistics.median(keep_all['latency'][op]):.3f}",
+                     "deferral_overhead": f"{statistics.median(keep_all['latency'][op]) / statistics.median(s):.2f}x"})
     print(table(rows, list(rows[0])))
     for name, r in records.items():
         rps = r["requests_per_s"]
