@@ -29,6 +29,7 @@ from memlora.config import OPERATIONS, CaptureRule, ServingConfig
 from memlora.llm.batcher import MicroBatcher
 from memlora.llm.call_rules import classify, schema_for
 from memlora.llm.hf_backend import TransformersBackend
+from memlora.llm.reload import close_later
 from memlora.llm.openai_protocol import ApiError, ChatRequest, call_context, completion_body, error_body, \
     models_body, parse_chat_request
 from memlora.llm.request_limits import Admission, BodyLimit, check_schema, client_stays, drop_outcome, \
@@ -60,15 +61,30 @@ class ServingEngine:
         self.experts = set(getattr(backend, "operations", ()))
         self.default_max_tokens = default_max_tokens
         self.context = int(getattr(backend.model.config, "max_position_embeddings", 0) or 0)
-        self.limits = limits or ServingConfig()
+        self.limits, self.linger_s = limits or ServingConfig(), linger_s
         backend.grammars.max_size = self.limits.grammar_cache_size
         self.batcher = MicroBatcher(backend, backend.batch_size, linger_s=linger_s)
+        self.reloader = None  # llm.reload.Reloader: new experts without a restart
         self.admission = Admission(self.limits.max_queued, self.limits.retry_after_s)
         # Parsing, tokenizing and compiling schemas run here, never on the event loop (xgrammar and the
         # tokenizer release the GIL): a slow request is slow only for itself.
         self._preparing = ThreadPoolExecutor(max_workers=4, thread_name_prefix="memlora-prepare")
         self.counts: Counter = Counter()
         self.fallback = fallback  # llm.fallback.Fallback: unsure experts defer to the teacher
+
+    def swap(self, loaded: dict) -> None:
+        """Serve `loaded["backend"]` (with its `models`, and the fallback's new `policy`) from the next request
+        on; call it on the event loop, where requests are submitted, so none lands on the batcher being closed.
+        What was queued on the old backend finishes there."""
+        backend = loaded["backend"]
+        backend.grammars.max_size = self.limits.grammar_cache_size
+        old = self.batcher
+        self.backend, self.experts = backend, set(getattr(backend, "operations", ()))
+        self.models = {m.name: m for m in loaded.get("models") or self.models.values()}
+        if self.fallback is not None and loaded.get("policy") is not None:
+            self.fallback.policy = loaded["policy"]
+        self.batcher = MicroBatcher(backend, backend.batch_size, linger_s=self.linger_s)
+        close_later(old.close)
 
     def defers(self, generation: GenerationRequest) -> bool:
         return self.fallback is not None and generation.operation in self.experts
@@ -88,6 +104,7 @@ class ServingEngine:
             "counts": {**self.counts, "refused_busy": self.admission.refused,
                        "isolated_batch_failures": self.batcher.isolated_failures},
             **({"deferral": self.fallback.health()} if self.fallback is not None else {}),
+            **({"experts": self.reloader.health()} if self.reloader is not None else {}),
         }
 
     def prepare(self, raw: bytes) -> tuple[ChatRequest, GenerationRequest]:
@@ -222,7 +239,11 @@ def add_error_handlers(app, api_key: str | None = None) -> None:
 def create_app(engine: ServingEngine, api_key: str | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app):
+        if engine.reloader is not None:
+            engine.reloader.start()
         yield
+        if engine.reloader is not None:
+            await engine.reloader.stop()
         if engine.fallback is not None:
             await engine.fallback.aclose()
 

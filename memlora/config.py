@@ -307,6 +307,9 @@ class ServingConfig(_Strict):
     grammar_cache_size: int = Field(32, gt=0)  # compiled grammars kept (LRU); each costs ~1-5 MiB
     max_queued: int = Field(64, gt=0)  # requests admitted at once (waiting or decoding); beyond: 429
     retry_after_s: int = Field(1, ge=0)  # the Retry-After a 429 carries
+    # serve-experts polls OUT's experts (manifest) and deferral thresholds this often and takes a new version
+    # without a restart; 0: never
+    reload_s: float = Field(5.0, ge=0)
 
 
 class DeferralConfig(_Strict):

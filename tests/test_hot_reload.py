@@ -1,0 +1,120 @@
+"""serve-experts takes a new version of its experts without a restart: requests in flight during the swap all
+succeed, answers after it are the new experts', the earlier version comes back the same way, and a version whose
+files do not match the manifest is refused while the current experts keep serving (tiny random model, real
+uvicorn, 127.0.0.1 only, bounded loops)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from memlora.config import ExpertConfig
+from memlora.llm.hf_backend import load_causal_lm
+from memlora.llm.openai_server import ServingEngine, create_app, expert_models
+from memlora.llm.reload import Reloader, experts_version
+from memlora.manifest import update_manifest
+from memlora.memory.llm import GenerationRequest
+from memlora.student.experts import ExpertBackend, attach_expert, verified_expert_folders
+from tests.serving_fixtures import running
+from tests.student_fixtures import perturb
+
+PROMPT = [{"role": "user", "content": "Ann: I moved to Porto and I have a cat."}]
+
+
+def save_expert(tiny_model_dir: Path, folder: Path, seed: int) -> Path:
+    model, _, _ = load_causal_lm(str(tiny_model_dir), dtype="float32", device="cpu")
+    torch.manual_seed(seed)
+    expert = attach_expert(model, ExpertConfig(r=4), name="default")
+    perturb(expert, seed=seed, scale=0.5)
+    expert.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+def install(out: Path, version: Path) -> None:
+    """What a promotion does to OUT: the adapter files replaced one by one, then the manifest rewritten."""
+    target = out / "adapters" / "extraction"
+    target.mkdir(parents=True, exist_ok=True)
+    for f in version.iterdir():
+        shutil.copy(f, target / f".{f.name}.tmp")
+        os.replace(target / f".{f.name}.tmp", target / f.name)
+    update_manifest(out)
+
+
+def answer_of(tiny_model_dir: Path, folder: Path) -> str:
+    backend = ExpertBackend(tiny_model_dir, {"extraction": folder}, device="cpu")
+    return backend.generate([GenerationRequest("extraction", PROMPT, 12)])[0].text
+
+
+@pytest.mark.timeout(300)
+def test_a_new_version_is_taken_under_load_without_failing_a_request(tmp_path, tiny_model_dir):
+    v1 = save_expert(tiny_model_dir, tmp_path / "v1", seed=1)
+    v2 = save_expert(tiny_model_dir, tmp_path / "v2", seed=2)
+    expected = {"v1": answer_of(tiny_model_dir, v1), "v2": answer_of(tiny_model_dir, v2)}
+    assert expected["v1"] != expected["v2"]
+    out = tmp_path / "out"
+    install(out, v1)
+
+    def load() -> dict:
+        backend = ExpertBackend(tiny_model_dir, verified_expert_folders(out), device="cpu")
+        return {"backend": backend, "models": expert_models(backend.operations)}
+
+    first = load()["backend"]
+    engine = ServingEngine(first, expert_models(first.operations), default_max_tokens=12)
+    engine.reloader = Reloader(lambda: experts_version(out), load, engine.swap, interval_s=0.1)
+    body = {"model": "memlora-extraction", "messages": PROMPT, "max_tokens": 12, "temperature": 0}
+
+    def ask(url: str) -> httpx.Response:
+        return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+
+    def health(url: str) -> dict:
+        return httpx.get(f"{url}/health").json()["experts"]
+
+    def wait_for(url: str, reloads: int, refused: int = 0) -> None:
+        deadline = time.monotonic() + 60
+        while (health(url)["reloads"], health(url)["refused"]) != (reloads, refused):
+            assert time.monotonic() < deadline, health(url)
+            time.sleep(0.05)
+
+    with running(create_app(engine)) as url:
+        assert ask(url).json()["choices"][0]["message"]["content"] == expected["v1"]
+        statuses, stop = [], threading.Event()
+
+        def client() -> None:
+            deadline = time.monotonic() + 90
+            while not stop.is_set() and time.monotonic() < deadline:
+                statuses.append(ask(url).status_code)
+
+        with ThreadPoolExecutor(4) as pool:
+            clients = [pool.submit(client) for _ in range(4)]
+            time.sleep(0.5)
+            install(out, v2)  # promoted while 4 clients keep asking
+            wait_for(url, 1)
+            time.sleep(0.5)
+            stop.set()
+            for c in clients:
+                c.result()
+        assert len(statuses) > 8 and set(statuses) == {200}, statuses
+        assert ask(url).json()["choices"][0]["message"]["content"] == expected["v2"]
+
+        install(out, v1)  # the earlier version back: its answers back
+        wait_for(url, 2)
+        assert ask(url).json()["choices"][0]["message"]["content"] == expected["v1"]
+
+        manifest = json.loads((out / "manifest.json").read_text())
+        for entry in manifest["files"]:  # a version whose adapter does not match what its manifest lists
+            if entry["path"].endswith("adapter_model.safetensors"):
+                entry["sha256"] = "0" * 64
+        (out / "manifest.json").write_text(json.dumps(manifest))
+        wait_for(url, 2, refused=1)
+        assert "UntrustedArtifact" in health(url)["last_error"]
+        assert ask(url).json()["choices"][0]["message"]["content"] == expected["v1"]  # still the current experts
+    engine.close()
