@@ -32,6 +32,7 @@ class HeldOutCall:
     schema: dict | None
     max_new_tokens: int
     reference: dict  # the teacher's parsed answer
+    conversation_id: str = ""  # the cluster its call belongs to (intervals resample conversations)
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,8 @@ def max_tokens(operation: str, config: Config) -> int:
 
 def _from_trace(row: dict, config: Config) -> HeldOutCall:
     return HeldOutCall(row["operation"], row["messages"], json.loads(row["output_schema"]) if row["output_schema"]
-                       else None, max_tokens(row["operation"], config), json.loads(row["parsed_output"]))
+                       else None, max_tokens(row["operation"], config), json.loads(row["parsed_output"]),
+                       row["conversation_id"])
 
 
 def validation_calls(out: str | Path, config: Config, operations: list[str]) -> list[HeldOutCall]:
@@ -110,7 +112,8 @@ def test_calls(out: str | Path, config: Config, operations: list[str]) -> list[H
         if row["phase"] == "e2e" and row["operation"] in operations and row["parse_ok"] and row["parsed_output"]:
             calls.append(HeldOutCall(row["operation"], json.loads(row["messages"]),
                                      json.loads(row["output_schema"]) if row["output_schema"] else None,
-                                     int(row["max_new_tokens"]), json.loads(row["parsed_output"])))
+                                     int(row["max_new_tokens"]), json.loads(row["parsed_output"]),
+                                     row["conversation_id"]))
     return calls
 
 

@@ -92,6 +92,35 @@ def cmd_distill(args) -> int:
     return 0
 
 
+def cmd_improve(args) -> int:
+    from memlora.config import load_config
+    from memlora.flows.improve import improve
+
+    load_config(args.config)
+    result = improve(config_path=args.config, out=args.out)
+    if not result["promoted"] and not result.get("decisions"):
+        print(f"no new trace rows since the served experts were trained ({result['new_rows'] or 'no traces'})")
+        return 0
+    for d in result["decisions"]:
+        print(f"{d['operation']:<11} {'PROMOTED' if d['promote'] else 'kept out'}: {d['reason']}")
+    if result["version_before"]:
+        print(f"the experts served before are version {result['version_before']} "
+              f"(`memlora rollback --out {args.out} --to {result['version_before']}`)")
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    from memlora.student.versions import rollback, versions
+
+    if not args.to:
+        print("\n".join(versions(args.out)) or f"{args.out}: no versions yet")
+        return 0
+    ops = rollback(args.out, args.to)
+    print(f"serving version {args.to} again ({', '.join(ops)}); a running serve-experts takes it within "
+          "serving.reload_s")
+    return 0
+
+
 def cmd_export(args) -> int:
     from memlora.student.export import export_lora
 
@@ -378,6 +407,14 @@ COMMANDS = {
     "serve-experts": ("serve the student + experts over the OpenAI API",
         "Serve the student base with every expert of OUT (manifest-checked) as an OpenAI-compatible endpoint: "
         "model memlora-<operation> picks the expert, memlora-base the bare student."),
+    "improve": ("train candidates on new traces, promote the better ones (the nightly loop)",
+        "Train candidate experts on the trace rows that arrived since the served experts were trained "
+        "(captured and deferred calls), compare them with the served experts on held-out calls, and promote per "
+        "operation those not worse beyond improve.margin and better on agreement or calls kept; the served set "
+        "is kept as a version first, and deferral is recalibrated."),
+    "rollback": ("serve an earlier version of the experts again",
+        "Serve an earlier version of the experts (OUT/versions/<id>, checked against its version.json) again; "
+        "without --to, list the versions."),
     "calibrate": ("deferral thresholds per expert for serve-experts --fallback",
         "Answer the validation split's calls with each expert, read each answer's confidence from its token "
         "log-probs, and write OUT/deferral.json: per operation, the threshold that keeps the most calls with "
@@ -493,6 +530,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fallback-degraded", action="store_true", help="start even if the fallback is unreachable "
                    "(deferred calls get the expert's answer, counted, until it answers)")
     p.set_defaults(func=cmd_serve_experts)
+
+    p = command("improve")
+    config(p)
+    out(p)
+    p.set_defaults(func=cmd_improve)
+
+    p = command("rollback")
+    out(p)
+    p.add_argument("--to", default=None, metavar="VERSION", help="the version to serve (default: list them)")
+    p.set_defaults(func=cmd_rollback)
 
     p = command("calibrate")
     config(p)

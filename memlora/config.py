@@ -329,6 +329,17 @@ class DeferralConfig(_Strict):
     max_tokens: int = Field(512, gt=0)  # the completion cap of a replayed calibration call with none recorded
 
 
+class ImproveConfig(_Strict):
+    """The nightly `improve` flow: candidates trained on the traces that arrived since the served experts were
+    trained, promoted per operation through a gate on held-out calls."""
+
+    # A candidate is kept out when its agreement with the teacher is below the current expert's by more than this
+    # at the lower end of the paired 95 % interval (bootstrap over conversations); it must also be better, on
+    # agreement or on the share of calls it keeps at the deferral budget.
+    margin: float = Field(0.05, ge=0.0, lt=1.0)
+    samples: int = Field(1000, ge=0)  # bootstrap resamples
+
+
 class PrefectConfig(_Strict):
     concurrency: int = Field(2, gt=0)
     # How conversations fan out: "thread" (one process, calls share model batches), "process" (Prefect's
@@ -351,6 +362,7 @@ class Config(_Strict):
     capture: CaptureConfig = CaptureConfig()
     serving: ServingConfig = ServingConfig()
     deferral: DeferralConfig = DeferralConfig()
+    improve: ImproveConfig = ImproveConfig()
 
     @model_validator(mode="after")
     def _runner_reaches_the_teacher(self) -> "Config":
@@ -373,7 +385,7 @@ class Config(_Strict):
     def fingerprint(self) -> str:
         """What the pipeline's artifacts depend on (cache keys): the capture rules and serving limits only shape
         serving."""
-        dumped = self.model_dump(mode="json", exclude={"capture", "serving", "deferral"})
+        dumped = self.model_dump(mode="json", exclude={"capture", "serving", "deferral", "improve"})
         return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()
 
 

@@ -118,6 +118,25 @@ def store_path(out: str | Path, system: str) -> Path:
     return memory_store(out, f"eval-{system_folder(system)}")
 
 
+def versions_root(out: str | Path) -> Path:
+    """Every set of experts OUT has served, one folder each (`improve` snapshots; `rollback` reinstalls one)."""
+    return Path(out) / "versions"
+
+
+def version_dir(out: str | Path, version: str) -> Path:
+    return versions_root(out) / version
+
+
+def candidate_dir(out: str | Path, stamp: str) -> Path:
+    """`improve`'s candidates: an OUT of their own beside OUT's traces, datasets and student (linked)."""
+    return Path(out) / "candidates" / stamp
+
+
+def decisions_path(out: str | Path) -> Path:
+    """`improve`'s promotion decisions, one row per operation and run."""
+    return Path(out) / "improve" / "decisions.parquet"
+
+
 def deferral_path(out: str | Path) -> Path:
     """`memlora calibrate`'s thresholds, which `serve-experts --fallback` reads."""
     return Path(out) / "deferral.json"

@@ -1,0 +1,27 @@
+"""`improve`: the nightly closed loop. Candidates trained on the calls that arrived since the served experts were
+trained (captured and deferred ones), gated against the served experts on held-out calls, promoted per operation;
+a running serve-experts takes the promoted version by itself."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+
+from memlora.tasks.common import forward_domain_logs, load_config_task
+from memlora.tasks.distill import build_student_task, distill_expert_task
+from memlora.tasks.improve import gate_task, new_rows_task, prepare_candidate_task, promote_task
+
+
+@flow(name="improve")
+def improve(config_path: str = "configs/default.yaml", out: str = "out") -> dict:
+    forward_domain_logs()
+    cfg = load_config_task(config_path)
+    counts = new_rows_task(cfg, out)
+    if not any(counts.values()):
+        get_run_logger().info("no new trace rows since the served experts were trained: nothing to do")
+        return {"new_rows": counts, "promoted": []}
+    base = build_student_task(cfg, out)
+    candidate = prepare_candidate_task(out, counts)
+    for op in candidate.new_rows:  # one after another: each training uses every core it is given
+        distill_expert_task(cfg, str(candidate.out), op, base)
+    decisions = gate_task(cfg, out, base, candidate)
+    return {"new_rows": counts, **promote_task(cfg, out, base, candidate, decisions)}

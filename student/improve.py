@@ -1,0 +1,161 @@
+"""`improve`: learn from the calls that arrived since the served experts were trained (captured and deferred ones),
+and promote what is better, per operation, through the gate (`evaluation.gate`).
+
+Candidates train in an OUT of their own (OUT/candidates/<stamp>/, with OUT's traces, datasets and student linked
+in), so the served experts are never touched by a training that fails or is worse. Promotion snapshots the served
+set as a version first (`student.versions`), installs the promoted experts, and recalibrates deferral; a running
+serve-experts picks the new version up by itself (`llm.reload`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from memlora.config import OPERATIONS, Config
+from memlora.data.io import write_json, write_parquet
+from memlora.evaluation import deferral
+from memlora.evaluation.gate import Decision, decide
+from memlora.layout import ADAPTERS, DATASETS, TRACES, adapter_dir, candidate_dir, decisions_path, deferral_path, \
+    trace_files
+from memlora.student.examples import load_traces
+from memlora.student.experts import ExpertBackend, verified_expert_folders
+from memlora.student.records import TrainingRecord
+from memlora.student.versions import install, snapshot
+
+DECISIONS = pa.schema([
+    pa.field("run", pa.string(), nullable=False),
+    pa.field("operation", pa.string(), nullable=False),
+    pa.field("new_rows", pa.int64(), nullable=False),
+    pa.field("promote", pa.bool_(), nullable=False),
+    pa.field("reason", pa.string(), nullable=False),
+    pa.field("n", pa.int64(), nullable=False),
+    pa.field("current", pa.float64()),
+    pa.field("candidate", pa.float64()),
+    pa.field("difference", pa.float64()),
+    pa.field("ci_low", pa.float64()),
+    pa.field("ci_high", pa.float64()),
+    pa.field("current_keep", pa.float64()),
+    pa.field("candidate_keep", pa.float64()),
+    pa.field("version", pa.string()),  # the version snapshotted before the promotion (what rollback restores)
+])
+
+
+@dataclass(frozen=True)
+class Candidate:
+    run: str
+    out: Path
+    new_rows: dict[str, int]
+
+
+def new_rows(config: Config, out: str | Path) -> dict[str, int]:
+    """Per operation with traces, the parse_ok rows the served expert has not been trained on (its training
+    record's traces differ from OUT's now); 0 where nothing changed."""
+    from memlora.student.distill import cache_key
+
+    counts = {}
+    for op in OPERATIONS:
+        files = trace_files(out, op)
+        if not files:
+            continue
+        record_file = adapter_dir(out, op) / "training.json"
+        record = TrainingRecord.read(record_file) if record_file.is_file() else None
+        if record is not None and record.traces_sha256 == cache_key(config, out, op)["traces_sha256"]:
+            counts[op] = 0
+            continue
+        usable = sum(load_traces(files).column("parse_ok").to_pylist())
+        counts[op] = max(1, usable - (record.rows_total if record is not None else 0))
+    return counts
+
+
+def prepare_candidate(out: str | Path, counts: dict[str, int]) -> Candidate:
+    """A new OUT for the candidates, reading OUT's traces, datasets and student through links."""
+    run = time.strftime("%Y%m%dT%H%M%S")
+    folder = candidate_dir(out, run)
+    (folder / ADAPTERS).mkdir(parents=True)
+    for name in (TRACES, DATASETS, "student"):
+        if (Path(out) / name).exists():
+            os.symlink(Path(out).resolve() / name, folder / name)
+    return Candidate(run, folder, {op: n for op, n in counts.items() if n})
+
+
+def backend_for(config: Config, base: str | Path, adapters: dict[str, Path]) -> ExpertBackend:
+    return ExpertBackend.from_config(config, base, adapters, prompt=config.student.prompt if config.student
+                                     else "teacher")
+
+
+def gate(config: Config, out: str | Path, base: str | Path, candidate: Candidate) -> list[Decision]:
+    """Current and candidate experts on the same held-out calls (test share and test conversations), and their
+    calls kept at the budget on the validation calls."""
+    current_adapters = verified_expert_folders(out)
+    candidate_adapters = verified_expert_folders(candidate.out)
+    ops = [op for op in candidate.new_rows if op in candidate_adapters]
+    tests = deferral.test_calls(out, config, ops)
+    held = deferral.validation_calls(out, config, ops)
+    scored = {}
+    for name, adapters in (("current", current_adapters), ("candidate", candidate_adapters)):
+        backend = backend_for(config, base, adapters)
+        scored[name] = (deferral.score(backend, backend.tokenizer, tests, config),
+                        deferral.score(backend, backend.tokenizer, held, config))
+        del backend
+    decisions = []
+    for op in ops:
+        pick = [i for i, c in enumerate(tests) if c.operation == op]
+        if op not in current_adapters:  # nothing serves this operation yet: the first expert goes in
+            decisions.append(Decision(op, True, "no current expert for this operation", len(pick), *[float("nan")] * 5,
+                                      0.0, 0.0))
+            continue
+        decisions.append(decide(
+            op, [scored["current"][0][i] for i in pick], [scored["candidate"][0][i] for i in pick],
+            [tests[i].conversation_id for i in pick],
+            [s for s in scored["current"][1] if s.operation == op],
+            [s for s in scored["candidate"][1] if s.operation == op],
+            margin=config.improve.margin, budget=config.deferral.budget, samples=config.improve.samples))
+    return decisions
+
+
+def promote(config: Config, out: str | Path, base: str | Path, candidate: Candidate,
+            decisions: list[Decision]) -> str | None:
+    """Snapshot the served set, install the promoted experts, recalibrate deferral. Returns the snapshot's
+    version (None when nothing was promoted)."""
+    promoted = {d.operation: adapter_dir(candidate.out, d.operation) for d in decisions if d.promote}
+    if not promoted:
+        return None
+    version = snapshot(out, f"before improve {candidate.run}") if verified_expert_folders(out) else None
+    install(out, promoted)
+    recalibrate(config, out, base)
+    return version
+
+
+def recalibrate(config: Config, out: str | Path, base: str | Path) -> dict | None:
+    """New thresholds for the new experts (as `memlora calibrate`); none where there are no validation calls."""
+    adapters = verified_expert_folders(out)
+    held = deferral.validation_calls(out, config, list(adapters))
+    if not held:
+        return None
+    backend = backend_for(config, base, adapters)
+    ops = sorted({c.operation for c in held})
+    scored = deferral.score(backend, backend.tokenizer, held, config)
+    policy = deferral.fit(scored, ops, config)
+    tests = deferral.test_calls(out, config, ops)
+    result = {"budget": config.deferral.budget, "quantile": config.deferral.quantile, "operations": policy,
+              "validation": deferral.check(policy, scored),
+              "test": deferral.check(policy, deferral.score(backend, backend.tokenizer, tests, config))}
+    write_json(result, deferral_path(out))
+    return result
+
+
+def record_decisions(out: str | Path, candidate: Candidate, decisions: list[Decision], version: str | None) -> Path:
+    """Append this run's decisions to OUT/improve/decisions.parquet (rewritten atomically)."""
+    import pyarrow.parquet as pq
+
+    path = decisions_path(out)
+    rows = pq.read_table(path).to_pylist() if path.is_file() else []
+    rows += [{**d.to_row(), "run": candidate.run, "new_rows": candidate.new_rows.get(d.operation, 0),
+              "version": version} for d in decisions]
+    nan_free = [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()} for r in rows]
+    return write_parquet(pa.Table.from_pylist(nan_free, schema=DECISIONS), path, "decisions")

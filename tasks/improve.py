@@ -1,0 +1,50 @@
+"""Tasks of `improve`: thin wrappers over `memlora.student.improve` (no retries: a failed training leaves the
+served experts as they are, and the run fails with the reason)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NONE
+
+from memlora.config import Config
+from memlora.evaluation.gate import Decision
+from memlora.student.improve import Candidate, gate, new_rows, prepare_candidate, promote, record_decisions
+
+
+@task(name="new-rows", cache_policy=NONE)
+def new_rows_task(config: Config, out: str) -> dict[str, int]:
+    counts = new_rows(config, out)
+    get_run_logger().info("trace rows the served experts were not trained on, per operation: %s", counts or "none")
+    return counts
+
+
+@task(name="prepare-candidate", cache_policy=NONE)
+def prepare_candidate_task(out: str, counts: dict[str, int]) -> Candidate:
+    candidate = prepare_candidate(out, counts)
+    get_run_logger().info("candidates train in %s", candidate.out)
+    return candidate
+
+
+@task(name="gate", cache_policy=NONE)
+def gate_task(config: Config, out: str, base: Path, candidate: Candidate) -> list[Decision]:
+    decisions = gate(config, out, base, candidate)
+    for d in decisions:
+        get_run_logger().info("%s: %s (%s)", d.operation, "promote" if d.promote else "keep the current expert",
+                              d.reason)
+    return decisions
+
+
+@task(name="promote", cache_policy=NONE)
+def promote_task(config: Config, out: str, base: Path, candidate: Candidate, decisions: list[Decision]) -> dict:
+    version = promote(config, out, base, candidate, decisions)
+    path = record_decisions(out, candidate, decisions, version)
+    promoted = [d.operation for d in decisions if d.promote]
+    create_table_artifact(key="improve-decisions", table=[{**d.to_row(), "run": candidate.run} for d in decisions],
+                          description=f"improve {candidate.run}: promoted {promoted or 'nothing'}")
+    get_run_logger().info("promoted %s; earlier experts kept as version %s; decisions in %s", promoted or "nothing",
+                          version, path)
+    return {"run": candidate.run, "promoted": promoted, "version_before": version,
+            "decisions": [d.to_row() for d in decisions]}
