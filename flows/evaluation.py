@@ -6,18 +6,24 @@ from __future__ import annotations
 
 from prefect import flow
 
+from memlora.evaluation.captured import is_captured
 from memlora.evaluation.plan import report_meta, summary
 from memlora.evaluation.results import independent_judge
 from memlora.evaluation.systems import JUDGE, SYSTEMS
 from memlora.layout import results_path
 from memlora.tasks.common import forward_domain_logs, load_config_task, manifest_task
-from memlora.tasks.evaluation import artifacts_task, prepare_task, report_task, results_task, run_system_task
+from memlora.tasks.evaluation import artifacts_task, captured_task, prepare_task, report_task, results_task, \
+    run_system_task
 
 
 @flow(name="evaluate")
 def evaluate(config_path: str = "configs/default.yaml", out: str = "out") -> dict:
     forward_domain_logs()
     cfg = load_config_task(config_path)
+    if is_captured(out):  # calls a client's memory system made through `memlora capture`: judged on its test share
+        payload = captured_task(cfg, out)
+        manifest_task(out, "evaluation", payload)
+        return payload
     plan = prepare_task(cfg, out)
     # One after another: the teacher's calls are the students' inputs, and a system measured alone has its
     # latency and its memory to itself. The judge labels every system's answers last.

@@ -56,3 +56,24 @@ def artifacts_task(rows: list[dict], markdown: Path, png: Path, with_judge: bool
     create_markdown_artifact(key="evaluation-report",
                              markdown=Path(markdown).read_text(encoding="utf-8") + f"\n\nFigure: `{png}`\n",
                              description="Evaluation report")
+
+
+@task(name="evaluate-captured", cache_policy=NONE)
+def captured_task(config: Config, out: str) -> dict:
+    """An OUT of captured calls: the bare student and the student + experts on capture's test share."""
+    from memlora.evaluation.captured import captured_headline, evaluate_captured, write_captured_report
+    from memlora.evaluation.systems import student_base
+    from memlora.student.experts import ExpertBackend, verified_expert_folders
+
+    log = get_run_logger()
+    backend = ExpertBackend.from_config(config, student_base(config, out), verified_expert_folders(out) or None,
+                                        prompt=config.student.prompt if config.student else "teacher")
+    rows = evaluate_captured(config, out, backend, on_line=log.info)
+    markdown, png = write_captured_report(rows, out, "Calls capture held out for testing (capture.test_ratio): "
+                                                     "whole conversations or blocks of calls; n per row.")
+    heads = captured_headline(rows)
+    create_table_artifact(key="evaluation-headline", table=heads,
+                          description="Captured traffic: bare student vs student + experts")
+    log.info("captured evaluation written to %s (%d result rows)", markdown, len(rows))
+    return {"captured": True, "headline": heads, "results": str(markdown.with_name("results.parquet")),
+            "report": str(markdown), "figure": str(png)}

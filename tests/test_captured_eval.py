@@ -1,0 +1,104 @@
+"""`memlora evaluate` on an OUT of captured calls (no conversations of ours): the bare student and the student +
+experts on capture's test share, per-operation agreement with intervals over conversations, results.parquet,
+report.md and report.png (tiny model; the teacher's recorded answers are set so the expert agrees with them)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from memlora.data.io import write_parquet
+from memlora.data.schemas import TRACES
+from memlora.evaluation.captured import cluster_bootstrap, cohen_kappa
+from memlora.layout import adapter_dir, report_path, results_path
+from memlora.manifest import update_manifest
+from memlora.memory.llm import GenerationRequest
+from memlora.memory.prompts import TEMPLATES, update_schema
+from memlora.student.experts import ExpertBackend
+from tests.student_fixtures import distill_config
+from tests.test_improve import CAP, LINES, SCHEMA, make_expert, trace_row
+
+
+def update_row(i: int, conversation: str, answer: str) -> dict:
+    messages = [{"role": "system", "content": "You are a smart memory manager."},
+                {"role": "user", "content": f"Memories: 0. Ann has a cat\nNew fact: fact {i}"}]
+    return {**trace_row(i, conversation, "x", answer), "trace_id": f"{conversation}:update:{i}", "operation": "update",
+            "messages": messages, "output_schema": json.dumps(update_schema(["0"], "1", 60))}
+
+
+@pytest.mark.prefect
+@pytest.mark.timeout(400)
+def test_evaluate_on_captured_calls_reports_agreement_with_intervals(prefect_server, tiny_model_dir, tmp_path,
+                                                                      capsys):
+    from memlora.cli import main
+    from memlora.student.build import build_student
+
+    out = tmp_path / "out"
+    config_path, config = distill_config(tmp_path / "c.yaml", str(tiny_model_dir),
+                                         student={"prune": {"from": "teacher", "keep_layers": [0, 2]},
+                                                  "prompt": "teacher"})
+    config_path.write_text(config_path.read_text() + f"\nmemory: {{operations: {{extraction: "
+                                                      f"{{max_new_tokens: {CAP}}}}}}}\n")
+    base = build_student(config, out)
+    expert = make_expert(base, tmp_path / "expert", 1)
+    backend = ExpertBackend(base, {"extraction": expert}, device="cpu")
+    own = [r.text for r in backend.generate([GenerationRequest(
+        "extraction", TEMPLATES["extraction"].messages(line), CAP, SCHEMA) for line in LINES])]
+    # 12 held-out extraction calls in 4 conversations (the teacher agrees with the expert on 9), 8 that trained,
+    # and 6 held-out update calls the teacher answered NONE or DELETE
+    rows = [trace_row(i, "c1", LINES[i], own[i]) for i in range(8)]
+    rows += [trace_row(i, f"user-{i % 4}-test", LINES[i], own[i] if i < 17 else json.dumps({"facts": ["Zed"]}))
+             for i in range(8, 20)]
+    update = [update_row(i, f"user-{i % 2}-test", json.dumps({"memory": [{"id": "0", "text": "Ann has a cat",
+                                                                          "event": "DELETE" if i < 2 else "NONE"}]}))
+              for i in range(6)]
+    write_parquet(pa.Table.from_pylist(rows, schema=TRACES), out / "traces" / "extraction" / "part-cap.parquet",
+                  "traces")
+    write_parquet(pa.Table.from_pylist(update, schema=TRACES), out / "traces" / "update" / "part-cap.parquet",
+                  "traces")
+    shutil.copytree(expert, adapter_dir(out, "extraction"))
+    update_manifest(out)
+
+    assert main(["evaluate", "--config", str(config_path), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "extraction_fact_f1" in printed and "student+experts" in printed
+    results = pq.read_table(results_path(out)).to_pylist()
+
+    def get(system, op, metric):
+        return next(r for r in results if (r["system"], r["operation"], r["metric"]) == (system, op, metric))
+
+    experts = get("student+experts", "extraction", "fact_f1")
+    assert experts["n"] == 12 and experts["value"] == pytest.approx(9 / 12)  # the expert's own answers: F1 1
+    assert experts["ci_method"] == "cluster-bootstrap-95" and experts["ci_low"] < experts["value"] <= experts["ci_high"]
+    assert get("student", "extraction", "fact_f1")["value"] < experts["value"]
+    assert get("student+experts", "update", "majority_baseline_macro_f1")["n"] == 6
+    assert get("student+experts", "update", "reference_delete")["value"] == 2
+    assert get("student+experts", "extraction", "parse_ok")["value"] == 1.0
+    assert get("student+experts", "model", "peak_rss_mb")["value"] > 0
+    report = report_path(out, ".md").read_text()
+    assert "captured traffic" in report and "| extraction | fact_f1 |" in report
+    assert report_path(out, ".png").stat().st_size > 1000
+
+    # an OUT whose capture held nothing out: a clear error, exit 2
+    other = tmp_path / "other"
+    shutil.copytree(out, other, symlinks=True)
+    shutil.rmtree(other / "eval")
+    for f in (other / "traces").rglob("*.parquet"):
+        table = pq.read_table(f).to_pylist()
+        write_parquet(pa.Table.from_pylist([{**r, "conversation_id": "c9"} for r in table], schema=TRACES), f,
+                      "traces")
+    update_manifest(other)
+    assert main(["evaluate", "--config", str(config_path), "--out", str(other)]) == 2
+    assert "no captured call is in the test share" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(30)
+def test_cluster_bootstrap_and_kappa():
+    est = cluster_bootstrap([1.0, 1.0, 0.0, 0.0], ["a", "a", "b", "b"], lambda xs: sum(xs) / len(xs), 500)
+    assert est.value == 0.5 and est.ci_low == 0.0 and est.ci_high == 1.0  # two clusters: all or nothing
+    assert cohen_kappa([("NONE", "NONE"), ("DELETE", "DELETE")]) == 1.0
+    assert cohen_kappa([("NONE", "NONE"), ("NONE", "DELETE")]) == 0.0  # always NONE: no skill beyond chance
