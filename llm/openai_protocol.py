@@ -7,7 +7,6 @@ they cannot do (streaming, n > 1, tools, penalties) is refused with a 400 that n
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from typing import Any, Literal

@@ -87,3 +87,25 @@ def perturb(model, seed: int, scale: float = 0.5) -> None:
         for name, p in model.named_parameters():
             if "lora_B" in name:  # delora_B and lora_B
                 p.copy_(torch.randn(p.shape, generator=gen) * scale)
+
+
+def saved_expert(base: Path, folder: Path, seed: int, scale: float = 0.5) -> Path:
+    """A DeLoRA expert (r=4) on `base` with non-zero weights from `seed`, saved as safetensors in `folder`."""
+    import torch
+
+    from memlora.config import ExpertConfig
+    from memlora.llm.hf_backend import load_causal_lm
+    from memlora.student.experts import attach_expert
+
+    model, _, _ = load_causal_lm(str(base), dtype="float32", device="cpu")
+    torch.manual_seed(seed)
+    expert = attach_expert(model, ExpertConfig(r=4), name="default")
+    perturb(expert, seed=seed, scale=scale)
+    expert.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+def pruned_config(tmp_path: Path, teacher: str) -> tuple[Path, Config]:
+    """The default config on a tiny teacher, its student pruned to layers 0 and 2 and reading the teacher's prompt."""
+    return distill_config(tmp_path / "c.yaml", teacher,
+                          student={"prune": {"from": "teacher", "keep_layers": [0, 2]}, "prompt": "teacher"})

@@ -19,8 +19,8 @@ from memlora.manifest import update_manifest
 from memlora.memory.llm import GenerationRequest
 from memlora.memory.prompts import TEMPLATES, update_schema
 from memlora.student.experts import ExpertBackend
-from tests.student_fixtures import distill_config
-from tests.test_improve import CAP, LINES, SCHEMA, make_expert, trace_row
+from tests.student_fixtures import pruned_config, saved_expert
+from tests.test_improve import CAP, LINES, SCHEMA, trace_row
 
 
 def update_row(i: int, conversation: str, answer: str) -> dict:
@@ -38,13 +38,11 @@ def test_evaluate_on_captured_calls_reports_agreement_with_intervals(prefect_ser
     from memlora.student.build import build_student
 
     out = tmp_path / "out"
-    config_path, config = distill_config(tmp_path / "c.yaml", str(tiny_model_dir),
-                                         student={"prune": {"from": "teacher", "keep_layers": [0, 2]},
-                                                  "prompt": "teacher"})
+    config_path, config = pruned_config(tmp_path, str(tiny_model_dir))
     config_path.write_text(config_path.read_text() + f"\nmemory: {{operations: {{extraction: "
                                                       f"{{max_new_tokens: {CAP}}}}}}}\n")
     base = build_student(config, out)
-    expert = make_expert(base, tmp_path / "expert", 1)
+    expert = saved_expert(base, tmp_path / "expert", 1)
     backend = ExpertBackend(base, {"extraction": expert}, device="cpu")
     own = [r.text for r in backend.generate([GenerationRequest(
         "extraction", TEMPLATES["extraction"].messages(line), CAP, SCHEMA) for line in LINES])]

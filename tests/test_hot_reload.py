@@ -15,28 +15,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
-from memlora.config import ExpertConfig
-from memlora.llm.hf_backend import load_causal_lm
 from memlora.llm.openai_server import ServingEngine, create_app, expert_models
 from memlora.llm.reload import Reloader, experts_version
 from memlora.manifest import update_manifest
 from memlora.memory.llm import GenerationRequest
-from memlora.student.experts import ExpertBackend, attach_expert, verified_expert_folders
+from memlora.student.experts import ExpertBackend, verified_expert_folders
 from tests.serving_fixtures import running
-from tests.student_fixtures import perturb
+from tests.student_fixtures import saved_expert
 
 PROMPT = [{"role": "user", "content": "Ann: I moved to Porto and I have a cat."}]
-
-
-def save_expert(tiny_model_dir: Path, folder: Path, seed: int) -> Path:
-    model, _, _ = load_causal_lm(str(tiny_model_dir), dtype="float32", device="cpu")
-    torch.manual_seed(seed)
-    expert = attach_expert(model, ExpertConfig(r=4), name="default")
-    perturb(expert, seed=seed, scale=0.5)
-    expert.save_pretrained(str(folder), safe_serialization=True)
-    return folder
 
 
 def install(out: Path, version: Path) -> None:
@@ -56,8 +44,8 @@ def answer_of(tiny_model_dir: Path, folder: Path) -> str:
 
 @pytest.mark.timeout(300)
 def test_a_new_version_is_taken_under_load_without_failing_a_request(tmp_path, tiny_model_dir):
-    v1 = save_expert(tiny_model_dir, tmp_path / "v1", seed=1)
-    v2 = save_expert(tiny_model_dir, tmp_path / "v2", seed=2)
+    v1 = saved_expert(tiny_model_dir, tmp_path / "v1", seed=1)
+    v2 = saved_expert(tiny_model_dir, tmp_path / "v2", seed=2)
     expected = {"v1": answer_of(tiny_model_dir, v1), "v2": answer_of(tiny_model_dir, v2)}
     assert expected["v1"] != expected["v2"]
     out = tmp_path / "out"

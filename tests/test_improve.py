@@ -16,35 +16,22 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 import yaml
 
-from memlora.config import ExpertConfig
 from memlora.data.io import write_parquet
 from memlora.data.schemas import TRACES
 from memlora.layout import adapter_dir, decisions_path, deferral_path
 from memlora.manifest import UntrustedArtifact, update_manifest
 from memlora.memory.llm import GenerationRequest
 from memlora.memory.prompts import TEMPLATES, extraction_schema
-from memlora.student.experts import ExpertBackend, attach_expert
+from memlora.student.experts import ExpertBackend
 from tests.conftest import REPO
-from tests.student_fixtures import distill_config, perturb
+from tests.student_fixtures import pruned_config, saved_expert
 
 LINES = [f"{name}: I {verb}." for name in ("Ann", "Bob", "Eve", "Max") for verb in
          ("have a cat", "live in Porto", "love jazz", "work nights", "swim daily")]
 SCHEMA = extraction_schema(3, 40)
 CAP = 40  # the extraction cap of the test's config: held-out calls replay with it
-
-
-def make_expert(base: Path, folder: Path, seed: int) -> Path:
-    from memlora.llm.hf_backend import load_causal_lm
-
-    model, _, _ = load_causal_lm(str(base), dtype="float32", device="cpu")
-    torch.manual_seed(seed)
-    expert = attach_expert(model, ExpertConfig(r=4), name="default")
-    perturb(expert, seed=seed, scale=0.5)
-    expert.save_pretrained(str(folder), safe_serialization=True)
-    return folder
 
 
 def trace_row(i: int, conversation: str, line: str, answer: str) -> dict:
@@ -83,16 +70,14 @@ def test_improve_promotes_the_better_keeps_out_the_worse_and_rolls_back(prefect_
     from memlora.student.versions import rollback, verified_version, versions
 
     out = tmp_path / "out"
-    config_path, config = distill_config(tmp_path / "c.yaml", str(tiny_model_dir),
-                                         student={"prune": {"from": "teacher", "keep_layers": [0, 2]},
-                                                  "prompt": "teacher"})
+    config_path, config = pruned_config(tmp_path, str(tiny_model_dir))
     raw = yaml.safe_load(config_path.read_text())
     raw["deferral"] = {"budget": 0.5}
     raw["improve"] = {"margin": 0.05, "samples": 200}
     raw["memory"]["operations"] = {"extraction": {"max_new_tokens": CAP}}  # short answers: a quicker test
     config_path.write_text(yaml.safe_dump(raw))
     base = build_student(config, out)
-    good, bad = make_expert(base, tmp_path / "good", 1), make_expert(base, tmp_path / "bad", 2)
+    good, bad = saved_expert(base, tmp_path / "good", 1), saved_expert(base, tmp_path / "bad", 2)
 
     def answers(folder: Path) -> list[str]:
         backend = ExpertBackend(base, {"extraction": folder}, device="cpu")
