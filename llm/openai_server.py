@@ -29,9 +29,9 @@ from memlora.config import OPERATIONS, CaptureRule, ServingConfig
 from memlora.llm.batcher import MicroBatcher
 from memlora.llm.call_rules import classify, schema_for
 from memlora.llm.hf_backend import TransformersBackend
-from memlora.llm.reload import close_later
 from memlora.llm.openai_protocol import ApiError, ChatRequest, call_context, completion_body, error_body, \
     models_body, parse_chat_request
+from memlora.llm.reload import close_later
 from memlora.llm.request_limits import Admission, BodyLimit, check_schema, client_stays, drop_outcome, \
     parse_json_body, rss_mib
 from memlora.memory.llm import GenerationRequest, GenerationResult
@@ -86,8 +86,9 @@ class ServingEngine:
         self.batcher = MicroBatcher(backend, backend.batch_size, linger_s=self.linger_s)
         close_later(old.close)
 
-    def defers(self, generation: GenerationRequest) -> bool:
-        return self.fallback is not None and generation.operation in self.experts
+    def defers(self, operation: str) -> bool:
+        """Whether an unsure answer of `operation` goes to the fallback teacher (an expert answers it)."""
+        return self.fallback is not None and operation in self.experts
 
     def close(self) -> None:
         self.batcher.close()
@@ -178,16 +179,13 @@ class ServingEngine:
                            param="messages", code="context_length_exceeded")
         max_new = asked or min(self.default_max_tokens, room or self.default_max_tokens)
         top_k = (max(1, chat.top_logprobs or 0)) if chat.logprobs else 0
-        if self.fallback is not None and operation in self.experts:
+        if self.defers(operation):
             top_k = max(1, top_k)  # the expert's confidence is read from its chosen tokens' log-probs
         return GenerationRequest(
             operation=operation, messages=messages, max_new_tokens=max_new, schema=schema,
             logprobs_top_k=top_k, temperature=chat.temperature, top_p=chat.top_p, seed=chat.seed,
             stop=chat.stops(),
         )
-
-    def complete(self, request: GenerationRequest) -> GenerationResult:
-        return self.batcher.generate([request])[0]
 
     async def answer_unless_gone(self, request: Request, generation: GenerationRequest) -> GenerationResult | None:
         """The call's result, or None once its client has hung up: then its row leaves the batch at the next
@@ -266,7 +264,7 @@ def create_app(engine: ServingEngine, api_key: str | None = None) -> FastAPI:
             result = await engine.answer_unless_gone(request, generation)
             if result is None:  # the client hung up; there is nobody to answer (499: nginx's "client closed")
                 return Response(status_code=499)
-            if engine.defers(generation):
+            if engine.defers(generation.operation):
                 body, headers = await engine.fallback.answer(
                     chat, generation, result, engine.backend.tokenizer, call_context(request.headers),
                     lambda: engine.answer(chat, result))
