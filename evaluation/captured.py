@@ -35,8 +35,9 @@ SYSTEMS = ("student", "student+experts")
 
 
 def is_captured(out: str | Path) -> bool:
-    """An OUT of captured calls: traces, and no conversations of ours."""
-    return not conversations_file(out).is_file() and any(trace_files(out, op) for op in OPERATIONS)
+    """An OUT of captured calls: shards `capture` (or a deferring server) wrote, and no conversations of ours."""
+    return not conversations_file(out).is_file() and any(
+        f.name.startswith("part-capture-") for op in OPERATIONS for f in trace_files(out, op))
 
 
 def cluster_bootstrap(items: list, clusters: list[str], statistic, samples: int, seed: int = 0) -> Estimate:
