@@ -54,10 +54,9 @@ def test_evaluate_on_captured_calls_reports_agreement_with_intervals(prefect_ser
     update = [update_row(i, f"user-{i % 2}-test", json.dumps({"memory": [{"id": "0", "text": "Ann has a cat",
                                                                           "event": "DELETE" if i < 2 else "NONE"}]}))
               for i in range(6)]
-    write_parquet(pa.Table.from_pylist(rows, schema=TRACES), out / "traces" / "extraction" / "part-capture-day1.parquet",
-                  "traces")
-    write_parquet(pa.Table.from_pylist(update, schema=TRACES), out / "traces" / "update" / "part-capture-day1.parquet",
-                  "traces")
+    for op, made in (("extraction", rows), ("update", update)):  # shards under the names capture gives them
+        write_parquet(pa.Table.from_pylist(made, schema=TRACES), out / "traces" / op / "part-capture-day1.parquet",
+                      "traces")
     shutil.copytree(expert, adapter_dir(out, "extraction"))
     update_manifest(out)
 
