@@ -46,8 +46,9 @@ def start_server(system: str, port: int, base: Path, experts_out: Path, log) -> 
 
 
 def keep_all_out(experts_out: Path) -> Path:
-    """A scratch OUT beside the experts (linked, manifest copied) whose deferral.json keeps every call, so a
-    user's own OUT and its thresholds are never touched."""
+    """A scratch OUT with a copy of the experts and their manifest, whose deferral.json keeps every call, so a
+    user's own OUT and its thresholds are never touched (a link would not do: a load checks that each adapter
+    file resolves inside the OUT whose manifest lists it)."""
     import json
     import shutil
 
@@ -55,7 +56,7 @@ def keep_all_out(experts_out: Path) -> Path:
     from memlora.layout import deferral_path
 
     out = Path(tempfile.mkdtemp(prefix="memlora-keep-all-"))
-    (out / "adapters").symlink_to(Path(experts_out).resolve() / "adapters")
+    shutil.copytree(Path(experts_out) / "adapters", out / "adapters")
     shutil.copy(Path(experts_out) / "manifest.json", out / "manifest.json")
     always = {"value": float("-inf")}
     deferral_path(out).write_text(json.dumps({"operations": {op: {"keep": always, "destructive": always}
