@@ -32,9 +32,11 @@ def update_row(i: int, conversation: str, answer: str) -> dict:
 
 @pytest.mark.prefect
 @pytest.mark.timeout(400)
-def test_evaluate_on_captured_calls_reports_agreement_with_intervals(prefect_server, tiny_model_dir, tmp_path,
-                                                                      capsys):
-    from memlora.cli import main
+def test_evaluate_on_captured_calls_reports_agreement_with_intervals(prefect_server, tiny_model_dir, tmp_path):
+    # the flow itself, not the CLI under capsys: Prefect's console handler would keep capsys's stream, closed
+    # after this test, and every later in-process flow would fail writing its log to it
+    from memlora.evaluation.systems import EvalError
+    from memlora.flows.evaluation import evaluate
     from memlora.student.build import build_student
 
     out = tmp_path / "out"
@@ -60,9 +62,8 @@ def test_evaluate_on_captured_calls_reports_agreement_with_intervals(prefect_ser
     shutil.copytree(expert, adapter_dir(out, "extraction"))
     update_manifest(out)
 
-    assert main(["evaluate", "--config", str(config_path), "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
-    assert "extraction_fact_f1" in printed and "student+experts" in printed
+    payload = evaluate(config_path=str(config_path), out=str(out))
+    assert payload["captured"] and [h["system"] for h in payload["headline"]] == ["student", "student+experts"]
     results = pq.read_table(results_path(out)).to_pylist()
 
     def get(system, op, metric):
@@ -89,8 +90,8 @@ def test_evaluate_on_captured_calls_reports_agreement_with_intervals(prefect_ser
         write_parquet(pa.Table.from_pylist([{**r, "conversation_id": "c9"} for r in table], schema=TRACES), f,
                       "traces")
     update_manifest(other)
-    assert main(["evaluate", "--config", str(config_path), "--out", str(other)]) == 2
-    assert "no captured call is in the test share" in capsys.readouterr().err
+    with pytest.raises(EvalError, match="no captured call is in the test share"):
+        evaluate(config_path=str(config_path), out=str(other))
 
 
 @pytest.mark.timeout(30)

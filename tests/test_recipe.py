@@ -105,7 +105,7 @@ def test_split_keeps_test_conversations_and_adds_validation(sample_path):
     assert sorted(c.split for c in corpus) == ["test", "train", "train", "validation"]
     rows = pa.Table.from_pylist([{"conversation_id": c.conversation_id} for c in corpus])
     train, val = split_rows(rows, {c.conversation_id: c.split for c in corpus})
-    assert val.num_rows == 1 and train.num_rows == 3  # the test one is never traced; here it is just a row
+    assert val.num_rows == 1 and train.num_rows == 2  # a test conversation's rows never train, even if present
 
 
 @pytest.mark.timeout(60)

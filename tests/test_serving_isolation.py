@@ -125,8 +125,9 @@ def test_clients_that_hang_up_leave_the_batch_at_the_next_step(server, engine, m
                 f.result()
     answered = post(server, max_tokens=5)
     assert answered.status_code == 200 and answered.json()["usage"]["completion_tokens"] == 5
+    # each hung-up call either left its batch mid-decode or, still queued when its client left, was never decoded
     rows = [row for batch in batches for row in batch if row[0] == long]
-    assert len(rows) == 4 and all(reason == "cancelled" for _, reason, _ in rows), rows
+    assert 1 <= len(rows) <= 4 and all(reason == "cancelled" for _, reason, _ in rows), rows
     assert all(tokens < long // 2 for _, _, tokens in rows), rows  # stopped soon after the hang-up
     health = httpx.get(f"{server}/health").json()
     assert health["counts"]["client_left"] >= 4 and health["queue"]["admitted"] == 0
