@@ -209,3 +209,29 @@ def summary(result: dict) -> str:
                 tested = f"{test['kept']}/{test['n']}  {ci}"
             lines.append(f"{op:<11} {name:<12} {t['value']:>9.3f}  {t['kept']:>4}/{t['n']:<15} {upper:<7} {tested}")
     return "\n".join(lines)
+
+
+def test_check(config: Config, out: str | Path, backend, policy: dict, operations: list[str],
+               on_line=lambda line: None) -> dict:
+    """`check` of `policy` on OUT's calls calibration never saw, answered by `backend`."""
+    tests = test_calls(out, config, operations)
+    if tests:
+        on_line(f"checking on {len(tests)} test calls")
+    return check(policy, score(backend, backend.tokenizer, tests, config))
+
+
+def calibrate_out(config: Config, out: str | Path, backend, operations: list[str], held: list[HeldOutCall],
+                  on_line=lambda line: None) -> dict:
+    """Thresholds fitted on `held` and checked on OUT's test calls, written to OUT/deferral.json (what
+    `memlora calibrate` does, and `improve` after a promotion)."""
+    from memlora.data.io import write_json
+    from memlora.layout import deferral_path
+
+    on_line(f"calibrating on {len(held)} validation calls")
+    scored = score(backend, backend.tokenizer, held, config)
+    policy = fit(scored, operations, config)
+    result = {"budget": config.deferral.budget, "quantile": config.deferral.quantile, "operations": policy,
+              "validation": check(policy, scored),
+              "test": test_check(config, out, backend, policy, operations, on_line)}
+    write_json(result, deferral_path(out))
+    return result

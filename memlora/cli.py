@@ -288,25 +288,18 @@ def cmd_calibrate(args) -> int:
     config = load_config(args.config)
     backend = _expert_backend(config, args)
     operations = list(backend.operations)
+    say = lambda line: print(line, flush=True)  # noqa: E731
     if args.thresholds_from:  # check another run's thresholds on this OUT's test calls (e.g. another corpus)
-        result = json.loads(deferral_path(args.thresholds_from).read_text()) \
-            if deferral_path(args.thresholds_from).is_file() else None
-        if result is None:
+        if not deferral_path(args.thresholds_from).is_file():
             raise UsageError(f"--thresholds-from {args.thresholds_from}: no deferral.json (run calibrate there)")
-        policy = result["operations"]
-        result = {**result, "thresholds_from": str(args.thresholds_from), "validation": {}}
+        result = json.loads(deferral_path(args.thresholds_from).read_text())
+        result.update(thresholds_from=str(args.thresholds_from), validation={},
+                      test=deferral.test_check(config, args.out, backend, result["operations"], operations, say))
+        path = write_json(result, deferral_path(args.out))
     else:
-        held = deferral.validation_calls(args.out, config, operations)
-        print(f"calibrating on {len(held)} validation calls", flush=True)
-        scored = deferral.score(backend, backend.tokenizer, held, config)
-        policy = deferral.fit(scored, operations, config)
-        result = {"budget": config.deferral.budget, "quantile": config.deferral.quantile, "operations": policy,
-                  "validation": deferral.check(policy, scored)}
-    tests = deferral.test_calls(args.out, config, operations)
-    if tests:
-        print(f"checking on {len(tests)} test calls", flush=True)
-    result["test"] = deferral.check(policy, deferral.score(backend, backend.tokenizer, tests, config))
-    path = write_json(result, deferral_path(args.out))
+        result = deferral.calibrate_out(config, args.out, backend, operations,
+                                        deferral.validation_calls(args.out, config, operations), say)
+        path = deferral_path(args.out)
     print(deferral.summary(result))
     print(f"wrote {path}")
     return 0

@@ -17,11 +17,10 @@ from pathlib import Path
 import pyarrow as pa
 
 from memlora.config import OPERATIONS, Config
-from memlora.data.io import write_json, write_parquet
+from memlora.data.io import write_parquet
 from memlora.evaluation import deferral
 from memlora.evaluation.gate import Decision, decide
-from memlora.layout import ADAPTERS, DATASETS, TRACES, adapter_dir, candidate_dir, decisions_path, deferral_path, \
-    trace_files
+from memlora.layout import ADAPTERS, DATASETS, TRACES, adapter_dir, candidate_dir, decisions_path, trace_files
 from memlora.student.examples import load_traces
 from memlora.student.experts import ExpertBackend, verified_expert_folders
 from memlora.student.records import TrainingRecord
@@ -138,15 +137,7 @@ def recalibrate(config: Config, out: str | Path, base: str | Path) -> dict | Non
     if not held:
         return None
     backend = backend_for(config, base, adapters)
-    ops = sorted({c.operation for c in held})
-    scored = deferral.score(backend, backend.tokenizer, held, config)
-    policy = deferral.fit(scored, ops, config)
-    tests = deferral.test_calls(out, config, ops)
-    result = {"budget": config.deferral.budget, "quantile": config.deferral.quantile, "operations": policy,
-              "validation": deferral.check(policy, scored),
-              "test": deferral.check(policy, deferral.score(backend, backend.tokenizer, tests, config))}
-    write_json(result, deferral_path(out))
-    return result
+    return deferral.calibrate_out(config, out, backend, sorted({c.operation for c in held}), held)
 
 
 def record_decisions(out: str | Path, candidate: Candidate, decisions: list[Decision], version: str | None) -> Path:
