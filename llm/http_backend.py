@@ -33,11 +33,12 @@ class SchemaRejected(RuntimeError):
 class OpenAIBackend:
     backend_name = "openai"
 
-    def __init__(self, config: LLMConfig):
+    def __init__(self, config: LLMConfig, headers: dict[str, str] | None = None):
+        """`headers`: sent with every call (e.g. `x-memlora-conversation`, which groups a client's calls)."""
         self.config, self.http = config, config.http
         self.model_id = config.model
         key = os.environ.get(self.http.api_key_env, "")
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        headers = {**({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
         self._client = httpx.Client(base_url=self.http.base_url.rstrip("/"), headers=headers,
                                     timeout=self.http.timeout_s)
         self.free_fallbacks = 0  # how many constrained requests were sent again without their schema

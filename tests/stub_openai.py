@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class StubOpenAI:
     def __init__(self):
         self.requests: list[dict] = []
+        self.headers: list[dict] = []  # each request's headers, lower-cased names
         self.reject_schema = False
         self.fail_first = 0          # answer this many requests with `fail_status` first
         self.fail_status = 503
@@ -33,6 +34,7 @@ class StubOpenAI:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with stub._lock:
                     stub.requests.append(body)
+                    stub.headers.append({k.lower(): v for k, v in self.headers.items()})
                     failing = stub.fail_first > 0 or (stub.fail_after is not None and stub.served >= stub.fail_after)
                     if stub.fail_first > 0:
                         stub.fail_first -= 1

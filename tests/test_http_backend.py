@@ -33,6 +33,17 @@ def test_sends_schema_as_response_format():
 
 
 @pytest.mark.timeout(60)
+def test_headers_go_with_every_call():
+    """A client names its conversation (`x-memlora-conversation`) so capture and deferral group its calls."""
+    with StubOpenAI() as stub:
+        llm = OpenAIBackend(LLMConfig(backend="openai", model="big-teacher", http=HttpConfig(base_url=stub.url)),
+                            headers={"x-memlora-conversation": "user-7"})
+        llm.generate([request(), request(None)])
+        llm.close()
+    assert [h.get("x-memlora-conversation") for h in stub.headers] == ["user-7", "user-7"]
+
+
+@pytest.mark.timeout(60)
 def test_schema_rejection_is_a_clear_error_or_a_recorded_fallback():
     with StubOpenAI() as stub:
         stub.reject_schema = True
