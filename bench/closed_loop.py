@@ -59,8 +59,10 @@ def bench_config(work: Path, budget: float, quick: bool) -> Path:
         "logprobs_top_k": config["teacher"]["logprobs_top_k"],
         "validation_ratio": 0.25, "test_ratio": 0.15,
         "rules": [{"operation": op, "system_contains": t.system[:60]} for op, t in TEMPLATES.items()]}
-    config["deferral"] = {"budget": budget}
-    config["serving"] = {"reload_s": 2}
+    config["deferral"] = {"budget": budget, "timeout_s": 900}  # a deferred call waits behind a busy teacher
+    # reload_s: a promotion is served within 2 s. schema_timeout_s: four jobs share two cores while the loop runs
+    # (teacher, experts, clients, a night's training), and a first compile may take longer than the default 10 s.
+    config["serving"] = {"reload_s": 2, "schema_timeout_s": 60}
     if quick:  # a step per expert: keeps every path of the loop working, learns nothing
         config["distill"].update(max_steps=2, max_epochs=1, epochs={})
     path = work / "closed_loop.yaml"

@@ -115,13 +115,28 @@ class Fallback:
             self.counts[f"kept_{operation}"] += 1
             return expert_answer(), {**headers, ANSWERED_BY: "expert"}
         self.counts[f"deferred_{operation}"] += 1
-        data, latency, error = await self.ask(chat, generation.schema)
+        answered = await self.teacher(chat, operation, generation.schema, context)
+        if answered is None:
+            return expert_answer(), {**headers, ANSWERED_BY: "expert-teacher-failed"}
+        return answered[0], {**headers, **answered[1]}
+
+    async def instead(self, chat: ChatRequest, operation: str, schema: dict | None,
+                      context: tuple[str | None, int]) -> tuple[dict, dict] | None:
+        """A call of an operation no expert serves yet goes to the teacher (and is recorded: the first training
+        rows of that expert) rather than to the bare student; None where the teacher failed (counted)."""
+        self.counts[f"no_expert_{operation}"] += 1
+        return await self.teacher(chat, operation, schema, context)
+
+    async def teacher(self, chat: ChatRequest, operation: str, schema: dict | None,
+                      context: tuple[str | None, int]) -> tuple[dict, dict] | None:
+        """The teacher's answer to the call, recorded, or None where it failed (counted; 502 when strict)."""
+        data, latency, error = await self.ask(chat, schema)
         if error is not None:
             self.failed(operation, error)
-            return expert_answer(), {**headers, ANSWERED_BY: "expert-teacher-failed"}
-        await self.record(chat, operation, generation.schema, data, latency, *context)
+            return None
+        await self.record(chat, operation, schema, data, latency, *context)
         if not chat.logprobs:  # asked for the trace row, not by the client
             for choice in data["choices"]:
                 choice["logprobs"] = None
         data["model"] = data.get("model") or self.model
-        return data, {**headers, ANSWERED_BY: "teacher"}
+        return data, {ANSWERED_BY: "teacher"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+from concurrent.futures import Future
 from collections import OrderedDict
 
 import xgrammar as xgr
@@ -23,6 +24,7 @@ class GrammarCache:
         self._compiler = xgr.GrammarCompiler(info, cache_enabled=False)
         self._cache: OrderedDict[str, xgr.CompiledGrammar] = OrderedDict()
         self._lock = threading.Lock()
+        self._pending: dict[str, Future] = {}  # schemas being compiled now
         self.max_size = max_size
         self.compiled = 0
 
@@ -35,16 +37,33 @@ class GrammarCache:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
+            pending = self._pending.get(key)
+            if pending is None:  # the first asker compiles; the others (a client's burst of one schema) wait on it
+                pending = self._pending[key] = Future()
+                pending.set_running_or_notify_cancel()
+                owner = True
+            else:
+                owner = False
+        if not owner:
+            return pending.result()
         # Compiled outside the lock (xgrammar releases the GIL): a slow schema delays only its own request, never
         # a batch that looks up a grammar it already has. Compact JSON (no free whitespace): the model cannot pad
         # its output with endless spaces. The schema as written, not the sorted key: xgrammar emits properties in
         # the schema's order, and sorted they would make the model write an update's "event" before its "id" and
         # "text" (the opposite of the prompts' examples).
-        compiled = self._compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
+        try:
+            compiled = self._compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
+        except BaseException as err:
+            with self._lock:
+                self._pending.pop(key, None)
+            pending.set_exception(err)
+            raise
         with self._lock:
             self.compiled += 1
             self._cache[key] = compiled
             self._cache.move_to_end(key)
             while len(self._cache) > self.max_size:
                 self._cache.popitem(last=False)
-            return compiled
+            self._pending.pop(key, None)
+        pending.set_result(compiled)
+        return compiled

@@ -90,6 +90,14 @@ class ServingEngine:
         """Whether an unsure answer of `operation` goes to the fallback teacher (an expert answers it)."""
         return self.fallback is not None and operation in self.experts
 
+    def unserved(self, chat: ChatRequest) -> str | None:
+        """With a fallback, the operation of a call routed by the rules to an operation no expert serves yet
+        (it goes to the teacher, not to the bare student); None otherwise."""
+        if self.fallback is None or self.models[chat.model].operation != ROUTED:
+            return None
+        rule = classify(self.rules, chat.plain_messages(), chat.model)
+        return rule.operation if rule is not None and rule.operation not in self.experts else None
+
     def close(self) -> None:
         self.batcher.close()
         self._preparing.shutdown(wait=False, cancel_futures=True)
@@ -261,6 +269,13 @@ def create_app(engine: ServingEngine, api_key: str | None = None) -> FastAPI:
     async def chat_completions(request: Request):
         with engine.admission.slot():
             chat, generation = await engine.prepared(await request.body())
+            missing = engine.unserved(chat)
+            if missing is not None:
+                answered = await engine.fallback.instead(chat, missing, generation.schema,
+                                                         call_context(request.headers))
+                if answered is not None:
+                    return JSONResponse(answered[0], headers=answered[1])
+                # the teacher failed (counted): the bare student answers, as without a fallback
             result = await engine.answer_unless_gone(request, generation)
             if result is None:  # the client hung up; there is nobody to answer (499: nginx's "client closed")
                 return Response(status_code=499)

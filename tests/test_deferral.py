@@ -126,11 +126,12 @@ def teacher(tiny_model_dir):
     engine.close()
 
 
-def experts_server(deferral_out, fallback_url: str, value: float, tmp_path: Path, **deferral):
+def experts_server(deferral_out, fallback_url: str, value: float, tmp_path: Path, rules=(), **deferral):
     backend = deferral_out["backend"]
     fallback = Fallback(fallback_url, "teacher", policy(value), CaptureRecorder(tmp_path / "out"),
                         DeferralConfig(**deferral))
-    engine = ServingEngine(backend, expert_models(backend.operations), default_max_tokens=16, fallback=fallback)
+    engine = ServingEngine(backend, expert_models(backend.operations), rules, default_max_tokens=16,
+                           fallback=fallback)
     return engine, create_app(engine)
 
 
@@ -162,6 +163,26 @@ def test_an_unsure_expert_defers_to_the_teacher_and_the_call_is_recorded(deferra
     assert rows[0]["raw_output"] == got.json()["choices"][0]["message"]["content"]
     assert rows[0]["messages"] == deferral_out_messages[0] and json.loads(rows[0]["output_schema"]) == SCHEMA
     engine.close()
+
+
+@pytest.mark.timeout(180)
+def test_a_call_no_expert_serves_yet_goes_to_the_teacher_not_the_bare_student(deferral_out, teacher, tmp_path):
+    """A client's calls come under one model name, routed by the rules: where the rule's operation has no expert
+    yet, the teacher answers (and the call is recorded, that expert's first rows), with a fallback."""
+    from memlora.config import CaptureRule
+
+    rules = [CaptureRule(operation="update", system_contains=TEMPLATES["update"].system[:40])]
+    engine, app = experts_server(deferral_out, teacher, -math.inf, tmp_path, rules)  # sure of everything
+    with running(app) as url:
+        got = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+            "model": "memlora", "messages": TEMPLATES["update"].messages("New fact: Ann has a dog."),
+            "max_tokens": 8, "temperature": 0})
+        assert got.status_code == 200 and got.headers[ANSWERED_BY] == "teacher"
+        assert httpx.get(f"{url}/health").json()["deferral"]["counts"] == {"no_expert_update": 1}
+    engine.close()
+    rows = pq.read_table(trace_files(tmp_path / "out", "update")[0]).to_pylist()
+    assert len(rows) == 1 and rows[0]["backend"] == "deferred"
+    assert rows[0]["raw_output"] == got.json()["choices"][0]["message"]["content"]
 
 
 @pytest.mark.timeout(180)

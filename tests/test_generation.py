@@ -90,6 +90,20 @@ def test_grammars_are_compiled_once_per_schema(tiny_backend):
     assert tiny_backend.grammars.compiled == before + 1
 
 
+@pytest.mark.timeout(120)
+def test_a_burst_of_one_new_schema_compiles_it_once(tiny_backend):
+    """A client sends its first calls at once (the memory system's batch of extraction windows): one compile,
+    the others wait for it rather than compiling the same grammar in parallel."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    before = tiny_backend.grammars.compiled
+    schema = extraction_schema(max_facts=5, max_chars=11)
+    with ThreadPoolExecutor(6) as pool:
+        grammars = list(pool.map(lambda _: tiny_backend.grammars.grammar(schema), range(6)))
+    assert tiny_backend.grammars.compiled == before + 1
+    assert all(g is grammars[0] for g in grammars)
+
+
 @pytest.mark.timeout(300)
 def test_mixed_operations_keep_input_order(tiny_backend):
     schema = generation_schema(max_chars=8)
