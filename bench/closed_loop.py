@@ -334,6 +334,7 @@ def main() -> None:
                 entry["experts_version"] = version
                 entry["deferral_counts"] = servers.health("experts").get("deferral", {}).get("counts", {})
             result["days"].append(entry)
+            save("closed_loop", result)  # day by day: a run cut short keeps the days it measured
             print(f"day {day}: {len(calls)} calls in {seconds:.0f} s by {front}", flush=True)
             if day < days - 1:
                 night = improve(config_path, out, work)
