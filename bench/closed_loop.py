@@ -84,7 +84,7 @@ class Call:
     completion_tokens: int
 
 
-def served_backend(url: str, model: str, conversation_id: str):
+def client(url: str, model: str, headers: dict | None = None):
     """The memory system's own OpenAI backend, noting who answered each call (the response's `model`)."""
     from memlora.config import HttpConfig, LLMConfig
     from memlora.llm.http_backend import OpenAIBackend
@@ -97,7 +97,7 @@ def served_backend(url: str, model: str, conversation_id: str):
 
     config = LLMConfig(backend="openai", model=model,
                        http=HttpConfig(base_url=url, timeout_s=900, max_retries=0, concurrency=8))
-    return Noted(config, headers={CONVERSATION_HEADER: conversation_id})
+    return Noted(config, headers=headers)
 
 
 def run_day(day: int, conversations, url: str, model: str, config, embedder, work: Path, sessions: int | None,
@@ -108,7 +108,7 @@ def run_day(day: int, conversations, url: str, model: str, config, embedder, wor
 
     def one(conversation) -> list[Call]:
         calls: list[Call] = []
-        llm = served_backend(url, model, conversation.conversation_id)
+        llm = client(url, model, {CONVERSATION_HEADER: conversation.conversation_id})
         store = MemoryStore(work / "memory" / f"day{day}-{conversation.conversation_id}.db")
 
         def note(record) -> None:
@@ -133,12 +133,9 @@ def run_day(day: int, conversations, url: str, model: str, config, embedder, wor
 
 def teacher_answers(calls: list[Call], url: str) -> list[str]:
     """The teacher's own answer to each call as it was sent (measurement only: nothing is recorded)."""
-    from memlora.config import HttpConfig, LLMConfig
-    from memlora.llm.http_backend import OpenAIBackend
     from memlora.memory.llm import GenerationRequest
 
-    llm = OpenAIBackend(LLMConfig(backend="openai", model=TEACHER,
-                                  http=HttpConfig(base_url=url, timeout_s=900, max_retries=0, concurrency=8)))
+    llm = client(url, TEACHER)
     try:
         return [r.text for r in llm.generate([GenerationRequest(c.operation, c.messages, c.max_new_tokens, c.schema)
                                               for c in calls])]
