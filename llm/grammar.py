@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import threading
-from concurrent.futures import Future
 from collections import OrderedDict
+from concurrent.futures import Future
 
 import xgrammar as xgr
 
