@@ -179,8 +179,8 @@ def day_report(calls: list[Call], reference: list[str], config) -> dict:
 class Servers:
     """The teacher, the day-0 capture proxy and the experts' server, each its own process and process group."""
 
-    def __init__(self, config: Path, out: Path, work: Path):
-        self.config, self.out, self.work = config, out, work
+    def __init__(self, config: Path, work: Path):
+        self.config, self.work = config, work
         self.procs: dict[str, tuple[subprocess.Popen, str]] = {}
 
     def start(self, name: str, *args: str, timeout_s: float = 600) -> str:
@@ -236,7 +236,7 @@ def improve(config: Path, out: Path, work: Path) -> dict:
             "decisions": [r for r in rows if r["run"] == last]}
 
 
-def wait_for_version(servers: Servers, out: Path, config) -> str:
+def wait_for_version(servers: Servers, out: Path) -> str:
     """The running serve-experts took OUT's current experts and thresholds (hot reload, no restart)."""
     from memlora.layout import deferral_path
     from memlora.llm.reload import experts_version
@@ -302,7 +302,7 @@ def main() -> None:
     config = load_config(config_path)
     corpus = {c.conversation_id: c for c in load_corpus(SAMPLE)}
     embedder = Embedder(config.memory.embedder)
-    servers = Servers(config_path, out, work)
+    servers = Servers(config_path, work)
     result = {"budget": args.budget, "per_day": per_day, "sessions": sessions, "quick": args.quick,
               "days": [], "nights": []}
     try:
@@ -316,7 +316,7 @@ def main() -> None:
                 if "experts" not in servers.procs:
                     servers.start("experts", "serve-experts", "--out", str(out), "--fallback", teacher,
                                   "--fallback-model", TEACHER)
-                version = wait_for_version(servers, out, config)
+                version = wait_for_version(servers, out)
                 url, model, front = servers.procs["experts"][1] + "/v1", "memlora", "experts"
             started = time.perf_counter()
             calls = run_day(day, conversations, url, model, config, embedder, work, sessions, questions)
