@@ -90,7 +90,7 @@ def ranks(traces: Path, operation: str, steps: int, scratch: Path) -> dict:
         config = parse_config(raw, path)
         base = build_student(config, out)
         started = time.perf_counter()
-        record = run_training(config, str(path), str(out), operation, str(base), cache_key(config, out, operation),
+        record = run_training(config, str(out), operation, str(base), cache_key(config, out, operation),
                               on_line=lambda line: None)
         record["launch_wall_s"] = time.perf_counter() - started
         records[n] = record

@@ -34,13 +34,6 @@ def gpu_count() -> int:
         return 0
 
 
-def remove_shm_buffers(port: str) -> None:
-    """DeepSpeed's CPU accelerator shares all-reduce buffers through /dev/shm files named after the master
-    port and does not remove them when a rank exits (or is killed); left alone they fill /dev/shm run after run."""
-    for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-        leftover.unlink(missing_ok=True)
-
-
 def deepspeed_command(config: Config, entry_args: list[str]) -> tuple[list[str], dict]:
     """`deepspeed ... --module memlora.student.train_entry <entry_args>` and its environment."""
     env = dict(os.environ)
@@ -81,12 +74,11 @@ def run_training(config: Config, out: str, operation: str, base: str, cache: dic
 def run_ranks(config: Config, cmd: list[str], env: dict, operation: str,
               on_line: Callable[[str], None] = print) -> dict:
     """Run the launcher, forward each log line, and return rank 0's record (its MEMLORA_RESULT line)."""
-    port = cmd[cmd.index("--master_port") + 1]
     on_line("launching: " + " ".join(cmd))
     tail: deque[str] = deque(maxlen=40)
     record = None
     proc = track(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                  bufsize=1, start_new_session=True), cleanup=lambda: remove_shm_buffers(port))
+                                  bufsize=1, start_new_session=True))
     timed_out = threading.Event()
 
     def kill_group() -> None:
@@ -113,7 +105,6 @@ def run_ranks(config: Config, cmd: list[str], env: dict, operation: str,
             kill_group()
             proc.wait()
         untrack(proc)
-        remove_shm_buffers(port)
     if timed_out.is_set():
         raise TrainingFailed(f"{operation}: training exceeded distill.timeout_s={config.distill.timeout_s} and was "
                              "killed; last lines:\n" + "\n".join(tail))
