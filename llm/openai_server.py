@@ -78,13 +78,12 @@ class ServingEngine:
         What was queued on the old backend finishes there."""
         backend = loaded["backend"]
         backend.grammars.max_size = self.limits.grammar_cache_size
-        old = self.batcher
+        old, self.batcher = self.batcher, MicroBatcher(backend, backend.batch_size, linger_s=self.linger_s)
         self.backend, self.experts = backend, set(getattr(backend, "operations", ()))
         self.models = {m.name: m for m in loaded.get("models") or self.models.values()}
         if self.fallback is not None and loaded.get("policy") is not None:
             self.fallback.policy = loaded["policy"]
-        self.batcher = MicroBatcher(backend, backend.batch_size, linger_s=self.linger_s)
-        close_later(old.close)
+        close_later(old)
 
     def defers(self, operation: str) -> bool:
         """Whether an unsure answer of `operation` goes to the fallback teacher (an expert answers it)."""

@@ -12,10 +12,14 @@ logged, and the current experts keep serving.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import gc
 import hashlib
 import json
 import logging
 import threading
+import time
+import weakref
 from pathlib import Path
 from typing import Callable
 
@@ -88,6 +92,31 @@ class Reloader:
                 "last_error": self.last_error}
 
 
-def close_later(close: Callable[[], None]) -> None:
-    """Close a replaced batcher off the event loop: it first answers what was queued on it."""
-    threading.Thread(target=close, name="memlora-drain", daemon=True).start()
+def close_later(batcher) -> None:
+    """Close a replaced batcher off the event loop (it first answers what was queued on it), then give the old
+    backend's memory back to the system. glibc keeps freed heap pages for reuse: measured on the bundled
+    teacher as base, each reload left RSS ~430 MiB higher (1.56 -> 1.99 GiB) until `malloc_trim`, which brings
+    it back to 1.56."""
+    held = [batcher]
+    gone = weakref.ref(batcher.inner)
+
+    def drain() -> None:
+        old = held.pop()
+        old.close()
+        del old
+        for _ in range(60):  # a request handler may hold the old backend a little longer
+            gc.collect()
+            if gone() is None:
+                break
+            time.sleep(0.5)
+        release_free_memory()
+
+    threading.Thread(target=drain, name="memlora-drain", daemon=True).start()
+
+
+def release_free_memory() -> None:
+    """Return the allocator's free pages to the system (glibc's malloc_trim; a no-op elsewhere)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

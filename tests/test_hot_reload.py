@@ -10,6 +10,7 @@ import os
 import shutil
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -57,6 +58,8 @@ def test_a_new_version_is_taken_under_load_without_failing_a_request(tmp_path, t
 
     first = load()["backend"]
     engine = ServingEngine(first, expert_models(first.operations), default_max_tokens=12)
+    replaced = weakref.ref(first)
+    del first
     engine.reloader = Reloader(lambda: experts_version(out), load, engine.swap, interval_s=0.1)
     body = {"model": "memlora-extraction", "messages": PROMPT, "max_tokens": 12, "temperature": 0}
 
@@ -92,6 +95,10 @@ def test_a_new_version_is_taken_under_load_without_failing_a_request(tmp_path, t
                 c.result()
         assert len(statuses) > 8 and set(statuses) == {200}, statuses
         assert ask(url).json()["choices"][0]["message"]["content"] == expected["v2"]
+        deadline = time.monotonic() + 60  # the replaced experts are freed once their queue drained (memory back)
+        while replaced() is not None:
+            assert time.monotonic() < deadline, "the replaced backend is still referenced"
+            time.sleep(0.2)
 
         install(out, v1)  # the earlier version back: its answers back
         wait_for(url, 2)
