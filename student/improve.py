@@ -24,7 +24,7 @@ from memlora.layout import ADAPTERS, DATASETS, TRACES, adapter_dir, candidate_di
 from memlora.student.examples import load_traces
 from memlora.student.experts import ExpertBackend, verified_expert_folders
 from memlora.student.records import TrainingRecord
-from memlora.student.versions import install, snapshot
+from memlora.student.versions import install, snapshot, verified_version
 
 DECISIONS = pa.schema([
     pa.field("run", pa.string(), nullable=False),
@@ -126,7 +126,12 @@ def promote(config: Config, out: str | Path, base: str | Path, candidate: Candid
         return None
     version = snapshot(out, f"before improve {candidate.run}") if verified_expert_folders(out) else None
     install(out, promoted)
-    recalibrate(config, out, base)
+    try:
+        recalibrate(config, out, base)
+    except BaseException:  # new experts must not serve under the old experts' thresholds: the old set comes back
+        if version is not None:
+            install(out, verified_version(out, version))
+        raise
     return version
 
 

@@ -37,14 +37,18 @@ def snapshot(out: str | Path, note: str) -> str:
     staging = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     files = {}
-    for op, folder in folders.items():
-        (staging / "adapters" / op).mkdir(parents=True)
-        for name in KEPT_FILES:
-            if (folder / name).is_file():
-                shutil.copy2(folder / name, staging / "adapters" / op / name)
-                files[f"adapters/{op}/{name}"] = sha256_file(folder / name)
-    write_json({"version": version, "note": note, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "operations": sorted(folders), "files": files}, staging / "version.json")
+    try:
+        for op, folder in folders.items():
+            (staging / "adapters" / op).mkdir(parents=True)
+            for name in KEPT_FILES:
+                if (folder / name).is_file():
+                    shutil.copy2(folder / name, staging / "adapters" / op / name)
+                    files[f"adapters/{op}/{name}"] = sha256_file(folder / name)
+        write_json({"version": version, "note": note, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "operations": sorted(folders), "files": files}, staging / "version.json")
+    except BaseException:  # a full disk: no half-written version is left to roll back to
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     os.replace(staging, final)
     return version
 
@@ -64,17 +68,51 @@ def verified_version(out: str | Path, version: str) -> dict[str, Path]:
 
 
 def install(out: str | Path, sources: dict[str, Path]) -> None:
-    """Serve `sources` (operation -> adapter folder) from OUT/adapters: each file replaced atomically, the
-    manifest rewritten last. Operations not named keep their current expert."""
-    for op, source in sources.items():
-        target = adapter_dir(out, op)
-        target.mkdir(parents=True, exist_ok=True)
-        for name in KEPT_FILES:
-            if (Path(source) / name).is_file():
-                tmp = target / f".{name}.installing"
-                shutil.copy2(Path(source) / name, tmp)
-                os.replace(tmp, target / name)
-    update_manifest(out)
+    """Serve `sources` (operation -> adapter folder) from OUT/adapters, all or nothing: every file is copied beside
+    its target first (a full disk fails here, nothing served has changed), then renamed into place (no space
+    needed), the replaced files kept until OUT/manifest.json is rewritten; if that fails, they are put back.
+    Operations not named keep their current expert."""
+    staged, created = [], []
+    try:
+        for op, source in sources.items():
+            target = adapter_dir(out, op)
+            if not target.is_dir():
+                target.mkdir(parents=True)
+                created.append(target)
+            for name in KEPT_FILES:
+                if (Path(source) / name).is_file():
+                    staged.append((target / f".{name}.installing", target / name))
+                    shutil.copy2(Path(source) / name, staged[-1][0])
+    except BaseException:
+        _discard(staged, created)
+        raise
+    moved = []  # (installed file, the file it replaced, kept under a hidden name; None when there was none)
+    try:
+        for tmp, final in staged:
+            previous = final.with_name(f".{final.name}.previous") if final.exists() else None
+            if previous is not None:
+                os.replace(final, previous)
+            moved.append((final, previous))
+            os.replace(tmp, final)
+        update_manifest(out)
+    except BaseException:
+        for final, previous in reversed(moved):
+            if previous is not None:
+                os.replace(previous, final)
+            else:
+                final.unlink(missing_ok=True)
+        _discard(staged, created)
+        raise
+    for _, previous in moved:
+        if previous is not None:
+            previous.unlink(missing_ok=True)
+
+
+def _discard(staged: list[tuple[Path, Path]], created: list[Path]) -> None:
+    for tmp, _ in staged:
+        tmp.unlink(missing_ok=True)
+    for folder in created:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def rollback(out: str | Path, version: str) -> list[str]:

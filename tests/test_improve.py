@@ -143,3 +143,79 @@ def test_the_nightly_improve_deployment_is_scheduled():
     deployments = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
     improve = [d for d in deployments if d["entrypoint"] == "flows/improve.py:improve"]
     assert len(improve) == 1 and improve[0]["schedules"][0]["cron"] == "0 3 * * *"
+
+
+FULL_DISK_PROMOTION = r"""
+set -e
+mount -t tmpfs -o size=2m tmpfs "$MNT" || exit 77
+exec "$BIN/python" - <<'PY'
+import errno, json, os, shutil, sys
+from pathlib import Path
+from memlora.manifest import update_manifest
+from memlora.student.experts import verified_expert_folders
+from memlora.student.versions import KEPT_FILES, install, snapshot, versions
+
+out = Path(os.environ["MNT"]) / "out"
+shutil.copytree(os.environ["V1"], out / "adapters" / "extraction")
+update_manifest(out)
+served = {p.name: p.read_bytes() for p in (out / "adapters" / "extraction").iterdir()}
+manifest = (out / "manifest.json").read_bytes()
+filler = Path(os.environ["MNT"]) / "filler"
+with open(filler, "wb", buffering=0) as f:  # the disk full to the last page
+    try:
+        while True:
+            f.write(b"\0" * 4096)
+    except OSError:
+        pass
+size = filler.stat().st_size
+new = [p for p in Path(os.environ["V2"]).iterdir() if p.name in KEPT_FILES]
+pages = sum(-(-p.stat().st_size // 4096) for p in new)
+results = {}
+for case, free in (("no room to stage", 0), ("room to stage, not for the manifest", pages)):
+    os.truncate(filler, size - free * 4096)
+    try:
+        install(out, {"extraction": Path(os.environ["V2"])})
+        results[case] = "installed"
+    except OSError as err:
+        results[case] = errno.errorcode.get(err.errno, str(err))
+    same = {p.name: p.read_bytes() for p in (out / "adapters" / "extraction").iterdir()} == served
+    results[case] += f" same={same and (out / 'manifest.json').read_bytes() == manifest}"
+    verified_expert_folders(out)  # the served set still matches its manifest (raises otherwise)
+os.truncate(filler, size)
+try:
+    snapshot(out, "on a full disk")
+    results["snapshot"] = "written"
+except OSError as err:
+    results["snapshot"] = errno.errorcode.get(err.errno, str(err))
+results["versions"] = versions(out)
+results["hidden"] = sorted(str(p.relative_to(out)) for p in out.rglob(".*"))
+print(json.dumps(results))
+PY
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_disk_that_fills_during_a_promotion_changes_nothing_served(tiny_model_dir, tmp_path):
+    """A real full filesystem (a 2 MB tmpfs in a private mount namespace): installing the promoted experts fails
+    while staging, or after staging when the manifest cannot be written; either way the served files and the
+    manifest are what they were, and a snapshot that cannot be written leaves no half version."""
+    import os
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs `unshare -m` as root to mount a private tmpfs")
+    v1 = saved_expert(tiny_model_dir, tmp_path / "v1", seed=1)
+    v2 = saved_expert(tiny_model_dir, tmp_path / "v2", seed=2)
+    (tmp_path / "mnt").mkdir()
+    env = dict(os.environ, MNT=str(tmp_path / "mnt"), V1=str(v1), V2=str(v2), BIN=str(Path(sys.executable).parent),
+               PYTHONPATH=str(REPO))
+    result = subprocess.run(["unshare", "-m", "bash", "-c", FULL_DISK_PROMOTION], env=env, cwd=REPO,
+                            capture_output=True, text=True, timeout=100)
+    if result.returncode == 77:
+        pytest.skip("tmpfs cannot be mounted here")
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["no room to stage"] == "ENOSPC same=True", seen
+    assert seen["room to stage, not for the manifest"] == "ENOSPC same=True", seen
+    assert (seen["snapshot"], seen["versions"], seen["hidden"]) == ("ENOSPC", [], []), seen
