@@ -117,7 +117,7 @@ def main() -> int:
             base = build_student(config, scratch)
             marker = json.loads((base / "memlora_student.json").read_text())
             started = time.perf_counter()
-            record = distill_operation(config, str(path), scratch, args.operation, base, on_line=lambda line: None)
+            record = distill_operation(config, scratch, args.operation, base, on_line=lambda line: None)
             train_s = time.perf_counter() - started
             update_manifest(scratch)
             backend = ExpertBackend(base, {args.operation: scratch / "adapters" / args.operation}, device="cpu",

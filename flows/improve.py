@@ -20,8 +20,8 @@ def improve(config_path: str = "configs/default.yaml", out: str = "out") -> dict
         get_run_logger().info("no new trace rows since the served experts were trained: nothing to do")
         return {"new_rows": counts, "promoted": []}
     base = build_student_task(cfg, out)
-    candidate = prepare_candidate_task(out, counts)
+    candidate = prepare_candidate_task(cfg, out, counts)
     for op in candidate.new_rows:  # one after another: each training uses every core it is given
-        distill_expert_task(cfg, str(candidate.out), op, base)
+        distill_expert_task(cfg, str(candidate.out), op, base, init=candidate.init.get(op))
     decisions = gate_task(cfg, out, base, candidate)
     return {"new_rows": counts, **promote_task(cfg, out, base, candidate, decisions)}

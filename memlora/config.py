@@ -338,6 +338,10 @@ class ImproveConfig(_Strict):
     # agreement or on the share of calls it keeps at the deferral budget.
     margin: float = Field(0.05, ge=0.0, lt=1.0)
     samples: int = Field(1000, ge=0)  # bootstrap resamples
+    # Candidates start from the served experts' weights (warm) instead of a fresh adapter (cold). DeLoRA bounds
+    # the update's Frobenius norm, which the thesis argues makes continued training safe; off until measured
+    # better on the held-out calls.
+    warm_start: bool = False
 
 
 class PrefectConfig(_Strict):

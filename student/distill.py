@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from memlora.config import OPERATIONS, Config
+from memlora.data.io import sha256_file
 from memlora.layout import adapter_dir, trace_files
 from memlora.manifest import update_manifest
 from memlora.student.examples import load_traces, traces_fingerprint
@@ -27,21 +28,24 @@ def config_fingerprint(config: Config) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 
 
-def cache_key(config: Config, out: str | Path, operation: str) -> dict:
-    """Same traces + same recipe = same expert: a finished one is not trained again."""
+def cache_key(config: Config, out: str | Path, operation: str, init: Path | None = None) -> dict:
+    """Same traces + same recipe (+ the same starting adapter, when warm-started) = same expert: a finished one is
+    not trained again."""
     traces = traces_fingerprint(trace_files(out, operation))
     fingerprint = config_fingerprint(config)
-    key = hashlib.sha256(f"{operation}:{traces}:{fingerprint}".encode()).hexdigest()
-    return {"key": key, "traces_sha256": traces, "config_fingerprint": fingerprint}
+    start = sha256_file(Path(init) / "adapter_model.safetensors") if init is not None else ""
+    key = hashlib.sha256(f"{operation}:{traces}:{fingerprint}{':' + start if start else ''}".encode()).hexdigest()
+    return {"key": key, "traces_sha256": traces, "config_fingerprint": fingerprint, "init_sha256": start}
 
 
-def finished_record(config: Config, out: str | Path, operation: str) -> TrainingRecord | None:
+def finished_record(config: Config, out: str | Path, operation: str,
+                    init: Path | None = None) -> TrainingRecord | None:
     folder = adapter_dir(out, operation)
     record_file = folder / "training.json"
     if not (is_complete_adapter(folder) and record_file.is_file()):
         return None
     record = TrainingRecord.read(record_file)
-    return record if record.cache_key == cache_key(config, out, operation)["key"] else None
+    return record if record.cache_key == cache_key(config, out, operation, init)["key"] else None
 
 
 def check_traces(out: str | Path) -> dict[str, int]:
@@ -62,7 +66,9 @@ def check_traces(out: str | Path) -> dict[str, int]:
 
 
 def distill_operation(config: Config, out: str | Path, operation: str, base: Path,
-                      on_line: Callable[[str], None] = print) -> DistillResult:
+                      on_line: Callable[[str], None] = print, init: Path | None = None) -> DistillResult:
+    """Train `operation`'s expert on OUT's traces; `init`: an adapter folder to start from instead of a fresh
+    expert (improve's warm start)."""
     if not trace_files(out, operation):
         if not any(trace_files(out, op) for op in OPERATIONS):
             raise TrainingFailed(f"{Path(out) / 'traces'}: no trace files (run `memlora traces` first)")
@@ -76,12 +82,13 @@ def distill_operation(config: Config, out: str | Path, operation: str, base: Pat
         # memory system runs this operation on the bare student. Said loudly, recorded in the manifest.
         on_line(f"WARNING {operation}: no parse_ok trace rows; no expert trained for it")
         return NoExpert(operation, "no parse_ok trace rows")
-    done = finished_record(config, out, operation)
+    done = finished_record(config, out, operation, init)
     if done is not None:
         on_line(f"{operation}: expert already trained on these traces with this recipe; kept")
         done.skipped = True
         return done
     record = TrainingRecord.from_dict(run_training(config, str(out), operation, str(base),
-                                                   cache_key(config, out, operation), on_line))
+                                                   cache_key(config, out, operation, init), on_line,
+                                                   init=str(init) if init is not None else None))
     update_manifest(out)  # the new expert's sha256, checked before anything loads it
     return record

@@ -46,6 +46,13 @@ def attach_expert(model, expert: ExpertConfig, name: str = "default"):
     return model
 
 
+def resume_expert(model, folder: str | Path, name: str = "default"):
+    """A trainable expert that starts from a saved one's weights and config (improve's warm start)."""
+    model = PeftModel.from_pretrained(model, str(folder), adapter_name=name, is_trainable=True, use_safetensors=True)
+    use_input_reflections(model)
+    return model
+
+
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what peft reads when loading an expert
 
 

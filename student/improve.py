@@ -9,9 +9,10 @@ serve-experts picks the new version up by itself (`llm.reload`).
 
 from __future__ import annotations
 
+import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -22,7 +23,7 @@ from memlora.evaluation import deferral
 from memlora.evaluation.gate import Decision, decide
 from memlora.layout import ADAPTERS, DATASETS, TRACES, adapter_dir, candidate_dir, decisions_path, trace_files
 from memlora.student.examples import load_traces
-from memlora.student.experts import ExpertBackend, verified_expert_folders
+from memlora.student.experts import ExpertBackend, adapter_config, verified_expert_folders
 from memlora.student.records import TrainingRecord
 from memlora.student.versions import install, snapshot, verified_version
 
@@ -49,6 +50,7 @@ class Candidate:
     run: str
     out: Path
     new_rows: dict[str, int]
+    init: dict[str, Path] = field(default_factory=dict)  # warm start: the served expert each operation starts from
 
 
 def new_rows(config: Config, out: str | Path) -> dict[str, int]:
@@ -71,7 +73,7 @@ def new_rows(config: Config, out: str | Path) -> dict[str, int]:
     return counts
 
 
-def prepare_candidate(out: str | Path, counts: dict[str, int]) -> Candidate:
+def prepare_candidate(config: Config, out: str | Path, counts: dict[str, int]) -> Candidate:
     """A new OUT for the candidates, reading OUT's traces, datasets and student through links."""
     run = time.strftime("%Y%m%dT%H%M%S")
     folder = candidate_dir(out, run)
@@ -79,7 +81,24 @@ def prepare_candidate(out: str | Path, counts: dict[str, int]) -> Candidate:
     for name in (TRACES, DATASETS, "student"):
         if (Path(out) / name).exists():
             os.symlink(Path(out).resolve() / name, folder / name)
-    return Candidate(run, folder, {op: n for op, n in counts.items() if n})
+    ops = [op for op, n in counts.items() if n]
+    init = {op: start for op in ops if (start := warm_start_from(config, out, op)) is not None}
+    return Candidate(run, folder, {op: counts[op] for op in ops}, init)
+
+
+def warm_start_from(config: Config, out: str | Path, operation: str) -> Path | None:
+    """The served expert a candidate starts from (`improve.warm_start`); None for a fresh one: warm start off, no
+    served expert, or one whose adapter shape (method, rank, target modules) the config no longer asks for."""
+    if not config.improve.warm_start or config.student is None:
+        return None
+    folder = verified_expert_folders(out).get(operation)
+    if folder is None:
+        return None
+    saved = json.loads((folder / "adapter_config.json").read_text())
+    wanted = adapter_config(config.student.expert).to_dict()
+    shape = lambda c: (getattr(c.get("peft_type"), "value", c.get("peft_type")), c.get("r"),  # noqa: E731
+                       sorted(c.get("target_modules") or []))
+    return folder if shape(saved) == shape(wanted) else None
 
 
 def backend_for(config: Config, base: str | Path, adapters: dict[str, Path]) -> ExpertBackend:

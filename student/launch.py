@@ -57,18 +57,20 @@ def deepspeed_command(config: Config, entry_args: list[str]) -> tuple[list[str],
     return cmd, env
 
 
-def launcher_command(config: Config, out: str, operation: str, base: str, cache: dict) -> tuple[list[str], dict]:
-    """The ranks get one job file: the config, the base, and the cache key rank 0 writes into training.json."""
+def launcher_command(config: Config, out: str, operation: str, base: str, cache: dict,
+                     init: str | None = None) -> tuple[list[str], dict]:
+    """The ranks get one job file: the config, the base, the adapter to start from (if any), and the cache key
+    rank 0 writes into training.json."""
     job = write_job(config, out, f"expert-{operation}", task="expert", operation=operation,
-                    base=str(Path(base).resolve()), cache=cache)
+                    base=str(Path(base).resolve()), cache=cache, init=str(Path(init).resolve()) if init else None)
     return deepspeed_command(config, ["--job", str(job)])
 
 
 def run_training(config: Config, out: str, operation: str, base: str, cache: dict,
-                 on_line: Callable[[str], None] = print) -> dict:
-    """Train `operation`'s expert; `cache` (traces sha256, config fingerprint, key) is written into
-    training.json by rank 0."""
-    return run_ranks(config, *launcher_command(config, out, operation, base, cache), operation, on_line)
+                 on_line: Callable[[str], None] = print, init: str | None = None) -> dict:
+    """Train `operation`'s expert (from the adapter folder `init`, else a fresh one); `cache` (traces sha256,
+    config fingerprint, key) is written into training.json by rank 0."""
+    return run_ranks(config, *launcher_command(config, out, operation, base, cache, init), operation, on_line)
 
 
 def run_ranks(config: Config, cmd: list[str], env: dict, operation: str,

@@ -52,6 +52,7 @@ class TrainingRecord:
     cache_key: str = ""                    # traces + recipe: the same key means the same expert
     traces_sha256: str = ""
     config_fingerprint: str = ""
+    init_sha256: str = ""                  # warm start: the sha256 of the adapter weights training started from
     base: str = ""
     skipped: bool = False                  # not trained now: an earlier run's expert with the same cache key
 

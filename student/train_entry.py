@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
         record = heal_base(config, job["out"], job["base"], job["target"])
     else:
-        record = train_expert(config, job["out"], job["operation"], job["base"], job["cache"])
+        record = train_expert(config, job["out"], job["operation"], job["base"], job["cache"], job.get("init"))
     if isinstance(record, TrainingRecord):
         record = record.to_dict(on_disk=True)
     if record is not None:

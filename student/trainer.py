@@ -26,7 +26,7 @@ from memlora.student.deviation import weight_deviation
 from memlora.student.examples import (
     IGNORE, Example, ExampleSet, build_examples, conversation_splits, load_traces, oversample_minority, split_rows,
 )
-from memlora.student.experts import attach_expert
+from memlora.student.experts import attach_expert, resume_expert
 from memlora.student.export import portable_base
 from memlora.student.losses import completion_window, distillation_loss
 from memlora.student.records import TrainingRecord
@@ -247,10 +247,12 @@ def planned_steps(n_examples: int, cfg, world: int, epochs: int) -> int:
 
 
 def train_expert(config: Config, out: str | Path, operation: str, base: str | Path,
-                 cache: dict) -> TrainingRecord | None:
-    """Train `operation`'s expert; rank 0 writes OUT/adapters/<operation>/ atomically and returns its record.
+                 cache: dict, init: str | None = None) -> TrainingRecord | None:
+    """Train `operation`'s expert (from the adapter folder `init`, else a fresh one); rank 0 writes
+    OUT/adapters/<operation>/ atomically and returns its record.
 
-    `cache`: {"key", "traces_sha256", "config_fingerprint"}, recorded so a rerun can tell the expert is done."""
+    `cache`: {"key", "traces_sha256", "config_fingerprint", "init_sha256"}, recorded so a rerun can tell the expert
+    is done."""
     cfg = config.distill
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -305,7 +307,7 @@ def train_expert(config: Config, out: str | Path, operation: str, base: str | Pa
         dataloader_num_workers=0,
     )
     torch.manual_seed(cfg.seed)  # the same expert init on every rank
-    model = attach_expert(model, config.student.expert, name="default").to(args.device)
+    model = (resume_expert(model, init) if init else attach_expert(model, config.student.expert)).to(args.device)
     loss_before = mean_loss(model, probe, collator, cfg, args.device)
     val_before = mean_loss(model, val_data.examples, collator, cfg, args.device) if val_data.examples else None
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -384,6 +386,7 @@ def train_expert(config: Config, out: str | Path, operation: str, base: str | Pa
         "cache_key": cache["key"],
         "traces_sha256": cache["traces_sha256"],
         "config_fingerprint": cache["config_fingerprint"],
+        "init_sha256": cache.get("init_sha256", ""),
         "base": str(base),
     })
     (staging / "training.json").write_text(json.dumps(record.to_dict(on_disk=True), indent=2) + "\n")

@@ -30,9 +30,12 @@ def build_student_task(config: Config, out: str) -> Path:
 
 
 @task(name="distill-expert", cache_policy=NONE, retries=0, task_run_name="distill-{operation}")
-def distill_expert_task(config: Config, out: str, operation: str, base: Path) -> DistillResult:
+def distill_expert_task(config: Config, out: str, operation: str, base: Path,
+                        init: Path | None = None) -> DistillResult:
     log = get_run_logger()
-    record = distill_operation(config, out, operation, base, on_line=log.info)
+    if init is not None:
+        log.info("%s: starting from the served expert %s (improve.warm_start)", operation, init)
+    record = distill_operation(config, out, operation, base, on_line=log.info, init=init)
     if isinstance(record, NoExpert):
         log.warning("%s: no expert (%s)", operation, record.reason)
         return record

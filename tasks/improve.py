@@ -22,9 +22,10 @@ def new_rows_task(config: Config, out: str) -> dict[str, int]:
 
 
 @task(name="prepare-candidate", cache_policy=NONE)
-def prepare_candidate_task(out: str, counts: dict[str, int]) -> Candidate:
-    candidate = prepare_candidate(out, counts)
-    get_run_logger().info("candidates train in %s", candidate.out)
+def prepare_candidate_task(config: Config, out: str, counts: dict[str, int]) -> Candidate:
+    candidate = prepare_candidate(config, out, counts)
+    get_run_logger().info("candidates train in %s%s", candidate.out, "; warm start from the served " +
+                          ", ".join(sorted(candidate.init)) if candidate.init else " (fresh experts)")
     return candidate
 
 

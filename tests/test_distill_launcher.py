@@ -5,11 +5,13 @@ or a timeout raises with the log; a finished expert is not trained again."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
+from memlora.data.io import sha256_file
 from memlora.layout import trace_files
 from memlora.student.build import build_student
 from memlora.student.distill import distill_operation, finished_record
@@ -105,6 +107,15 @@ def test_zero3_adapter_reloads_with_the_same_outputs(tiny_model_dir, tmp_path):
     # The loss the engine computed with its (sharded) weights, and the loss of the adapter as saved, agree.
     assert loss == pytest.approx(record.loss_after, rel=1e-4, abs=1e-4)
     assert record.loss_after < record.loss_before
+
+    # improve's warm start: a candidate that starts from this expert starts at its loss, not at a fresh one's
+    again = tmp_path / "candidate"
+    shutil.copytree(out / "traces", again / "traces")
+    warm = distill_operation(config, again, "update", base, on_line=lambda line: None,
+                             init=out / "adapters" / "update")
+    assert warm.loss_before == pytest.approx(record.loss_after, rel=1e-4, abs=1e-4)
+    assert warm.init_sha256 == sha256_file(out / "adapters" / "update" / "adapter_model.safetensors")
+    assert warm.cache_key != record.cache_key and warm.traces_sha256 == record.traces_sha256
 
 
 @pytest.mark.timeout(180)

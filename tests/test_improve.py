@@ -42,9 +42,12 @@ def trace_row(i: int, conversation: str, line: str, answer: str) -> dict:
             "latency_s": 0.1, "batch_size": 1, "model_id": "teacher", "backend": "capture", "template_hash": "x"}
 
 
-def standin_trainer(sources: list[Path], calls: list[str]):
-    """run_training's stand-in: installs the next adapter of `sources` with a training record like the real one."""
-    def run(config, out, operation, base, cache, on_line):
+def standin_trainer(sources: list[Path], calls: list[str], starts: list | None = None):
+    """run_training's stand-in: installs the next adapter of `sources` with a training record like the real one
+    (and notes in `starts` the adapter it was told to start from)."""
+    def run(config, out, operation, base, cache, on_line, init=None):
+        if starts is not None:
+            starts.append(init)
         if not sources:
             raise RuntimeError("rank 0 died: CUDA out of memory (stand-in)")
         folder = adapter_dir(out, operation)
@@ -111,11 +114,17 @@ def test_improve_promotes_the_better_keeps_out_the_worse_and_rolls_back(prefect_
 
     assert improve(config_path=str(config_path), out=str(out)) == {"new_rows": {"extraction": 0}, "promoted": []}
 
-    # a new day's rows, and a candidate that is worse: kept out, the served expert unchanged
+    # a new day's rows, and a candidate (warm-started from the served expert) that is worse: kept out, the served
+    # expert unchanged
     write_parquet(pa.Table.from_pylist([trace_row(99, "c2", LINES[0], right[0])], schema=TRACES),
                   out / "traces" / "extraction" / "part-day2.parquet", "traces")
-    monkeypatch.setattr(distill_module, "run_training", standin_trainer([bad], calls))
+    raw["improve"]["warm_start"] = True
+    raw["student"]["expert"]["r"] = 4  # the served expert's shape (an expert of another shape is not resumed)
+    config_path.write_text(yaml.safe_dump(raw))
+    starts: list = []
+    monkeypatch.setattr(distill_module, "run_training", standin_trainer([bad], calls, starts))
     worse = improve(config_path=str(config_path), out=str(out))
+    assert starts == [str(adapter_dir(out, "extraction"))]
     assert worse["promoted"] == [] and "worse than the current expert" in worse["decisions"][0]["reason"]
     assert answers(adapter_dir(out, "extraction")) == right and versions(out) == [before]
     table = pq.read_table(decisions_path(out)).to_pylist()
