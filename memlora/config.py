@@ -338,6 +338,8 @@ class ImproveConfig(_Strict):
     # agreement or on the share of calls it keeps at the deferral budget.
     margin: float = Field(0.05, ge=0.0, lt=1.0)
     samples: int = Field(1000, ge=0)  # bootstrap resamples
+    # Fewer held-out conversations than this: the interval is the wider of the clustered and the per-call one.
+    min_clusters: int = Field(5, ge=1)
     # Candidates start from the served experts' weights (warm) instead of a fresh adapter (cold). DeLoRA bounds
     # the update's Frobenius norm, which the thesis argues makes continued training safe; off until measured
     # better on the held-out calls.

@@ -132,7 +132,8 @@ def gate(config: Config, out: str | Path, base: str | Path, candidate: Candidate
             [tests[i].conversation_id for i in pick],
             [s for s in scored["current"][1] if s.operation == op],
             [s for s in scored["candidate"][1] if s.operation == op],
-            margin=config.improve.margin, budget=config.deferral.budget, samples=config.improve.samples))
+            margin=config.improve.margin, budget=config.deferral.budget, samples=config.improve.samples,
+            min_clusters=config.improve.min_clusters))
     return decisions
 
 

@@ -228,3 +228,21 @@ def test_a_disk_that_fills_during_a_promotion_changes_nothing_served(tiny_model_
     assert seen["no room to stage"] == "ENOSPC same=True", seen
     assert seen["room to stage, not for the manifest"] == "ENOSPC same=True", seen
     assert (seen["snapshot"], seen["versions"], seen["hidden"]) == ("ENOSPC", [], []), seen
+
+
+def test_with_few_held_out_conversations_the_gate_interval_is_not_narrower_than_per_call():
+    from memlora.evaluation.gate import paired_difference
+
+    # Two conversations in which the candidate wins on the same 4 of 20 calls: resampling the two conversations
+    # can only draw +0.20, a zero-width interval; resampling calls sees that 8 wins in 40 calls are noisy.
+    current = [False] * 40
+    candidate = ([True] * 4 + [False] * 16) * 2
+    two = ["a"] * 20 + ["b"] * 20
+    point, low, high = paired_difference(current, candidate, two, 2000)
+    assert (round(point, 3), round(low, 3), round(high, 3)) == (0.2, 0.2, 0.2)
+    guarded = paired_difference(current, candidate, two, 2000, min_clusters=5)
+    _, call_low, call_high = paired_difference(current, candidate, [str(i) for i in range(40)], 2000)
+    assert guarded == (point, call_low, call_high) and call_low < 0.12 and call_high > 0.28
+    five = [c for c in "abcde" for _ in range(8)]  # from min_clusters conversations on: the clustered one alone
+    assert paired_difference(current, candidate, five, 2000, min_clusters=5) == \
+        paired_difference(current, candidate, five, 2000)
