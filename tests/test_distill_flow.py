@@ -18,7 +18,7 @@ from tests.student_fixtures import distill_config, perturb, write_traces
 
 
 def fake_run_training(calls: list):
-    def run(config, out, operation, base, cache, on_line):
+    def run(config, out, operation, base, cache, on_line, init=None):
         from memlora.layout import adapter_dir
         from memlora.llm.hf_backend import load_causal_lm
         from memlora.student.experts import attach_expert
