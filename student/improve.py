@@ -82,23 +82,24 @@ def prepare_candidate(config: Config, out: str | Path, counts: dict[str, int]) -
         if (Path(out) / name).exists():
             os.symlink(Path(out).resolve() / name, folder / name)
     ops = [op for op, n in counts.items() if n]
-    init = {op: start for op in ops if (start := warm_start_from(config, out, op)) is not None}
-    return Candidate(run, folder, {op: counts[op] for op in ops}, init)
+    return Candidate(run, folder, {op: counts[op] for op in ops}, warm_starts(config, out, ops))
 
 
-def warm_start_from(config: Config, out: str | Path, operation: str) -> Path | None:
-    """The served expert a candidate starts from (`improve.warm_start`); None for a fresh one: warm start off, no
-    served expert, or one whose adapter shape (method, rank, target modules) the config no longer asks for."""
+def warm_starts(config: Config, out: str | Path, operations: list[str]) -> dict[str, Path]:
+    """The served experts candidates start from (`improve.warm_start`), by operation; an operation left out
+    starts fresh: warm start off, no served expert, or one whose adapter shape (method, rank, target modules) the
+    config no longer asks for."""
     if not config.improve.warm_start or config.student is None:
-        return None
-    folder = verified_expert_folders(out).get(operation)
-    if folder is None:
-        return None
-    saved = json.loads((folder / "adapter_config.json").read_text())
-    wanted = adapter_config(config.student.expert).to_dict()
-    shape = lambda c: (getattr(c.get("peft_type"), "value", c.get("peft_type")), c.get("r"),  # noqa: E731
-                       sorted(c.get("target_modules") or []))
-    return folder if shape(saved) == shape(wanted) else None
+        return {}
+    served = verified_expert_folders(out)  # every adapter checked against the manifest once
+    wanted = _shape(adapter_config(config.student.expert).to_dict())
+    return {op: served[op] for op in operations if op in served
+            and _shape(json.loads((served[op] / "adapter_config.json").read_text())) == wanted}
+
+
+def _shape(adapter: dict) -> tuple:
+    kind = adapter.get("peft_type")
+    return getattr(kind, "value", kind), adapter.get("r"), sorted(adapter.get("target_modules") or [])
 
 
 def backend_for(config: Config, base: str | Path, adapters: dict[str, Path]) -> ExpertBackend:
