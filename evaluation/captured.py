@@ -27,6 +27,7 @@ from memlora.evaluation.results import _row, write_results
 from memlora.evaluation.stats import Estimate
 from memlora.evaluation.systems import EvalError
 from memlora.layout import conversations_file, report_path, trace_files
+from memlora.llm.client_template import MISMATCH
 from memlora.memory.llm import GenerationRequest
 from memlora.memory.parsing import extract_json
 from memlora.memory.prompts import EVENTS
@@ -74,8 +75,8 @@ def agreement_rows(system: str, operation: str, outputs: list[dict | None], call
         return cluster_bootstrap(items, clusters, statistic, samples)
 
     if operation == "extraction":
-        mine = [[str(f) for f in (o or {}).get("facts") or []] for o in outputs]
-        theirs = [[str(f) for f in c.reference.get("facts") or []] for c in calls]
+        mine = [scoring.extracted_facts(o) for o in outputs]
+        theirs = [scoring.extracted_facts(c.reference) for c in calls]
         f1 = scoring.fact_set(mine, theirs, config.evaluation.fact_match_threshold)["f1"]
         f1 = [v if o is not None else 0.0 for v, o in zip(f1, outputs)]
         return [_row(system, "agreement", operation, "fact_f1", est(f1, np.mean))]
@@ -126,7 +127,16 @@ def evaluate_captured(config: Config, out: str | Path, backend, on_line=print) -
             rows += agreement_rows(system, op, outputs, [calls[i] for i in pick], config)
             tokens = [results[i].completion_tokens for i in pick]
             per_token = [results[i].latency_s / max(1, results[i].completion_tokens) for i in pick]
+            # What the model read: the client's whole prompt (the bare student), or what the expert reads of it
+            # (cut to its changing parts by the client template it was trained on)
+            read = [results[i].prompt_tokens for i in pick]
+            if system == "student+experts" and hasattr(backend, "expert_view"):
+                mismatched = sum(backend.expert_view(op, calls[i].messages)[1] == MISMATCH for i in pick)
+                rows.append(_row(system, "validity", op, "template_mismatch", Estimate(float(mismatched), len(pick)),
+                                 unit="count"))
             rows += [
+                _row(system, "latency", op, "prompt_tokens", Estimate(float(np.mean(read)), len(pick)),
+                     unit="tokens"),
                 _row(system, "validity", op, "parse_ok", Estimate(float(np.mean([p.ok for p in parsed])), len(pick))),
                 _row(system, "latency", op, "completion_tokens", Estimate(float(np.mean(tokens)), len(pick)),
                      unit="tokens"),

@@ -60,7 +60,7 @@ def agrees(operation: str, text: str, reference: dict, config: Config) -> bool:
     if operation == "update":
         return answer_events(json.dumps(value)) == answer_events(json.dumps(reference))
     if operation == "extraction":
-        mine, theirs = [str(f) for f in value.get("facts") or []], [str(f) for f in reference.get("facts") or []]
+        mine, theirs = scoring.extracted_facts(value), scoring.extracted_facts(reference)
         if not mine or not theirs:
             return not mine and not theirs
         f1 = scoring.fact_set([mine], [theirs], config.evaluation.fact_match_threshold)["f1"][0]

@@ -58,6 +58,18 @@ def bleu1(predictions: list[str], references: list[str]) -> list[float]:
     return load("bleu1").compute(predictions=predictions, references=references)["scores"]
 
 
+def extracted_facts(value) -> list[str]:
+    """The facts of an extraction answer: ours and Mem0 1.x's `{"facts": [str]}`, or Mem0 2.x's
+    `{"memory": [{"text": ...}]}` (its ADD-only extraction call)."""
+    if not isinstance(value, dict):
+        return []
+    if isinstance(value.get("facts"), list):
+        return [str(f) for f in value["facts"]]
+    if isinstance(value.get("memory"), list):
+        return [str(m.get("text", "")) for m in value["memory"] if isinstance(m, dict) and m.get("text")]
+    return []
+
+
 def fact_set(predictions: list[list[str]], references: list[list[str]], threshold: float) -> dict[str, list[float]]:
     """Per example precision, recall and F1 of fuzzy fact matching."""
     if not predictions:

@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException
 from memlora.config import OPERATIONS, CaptureRule, ServingConfig
 from memlora.llm.batcher import MicroBatcher
 from memlora.llm.call_rules import classify, schema_for
+from memlora.llm.client_template import AS_SENT, MISMATCH, REDUCED
 from memlora.llm.hf_backend import TransformersBackend
 from memlora.llm.openai_protocol import ApiError, ChatRequest, call_context, completion_body, error_body, \
     models_body, parse_chat_request
@@ -150,11 +151,13 @@ class ServingEngine:
                 raise ApiError(400, "response_format.json_schema.schema: required for type json_schema",
                                param="response_format")
             return fmt.json_schema.json_schema
-        # json_object: the operation's schema from the rules where one is known (an expert's own operation, else
-        # the rule the call matches), else any JSON object
+        # json_object: the schema of the rule the call matches (two client releases may shape one operation's
+        # answer differently: Mem0 1.x's facts, 2.x's memories), else the operation's first rule's, else any JSON
+        if rule is not None and rule.output_schema and (rule.operation == operation or operation not in OPERATIONS):
+            return rule.output_schema
         if operation in OPERATIONS:
             return schema_for(self.rules, operation) or ANY_JSON_OBJECT
-        return (rule.output_schema if rule is not None else None) or ANY_JSON_OBJECT
+        return ANY_JSON_OBJECT
 
     def to_request(self, chat: ChatRequest) -> GenerationRequest:
         served = self.models.get(chat.model)
@@ -172,8 +175,13 @@ class ServingEngine:
             except Exception as err:  # noqa: BLE001  (xgrammar raises plain RuntimeErrors)
                 raise ApiError(400, f"response_format: the JSON schema cannot be compiled to a grammar: {err}",
                                param="response_format") from None
+        # What the model will read: an expert reads a client's call cut to what changes (its client template)
+        view, how = (self.backend.expert_view(operation, messages) if hasattr(self.backend, "expert_view")
+                     else (messages, AS_SENT))
+        if how in (REDUCED, MISMATCH):
+            self.counts[f"{operation}_{how}"] += 1  # a client whose prompt no longer matches: flagged at /health
         try:
-            prompt = self.backend.prompt_text(GenerationRequest(operation, messages, 1))
+            prompt = self.backend.prompt_text(GenerationRequest(operation, view, 1))
         except Exception as err:  # noqa: BLE001  (a chat template rejects the message order or roles)
             raise ApiError(400, f"messages: the model's chat template cannot render them: {err}",
                            param="messages") from None
@@ -181,8 +189,10 @@ class ServingEngine:
         asked = chat.max_completion_tokens or chat.max_tokens
         room = self.context - prompt_tokens if self.context else None
         if room is not None and (room <= 0 or (asked is not None and asked > room)):
+            why = (f" (the call does not match the client template the {operation} expert was trained on, so it "
+                   "is read whole)" if how == MISMATCH else "")
             raise ApiError(400, f"This model's maximum context length is {self.context} tokens; the messages take "
-                           f"{prompt_tokens} and {asked or 'at least 1'} more were asked for",
+                           f"{prompt_tokens} and {asked or 'at least 1'} more were asked for{why}",
                            param="messages", code="context_length_exceeded")
         max_new = asked or min(self.default_max_tokens, room or self.default_max_tokens)
         top_k = (max(1, chat.top_logprobs or 0)) if chat.logprobs else 0

@@ -28,10 +28,12 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from memlora.release import VerifyError
     from memlora.student.export import ExportRefused
     from memlora.student.launch import TrainingFailed
+    from memlora.llm.client_template import TemplateError
     from memlora.teacher.traces import TracesIncomplete
 
     return (UsageError, ConfigError, DataError, ModelRefError, TracesIncomplete, TrainingFailed, TeacherUnavailable,
-            SchemaRejected, UntrustedArtifact, VerifyError, ExportRefused, CalibrationError, FallbackError)
+            SchemaRejected, UntrustedArtifact, VerifyError, ExportRefused, CalibrationError, FallbackError,
+            TemplateError)
 
 
 class UsageError(ValueError):
@@ -305,6 +307,42 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_templates(args) -> int:
+    from transformers import AutoTokenizer
+
+    from memlora.config import load_config
+    from memlora.layout import student_dir
+    from memlora.memory.prompts import STUDENT_SYSTEM
+    from memlora.models import resolve
+    from memlora.student.templates import ensure_templates, report
+
+    check_out(args)
+    config = load_config(args.config)
+    mined = ensure_templates(config, args.out, remine=args.remine, strict=True,
+                             on_line=lambda line: print(line, flush=True))
+    if not mined:
+        print(f"{args.out}: no captured calls with a client template (capture a client's calls first; our own "
+              "memory system's prompts are cut by student.prompt: minimal without one)")
+        return 0
+    if (student_dir(args.out) / "config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(str(student_dir(args.out)))
+    else:
+        ref = resolve(config.teacher.tokenizer or config.teacher.model)
+        tokenizer = AutoTokenizer.from_pretrained(ref.path, **ref.pretrained_kwargs())
+    for r in report(config, args.out, tokenizer, STUDENT_SYSTEM.get):
+        t = r.template
+        print(f"{r.operation}: template {t.fingerprint} (version {r.versions}, mined {t.mined_at} from {t.calls} "
+              f"calls, {t.fixed_lines} fixed lines); {r.matching}/{r.calls} captured calls match")
+        if r.matching:
+            print(f"  tokens per call: {r.whole_tokens:.0f} as the client sends it, {r.reduced_tokens:.0f} read by "
+                  f"the expert ({r.reduced_tokens / r.whole_tokens:.2f}x)")
+            print("  what changes in the first call:\n    " + r.example[:600].replace("\n", "\n    "))
+        if r.matching < r.calls:
+            print(f"  WARNING {r.calls - r.matching} calls do not match: the client's prompt changed (a new "
+                  "release?); they are not trained on. `--remine` makes a new template from every call")
+    return 0
+
+
 def cmd_serve_model(args) -> int:
     from memlora.config import load_config
     from memlora.llm.hf_backend import TransformersBackend
@@ -413,6 +451,11 @@ COMMANDS = {
         "log-probs, and write OUT/deferral.json: per operation, the threshold that keeps the most calls with "
         "the kept answers' disagreement with the teacher within deferral.budget (upper 95 % bound); checked "
         "on the test conversations' teacher calls where an evaluation has run."),
+    "templates": ("find and show the fixed part of a captured client's prompts",
+        "Mine, per operation, the lines every captured call of a client shares (its instructions and examples) "
+        "into OUT/templates/<operation>.json, once (--remine: a new version), and show them: an expert with "
+        "student.prompt minimal reads only what changes. Shows how many calls match and their tokens whole vs "
+        "reduced."),
     "serve-model": ("serve one model (e.g. the teacher) over the OpenAI API",
         "Serve the config's teacher (or --model) as an OpenAI-compatible endpoint, with the same decoding, "
         "schemas and batching as serve-experts."),
@@ -542,6 +585,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "test calls instead of calibrating (e.g. OUT from `memlora evaluate --data ... --experts-from "
                    "OUT2`)")
     p.set_defaults(func=cmd_calibrate)
+
+    p = command("templates")
+    config(p)
+    out(p)
+    p.add_argument("--remine", action="store_true", help="mine a new template version from every captured call")
+    p.set_defaults(func=cmd_templates)
 
     p = command("serve-model")
     config(p)

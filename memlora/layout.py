@@ -10,7 +10,8 @@ from pathlib import Path
 
 MANIFEST = "manifest.json"
 DATASETS, TRACES, ADAPTERS, EVAL = "datasets", "traces", "adapters", "eval"
-TRACKED = (DATASETS, TRACES, ADAPTERS, EVAL)  # what OUT/manifest.json lists with sha256s
+TEMPLATES = "templates"
+TRACKED = (DATASETS, TRACES, TEMPLATES, ADAPTERS, EVAL)  # what OUT/manifest.json lists with sha256s
 RELEASED = (DATASETS, TRACES, EVAL)           # what a dataset release copies
 
 
@@ -140,6 +141,11 @@ def decisions_path(out: str | Path) -> Path:
 def deferral_path(out: str | Path) -> Path:
     """`memlora calibrate`'s thresholds, which `serve-experts --fallback` reads."""
     return Path(out) / "deferral.json"
+
+
+def templates_path(out: str | Path, operation: str) -> Path:
+    """The fixed part of a captured client's prompt for `operation`, every mined version (`memlora templates`)."""
+    return Path(out) / TEMPLATES / f"{operation}.json"
 
 
 # --- releases and the manifest ------------------------------------------------------------------------------------

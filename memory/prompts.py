@@ -132,6 +132,12 @@ STUDENT_SYSTEM = {
 }
 
 
+def is_own_prompt(operation: str, messages: list[dict]) -> bool:
+    """Whether a call was built with our teacher template (else it is a captured client's)."""
+    template = TEMPLATES.get(operation)
+    return template is not None and bool(messages) and messages[0].get("content") == template.system
+
+
 def expert_messages(prompt: str, operation: str, messages: list[dict]) -> list[dict]:
     """What an expert reads under `student.prompt`: the minimal student prompt, or the teacher's as it is."""
     return student_messages(operation, messages) if prompt == "minimal" else messages
@@ -141,8 +147,7 @@ def student_messages(operation: str, messages: list[dict]) -> list[dict]:
     """The minimal student prompt for a request built with our teacher template: its one instruction line and
     the request's own input (the last user message). A prompt made by another template (a captured client's)
     is returned unchanged: it is not ours to shorten."""
-    template = TEMPLATES.get(operation)
-    if template is None or not messages or messages[0].get("content") != template.system:
+    if not is_own_prompt(operation, messages):
         return messages
     return [{"role": "system", "content": STUDENT_SYSTEM[operation]}, messages[-1]]
 

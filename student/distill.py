@@ -15,6 +15,7 @@ from memlora.student.examples import load_traces, traces_fingerprint
 from memlora.student.experts import is_complete_adapter
 from memlora.student.launch import TrainingFailed, run_training
 from memlora.student.records import DistillResult, NoExpert, TrainingRecord
+from memlora.student.templates import ensure_templates, template_for
 
 
 def config_fingerprint(config: Config) -> str:
@@ -34,7 +35,9 @@ def cache_key(config: Config, out: str | Path, operation: str, init: Path | None
     traces = traces_fingerprint(trace_files(out, operation))
     fingerprint = config_fingerprint(config)
     start = sha256_file(Path(init) / "adapter_model.safetensors") if init is not None else ""
-    key = hashlib.sha256(f"{operation}:{traces}:{fingerprint}{':' + start if start else ''}".encode()).hexdigest()
+    template = template_for(config, out, operation)
+    key = hashlib.sha256((f"{operation}:{traces}:{fingerprint}{':' + start if start else ''}"
+                          f"{':template=' + template.fingerprint if template else ''}").encode()).hexdigest()
     return {"key": key, "traces_sha256": traces, "config_fingerprint": fingerprint, "init_sha256": start}
 
 
@@ -82,6 +85,8 @@ def distill_operation(config: Config, out: str | Path, operation: str, base: Pat
         # memory system runs this operation on the bare student. Said loudly, recorded in the manifest.
         on_line(f"WARNING {operation}: no parse_ok trace rows; no expert trained for it")
         return NoExpert(operation, "no parse_ok trace rows")
+    if config.student is not None and config.student.prompt == "minimal":
+        ensure_templates(config, out, [operation], on_line=on_line)  # a captured client's fixed prompt, mined once
     done = finished_record(config, out, operation, init)
     if done is not None:
         on_line(f"{operation}: expert already trained on these traces with this recipe; kept")

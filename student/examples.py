@@ -11,7 +11,7 @@ from memlora.config import TargetsConfig
 from memlora.data.io import read_parquet, sha256_file
 from memlora.data.schemas import TRACES
 from memlora.layout import conversations_file
-from memlora.memory.prompts import expert_messages
+from memlora.llm.client_template import MISMATCH, ClientTemplate, expert_view
 from memlora.student.losses import IGNORE
 from memlora.student.targets import Target, TargetStats, make_target
 
@@ -105,10 +105,13 @@ def split_rows(table: pa.Table, splits: dict[str, str]) -> tuple[pa.Table, pa.Ta
 
 def build_examples(table: pa.Table, tokenizer, max_length: int, same_tokenizer: bool, *,
                    prompt: str = "teacher", targets: TargetsConfig | None = None,
-                   gold: dict | None = None, answer_max_chars: int = 120) -> ExampleSet:
+                   gold: dict | None = None, answer_max_chars: int = 120,
+                   template: ClientTemplate | None = None) -> ExampleSet:
     """Only parse_ok rows train; token ids and log-probs from the teacher are used where the vocabularies match
     and the target is the teacher's own output. `prompt="minimal"` trains on the student template
-    (`memory.prompts.student_messages`); `targets` cleans what the expert learns to write."""
+    (`memory.prompts.student_messages`), and a captured client's call is cut to what changes by its `template`
+    (a call the template does not match is not trained on, and counted); `targets` cleans what the expert learns
+    to write."""
     skipped: dict[str, int] = {}
     examples: list[Example] = []
     tokens = with_lp = prompt_total = 0
@@ -119,7 +122,10 @@ def build_examples(table: pa.Table, tokenizer, max_length: int, same_tokenizer: 
         if not row["parse_ok"]:
             skipped["parse_failed"] = skipped.get("parse_failed", 0) + 1
             continue
-        messages = expert_messages(prompt, row["operation"], row["messages"])
+        messages, how = expert_view(prompt, row["operation"], row["messages"], template)
+        if how == MISMATCH:
+            skipped["template_mismatch"] = skipped.get("template_mismatch", 0) + 1
+            continue
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         target = (make_target(row, targets, gold or {}, answer_max_chars, stats) if targets is not None

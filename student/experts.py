@@ -15,6 +15,7 @@ from peft import DeloraConfig, HRAConfig, LoraConfig, PeftModel, get_peft_model
 
 from memlora.config import OPERATIONS, ExpertConfig
 from memlora.layout import adapter_dir
+from memlora.llm.client_template import AS_SENT, expert_view, read_template
 from memlora.llm.hf_backend import TransformersBackend, load_causal_lm
 from memlora.manifest import check_recorded
 from memlora.student.householder import use_input_reflections
@@ -54,6 +55,14 @@ def resume_expert(model, folder: str | Path, name: str = "default"):
 
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what peft reads when loading an expert
+# The client template an expert of a captured operation was trained to read (`llm.client_template`): it travels
+# with the expert (versions, promotion, the manifest), so a served expert always reduces calls as it learnt them.
+TEMPLATE_FILE = "client_template.json"
+
+
+def expert_files(folder: Path) -> list[Path]:
+    """The files that decide an expert's answers: peft's two, and its client template where it has one."""
+    return [folder / name for name in ADAPTER_FILES] + [p for p in [folder / TEMPLATE_FILE] if p.is_file()]
 
 
 def is_complete_adapter(folder: Path) -> bool:
@@ -69,7 +78,7 @@ def verified_expert_folders(out: str | Path) -> dict[str, Path]:
     """`expert_folders`, each file checked against OUT/manifest.json first: a changed or unrecorded adapter
     stops the load (UntrustedArtifact) instead of being run."""
     folders = expert_folders(out)
-    check_recorded(out, [folder / name for folder in folders.values() for name in ADAPTER_FILES])
+    check_recorded(out, [path for folder in folders.values() for path in expert_files(folder)])
     return folders
 
 
@@ -107,6 +116,8 @@ class ExpertBackend(TransformersBackend):
                              f"model): {', '.join(f'{op} {m}' for op, m in sorted(methods.items()))}")
         model, tokenizer, model_id = load_causal_lm(str(base), dtype=dtype, device=device)
         self.prompt = prompt  # "minimal": an operation with an expert reads the student template
+        self.templates = {op: read_template(Path(folder) / TEMPLATE_FILE) for op, folder in (adapters or {}).items()
+                          if (Path(folder) / TEMPLATE_FILE).is_file()}
         self.operations: list[str] = [op for op in OPERATIONS if op in (adapters or {})]
         self.operations += [op for op in (adapters or {}) if op not in self.operations]
         if self.operations:
@@ -204,16 +215,17 @@ class ExpertBackend(TransformersBackend):
             with self._lock:
                 self._bare = previous
 
+    def expert_view(self, operation: str, messages: list[dict]) -> tuple[list[dict], str]:
+        """What the expert of `operation` reads of a call (`llm.client_template.expert_view`): with `student.prompt:
+        minimal`, our own prompt cut to its input, a client's cut to what changes; the bare base reads it whole."""
+        if self._bare or operation not in self.operations:
+            return messages, AS_SENT
+        return expert_view(self.prompt, operation, messages, self.templates.get(operation))
+
     def generate(self, requests):
-        """Requests for an operation with an expert are rewritten to the student template when the experts
-        were trained on it (`student.prompt: minimal`); the bare base keeps the teacher's prompt."""
-        if self.prompt == "minimal" and not self._bare:
-            from dataclasses import replace
+        from dataclasses import replace
 
-            from memlora.memory.prompts import student_messages
-
-            requests = [replace(r, messages=student_messages(r.operation, r.messages))
-                        if r.operation in self.operations else r for r in requests]
+        requests = [replace(r, messages=self.expert_view(r.operation, r.messages)[0]) for r in requests]
         return super().generate(requests)
 
     def before_batch(self, operation: str) -> None:

@@ -21,10 +21,13 @@ from memlora.config import OPERATIONS, Config
 from memlora.data.io import write_parquet
 from memlora.evaluation import deferral
 from memlora.evaluation.gate import Decision, decide
-from memlora.layout import ADAPTERS, DATASETS, TRACES, adapter_dir, candidate_dir, decisions_path, trace_files
+from memlora.layout import (
+    ADAPTERS, DATASETS, TEMPLATES, TRACES, adapter_dir, candidate_dir, decisions_path, trace_files,
+)
 from memlora.student.examples import load_traces
 from memlora.student.experts import ExpertBackend, adapter_config, verified_expert_folders
 from memlora.student.records import TrainingRecord
+from memlora.student.templates import ensure_templates
 from memlora.student.versions import install, snapshot, verified_version
 
 DECISIONS = pa.schema([
@@ -78,7 +81,9 @@ def prepare_candidate(config: Config, out: str | Path, counts: dict[str, int]) -
     run = time.strftime("%Y%m%dT%H%M%S")
     folder = candidate_dir(out, run)
     (folder / ADAPTERS).mkdir(parents=True)
-    for name in (TRACES, DATASETS, "student"):
+    if config.student is not None and config.student.prompt == "minimal":
+        ensure_templates(config, out)  # mined in OUT, so that candidate and served experts read calls alike
+    for name in (TRACES, DATASETS, "student", TEMPLATES):
         if (Path(out) / name).exists():
             os.symlink(Path(out).resolve() / name, folder / name)
     ops = [op for op, n in counts.items() if n]

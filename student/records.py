@@ -30,6 +30,7 @@ class TrainingRecord:
     learning_rate: float = 0.0
     prompt: str = "teacher"                # the student template trained on (minimal | teacher)
     prompt_tokens_mean: float = 0.0
+    client_template: str = ""              # fingerprint of the client template its captured calls were cut by
     targets: dict = field(default_factory=dict)      # what target selection kept and dropped
     oversampled: dict = field(default_factory=dict)  # update label -> repeat factor (train split only)
     train_examples: int = 0

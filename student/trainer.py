@@ -26,11 +26,12 @@ from memlora.student.deviation import weight_deviation
 from memlora.student.examples import (
     IGNORE, Example, ExampleSet, build_examples, conversation_splits, load_traces, oversample_minority, split_rows,
 )
-from memlora.student.experts import attach_expert, resume_expert
+from memlora.student.experts import TEMPLATE_FILE, attach_expert, resume_expert
 from memlora.student.export import portable_base
 from memlora.student.losses import completion_window, distillation_loss
 from memlora.student.records import TrainingRecord
 from memlora.student.targets import gold_answers
+from memlora.student.templates import template_for
 
 
 def deepspeed_config(stage: int, on_gpu: bool) -> dict:
@@ -265,8 +266,9 @@ def train_expert(config: Config, out: str | Path, operation: str, base: str | Pa
     same_tokenizer = shares_teacher_tokenizer(config, tokenizer)
     files = trace_files(out, operation)
     train_rows, val_rows = split_rows(load_traces(files), conversation_splits(out))
+    template = template_for(config, out, operation)
     recipe = dict(prompt=config.student.prompt, targets=cfg.targets, gold=gold_answers(out),
-                  answer_max_chars=config.memory.answer_max_chars)
+                  answer_max_chars=config.memory.answer_max_chars, template=template)
     data: ExampleSet = build_examples(train_rows, tokenizer, cfg.max_length, same_tokenizer, **recipe)
     val_data: ExampleSet = build_examples(val_rows, tokenizer, cfg.max_length, same_tokenizer, **recipe)
     if not data.examples:
@@ -364,6 +366,7 @@ def train_expert(config: Config, out: str | Path, operation: str, base: str | Pa
         "learning_rate": cfg.learning_rate,
         "prompt": config.student.prompt,
         "prompt_tokens_mean": round(data.prompt_tokens / max(data.rows_used, 1), 1),
+        "client_template": template.fingerprint if template is not None else "",
         "targets": data.targets,
         "oversampled": repeats,  # label -> repeat factor (update, train split only)
         "train_examples": len(data.examples),
@@ -389,6 +392,8 @@ def train_expert(config: Config, out: str | Path, operation: str, base: str | Pa
         "init_sha256": cache.get("init_sha256", ""),
         "base": str(base),
     })
+    if template is not None:
+        (staging / TEMPLATE_FILE).write_text(json.dumps(template.to_dict(), indent=1) + "\n")
     (staging / "training.json").write_text(json.dumps(record.to_dict(on_disk=True), indent=2) + "\n")
     swap_in(staging, final)  # a collective save wrote it, so the staging name is fixed, not a context's
     shutil.rmtree(work, ignore_errors=True)

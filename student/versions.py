@@ -18,9 +18,9 @@ from pathlib import Path
 from memlora.data.io import sha256_file, write_json
 from memlora.layout import adapter_dir, version_dir, versions_root
 from memlora.manifest import UntrustedArtifact, update_manifest
-from memlora.student.experts import ADAPTER_FILES, expert_folders
+from memlora.student.experts import ADAPTER_FILES, TEMPLATE_FILE, expert_folders
 
-KEPT_FILES = (*ADAPTER_FILES, "training.json")
+KEPT_FILES = (*ADAPTER_FILES, TEMPLATE_FILE, "training.json")
 
 
 def versions(out: str | Path) -> list[str]:
@@ -83,6 +83,8 @@ def install(out: str | Path, sources: dict[str, Path]) -> None:
                 if (Path(source) / name).is_file():
                     staged.append((target / f".{name}.installing", target / name))
                     shutil.copy2(Path(source) / name, staged[-1][0])
+                elif name == TEMPLATE_FILE and (target / name).is_file():
+                    staged.append((None, target / name))  # the new expert reads whole prompts: the old template goes
     except BaseException:
         _discard(staged, created)
         raise
@@ -93,7 +95,8 @@ def install(out: str | Path, sources: dict[str, Path]) -> None:
             if previous is not None:
                 os.replace(final, previous)
             moved.append((final, previous))
-            os.replace(tmp, final)
+            if tmp is not None:
+                os.replace(tmp, final)
         update_manifest(out)
     except BaseException:
         for final, previous in reversed(moved):
@@ -110,7 +113,8 @@ def install(out: str | Path, sources: dict[str, Path]) -> None:
 
 def _discard(staged: list[tuple[Path, Path]], created: list[Path]) -> None:
     for tmp, _ in staged:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
     for folder in created:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -232,6 +232,8 @@ def create_capture_app(upstream: str, config: CaptureConfig, recorder: CaptureRe
         latency = time.perf_counter() - started
         if response.status_code >= 400:  # the upstream's own error, passed on as it is
             recorder.count("upstream_errors")
+            if rule is not None:  # a call of a known operation the teacher could not answer (e.g. too long)
+                recorder.count(f"upstream_errors_{rule.operation}")
             return JSONResponse(_json_or_error(response), status_code=response.status_code)
         data = _json_or_error(response)
         choices = data.get("choices") if isinstance(data, dict) else None
