@@ -115,3 +115,89 @@ def test_versions_are_kept_and_a_hand_edited_template_is_refused(tmp_path):
     with pytest.raises(TemplateError, match="do not match its fingerprint"):
         current(path)
     assert ClientTemplate.from_dict(first.to_dict()) == first
+
+
+# --- the template in training and in serving (a tiny random model with the teacher's vocabulary) -------------
+
+def client_rows(calls: list[list[dict]]) -> list[dict]:
+    from memlora.data.schemas import TRACES  # noqa: F401  (the rows below have its columns)
+
+    return [{"trace_id": f"capture:{i}", "operation": "extraction", "conversation_id": "capture", "session": 0,
+             "step": i, "output_schema": None, "messages": call, "raw_output": '{"facts": ["Has a dog"]}',
+             "parsed_output": '{"facts": ["Has a dog"]}', "parse_ok": True, "parse_error": None, "constrained": True,
+             "finish_reason": "stop", "prompt_tokens": 0, "completion_tokens": 5, "completion_token_ids": None,
+             "top_logprobs": None, "latency_s": 0.1, "batch_size": 1, "model_id": "teacher", "backend": "capture",
+             "template_hash": ""} for i, call in enumerate(calls)]
+
+
+def release_call(call: list[dict], repeat: int = 1) -> list[dict]:
+    """Mem0's call as a new release might send it: the instructions reworded (and `repeat` times as long)."""
+    system = call[0]["content"].replace("Personal Information Organizer", "Personal Information Organiser")
+    return [{"role": "system", "content": "\n".join([system] * repeat)}, call[1]]
+
+
+def test_training_reads_the_changing_parts_and_skips_a_call_of_another_release(tiny_model_dir):
+    import pyarrow as pa
+    from transformers import AutoTokenizer
+
+    from memlora.data.schemas import TRACES
+    from memlora.student.examples import build_examples
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    calls = extraction_calls()
+    template = mine("extraction", calls, min_calls=3)
+    table = pa.Table.from_pylist(client_rows([*calls, release_call(calls[0])]), schema=TRACES)
+    reduced = build_examples(table, tokenizer, 4096, False, prompt="minimal", template=template)
+    whole = build_examples(table, tokenizer, 4096, False, prompt="teacher")
+    assert reduced.rows_used == 4 and reduced.skipped == {"template_mismatch": 1}
+    assert whole.rows_used == 5 and not whole.skipped
+    assert reduced.prompt_tokens / 4 < 0.2 * whole.prompt_tokens / 5
+
+
+def test_served_expert_cuts_calls_counts_a_new_release_and_refuses_one_too_long(tmp_path, tiny_model_dir):
+    import httpx
+
+    from memlora.config import CaptureRule
+    from memlora.llm.openai_server import ServingEngine, create_app, expert_models
+    from memlora.student.experts import TEMPLATE_FILE, ExpertBackend
+    from tests.serving_fixtures import running
+    from tests.student_fixtures import saved_expert
+
+    folder = saved_expert(tiny_model_dir, tmp_path / "extraction", seed=1)
+    calls = extraction_calls()
+    (folder / TEMPLATE_FILE).write_text(json.dumps(mine("extraction", calls, min_calls=3).to_dict()))
+    backend = ExpertBackend(tiny_model_dir, {"extraction": folder}, device="cpu", prompt="minimal")
+    rules = [CaptureRule(operation="extraction", system_contains="Personal Information Organi")]
+    engine = ServingEngine(backend, expert_models(["extraction"]), rules, default_max_tokens=4)
+    body = lambda messages: {"model": "memlora", "messages": messages, "max_tokens": 4}  # noqa: E731
+    try:
+        with running(create_app(engine)) as url:
+            cut = httpx.post(f"{url}/v1/chat/completions", json=body(calls[0]), timeout=60)
+            whole = httpx.post(f"{url}/v1/chat/completions", json=body(release_call(calls[0])), timeout=60)
+            too_long = httpx.post(f"{url}/v1/chat/completions", json=body(release_call(calls[0], 3)), timeout=60)
+            after = httpx.post(f"{url}/v1/chat/completions", json=body(calls[1]), timeout=60)
+            counts = httpx.get(f"{url}/health", timeout=10).json()["counts"]
+    finally:
+        engine.close()
+    assert cut.status_code == whole.status_code == after.status_code == 200
+    assert cut.json()["usage"]["prompt_tokens"] < 0.2 * whole.json()["usage"]["prompt_tokens"]
+    assert too_long.status_code == 400, too_long.text
+    error = too_long.json()["error"]
+    assert error["code"] == "context_length_exceeded" and "does not match the client template" in error["message"]
+    assert counts["extraction_reduced"] == 2 and counts["extraction_template_mismatch"] == 2, counts
+
+
+def test_a_promoted_expert_without_template_takes_the_old_one_away(tmp_path, tiny_model_dir):
+    from memlora.manifest import update_manifest
+    from memlora.student.experts import TEMPLATE_FILE, ExpertBackend, verified_expert_folders
+    from memlora.student.versions import install
+    from tests.student_fixtures import saved_expert
+
+    out = tmp_path / "out"
+    served = saved_expert(tiny_model_dir, out / "adapters" / "extraction", seed=1)
+    (served / TEMPLATE_FILE).write_text(json.dumps(mine("extraction", extraction_calls(), 3).to_dict()))
+    update_manifest(out)
+    assert ExpertBackend(tiny_model_dir, verified_expert_folders(out), device="cpu").templates
+    install(out, {"extraction": saved_expert(tiny_model_dir, tmp_path / "candidate", seed=2)})
+    assert not (served / TEMPLATE_FILE).exists()
+    assert not ExpertBackend(tiny_model_dir, verified_expert_folders(out), device="cpu").templates

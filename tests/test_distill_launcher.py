@@ -175,9 +175,11 @@ def reloaded_validation_loss(config, out: Path, base: Path, operation: str) -> f
 
     from memlora.llm.hf_backend import load_causal_lm
     from memlora.student.examples import conversation_splits, split_rows
+    from memlora.student.templates import template_for
 
     model, tokenizer, _ = load_causal_lm(str(base), dtype="float32", device="cpu")
     model = PeftModel.from_pretrained(model, str(out / "adapters" / operation), use_safetensors=True)
     _, val_rows = split_rows(load_traces(trace_files(out, operation)), conversation_splits(out))
-    data = build_examples(val_rows, tokenizer, config.distill.max_length, True, prompt=config.student.prompt)
+    data = build_examples(val_rows, tokenizer, config.distill.max_length, True, prompt=config.student.prompt,
+                          template=template_for(config, out, operation))  # as training read them
     return mean_loss(model, data.examples, Collator(tokenizer.pad_token_id, 4), config.distill, "cpu")
