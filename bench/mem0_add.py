@@ -49,7 +49,7 @@ MAX_TOKENS = 300  # per LLM call, as in the README's Mem0 config
 
 def bench_config(source: Path, folder: Path, quick: bool, prompt: str = "minimal") -> Path:
     """The user's config with a short distill: one epoch (quick: one step of a 10-layer student), the experts
-    reading `prompt`, and a test share of the captured calls (blocks of 8 consecutive calls) to evaluate on."""
+    reading `prompt`, and a test share of the captured calls to evaluate on (blocks of 4 consecutive calls)."""
     raw = yaml.safe_load(source.read_text())
     raw.setdefault("distill", {}).update(max_epochs=1)
     raw.setdefault("student", {})["prompt"] = prompt
@@ -57,7 +57,7 @@ def bench_config(source: Path, folder: Path, quick: bool, prompt: str = "minimal
         raw["distill"].update(max_steps=1, batch_size=1)
         raw["student"]["prune"] = {"from": "teacher", "every": 3}
     else:
-        raw.setdefault("capture", {}).update(test_ratio=0.25, test_block=8)
+        raw.setdefault("capture", {}).update(test_ratio=0.25, test_block=4)
     path = folder / f"mem0-bench-{prompt}.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))  # a schema's property order is its output's
     return path

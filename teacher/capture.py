@@ -31,8 +31,9 @@ from memlora.config import CaptureConfig, CaptureRule, ServingConfig
 from memlora.data.io import write_parquet
 from memlora.data.split import CAPTURED_TEST_SUFFIX, CAPTURED_VALIDATION_SUFFIX, held_for_test
 from memlora.data.schemas import TRACES
-from memlora.layout import capture_shard_path
+from memlora.layout import capture_shard_path, templates_path
 from memlora.llm.call_rules import classify, fingerprint
+from memlora.llm.client_template import changing_parts, current
 from memlora.llm.openai_protocol import ApiError, Message, call_context, error_body, plain_messages
 from memlora.llm.openai_server import add_error_handlers
 from memlora.llm.request_limits import Admission, BodyLimit, client_stays, parse_json_body, rss_mib
@@ -81,6 +82,7 @@ class CaptureRecorder:
         self._seq = itertools.count()
         self._steps: Counter = Counter()
         self._lock = threading.Lock()
+        self._templates: dict = {}  # operation -> (the template file's mtime, its current template)
 
     @classmethod
     def from_config(cls, out: str | Path, config: CaptureConfig) -> "CaptureRecorder":
@@ -136,10 +138,23 @@ class CaptureRecorder:
     def write(self, row: dict) -> Path:
         path = capture_shard_path(self.out, row["operation"], row["trace_id"].rsplit(":", 1)[-1])
         write_parquet(pa.Table.from_pylist([row], schema=TRACES), path, "traces")
+        drifted = self.off_template(row["operation"], row["messages"])
         with self._lock:
             self.counts[f"recorded_{row['operation']}"] += 1
             self.counts["parse_failed"] += not row["parse_ok"]
+            if drifted:
+                self.counts[f"{row['operation']}_template_mismatch"] += 1
         return path
+
+    def off_template(self, operation: str, messages: list[dict]) -> bool:
+        """A recorded call that OUT's client template of its operation does not match (the client's prompt
+        changed: a new release?): recorded all the same, and counted at /health."""
+        path = templates_path(self.out, operation)
+        stamp = path.stat().st_mtime_ns if path.is_file() else None
+        cached = self._templates.get(operation)
+        if cached is None or cached[0] != stamp:
+            cached = self._templates[operation] = (stamp, current(path) if stamp is not None else None)
+        return cached[1] is not None and changing_parts(cached[1], messages) is None
 
     def count(self, what: str) -> None:
         with self._lock:

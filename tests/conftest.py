@@ -18,6 +18,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# Mem0 reads this once, when first imported (by whichever test imports it first): no telemetry, and no telemetry
+# vector store under ~/.mem0 that a second in-process Mem0 would find locked
+os.environ.setdefault("MEM0_TELEMETRY", "False")
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "samples" / "locomo_sample.json"

@@ -201,3 +201,21 @@ def test_a_promoted_expert_without_template_takes_the_old_one_away(tmp_path, tin
     install(out, {"extraction": saved_expert(tiny_model_dir, tmp_path / "candidate", seed=2)})
     assert not (served / TEMPLATE_FILE).exists()
     assert not ExpertBackend(tiny_model_dir, verified_expert_folders(out), device="cpu").templates
+
+
+def test_capture_records_a_call_of_another_release_and_counts_it(tmp_path):
+    from memlora.config import CaptureRule
+    from memlora.layout import templates_path
+    from memlora.teacher.capture import CaptureRecorder
+
+    calls = extraction_calls()
+    recorder = CaptureRecorder(tmp_path / "out")
+    rule = CaptureRule(operation="extraction", system_contains="Personal Information Organi")
+    answer = {"choices": [{"message": {"content": '{"facts": ["Has a dog"]}'}}], "usage": {}}
+    record = lambda messages: recorder.write(recorder.row(rule, messages, None, answer, 0.1, None, 0))  # noqa: E731
+    record(release_call(calls[0]))  # no template yet: nothing to differ from
+    store(templates_path(tmp_path / "out", "extraction"), mine("extraction", calls, 3))
+    record(calls[1])
+    record(release_call(calls[2]))
+    assert recorder.counts["recorded_extraction"] == 3  # every call is recorded
+    assert recorder.counts["extraction_template_mismatch"] == 1
