@@ -51,4 +51,4 @@ serve: setup
 	$(BIN)/memlora serve --port $${PORT:-4200}
 
 clean:
-	rm -rf $(VENV) $(OUT)
+	rm -rf $(VENV) .mem0-v2 $(OUT)
