@@ -317,6 +317,8 @@ def cmd_templates(args) -> int:
     from memlora.student.templates import ensure_templates, report
 
     check_out(args)
+    if not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out}: no such folder (an OUT that `memlora capture` recorded into)")
     config = load_config(args.config)
     mined = ensure_templates(config, args.out, remine=args.remine, strict=True,
                              on_line=lambda line: print(line, flush=True))

@@ -219,3 +219,26 @@ def test_capture_records_a_call_of_another_release_and_counts_it(tmp_path):
     record(release_call(calls[2]))
     assert recorder.counts["recorded_extraction"] == 3  # every call is recorded
     assert recorder.counts["extraction_template_mismatch"] == 1
+
+
+def test_templates_command_names_what_is_wrong(tmp_path):
+    import subprocess
+
+    import pyarrow as pa
+
+    from memlora.data.io import write_parquet
+    from memlora.data.schemas import TRACES
+    from tests.conftest import BIN, REPO
+
+    def templates(out):
+        return subprocess.run([str(BIN / "memlora"), "templates", "--config", str(REPO / "configs" / "mem0.yaml"),
+                               "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+    missing = templates(tmp_path / "missing")
+    assert missing.returncode == 2 and "no such folder" in missing.stderr
+    out = tmp_path / "out"
+    rows = pa.Table.from_pylist(client_rows(extraction_calls()[:2]), schema=TRACES)
+    write_parquet(rows, out / "traces" / "extraction" / "part-capture-a.parquet", "traces")
+    few = templates(out)
+    assert few.returncode == 2 and "2 recorded calls" in few.stderr and "at least 8 are needed" in few.stderr
+    assert not (out / "templates").exists()
