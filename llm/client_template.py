@@ -70,6 +70,10 @@ class ClientTemplate:
         return template
 
 
+def _roles(messages: list[dict]) -> tuple[str, ...]:
+    return tuple(m.get("role", "") for m in messages)
+
+
 def _lines(message: dict) -> list[str]:
     return str(message.get("content") or "").split("\n")
 
@@ -81,8 +85,8 @@ def mine(operation: str, calls: list[list[dict]], min_calls: int, rule: str = ""
         raise TemplateError(f"{operation}: {len(calls)} recorded calls to find the fixed part of the client's "
                             f"prompt from; at least {min_calls} are needed (capture.template_min_calls): capture "
                             "more calls, or keep the whole prompt (student.prompt: teacher)")
-    layout, _ = Counter(tuple(m.get("role", "") for m in call) for call in calls).most_common(1)[0]
-    same = [call for call in calls if tuple(m.get("role", "") for m in call) == layout]
+    layout, _ = Counter(_roles(call) for call in calls).most_common(1)[0]
+    same = [call for call in calls if _roles(call) == layout]
     fixed = []
     for i in range(len(layout)):
         shared = [masked(line) for line in _lines(same[0][i])]
@@ -101,7 +105,7 @@ def mine(operation: str, calls: list[list[dict]], min_calls: int, rule: str = ""
 def changing_parts(template: ClientTemplate, messages: list[dict]) -> str | None:
     """The lines of `messages` outside the template, each run under its header; None when the call does not
     match the template (another layout, or a fixed line missing or out of order)."""
-    if tuple(m.get("role", "") for m in messages) != template.roles:
+    if _roles(messages) != template.roles:
         return None
     parts = []
     for fixed, message in zip(template.fixed, messages):

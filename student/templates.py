@@ -38,13 +38,13 @@ def ensure_templates(config: Config, out: str | Path, operations=OPERATIONS, *, 
     TemplateError is raised)."""
     templates = {}
     for op in operations:
-        calls = captured_calls(out, op)
-        if not calls:
-            continue
         path = templates_path(out, op)
         stored = current(path)
-        if stored is not None and not remine:
+        if stored is not None and not remine:  # held fixed: the traces are read only to mine one
             templates[op] = stored
+            continue
+        calls = captured_calls(out, op)
+        if not calls:
             continue
         try:
             template = mine(op, calls[:MINE_AT_MOST], config.capture.template_min_calls, rule_text(config, op))
