@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from itertools import groupby
 
@@ -52,6 +52,15 @@ class Conversation:
 
     def sessions(self) -> list[tuple[int, list[Turn]]]:
         return [(s, list(ts)) for s, ts in groupby(self.turns, key=lambda t: t.session)]
+
+
+def first_sessions(conversation: Conversation, sessions: int) -> Conversation:
+    """The conversation's first `sessions` sessions and only the questions whose evidence lies in them: the others
+    cannot be answered from what a system read, and would teach an expert to answer from nothing."""
+    turns = [t for _, ts in conversation.sessions()[:sessions] for t in ts]
+    kept = {t.dia_id for t in turns}
+    questions = [q for q in conversation.questions if q.evidence and set(q.evidence) <= kept]
+    return replace(conversation, turns=turns, questions=questions)
 
 
 def to_tables(corpus: list[Conversation]) -> tuple[pa.Table, pa.Table]:

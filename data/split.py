@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import math
 
+from memlora.data.io import DataError
 from memlora.data.records import Conversation
 
 SPLITS = ("train", "validation", "test")
@@ -30,6 +31,22 @@ def assign_split(corpus: list[Conversation], test_ratio: float, seed: int,
         cid = conv.conversation_id
         conv.split = "test" if cid in test_ids else "validation" if cid in val_ids else "train"
     return corpus
+
+
+def assign_named_split(corpus: list[Conversation], ids: dict[str, list[str]], source: str) -> list[Conversation]:
+    """Mark conversations by the split their id is named in (a benchmark's fixed protocol). Returns the named
+    ones in corpus order; an id the data does not hold stops the run, naming it and the file."""
+    split_of = {name: split for split, names in ids.items() for name in names}
+    have = {c.conversation_id for c in corpus}
+    missing = [name for name in split_of if name not in have]
+    if missing:
+        raise DataError(f"{source}: data.split.ids names conversation{'s' if len(missing) > 1 else ''} "
+                        f"{', '.join(map(repr, missing))} that the data does not hold (it has: "
+                        f"{', '.join(sorted(have)[:12])}{', ...' if len(have) > 12 else ''})")
+    named = [c for c in corpus if c.conversation_id in split_of]
+    for conv in named:
+        conv.split = split_of[conv.conversation_id]
+    return named
 
 
 # Captured calls (`memlora capture`) have no ingested conversation: the proxy names the one they belong to, puts

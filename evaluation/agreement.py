@@ -62,6 +62,8 @@ def score(operation: str, rows: list[dict], reference: dict[int, dict], threshol
         return {"event_accuracy": proportion(e["correct"]),
                 "event_macro_f1": bootstrap(list(zip(predicted, gold)), scoring.macro_f1, samples=samples,
                                             seed=seed),
+                # Beyond chance: an interval that holds 0 means no measurable skill on these calls.
+                "cohen_kappa": bootstrap(list(zip(predicted, gold)), scoring.cohen_kappa, samples=samples, seed=seed),
                 # What always answering the reference's most common event scores on these very calls.
                 "majority_baseline_accuracy": proportion([g == majority for g in gold]),
                 "majority_baseline_macro_f1": bootstrap(baseline, scoring.macro_f1, samples=samples, seed=seed),

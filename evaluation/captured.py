@@ -57,15 +57,6 @@ def cluster_bootstrap(items: list, clusters: list[str], statistic, samples: int,
     return Estimate(point, len(items), float(low), float(high), "cluster-bootstrap-95")
 
 
-def cohen_kappa(pairs: list[tuple[str, str]]) -> float:
-    """Agreement beyond what the two label frequencies give by chance (1: perfect, 0: chance)."""
-    n = len(pairs)
-    observed = sum(p == g for p, g in pairs) / n
-    labels = {x for pair in pairs for x in pair}
-    expected = sum((sum(p == c for p, _ in pairs) / n) * (sum(g == c for _, g in pairs) / n) for c in labels)
-    return 1.0 if expected == 1 else (observed - expected) / (1 - expected)
-
-
 def agreement_rows(system: str, operation: str, outputs: list[dict | None], calls: list[HeldOutCall],
                    config: Config) -> list[dict]:
     clusters = [c.conversation_id for c in calls]
@@ -86,7 +77,7 @@ def agreement_rows(system: str, operation: str, outputs: list[dict | None], call
         return [
             _row(system, "agreement", operation, "event_macro_f1", est(pairs, scoring.macro_f1)),
             _row(system, "agreement", operation, "event_accuracy", est([p == g for p, g in pairs], np.mean)),
-            _row(system, "agreement", operation, "cohen_kappa", est(pairs, cohen_kappa)),
+            _row(system, "agreement", operation, "cohen_kappa", est(pairs, scoring.cohen_kappa)),
             _row(system, "agreement", operation, "majority_baseline_macro_f1",
                  est([(majority, g) for _, g in pairs], scoring.macro_f1)),
             _row(system, "agreement", operation, "predicted_delete",

@@ -77,7 +77,7 @@ def max_tokens(operation: str, config: Config) -> int:
     return ours.max_new_tokens if ours is not None else config.deferral.max_tokens
 
 
-def _from_trace(row: dict, config: Config) -> HeldOutCall:
+def held_out_call(row: dict, config: Config) -> HeldOutCall:
     return HeldOutCall(row["operation"], row["messages"], json.loads(row["output_schema"]) if row["output_schema"]
                        else None, max_tokens(row["operation"], config), json.loads(row["parsed_output"]),
                        row["conversation_id"])
@@ -91,7 +91,7 @@ def validation_calls(out: str | Path, config: Config, operations: list[str]) -> 
     calls = []
     for op in operations:
         _, held = split_rows(load_traces(trace_files(out, op)), splits)
-        calls += [_from_trace(row, config) for row in held.to_pylist() if row["parse_ok"] and row["parsed_output"]]
+        calls += [held_out_call(row, config) for row in held.to_pylist() if row["parse_ok"] and row["parsed_output"]]
     return calls
 
 
@@ -103,7 +103,7 @@ def test_calls(out: str | Path, config: Config, operations: list[str]) -> list[H
 
     calls = []
     for op in operations:
-        calls += [_from_trace(row, config) for row in load_traces(trace_files(out, op)).to_pylist()
+        calls += [held_out_call(row, config) for row in load_traces(trace_files(out, op)).to_pylist()
                   if captured_split(row["conversation_id"]) == "test" and row["parse_ok"] and row["parsed_output"]]
     path = calls_path(out, "teacher")
     if not path.is_file():

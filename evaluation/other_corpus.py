@@ -14,13 +14,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 from memlora.config import Config
 from memlora.data.io import write_json, write_parquet
 from memlora.data.loaders import LoadOptions, load_corpus
-from memlora.data.records import Conversation, to_tables
+from memlora.data.records import first_sessions, to_tables
 from memlora.evaluation.systems import EvalError
 from memlora.layout import ADAPTERS, MANIFEST, conversations_file, questions_file, student_dir
 from memlora.student.experts import verified_expert_folders
@@ -36,14 +35,6 @@ def _link_tree(source: Path, target: Path) -> None:
             shutil.copy2(src, dst)
 
     shutil.copytree(source, target, copy_function=link_or_copy)
-
-
-def first_sessions(conversation: Conversation, sessions: int) -> Conversation:
-    """The conversation's first `sessions` sessions and the questions whose evidence lies in them."""
-    turns = [t for _, ts in conversation.sessions()[:sessions] for t in ts]
-    kept = {t.dia_id for t in turns}
-    questions = [q for q in conversation.questions if q.evidence and set(q.evidence) <= kept]
-    return replace(conversation, turns=turns, questions=questions)
 
 
 def prepare_other_corpus(config: Config, data: str | Path, trained: str | Path, out: str | Path,

@@ -13,7 +13,7 @@ from memlora.config import OPERATIONS
 from memlora.data.io import atomic_path, write_text
 from memlora.evaluation.agreement import PRIMARY
 from memlora.evaluation.qa import CATEGORIES
-from memlora.evaluation.results import headline, lookup
+from memlora.evaluation.results import ANSWERABLE, headline, lookup
 from memlora.evaluation.systems import SYSTEMS
 from memlora.layout import adapter_dir, report_path
 
@@ -77,6 +77,21 @@ def headline_text(heads: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def skill_sentences(rows: list[dict]) -> list[str]:
+    """Where a system's update decisions agree with the teacher's no better than chance, say so in words."""
+    out = []
+    for system in SYSTEMS[1:]:
+        r = lookup(rows, system, "update", "cohen_kappa")
+        if r is None or r["value"] is None or r["ci_low"] is None:
+            continue
+        if r["ci_low"] <= 0:
+            out.append(f"- **{system}: no measurable update skill here.** Cohen's kappa against the teacher is "
+                       f"{r['value']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] (n={r['n']}): its interval holds 0, "
+                       "so its update decisions agree with the teacher's no more than their label frequencies "
+                       "would by chance.")
+    return ["", *out] if out else []
+
+
 def render_markdown(rows: list[dict], meta: dict) -> str:
     probes = meta["probes"]
     lines = [
@@ -115,11 +130,13 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
              ("extraction fact F1", "extraction", "fact_f1"),
              ("update event macro-F1", "update", "event_macro_f1"),
              ("update majority-class baseline macro-F1", "update", "majority_baseline_macro_f1"),
+             ("update Cohen's kappa (beyond chance)", "update", "cohen_kappa"),
              ("update event accuracy", "update", "event_accuracy"),
              ("update majority-class baseline accuracy", "update", "majority_baseline_accuracy"),
              ("generation token F1", "generation", "answer_token_f1"),
              ("generation ROUGE-L", "generation", "answer_rouge_l")]
     lines += _table(rows, items)
+    lines += skill_sentences(rows)
     events = ("add", "update", "delete", "none", "invalid")
     lines += ["", "Update decisions per class (teacher-forced, constrained): what the teacher decided on these calls, "
               "then what each system decided. The majority-class baseline always answers the teacher's most common "
@@ -146,12 +163,16 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
               "Each system built its own memory from the test conversation, then answered the gold questions. "
               "Token F1 and BLEU-1 against the gold answer; category-5 (adversarial) questions score 1 only if the "
               "answer says the information is not mentioned. `judge_accuracy`: share labelled CORRECT by the judge "
-              "(an empty answer is WRONG without asking). `answered`: the answer parsed.", ""]
+              "(an empty answer is WRONG without asking). `answered`: the answer parsed. `abstains`: the answer says "
+              "the conversation does not hold it (right on category 5, a miss on 1-4). The headline's QA is "
+              "categories 1-4, so abstaining cannot flatter it.", ""]
     qa_items = []
-    for operation, name in [("qa", "all")] + [(f"qa/cat-{c}", f"cat {c} ({n})") for c, n in CATEGORIES.items()]:
+    groups = [(ANSWERABLE, "cat 1-4"), ("qa", "all")] + [(f"qa/cat-{c}", f"cat {c} ({n})")
+                                                         for c, n in CATEGORIES.items()]
+    for operation, name in groups:
         qa_items += [(f"{name} token F1", operation, "token_f1"), (f"{name} BLEU-1", operation, "bleu1"),
                      (f"{name} judge accuracy", operation, "judge_accuracy"),
-                     (f"{name} answered", operation, "answered")]
+                     (f"{name} answered", operation, "answered"), (f"{name} abstains", operation, "abstain_rate")]
     lines += _table(rows, qa_items)
     lines += ["", "## Latency (teacher-forced requests, constrained, same batches for every system)", "",
               "Per-call wall time is the batch's wall time divided by its size. Read it with the tokens each call "
@@ -282,7 +303,8 @@ def render_png(rows: list[dict], path: Path, records: dict[str, dict] | None = N
     _curves(axes[2, 0], records or {})
     axes[2, 1].axis("off")
     acc = [(f"{op}\n{m}", op, m) for op, m in PRIMARY.items()] + [
-        ("QA\ntoken F1", "qa", "token_f1"), ("QA\njudge accuracy", "qa", "judge_accuracy")]
+        ("QA cat 1-4\ntoken F1", ANSWERABLE, "token_f1"), ("QA cat 1-4\nabstains", ANSWERABLE, "abstain_rate"),
+        ("QA all\ntoken F1", "qa", "token_f1")]
     _bars(axes[0, 0], [g for g, _, _ in acc], {s: [_v(rows, s, op, m) for _, op, m in acc] for s in SYSTEMS},
           "score (95% CI)", "Accuracy per operation: agreement with the teacher; end-to-end QA")
     axes[0, 0].set_ylim(0, 1.05)

@@ -120,10 +120,15 @@ def latency_rows(system, rows, samples) -> list[dict]:
     return out
 
 
+# The headline's QA: LoCoMo's categories 1-4, whose gold answer is in the conversation. On category 5 an answer
+# scores 1 for abstaining, so a system that abstains on everything would lead an all-category mean.
+ANSWERABLE = "qa/answerable"
+
+
 def qa_rows(system, qa, judged: dict, samples) -> list[dict]:
     out = []
-    groups = [("qa", qa)] + [(f"qa/cat-{c}", [q for q in qa if q["category"] == c])
-                             for c in sorted({q["category"] for q in qa})]
+    groups = [("qa", qa), (ANSWERABLE, [q for q in qa if q["category"] != 5])] + [
+        (f"qa/cat-{c}", [q for q in qa if q["category"] == c]) for c in sorted({q["category"] for q in qa})]
     for operation, items in groups:
         s = scoring.qa_scores([q["answer"] for q in items], [q["gold"] for q in items],
                               [q["category"] for q in items]) if items else {"token_f1": [], "bleu1": []}
@@ -134,6 +139,8 @@ def qa_rows(system, qa, judged: dict, samples) -> list[dict]:
             _row(system, "qa", operation, "judge_accuracy",
                  proportion([label == "CORRECT" for label in labels if label is not None])),
             _row(system, "qa", operation, "answered", proportion([q["answered"] for q in items])),
+            # "Not mentioned in the conversation" and its kin: right on category 5, a miss everywhere else.
+            _row(system, "qa", operation, "abstain_rate", proportion([scoring.abstains(q["answer"]) for q in items])),
         ]
     return out
 
@@ -216,10 +223,13 @@ def headline(rows: list[dict], with_judge: bool = False) -> list[dict]:
             "update_event_macro_f1": v(system, "update", "event_macro_f1"),
             "update_majority_macro_f1": v(system, "update", "majority_baseline_macro_f1"),
             "update_event_accuracy": v(system, "update", "event_accuracy"),
+            "update_cohen_kappa": v(system, "update", "cohen_kappa"),
             "generation_token_f1": v(system, "generation", "answer_token_f1"),
             "parse_ok_constrained": _mean([v(system, op, "parse_ok") for op in OPERATIONS]),
             "parse_ok_free": _mean([v(system, op, "parse_ok_free") for op in OPERATIONS]),
-            "qa_token_f1": v(system, "qa", "token_f1"),
+            "qa_token_f1": v(system, ANSWERABLE, "token_f1"),  # categories 1-4
+            "qa_abstain_rate": v(system, ANSWERABLE, "abstain_rate"),
+            "qa_token_f1_all": v(system, "qa", "token_f1"),
             **({"qa_judge_accuracy": v(system, "qa", "judge_accuracy")} if with_judge else {}),
             "peak_rss_mb": round(v(system, "model", "peak_rss_mb") or 0, 1) or None,
             **{key: value for op in OPERATIONS for key, value in (

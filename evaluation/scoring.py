@@ -91,6 +91,19 @@ def macro_f1(pairs) -> float:
     return fn([p for p, _ in pairs], [r for _, r in pairs])[0]
 
 
+def cohen_kappa(pairs) -> float:
+    """Agreement of rows (prediction, reference) beyond what the two label frequencies give by chance: 1 perfect,
+    0 chance, below 0 worse than chance. A model that learnt the teacher's prior, not its decisions, scores 0
+    however high its accuracy. NaN with no rows; 1 where both always say one and the same label."""
+    n = len(pairs)
+    if n == 0:
+        return float("nan")
+    observed = sum(p == g for p, g in pairs) / n
+    labels = {x for pair in pairs for x in pair}
+    expected = sum((sum(p == c for p, _ in pairs) / n) * (sum(g == c for _, g in pairs) / n) for c in labels)
+    return 1.0 if expected == 1 else (observed - expected) / (1 - expected)
+
+
 def abstains(answer: str) -> bool:
     return bool(answer) and (ABSTAIN.search(answer) is not None or NOT_MENTIONED.lower() in answer.lower())
 

@@ -50,10 +50,9 @@ def check_data(args) -> None:
     """Read and validate --data before a flow starts: a bad file costs a second and one line, not a Prefect
     run with two tracebacks."""
     from memlora.config import load_config
-    from memlora.data.loaders import LoadOptions, load_corpus
+    from memlora.data.ingest import prepare_corpus
 
-    data_cfg = load_config(args.config).data
-    load_corpus(args.data, LoadOptions(data_cfg.max_turn_chars, data_cfg.on_long_turn))
+    prepare_corpus(args.data, load_config(args.config).data)  # a split naming a missing conversation too
 
 
 def cmd_ingest(args) -> int:

@@ -33,12 +33,33 @@ class SplitConfig(_Strict):
     # never trained on; their teacher-forced loss drives early stopping and the choice of settings.
     validation_ratio: float = Field(0.0, ge=0.0, lt=1.0)
     seed: int = 0
+    # Or the split by name, as a benchmark's protocol fixes it (configs/locomo.yaml). With `ids`, every named
+    # conversation must be in the data and in one split only; the ratios are not used, and a conversation not
+    # named is left out of the run (ingest counts it).
+    ids: dict[Literal["train", "validation", "test"], list[str]] | None = None
+
+    @model_validator(mode="after")
+    def _ids_or_ratios(self) -> "SplitConfig":
+        if self.ids is None:
+            return self
+        seen: dict[str, str] = {}
+        for split, names in self.ids.items():
+            for name in names:
+                if name in seen:
+                    raise ValueError(f"split.ids: conversation {name!r} is in both {seen[name]} and {split}")
+                seen[name] = split
+        if not self.ids.get("train"):
+            raise ValueError("split.ids: name at least one train conversation")
+        return self
 
 
 class DataConfig(_Strict):
     split: SplitConfig = SplitConfig()
     max_turn_chars: int = Field(8000, gt=0)
     on_long_turn: Literal["truncate", "reject"] = "truncate"
+    # Every conversation (all splits) cut to its first N sessions at ingest, with only the questions whose
+    # evidence lies in them: what bounds a long benchmark's cost (configs/locomo.yaml). None: all sessions.
+    sessions_per_conversation: int | None = Field(None, gt=0)
     # Limits for quick runs: how many train conversations trace, how many sessions of each.
     max_conversations: int | None = Field(None, gt=0)
     max_sessions: int | None = Field(None, gt=0)
@@ -415,14 +436,35 @@ def parse_config(raw: dict, source: str | Path = "<config>") -> Config:
         raise ConfigError(_format_error(Path(source), err)) from None
 
 
-def load_config(path: str | Path) -> Config:
-    path = Path(path)
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A config file's mapping; one with `extends: OTHER.yaml` (relative to it) is OTHER's mapping with this
+    file's keys merged in, key by key, so a variant names only what it changes."""
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        raise ConfigError(f"{path}: config file not found" + (f" (extended by {seen[-1]})" if seen else ""))
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: extends itself (through {', '.join(map(str, seen))})")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the config must be a mapping of keys")
-    return parse_config(raw, path)
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: extends: expected the path of another config file")
+    return _merge(_read_yaml(path.parent / base, seen + (path.resolve(),)), raw)
+
+
+def _merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        both = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merge(merged[key], value) if both else value
+    return merged
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    return parse_config(_read_yaml(path), path)

@@ -23,6 +23,7 @@ QUICK = {
     "mixed_batch": ["speedup", "identical_outputs"],
     "http_serving": ["rows", "records"],
     "methods": ["runs", "steps", "training_rows"],
+    "data_scaling": ["rows", "sizes", "held_out_calls"],
 }
 
 

@@ -84,3 +84,17 @@ def test_a_packaged_model_is_recorded_by_its_reference_not_this_machines_path():
 
     ref = resolve(TEACHER_REF)
     assert ref.model_id == TEACHER_REF and ref.path.startswith("/")  # loaded from the venv, recorded portably
+
+
+def test_a_config_extends_another_and_names_only_what_it_changes(tmp_path):
+    (tmp_path / "base.yaml").write_text(f"name: base\nteacher: {{model: {TEACHER_REF}}}\n"
+                                        "memory: {window: 3, top_k: 5}\n")
+    (tmp_path / "variant.yaml").write_text("extends: base.yaml\nname: variant\nmemory: {top_k: 2}\n")
+    cfg = load_config(tmp_path / "variant.yaml")
+    assert (cfg.name, cfg.memory.window, cfg.memory.top_k) == ("variant", 3, 2)
+    (tmp_path / "orphan.yaml").write_text("extends: gone.yaml\n")
+    with pytest.raises(ConfigError, match="gone.yaml: config file not found .extended by"):
+        load_config(tmp_path / "orphan.yaml")
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="extends itself"):
+        load_config(tmp_path / "loop.yaml")

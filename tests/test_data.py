@@ -157,3 +157,84 @@ def test_atomic_write_leaves_previous_file_on_failure(tmp_path, monkeypatch):
         write_parquet(pa.table({"a": [3]}), path, "x")
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["t.parquet"]
+
+
+def _named(ids, **data):
+    from memlora.config import SplitConfig
+
+    return DataConfig(split=SplitConfig(ids=ids), **data)
+
+
+def test_split_by_named_conversations(sample_path, tmp_path):
+    from memlora.data.ingest import prepare_corpus
+
+    ids = {"train": ["sample-3", "sample-1"], "validation": ["sample-2"], "test": ["sample-4"]}
+    corpus = prepare_corpus(sample_path, _named(ids))
+    assert {c.conversation_id: c.split for c in corpus} == {
+        "sample-1": "train", "sample-2": "validation", "sample-3": "train", "sample-4": "test"}
+    # a conversation no split names is left out of the run; the ratios are not used
+    corpus = prepare_corpus(sample_path, _named({"train": ["sample-2"], "test": ["sample-4"]}))
+    assert [(c.conversation_id, c.split) for c in corpus] == [("sample-2", "train"), ("sample-4", "test")]
+    ingest(sample_path, tmp_path, _named({"train": ["sample-2"], "test": ["sample-4"]}))
+    assert {c.conversation_id for c in load_ingested(tmp_path)} == {"sample-2", "sample-4"}
+
+
+def test_a_named_split_that_the_data_does_not_hold_stops_before_anything_is_written(sample_path, tmp_path):
+    from memlora.data.ingest import prepare_corpus
+
+    bad = _named({"train": ["sample-1", "conv-99"], "test": ["sample-4"]})
+    with pytest.raises(DataError) as err:
+        prepare_corpus(sample_path, bad)
+    assert str(sample_path) in str(err.value) and "'conv-99'" in str(err.value) and "sample-1" in str(err.value)
+    with pytest.raises(DataError):
+        ingest(sample_path, tmp_path / "out", bad)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_conversation_in_two_splits_or_no_train_conversation_is_a_config_error():
+    from memlora.config import ConfigError, parse_config
+    from tests.conftest import TEACHER_REF
+
+    def load(ids):
+        return parse_config({"teacher": {"model": TEACHER_REF}, "data": {"split": {"ids": ids}}}, "c.yaml")
+
+    with pytest.raises(ConfigError) as err:
+        load({"train": ["a", "b"], "test": ["b"]})
+    assert "data.split" in str(err.value) and "'b' is in both train and test" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load({"validation": ["a"], "test": ["b"]})
+    assert "at least one train conversation" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load({"train": ["a"], "testing": ["b"]})
+    assert "data.split.ids.testing" in str(err.value)
+
+
+def test_sessions_per_conversation_keeps_the_questions_those_sessions_answer(sample_path):
+    from memlora.data.ingest import prepare_corpus
+
+    whole = {c.conversation_id: c for c in prepare_corpus(sample_path, DataConfig())}
+    cut = prepare_corpus(sample_path, DataConfig(sessions_per_conversation=1))
+    for conv in cut:
+        full = whole[conv.conversation_id]
+        first = full.sessions()[0][0]
+        assert {t.session for t in conv.turns} == {first} and len(conv.turns) < len(full.turns)
+        kept = {t.dia_id for t in conv.turns}
+        assert all(q.evidence and set(q.evidence) <= kept for q in conv.questions)
+        assert [q for q in full.questions if q.evidence and set(q.evidence) <= kept] == conv.questions
+
+
+def test_the_locomo_protocol_config_splits_locomo_as_the_paper_does(locomo_path):
+    from memlora.config import load_config
+    from memlora.data.ingest import prepare_corpus
+    from tests.conftest import REPO
+
+    config = load_config(REPO / "configs" / "locomo.yaml")
+    assert config.memory == load_config(REPO / "configs" / "default.yaml").memory  # the default's recipe
+    corpus = prepare_corpus(locomo_path, config.data)
+    by_split = {s: [c.conversation_id for c in corpus if c.split == s] for s in ("train", "validation", "test")}
+    # LoCoMo's conversations in file order: 4-10 train, 1 validates, 2-3 test
+    order = [c.conversation_id for c in load_corpus(locomo_path)]
+    assert by_split == {"train": order[3:], "validation": order[:1], "test": order[1:3]}
+    assert all(len(c.sessions()) == 2 for c in corpus)
+    assert sum(len(c.turns) for c in corpus if c.split == "train") == 327
+    assert sum(len(c.questions) for c in corpus if c.split == "test") == 32

@@ -284,3 +284,55 @@ def test_report_shows_update_class_counts_as_counts_out_of_n():
     rows = [row(s, "predicted_delete", v) for s, v in (("teacher", 3.0), ("student", 52.0), ("student+experts", 0.0))]
     line = _table(rows, [("system says DELETE", "update", "predicted_delete")], counts=True)[-1]
     assert line == "| system says DELETE | 3 of 74 | 52 of 74 | 0 of 74 |"
+
+
+@pytest.mark.timeout(60)
+def test_cohen_kappa_on_hand_made_decisions():
+    perfect = [("DELETE", "DELETE"), ("NONE", "NONE"), ("NONE", "NONE"), ("DELETE", "DELETE")]
+    assert scoring.cohen_kappa(perfect) == pytest.approx(1.0)
+    # the expert's label frequencies match the teacher's (half each) but the decisions are independent of them
+    chance = [("DELETE", "DELETE"), ("DELETE", "NONE"), ("NONE", "DELETE"), ("NONE", "NONE")]
+    assert scoring.cohen_kappa(chance) == pytest.approx(0.0)
+    # always the teacher's majority: 90 % accuracy and no skill at all
+    prior = [("NONE", "NONE")] * 9 + [("NONE", "DELETE")]
+    assert scoring.cohen_kappa(prior) == pytest.approx(0.0)
+    worse = [("DELETE", "NONE"), ("NONE", "DELETE")] * 3
+    assert scoring.cohen_kappa(worse) == pytest.approx(-1.0)
+    # 3 of 4 agree; p_o = 0.75, p_e = 0.5 * 0.75 + 0.5 * 0.25 = 0.5 -> (0.75 - 0.5) / 0.5
+    assert scoring.cohen_kappa([("NONE", "NONE"), ("NONE", "NONE"), ("DELETE", "DELETE"), ("DELETE", "NONE")]) == \
+        pytest.approx(0.5)
+    assert math.isnan(scoring.cohen_kappa([]))
+
+
+@pytest.mark.timeout(120)
+def test_abstention_rate_and_the_headline_qa_leave_adversarial_questions_aside():
+    from memlora.evaluation.report import skill_sentences
+    from memlora.evaluation.results import ANSWERABLE, headline, lookup, qa_rows
+
+    def qa(category, gold, answer):
+        return {"conversation_id": "c", "question_id": len(items), "category": category, "gold": gold,
+                "answer": answer, "answered": True}
+
+    items = []
+    for category, gold, answer in [(4, "Paris", "Paris"), (4, "Lyon", NOT_MENTIONED),
+                                   (2, "May 2023", "The information is not available in the conversation"),
+                                   (1, "a dog", "a dog"), (5, NOT_MENTIONED, NOT_MENTIONED),
+                                   (5, NOT_MENTIONED, "Not mentioned.")]:
+        items.append(qa(category, gold, answer))
+    rows = qa_rows("student+experts", items, {}, samples=200)
+    answerable = lookup(rows, "student+experts", ANSWERABLE, "abstain_rate")
+    assert answerable["value"] == pytest.approx(0.5) and answerable["n"] == 4
+    assert lookup(rows, "student+experts", "qa", "abstain_rate")["value"] == pytest.approx(4 / 6)
+    assert lookup(rows, "student+experts", ANSWERABLE, "token_f1")["value"] == pytest.approx(0.5)
+    # all categories: the two adversarial abstentions score 1 each and lift the mean
+    assert lookup(rows, "student+experts", "qa", "token_f1")["value"] == pytest.approx(4 / 6)
+    head = {h["system"]: h for h in headline(rows)}["student+experts"]
+    assert head["qa_token_f1"] == 0.5 and head["qa_token_f1_all"] == pytest.approx(0.667, abs=1e-3)
+    assert head["qa_abstain_rate"] == 0.5
+
+    def kappa(system, value, low, high):
+        return {"system": system, "section": "agreement", "operation": "update", "metric": "cohen_kappa",
+                "value": value, "ci_low": low, "ci_high": high, "ci_method": "bootstrap-95", "n": 47}
+
+    said = skill_sentences([kappa("student", 0.03, -0.1, 0.15), kappa("student+experts", 0.5, 0.1, 0.8)])
+    assert len(said) == 2 and "student: no measurable update skill" in said[1]
