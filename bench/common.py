@@ -158,3 +158,34 @@ def bench_parser(doc: str) -> argparse.ArgumentParser:
 
 
 QUICK_TOKENS = 8  # the token budget of a call in --quick runs: enough to exercise every path
+
+
+def answers_against_gold(calls: list, answers: list[str], out: str | Path, samples: int) -> dict:
+    """QA token F1 against the gold answer (LoCoMo categories 1-4) and the share of answers that abstain (1-4,
+    and 5 where abstaining is right), of `answers` to held-out generation `calls` and of the teacher's own answers
+    to them; the interval resamples conversations. {} where no call's question has a gold answer."""
+    from memlora.evaluation import scoring
+    from memlora.evaluation.captured import cluster_bootstrap
+    from memlora.evaluation.stats import bootstrap
+    from memlora.student.targets import gold_questions, question_of
+
+    gold = gold_questions(out)
+    items = [(gold[key], answer, str(call.reference.get("answer", "")), call.conversation_id)
+             for call, answer in zip(calls, answers)
+             if (key := (call.conversation_id, question_of(call.messages) or "")) in gold]
+    answerable = [x for x in items if x[0][1] != 5]
+    adversarial = [x for x in items if x[0][1] == 5]
+    if not answerable:
+        return {}
+    golds, clusters = [g for (g, _), *_ in answerable], [x[3] for x in answerable]
+    result = {"qa_n": len(answerable), "adversarial_n": len(adversarial)}
+    for who, k in (("expert", 1), ("teacher", 2)):
+        f1 = scoring.token_f1([x[k] for x in answerable], golds)
+        est = (cluster_bootstrap(f1, clusters, lambda a: sum(a) / len(a), samples) if len(set(clusters)) > 1
+               else bootstrap(f1, samples=samples))  # one conversation: over calls
+        result[f"qa_token_f1_{who}"] = [round(v, 3) if v == v else None for v in (est.value, est.ci_low, est.ci_high)]
+        result[f"abstains_{who}"] = round(sum(scoring.abstains(x[k]) for x in answerable) / len(answerable), 3)
+        if adversarial:
+            result[f"adversarial_abstains_{who}"] = round(
+                sum(scoring.abstains(x[k]) for x in adversarial) / len(adversarial), 3)
+    return result

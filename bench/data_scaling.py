@@ -31,19 +31,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-from common import CONFIG, bench_parser, save, table  # noqa: E402
+from common import CONFIG, answers_against_gold, bench_parser, save, table  # noqa: E402
 
 from memlora.config import OPERATIONS, load_config  # noqa: E402
-from memlora.data.ingest import load_ingested  # noqa: E402
 from memlora.data.io import write_parquet  # noqa: E402
 from memlora.data.schemas import TRACES  # noqa: E402
-from memlora.evaluation import deferral, scoring  # noqa: E402
+from memlora.evaluation import deferral  # noqa: E402
 from memlora.evaluation.agreement import PRIMARY  # noqa: E402
-from memlora.evaluation.captured import agreement_rows, cluster_bootstrap  # noqa: E402
+from memlora.evaluation.captured import agreement_rows  # noqa: E402
 from memlora.layout import DATASETS, TEMPLATES, calls_path, student_dir, trace_files, traces_dir  # noqa: E402
 from memlora.manifest import update_manifest  # noqa: E402
-from memlora.memory.parsing import extract_json  # noqa: E402
 from memlora.student.distill import distill_operation  # noqa: E402
 from memlora.student.examples import conversation_splits, load_traces  # noqa: E402
 from memlora.student.experts import verified_expert_folders  # noqa: E402
@@ -58,13 +55,11 @@ class Plan:
     def __init__(self, out: Path, config, operations: list[str], quick: bool, seed: int):
         self.out, self.config, self.operations, self.quick = out, config, operations, quick
         self.splits = conversation_splits(out)
-        self.gold: dict[tuple[str, int], tuple[str, int]] = {}
         if quick:
             self.units = [f"block-{b}" for b in range(QUICK_BLOCKS - 1)]
             self.held = [deferral.held_out_call(row, config) for op in operations
                          for i, row in enumerate(self._rows(op)) if self.unit_of(row, i) == f"block-{QUICK_BLOCKS - 1}"
                          and row["parse_ok"] and row["parsed_output"]]
-            self.questions: list[tuple[str, int] | None] = [None] * len(self.held)
             return
         if not calls_path(out, "teacher").is_file():
             sys.exit(f"{out}: no evaluation (run `memlora evaluate` on it first: its teacher calls on the test "
@@ -72,14 +67,6 @@ class Plan:
         self.units = sorted(cid for cid, split in self.splits.items() if split == "train")
         random.Random(seed).shuffle(self.units)
         self.held = deferral.test_calls(out, config, operations)
-        # test_calls keeps the teacher's parsed e2e calls in file order: the same filter names their questions
-        teacher = [r for r in pq.read_table(calls_path(out, "teacher")).to_pylist()
-                   if r["phase"] == "e2e" and r["operation"] in operations and r["parse_ok"] and r["parsed_output"]]
-        self.questions = [(r["conversation_id"], r["question_id"]) if r["operation"] == "generation" else None
-                          for r in teacher]
-        for conv in load_ingested(out):
-            for q in conv.questions:
-                self.gold[(conv.conversation_id, q.question_id)] = (q.gold, q.category)
 
     def _rows(self, operation: str) -> list[dict]:
         return load_traces(trace_files(self.out, operation)).to_pylist()
@@ -103,11 +90,6 @@ class Plan:
         return folder
 
 
-def _value(text: str) -> dict | None:
-    parsed = extract_json(text)
-    return parsed.value if parsed.ok and isinstance(parsed.value, dict) else None
-
-
 def measure(plan: Plan, config, size: int, folder: Path) -> list[dict]:
     units = plan.units[:size]
     plan.subset_out(folder, set(units))
@@ -120,7 +102,7 @@ def measure(plan: Plan, config, size: int, folder: Path) -> list[dict]:
     for op in plan.operations:
         pick = [i for i, c in enumerate(plan.held) if c.operation == op]
         calls = [plan.held[i] for i in pick]
-        outputs = [_value(scored[i].text) for i in pick]
+        outputs = [deferral.parsed_value(scored[i].text) for i in pick]
         record = records[op]
         row = {"size": size, "units": units, "operation": op, "n": len(pick),
                "training_rows": getattr(record, "train_examples", 0),
@@ -129,31 +111,10 @@ def measure(plan: Plan, config, size: int, folder: Path) -> list[dict]:
             if r["unit"] == "ratio":
                 row[r["metric"]] = [_r(r["value"]), _r(r["ci_low"]), _r(r["ci_high"])]
         if op == "generation":
-            row.update(qa(plan, config, [scored[i].text for i in pick], pick))
+            answers = [str((output or {}).get("answer", "")) for output in outputs]
+            row.update(answers_against_gold(calls, answers, plan.out, config.evaluation.bootstrap_samples))
         rows.append(row)
     return rows
-
-
-def qa(plan: Plan, config, texts: list[str], pick: list[int]) -> dict:
-    """QA token F1 against the gold answers (categories 1-4) and the abstaining share, of the expert's answers and
-    of the teacher's on the same calls (its own memories in the prompt): what the answers are worth to a user."""
-    items = [(plan.gold[plan.questions[i]], str((_value(t) or {}).get("answer", "")),
-              str(plan.held[i].reference.get("answer", "")), plan.held[i].conversation_id)
-             for i, t in zip(pick, texts) if plan.questions[i] in plan.gold]
-    answerable = [x for x in items if x[0][1] != 5]
-    if not answerable:
-        return {}
-    golds = [g for (g, _), _, _, _ in answerable]
-    clusters = [c for *_, c in answerable]
-    samples = config.evaluation.bootstrap_samples
-    out = {"qa_n": len(answerable)}
-    for who, k in (("expert", 1), ("teacher", 2)):
-        answers = [x[k] for x in answerable]
-        f1 = scoring.token_f1(answers, golds)
-        est = cluster_bootstrap(f1, clusters, lambda a: sum(a) / len(a), samples)
-        out[f"qa_token_f1_{who}"] = [_r(est.value), _r(est.ci_low), _r(est.ci_high)]
-        out[f"abstains_{who}"] = round(sum(map(scoring.abstains, answers)) / len(answers), 3)
-    return out
 
 
 def _r(value):

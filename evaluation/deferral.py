@@ -45,7 +45,7 @@ class Scored:
     reference: dict | None = None  # the teacher's parsed answer
 
 
-def _value(text: str) -> dict | None:
+def parsed_value(text: str) -> dict | None:
     parsed = extract_json(text)
     return parsed.value if parsed.ok else None
 
@@ -54,7 +54,7 @@ def agrees(operation: str, text: str, reference: dict, config: Config) -> bool:
     """Whether an answer agrees with the teacher's, by the operation's rule (config `deferral`, documented in the
     README): the same update events entry by entry; extraction fact F1 and answer token F1 at least their
     thresholds; for a client's own operation, the same JSON."""
-    value = _value(text)
+    value = parsed_value(text)
     if value is None:
         return False
     if operation == "update":
@@ -159,7 +159,7 @@ def _deletes(texts: list[str]) -> int:
 
 
 def _abstains(texts: list[str]) -> int:
-    return sum(scoring.abstains(str((_value(t) or {}).get("answer", ""))) for t in texts)
+    return sum(scoring.abstains(str((parsed_value(t) or {}).get("answer", ""))) for t in texts)
 
 
 def kept(policy: dict, s: Scored) -> bool:

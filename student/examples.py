@@ -63,6 +63,38 @@ def update_event(text: str) -> str | None:
         return None
 
 
+ABSTAIN, ANSWER = "ABSTAIN", "ANSWER"  # generation labels: the target says the conversation does not hold it, or not
+
+
+def label_of(operation: str, text: str) -> str | None:
+    """What a target decides, for balancing: update's event, generation's abstain or answer."""
+    if operation == "update":
+        return update_event(text)
+    if operation == "generation":
+        import json
+
+        from memlora.evaluation.scoring import abstains
+
+        try:
+            answer = json.loads(text).get("answer", "")
+        except (ValueError, AttributeError):
+            return None
+        return ABSTAIN if abstains(str(answer)) else ANSWER
+    return None
+
+
+def cap_abstaining(examples: list[Example], share: float) -> tuple[list[Example], int]:
+    """At most `share` of the generation examples abstain; the ones over it (evenly spaced, so every conversation
+    keeps some) are dropped. Greedy decoding returns the single likeliest answer, and one fixed sentence that a
+    fifth of the targets share outweighs any one of the varied true answers on a question it is unsure of."""
+    abstaining = [i for i, e in enumerate(examples) if e.label == ABSTAIN]
+    answering = len(examples) - len(abstaining)
+    keep = min(len(abstaining), int(share * answering / (1 - share)) if share < 1 else len(abstaining))
+    chosen = {abstaining[round(k * len(abstaining) / keep)] for k in range(keep)} if keep else set()
+    out = [e for i, e in enumerate(examples) if e.label != ABSTAIN or i in chosen]
+    return out, len(examples) - len(out)
+
+
 def oversample_minority(examples: list[Example]) -> tuple[list[Example], dict[str, int]]:
     """Repeat the examples of each rarer label sqrt(majority / its count) times (rounded down): the teacher
     says NONE to ~90 % of update calls, and an expert trained on that says NONE to everything (its macro-F1 is
@@ -157,7 +189,7 @@ def build_examples(table: pa.Table, tokenizer, max_length: int, same_tokenizer: 
                 prompt_len=len(prompt_ids),
                 teacher_ids=teacher_ids,
                 teacher_logprobs=teacher_lps,
-                label=update_event(target.text) if row["operation"] == "update" else None,
+                label=label_of(row["operation"], target.text),
             )
         )
         tokens += len(completion)

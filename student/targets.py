@@ -73,8 +73,9 @@ def question_of(messages: list[dict]) -> str | None:
     return match.group(1).strip() if match else None
 
 
-def gold_answers(out: str | Path) -> dict[tuple[str, str], str]:
-    """(conversation_id, question) -> gold answer; adversarial questions (no answer) -> "Not mentioned"."""
+def gold_questions(out: str | Path) -> dict[tuple[str, str], tuple[str, int]]:
+    """(conversation_id, question) -> (gold answer, LoCoMo category); adversarial questions (no answer) ->
+    "Not mentioned"."""
     import pyarrow.parquet as pq
 
     path = questions_file(out)
@@ -85,8 +86,13 @@ def gold_answers(out: str | Path) -> dict[tuple[str, str], str]:
     for row in rows:
         answer = row["answer"] if row["answer"] else (NOT_MENTIONED if row["category"] == 5 else None)
         if answer:
-            gold[(row["conversation_id"], row["question"].strip())] = str(answer)
+            gold[(row["conversation_id"], row["question"].strip())] = (str(answer), int(row["category"]))
     return gold
+
+
+def gold_answers(out: str | Path) -> dict[tuple[str, str], str]:
+    """(conversation_id, question) -> gold answer."""
+    return {key: answer for key, (answer, _) in gold_questions(out).items()}
 
 
 def make_target(row: dict, cfg: TargetsConfig, gold: dict[tuple[str, str], str], answer_max_chars: int,

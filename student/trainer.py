@@ -24,7 +24,8 @@ from memlora.llm.hf_backend import load_causal_lm
 from memlora.student.build import shares_teacher_tokenizer
 from memlora.student.deviation import weight_deviation
 from memlora.student.examples import (
-    IGNORE, Example, ExampleSet, build_examples, conversation_splits, load_traces, oversample_minority, split_rows,
+    IGNORE, Example, ExampleSet, build_examples, cap_abstaining, conversation_splits, load_traces, oversample_minority,
+    split_rows,
 )
 from memlora.student.experts import TEMPLATE_FILE, attach_expert, resume_expert
 from memlora.student.export import portable_base
@@ -277,6 +278,9 @@ def train_expert(config: Config, out: str | Path, operation: str, base: str | Pa
     repeats = {}
     if operation == "update" and cfg.targets.balance_update:
         data.examples, repeats = oversample_minority(data.examples)
+    if operation == "generation" and cfg.targets.max_abstain_share is not None:
+        data.examples, dropped = cap_abstaining(data.examples, cfg.targets.max_abstain_share)
+        data.targets["abstaining_dropped"] = dropped
     top_k = max((len(step) for e in data.examples + val_data.examples if e.teacher_ids for step in e.teacher_ids),
                 default=1)
     collator = Collator(tokenizer.pad_token_id, top_k)

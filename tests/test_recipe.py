@@ -243,6 +243,23 @@ def test_rare_update_decisions_are_repeated_so_none_does_not_drown_them():
 
 
 @pytest.mark.timeout(30)
+def test_abstaining_generation_targets_are_capped_to_their_share():
+    from memlora.student.examples import ABSTAIN, ANSWER, Example, cap_abstaining, label_of
+
+    assert label_of("generation", '{"answer": "Not mentioned in the conversation"}') == ABSTAIN
+    assert label_of("generation", '{"answer": "No information available"}') == ABSTAIN
+    assert label_of("generation", '{"answer": "in Porto"}') == ANSWER and label_of("generation", "cut") is None
+    assert label_of("extraction", '{"facts": []}') is None
+    examples = [Example([i], [IGNORE], 1, label=ABSTAIN if i % 5 == 0 else ANSWER) for i in range(100)]
+    capped, dropped = cap_abstaining(examples, 0.05)
+    abstaining = [e for e in capped if e.label == ABSTAIN]
+    assert len(abstaining) == 4 and dropped == 16 and len(capped) == 84  # 4 / 84 <= 5 %, 5 / 85 would not be
+    assert [e.input_ids[0] for e in abstaining] == [0, 25, 50, 75]  # evenly spaced, not the first four
+    assert cap_abstaining(examples, 0.0)[1] == 20
+    assert cap_abstaining(examples, 0.5) == (examples, 0)  # under the cap: nothing dropped
+
+
+@pytest.mark.timeout(30)
 def test_training_batches_group_similar_lengths_and_reshuffle_every_epoch():
     import random
 
