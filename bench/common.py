@@ -189,3 +189,23 @@ def answers_against_gold(calls: list, answers: list[str], out: str | Path, sampl
             result[f"adversarial_abstains_{who}"] = round(
                 sum(scoring.abstains(x[k]) for x in adversarial) / len(adversarial), 3)
     return result
+
+
+def add_training_flags(parser: argparse.ArgumentParser, what: str) -> None:
+    """The flags of a bench that trains experts on a finished run's traces."""
+    parser.add_argument("--work", help=f"folder for {what} (default: a temporary one, removed); reused when "
+                                       "given, so an interrupted bench resumes")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--config", default=str(CONFIG))
+
+
+def finished_run(parser: argparse.ArgumentParser, args, prefix: str):
+    """(OUT, its config, the work folder) of such a bench; --out is required."""
+    import tempfile
+
+    from memlora.config import load_config
+
+    if not args.out:
+        parser.error("--out: a finished `memlora run` OUT is needed (its traces, validation split and evaluation)")
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix=prefix))
+    return Path(args.out).resolve(), load_config(args.config), work

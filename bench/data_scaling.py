@@ -25,15 +25,14 @@ import math
 import random
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pyarrow as pa  # noqa: E402
-from common import CONFIG, answers_against_gold, bench_parser, save, table  # noqa: E402
+from common import add_training_flags, answers_against_gold, bench_parser, finished_run, save, table  # noqa: E402
 
-from memlora.config import OPERATIONS, load_config  # noqa: E402
+from memlora.config import OPERATIONS  # noqa: E402
 from memlora.data.io import write_parquet  # noqa: E402
 from memlora.data.schemas import TRACES  # noqa: E402
 from memlora.evaluation import deferral  # noqa: E402
@@ -125,15 +124,9 @@ def main() -> None:
     parser = bench_parser(__doc__)
     parser.add_argument("--sizes", default=None, help="training conversations per arm, e.g. 1,3,6,all")
     parser.add_argument("--operations", default=None)
-    parser.add_argument("--work", help="folder for each size's OUT (default: a temporary one, removed); reused "
-                                       "when given, so an interrupted bench resumes")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--config", default=str(CONFIG))
+    add_training_flags(parser, "each size's OUT")
     args = parser.parse_args()
-    if not args.out:
-        parser.error("--out: a finished `memlora run` OUT is needed (its traces, validation split and evaluation)")
-    out = Path(args.out).resolve()
-    config = load_config(args.config)
+    out, config, work = finished_run(parser, args, "data-scaling-")
     if args.quick:
         config = config.model_copy(update={"distill": config.distill.model_copy(
             update={"max_epochs": 1, "epochs": {}})})
@@ -143,7 +136,6 @@ def main() -> None:
         sys.exit(f"{out}: no held-out calls of {', '.join(operations)}")
     wanted = args.sizes or ("1,2" if args.quick else "1,3,6,all")
     sizes = sorted({len(plan.units) if s == "all" else min(int(s), len(plan.units)) for s in wanted.split(",")})
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="data-scaling-"))
     rows = []
     try:
         for size in sizes:

@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import CONFIG, answers_against_gold, bench_parser, save, table  # noqa: E402
+from common import add_training_flags, answers_against_gold, bench_parser, finished_run, save, table  # noqa: E402
 from warm_start import linked_out  # noqa: E402
 
-from memlora.config import load_config  # noqa: E402
 from memlora.evaluation import deferral  # noqa: E402
 from memlora.evaluation.captured import agreement_rows  # noqa: E402
 from memlora.layout import student_dir  # noqa: E402
@@ -55,18 +53,13 @@ def main() -> None:
     parser = bench_parser(__doc__)
     parser.add_argument("--variants", default="gold,cap0.05,cap0,teacher")
     parser.add_argument("--on", choices=("validation", "test"), default="validation")
-    parser.add_argument("--work", help="folder for each variant's OUT (default: a temporary one, removed)")
-    parser.add_argument("--config", default=str(CONFIG))
+    add_training_flags(parser, "each variant's OUT")
     args = parser.parse_args()
-    if not args.out:
-        parser.error("--out: a finished `memlora run` OUT is needed")
-    out = Path(args.out).resolve()
-    config = load_config(args.config)
+    out, config, work = finished_run(parser, args, "generation-targets-")
     calls = (deferral.validation_calls(out, config, [OP]) if args.on == "validation"
              else deferral.test_calls(out, config, [OP]))
     if not calls:
         sys.exit(f"{out}: no {args.on} generation calls")
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="generation-targets-"))
     rows = []
     try:
         for name in args.variants.split(","):

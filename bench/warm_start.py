@@ -19,14 +19,13 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import CONFIG, bench_parser, save, table  # noqa: E402
+from common import add_training_flags, bench_parser, finished_run, save, table  # noqa: E402
 
-from memlora.config import OPERATIONS, load_config  # noqa: E402
+from memlora.config import OPERATIONS  # noqa: E402
 from memlora.evaluation import deferral  # noqa: E402
 from memlora.evaluation.gate import keep_share, paired_difference  # noqa: E402
 from memlora.layout import DATASETS, TEMPLATES, adapter_dir, student_dir, trace_files, traces_dir  # noqa: E402
@@ -96,17 +95,11 @@ def main() -> None:
     parser = bench_parser(__doc__)
     parser.add_argument("--operations", default=",".join(OPERATIONS))
     parser.add_argument("--new-share", type=float, default=0.5, help="share of training conversations that are new")
-    parser.add_argument("--work", help="folder for the three arms' OUTs (default: a temporary one, removed)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--config", default=str(CONFIG))
+    add_training_flags(parser, "the three arms' OUTs")
     args = parser.parse_args()
-    if not args.out:
-        parser.error("--out: a finished `memlora run` OUT is needed (its traces, validation split and evaluation)")
-    out = Path(args.out).resolve()
-    config = load_config(args.config)
+    out, config, work = finished_run(parser, args, "warm-start-")
     operations = args.operations.split(",")
     old, new = old_conversations(out, args.new_share, args.seed)
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="warm-start-"))
     try:
         arms = train_arms(config, out, work, operations, old)
         tests = deferral.test_calls(out, config, operations)
