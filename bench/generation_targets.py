@@ -1,8 +1,9 @@
 """What the generation expert learns to write, chosen on the validation split: gold answers as they come (a fifth
-of them "Not mentioned in the conversation"), gold answers with the abstaining share capped
+of them "Not mentioned in the conversation"), gold answers only where the prompt's memories hold
+them (`distill.targets.generation: gold_supported`), gold answers with the abstaining share capped
 (`distill.targets.max_abstain_share`), or the teacher's own answers. Writes bench/results/generation_targets.json.
 
-    python bench/generation_targets.py --out OUT [--variants gold,cap0.05,cap0,teacher] [--on validation|test]
+    python bench/generation_targets.py --out OUT [--variants gold,gold_supported,cap0.05,teacher] [--on validation|test]
 
 OUT is a finished `memlora run`. Each variant trains a generation expert on OUT's traces with OUT's recipe but
 for its targets (the same rows, steps and validation conversation), and answers the held-out generation calls:
@@ -36,14 +37,14 @@ OP = "generation"
 
 
 def variant_config(config, name: str):
-    """`gold`, `teacher`, or `capX` (gold with at most a share X of abstaining targets)."""
+    """`gold`, `gold_supported`, `teacher`, or `capX` (gold with at most a share X of abstaining targets)."""
     targets = config.distill.targets
     if name == "teacher":
         targets = targets.model_copy(update={"generation": "teacher", "max_abstain_share": None})
     elif name.startswith("cap"):
         targets = targets.model_copy(update={"generation": "gold", "max_abstain_share": float(name[3:])})
-    elif name == "gold":
-        targets = targets.model_copy(update={"generation": "gold", "max_abstain_share": None})
+    elif name in ("gold", "gold_supported"):
+        targets = targets.model_copy(update={"generation": name, "max_abstain_share": None})
     else:
         raise SystemExit(f"--variants: unknown variant {name!r} (gold, teacher, capX)")
     return config.model_copy(update={"distill": config.distill.model_copy(update={"targets": targets})})
@@ -51,7 +52,7 @@ def variant_config(config, name: str):
 
 def main() -> None:
     parser = bench_parser(__doc__)
-    parser.add_argument("--variants", default="gold,cap0.05,cap0,teacher")
+    parser.add_argument("--variants", default="gold,gold_supported,cap0.05,teacher")
     parser.add_argument("--on", choices=("validation", "test"), default="validation")
     add_training_flags(parser, "each variant's OUT")
     args = parser.parse_args()

@@ -234,7 +234,9 @@ class StudentConfig(_Strict):
 class TargetsConfig(_Strict):
     """What each expert learns to write, from the teacher's trace row (MemLoRA's target cleaning)."""
 
-    generation: Literal["gold", "teacher"] = "gold"  # the gold answer where the trace's question has one
+    # gold: the gold answer where the trace's question has one; gold_supported: only where the prompt's memories
+    # hold it (else the teacher's answer); teacher: the teacher's answers.
+    generation: Literal["gold", "gold_supported", "teacher"] = "gold"
     dedupe_facts: bool = True  # drop exact and near-duplicate facts from the teacher's extraction output
     drop_redundant_none: bool = True  # drop update NONE entries that restate memories the fact leaves alone
     near_duplicate: float = Field(0.8, gt=0.0, le=1.0)  # token Jaccard at or above which two facts are one

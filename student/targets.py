@@ -3,7 +3,7 @@
 - extraction: the teacher's facts without exact or near duplicates (the bundled teacher repeats itself);
 - update: the teacher's decisions without NONE entries that only restate memories the new fact leaves alone;
 - generation: the gold answer where the trace's question has one (MemLoRA's teachers answered ~40 % right),
-  else the teacher's answer.
+  else the teacher's answer; with `gold_supported`, only where the prompt's memories hold it.
 
 A target that differs from the teacher's output is tokenized anew and trains on cross-entropy alone: the
 teacher's token ids and log-probs describe the text it wrote, not ours.
@@ -73,6 +73,21 @@ def question_of(messages: list[dict]) -> str | None:
     return match.group(1).strip() if match else None
 
 
+_FUNCTION_WORDS = frozenset("a an the and or of in on at to for with by from is was are were be has had have he she they "
+                            "his her their it its i you we my your our".split())
+
+
+def supported(answer: str, messages: list[dict], share: float = 0.5) -> bool:
+    """Whether the prompt's memories hold a gold answer: at least `share` of its content words appear in them
+    (an adversarial question's "Not mentioned" always is). A gold answer they do not hold teaches the expert to
+    make one up: on LoCoMo's training conversations that was most of them."""
+    if answer == NOT_MENTIONED:
+        return True
+    words = _tokens(answer) - _FUNCTION_WORDS
+    memories = messages[-1]["content"].split("\nQuestion:")[0] if messages else ""
+    return not words or len(words & _tokens(memories)) >= share * len(words)
+
+
 def gold_questions(out: str | Path) -> dict[tuple[str, str], tuple[str, int]]:
     """(conversation_id, question) -> (gold answer, LoCoMo category); adversarial questions (no answer) ->
     "Not mentioned"."""
@@ -116,9 +131,12 @@ def make_target(row: dict, cfg: TargetsConfig, gold: dict[tuple[str, str], str],
         stats.counts["update_none_dropped"] += dropped
         if dropped:
             return Target(json.dumps({**value, "memory": kept}), True)
-    if op == "generation" and cfg.generation == "gold":
+    if op == "generation" and cfg.generation in ("gold", "gold_supported"):
         question = question_of(row["messages"])
         answer = gold.get((row["conversation_id"], question)) if question else None
+        if answer is not None and cfg.generation == "gold_supported" and not supported(answer, row["messages"]):
+            stats.counts["generation_gold_unsupported"] += 1
+            answer = None
         if answer is not None:
             stats.counts["generation_gold"] += 1
             target = json.dumps({"answer": answer[:answer_max_chars]})

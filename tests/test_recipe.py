@@ -16,7 +16,7 @@ from memlora.config import PruneConfig, TargetsConfig
 from memlora.data.records import Conversation
 from memlora.data.schemas import TRACES
 from memlora.data.split import assign_split
-from memlora.memory.prompts import STUDENT_SYSTEM, TEMPLATES, student_messages
+from memlora.memory.prompts import NOT_MENTIONED, STUDENT_SYSTEM, TEMPLATES, student_messages
 from memlora.memory.system import render_question
 from memlora.student.examples import IGNORE, build_examples, split_rows
 from memlora.student.targets import TargetStats, dedupe_facts, filter_update, make_target
@@ -89,6 +89,14 @@ def test_target_cleaning_on_hand_made_rows():
     other = _row("generation", render_question(memories, "Where does Felix work?"), '{"answer": "a bakery"}')
     assert make_target(other, cfg, gold, 100, stats).text == '{"answer": "a bakery"}'
     assert stats.counts["generation_gold"] == 1 and stats.counts["generation_teacher"] == 1
+    # gold_supported: the gold answer only where the memories shown hold it; an adversarial one always
+    only_supported = TargetsConfig(generation="gold_supported")
+    assert json.loads(make_target(asked, only_supported, gold, 100, stats).text) == {"answer": "Juno"}
+    made_up = {("c1", "What is the name of Felix's dog?"): "a cat called Milo"}
+    assert make_target(asked, only_supported, made_up, 100, stats).text == '{"answer": "Felix\'s Dog"}'
+    assert stats.counts["generation_gold_unsupported"] == 1
+    never = {("c1", "What is the name of Felix's dog?"): NOT_MENTIONED}
+    assert json.loads(make_target(asked, only_supported, never, 100, stats).text) == {"answer": NOT_MENTIONED}
 
 
 @pytest.mark.timeout(30)
