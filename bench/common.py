@@ -209,3 +209,18 @@ def finished_run(parser: argparse.ArgumentParser, args, prefix: str):
         parser.error("--out: a finished `memlora run` OUT is needed (its traces, validation split and evaluation)")
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix=prefix))
     return Path(args.out).resolve(), load_config(args.config), work
+
+
+def rounded(value, digits: int = 3):
+    """A metric for a results file: None for a missing or NaN value."""
+    return None if value is None or value != value else round(value, digits)
+
+
+def interval_text(triple) -> str:
+    """[value, low, high] as "value [low, high]"; "–" where there is none."""
+    return "–" if not triple or triple[0] is None else f"{triple[0]} [{triple[1]}, {triple[2]}]"
+
+
+def triple(row: dict) -> list:
+    """A results row's [value, low, high], rounded."""
+    return [rounded(row["value"]), rounded(row["ci_low"]), rounded(row["ci_high"])]

@@ -30,7 +30,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pyarrow as pa  # noqa: E402
-from common import add_training_flags, answers_against_gold, bench_parser, finished_run, save, table  # noqa: E402
+from common import (  # noqa: E402
+    add_training_flags, answers_against_gold, bench_parser, finished_run, interval_text, save, table, triple,
+)
 
 from memlora.config import OPERATIONS  # noqa: E402
 from memlora.data.io import write_parquet  # noqa: E402
@@ -108,16 +110,12 @@ def measure(plan: Plan, config, size: int, folder: Path) -> list[dict]:
                "validation_loss": getattr(record, "validation_loss_best", None)}
         for r in agreement_rows(f"n{size}", op, outputs, calls, config):
             if r["unit"] == "ratio":
-                row[r["metric"]] = [_r(r["value"]), _r(r["ci_low"]), _r(r["ci_high"])]
+                row[r["metric"]] = triple(r)
         if op == "generation":
             answers = [str((output or {}).get("answer", "")) for output in outputs]
             row.update(answers_against_gold(calls, answers, plan.out, config.evaluation.bootstrap_samples))
         rows.append(row)
     return rows
-
-
-def _r(value):
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else round(value, 3)
 
 
 def main() -> None:
@@ -143,9 +141,9 @@ def main() -> None:
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
-    fmt = lambda v: "–" if not v or v[0] is None else f"{v[0]} [{v[1]}, {v[2]}]"  # noqa: E731
-    shown = [{**r, "agreement": fmt(r.get(PRIMARY[r["operation"]])), "kappa": fmt(r.get("cohen_kappa")),
-              "qa_cat1-4": fmt(r.get("qa_token_f1_expert")), "abstains": r.get("abstains_expert", "")}
+    shown = [{**r, "agreement": interval_text(r.get(PRIMARY[r["operation"]])),
+              "kappa": interval_text(r.get("cohen_kappa")),
+              "qa_cat1-4": interval_text(r.get("qa_token_f1_expert")), "abstains": r.get("abstains_expert", "")}
              for r in rows]
     print(table(shown, ["operation", "size", "training_rows", "n", "agreement", "kappa", "qa_cat1-4", "abstains",
                         "validation_loss"]))

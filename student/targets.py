@@ -73,8 +73,8 @@ def question_of(messages: list[dict]) -> str | None:
     return match.group(1).strip() if match else None
 
 
-_FUNCTION_WORDS = frozenset("a an the and or of in on at to for with by from is was are were be has had have he she they "
-                            "his her their it its i you we my your our".split())
+_FUNCTION_WORDS = frozenset("a an the and or of in on at to for with by from is was are were be has had have he she "
+                            "they his her their it its i you we my your our".split())
 
 
 def supported(answer: str, messages: list[dict], share: float = 0.5) -> bool:
