@@ -18,13 +18,26 @@ from memlora.student.records import DistillResult, NoExpert, TrainingRecord
 from memlora.student.templates import ensure_templates, template_for
 
 
-def config_fingerprint(config: Config) -> str:
+# The target settings each operation's expert depends on: changing how generation targets are made retrains the
+# generation expert only.
+TARGET_SETTINGS = {"extraction": ("dedupe_facts", "near_duplicate"),
+                   "update": ("drop_redundant_none", "balance_update"),
+                   "generation": ("generation", "max_abstain_share")}
+
+
+def config_fingerprint(config: Config, operation: str | None = None) -> str:
     """sha256 of what decides an expert besides its traces: teacher, student and distillation settings (not
-    the timeout, which only decides when to give up)."""
+    the timeout, which only decides when to give up); for one `operation`, only its epochs and target settings."""
+    distill = config.distill.model_dump(mode="json", exclude={"timeout_s"})
+    if operation is not None:
+        distill.pop("epochs")
+        distill["max_epochs"] = config.distill.max_epochs_for(operation)
+        distill["targets"] = {k: v for k, v in distill["targets"].items()
+                              if k in TARGET_SETTINGS.get(operation, tuple(distill["targets"]))}
     recipe = {
         "teacher": [config.teacher.model, config.teacher.tokenizer],
         "student": config.student.model_dump(mode="json", by_alias=True) if config.student else None,
-        "distill": config.distill.model_dump(mode="json", exclude={"timeout_s"}),
+        "distill": distill,
     }
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 
@@ -33,7 +46,7 @@ def cache_key(config: Config, out: str | Path, operation: str, init: Path | None
     """Same traces + same recipe (+ the same starting adapter, when warm-started) = same expert: a finished one is
     not trained again."""
     traces = traces_fingerprint(trace_files(out, operation))
-    fingerprint = config_fingerprint(config)
+    fingerprint = config_fingerprint(config, operation)
     start = sha256_file(Path(init) / "adapter_model.safetensors") if init is not None else ""
     template = template_for(config, out, operation)
     key = hashlib.sha256((f"{operation}:{traces}:{fingerprint}{':' + start if start else ''}"

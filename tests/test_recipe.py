@@ -286,3 +286,31 @@ def test_training_batches_group_similar_lengths_and_reshuffle_every_epoch():
     rng.shuffle(shuffled)
     assert padded(first) < 0.9 * padded(shuffled)
     assert padded(first) < 1.1 * sum(lengths)
+
+
+@pytest.mark.timeout(30)
+def test_an_expert_retrains_only_when_its_own_recipe_changes(tmp_path):
+    from memlora.config import load_config
+    from memlora.evaluation.cache import cache_key as evaluation_key
+    from memlora.student.distill import config_fingerprint
+    from tests.conftest import REPO
+
+    config = load_config(REPO / "configs" / "default.yaml")
+
+    def changed(**distill):
+        other = config.model_copy(update={"distill": config.distill.model_copy(update=distill)})
+        return {op: config_fingerprint(other, op) != config_fingerprint(config, op)
+                for op in ("extraction", "update", "generation")}
+
+    targets = config.distill.targets
+    assert changed(targets=targets.model_copy(update={"generation": "gold_supported"})) == {
+        "extraction": False, "update": False, "generation": True}
+    assert changed(targets=targets.model_copy(update={"balance_update": False})) == {
+        "extraction": False, "update": True, "generation": False}
+    assert changed(epochs={"update": 3}) == {"extraction": False, "update": True, "generation": False}
+    assert changed(learning_rate=1e-3) == {"extraction": True, "update": True, "generation": True}
+    # the evaluation of a system reads distillation settings only through the experts' files
+    other = config.model_copy(update={"distill": config.distill.model_copy(update={"learning_rate": 1e-3})})
+    assert evaluation_key(other, tmp_path, "teacher", None) == evaluation_key(config, tmp_path, "teacher", None)
+    memory = config.model_copy(update={"memory": config.memory.model_copy(update={"top_k": 2})})
+    assert evaluation_key(memory, tmp_path, "teacher", None) != evaluation_key(config, tmp_path, "teacher", None)
