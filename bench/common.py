@@ -166,7 +166,6 @@ def answers_against_gold(calls: list, answers: list[str], out: str | Path, sampl
     to them; the interval resamples conversations. {} where no call's question has a gold answer."""
     from memlora.evaluation import scoring
     from memlora.evaluation.captured import cluster_bootstrap
-    from memlora.evaluation.stats import bootstrap
     from memlora.student.targets import gold_questions, question_of
 
     gold = gold_questions(out)
@@ -181,8 +180,7 @@ def answers_against_gold(calls: list, answers: list[str], out: str | Path, sampl
     result = {"qa_n": len(answerable), "adversarial_n": len(adversarial)}
     for who, k in (("expert", 1), ("teacher", 2)):
         f1 = scoring.token_f1([x[k] for x in answerable], golds)
-        est = (cluster_bootstrap(f1, clusters, lambda a: sum(a) / len(a), samples) if len(set(clusters)) > 1
-               else bootstrap(f1, samples=samples))  # one conversation: over calls
+        est = cluster_bootstrap(f1, clusters, lambda a: sum(a) / len(a), samples, min_clusters=5)
         result[f"qa_token_f1_{who}"] = [round(v, 3) if v == v else None for v in (est.value, est.ci_low, est.ci_high)]
         result[f"abstains_{who}"] = round(sum(scoring.abstains(x[k]) for x in answerable) / len(answerable), 3)
         if adversarial:

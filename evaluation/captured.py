@@ -41,12 +41,22 @@ def is_captured(out: str | Path) -> bool:
         f.name.startswith("part-capture-") for op in OPERATIONS for f in trace_files(out, op))
 
 
-def cluster_bootstrap(items: list, clusters: list[str], statistic, samples: int, seed: int = 0) -> Estimate:
-    """`statistic(items)` with a 95 % percentile interval from resampling whole clusters."""
+def cluster_bootstrap(items: list, clusters: list[str], statistic, samples: int, seed: int = 0,
+                      min_clusters: int = 1) -> Estimate:
+    """`statistic(items)` with a 95 % percentile interval from resampling whole clusters. Below `min_clusters`
+    clusters that interval is too narrow (two conversations give three distinct resamples), so it is widened to
+    hold the interval from resampling single items as well (as the promotion gate does)."""
     if not items:
         return Estimate(math.nan, 0)
     point = float(statistic(items))
     names = sorted(set(clusters))
+    if len(names) < min_clusters:
+        by_call = cluster_bootstrap(items, [str(i) for i in range(len(items))], statistic, samples, seed)
+        if len(names) < 2 or samples <= 0:
+            return by_call
+        by_cluster = cluster_bootstrap(items, clusters, statistic, samples, seed)
+        return Estimate(point, len(items), min(by_call.ci_low, by_cluster.ci_low),
+                        max(by_call.ci_high, by_cluster.ci_high), "cluster-or-call-bootstrap-95")
     if len(names) < 2 or samples <= 0:
         return Estimate(point, len(items))
     groups = [[x for x, c in zip(items, clusters) if c == name] for name in names]
@@ -63,7 +73,7 @@ def agreement_rows(system: str, operation: str, outputs: list[dict | None], call
     samples = config.evaluation.bootstrap_samples
 
     def est(items, statistic):
-        return cluster_bootstrap(items, clusters, statistic, samples)
+        return cluster_bootstrap(items, clusters, statistic, samples, min_clusters=config.improve.min_clusters)
 
     if operation == "extraction":
         mine = [scoring.extracted_facts(o) for o in outputs]
