@@ -305,7 +305,7 @@ def test_an_expert_retrains_only_when_its_own_recipe_changes(tmp_path):
     targets = config.distill.targets
     assert changed(targets=targets.model_copy(update={"generation": "gold_supported"})) == {
         "extraction": False, "update": False, "generation": True}
-    assert changed(targets=targets.model_copy(update={"balance_update": False})) == {
+    assert changed(targets=targets.model_copy(update={"balance_update": not targets.balance_update})) == {
         "extraction": False, "update": True, "generation": False}
     assert changed(epochs={"update": 3}) == {"extraction": False, "update": True, "generation": False}
     assert changed(learning_rate=1e-3) == {"extraction": True, "update": True, "generation": True}
