@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 from memlora.config import Config
@@ -33,8 +32,7 @@ def system_inputs(out: str | Path, system: str, base: str | Path | None) -> list
 def cache_key(config: Config, out: str | Path, system: str, base: str | Path | None) -> str:
     """The config without its distillation settings, which reach an evaluation only through the experts' files
     (hashed below): a new generation target re-evaluates student+experts, not the teacher."""
-    settings = config.model_dump(mode="json", exclude={"capture", "serving", "deferral", "improve", "distill"})
-    digest = hashlib.sha256(f"{system}:{json.dumps(settings, sort_keys=True)}".encode())
+    digest = hashlib.sha256(f"{system}:{config.fingerprint(without=frozenset({'distill'}))}".encode())
     for f in system_inputs(out, system, base):
         digest.update(f"{f.name}:{sha256_file(f) if f.is_file() else 'missing'}".encode())
     return digest.hexdigest()

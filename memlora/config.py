@@ -418,10 +418,10 @@ class Config(_Strict):
                                self.distill.model_copy(update={"learning_rate": DEFAULT_LEARNING_RATES[method]}))
         return self
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, without: frozenset[str] = frozenset()) -> str:
         """What the pipeline's artifacts depend on (cache keys): the capture rules and serving limits only shape
-        serving."""
-        dumped = self.model_dump(mode="json", exclude={"capture", "serving", "deferral", "improve"})
+        serving; `without` leaves out sections an artifact reads only through files of its own."""
+        dumped = self.model_dump(mode="json", exclude={"capture", "serving", "deferral", "improve", *without})
         return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()
 
 
