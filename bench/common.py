@@ -181,7 +181,7 @@ def answers_against_gold(calls: list, answers: list[str], out: str | Path, sampl
     for who, k in (("expert", 1), ("teacher", 2)):
         f1 = scoring.token_f1([x[k] for x in answerable], golds)
         est = cluster_bootstrap(f1, clusters, lambda a: sum(a) / len(a), samples, min_clusters=5)
-        result[f"qa_token_f1_{who}"] = [round(v, 3) if v == v else None for v in (est.value, est.ci_low, est.ci_high)]
+        result[f"qa_token_f1_{who}"] = [rounded(v) for v in (est.value, est.ci_low, est.ci_high)]
         result[f"abstains_{who}"] = round(sum(scoring.abstains(x[k]) for x in answerable) / len(answerable), 3)
         if adversarial:
             result[f"adversarial_abstains_{who}"] = round(

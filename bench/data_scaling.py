@@ -21,7 +21,6 @@ numbers say nothing.
 
 from __future__ import annotations
 
-import math
 import random
 import shutil
 import sys
@@ -54,7 +53,8 @@ class Plan:
     """Which trace rows each size trains on, and the held-out calls every size answers."""
 
     def __init__(self, out: Path, config, operations: list[str], quick: bool, seed: int):
-        self.out, self.config, self.operations, self.quick = out, config, operations, quick
+        self.out, self.operations, self.quick = out, operations, quick
+        self._traces: dict[str, list[dict]] = {}
         self.splits = conversation_splits(out)
         if quick:
             self.units = [f"block-{b}" for b in range(QUICK_BLOCKS - 1)]
@@ -70,7 +70,10 @@ class Plan:
         self.held = deferral.test_calls(out, config, operations)
 
     def _rows(self, operation: str) -> list[dict]:
-        return load_traces(trace_files(self.out, operation)).to_pylist()
+        """OUT's trace rows of an operation, read once for every size."""
+        if operation not in self._traces:
+            self._traces[operation] = load_traces(trace_files(self.out, operation)).to_pylist()
+        return self._traces[operation]
 
     def unit_of(self, row: dict, index: int) -> str:
         return f"block-{index % QUICK_BLOCKS}" if self.quick else row["conversation_id"]
