@@ -35,11 +35,11 @@ class SplitConfig(_Strict):
     seed: int = 0
     # Or the split by name, as a benchmark's protocol fixes it (configs/locomo.yaml). With `ids`, every named
     # conversation must be in the data and in one split only; the ratios are not used, and a conversation not
-    # named is left out of the run (ingest counts it).
+    # named is left out of the run.
     ids: dict[Literal["train", "validation", "test"], list[str]] | None = None
 
     @model_validator(mode="after")
-    def _ids_or_ratios(self) -> "SplitConfig":
+    def _each_id_in_one_split(self) -> "SplitConfig":
         if self.ids is None:
             return self
         seen: dict[str, str] = {}
