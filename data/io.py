@@ -14,7 +14,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from memlora.data.schemas import KIND_KEY, SCHEMA_VERSION, VERSION_KEY, with_metadata
+from memlora.data.schemas import ADDED_COLUMNS, KIND_KEY, SCHEMA_VERSION, VERSION_KEY, with_metadata
 
 
 class DataError(ValueError):
@@ -144,8 +144,6 @@ def read_parquet(path: str | Path, kind: str, schema: pa.Schema) -> pa.Table:
     found_kind = meta.get(KIND_KEY, b"").decode()
     if found_kind and found_kind != kind:
         raise DataError(f"{path}: holds {found_kind!r} rows, expected {kind!r}")
-    from memlora.data.schemas import ADDED_COLUMNS
-
     for name in ADDED_COLUMNS.get(kind, ()):
         if name not in table.column_names and name in schema.names:
             table = table.append_column(name, pa.nulls(table.num_rows, schema.field(name).type))

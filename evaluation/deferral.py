@@ -15,12 +15,15 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from memlora.config import Config
+from memlora.data.io import write_json
+from memlora.data.split import captured_split
 from memlora.evaluation import scoring
 from memlora.evaluation.calibration import CalibrationError, Threshold, calibrate, keep_curve, served
-from memlora.layout import calls_path, trace_files
+from memlora.layout import calls_path, deferral_path, trace_files
 from memlora.llm.confidence import answer_events, confidence, is_destructive
 from memlora.memory.llm import GenerationRequest, LLMBackend
 from memlora.memory.parsing import extract_json
+from memlora.student.examples import conversation_splits, load_traces, split_rows
 
 KEEP, DESTRUCTIVE = "keep", "destructive"  # the two classes of an operation's answers, calibrated apart
 
@@ -85,8 +88,6 @@ def held_out_call(row: dict, config: Config) -> HeldOutCall:
 
 def validation_calls(out: str | Path, config: Config, operations: list[str]) -> list[HeldOutCall]:
     """The validation split's trace rows whose teacher answer parsed: early stopping's rows, never trained on."""
-    from memlora.student.examples import conversation_splits, load_traces, split_rows
-
     splits = conversation_splits(out)
     calls = []
     for op in operations:
@@ -98,9 +99,6 @@ def validation_calls(out: str | Path, config: Config, operations: list[str]) -> 
 def test_calls(out: str | Path, config: Config, operations: list[str]) -> list[HeldOutCall]:
     """Calls calibration never saw: the captured calls in capture's test share, and the teacher's own calls on
     the test conversations from an evaluation's run (none if none ran)."""
-    from memlora.data.split import captured_split
-    from memlora.student.examples import load_traces
-
     calls = []
     for op in operations:
         calls += [held_out_call(row, config) for row in load_traces(trace_files(out, op)).to_pylist()
@@ -224,9 +222,6 @@ def calibrate_out(config: Config, out: str | Path, backend, operations: list[str
                   on_line=lambda line: None) -> dict:
     """Thresholds fitted on `held` and checked on OUT's test calls, written to OUT/deferral.json (what
     `memlora calibrate` does, and `improve` after a promotion)."""
-    from memlora.data.io import write_json
-    from memlora.layout import deferral_path
-
     on_line(f"calibrating on {len(held)} validation calls")
     scored = score(backend, backend.tokenizer, held, config)
     policy = fit(scored, operations, config)

@@ -27,6 +27,9 @@ from memlora.evaluation.replay import CALLS, E2E, FORCED, FORCED_FREE, as_forced
 from memlora.evaluation.systems import JUDGE, SYSTEMS, EvalError, build_system
 from memlora.jobs import read_job
 from memlora.layout import calls_path, judgements_path, probe_path, qa_path, store_path
+from memlora.llm.backends import build_backend
+from memlora.memory.embedder import Embedder
+from memlora.memory.store import MemoryStore
 
 
 def adapter_files(folders: dict[str, str]) -> dict[str, dict]:
@@ -61,8 +64,6 @@ def _write_rows(rows: list[dict], schema: pa.Schema, path: Path, kind: str) -> N
 
 
 def run_judge(config, out: Path) -> dict:
-    from memlora.llm.backends import build_backend
-
     qa_rows = []
     for system in SYSTEMS:
         path = qa_path(out, system)
@@ -80,9 +81,6 @@ def run_judge(config, out: Path) -> dict:
 
 
 def run_model_system(system: str, config, out: Path, base: str | None) -> dict:
-    from memlora.memory.embedder import Embedder
-    from memlora.memory.store import MemoryStore
-
     memory_cfg = config.memory
     conversations = test_conversations(load_ingested(out), config.evaluation)
     if not conversations:

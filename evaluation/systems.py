@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from memlora.config import Config
+from memlora.layout import student_dir
+from memlora.llm.backends import build_backend
 from memlora.memory.llm import LLMBackend
 
 SYSTEMS = ("teacher", "student", "student+experts")
@@ -33,8 +35,6 @@ class LoadedSystem:
 
 def student_base(config: Config, out: str | Path) -> Path:
     """Where the student base is: the pruned teacher the distill stage saved, or the configured model."""
-    from memlora.layout import student_dir
-
     if config.student is None:
         raise EvalError("the config has no `student` section: there is no student to evaluate")
     if config.student.prune is None:
@@ -50,19 +50,17 @@ def build_system(name: str, config: Config, out: str | Path, base: str | Path | 
         raise EvalError(f"unknown system {name!r} (one of {', '.join(SYSTEMS)})")
     started = time.perf_counter()
     if name == "teacher":
-        from memlora.llm.backends import build_backend
-
         # No log-probs: evaluation does not use them, and computing them would slow the teacher's timed calls.
         backend = build_backend(config.teacher.model_copy(update={"logprobs_top_k": 0}))
         return LoadedSystem(name, backend, time.perf_counter() - started,
                             {"model": config.teacher.model, "experts": {}})
-    from memlora.student.experts import ExpertBackend
+    # Imported here, not at the top: the teacher's evaluation process measures its own peak memory, and peft (which
+    # the experts import) is no part of what the teacher needs.
+    from memlora.student.experts import ExpertBackend, verified_expert_folders
 
     base = Path(base) if base is not None else student_base(config, out)
     adapters = None
     if name == "student+experts":
-        from memlora.student.experts import verified_expert_folders
-
         adapters = verified_expert_folders(out)
         if not adapters:
             raise EvalError(f"{Path(out) / 'adapters'}: no trained expert (run `memlora distill` first)")

@@ -7,6 +7,8 @@ from memlora.memory.llm import LLMBackend
 
 
 def build_backend(config: LLMConfig) -> LLMBackend:
+    # Each backend imported where it is chosen: an HTTP teacher needs neither torch nor transformers loaded, and a
+    # local model no HTTP client.
     if config.backend == "openai":
         from memlora.llm.http_backend import OpenAIBackend
 

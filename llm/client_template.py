@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 from pathlib import Path
 
+from memlora.memory.prompts import STUDENT_SYSTEM, is_own_prompt, student_messages
+
 HEADER_MAX_CHARS = 120  # a header is the first sentence of the fixed line before a run, cut to this
 _NUMBER = re.compile(r"\d+")
 _WORD = re.compile(r"[A-Za-z]{2}")
@@ -153,8 +155,6 @@ def expert_view(prompt: str, operation: str, messages: list[dict],
     """What an expert reads of a call under `student.prompt`, and how it was read: MINIMAL (our own prompt cut to
     its input), REDUCED (a client's cut to its changing parts), AS_SENT (prompt `teacher`, or a client with no
     template), MISMATCH (a client's call its template does not match: read whole, and the caller counts it)."""
-    from memlora.memory.prompts import STUDENT_SYSTEM, is_own_prompt, student_messages
-
     if prompt != "minimal":
         return messages, AS_SENT
     if is_own_prompt(operation, messages):

@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from memlora.models import resolve
+
 OPERATIONS = ("extraction", "update", "generation")
 Operation = Literal["extraction", "update", "generation"]
 
@@ -80,8 +82,6 @@ class HttpConfig(_Strict):
 def _model_exists(value: str | None) -> str | None:
     """A local path or packaged model that is not there fails at config load, before any model loads."""
     if value is not None:
-        from memlora.models import resolve
-
         resolve(value)
     return value
 

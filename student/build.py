@@ -13,12 +13,14 @@ from typing import Callable
 
 import torch
 
-from memlora.config import Config, PruneConfig
+from memlora.config import OPERATIONS, Config, PruneConfig
 from memlora.data.io import publishing
 from memlora.jobs import write_job
 from memlora.layout import student_dir, trace_files
 from memlora.llm.hf_backend import load_causal_lm
 from memlora.models import resolve
+from memlora.student.examples import load_traces
+from memlora.student.launch import deepspeed_command, run_ranks
 
 MARKER = "memlora_student.json"
 
@@ -47,9 +49,6 @@ def angular_distances(model, rows: list[list[int]], n: int) -> list[float]:
 def probe_rows(out: str | Path, tokenizer, limit: int, max_tokens: int = 512) -> list[list[int]]:
     """Token ids of the teacher's own calls (prompt + output), spread over the operations: what the student
     will read and write."""
-    from memlora.config import OPERATIONS
-    from memlora.student.examples import load_traces
-
     per_op = []
     for op in OPERATIONS:
         rows = load_traces(trace_files(out, op)).to_pylist()
@@ -164,8 +163,6 @@ def build_student(config: Config, out: str | Path, on_line: Callable[[str], None
 
 def heal(config: Config, out: str | Path, cut: Path, target: Path, on_line: Callable[[str], None]) -> dict:
     """Heal through the same DeepSpeed launcher as the experts, handing the ranks a job file."""
-    from memlora.student.launch import deepspeed_command, run_ranks
-
     job = write_job(config, out, "heal", task="heal", base=str(cut.resolve()), target=str(target.resolve()))
     cmd, env = deepspeed_command(config, ["--job", str(job)])
     record = run_ranks(config, cmd, env, "heal", on_line)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from memlora.config import OPERATIONS, Config
-from memlora.data.io import sha256_file
+from memlora.data.io import DataError, sha256_file
 from memlora.layout import adapter_dir, trace_files
 from memlora.manifest import update_manifest
 from memlora.student.examples import load_traces, traces_fingerprint
@@ -16,7 +16,6 @@ from memlora.student.experts import is_complete_adapter
 from memlora.student.launch import TrainingFailed, run_training
 from memlora.student.records import DistillResult, NoExpert, TrainingRecord
 from memlora.student.templates import ensure_templates, template_for
-
 
 # The target settings each operation's expert depends on: changing how generation targets are made retrains the
 # generation expert only.
@@ -68,8 +67,6 @@ def check_traces(out: str | Path) -> dict[str, int]:
     """Read every trace file distillation will need before anything expensive starts (the student base takes
     a minute to build; a truncated update shard used to surface only after the extraction expert had trained).
     Returns parse_ok rows per operation; raises TrainingFailed naming the file or folder."""
-    from memlora.data.io import DataError
-
     if not any(trace_files(out, op) for op in OPERATIONS):
         raise TrainingFailed(f"{Path(out) / 'traces'}: no trace files (run `memlora traces` first)")
     usable = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import pyarrow as pa
 from memlora.config import TargetsConfig
 from memlora.data.io import read_parquet, sha256_file
 from memlora.data.schemas import TRACES
+from memlora.data.split import captured_split
+from memlora.evaluation.scoring import abstains
 from memlora.layout import conversations_file
 from memlora.llm.client_template import MISMATCH, ClientTemplate, expert_view
 from memlora.student.losses import IGNORE
@@ -71,10 +74,6 @@ def label_of(operation: str, text: str) -> str | None:
     if operation == "update":
         return update_event(text)
     if operation == "generation":
-        import json
-
-        from memlora.evaluation.scoring import abstains
-
         try:
             answer = json.loads(text).get("answer", "")
         except (ValueError, AttributeError):
@@ -128,8 +127,6 @@ def split_rows(table: pa.Table, splits: dict[str, str]) -> tuple[pa.Table, pa.Ta
     """(train rows, validation rows) by each row's conversation; a conversation ingest did not mark as
     validation trains (traces made before validation existed), unless capture held it out. Test rows (captured
     calls capture put in its test share) are in neither."""
-    from memlora.data.split import captured_split
-
     split = [splits.get(cid, captured_split(cid)) for cid in table.column("conversation_id").to_pylist()]
     return (table.filter(pa.array([s not in ("validation", "test") for s in split], type=pa.bool_())),
             table.filter(pa.array([s == "validation" for s in split], type=pa.bool_())))

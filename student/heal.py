@@ -29,6 +29,7 @@ from memlora.layout import conversations_file, trace_files
 from memlora.llm.hf_backend import load_causal_lm
 from memlora.student.build import MARKER
 from memlora.student.examples import conversation_splits, load_traces
+from memlora.student.trainer import deepspeed_config
 
 
 def session_texts(out: str | Path, splits: dict[str, str]) -> dict[str, list[str]]:
@@ -150,7 +151,6 @@ def heal_base(config: Config, out: str | Path, pruned: str | Path, target: str |
     """Heal the base in `pruned` into `target` (rank 0 writes it atomically) and return the healing record."""
     from peft import LoraConfig, get_peft_model
 
-    from memlora.student.trainer import deepspeed_config
 
     cfg = config.student.heal
     rank = int(os.environ.get("RANK", "0"))

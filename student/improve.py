@@ -22,8 +22,16 @@ from memlora.data.io import write_parquet
 from memlora.evaluation import deferral
 from memlora.evaluation.gate import Decision, decide
 from memlora.layout import (
-    ADAPTERS, DATASETS, TEMPLATES, TRACES, adapter_dir, candidate_dir, decisions_path, trace_files,
+    ADAPTERS,
+    DATASETS,
+    TEMPLATES,
+    TRACES,
+    adapter_dir,
+    candidate_dir,
+    decisions_path,
+    trace_files,
 )
+from memlora.student.distill import cache_key
 from memlora.student.examples import load_traces
 from memlora.student.experts import ExpertBackend, adapter_config, verified_expert_folders
 from memlora.student.records import TrainingRecord
@@ -59,8 +67,6 @@ class Candidate:
 def new_rows(config: Config, out: str | Path) -> dict[str, int]:
     """Per operation with traces, the parse_ok rows the served expert has not been trained on (its training
     record's traces differ from OUT's now); 0 where nothing changed."""
-    from memlora.student.distill import cache_key
-
     counts = {}
     for op in OPERATIONS:
         files = trace_files(out, op)

@@ -12,7 +12,15 @@ from typing import Callable
 
 from memlora.config import OPERATIONS, Config
 from memlora.layout import templates_path, trace_files
-from memlora.llm.client_template import ClientTemplate, TemplateError, changing_parts, current, mine, store
+from memlora.llm.client_template import (
+    ClientTemplate,
+    TemplateError,
+    changing_parts,
+    current,
+    mine,
+    read_versions,
+    store,
+)
 from memlora.memory.prompts import is_own_prompt
 from memlora.student.examples import load_traces
 
@@ -82,8 +90,6 @@ class TemplateReport:
 def report(config: Config, out: str | Path, tokenizer, instruction: Callable[[str], str]) -> list[TemplateReport]:
     """What `memlora templates` shows: per operation, the template, how many calls it matches, and the tokens a
     call costs whole vs reduced (chat template applied)."""
-    from memlora.llm.client_template import read_versions
-
     reports = []
     for op in OPERATIONS:
         path = templates_path(out, op)

@@ -7,6 +7,7 @@ import json
 import sys
 
 from memlora.jobs import read_job
+from memlora.student.heal import heal_base
 from memlora.student.records import TrainingRecord
 from memlora.student.trainer import train_expert
 
@@ -35,8 +36,6 @@ def main(argv: list[str] | None = None) -> int:
     config, job = read_job(args.job)
     skip_shared_memory_all_reduce()
     if job["task"] == "heal":
-        from memlora.student.heal import heal_base
-
         record = heal_base(config, job["out"], job["base"], job["target"])
     else:
         record = train_expert(config, job["out"], job["operation"], job["base"], job["cache"], job.get("init"))

@@ -10,10 +10,13 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
 from memlora.config import Config
+from memlora.evaluation.captured import captured_headline, evaluate_captured, write_captured_report
 from memlora.evaluation.plan import EvalPlan, prepare
 from memlora.evaluation.process import run_system_process
 from memlora.evaluation.report import write_report
 from memlora.evaluation.results import build_results, headline, write_results
+from memlora.evaluation.systems import student_base
+from memlora.student.experts import ExpertBackend, verified_expert_folders
 
 
 @task(name="evaluation-plan", cache_policy=NONE)
@@ -61,10 +64,6 @@ def artifacts_task(rows: list[dict], markdown: Path, png: Path, with_judge: bool
 @task(name="evaluate-captured", cache_policy=NONE)
 def captured_task(config: Config, out: str) -> dict:
     """An OUT of captured calls: the bare student and the student + experts on capture's test share."""
-    from memlora.evaluation.captured import captured_headline, evaluate_captured, write_captured_report
-    from memlora.evaluation.systems import student_base
-    from memlora.student.experts import ExpertBackend, verified_expert_folders
-
     log = get_run_logger()
     backend = ExpertBackend.from_config(config, student_base(config, out), verified_expert_folders(out) or None,
                                         prompt=config.student.prompt if config.student else "teacher")
