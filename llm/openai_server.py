@@ -36,6 +36,7 @@ from memlora.llm.reload import close_later
 from memlora.llm.request_limits import Admission, BodyLimit, check_schema, client_stays, drop_outcome, \
     parse_json_body, rss_mib
 from memlora.memory.llm import GenerationRequest, GenerationResult
+from memlora.memory.prompts import own_operation
 
 log = logging.getLogger("memlora.serve")
 
@@ -95,8 +96,9 @@ class ServingEngine:
         (it goes to the teacher, not to the bare student); None otherwise."""
         if self.fallback is None or self.models[chat.model].operation != ROUTED:
             return None
-        rule = classify(self.rules, chat.plain_messages(), chat.model)
-        return rule.operation if rule is not None and rule.operation not in self.experts else None
+        messages = chat.plain_messages()
+        wanted = routed_operation(classify(self.rules, messages, chat.model), messages)
+        return wanted if wanted is not None and wanted not in self.experts else None
 
     def close(self) -> None:
         self.batcher.close()
@@ -135,12 +137,27 @@ class ServingEngine:
     def model_names(self) -> list[str]:
         return list(self.models)
 
-    def _operation(self, served: ServedModel, rule: CaptureRule | None) -> str:
+    def _operation(self, served: ServedModel, rule: CaptureRule | None, messages: list[dict]) -> str:
         """The expert a request runs on: its model's, or for the routed name the one its rule names (a client
-        such as Mem0 sends every call under one model name); the bare base where there is no such expert."""
+        such as Mem0 sends every call under one model name) or whose prompt of ours it was built with; the bare
+        base where there is no such expert."""
         if served.operation != ROUTED:
             return served.operation
-        return rule.operation if rule is not None and rule.operation in self.experts else BASE
+        wanted = routed_operation(rule, messages)
+        return wanted if wanted in self.experts else BASE
+
+    def routing_line(self) -> str:
+        """What the routed model will do, said at start: a server whose routed name silently answered with the
+        bare base was a newcomer's first surprise."""
+        routed = next((name for name, m in self.models.items() if m.operation == ROUTED), None)
+        if routed is None:
+            return "no routed model: pick an expert by its model name"
+        rules = ", ".join(r.operation for r in self.rules) or "none"
+        return (f"model {routed!r}: this project's own memory prompts go to their experts "
+                f"({', '.join(op for op in OPERATIONS if op in self.experts) or 'none trained'}); "
+                f"capture.rules route other clients' calls (rules: {rules}); any other call is answered by "
+                + ("the fallback teacher" if self.fallback is not None else "the bare student base")
+                + f"; `{routed}-<operation>` picks an expert by name")
 
     def _schema(self, chat: ChatRequest, operation: str, rule: CaptureRule | None) -> dict | None:
         fmt = chat.response_format
@@ -166,7 +183,7 @@ class ServingEngine:
                            f"{', '.join(self.models)}", param="model", code="model_not_found")
         messages = chat.plain_messages()
         rule = classify(self.rules, messages, chat.model)
-        operation = self._operation(served, rule)
+        operation = self._operation(served, rule, messages)
         schema = self._schema(chat, operation, rule)
         if schema is not None:
             check_schema(schema, self.limits.max_schema_depth)
@@ -296,6 +313,12 @@ def create_app(engine: ServingEngine, api_key: str | None = None) -> FastAPI:
         return engine.answer(chat, result)
 
     return app
+
+
+def routed_operation(rule: CaptureRule | None, messages: list[dict]) -> str | None:
+    """The operation a call under the routed name belongs to: its capture rule's, else the one whose prompt of
+    ours it carries (this project's memory system needs no rules)."""
+    return rule.operation if rule is not None else own_operation(messages)
 
 
 def expert_models(operations: list[str], prefix: str = "memlora") -> list[ServedModel]:

@@ -138,6 +138,16 @@ def is_own_prompt(operation: str, messages: list[dict]) -> bool:
     return template is not None and bool(messages) and messages[0].get("content") == template.system
 
 
+def own_operation(messages: list[dict]) -> str | None:
+    """The operation whose prompt of ours a call was built with: our teacher template or the experts' minimal
+    prompt (what a client of `serve-experts` may send instead); None for any other prompt."""
+    head = messages[0].get("content") if messages else None
+    for operation in TEMPLATES:
+        if head == TEMPLATES[operation].system or head == STUDENT_SYSTEM.get(operation):
+            return operation
+    return None
+
+
 def expert_messages(prompt: str, operation: str, messages: list[dict]) -> list[dict]:
     """What an expert reads under `student.prompt`: the minimal student prompt, or the teacher's as it is."""
     return student_messages(operation, messages) if prompt == "minimal" else messages

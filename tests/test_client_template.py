@@ -242,3 +242,33 @@ def test_templates_command_names_what_is_wrong(tmp_path):
     few = templates(out)
     assert few.returncode == 2 and "2 recorded calls" in few.stderr and "at least 8 are needed" in few.stderr
     assert not (out / "templates").exists()
+
+
+def test_the_routed_model_sends_our_own_prompts_to_their_experts_without_rules(tmp_path, tiny_model_dir):
+    """The embedded default has no capture.rules: under `memlora` our own memory system's calls (the teacher's
+    template, or the minimal prompt) must reach their expert, not the bare base (a newcomer found the latter)."""
+    import httpx
+
+    from memlora.llm.openai_server import ServingEngine, create_app, expert_models
+    from memlora.student.experts import ExpertBackend
+    from tests.serving_fixtures import running
+    from tests.student_fixtures import saved_expert
+
+    folder = saved_expert(tiny_model_dir, tmp_path / "extraction", seed=1)
+    backend = ExpertBackend(tiny_model_dir, {"extraction": folder}, device="cpu", prompt="minimal")
+    engine = ServingEngine(backend, expert_models(["extraction"]), [], default_max_tokens=4)
+    ours = [{"role": "system", "content": TEMPLATES["extraction"].system},
+            {"role": "user", "content": "Conversation:\nuser: I adopted a dog named Max last week."}]
+    minimal = [{"role": "system", "content": STUDENT_SYSTEM["extraction"]}, ours[1]]
+    body = lambda model, messages: {"model": model, "messages": messages, "max_tokens": 4}  # noqa: E731
+    try:
+        assert "extraction" in engine.routing_line() and "bare student base" in engine.routing_line()
+        with running(create_app(engine)) as url:
+            tokens = {name: httpx.post(f"{url}/v1/chat/completions", json=body(model, messages), timeout=60)
+                      .json()["usage"]["prompt_tokens"]
+                      for name, model, messages in [("routed", "memlora", ours), ("named", "memlora-extraction", ours),
+                                                    ("minimal", "memlora", minimal), ("base", "memlora-base", ours)]}
+    finally:
+        engine.close()
+    assert tokens["routed"] == tokens["named"] == tokens["minimal"], tokens  # the expert's cut prompt, all three
+    assert tokens["routed"] < 0.5 * tokens["base"], tokens  # the bare base reads the teacher's prompt whole

@@ -1,0 +1,290 @@
+"""Write every generated block of README.md and docs/*.md from the committed reference files, so that no number
+is copied by hand (`make docs`). A block is the text between `<!-- generated: NAME -->` and
+`<!-- end generated -->`; everything outside the markers is left as written.
+
+    python docs/generate.py            rewrite the blocks
+    python docs/generate.py --check    exit 1 naming each block that differs from what would be written (a test)
+    python docs/generate.py --results OUT --name embedded_default
+                                       store OUT/eval/results.parquet as bench/reference/cpu-2core/NAME.json
+                                       (after a `make run`: the README's headline comes from that file)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+REFERENCE = REPO / "bench" / "reference" / "cpu-2core"
+BLOCK = re.compile(r"(<!-- generated: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- end generated -->)", re.S)
+SYSTEMS = {"teacher": "teacher", "student": "bare student", "student+experts": "student + experts"}
+
+
+def pages() -> list[Path]:
+    return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def reference(name: str) -> dict:
+    return json.loads((REFERENCE / f"{name}.json").read_text())
+
+
+# --- results of a pipeline run (eval/results.parquet, stored by --results) -------------------------------------
+
+def store_results(out: Path, name: str) -> Path:
+    """A run's result rows with where they came from: the only copy of a run's numbers the docs read."""
+    import pyarrow.parquet as pq
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    rows = pq.read_table(out / "eval" / "results.parquet").to_pylist()
+    for row in rows:
+        for key in ("value", "ci_low", "ci_high"):
+            if isinstance(row[key], float):
+                row[key] = round(row[key], 4)
+    evaluation = manifest.get("evaluation", {})
+    data = {"source": {"git_revision": manifest.get("git_revision"), "evaluated_at": manifest.get("updated_at"),
+                       "config": evaluation.get("config", {}).get("name"),
+                       "data": manifest.get("traces", {}).get("data"),
+                       "test_conversations": evaluation.get("conversations"),
+                       "questions": evaluation.get("questions"),
+                       "machine": {"platform": platform.platform(), "processor": platform.processor()}},
+            "rows": rows}
+    path = REFERENCE / f"{name}.json"
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    return path
+
+
+def _find(rows: list[dict], system: str, operation: str, metric: str) -> dict | None:
+    for r in rows:
+        if (r["system"], r["operation"], r["metric"]) == (system, operation, metric) and r["decoding"] in (
+                None, "constrained"):
+            return r
+    return None
+
+
+def _cell(row: dict | None, digits: int = 3, point: bool = False) -> str:
+    if row is None or row["value"] is None:
+        return "-"
+    text = f"{row['value']:.{digits}f}"
+    if not point and row.get("ci_low") is not None and row.get("ci_high") is not None and row["ci_low"] != row["ci_high"]:
+        text += f" [{row['ci_low']:.{digits}f}, {row['ci_high']:.{digits}f}]"
+    return text
+
+
+# (label, operation, metric, digits): the measures a results table shows, in its order.
+HEADLINE = [
+    ("extraction fact F1 vs teacher", "extraction", "fact_f1", 3),
+    ("update event macro-F1 vs teacher", "update", "event_macro_f1", 3),
+    ("update Cohen's kappa vs teacher", "update", "cohen_kappa", 3),
+    ("generation answer token F1 vs teacher", "generation", "answer_token_f1", 3),
+    ("**QA token F1 vs gold, categories 1-4**", "qa/answerable", "token_f1", 3),
+    ("answers that abstain, categories 1-4", "qa/answerable", "abstain_rate", 3),
+    ("QA token F1 vs gold, all categories", "qa", "token_f1", 3),
+]
+# Point values only: one process per system, and a call's time is its batch's time divided by the batch's size,
+# so a latency interval says little (calls of one batch share a value).
+FOOTPRINT = [
+    ("peak RSS of the system's process (MiB)", "model", "peak_rss_mb", 0),
+    ("extraction s per call, p50", "extraction", "latency_p50", 3),
+    ("update s per call, p50", "update", "latency_p50", 3),
+    ("generation s per call, p50", "generation", "latency_p50", 3),
+]
+CATEGORIES = [("cat 1 multi-hop", "qa/cat-1"), ("cat 2 temporal", "qa/cat-2"), ("cat 3 open-domain", "qa/cat-3"),
+              ("cat 4 single-hop", "qa/cat-4"), ("cat 5 adversarial (abstaining scores 1)", "qa/cat-5")]
+
+
+def results_table(name: str, categories: bool = False, footprint: bool = True) -> str:
+    data = reference(name)
+    rows = data["rows"]
+    measures = list(HEADLINE)
+    if categories:
+        measures += [(label, op, "token_f1", 3) for label, op in CATEGORIES]
+    if footprint:
+        measures += FOOTPRINT
+    lines = ["| | n | " + " | ".join(SYSTEMS.values()) + " |", "|---|---|" + "---|" * len(SYSTEMS)]
+    for label, op, metric, digits in measures:
+        cells = [_find(rows, system, op, metric) for system in SYSTEMS]
+        if all(c is None for c in cells):
+            continue
+        if op == "update" and metric == "event_macro_f1":
+            majority = _find(rows, "student+experts", "update", "majority_baseline_macro_f1")
+            if majority is not None:
+                label += f" (always the majority event: {majority['value']:.3f})"
+        n = next((c["n"] for c in reversed(cells) if c is not None and c.get("n")), "")
+        point = (label, op, metric, digits) in FOOTPRINT
+        lines.append(f"| {label} | {n if not point or metric != 'peak_rss_mb' else ''} | "
+                     + " | ".join(_cell(c, digits, point=point) for c in cells) + " |")
+    source = data["source"]
+    lines += ["", f"<sub>{source['config']} on {', '.join(source['test_conversations'] or [])} "
+                  f"(evaluated {str(source['evaluated_at'])[:10]}, revision {str(source['git_revision'])[:7]}); "
+                  f"95 % intervals; agreement is with the teacher's own answers to the same calls. Source: "
+                  f"`bench/reference/cpu-2core/{name}.json`.</sub>"]
+    return "\n".join(lines)
+
+
+# --- benches ---------------------------------------------------------------------------------------------------
+
+def _interval(triple) -> str:
+    value, low, high = triple
+    return f"{value:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def methods_table() -> str:
+    data = reference("methods")
+    lines = [f"| run | lr | validation loss | fact F1 vs teacher (n={data['held_out_rows']}) | trainable | s/step | "
+             "relative \\|\\|dW\\|\\|_F |", "|---|---|---|---|---|---|---|"]
+    for r in data["runs"]:
+        a = r["agreement"]
+        lines.append(f"| {r['run']} | {r['lr']:.1e} | {r['val_loss']:.3f} | "
+                     f"{_interval([a['value'], *a['ci']])} | {r['trainable']:,} | {r['step_s']:.1f} | "
+                     f"{r['dW_rel']:.4f} |")
+    return "\n".join(lines)
+
+
+def warm_start_table() -> str:
+    data = reference("warm_start")
+    lines = ["| operation | n | agreement cold | warm | warm - cold, 95 % | best validation loss cold / warm | "
+             "steps cold / warm |", "|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['operation']} | {r['n']} | {r['cold_agreement']:.3f} | {r['warm_agreement']:.3f} | "
+                     f"{r['difference_warm_minus_cold']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}] | "
+                     f"{r['cold_validation_loss']:.3f} / {r['warm_validation_loss']:.3f} | "
+                     f"{r['cold_steps']} / {r['warm_steps']} |")
+    return "\n".join(lines)
+
+
+def data_scaling_table() -> str:
+    data = reference("data_scaling")
+    rows = data["rows"]
+    sizes = data["sizes"]
+    by = {(r["size"], r["operation"]): r for r in rows}
+
+    def line(label, op, cell):
+        return f"| {label} | " + " | ".join(cell(by[(s, op)]) if (s, op) in by else "-" for s in sizes) + " |"
+
+    n = {op: next(r["n"] for r in rows if r["operation"] == op) for op in ("extraction", "update", "generation")}
+    majority = next(r["majority_baseline_macro_f1"][0] for r in rows if r["operation"] == "update")
+    teacher_qa = next(r["qa_token_f1_teacher"][0] for r in rows if r["operation"] == "generation")
+    qa_n = next(r["qa_n"] for r in rows if r["operation"] == "generation")
+    out = ["| training conversations | " + " | ".join(map(str, sizes)) + " |", "|---|" + "---|" * len(sizes),
+           line("extraction training calls", "extraction", lambda r: str(r["training_rows"])),
+           line(f"extraction fact F1 vs teacher (n={n['extraction']})", "extraction",
+                lambda r: _interval(r["fact_f1"])),
+           line("extraction validation loss", "extraction", lambda r: f"{r['validation_loss']:.3f}"),
+           line("update training calls", "update", lambda r: str(r["training_rows"])),
+           line(f"update macro-F1 (n={n['update']}; majority {majority:.3f})", "update",
+                lambda r: _interval(r["event_macro_f1"])),
+           line("update Cohen's kappa", "update", lambda r: _interval(r["cohen_kappa"])),
+           line("update validation loss", "update", lambda r: f"{r['validation_loss']:.3f}"),
+           line("generation training calls", "generation", lambda r: str(r["training_rows"])),
+           line(f"generation token F1 vs teacher (n={n['generation']})", "generation",
+                lambda r: _interval(r["answer_token_f1"])),
+           line(f"QA F1 cat 1-4 on the teacher's memories (n={qa_n}; teacher {teacher_qa:.3f})", "generation",
+                lambda r: f"{r['qa_token_f1_expert'][0]:.3f}"),
+           line("generation validation loss", "generation", lambda r: f"{r['validation_loss']:.3f}")]
+    return "\n".join(out)
+
+
+def closed_loop_table() -> str:
+    data = reference("closed_loop")
+    lines = ["| day | served by | operation | calls | kept by the expert | served agrees with the teacher [95 % CI] "
+             "| kept answers disagreeing, upper 95 % | p50 s / call | tokens / call | DELETEs served / teacher | "
+             "abstains served / teacher |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    front = {"capture": "capture -> teacher", "experts": "serve-experts --fallback"}
+    for d in data["days"]:
+        for op, e in d["operations"].items():
+            agree = (f"{e['served_agreement']:.2f} [{e['served_agreement_ci'][0]:.2f}, "
+                     f"{e['served_agreement_ci'][1]:.2f}]" if e["served_agreement"] is not None else "-")
+            upper = "-" if e["kept_disagreement_upper"] is None else f"{e['kept_disagreement_upper']:.2f}"
+            deletes = f"{e['served_deletes']} / {e['teacher_deletes']}" if "served_deletes" in e else ""
+            abstains = f"{e['served_abstains']} / {e['teacher_abstains']}" if "served_abstains" in e else ""
+            lines.append(f"| {d['day']} | {front.get(d['served_by'], d['served_by'])} | {op} | {e['calls']} | "
+                         f"{e['kept']} ({e['keep_share']:.0%}) | {agree} | {upper} | {e['p50_s']:.0f} | "
+                         f"{e['tokens_per_call']:.0f} | {deletes} | {abstains} |")
+    lines.append("")
+    for night in data["nights"]:
+        decisions = "; ".join(f"{x['operation']} {'promoted' if x['promote'] else 'kept out'} ({x['reason']})"
+                              for x in night["decisions"])
+        lines.append(f"- night {night['after_day']} ({night['seconds']:.0f} s): {decisions}")
+    for d in data["days"]:
+        rss = ", ".join(f"{k} {v:.0f} MiB" for k, v in d["peak_rss_mb"].items())
+        calls = sum(e["calls"] for e in d["operations"].values())
+        lines.append(f"- day {d['day']}: {calls} calls in {d['seconds']:.0f} s; peak RSS {rss}")
+    lines += ["", f"<sub>{data['per_day']} conversations a day, budget {data['budget']}, sessions "
+                  f"{data['sessions'] or 'all'}; source `bench/reference/cpu-2core/closed_loop.json`.</sub>"]
+    return "\n".join(lines)
+
+
+def mem0_add_table() -> str:
+    data = reference("mem0_add")
+    names = {"teacher": "teacher (SmolLM2-135M)", "experts-whole": "student + experts, whole prompt",
+             "experts-reduced": "student + experts, what changes"}
+    lines = ["| | `add()` p50 | `add()` max | per conversation | input tokens / call | tokens in / out | "
+             "memories stored | server peak RSS |", "|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:  # the bench stores this table's cells as it printed them
+        lines.append(f"| {names.get(r['system'], r['system'])} | {r['add_p50_s']} s | {r['add_max_s']} s | "
+                     f"{r['per_conversation_s'].replace(' / ', ' s / ')} s | {int(r['tokens_in_per_call']):,} | "
+                     f"{r['tokens_in/out'].replace('/', ' / ')} | {r['memories']} | {r['peak_rss_MiB']} MiB |")
+    return "\n".join(lines)
+
+
+RENDERERS = {
+    "headline": lambda: results_table("embedded_default"),
+    "headline-categories": lambda: results_table("embedded_default", categories=True),
+    "locomo-protocol": lambda: results_table("locomo_protocol", categories=True, footprint=False),
+    "methods": methods_table,
+    "warm-start": warm_start_table,
+    "data-scaling": data_scaling_table,
+    "closed-loop": closed_loop_table,
+    "mem0-add": mem0_add_table,
+}
+
+
+def render(text: str, where: Path) -> str:
+    def one(match: re.Match) -> str:
+        name = match["name"]
+        if name not in RENDERERS:
+            raise SystemExit(f"{where}: unknown generated block {name!r} (one of {', '.join(RENDERERS)})")
+        return f"{match[1]}{RENDERERS[name]()}\n{match[4]}"
+
+    return BLOCK.sub(one, text)
+
+
+def stale_blocks() -> list[str]:
+    """'page: block' for every generated block whose text differs from what would be written now."""
+    stale = []
+    for page in pages():
+        text = page.read_text()
+        now = {m["name"]: m["body"] for m in BLOCK.finditer(text)}
+        fresh = {m["name"]: m["body"] for m in BLOCK.finditer(render(text, page))}
+        stale += [f"{page.relative_to(REPO)}: {name}" for name in now if now[name] != fresh[name]]
+    return stale
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="exit 1 if a generated block is out of date")
+    parser.add_argument("--results", type=Path, help="a run's OUT whose eval/results.parquet to store")
+    parser.add_argument("--name", default="embedded_default", help="the reference file --results writes")
+    args = parser.parse_args(argv)
+    if args.results:
+        print("stored", store_results(args.results, args.name))
+    if args.check:
+        stale = stale_blocks()
+        for line in stale:
+            print(f"out of date: {line} (run `make docs`)")
+        return 1 if stale else 0
+    for page in pages():
+        text = page.read_text()
+        new = render(text, page)
+        if new != text:
+            page.write_text(new)
+            print("wrote", page.relative_to(REPO))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
