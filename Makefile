@@ -14,7 +14,7 @@ export TRANSFORMERS_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: setup run test bench serve clean
+.PHONY: setup run test bench serve docs clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,10 @@ bench: setup
 # Local Prefect server (SQLite) + process worker + the deployments of prefect.yaml; Ctrl-C tears both down.
 serve: setup
 	$(BIN)/memlora serve --port $${PORT:-4200}
+
+# The generated tables of README.md and docs/ from bench/reference/ (tests/test_docs.py checks they are current).
+docs: setup
+	$(BIN)/python docs/generate.py
 
 clean:
 	rm -rf $(VENV) .mem0-v2 $(OUT)

@@ -7,12 +7,12 @@ from memlora.memory.llm import LLMBackend
 
 
 def build_backend(config: LLMConfig) -> LLMBackend:
-    # Each backend imported where it is chosen: an HTTP teacher needs neither torch nor transformers loaded, and a
-    # local model no HTTP client.
     if config.backend == "openai":
+        # imported here: an HTTP teacher needs neither torch nor transformers loaded
         from memlora.llm.http_backend import OpenAIBackend
 
         return OpenAIBackend(config)
+    # imported here: a local model loads torch and transformers, which an HTTP teacher's process never needs
     from memlora.llm.hf_backend import TransformersBackend
 
     return TransformersBackend.from_config(config)
