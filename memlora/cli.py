@@ -528,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = command("verify")
-    p.add_argument("path", help="a release folder (OUT/releases/<version>) or OUT")
+    p.add_argument("path", help="a release folder (OUT/releases/<name>/<version>, or its `latest` link) or OUT")
     p.set_defaults(func=cmd_verify)
 
     p = command("release")

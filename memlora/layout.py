@@ -10,8 +10,8 @@ from pathlib import Path
 
 MANIFEST = "manifest.json"
 DATASETS, TRACES, ADAPTERS, EVAL = "datasets", "traces", "adapters", "eval"
-TEMPLATES = "templates"
-TRACKED = (DATASETS, TRACES, TEMPLATES, ADAPTERS, EVAL)  # what OUT/manifest.json lists with sha256s
+TEMPLATES, EXPORT = "templates", "export"
+TRACKED = (DATASETS, TRACES, TEMPLATES, ADAPTERS, EXPORT, EVAL)  # what OUT/manifest.json lists with sha256s
 RELEASED = (DATASETS, TRACES, EVAL)           # what a dataset release copies
 
 
@@ -68,7 +68,7 @@ def adapter_work_dir(out: str | Path, operation: str) -> Path:
 
 
 def export_dir(out: str | Path, fmt: str, operation: str) -> Path:
-    return Path(out) / "export" / fmt / operation
+    return Path(out) / EXPORT / fmt / operation
 
 
 # --- evaluation --------------------------------------------------------------------------------------------------

@@ -21,9 +21,10 @@ from memlora.config import Config
 from memlora.data.io import WriteError, sha256_file, swap_in
 from memlora.data.schemas import SCHEMA_VERSION, VERSION_KEY
 from memlora.layout import RELEASED, releases_dir
-from memlora.manifest import describe_file, git_revision
+from memlora.manifest import artifact_files, describe_file, git_revision
 from memlora.memory.prompts import TEMPLATES
 
+CARD = "README.md"  # a release's dataset card, beside its manifest
 
 
 class VerifyError(RuntimeError):
@@ -97,7 +98,7 @@ def publish_release(out: str | Path, config: Config, data: str | Path, name: str
             "files": [describe_file(p, staging) for p in sorted(staging.rglob("*.parquet"))],
         }
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        (staging / "README.md").write_text(dataset_card(manifest))
+        (staging / CARD).write_text(dataset_card(manifest))
         swap_in(staging, final)  # `final` is new: a plain rename, after the files are synced
     except OSError as err:
         raise WriteError.of(err, f"{final}: release not published ({err}); `latest` still points at the "
@@ -187,6 +188,14 @@ def resolve_release(path: str | Path) -> Path:
     raise VerifyError(f"{path}: no manifest.json here (give a release folder, or a dataset folder with `latest`)")
 
 
+def _covered_files(folder: Path, manifest: dict) -> list[Path]:
+    """The files a manifest vouches for, listed or not: every file of a release but its manifest and card; for an
+    OUT, every file under the folders its manifest tracks (OUT's releases carry manifests of their own)."""
+    if "version" in manifest:  # a release
+        return [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in ("manifest.json", CARD)]
+    return artifact_files(folder)
+
+
 def verify_release(path: str | Path) -> list[str]:
     """Every difference between the release folder and its manifest; empty when it matches."""
     release = resolve_release(path)
@@ -214,10 +223,8 @@ def verify_release(path: str | Path) -> list[str]:
                 problems.append(f"{rel}: schema version {version!r}, manifest says {entry.get('schema_version')!r}")
             if meta.num_rows != entry.get("rows"):
                 problems.append(f"{rel}: {meta.num_rows} rows, manifest says {entry.get('rows')}")
-    for f in sorted(release.rglob("*.parquet")):
+    for f in _covered_files(release, manifest):
         rel = f.relative_to(release).as_posix()
-        if rel.startswith("releases/"):  # OUT's releases carry manifests of their own: verify them one by one
-            continue
         if rel not in listed:
             problems.append(f"{rel}: present but not in the manifest")
     if manifest.get("schema_version") not in (None, SCHEMA_VERSION):

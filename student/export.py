@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from memlora.data.io import publishing
 from memlora.layout import export_dir, student_dir
 from memlora.llm.hf_backend import load_causal_lm
+from memlora.manifest import update_manifest
 from memlora.student.experts import adapter_name, verified_expert_folders
 
 
@@ -142,4 +143,6 @@ def export_lora(out: str | Path, base: str | Path | None = None, rank: int | Non
                       metadata={"format": "pt"})
         on_line(f"{op}: LoRA r={lora_config.r} written in {time.perf_counter() - began:.1f} s -> {target}")
         written[op] = target
+    if written:
+        update_manifest(out)  # exported adapters are artifacts too: `memlora verify OUT` checks them
     return written

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from memlora.config import OPERATIONS
+from memlora.manifest import read_manifest
 from tests.student_fixtures import distill_config, perturb, write_traces
 
 
@@ -94,6 +95,12 @@ def test_distill_flow_trains_each_operation_once_and_records_it(prefect_server, 
         folder: Path = out / "export" / "lora" / op
         assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == "LORA"
         assert (folder / "adapter_model.safetensors").is_file()
+    # ... and the export is in OUT's manifest, so `memlora verify OUT` vouches for it too
+    from memlora.release import verify_release
+
+    listed = {f["path"] for f in read_manifest(out)["files"]}
+    assert {f"export/lora/{op}/adapter_model.safetensors" for op in OPERATIONS} <= listed
+    assert verify_release(out) == []
 
 
 @pytest.mark.timeout(60)

@@ -70,6 +70,22 @@ def test_verify_names_every_difference(released):
     assert proc.returncode == 1 and "3 difference(s)" in proc.stderr
 
 
+def test_verify_names_a_file_the_manifest_does_not_list_whatever_its_kind(released, sample_path):
+    """Not only Parquet: an extra file under an OUT's adapters/ or in a release is a difference (the manifest
+    covers every file of what it describes)."""
+    from memlora.manifest import update_manifest
+
+    out, _, release = released
+    (out / "adapters" / "update").mkdir(parents=True)
+    (out / "adapters" / "update" / "adapter_config.json").write_text("{}")
+    update_manifest(out)
+    assert verify_release(out) == []
+    (out / "adapters" / "update" / "extra.bin").write_bytes(b"not in the manifest")
+    (release / "notes.txt").write_text("added after publishing")
+    assert verify_release(out) == ["adapters/update/extra.bin: present but not in the manifest"]
+    assert verify_release(release) == ["notes.txt: present but not in the manifest"]
+
+
 def test_second_release_moves_latest_only_when_complete(released, sample_path, monkeypatch):
     out, config, first = released
     import memlora.release as rel
