@@ -21,8 +21,9 @@ BIN = Path(sys.executable).parent
 
 
 def prefect_env(api_url: str, **extra: str) -> dict:
+    # COLUMNS: Prefect prints tables sized to the terminal, and without one it cut deployment ids off.
     env = dict(os.environ, **OFFLINE_ENV, PREFECT_API_URL=api_url, PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PWD=str(REPO))
+               PWD=str(REPO), COLUMNS="200")
     env.update(extra)
     return env
 
@@ -64,18 +65,49 @@ def deploy_all(env: dict) -> str:
 def deployed_summary(output: str) -> str:
     """Prefect's deploy output, less its advice to start a worker (serve has started one) and its
     `prefect deployment run` hints (which need this venv's prefect and PREFECT_API_URL: see run_hint)."""
-    names = [line.strip() for line in output.splitlines() if "Deployment '" in line]
+    names = [line.strip(" │|\t") for line in output.splitlines() if "Deployment '" in line]
     return "\n".join(names) if names else output
 
 
 def run_hint(api_url: str) -> str:
-    """Commands that work as printed in a fresh shell (no venv activated, no PREFECT_API_URL exported)."""
-    prefect_bin = BIN / "prefect"
-    return (f"Run the pipeline now, from another shell:\n"
-            f"  PREFECT_API_URL={api_url} {prefect_bin} deployment run 'memlora-pipeline/embedded-default' --watch\n"
+    """Commands that work as printed in a fresh shell (no venv activated, no PREFECT_API_URL exported). Each names
+    its OUT: a deployment's default `out` is relative to the checkout, where a newcomer did not expect it."""
+    head = f"PREFECT_API_URL={api_url} {BIN / 'prefect'}"
+    out = REPO / "out"
+    return (f"Run the pipeline now, from another shell (it writes into {out}; choose with --param out=PATH):\n"
+            f"  {head} deployment run 'memlora-pipeline/embedded-default' --param out={out} --watch\n"
             f"List scheduled runs:\n"
-            f"  PREFECT_API_URL={api_url} {prefect_bin} flow-run ls --state SCHEDULED\n"
-            f"Ctrl-C here stops the server and the worker.")
+            f"  {head} flow-run ls --state SCHEDULED\n"
+            f"Learn from the traces that arrived since (the nightly loop, on the same OUT):\n"
+            f"  {head} deployment run 'improve/embedded-default' --param out={out} --watch\n"
+            f"Ctrl-C here stops the server and the worker; a run in flight is marked crashed.")
+
+
+async def _crash_in_flight(api_url: str, pool: str, reason: str) -> list[str]:
+    from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.filters import (
+        FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType, WorkPoolFilter, WorkPoolFilterName,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    in_flight = [StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]
+    async with PrefectClient(api=api_url) as client:
+        runs = await client.read_flow_runs(
+            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=in_flight))))
+        for run in runs:
+            await client.set_flow_run_state(run.id, Crashed(message=reason), force=True)
+        return [run.name for run in runs]
+
+
+def crash_in_flight(api_url: str, pool: str, reason: str) -> list[str]:
+    """Mark the pool's runs still pending or running as crashed (their worker is gone), which also frees their
+    deployment's concurrency slot: left RUNNING, a run stopped by Ctrl-C held the pipeline's only slot, and the
+    next nightly run waited behind it. Returns the runs' names."""
+    import asyncio
+
+    return asyncio.run(_crash_in_flight(api_url, pool, reason))
 
 
 def start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
@@ -110,4 +142,12 @@ def serve(host: str = "127.0.0.1", port: int = 4200, pool: str = "memlora-pool",
     finally:
         if worker is not None:
             stop_group(worker)
+            try:
+                crashed = crash_in_flight(api_url, pool, "the worker was stopped (memlora serve ended) while the "
+                                                        "run was in flight; rerun it: finished stages are kept")
+            except Exception as err:  # noqa: BLE001  (the server may be gone already; nothing more to do)
+                crashed = []
+                print(f"could not mark runs in flight as crashed: {err}", file=sys.stderr)
+            if crashed:
+                print(f"marked crashed (stopped in flight): {', '.join(crashed)}", file=sys.stderr)
         stop_group(server)

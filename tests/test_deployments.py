@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import sys
 import time
@@ -14,7 +15,9 @@ import pytest
 import yaml
 
 from memlora.processes import stop_group
-from memlora.serve import deploy_all, deployed_summary, ensure_pool, prefect, prefect_env, run_hint, start
+from memlora.serve import (
+    crash_in_flight, deploy_all, deployed_summary, ensure_pool, prefect, prefect_env, run_hint, start,
+)
 from tests.conftest import REPO
 
 
@@ -77,6 +80,8 @@ def test_the_nightly_schedule_creates_runs(prefect_server):
     ensure_pool("memlora-pool", env)
     summary = deployed_summary(deploy_all(env))
     assert "memlora-pipeline/embedded-default" in summary and "start a worker" not in summary
+    for line in summary.splitlines():  # each deployment with its whole id (a narrow box once cut them off)
+        assert re.search(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", line), summary
     deadline = time.monotonic() + 150
     runs = []
     while time.monotonic() < deadline:
@@ -99,6 +104,41 @@ def test_the_nightly_schedule_creates_runs(prefect_server):
         assert done.returncode == 0 and any(str(r.id)[:13] in done.stdout for r in runs), done.stdout + done.stderr
     finally:
         asyncio.run(_pause_schedules(deployment))
+
+
+async def _running_run(name: str):
+    from prefect.client.orchestration import get_client
+    from prefect.states import Running
+
+    async with get_client() as client:
+        deployment = await client.read_deployment_by_name(name)
+        run = await client.create_flow_run_from_deployment(deployment.id)
+        await client.set_flow_run_state(run.id, Running(), force=True)
+        return run
+
+
+async def _state(run_id):
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        return (await client.read_flow_run(run_id)).state
+
+
+@pytest.mark.prefect
+@pytest.mark.timeout(300)
+def test_a_run_left_in_flight_when_serve_stops_is_marked_crashed(prefect_server):
+    """Ctrl-C on `memlora serve` stops the worker; its run stayed RUNNING and, with the pipeline's concurrency
+    limit of 1, held the slot the next nightly run needed."""
+    env = prefect_env(prefect_server["url"], PREFECT_HOME=str(prefect_server["home"]))
+    ensure_pool("memlora-pool", env)
+    deploy_all(env)
+    run = asyncio.run(_running_run("memlora-pipeline/embedded-default"))
+    assert asyncio.run(_state(run.id)).type.value == "RUNNING"
+    crashed = crash_in_flight(prefect_server["url"], "memlora-pool", "stopped in flight (test)")
+    assert run.name in crashed
+    state = asyncio.run(_state(run.id))
+    assert state.type.value == "CRASHED" and state.message == "stopped in flight (test)"
+    assert crash_in_flight(prefect_server["url"], "memlora-pool", "again") == []
 
 
 @pytest.mark.prefect
