@@ -52,6 +52,11 @@ def _table(rows, items: list[tuple[str, str, str]], counts: bool = False) -> lis
     return lines
 
 
+def free_decoded(rows: list[dict]) -> bool:
+    """Whether the requests were also replayed without their schema (`evaluation.free_decoding`)."""
+    return any(r["decoding"] == "free" for r in rows)
+
+
 def scope_sentence(rows: list[dict], meta: dict) -> str:
     """What these numbers can and cannot say, in one plain sentence, for this config."""
     params = lookup(rows, "teacher", "model", "params_base")
@@ -115,9 +120,15 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
         lines += ["", f"The LLM judge is the teacher itself (`{meta['judge']}`): a model judging its own answers, "
                   "and here one too small to judge, so its accuracy is left out of the headline (it is in the QA "
                   "table below for reference). Configure `evaluation.judge` with another model to make it count."]
+    free = free_decoded(rows)
     lines += ["", "## Headline", "", "| " + " | ".join(heads[0]) + " |", "|" + "---|" * len(heads[0])]
     for h in heads:
         lines.append("| " + " | ".join("–" if v is None else str(v) for v in h.values()) + " |")
+    lines += ["", "`parse_ok_constrained` is the mean of the three operations' parse rates (each is in the validity "
+              "table). " + ("`parse_ok_free` is the same under free decoding." if free else
+                            "`parse_ok_free` is empty: free decoding was off (`evaluation.free_decoding: false`), "
+                            "so the same requests were not replayed without their schema.")
+              + " Latency p50 is per call: a call's time is its batch's time divided by the batch's size."]
     lines += [
         "", "## Agreement with the teacher (teacher-forced, constrained decoding)", "",
         "Each system answered the teacher's own requests on the test conversation(s) (same messages, same schema, "
@@ -144,7 +155,8 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
     lines += _table(rows, [(f"teacher says {e.upper()}", "update", f"reference_{e}") for e in events[:4]]
                     + [(f"system says {e.upper()}", "update", f"predicted_{e}") for e in events], counts=True)
     lines += ["", "### The same requests without their schema (free decoding)", ""]
-    lines += _table(rows, [(label, op, metric + "_free") for label, op, metric in items])
+    lines += (_table(rows, [(label, op, metric + "_free") for label, op, metric in items]) if free else
+              ["Not run: `evaluation.free_decoding` is off in this config."])
     lines += ["", "## Output validity", "",
               "Each measure means one thing. `schema_valid`: the raw output is exactly one JSON object valid under "
               "the operation's schema (format, no repair). `parse_ok`: the memory system's tolerant parser took "
@@ -155,7 +167,7 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
               "decoding what the grammar forces.", ""]
     validity = []
     for op in OPERATIONS:
-        for decoding, suffix in (("constrained", ""), ("free", "_free")):
+        for decoding, suffix in (("constrained", ""), ("free", "_free"))[:2 if free else 1]:
             validity += [(f"{op} {m} ({decoding})", op, m + suffix)
                          for m in ("schema_valid", "parse_ok", "empty", "cut_at_limit")]
     lines += _table(rows, validity)
@@ -175,7 +187,8 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
                      (f"{name} answered", operation, "answered"), (f"{name} abstains", operation, "abstain_rate")]
     lines += _table(rows, qa_items)
     lines += ["", "## Latency (teacher-forced requests, constrained, same batches for every system)", "",
-              "Per-call wall time is the batch's wall time divided by its size. Read it with the tokens each call "
+              "Per-call wall time is the batch's wall time divided by its size, so the calls of one batch share a "
+              "value: p50 and p95 may be equal, and an interval may end at its point. Read it with the tokens each call "
               "generated next to it: a call that writes 6 tokens, or stops at the budget, is fast for that "
               "reason; seconds per generated token compares the models themselves.", ""]
     lat = []
@@ -305,13 +318,18 @@ def render_png(rows: list[dict], path: Path, records: dict[str, dict] | None = N
     acc = [(f"{op}\n{m}", op, m) for op, m in PRIMARY.items()] + [
         ("QA cat 1-4\ntoken F1", ANSWERABLE, "token_f1"), ("QA cat 1-4\nabstains", ANSWERABLE, "abstain_rate"),
         ("QA all\ntoken F1", "qa", "token_f1")]
-    _bars(axes[0, 0], [g for g, _, _ in acc], {s: [_v(rows, s, op, m) for _, op, m in acc] for s in SYSTEMS},
-          "score (95% CI)", "Accuracy per operation: agreement with the teacher; end-to-end QA")
+    # The teacher is the reference its agreement is measured against (1 by construction): its bars are QA only.
+    reference = {op for op in PRIMARY}
+    _bars(axes[0, 0], [g for g, _, _ in acc],
+          {s: [(None, None, None) if s == "teacher" and op in reference else _v(rows, s, op, m) for _, op, m in acc]
+           for s in SYSTEMS},
+          "score (95% CI)", "Agreement with the teacher's answers (students); QA vs gold (all three)")
     axes[0, 0].set_ylim(0, 1.05)
+    decodings = ("constrained", "free") if free_decoded(rows) else ("constrained",)
     val = [(f"{op}\n{d}", op, "schema_valid" + ("" if d == "constrained" else "_free"))
-           for op in OPERATIONS for d in ("constrained", "free")]
+           for op in OPERATIONS for d in decodings]
     _bars(axes[0, 1], [g for g, _, _ in val], {s: [_v(rows, s, op, m) for _, op, m in val] for s in SYSTEMS},
-          "schema_valid rate (95% CI)", "Schema-valid outputs, constrained vs free decoding")
+          "schema_valid rate (95% CI)", "Schema-valid outputs, " + " vs ".join(decodings) + " decoding")
     axes[0, 1].set_ylim(0, 1.05)
     mem = [("peak RSS", "peak_rss_mb"), ("RSS after load", "rss_after_load_mb"),
            ("peak CUDA", "peak_cuda_allocated_mb")]

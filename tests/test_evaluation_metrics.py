@@ -336,3 +336,23 @@ def test_abstention_rate_and_the_headline_qa_leave_adversarial_questions_aside()
 
     said = skill_sentences([kappa("student", 0.03, -0.1, 0.15), kappa("student+experts", 0.5, 0.1, 0.8)])
     assert len(said) == 2 and "student: no measurable update skill" in said[1]
+
+
+def test_report_says_free_decoding_was_off_and_what_the_headline_pools(tmp_path):
+    """A newcomer met an empty free-decoding table, '–' for parse_ok_free with no word why, and the teacher at 1.0
+    in the figure's accuracy panel: the report on the embedded default's stored results (free decoding off)."""
+    from types import SimpleNamespace
+
+    from memlora.evaluation.report import free_decoded, render_markdown, render_png
+    from tests.conftest import REPO
+
+    rows = json.loads((REPO / "bench" / "reference" / "cpu-2core" / "embedded_default.json").read_text())["rows"]
+    assert not free_decoded(rows)
+    probe = SimpleNamespace(model_id="m", adapters={}, device="cpu", dtype="float32", pid=1)
+    meta = {"config_name": "embedded-default", "conversations": ["sample-7", "sample-12"], "questions": 20,
+            "judge": "m", "probes": {"teacher": probe, "student": probe, "student+experts": probe}}
+    md = render_markdown(rows, meta)
+    assert "free decoding was off (`evaluation.free_decoding: false`)" in md
+    assert "Not run: `evaluation.free_decoding` is off" in md and "(free) |" not in md
+    assert "mean of the three operations' parse rates" in md and "p50 and p95 may be equal" in md
+    assert render_png(rows, tmp_path / "report.png").stat().st_size > 10_000
