@@ -68,6 +68,9 @@ def test_verify_names_every_difference(released):
     proc = subprocess.run([sys.executable, "-m", "memlora.cli", "verify", str(release)], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 1 and "3 difference(s)" in proc.stderr
+    usage = subprocess.run([sys.executable, "-m", "memlora.cli", "verify", "--help"], capture_output=True, text=True,
+                           timeout=120)
+    assert "OUT/releases/<name>/<version>" in usage.stdout.replace("\n", " ").replace("  ", " ")
 
 
 def test_verify_names_a_file_the_manifest_does_not_list_whatever_its_kind(released, sample_path):
