@@ -135,7 +135,8 @@ def run_model_system(system: str, config, out: Path, base: str | None) -> dict:
         "model_id": backend.model_id,
         "backend": backend.backend_name,
         "device": str(getattr(model, "device", "remote")),
-        "dtype": str(getattr(model, "dtype", "")).replace("torch.", ""),
+        "dtype": str(getattr(model, "dtype", "")).replace("torch.", "")
+        + (f", {backend.quantized} weights" if getattr(backend, "quantized", None) else ""),
         "parameters": probes.parameter_counts(model) if model is not None else None,
         "adapters": adapter_files(adapters) if adapters else {},
         "adapter_switches": getattr(backend, "switches", None),

@@ -19,6 +19,7 @@ from memlora.llm.client_template import AS_SENT, expert_view, read_template
 from memlora.llm.hf_backend import TransformersBackend, load_causal_lm
 from memlora.manifest import check_recorded
 from memlora.student.householder import use_input_reflections
+from memlora.student.quantize import quantize_base
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ class ExpertBackend(TransformersBackend):
 
     def __init__(self, base: str | Path, adapters: dict[str, Path] | None, *, batch_size: int = 8,
                  device: str = "auto", dtype: str = "auto", prefix_cache: bool = True, prompt: str = "teacher",
-                 merge: bool = False):
+                 merge: bool = False, quantize: str = "none"):
         methods = {op: json.loads((Path(folder) / "adapter_config.json").read_text())["peft_type"]
                    for op, folder in (adapters or {}).items()}
         if len(set(methods.values())) > 1:  # peft keeps one adapter type per model
@@ -129,6 +130,9 @@ class ExpertBackend(TransformersBackend):
                 model.load_adapter(str(adapters[op]), adapter_name=adapter_name(op), use_safetensors=True)
             model.eval()
             use_input_reflections(model)
+        # After the adapters are attached (DeLoRA reads each base weight's norms from the float32 weights) and
+        # before the backend sets up its CPU linears (a quantized layer keeps its own kernel).
+        self.quantized = quantize if quantize_base(model, quantize) else None
         super().__init__(model, tokenizer, model_id, batch_size=batch_size, prefix_cache=prefix_cache)
         # The adapted layers, found once: a switch then only repoints them (peft's `set_adapter` walks every
         # module of the model and toggles requires_grad each time: 4 ms per switch here, measured).
@@ -139,9 +143,11 @@ class ExpertBackend(TransformersBackend):
         self._tuner_layers = [m for m in modules if isinstance(m, BaseTunerLayer)]
         self._fast_switch = not any(isinstance(m, AuxiliaryTrainingWrapper) for m in modules)
         weights = [layer.get_base_layer().weight for layer in self._tuner_layers]
-        self.merge = bool(merge and weights and all(w.dtype == torch.float32 for w in weights))
+        self.merge = bool(merge and weights and not self.quantized and all(
+            w.dtype == torch.float32 for w in weights))
         if merge and weights and not self.merge:
-            log.info("experts stay un-merged: merging is exact in float32 only (weights are %s)", weights[0].dtype)
+            log.info("experts stay un-merged: merging is exact in float32 only (weights are %s)",
+                     f"{self.quantized} (student.quantize)" if self.quantized else weights[0].dtype)
         self._originals = [w.detach().clone() for w in weights] if self.merge else []
         self.active: str | None = self.operations[0] if self.operations else None
         self.switches = 0
@@ -157,7 +163,8 @@ class ExpertBackend(TransformersBackend):
         student = config.student
         return cls(base, adapters, batch_size=config.teacher.batch_size, device=config.teacher.device,
                    dtype=student.dtype if student else "auto", prefix_cache=config.teacher.prefix_cache,
-                   prompt=prompt, merge=student.merge_experts if student else False)
+                   prompt=prompt, merge=student.merge_experts if student else False,
+                   quantize=student.quantize if student else "none")
 
     @classmethod
     def from_out(cls, base: str | Path, out: str | Path, **kwargs) -> "ExpertBackend":
