@@ -29,10 +29,16 @@ def system_inputs(out: str | Path, system: str, base: str | Path | None) -> list
     return files
 
 
+# Config sections a system's evaluation does not read. Distillation settings reach an evaluation only through the
+# experts' files (hashed below): a new generation target re-evaluates student+experts, not the teacher; and the
+# teacher's run reads nothing of the student's (quantizing the student re-evaluates the students only).
+NOT_READ = {"teacher": frozenset({"distill", "student"})}
+
+
 def cache_key(config: Config, out: str | Path, system: str, base: str | Path | None) -> str:
-    """The config without its distillation settings, which reach an evaluation only through the experts' files
-    (hashed below): a new generation target re-evaluates student+experts, not the teacher."""
-    digest = hashlib.sha256(f"{system}:{config.fingerprint(without=frozenset({'distill'}))}".encode())
+    """The config less what the system does not read, and the system's input files."""
+    without = NOT_READ.get(system, frozenset({"distill"}))
+    digest = hashlib.sha256(f"{system}:{config.fingerprint(without=without)}".encode())
     for f in system_inputs(out, system, base):
         digest.update(f"{f.name}:{sha256_file(f) if f.is_file() else 'missing'}".encode())
     return digest.hexdigest()

@@ -34,9 +34,7 @@ def use_rows_first_linears(model: torch.nn.Module) -> int:
     Inference only (the backends call it): training keeps `F.linear`, whose backward autograd knows best."""
     count = 0
     for module in model.modules():
-        # A quantized weight (a tensor subclass, `student.quantize`) keeps F.linear: its own kernel does the product.
-        if (type(module) is torch.nn.Linear and module.weight.device.type == "cpu"
-                and type(module.weight.data) is torch.Tensor):
+        if type(module) is torch.nn.Linear and module.weight.device.type == "cpu":
             module.forward = types.MethodType(_rows_first_forward, module)
             count += 1
     return count

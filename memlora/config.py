@@ -218,7 +218,7 @@ class StudentConfig(_Strict):
     # Inference: write the active expert into the base weights at each switch (float32 only; see ExpertBackend)
     # instead of running the adapter beside every adapted layer. Decode steps cost what the bare base's cost.
     merge_experts: bool = True
-    # Inference: the base's linear weights quantized (weight-only, torchao) where the trained experts are loaded
+    # Inference: the base's linear weights int8 (torch's dynamic quantization) where the trained experts are loaded
     # (evaluation, serving); experts then stay un-merged beside them. Training is unchanged. See student/quantize.py.
     quantize: Literal["none", "int8"] = "none"
 

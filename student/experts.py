@@ -142,7 +142,7 @@ class ExpertBackend(TransformersBackend):
         modules = list(model.modules()) if self.operations else []
         self._tuner_layers = [m for m in modules if isinstance(m, BaseTunerLayer)]
         self._fast_switch = not any(isinstance(m, AuxiliaryTrainingWrapper) for m in modules)
-        weights = [layer.get_base_layer().weight for layer in self._tuner_layers]
+        weights = [] if self.quantized else [layer.get_base_layer().weight for layer in self._tuner_layers]
         self.merge = bool(merge and weights and not self.quantized and all(
             w.dtype == torch.float32 for w in weights))
         if merge and weights and not self.merge:

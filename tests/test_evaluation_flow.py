@@ -284,6 +284,10 @@ def test_evaluate_flow_on_tiny_models(prefect_server, tiny_teacher, tiny_model_d
     weights.write_bytes(weights.read_bytes() + b"\0")
     changed = {s: cache_key(cfg, out, s, base) != keys[s] for s in SYSTEMS}
     assert changed == {"teacher": False, "student": False, "student+experts": True}
+    # a student setting (its quantization) re-evaluates the students, not the teacher
+    quantized = cfg.model_copy(update={"student": cfg.student.model_copy(update={"quantize": "int8"})})
+    changed = {s: cache_key(quantized, out, s, base) != cache_key(cfg, out, s, base) for s in SYSTEMS}
+    assert changed == {"teacher": False, "student": True, "student+experts": True}
 
 
 def other_corpus(path: Path) -> Path:

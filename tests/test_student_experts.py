@@ -295,19 +295,21 @@ def test_experts_read_the_minimal_prompt_and_the_bare_base_the_teachers(tiny_mod
 
 @pytest.mark.timeout(120)
 def test_an_int8_base_stays_close_to_float32_and_switching_experts_on_it_is_exact(tiny_model_dir, experts_out):
-    """`student.quantize: int8`: the base's linears int8 (per output channel), the experts float32 beside them.
+    """`student.quantize: int8`: the base's linears int8 (torch's dynamic quantization), the experts float32 beside
+    them.
 
-    Tolerance: a per-channel symmetric int8 weight is off by at most half a step, max|w_row| / 254, about 0.4 % of
-    the row's largest weight; over this model's few layers the logits move by a small fraction of their spread.
-    We allow, against the float32 logits' standard deviation, 2 % on average and 10 % at the worst of the
-    vocabulary x positions entries (measured here: about 1 % and 6 %), and the same greedy token wherever float32's
-    top token leads the next by more than twice the largest error (this random model's logits are nearly flat, so
-    near-ties flip and say nothing about quantization)."""
+    Tolerance: an int8 weight per output channel is off by at most half a step (max|w_row| / 254), and each call's
+    activations are quantized per tensor the same way, about 0.4 % of their largest value; over this model's few
+    layers the logits move by a small fraction of their spread. We allow, against the float32 logits' standard
+    deviation, 4 % on average and 20 % at the worst of the vocabulary x positions entries (measured here: about
+    2 % and 14 %), and the same greedy token wherever float32's top token leads the next by more than twice the
+    largest error (this random model's logits are nearly flat, so near-ties flip and say nothing)."""
     plain = ExpertBackend.from_out(tiny_model_dir, experts_out, device="cpu")
     quantized = ExpertBackend.from_out(tiny_model_dir, experts_out, device="cpu", merge=True, quantize="int8")
     assert quantized.quantized == "int8" and not quantized.merge  # merging would write into int8 weights
-    bases = [layer.get_base_layer().weight for layer in quantized._tuner_layers]
-    assert bases and all(type(w.data) is not torch.Tensor for w in bases)  # torchao tensors, not float32
+    from memlora.student.quantize import is_quantized
+
+    assert all(is_quantized(layer.get_base_layer()) for layer in quantized._tuner_layers)  # int8, not float32
     adapters = [p for n, p in quantized.model.named_parameters() if "delora_" in n]
     assert adapters and all(type(p.data) is torch.Tensor and p.dtype == torch.float32 for p in adapters)
     first = {}
@@ -316,7 +318,7 @@ def test_an_int8_base_stays_close_to_float32_and_switching_experts_on_it_is_exac
         quantized.use(op)
         want, got = logits_of(plain.model, plain.tokenizer), logits_of(quantized.model, quantized.tokenizer)
         error = (got - want).abs()
-        assert error.mean() < 0.02 * want.std() and error.max() < 0.10 * want.std(), (op, error.max(), want.std())
+        assert error.mean() < 0.04 * want.std() and error.max() < 0.20 * want.std(), (op, error.max(), want.std())
         top2 = want.topk(2, dim=-1).values
         clear = (top2[..., 0] - top2[..., 1]) > 2 * error.max()
         assert clear.any() and torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear]), op
