@@ -231,15 +231,37 @@ def mem0_add_table() -> str:
     return "\n".join(lines)
 
 
+def serving_cost_table() -> str:
+    data = reference("serving_cost")
+    systems = list(data["memory"])
+    ops = list(dict.fromkeys(r["operation"] for r in data["rows"]))
+    by = {(r["system"], r["operation"]): r for r in data["rows"]}
+    lines = ["| | " + " | ".join(systems) + " |", "|---|" + "---|" * len(systems),
+             "| peak RSS (MiB) | " + " | ".join(f"{data['memory'][s]['peak_rss_mb']:.0f} "
+                                               f"({data['peak_rss_ratio'][s]:.2f}x)" for s in systems) + " |"]
+    for op in ops:
+        cells = [by[(systems[1], op)]["teacher_p50_s"] if s == "teacher" else
+                 f"{by[(s, op)]['p50_s']} ({by[(s, op)]['p50_vs_teacher']})" for s in systems]
+        lines.append(f"| {op} p50 s per call | " + " | ".join(cells) + " |")
+    for op in ops:
+        cells = ["1.00x" if s == "teacher" else by[(s, op)]["per_token_vs_teacher"] for s in systems]
+        lines.append(f"| {op} s per generated token, vs the teacher | " + " | ".join(cells) + " |")
+    lines += ["", f"<sub>{data['per_op']} calls per operation, {data['repeats']} repeats, one call at a time, each "
+                  "system in its own process; source `bench/reference/cpu-2core/serving_cost.json`.</sub>"]
+    return "\n".join(lines)
+
+
 RENDERERS = {
     "headline": lambda: results_table("embedded_default"),
     "headline-categories": lambda: results_table("embedded_default", categories=True),
+    "headline-int8": lambda: results_table("embedded_default_int8"),
     "locomo-protocol": lambda: results_table("locomo_protocol", categories=True, footprint=False),
     "methods": methods_table,
     "warm-start": warm_start_table,
     "data-scaling": data_scaling_table,
     "closed-loop": closed_loop_table,
     "mem0-add": mem0_add_table,
+    "serving-cost": serving_cost_table,
 }
 
 
