@@ -99,7 +99,7 @@ def test_the_nightly_schedule_creates_runs(prefect_server):
             assert marker not in log, f"server log has {marker!r}:\n{log[-3000:]}"
         # `memlora serve`'s hint works as printed in a fresh shell: no venv on PATH, no PREFECT_API_URL.
         hint = run_hint(prefect_server["url"])
-        assert hint.count("--param out=") == 2 and "improve/embedded-default" in hint  # each run names its OUT
+        assert hint.count("--param out=/") == 2 and "improve/embedded-default" in hint  # each run names its OUT
         listing = hint.splitlines()[3].strip()
         fresh = {"PATH": "/usr/bin:/bin", "HOME": str(prefect_server["home"]), "PREFECT_HOME": str(prefect_server["home"])}
         done = subprocess.run(["bash", "-c", listing], env=fresh, capture_output=True, text=True, timeout=120)
