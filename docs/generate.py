@@ -127,6 +127,12 @@ def results_table(name: str, categories: bool = False, footprint: bool = True) -
 
 # --- benches ---------------------------------------------------------------------------------------------------
 
+def _markdown(header: list[str], rows: list[list]) -> str:
+    """A Markdown table: the header, its rule, one line per row."""
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+                      *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)])
+
+
 def _interval(triple) -> str:
     value, low, high = triple
     return f"{value:.3f} [{low:.3f}, {high:.3f}]"
@@ -134,26 +140,21 @@ def _interval(triple) -> str:
 
 def methods_table() -> str:
     data = reference("methods")
-    lines = [f"| run | lr | validation loss | fact F1 vs teacher (n={data['held_out_rows']}) | trainable | s/step | "
-             "relative \\|\\|dW\\|\\|_F |", "|---|---|---|---|---|---|---|"]
-    for r in data["runs"]:
-        a = r["agreement"]
-        lines.append(f"| {r['run']} | {r['lr']:.1e} | {r['val_loss']:.3f} | "
-                     f"{_interval([a['value'], *a['ci']])} | {r['trainable']:,} | {r['step_s']:.1f} | "
-                     f"{r['dW_rel']:.4f} |")
-    return "\n".join(lines)
+    header = ["run", "lr", "validation loss", f"fact F1 vs teacher (n={data['held_out_rows']})", "trainable",
+              "s/step", "relative \\|\\|dW\\|\\|_F"]
+    return _markdown(header, [[r["run"], f"{r['lr']:.1e}", f"{r['val_loss']:.3f}",
+                               _interval([r["agreement"]["value"], *r["agreement"]["ci"]]), f"{r['trainable']:,}",
+                               f"{r['step_s']:.1f}", f"{r['dW_rel']:.4f}"] for r in data["runs"]])
 
 
 def warm_start_table() -> str:
     data = reference("warm_start")
-    lines = ["| operation | n | agreement cold | warm | warm - cold, 95 % | best validation loss cold / warm | "
-             "steps cold / warm |", "|---|---|---|---|---|---|---|"]
-    for r in data["rows"]:
-        lines.append(f"| {r['operation']} | {r['n']} | {r['cold_agreement']:.3f} | {r['warm_agreement']:.3f} | "
-                     f"{r['difference_warm_minus_cold']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}] | "
-                     f"{r['cold_validation_loss']:.3f} / {r['warm_validation_loss']:.3f} | "
-                     f"{r['cold_steps']} / {r['warm_steps']} |")
-    return "\n".join(lines)
+    header = ["operation", "n", "agreement cold", "warm", "warm - cold, 95 %", "best validation loss cold / warm",
+              "steps cold / warm"]
+    return _markdown(header, [[r["operation"], r["n"], f"{r['cold_agreement']:.3f}", f"{r['warm_agreement']:.3f}",
+                               f"{r['difference_warm_minus_cold']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}]",
+                               f"{r['cold_validation_loss']:.3f} / {r['warm_validation_loss']:.3f}",
+                               f"{r['cold_steps']} / {r['warm_steps']}"] for r in data["rows"]])
 
 
 def data_scaling_table() -> str:
@@ -222,13 +223,13 @@ def mem0_add_table() -> str:
     data = reference("mem0_add")
     names = {"teacher": "teacher (SmolLM2-135M)", "experts-whole": "student + experts, whole prompt",
              "experts-reduced": "student + experts, what changes"}
-    lines = ["| | `add()` p50 | `add()` max | per conversation | input tokens / call | tokens in / out | "
-             "memories stored | server peak RSS |", "|---|---|---|---|---|---|---|---|"]
-    for r in data["rows"]:  # the bench stores this table's cells as it printed them
-        lines.append(f"| {names.get(r['system'], r['system'])} | {r['add_p50_s']} s | {r['add_max_s']} s | "
-                     f"{r['per_conversation_s'].replace(' / ', ' s / ')} s | {int(r['tokens_in_per_call']):,} | "
-                     f"{r['tokens_in/out'].replace('/', ' / ')} | {r['memories']} | {r['peak_rss_MiB']} MiB |")
-    return "\n".join(lines)
+    header = ["", "`add()` p50", "`add()` max", "per conversation", "input tokens / call", "tokens in / out",
+              "memories stored", "server peak RSS"]
+    # the bench stores this table's cells as it printed them
+    return _markdown(header, [[names.get(r["system"], r["system"]), f"{r['add_p50_s']} s", f"{r['add_max_s']} s",
+                               r["per_conversation_s"].replace(" / ", " s / ") + " s",
+                               f"{int(r['tokens_in_per_call']):,}", r["tokens_in/out"].replace("/", " / "),
+                               r["memories"], f"{r['peak_rss_MiB']} MiB"] for r in data["rows"]])
 
 
 def serving_cost_table() -> str:
