@@ -319,9 +319,8 @@ def render_png(rows: list[dict], path: Path, records: dict[str, dict] | None = N
         ("QA cat 1-4\ntoken F1", ANSWERABLE, "token_f1"), ("QA cat 1-4\nabstains", ANSWERABLE, "abstain_rate"),
         ("QA all\ntoken F1", "qa", "token_f1")]
     # The teacher is the reference its agreement is measured against (1 by construction): its bars are QA only.
-    reference = {op for op in PRIMARY}
     _bars(axes[0, 0], [g for g, _, _ in acc],
-          {s: [(None, None, None) if s == "teacher" and op in reference else _v(rows, s, op, m) for _, op, m in acc]
+          {s: [(None, None, None) if s == "teacher" and op in PRIMARY else _v(rows, s, op, m) for _, op, m in acc]
            for s in SYSTEMS},
           "score (95% CI)", "Agreement with the teacher's answers (students); QA vs gold (all three)")
     axes[0, 0].set_ylim(0, 1.05)

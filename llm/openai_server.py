@@ -146,12 +146,12 @@ class ServingEngine:
         wanted = routed_operation(rule, messages)
         return wanted if wanted in self.experts else BASE
 
-    def routing_line(self) -> str:
-        """What the routed model will do, said at start: a server whose routed name silently answered with the
-        bare base was a newcomer's first surprise."""
+    def routing_line(self) -> str | None:
+        """What the routed model will do, said at start (None: no routed model, as in serve-model): a server whose
+        routed name silently answered with the bare base was a newcomer's first surprise."""
         routed = next((name for name, m in self.models.items() if m.operation == ROUTED), None)
         if routed is None:
-            return "no routed model: pick an expert by its model name"
+            return None
         rules = ", ".join(r.operation for r in self.rules) or "none"
         return (f"model {routed!r}: this project's own memory prompts go to their experts "
                 f"({', '.join(op for op in OPERATIONS if op in self.experts) or 'none trained'}); "

@@ -201,12 +201,12 @@ def _api_key(args) -> str | None:
 
 
 def _serve(engine, args) -> int:
-    from memlora.llm.openai_server import ROUTED, create_app, run_server
+    from memlora.llm.openai_server import create_app, run_server
 
     print(f"serving {', '.join(engine.model_names())} at http://{args.host}:{args.port}/v1 "
           f"(OpenAI chat completions; Ctrl-C stops)", flush=True)
-    if any(m.operation == ROUTED for m in engine.models.values()):
-        print(engine.routing_line(), flush=True)
+    if (routing := engine.routing_line()) is not None:
+        print(routing, flush=True)
     try:
         run_server(create_app(engine, _api_key(args)), args.host, args.port, engine.limits)
     finally:

@@ -142,10 +142,7 @@ def own_operation(messages: list[dict]) -> str | None:
     """The operation whose prompt of ours a call was built with: our teacher template or the experts' minimal
     prompt (what a client of `serve-experts` may send instead); None for any other prompt."""
     head = messages[0].get("content") if messages else None
-    for operation in TEMPLATES:
-        if head == TEMPLATES[operation].system or head == STUDENT_SYSTEM.get(operation):
-            return operation
-    return None
+    return next((op for op in TEMPLATES if is_own_prompt(op, messages) or head == STUDENT_SYSTEM.get(op)), None)
 
 
 def expert_messages(prompt: str, operation: str, messages: list[dict]) -> list[dict]:

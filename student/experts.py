@@ -143,11 +143,11 @@ class ExpertBackend(TransformersBackend):
         self._tuner_layers = [m for m in modules if isinstance(m, BaseTunerLayer)]
         self._fast_switch = not any(isinstance(m, AuxiliaryTrainingWrapper) for m in modules)
         weights = [] if self.quantized else [layer.get_base_layer().weight for layer in self._tuner_layers]
-        self.merge = bool(merge and weights and not self.quantized and all(
-            w.dtype == torch.float32 for w in weights))
-        if merge and weights and not self.merge:
-            log.info("experts stay un-merged: merging is exact in float32 only (weights are %s)",
-                     f"{self.quantized} (student.quantize)" if self.quantized else weights[0].dtype)
+        self.merge = bool(merge and weights and all(w.dtype == torch.float32 for w in weights))
+        if merge and self.quantized:
+            log.info("experts stay un-merged: merging would write into the %s base (student.quantize)", self.quantized)
+        elif merge and weights and not self.merge:
+            log.info("experts stay un-merged: merging is exact in float32 only (weights are %s)", weights[0].dtype)
         self._originals = [w.detach().clone() for w in weights] if self.merge else []
         self.active: str | None = self.operations[0] if self.operations else None
         self.switches = 0

@@ -22,14 +22,7 @@ from memlora.data.io import write_parquet
 from memlora.evaluation import deferral
 from memlora.evaluation.gate import Decision, decide
 from memlora.layout import (
-    ADAPTERS,
-    DATASETS,
-    TEMPLATES,
-    TRACES,
-    adapter_dir,
-    candidate_dir,
-    decisions_path,
-    trace_files,
+    ADAPTERS, DATASETS, TEMPLATES, TRACES, adapter_dir, candidate_dir, decisions_path, trace_files,
 )
 from memlora.student.distill import cache_key
 from memlora.student.examples import load_traces

@@ -13,13 +13,7 @@ from typing import Callable
 from memlora.config import OPERATIONS, Config
 from memlora.layout import templates_path, trace_files
 from memlora.llm.client_template import (
-    ClientTemplate,
-    TemplateError,
-    changing_parts,
-    current,
-    mine,
-    read_versions,
-    store,
+    ClientTemplate, TemplateError, changing_parts, current, mine, read_versions, store,
 )
 from memlora.memory.prompts import is_own_prompt
 from memlora.student.examples import load_traces
