@@ -59,7 +59,11 @@ def bench_config(work: Path, budget: float, quick: bool) -> Path:
         "logprobs_top_k": config["teacher"]["logprobs_top_k"],
         "validation_ratio": 0.25, "test_ratio": 0.15,
         "rules": [{"operation": op, "system_contains": t.system[:60]} for op, t in TEMPLATES.items()]}
-    config["deferral"] = {"budget": budget, "timeout_s": 900}  # a deferred call waits behind a busy teacher
+    # audit_share 1: every kept call is also asked of the teacher (after its answer), so each night recalibrates
+    # the experts that stay on all of the day's calls they were not trained on. A team with more traffic than the
+    # sample's audits a share (default 0.1); here the sample is all the traffic there is.
+    config["deferral"] = {"budget": budget, "timeout_s": 900,  # a deferred call waits behind a busy teacher
+                          "audit_share": 1.0}
     # reload_s: a promotion is served within 2 s. schema_timeout_s: four jobs share two cores while the loop runs
     # (teacher, experts, clients, a night's training), and a first compile may take longer than the default 10 s.
     config["serving"] = {"reload_s": 2, "schema_timeout_s": 60}

@@ -5,6 +5,7 @@ calls (defers the least). `served` then checks a threshold on calls calibration 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -14,6 +15,21 @@ from typing import Sequence
 from memlora.evaluation.stats import wilson
 
 Pair = tuple[float, bool]  # (the expert's confidence in its answer, whether the answer agrees with the teacher)
+
+# The trace rows' `backend` of calls serve-experts recorded: the teacher answered instead of an unsure expert
+# (deferred), or after a sure one had answered (audited, `deferral.audit_share` of the kept calls).
+DEFERRED_BACKEND, AUDITED_BACKEND = "deferred", "audited"
+
+
+def in_audit_sample(row: dict, share: float) -> bool:
+    """Whether a recorded call belongs to the random sample of served traffic that calibrates the served experts.
+    Audited calls were drawn at `share` among the kept ones; deferred calls are drawn at the same share here (a
+    hash of the trace id), so kept and deferred calls enter with the same probability and the sample is not
+    tilted towards the calls an expert was unsure of. Other rows (captured, traced) were never filtered by an
+    expert: all of them count."""
+    if row["backend"] != DEFERRED_BACKEND:
+        return True
+    return int(hashlib.sha256(row["trace_id"].encode()).hexdigest()[:8], 16) / 16**8 < share
 
 
 class CalibrationError(ValueError):

@@ -1,6 +1,7 @@
 """Calibrating deferral (`memlora calibrate`): the experts answer held-out calls the teacher answered, each answer's
 confidence is read from its own token log-probs, and each operation gets the threshold that keeps the most calls
-within the disagreement budget. Calibration uses the validation split's trace rows (ours or captured); the
+within the disagreement budget. Calibration uses the validation split's trace rows (ours or captured), and the
+calls a served expert has not been trained on since it was (`fresh_calls`); the
 test conversations' teacher calls, where an evaluation has run, check the thresholds on calls calibration never
 saw. Update answers that delete or rewrite a memory are calibrated apart: a destructive answer is kept only where
 such answers' own agreement on the validation calls clears the budget."""
@@ -18,12 +19,15 @@ from memlora.config import Config
 from memlora.data.io import write_json
 from memlora.data.split import captured_split
 from memlora.evaluation import scoring
-from memlora.evaluation.calibration import CalibrationError, Threshold, calibrate, keep_curve, served
-from memlora.layout import calls_path, deferral_path, trace_files
+from memlora.evaluation.calibration import (
+    CalibrationError, Threshold, calibrate, in_audit_sample, keep_curve, served,
+)
+from memlora.layout import adapter_dir, calls_path, deferral_path, trace_files
 from memlora.llm.confidence import answer_events, confidence, is_destructive
 from memlora.memory.llm import GenerationRequest, LLMBackend
 from memlora.memory.parsing import extract_json
 from memlora.student.examples import conversation_splits, load_traces, split_rows
+from memlora.student.records import TrainingRecord
 
 KEEP, DESTRUCTIVE = "keep", "destructive"  # the two classes of an operation's answers, calibrated apart
 
@@ -86,14 +90,44 @@ def held_out_call(row: dict, config: Config) -> HeldOutCall:
                        row["conversation_id"])
 
 
+def _usable(row: dict, config: Config) -> bool:
+    return row["parse_ok"] and bool(row["parsed_output"]) and in_audit_sample(row, config.deferral.audit_share)
+
+
 def validation_calls(out: str | Path, config: Config, operations: list[str]) -> list[HeldOutCall]:
-    """The validation split's trace rows whose teacher answer parsed: early stopping's rows, never trained on."""
+    """The validation split's trace rows whose teacher answer parsed: early stopping's rows, never trained on
+    (of the calls serve-experts recorded, the audit sample only)."""
     splits = conversation_splits(out)
     calls = []
     for op in operations:
         _, held = split_rows(load_traces(trace_files(out, op)), splits)
-        calls += [held_out_call(row, config) for row in held.to_pylist() if row["parse_ok"] and row["parsed_output"]]
+        calls += [held_out_call(row, config) for row in held.to_pylist() if _usable(row, config)]
     return calls
+
+
+def fresh_calls(out: str | Path, config: Config, operations: list[str]) -> list[HeldOutCall]:
+    """Training-split calls that arrived after the served expert of their operation was trained (trace files its
+    training.json does not list), in the audit sample: held out for that expert, though the next candidate
+    trains on them. They let a served expert's thresholds follow the traffic it serves."""
+    splits = conversation_splits(out)
+    calls = []
+    for op in operations:
+        record = adapter_dir(out, op) / "training.json"
+        if not record.is_file():
+            continue
+        trained = set(TrainingRecord.read(record).trace_files)
+        files = [f for f in trace_files(out, op) if f.name not in trained]
+        if not trained or not files:
+            continue
+        train, _ = split_rows(load_traces(files), splits)
+        calls += [held_out_call(row, config) for row in train.to_pylist() if _usable(row, config)]
+    return calls
+
+
+def calibration_calls(out: str | Path, config: Config, operations: list[str]) -> list[HeldOutCall]:
+    """What the served experts are calibrated on: the validation calls, and the calls each has not been trained
+    on since it was."""
+    return validation_calls(out, config, operations) + fresh_calls(out, config, operations)
 
 
 def test_calls(out: str | Path, config: Config, operations: list[str]) -> list[HeldOutCall]:
@@ -102,7 +136,7 @@ def test_calls(out: str | Path, config: Config, operations: list[str]) -> list[H
     calls = []
     for op in operations:
         calls += [held_out_call(row, config) for row in load_traces(trace_files(out, op)).to_pylist()
-                  if captured_split(row["conversation_id"]) == "test" and row["parse_ok"] and row["parsed_output"]]
+                  if captured_split(row["conversation_id"]) == "test" and _usable(row, config)]
     path = calls_path(out, "teacher")
     if not path.is_file():
         return calls
@@ -222,7 +256,7 @@ def calibrate_out(config: Config, out: str | Path, backend, operations: list[str
                   on_line=lambda line: None) -> dict:
     """Thresholds fitted on `held` and checked on OUT's test calls, written to OUT/deferral.json (what
     `memlora calibrate` does, and `improve` after a promotion)."""
-    on_line(f"calibrating on {len(held)} validation calls")
+    on_line(f"calibrating on {len(held)} held-out calls")
     scored = score(backend, backend.tokenizer, held, config)
     policy = fit(scored, operations, config)
     result = {"budget": config.deferral.budget, "quantile": config.deferral.quantile, "operations": policy,

@@ -7,10 +7,16 @@ next training run learns from what the experts could not answer.
 A teacher that is down, slow or answers garbage: the expert's own answer goes back and the failure is counted,
 or, with `deferral.strict`, the client gets a 502. The response says who answered: the `model` field and the
 `x-memlora-answered-by` header (`expert`, `teacher`, or `expert-teacher-failed`).
+
+A share of the kept calls (`deferral.audit_share`) is also asked of the teacher once the expert's answer has gone
+back, and recorded (`backend: audited`): with deferred calls drawn at the same share, a random sample of the
+served traffic with the teacher's answers, on which `improve` recalibrates the served experts every night.
 """
 
 from __future__ import annotations
 
+import asyncio
+import random
 import time
 from collections import Counter
 
@@ -18,14 +24,13 @@ import httpx
 from anyio import to_thread
 
 from memlora.config import CaptureRule, DeferralConfig
-from memlora.evaluation.calibration import DeferralPolicy
+from memlora.evaluation.calibration import AUDITED_BACKEND, DEFERRED_BACKEND, DeferralPolicy
 from memlora.llm.confidence import confidence, is_destructive
 from memlora.llm.openai_protocol import ApiError, ChatRequest
 from memlora.memory.llm import GenerationRequest, GenerationResult
 
 ANSWERED_BY = "x-memlora-answered-by"
 CONFIDENCE = "x-memlora-confidence"
-DEFERRED_BACKEND = "deferred"  # the trace rows' `backend` of calls the teacher answered for an expert
 
 
 class FallbackError(RuntimeError):
@@ -41,6 +46,7 @@ class Fallback:
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.AsyncClient(timeout=config.timeout_s)
         self.counts: Counter = Counter()
+        self._audits: set[asyncio.Task] = set()  # teacher calls for kept answers, running after the response
 
     def check_reachable(self) -> None:
         """One clear line at start when the teacher cannot be reached (unless the server may start degraded)."""
@@ -52,6 +58,9 @@ class Fallback:
             raise FallbackError(f"--fallback {self.url}: GET /models answered HTTP {response.status_code}")
 
     async def aclose(self) -> None:
+        """Audits in flight finish (and are recorded) before the client closes: no path loses a call."""
+        if self._audits:
+            await asyncio.gather(*self._audits, return_exceptions=True)
         await self.client.aclose()
 
     def judge(self, generation: GenerationRequest, result: GenerationResult, tokenizer) -> tuple[bool, float]:
@@ -88,11 +97,11 @@ class Fallback:
         return data, latency, None
 
     async def record(self, chat: ChatRequest, operation: str, schema: dict | None, data: dict, latency: float,
-                     conversation: str | None, session: int) -> None:
-        """The deferred call as a trace row, on disk before the answer goes back."""
+                     conversation: str | None, session: int, backend: str = DEFERRED_BACKEND) -> None:
+        """The deferred (or audited) call as a trace row, on disk before the answer goes back."""
         row = self.recorder.row(CaptureRule(operation=operation, model=chat.model), chat.plain_messages(), schema,
                                 data, latency, conversation, session)
-        row["backend"] = DEFERRED_BACKEND
+        row["backend"] = backend
         await to_thread.run_sync(self.recorder.write, row)
 
     def failed(self, operation: str, why: str) -> None:
@@ -113,12 +122,27 @@ class Fallback:
         headers = {CONFIDENCE: f"{conf:.4f}"}
         if keep:
             self.counts[f"kept_{operation}"] += 1
+            if random.random() < self.config.audit_share:
+                task = asyncio.get_running_loop().create_task(self.audit(chat, operation, generation.schema, context))
+                self._audits.add(task)
+                task.add_done_callback(self._audits.discard)
             return expert_answer(), {**headers, ANSWERED_BY: "expert"}
         self.counts[f"deferred_{operation}"] += 1
         answered = await self.teacher(chat, operation, generation.schema, context)
         if answered is None:
             return expert_answer(), {**headers, ANSWERED_BY: "expert-teacher-failed"}
         return answered[0], {**headers, **answered[1]}
+
+    async def audit(self, chat: ChatRequest, operation: str, schema: dict | None,
+                    context: tuple[str | None, int]) -> None:
+        """The teacher's answer to a call the expert kept, recorded for calibration; a failure is only counted
+        (the client has its answer)."""
+        data, latency, error = await self.ask(chat, schema)
+        if error is not None:
+            self.counts[f"audit_failures_{operation}"] += 1
+            return
+        await self.record(chat, operation, schema, data, latency, *context, backend=AUDITED_BACKEND)
+        self.counts[f"audited_{operation}"] += 1
 
     async def instead(self, chat: ChatRequest, operation: str, schema: dict | None,
                       context: tuple[str | None, int]) -> tuple[dict, dict] | None:

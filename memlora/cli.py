@@ -301,7 +301,7 @@ def cmd_calibrate(args) -> int:
         path = write_json(result, deferral_path(args.out))
     else:
         result = deferral.calibrate_out(config, args.out, backend, operations,
-                                        deferral.validation_calls(args.out, config, operations), say)
+                                        deferral.calibration_calls(args.out, config, operations), say)
         path = deferral_path(args.out)
     print(deferral.summary(result))
     print(f"wrote {path}")

@@ -359,6 +359,11 @@ class DeferralConfig(_Strict):
     strict: bool = False  # a teacher that fails: 502 (strict) or the expert's own answer, counted
     timeout_s: float = Field(120.0, gt=0)  # one fallback call
     max_tokens: int = Field(512, gt=0)  # the completion cap of a replayed calibration call with none recorded
+    # Share of the calls an expert keeps that are also asked of the teacher after the answer has gone back (the
+    # client does not wait): recorded as trace rows (`backend: audited`), they and the same share of deferred
+    # calls are a random sample of the served traffic, on which the served experts are recalibrated every night.
+    # 0: thresholds move only with validation calls; 1: every call's teacher answer is known (costs the teacher).
+    audit_share: float = Field(0.1, ge=0.0, le=1.0)
 
 
 class ImproveConfig(_Strict):

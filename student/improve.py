@@ -144,10 +144,13 @@ def gate(config: Config, out: str | Path, base: str | Path, candidate: Candidate
 
 def promote(config: Config, out: str | Path, base: str | Path, candidate: Candidate,
             decisions: list[Decision]) -> str | None:
-    """Snapshot the served set, install the promoted experts, recalibrate deferral. Returns the snapshot's
-    version (None when nothing was promoted)."""
+    """Snapshot the served set, install the promoted experts, recalibrate deferral (with nothing promoted, still
+    where the served experts have answered new calls). Returns the snapshot's version (None when nothing was
+    promoted)."""
     promoted = {d.operation: adapter_dir(candidate.out, d.operation) for d in decisions if d.promote}
     if not promoted:
+        if deferral.fresh_calls(out, config, list(verified_expert_folders(out))):
+            recalibrate(config, out, base)  # the served experts answered calls since: their thresholds follow
         return None
     version = snapshot(out, f"before improve {candidate.run}") if verified_expert_folders(out) else None
     install(out, promoted)
@@ -161,9 +164,10 @@ def promote(config: Config, out: str | Path, base: str | Path, candidate: Candid
 
 
 def recalibrate(config: Config, out: str | Path, base: str | Path) -> dict | None:
-    """New thresholds for the new experts (as `memlora calibrate`); none where there are no validation calls."""
+    """New thresholds for the served experts (as `memlora calibrate`): on the validation calls, and on the calls
+    each expert has not been trained on since it was; none where there are no such calls."""
     adapters = verified_expert_folders(out)
-    held = deferral.validation_calls(out, config, list(adapters))
+    held = deferral.calibration_calls(out, config, list(adapters))
     if not held:
         return None
     backend = backend_for(config, base, adapters)

@@ -38,6 +38,15 @@ LINES = [f"{name}: I {verb} {thing}." for name in ("Ann", "Bob", "Eve") for verb
          (("have", "a cat"), ("live in", "Porto"), ("love", "jazz"), ("work as", "a nurse"))]
 
 
+def trace_row(trace_id: str, conversation: str, messages: list[dict], answer: str, backend: str,
+              step: int = 0) -> dict:
+    return {"trace_id": trace_id, "operation": "extraction", "conversation_id": conversation, "session": 0,
+            "step": step, "messages": messages, "output_schema": json.dumps(SCHEMA), "raw_output": answer,
+            "parsed_output": answer, "parse_ok": True, "constrained": True, "finish_reason": "stop",
+            "prompt_tokens": 10, "completion_tokens": 5, "latency_s": 0.1, "batch_size": 1, "model_id": "teacher",
+            "backend": backend, "template_hash": "x"}
+
+
 @pytest.fixture(scope="module")
 def deferral_out(tmp_path_factory, tiny_model_dir):
     """OUT with an extraction expert (tiny DeLoRA, non-zero weights) and 12 held-out validation trace rows whose
@@ -60,12 +69,7 @@ def deferral_out(tmp_path_factory, tiny_model_dir):
     rows = []
     for i, (m, result) in enumerate(zip(messages, own)):
         answer = result.text if i not in unsure else json.dumps({"facts": [f"Zed owns {i} boats in Oslo"]})
-        rows.append({"trace_id": f"cap-validation:extraction:{i}", "operation": "extraction",
-                     "conversation_id": "cap-validation", "session": 0, "step": i, "messages": m,
-                     "output_schema": json.dumps(SCHEMA), "raw_output": answer, "parsed_output": answer,
-                     "parse_ok": True, "constrained": True, "finish_reason": "stop", "prompt_tokens": 10,
-                     "completion_tokens": 5, "latency_s": 0.1, "batch_size": 1, "model_id": "teacher",
-                     "backend": "capture", "template_hash": "x"})
+        rows.append(trace_row(f"cap-validation:extraction:{i}", "cap-validation", m, answer, "capture", step=i))
     write_parquet(pa.Table.from_pylist(rows, schema=TRACES), out / "traces" / "extraction" / "part-val.parquet",
                   "traces")
     return {"out": out, "config_path": config_path, "config": config, "backend": backend, "messages": messages}
@@ -89,7 +93,7 @@ def test_calibrate_writes_thresholds_that_meet_the_budget(deferral_out, tiny_mod
     curve = keep["curve"]
     assert curve[0][1] == 0.0 and curve[-1][1] == 1.0 and curve[-1][2] == pytest.approx(8 / 12)
     printed = capsys.readouterr().out
-    assert "calibrating on 12 validation calls" in printed and "extraction  keep" in printed
+    assert "calibrating on 12 held-out calls" in printed and "extraction  keep" in printed
     policy = DeferralPolicy.read(deferral_path(out))
     assert policy.keeps("extraction", keep["value"]) and not policy.keeps("update", 0.0)  # no threshold: defer
 
@@ -188,7 +192,7 @@ def test_a_call_no_expert_serves_yet_goes_to_the_teacher_not_the_bare_student(de
 @pytest.mark.timeout(180)
 def test_a_sure_expert_keeps_the_call(deferral_out, tmp_path):
     with StubOpenAI() as stub:
-        engine, app = experts_server(deferral_out, stub.url, -math.inf, tmp_path)  # always sure
+        engine, app = experts_server(deferral_out, stub.url, -math.inf, tmp_path, audit_share=0)  # always sure
         with running(app) as url:
             got = ask(url, 2)
             assert got.status_code == 200 and got.headers[ANSWERED_BY] == "expert"
@@ -226,3 +230,88 @@ def test_a_teacher_that_is_down_or_answers_garbage_degrades_as_configured(deferr
             assert kept.json()["choices"][0]["message"]["content"] == stub.reply
         engine.close()
     assert len(trace_files(tmp_path / "out", "extraction")) == 1  # only the answered call became a row
+
+
+def test_the_audit_sample_draws_deferred_calls_at_the_audit_share():
+    """Kept calls are audited at `audit_share`; deferred ones enter calibration at the same share (a hash of the
+    trace id), so the sample is not tilted towards calls an expert was unsure of. Captured rows always count."""
+    from memlora.evaluation.calibration import in_audit_sample
+
+    deferred = [{"backend": "deferred", "trace_id": f"user-{i}:extraction:run-{i:06d}"} for i in range(2000)]
+    assert all(in_audit_sample(r, 1.0) for r in deferred) and not any(in_audit_sample(r, 0.0) for r in deferred)
+    drawn = sum(in_audit_sample(r, 0.25) for r in deferred) / len(deferred)
+    assert 0.22 < drawn < 0.28  # a binomial(2000, 0.25) share lies within 3 sd (0.029) of 0.25
+    assert [in_audit_sample(r, 0.25) for r in deferred] == [in_audit_sample(r, 0.25) for r in deferred]
+    assert in_audit_sample({"backend": "audited", "trace_id": "x"}, 0.0)
+    assert in_audit_sample({"backend": "capture", "trace_id": "x"}, 0.0)
+
+
+@pytest.mark.timeout(300)
+def test_a_served_expert_is_recalibrated_on_the_calls_it_was_not_trained_on(deferral_out, tmp_path, tiny_model_dir,
+                                                                              capsys):
+    """Calls that arrived after the served expert was trained (trace files its training.json does not list), from
+    training conversations and in the audit sample, join the validation calls: the pool a threshold is set on
+    grows with the traffic the expert serves. Test-share calls and files it was trained on stay out."""
+    import shutil
+
+    from memlora.cli import main
+    from memlora.evaluation import deferral
+
+    out = tmp_path / "out"
+    shutil.copytree(deferral_out["out"] / "adapters", out / "adapters")
+    shutil.copytree(deferral_out["out"] / "traces", out / "traces")
+    (out / "adapters" / "extraction" / "training.json").write_text(json.dumps(
+        {"operation": "extraction", "trace_files": ["part-old.parquet", "part-val.parquet"]}))
+    update_manifest(out)
+    messages, answer = deferral_out["messages"], json.dumps({"facts": ["Ann has a cat"]})
+    folder = out / "traces" / "extraction"
+    old = [trace_row(f"user-1:extraction:{i}", "user-1", messages[i], answer, "capture") for i in range(3)]
+    write_parquet(pa.Table.from_pylist(old, schema=TRACES), folder / "part-old.parquet", "traces")
+    ids = [f"user-2:extraction:run-{i:06d}" for i in range(400)]
+    in_sample = next(i for i in ids if deferral_sampled(i, 0.5))
+    out_of_sample = next(i for i in ids if not deferral_sampled(i, 0.5))
+    new = [trace_row(in_sample, "user-2", messages[0], answer, "deferred"),
+           trace_row(out_of_sample, "user-2", messages[1], answer, "deferred"),
+           trace_row("user-2:extraction:a", "user-2", messages[2], answer, "audited"),
+           trace_row("user-2:extraction:c", "user-2", messages[3], answer, "capture"),
+           trace_row("user-3-test:extraction:c", "user-3-test", messages[4], answer, "capture")]
+    write_parquet(pa.Table.from_pylist(new, schema=TRACES), folder / "part-capture-new.parquet", "traces")
+    config = deferral_out["config"].model_copy(update={"deferral": DeferralConfig(audit_share=0.5)})
+    fresh = deferral.fresh_calls(out, config, ["extraction"])
+    assert [c.messages for c in fresh] == [messages[0], messages[2], messages[3]]
+    assert len(deferral.calibration_calls(out, config, ["extraction"])) == 12 + 3
+    (out / "adapters" / "extraction" / "training.json").write_text(json.dumps(
+        {"operation": "extraction", "trace_files": [f.name for f in trace_files(out, "extraction")]}))
+    assert deferral.fresh_calls(out, config, ["extraction"]) == []  # trained on everything: nothing fresh
+    (out / "adapters" / "extraction" / "training.json").write_text(json.dumps(
+        {"operation": "extraction", "trace_files": ["part-old.parquet", "part-val.parquet"]}))
+    update_manifest(out)
+    path = tmp_path / "audit.yaml"
+    path.write_text(deferral_out["config_path"].read_text() + "\ndeferral: {budget: 0.4, audit_share: 0.5}\n")
+    assert main(["calibrate", "--config", str(path), "--out", str(out), "--base", str(tiny_model_dir)]) == 0
+    assert "calibrating on 15 held-out calls" in capsys.readouterr().out
+    assert json.loads(deferral_path(out).read_text())["operations"]["extraction"]["keep"]["n"] == 15
+
+
+def deferral_sampled(trace_id: str, share: float) -> bool:
+    from memlora.evaluation.calibration import in_audit_sample
+
+    return in_audit_sample({"backend": "deferred", "trace_id": trace_id}, share)
+
+
+@pytest.mark.timeout(180)
+def test_a_kept_call_is_audited_after_its_answer_and_recorded(deferral_out, teacher, tmp_path):
+    """With `audit_share` 1 every kept call is also asked of the teacher once the expert's answer has gone back:
+    the client gets the expert's answer, the teacher's lands in the traces as `audited`, and shutdown waits for
+    an audit in flight."""
+    engine, app = experts_server(deferral_out, teacher, -math.inf, tmp_path, audit_share=1.0)  # always sure
+    with running(app) as url:
+        got = ask(url, 7)
+        assert got.status_code == 200 and got.headers[ANSWERED_BY] == "expert"
+        assert got.json()["model"] == "memlora-extraction"
+    engine.close()
+    counts = engine.fallback.health()["counts"]
+    assert counts == {"kept_extraction": 1, "audited_extraction": 1}
+    rows = pq.read_table(trace_files(tmp_path / "out", "extraction")[0]).to_pylist()
+    assert len(rows) == 1 and rows[0]["backend"] == "audited" and rows[0]["conversation_id"] == "user-7"
+    assert rows[0]["messages"] == deferral_out_messages[7]

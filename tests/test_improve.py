@@ -1,5 +1,6 @@
 """The `improve` flow on the shared Prefect server with a tiny model: new rows -> candidate -> promoted (served
-experts snapshotted first, deferral recalibrated), nothing new -> a no-op, a worse candidate -> kept out, a
+experts snapshotted first, deferral recalibrated), nothing new -> a no-op, a worse candidate -> kept out (and the
+served expert recalibrated on the new call it was not trained on), a
 candidate that fails to train -> the run fails and the served experts stay; then `rollback` brings the earlier
 version's answers back, and a tampered version is refused.
 
@@ -20,7 +21,7 @@ import yaml
 
 from memlora.data.io import write_parquet
 from memlora.data.schemas import TRACES
-from memlora.layout import adapter_dir, decisions_path, deferral_path
+from memlora.layout import adapter_dir, decisions_path, deferral_path, trace_files
 from memlora.manifest import UntrustedArtifact, update_manifest
 from memlora.memory.llm import GenerationRequest
 from memlora.memory.prompts import TEMPLATES, extraction_schema
@@ -55,7 +56,8 @@ def standin_trainer(sources: list[Path], calls: list[str], starts: list | None =
         record = {"operation": operation, "steps": 1, "loss_curve": [1.0], "loss_before": 2.0, "loss_after": 1.0,
                   "rows_used": 20, "rows_total": 20, "world_size": 1, "deepspeed_stage": 2,
                   "cache_key": cache["key"], "traces_sha256": cache["traces_sha256"],
-                  "config_fingerprint": cache["config_fingerprint"]}
+                  "config_fingerprint": cache["config_fingerprint"],
+                  "trace_files": [f.name for f in trace_files(out, operation)]}
         (folder / "training.json").write_text(json.dumps(record))
         calls.append(operation)
         on_line(f"stand-in trained {operation}")
@@ -111,6 +113,8 @@ def test_improve_promotes_the_better_keeps_out_the_worse_and_rolls_back(prefect_
     assert answers(adapter_dir(out, "extraction")) == right  # the candidate is what serves now
     before = result["version_before"]
     assert versions(out) == [before] and deferral_path(out).is_file()
+    calibrated_on = json.loads(deferral_path(out).read_text())["operations"]["extraction"]["keep"]["n"]
+    assert calibrated_on == 2  # the validation calls: the new expert was trained on every other call
 
     assert improve(config_path=str(config_path), out=str(out)) == {"new_rows": {"extraction": 0}, "promoted": []}
 
@@ -127,6 +131,8 @@ def test_improve_promotes_the_better_keeps_out_the_worse_and_rolls_back(prefect_
     assert starts == [str(adapter_dir(out, "extraction"))]
     assert worse["promoted"] == [] and "worse than the current expert" in worse["decisions"][0]["reason"]
     assert answers(adapter_dir(out, "extraction")) == right and versions(out) == [before]
+    # nothing promoted, but the served expert has not been trained on the new day's call: recalibrated with it
+    assert json.loads(deferral_path(out).read_text())["operations"]["extraction"]["keep"]["n"] == calibrated_on + 1
     table = pq.read_table(decisions_path(out)).to_pylist()
     assert [r["promote"] for r in table] == [True, False] and table[0]["version"] == before
 
