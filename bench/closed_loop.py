@@ -237,7 +237,18 @@ def improve(config: Path, out: Path, work: Path) -> dict:
     rows = pq.read_table(decisions_path(out)).to_pylist() if decisions_path(out).is_file() else []
     last = rows[-1]["run"] if rows else None
     return {"seconds": seconds, "stdout": done.stdout.strip().splitlines()[-6:],
-            "decisions": [r for r in rows if r["run"] == last]}
+            "decisions": [r for r in rows if r["run"] == last], "thresholds": thresholds(out)}
+
+
+def thresholds(out: Path) -> dict:
+    """Per operation and class, what the night's calibration had and kept: calls, kept, disagreeing, upper bound."""
+    from memlora.layout import deferral_path
+
+    if not deferral_path(out).is_file():
+        return {}
+    policy = json.loads(deferral_path(out).read_text())["operations"]
+    return {op: {name: {k: t[k] for k in ("value", "n", "kept", "disagree", "upper")} for name, t in classes.items()}
+            for op, classes in policy.items()}
 
 
 def wait_for_version(servers: Servers, out: Path) -> str:
