@@ -210,6 +210,10 @@ def closed_loop_table() -> str:
         decisions = "; ".join(f"{x['operation']} {'promoted' if x['promote'] else 'kept out'} ({x['reason']})"
                               for x in night["decisions"])
         lines.append(f"- night {night['after_day']} ({night['seconds']:.0f} s): {decisions}")
+        if night.get("thresholds"):
+            lines.append("  - calibrated on, kept: " + "; ".join(
+                f"{op} {name} {t['kept']} of {t['n']}" for op, classes in night["thresholds"].items()
+                for name, t in classes.items()))
     for d in data["days"]:
         rss = ", ".join(f"{k} {v:.0f} MiB" for k, v in d["peak_rss_mb"].items())
         calls = sum(e["calls"] for e in d["operations"].values())

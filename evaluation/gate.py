@@ -80,8 +80,8 @@ def decide(operation: str, current: list[Scored], candidate: list[Scored], clust
     worse = (low if not math.isnan(low) else diff) < -margin
     better = diff > 0 or keeps[1] > keeps[0]
     if worse:
-        reason = (f"worse than the current expert beyond the margin {margin} ({diff:+.3f}, 95 % [{low:.3f}, "
-                  f"{high:.3f}]){note}")
+        reason = (f"may be worse than the current expert by more than the margin {margin} (agreement "
+                  f"{diff:+.3f}, 95 % [{low:.3f}, {high:.3f}]: the lower end is below -{margin}){note}")
     elif not better:
         reason = f"not better on agreement ({diff:+.3f}) nor on calls kept ({keeps[1]:.2f} vs {keeps[0]:.2f})"
     else:

@@ -75,16 +75,18 @@ class ServingEngine:
         self.fallback = fallback  # llm.fallback.Fallback: unsure experts defer to the teacher
 
     def swap(self, loaded: dict) -> None:
-        """Serve `loaded["backend"]` (with its `models`, and the fallback's new `policy`) from the next request
-        on; call it on the event loop, where requests are submitted, so none lands on the batcher being closed.
+        """Serve `loaded["backend"]` (with its `models`, and the fallback's new `policy`; the policy alone where
+        only the thresholds changed) from the next request on; call it on the event loop, where requests are submitted, so none lands on the batcher being closed.
         What was queued on the old backend finishes there."""
+        if self.fallback is not None and loaded.get("policy") is not None:
+            self.fallback.policy = loaded["policy"]
+        if "backend" not in loaded:  # new thresholds only: the experts serving now stay
+            return
         backend = loaded["backend"]
         backend.grammars.max_size = self.limits.grammar_cache_size
         old, self.batcher = self.batcher, MicroBatcher(backend, backend.batch_size, linger_s=self.linger_s)
         self.backend, self.experts = backend, set(getattr(backend, "operations", ()))
         self.models = {m.name: m for m in loaded.get("models") or self.models.values()}
-        if self.fallback is not None and loaded.get("policy") is not None:
-            self.fallback.policy = loaded["policy"]
         close_later(old)
 
     def defers(self, operation: str) -> bool:

@@ -40,6 +40,25 @@ def experts_version(out: str | Path, extra: list[Path] = ()) -> str:
     return digest.hexdigest()[:16]
 
 
+class ExpertsLoader:
+    """What a poll loads: the experts only where their files changed. A change of the deferral thresholds alone
+    (every night's recalibration) swaps the policy and keeps the loaded experts: no second copy of the model
+    beside the first, which is what a reload's peak memory is."""
+
+    def __init__(self, out: str | Path, load_backend: Callable[[], dict], load_policy: Callable[[], object]):
+        self.out, self.load_backend, self.load_policy = out, load_backend, load_policy
+        self.adapters = experts_version(out)
+
+    def __call__(self) -> dict:
+        policy = self.load_policy()
+        adapters = experts_version(self.out)
+        if adapters == self.adapters:
+            return {"policy": policy}
+        loaded = self.load_backend()  # {"backend", "models"}; raises where a file does not match its manifest
+        self.adapters = adapters
+        return {**loaded, "policy": policy}
+
+
 class Reloader:
     """Polls `version()` every `interval_s`; on a change, `load()` (a worker thread) builds what `swap` installs
     (on the event loop)."""

@@ -259,7 +259,7 @@ def cmd_serve_experts(args) -> int:
     from memlora.config import load_config
     from memlora.layout import deferral_path
     from memlora.llm.openai_server import ServingEngine, expert_models
-    from memlora.llm.reload import Reloader, experts_version
+    from memlora.llm.reload import ExpertsLoader, Reloader, experts_version
 
     config = load_config(args.config)
     backend = _expert_backend(config, args)
@@ -267,15 +267,18 @@ def cmd_serve_experts(args) -> int:
                            default_max_tokens=args.max_tokens, limits=config.serving,
                            fallback=_fallback(config, args))
     if config.serving.reload_s:
-        def load() -> dict:
+        def experts() -> dict:
+            fresh = _expert_backend(config, args)
+            return {"backend": fresh, "models": expert_models(fresh.operations)}
+
+        def policy():
             from memlora.evaluation.calibration import DeferralPolicy
 
-            fresh = _expert_backend(config, args)
-            policy = DeferralPolicy.read(deferral_path(args.out)) if engine.fallback is not None else None
-            return {"backend": fresh, "models": expert_models(fresh.operations), "policy": policy}
+            return DeferralPolicy.read(deferral_path(args.out)) if engine.fallback is not None else None
 
         watched = [deferral_path(args.out)] if engine.fallback is not None else []
-        engine.reloader = Reloader(lambda: experts_version(args.out, watched), load, engine.swap,
+        loader = ExpertsLoader(args.out, experts, policy)
+        engine.reloader = Reloader(lambda: experts_version(args.out, watched), loader, engine.swap,
                                    config.serving.reload_s)
     return _serve(engine, args)
 

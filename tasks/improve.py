@@ -3,6 +3,7 @@ served experts as they are, and the run fails with the reason)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -10,7 +11,9 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NONE
 
 from memlora.config import Config
+from memlora.evaluation.deferral import summary
 from memlora.evaluation.gate import Decision
+from memlora.layout import deferral_path
 from memlora.student.improve import Candidate, gate, new_rows, prepare_candidate, promote, record_decisions
 
 
@@ -47,5 +50,7 @@ def promote_task(config: Config, out: str, base: Path, candidate: Candidate, dec
                           description=f"improve {candidate.run}: promoted {promoted or 'nothing'}")
     get_run_logger().info("promoted %s; earlier experts kept as version %s; decisions in %s", promoted or "nothing",
                           version, path)
+    if deferral_path(out).is_file():  # recalibrated tonight (a promotion, or calls the served experts answered)
+        get_run_logger().info("deferral thresholds:\n%s", summary(json.loads(deferral_path(out).read_text())))
     return {"run": candidate.run, "promoted": promoted, "version_before": version,
             "decisions": [d.to_row() for d in decisions]}

@@ -24,6 +24,7 @@ QUICK = {
     "http_serving": ["rows", "records"],
     "methods": ["runs", "steps", "training_rows"],
     "data_scaling": ["rows", "sizes", "held_out_calls"],
+    "bandwidth_floor": ["bandwidth", "rows"],
 }
 
 

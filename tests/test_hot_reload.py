@@ -113,3 +113,43 @@ def test_a_new_version_is_taken_under_load_without_failing_a_request(tmp_path, t
         assert "UntrustedArtifact" in health(url)["last_error"]
         assert ask(url).json()["choices"][0]["message"]["content"] == expected["v1"]  # still the current experts
     engine.close()
+
+
+@pytest.mark.timeout(120)
+def test_new_thresholds_alone_swap_the_policy_and_keep_the_loaded_experts(tmp_path, tiny_model_dir):
+    """Every night's recalibration rewrites deferral.json: the server takes the new thresholds without loading a
+    second copy of the experts; a new adapter file still loads them."""
+    from memlora.config import DeferralConfig
+    from memlora.evaluation.calibration import DeferralPolicy
+    from memlora.llm.fallback import Fallback
+    from memlora.llm.reload import ExpertsLoader
+    from memlora.teacher.capture import CaptureRecorder
+
+    out = tmp_path / "out"
+    install(out, saved_expert(tiny_model_dir, tmp_path / "v1", seed=1))
+    thresholds = out / "deferral.json"
+    thresholds.write_text(json.dumps({"operations": {"extraction": {"keep": {"value": 1e9}}}}))
+    loads = []
+
+    def experts() -> dict:
+        loads.append(1)
+        backend = ExpertBackend(tiny_model_dir, verified_expert_folders(out), device="cpu")
+        return {"backend": backend, "models": expert_models(backend.operations)}
+
+    first = experts()["backend"]
+    fallback = Fallback("http://127.0.0.1:9/v1", "teacher", DeferralPolicy.read(thresholds),
+                        CaptureRecorder(tmp_path / "rec"), DeferralConfig())
+    engine = ServingEngine(first, expert_models(first.operations), default_max_tokens=12, fallback=fallback)
+    loader = ExpertsLoader(out, experts, lambda: DeferralPolicy.read(thresholds))
+    reloader = Reloader(lambda: experts_version(out, [thresholds]), loader, engine.swap, interval_s=60)
+
+    import asyncio
+
+    thresholds.write_text(json.dumps({"operations": {"extraction": {"keep": {"value": -1.0}}}}))
+    assert asyncio.run(reloader.check())
+    assert engine.backend is first and len(loads) == 1  # the experts serving stay; no second copy was loaded
+    assert engine.fallback.policy.keeps("extraction", 0.0)
+    install(out, saved_expert(tiny_model_dir, tmp_path / "v2", seed=2))
+    assert asyncio.run(reloader.check())
+    assert engine.backend is not first and len(loads) == 2 and engine.fallback.policy.keeps("extraction", 0.0)
+    engine.close()

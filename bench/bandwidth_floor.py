@@ -1,0 +1,152 @@
+"""How far each system's decode step is from what this machine's memory allows: a CPU decode step reads every
+weight once (and the KV cache so far), so the step cannot take less than those bytes over the memory bandwidth.
+
+Measured here, in one run: the bandwidth (a large copy and a triad `a = b + s * c` in torch, best of the repeats,
+bytes moved per second), and per system and batch size the time of a decode step (generate N + 1 tokens minus
+generate 1, over N; greedy, no early stop) against its floor (weight bytes + KV-cache bytes read per step, over
+the triad bandwidth). Systems: the teacher in float32 (as the config deploys it) and int8, the student base in
+float32 (experts merged read the same bytes) and int8 with an expert beside it, un-merged (`student.quantize:
+int8`). The ratio says how much faster a step could get on this CPU; it is not a guess at the kernels.
+
+    python bench/bandwidth_floor.py [--quick] [--out OUT]   (OUT: use its student base)
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import CONFIG, bench_parser, bench_student, save, table  # noqa: E402
+
+
+def bandwidth(megabytes: int, repeats: int) -> dict:
+    """Bytes moved per second by a copy (read + write) and a triad (two reads + a write), best of `repeats`."""
+    import torch
+
+    n = megabytes * 2**20 // 4
+    a, b, c = torch.empty(n), torch.rand(n), torch.rand(n)
+    results = {}
+    for name, moved, step in (("copy", 2, lambda: a.copy_(b)),
+                              ("triad", 3, lambda: torch.add(b, c, alpha=1.5, out=a))):
+        step()  # pages touched before timing
+        best = min(_time(step) for _ in range(repeats))
+        results[f"{name}_gb_s"] = moved * n * 4 / best / 1e9
+    return results
+
+
+def _time(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def weight_bytes(model) -> int:
+    """Bytes of weights a decode step reads: every linear layer's weight and bias (int8 ones with their scales and
+    zero points) and the norms; the token embedding only where the output head reads it (tied weights are in
+    the head's linear already: one row of the input embedding is read per token)."""
+    import torch
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    total, seen = 0, set()
+    for module in model.modules():
+        if isinstance(module, DynamicLinear):
+            weight, bias = module._packed_params._weight_bias()
+            total += weight.numel() * weight.element_size() + weight.size(0) * 16  # + per-channel scale, zero
+            total += bias.numel() * bias.element_size() if bias is not None else 0
+            continue
+        if isinstance(module, torch.nn.Embedding):
+            continue
+        for param in module.parameters(recurse=False):
+            if id(param) not in seen:
+                seen.add(id(param))
+                total += param.numel() * param.element_size()
+    return total
+
+
+def kv_bytes(model, tokens: int, batch: int) -> int:
+    """Bytes of KV cache one step reads at `tokens` positions (keys and values of every layer, float32)."""
+    cfg = model.config
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * heads * head_dim * tokens * batch * 4
+
+
+def step_seconds(model, prompt: int, steps: int, batch: int, repeats: int) -> float:
+    """Median over `repeats` of (generate steps + 1 tokens - generate 1 token) / steps: the prefill cancels."""
+    import torch
+
+    ids = torch.randint(100, model.config.vocab_size - 100, (batch, prompt), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+
+    def run(n: int) -> float:
+        started = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           pad_token_id=0)
+        return time.perf_counter() - started
+
+    run(2)  # warm-up
+    return statistics.median((run(steps + 1) - run(1)) / steps for _ in range(repeats))
+
+
+def load(system: str, base: Path, config):
+    from memlora.llm.hf_backend import load_causal_lm
+    from memlora.student.experts import attach_expert
+    from memlora.student.quantize import quantize_base
+
+    model = load_causal_lm(config.teacher.model if system.startswith("teacher") else str(base), dtype="float32",
+                           device="cpu")[0]
+    if system == "student-int8+expert":  # as ExpertBackend serves `student.quantize: int8`: the expert un-merged
+        model = attach_expert(model, config.student.expert)
+    if system.endswith("int8") or system == "student-int8+expert":
+        quantize_base(model, "int8")
+    return model.eval()
+
+
+SYSTEMS = ("teacher", "teacher-int8", "student", "student-int8+expert")
+
+
+def main() -> None:
+    import torch
+
+    from memlora.config import load_config
+
+    parser = bench_parser(__doc__)
+    parser.add_argument("--batches", default=None, help="batch sizes, comma-separated (default 1,8)")
+    args = parser.parse_args()
+    config = load_config(CONFIG)
+    prompt, steps, repeats = (8, 4, 1) if args.quick else (128, 16, 3)
+    batches = [int(b) for b in (args.batches or ("1,2" if args.quick else "1,8")).split(",")]
+    measured = bandwidth(32 if args.quick else 512, 2 if args.quick else 5)
+    floor_bw = measured["triad_gb_s"] * 1e9
+    print(f"memory bandwidth ({torch.get_num_threads()} threads): copy {measured['copy_gb_s']:.1f} GB/s, "
+          f"triad {measured['triad_gb_s']:.1f} GB/s", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="memlora-bench-") as scratch:
+        base = bench_student(config, args.out or scratch)
+        for system in SYSTEMS:  # one after the other, each loaded alone
+            model = load(system, base, config)
+            weights = weight_bytes(model)
+            for batch in batches:
+                seconds = step_seconds(model, prompt, steps, batch, repeats)
+                read = weights + kv_bytes(model, prompt + steps, batch)
+                rows.append({"system": system, "batch": batch, "weights_mb": weights / 1e6, "read_mb": read / 1e6,
+                             "step_ms": seconds * 1e3, "floor_ms": read / floor_bw * 1e3,
+                             "over_floor": seconds / (read / floor_bw)})
+                print(f"{system} batch {batch}: step {seconds * 1e3:.1f} ms, floor {read / floor_bw * 1e3:.1f} ms "
+                      f"({rows[-1]['over_floor']:.2f}x)", flush=True)
+            del model
+    printed = [{k: (f"{v:.2f}x" if k == "over_floor" else f"{v:.1f}" if isinstance(v, float) else v)
+                for k, v in r.items()} for r in rows]
+    print(table(printed, list(printed[0])))
+    print("saved", save("bandwidth_floor", {"bandwidth": measured, "prompt_tokens": prompt, "steps": steps,
+                                            "repeats": repeats, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
