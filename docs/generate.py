@@ -256,6 +256,19 @@ def serving_cost_table() -> str:
     return "\n".join(lines)
 
 
+def bandwidth_floor_table() -> str:
+    data = reference("bandwidth_floor")
+    rows = [[r["system"], r["batch"], f"{r['weights_mb']:.0f}", f"{r['step_ms']:.1f}", f"{r['floor_ms']:.1f}",
+             f"{r['over_floor']:.2f}x"] for r in data["rows"]]
+    bandwidth = data["bandwidth"]
+    return "\n".join([_markdown(["system", "batch", "weights read per step (MB)", "decode step (ms)",
+                                 "floor (ms)", "step / floor"], rows), "",
+                      f"<sub>bandwidth copy {bandwidth['copy_gb_s']:.1f} GB/s, triad {bandwidth['triad_gb_s']:.1f} "
+                      f"GB/s ({data['machine']['torch_threads']} threads); {data['prompt_tokens']} prompt tokens, "
+                      f"{data['steps']} steps, median of {data['repeats']}; source "
+                      "`bench/reference/cpu-2core/bandwidth_floor.json`.</sub>"])
+
+
 RENDERERS = {
     "headline": lambda: results_table("embedded_default"),
     "headline-categories": lambda: results_table("embedded_default", categories=True),
@@ -267,6 +280,7 @@ RENDERERS = {
     "closed-loop": closed_loop_table,
     "mem0-add": mem0_add_table,
     "serving-cost": serving_cost_table,
+    "bandwidth-floor": bandwidth_floor_table,
 }
 
 
