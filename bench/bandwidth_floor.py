@@ -5,8 +5,8 @@ Measured here, in one run: the bandwidth (a large copy and a triad `a = b + s * 
 bytes moved per second), and per system and batch size the time of a decode step (generate N + 1 tokens minus
 generate 1, over N; greedy, no early stop) against its floor (weight bytes + KV-cache bytes read per step, over
 the triad bandwidth). Systems: the teacher in float32 (as the config deploys it) and int8, the student base in
-float32 (experts merged read the same bytes), int8, and int8 with an expert beside it, un-merged (`student.quantize:
-int8`: the difference is what the un-merged expert costs). The ratio says how much faster a step could get on this CPU; it is not a guess at the kernels.
+float32 (experts merged read the same bytes), int8, and int8 with an expert beside it, un-merged
+(`student.quantize: int8`: the difference is what the un-merged expert costs). The ratio says how much faster a step could get on this CPU; it is not a guess at the kernels.
 
     python bench/bandwidth_floor.py [--quick] [--out OUT]   (OUT: use its student base)
 """

@@ -76,8 +76,8 @@ class ServingEngine:
 
     def swap(self, loaded: dict) -> None:
         """Serve `loaded["backend"]` (with its `models`, and the fallback's new `policy`; the policy alone where
-        only the thresholds changed) from the next request on; call it on the event loop, where requests are submitted, so none lands on the batcher being closed.
-        What was queued on the old backend finishes there."""
+        only the thresholds changed) from the next request on; call it on the event loop, where requests are
+        submitted, so none lands on the batcher being closed. What was queued on the old backend finishes there."""
         if self.fallback is not None and loaded.get("policy") is not None:
             self.fallback.policy = loaded["policy"]
         if "backend" not in loaded:  # new thresholds only: the experts serving now stay
