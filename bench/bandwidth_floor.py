@@ -5,8 +5,9 @@ Measured here, in one run: the bandwidth (a large copy and a triad `a = b + s * 
 bytes moved per second), and per system and batch size the time of a decode step (generate N + 1 tokens minus
 generate 1, over N; greedy, no early stop) against its floor (weight bytes + KV-cache bytes read per step, over
 the triad bandwidth). Systems: the teacher in float32 (as the config deploys it) and int8, the student base in
-float32 (experts merged read the same bytes), int8, and int8 with an expert beside it, un-merged
-(`student.quantize: int8`: the difference is what the un-merged expert costs). The ratio says how much faster a step could get on this CPU; it is not a guess at the kernels.
+float32 (experts merged read the same bytes), int8, int8 with an expert beside it, un-merged (`student.quantize:
+int8`: the difference is what the un-merged expert costs), and int8 with the expert merged before quantizing (the
+other design: one int8 copy of the base per expert, a switch a pointer swap). The ratio says how much faster a step could get on this CPU; it is not a guess at the kernels.
 
     python bench/bandwidth_floor.py [--quick] [--out OUT]   (OUT: use its student base)
 """
@@ -101,14 +102,16 @@ def load(system: str, base: Path, config):
 
     model = load_causal_lm(config.teacher.model if system.startswith("teacher") else str(base), dtype="float32",
                            device="cpu")[0]
-    if system == "student-int8+expert":  # as ExpertBackend serves `student.quantize: int8`: the expert un-merged
+    if system.startswith("student-int8+expert"):  # as ExpertBackend serves `student.quantize: int8`: un-merged
         model = attach_expert(model, config.student.expert)
-    if system.endswith("int8") or system == "student-int8+expert":
+    if system == "student-int8+expert-merged":  # the other design: one int8 copy per expert, merged before
+        model = model.merge_and_unload()
+    if "int8" in system:
         quantize_base(model, "int8")
     return model.eval()
 
 
-SYSTEMS = ("teacher", "teacher-int8", "student", "student-int8", "student-int8+expert")
+SYSTEMS = ("teacher", "teacher-int8", "student", "student-int8", "student-int8+expert", "student-int8+expert-merged")
 
 
 def main() -> None:
