@@ -255,7 +255,7 @@ def test_check(config: Config, out: str | Path, backend, policy: dict, operation
 def calibrate_out(config: Config, out: str | Path, backend, operations: list[str], held: list[HeldOutCall],
                   on_line=lambda line: None) -> dict:
     """Thresholds fitted on `held` and checked on OUT's test calls, written to OUT/deferral.json (what
-    `memlora calibrate` does, and `improve` after a promotion)."""
+    `memlora calibrate` does, and `improve` every night it has new rows)."""
     on_line(f"calibrating on {len(held)} held-out calls")
     scored = score(backend, backend.tokenizer, held, config)
     policy = fit(scored, operations, config)
