@@ -148,9 +148,8 @@ def promote(config: Config, out: str | Path, base: str | Path, candidate: Candid
     where the served experts have answered new calls). Returns the snapshot's version (None when nothing was
     promoted)."""
     promoted = {d.operation: adapter_dir(candidate.out, d.operation) for d in decisions if d.promote}
-    if not promoted:
-        if deferral.fresh_calls(out, config, list(verified_expert_folders(out))):
-            recalibrate(config, out, base)  # the served experts answered calls since: their thresholds follow
+    if not promoted:  # where the served experts answered calls since, their thresholds follow
+        recalibrate(config, out, base, only_with_new_calls=True)
         return None
     version = snapshot(out, f"before improve {candidate.run}") if verified_expert_folders(out) else None
     install(out, promoted)
@@ -163,11 +162,16 @@ def promote(config: Config, out: str | Path, base: str | Path, candidate: Candid
     return version
 
 
-def recalibrate(config: Config, out: str | Path, base: str | Path) -> dict | None:
+def recalibrate(config: Config, out: str | Path, base: str | Path, *,
+                only_with_new_calls: bool = False) -> dict | None:
     """New thresholds for the served experts (as `memlora calibrate`): on the validation calls, and on the calls
-    each expert has not been trained on since it was; none where there are no such calls."""
+    each expert has not been trained on since it was; none where there are no such calls (with
+    `only_with_new_calls`: none where none of the latter arrived)."""
     adapters = verified_expert_folders(out)
-    held = deferral.calibration_calls(out, config, list(adapters))
+    fresh = deferral.fresh_calls(out, config, list(adapters))
+    if only_with_new_calls and not fresh:
+        return None
+    held = deferral.validation_calls(out, config, list(adapters)) + fresh
     if not held:
         return None
     backend = backend_for(config, base, adapters)
