@@ -18,7 +18,9 @@ Pair = tuple[float, bool]  # (the expert's confidence in its answer, whether the
 
 # The trace rows' `backend` of calls serve-experts recorded: the teacher answered instead of an unsure expert
 # (deferred), or after a sure one had answered (audited, `deferral.audit_share` of the kept calls).
-DEFERRED_BACKEND, AUDITED_BACKEND = "deferred", "audited"
+# How the fallback teacher's answers are recorded: a call an expert deferred, one it kept and the teacher was also
+# asked (audits), and one of an operation no expert serves yet (never filtered by an expert: all of it counts).
+DEFERRED_BACKEND, AUDITED_BACKEND, NO_EXPERT_BACKEND = "deferred", "audited", "no-expert"
 
 
 def in_audit_sample(row: dict, share: float) -> bool:

@@ -24,7 +24,7 @@ import httpx
 from anyio import to_thread
 
 from memlora.config import CaptureRule, DeferralConfig
-from memlora.evaluation.calibration import AUDITED_BACKEND, DEFERRED_BACKEND, DeferralPolicy
+from memlora.evaluation.calibration import AUDITED_BACKEND, DEFERRED_BACKEND, NO_EXPERT_BACKEND, DeferralPolicy
 from memlora.llm.confidence import confidence, is_destructive
 from memlora.llm.openai_protocol import ApiError, ChatRequest
 from memlora.memory.llm import GenerationRequest, GenerationResult
@@ -149,16 +149,16 @@ class Fallback:
         """A call of an operation no expert serves yet goes to the teacher (and is recorded: the first training
         rows of that expert) rather than to the bare student; None where the teacher failed (counted)."""
         self.counts[f"no_expert_{operation}"] += 1
-        return await self.teacher(chat, operation, schema, context)
+        return await self.teacher(chat, operation, schema, context, backend=NO_EXPERT_BACKEND)
 
     async def teacher(self, chat: ChatRequest, operation: str, schema: dict | None,
-                      context: tuple[str | None, int]) -> tuple[dict, dict] | None:
+                      context: tuple[str | None, int], backend: str = DEFERRED_BACKEND) -> tuple[dict, dict] | None:
         """The teacher's answer to the call, recorded, or None where it failed (counted; 502 when strict)."""
         data, latency, error = await self.ask(chat, schema)
         if error is not None:
             self.failed(operation, error)
             return None
-        await self.record(chat, operation, schema, data, latency, *context)
+        await self.record(chat, operation, schema, data, latency, *context, backend=backend)
         if not chat.logprobs:  # asked for the trace row, not by the client
             for choice in data["choices"]:
                 choice["logprobs"] = None

@@ -18,7 +18,7 @@ import torch
 from memlora.config import DeferralConfig, ExpertConfig
 from memlora.data.io import write_parquet
 from memlora.data.schemas import TRACES
-from memlora.evaluation.calibration import CalibrationError, DeferralPolicy
+from memlora.evaluation.calibration import CalibrationError, DeferralPolicy, in_audit_sample
 from memlora.layout import deferral_path, trace_files
 from memlora.llm.confidence import confidence
 from memlora.llm.fallback import ANSWERED_BY, Fallback, FallbackError
@@ -185,7 +185,8 @@ def test_a_call_no_expert_serves_yet_goes_to_the_teacher_not_the_bare_student(de
         assert httpx.get(f"{url}/health").json()["deferral"]["counts"] == {"no_expert_update": 1}
     engine.close()
     rows = pq.read_table(trace_files(tmp_path / "out", "update")[0]).to_pylist()
-    assert len(rows) == 1 and rows[0]["backend"] == "deferred"
+    # recorded as no expert's: every such call enters calibration, not only the audit share of deferred ones
+    assert len(rows) == 1 and rows[0]["backend"] == "no-expert" and in_audit_sample(rows[0], 0.0)
     assert rows[0]["raw_output"] == got.json()["choices"][0]["message"]["content"]
 
 
@@ -235,7 +236,6 @@ def test_a_teacher_that_is_down_or_answers_garbage_degrades_as_configured(deferr
 def test_the_audit_sample_draws_deferred_calls_at_the_audit_share():
     """Kept calls are audited at `audit_share`; deferred ones enter calibration at the same share (a hash of the
     trace id), so the sample is not tilted towards calls an expert was unsure of. Captured rows always count."""
-    from memlora.evaluation.calibration import in_audit_sample
 
     deferred = [{"backend": "deferred", "trace_id": f"user-{i}:extraction:run-{i:06d}"} for i in range(2000)]
     assert all(in_audit_sample(r, 1.0) for r in deferred) and not any(in_audit_sample(r, 0.0) for r in deferred)
@@ -294,8 +294,6 @@ def test_a_served_expert_is_recalibrated_on_the_calls_it_was_not_trained_on(defe
 
 
 def deferral_sampled(trace_id: str, share: float) -> bool:
-    from memlora.evaluation.calibration import in_audit_sample
-
     return in_audit_sample({"backend": "deferred", "trace_id": trace_id}, share)
 
 
