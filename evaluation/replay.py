@@ -83,7 +83,7 @@ def reference_schema(operation: str, messages: list[dict], memory: MemoryConfig)
         return extraction_schema(memory.max_facts, memory.fact_chars())
     if operation == "update":
         shown, new_id = update_ids(messages)
-        return update_schema(shown, new_id, memory.max_fact_chars)
+        return update_schema(shown, new_id, memory.max_fact_chars, memory.update_output == "compact")
     return generation_schema(memory.answer_max_chars)
 
 

@@ -127,6 +127,9 @@ class MemoryConfig(_Strict):
     max_facts: int = Field(6, gt=0)
     max_fact_chars: int = Field(200, gt=0)
     answer_max_chars: int = Field(120, gt=0)
+    # How an update answer names an entry it leaves alone or deletes: `full` repeats the memory's text (as Mem0
+    # does), `compact` writes only its id and event (the system has the text); ADD and UPDATE carry text in both.
+    update_output: Literal["full", "compact"] = "full"
     operations: dict[Operation, OperationConfig] = Field(
         default_factory=lambda: {
             "extraction": OperationConfig(max_new_tokens=160),

@@ -22,7 +22,7 @@ from memlora.data.io import WriteError, sha256_file, swap_in
 from memlora.data.schemas import SCHEMA_VERSION, VERSION_KEY
 from memlora.layout import RELEASED, releases_dir
 from memlora.manifest import artifact_files, describe_file, git_revision
-from memlora.memory.prompts import TEMPLATES
+from memlora.memory.prompts import templates
 
 CARD = "README.md"  # a release's dataset card, beside its manifest
 
@@ -92,7 +92,7 @@ def publish_release(out: str | Path, config: Config, data: str | Path, name: str
             "teacher_model": config.teacher.model,
             "student_model": (config.student.model or f"pruned teacher {config.student.prune.model_dump(by_alias=True)}")
             if config.student else None,
-            "prompt_template_hashes": {op: t.hash for op, t in TEMPLATES.items()},
+            "prompt_template_hashes": {op: t.hash for op, t in templates(config.memory.update_output).items()},
             "source_data": {"path": str(data), "sha256": data_fingerprint(data)},
             "config": config.model_dump(mode="json", by_alias=True),
             "files": [describe_file(p, staging) for p in sorted(staging.rglob("*.parquet"))],

@@ -86,7 +86,8 @@ def parse_extraction(text: str) -> Parsed:
 
 
 def parse_update(text: str, shown_ids: list[str], new_id: str) -> Parsed:
-    """Check events and ids against what the prompt showed: an invented id is never applied."""
+    """Check events and ids against what the prompt showed: an invented id is never applied. ADD and UPDATE need
+    their text; NONE and DELETE may leave it out (`memory.update_output: compact`), the system has it."""
     parsed = extract_json(text)
     if not parsed.ok:
         return parsed
@@ -101,7 +102,7 @@ def parse_update(text: str, shown_ids: list[str], new_id: str) -> Parsed:
         if event not in EVENTS:
             return Parsed(False, error=f"memory[{i}].event {event!r} is not one of {', '.join(EVENTS)}")
         mid = str(item.get("id")) if item.get("id") is not None else None
-        text_value = item.get("text")
+        text_value = item.get("text", "" if event in ("NONE", "DELETE") else None)
         if not isinstance(text_value, str):
             return Parsed(False, error=f"memory[{i}].text missing or not a string")
         if event == "ADD":

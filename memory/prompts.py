@@ -71,6 +71,28 @@ UPDATE_SHOTS = [
     ),
 ]
 
+# `memory.update_output: compact`: an entry the system leaves alone or deletes is only its id and event (the
+# system has its text), so the event is decided right after the id and a NONE costs a few tokens, not the
+# memory's whole text again.
+UPDATE_SYSTEM_COMPACT = (
+    "You manage a memory store. Compare the new fact with the existing memories and decide one event: "
+    "ADD if the fact is new information (use the new id and give its text), UPDATE if it changes or refines an "
+    "existing memory (keep its id, give the new text and put the previous text in old_memory), DELETE if it "
+    "contradicts an existing memory so that memory is no longer true, NONE if the fact is already known. For "
+    'DELETE and NONE give only the id and the event. Reply with JSON only: {"memory": [{"id": ..., "event": ...}]}.'
+)
+
+
+def _compact(entry: dict) -> dict:
+    """The compact form of a full update entry: the event right after the id; text only where it is new."""
+    out = {"id": entry["id"], "event": entry["event"]}
+    if entry["event"] in ("ADD", "UPDATE"):
+        out.update({k: v for k, v in entry.items() if k not in out})
+    return out
+
+
+UPDATE_SHOTS_COMPACT = [(user, {"memory": [_compact(e) for e in answer["memory"]]}) for user, answer in UPDATE_SHOTS]
+
 GENERATION_SYSTEM = (
     "Answer the question about the people in the conversation using only the memories below. Each memory "
     "has the date it was stated. Answer in a few words. If the memories do not hold the answer, answer "
@@ -119,6 +141,16 @@ TEMPLATES = {
     "update": Template("update", UPDATE_SYSTEM, tuple(UPDATE_SHOTS)),
     "generation": Template("generation", GENERATION_SYSTEM, tuple(GENERATION_SHOTS)),
 }
+COMPACT_UPDATE = Template("update", UPDATE_SYSTEM_COMPACT, tuple(UPDATE_SHOTS_COMPACT))
+
+
+def template(operation: str, update_output: str = "full") -> Template:
+    """The teacher template an operation's calls are built with under `memory.update_output`."""
+    return COMPACT_UPDATE if operation == "update" and update_output == "compact" else TEMPLATES[operation]
+
+
+def templates(update_output: str = "full") -> dict[str, Template]:
+    return {op: template(op, update_output) for op in TEMPLATES}
 
 
 # --- student prompts (context distillation) ---------------------------------------------------------------
@@ -134,8 +166,9 @@ STUDENT_SYSTEM = {
 
 def is_own_prompt(operation: str, messages: list[dict]) -> bool:
     """Whether a call was built with our teacher template (else it is a captured client's)."""
-    template = TEMPLATES.get(operation)
-    return template is not None and bool(messages) and messages[0].get("content") == template.system
+    if operation not in TEMPLATES or not messages:
+        return False
+    return messages[0].get("content") in {template(operation, form).system for form in ("full", "compact")}
 
 
 def own_operation(messages: list[dict]) -> str | None:
@@ -177,9 +210,13 @@ def extraction_schema(max_facts: int, max_chars: int) -> dict:
     }
 
 
-def update_schema(shown_ids: list[str], new_id: str, max_chars: int) -> dict:
-    """Ids are an enum of those shown in this very prompt, plus the next free one for an ADD only."""
+def update_schema(shown_ids: list[str], new_id: str, max_chars: int, compact: bool = False) -> dict:
+    """Ids are an enum of those shown in this very prompt, plus the next free one for an ADD only. `compact`: a
+    NONE or DELETE entry is its id and event alone, and every entry puts the event before any text (the decoder
+    writes properties in the schema's order)."""
     text = {"type": "string", "minLength": 1, "maxLength": max_chars}
+    if compact:
+        return _compact_update_schema(shown_ids, new_id, text)
     add = {
         "type": "object",
         "properties": {"id": {"type": "string", "enum": [new_id]}, "text": text, "event": {"type": "string", "enum": ["ADD"]}},
@@ -201,6 +238,26 @@ def update_schema(shown_ids: list[str], new_id: str, max_chars: int) -> dict:
                 "additionalProperties": False,
             }
         )
+    return _memory_list(variants, len(shown_ids) + 1)
+
+
+def _compact_update_schema(shown_ids: list[str], new_id: str, text: dict) -> dict:
+    def entry(ids: list[str], events: list[str], with_text: bool) -> dict:
+        properties = {"id": {"type": "string", "enum": ids}, "event": {"type": "string", "enum": events}}
+        if with_text:
+            properties["text"] = text
+        if events == ["UPDATE"]:
+            properties["old_memory"] = {"type": "string", "maxLength": text["maxLength"]}
+        return {"type": "object", "properties": properties, "required": list(properties)[:3 if with_text else 2],
+                "additionalProperties": False}
+
+    variants = [entry([new_id], ["ADD"], True)]
+    if shown_ids:
+        variants += [entry(list(shown_ids), ["UPDATE"], True), entry(list(shown_ids), ["DELETE", "NONE"], False)]
+    return _memory_list(variants, len(shown_ids) + 1)
+
+
+def _memory_list(variants: list[dict], most: int) -> dict:
     return {
         "type": "object",
         "properties": {
@@ -208,7 +265,7 @@ def update_schema(shown_ids: list[str], new_id: str, max_chars: int) -> dict:
                 "type": "array",
                 "items": variants[0] if len(variants) == 1 else {"anyOf": variants},
                 "minItems": 1,
-                "maxItems": len(shown_ids) + 1,
+                "maxItems": most,
             }
         },
         "required": ["memory"],

@@ -17,7 +17,7 @@ from memlora.data.records import Conversation, Question, Turn
 from memlora.memory.embedder import Embedder
 from memlora.memory.llm import GenerationRequest, GenerationResult, LLMBackend
 from memlora.memory.parsing import Parsed, parse_extraction, parse_generation, parse_update
-from memlora.memory.prompts import TEMPLATES, extraction_schema, generation_schema, update_schema
+from memlora.memory.prompts import extraction_schema, generation_schema, template, update_schema
 from memlora.memory.store import Memory, MemoryStore
 
 
@@ -76,7 +76,7 @@ class MemorySystem:
         op = self.config.operations[operation]
         return GenerationRequest(
             operation=operation,
-            messages=TEMPLATES[operation].messages(user),
+            messages=template(operation, self.config.update_output).messages(user),
             max_new_tokens=op.max_new_tokens,
             schema=schema if op.constrained else None,
             no_repeat_ngram=op.no_repeat_ngram,
@@ -95,7 +95,7 @@ class MemorySystem:
             self.on_call(
                 CallRecord(
                     request.operation, cid, sessions[i], self._steps[key], request, result, parsed,
-                    TEMPLATES[request.operation].hash,
+                    template(request.operation, self.config.update_output).hash,
                 )
             )
             self._steps[key] += 1
@@ -145,7 +145,7 @@ class MemorySystem:
                 continue
             ids = [str(i) for i in range(len(shown))]
             new_id = str(len(shown))
-            schema = update_schema(ids, new_id, self.config.max_fact_chars)
+            schema = update_schema(ids, new_id, self.config.max_fact_chars, self.config.update_output == "compact")
             requests.append(self._request("update", render_update(shown, fact, new_id), schema))
             id_maps.append((ids, new_id, {str(i): m.id for i, m in enumerate(shown)}))
         parsed_all = self._call(

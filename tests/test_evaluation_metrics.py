@@ -128,6 +128,10 @@ def test_free_output_is_checked_like_constrained_output():
     schema = reference_schema("update", messages, MemoryConfig())
     assert schema_valid('{"memory": [{"id": "2", "text": "t", "event": "ADD"}]}', schema)
     assert not schema_valid('Sure: {"memory": [{"id": "2", "text": "t", "event": "ADD"}]}', schema)  # prose
+    compact = reference_schema("update", messages, MemoryConfig(update_output="compact"))
+    assert schema_valid('{"memory": [{"id": "1", "event": "NONE"}]}', compact)
+    assert not schema_valid('{"memory": [{"id": "1", "event": "NONE"}]}', schema)  # the full form needs the text
+    assert not schema_valid('{"memory": [{"id": "1", "event": "UPDATE"}]}', compact)  # an UPDATE needs it in both
     gen_schema = reference_schema("generation", [], MemoryConfig())
     assert parse_output("generation", [], "a cat").ok and not schema_valid("a cat", gen_schema)
 

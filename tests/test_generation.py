@@ -6,7 +6,8 @@ import jsonschema
 import pytest
 
 from memlora.memory.llm import GenerationRequest
-from memlora.memory.prompts import TEMPLATES, extraction_schema, generation_schema, update_schema
+from memlora.memory.parsing import parse_update
+from memlora.memory.prompts import COMPACT_UPDATE, TEMPLATES, extraction_schema, generation_schema, update_schema
 from memlora.memory.system import render_update
 
 PROMPTS = [
@@ -231,6 +232,29 @@ def test_constrained_output_follows_the_schemas_property_order(tiny_backend):
     value = json.loads(tiny_backend.generate([request])[0].text)
     for entry in value["memory"]:
         assert list(entry)[:3] == ["id", "text", "event"]
+
+
+@pytest.mark.timeout(300)
+def test_compact_update_output_is_id_and_event_where_nothing_is_new(tiny_backend):
+    """`memory.update_output: compact`: every constrained entry writes its event right after its id, and a NONE
+    or DELETE entry is those two alone; the parser takes it and the store gets no text from it."""
+    requests = []
+    for n_shown in (0, 1, 3, 2):
+        shown = [type("M", (), {"text": f"memory {i}"})() for i in range(n_shown)]
+        requests.append(GenerationRequest("update", COMPACT_UPDATE.messages(
+            render_update(shown, "Ann has a cat", str(n_shown))), 240,
+            update_schema([str(i) for i in range(n_shown)], str(n_shown), max_chars=10, compact=True)))
+    events = set()
+    for request, r, n_shown in zip(requests, tiny_backend.generate(requests), (0, 1, 3, 2)):
+        value = json.loads(r.text)
+        jsonschema.validate(value, request.schema)
+        for entry in value["memory"]:
+            assert list(entry)[:2] == ["id", "event"], r.text
+            assert (set(entry) == {"id", "event"}) == (entry["event"] in ("NONE", "DELETE")), r.text
+            events.add(entry["event"])
+        parsed = parse_update(r.text, [str(i) for i in range(n_shown)], str(n_shown))
+        assert parsed.ok, parsed.error
+    assert events & {"NONE", "DELETE"}, events  # the short form was exercised, not only ADD
 
 
 @pytest.mark.timeout(120)

@@ -82,6 +82,32 @@ def test_update_and_delete_reach_the_store(embedder):
     assert [e for _, e, *_ in store.history("c1")] == ["ADD", "UPDATE", "DELETE"]
 
 
+def test_compact_update_output_sends_its_own_prompt_and_schema_and_applies_without_text(embedder):
+    """`update_output: compact`: the update call carries the compact template and schema (recorded under that
+    template's hash), and id-only NONE / DELETE entries change the store as the full ones do."""
+    from memlora.memory.prompts import COMPACT_UPDATE, TEMPLATES
+
+    llm = ScriptedLLM({
+        "extraction": ['{"facts": ["Ann has a cat"]}', '{"facts": ["Ann has a cat"]}',
+                       '{"facts": ["Ann gave her cat away"]}'],
+        "update": [
+            '{"memory": [{"id": "0", "event": "ADD", "text": "Ann has a cat"}]}',
+            '{"memory": [{"id": "0", "event": "NONE"}]}',
+            '{"memory": [{"id": "0", "event": "DELETE"}]}',
+        ],
+    })
+    calls, store = [], MemoryStore()
+    MemorySystem(llm, store, embedder, MemoryConfig(window=1, update_output="compact"),
+                 on_call=calls.append).ingest(conversation(3))
+    updates = [r for r in llm.requests if r.operation == "update"]
+    assert updates[0].messages[0]["content"] == COMPACT_UPDATE.system != TEMPLATES["update"].system
+    kept = updates[1].schema["properties"]["memory"]["items"]["anyOf"][-1]
+    assert kept["required"] == ["id", "event"] and "text" not in kept["properties"]
+    assert {c.template_hash for c in calls if c.operation == "update"} == {COMPACT_UPDATE.hash}
+    assert store.all("c1") == []
+    assert [e for _, e, *_ in store.history("c1")] == ["ADD", "DELETE"]
+
+
 def test_unconstrained_operation_sends_no_schema(embedder):
     config = MemoryConfig(operations={"extraction": {"constrained": False}})
     llm = ScriptedLLM({"extraction": ["no facts here"]})

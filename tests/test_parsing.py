@@ -53,8 +53,12 @@ def test_update_checks_events_and_ids_against_the_prompt():
     assert not bad_event.ok and "'MODIFY'" in bad_event.error
     invented = parse_update('{"memory": [{"id": "5", "text": "x", "event": "DELETE"}]}', ["0"], "1")
     assert not invented.ok and "was not shown" in invented.error
-    no_text = parse_update('{"memory": [{"id": "0", "event": "NONE"}]}', ["0"], "1")
-    assert not no_text.ok
+    # NONE and DELETE may leave their text out (`memory.update_output: compact`); ADD and UPDATE may not
+    compact = parse_update('{"memory": [{"id": "0", "event": "NONE"}, {"id": "1", "event": "DELETE"}]}', ["0", "1"], "2")
+    assert compact.ok and [e["text"] for e in compact.value["memory"]] == ["", ""]
+    for event in ("ADD", "UPDATE"):
+        no_text = parse_update(f'{{"memory": [{{"id": "0", "event": "{event}"}}]}}', ["0"], "1")
+        assert not no_text.ok and "memory[0].text" in no_text.error
 
 
 def test_generation_accepts_json_or_plain_words():
