@@ -98,7 +98,7 @@ def step_seconds(model, prompt: int, steps: int, batch: int, repeats: int) -> fl
 def load(system: str, base: Path, config):
     from memlora.llm.hf_backend import load_causal_lm
     from memlora.student.experts import attach_expert
-    from memlora.student.quantize import quantize_base
+    from memlora.llm.quantize import quantize_base
 
     model = load_causal_lm(config.teacher.model if system.startswith("teacher") else str(base), dtype="float32",
                            device="cpu")[0]

@@ -37,7 +37,7 @@ def worker(system: str, base: str, experts_out: str, out: str | None, per_op: in
     from memlora.evaluation import probes
     from memlora.llm.hf_backend import TransformersBackend, load_causal_lm
     from memlora.student.experts import ExpertBackend
-    from memlora.student.quantize import quantize_base
+    from memlora.llm.quantize import quantize_base
 
     baseline = probes.snapshot("runtime imported")
     requests = trace_requests(out, per_op, max_tokens=max_tokens)

@@ -20,6 +20,7 @@ from memlora.llm import gguf_cache
 from memlora.llm.cpu_matmul import use_rows_first_linears
 from memlora.llm.decoding import greedy_decode
 from memlora.llm.grammar import GrammarCache
+from memlora.llm.quantize import quantize_base
 from memlora.memory.llm import GenerationRequest, GenerationResult
 from memlora.models import resolve
 
@@ -94,6 +95,7 @@ class TransformersBackend:
             config.model, tokenizer_ref=config.tokenizer, dtype=config.dtype, device=config.device,
             trust_remote_code=config.trust_remote_code,
         )
+        quantize_base(model, config.quantize)  # before the backend sets up its CPU linears
         return cls(model, tokenizer, model_id, config.batch_size, config.logprobs_top_k, config.prefix_cache)
 
     def prompt_text(self, request: GenerationRequest) -> str:

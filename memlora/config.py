@@ -97,6 +97,8 @@ class LLMConfig(_Strict):
     batch_size: int = Field(8, gt=0)
     logprobs_top_k: int = Field(0, ge=0)
     prefix_cache: bool = True  # prefill the shared system prompt + few-shot examples once, not per row
+    # A local model's linear layers run on int8 weights (llm/quantize.py, CPU only); traces are recorded with it.
+    quantize: Literal["none", "int8"] = "none"
     trust_remote_code: bool = False
     http: HttpConfig = HttpConfig()
 
@@ -106,6 +108,13 @@ class LLMConfig(_Strict):
         if info.data.get("backend") == "openai" and info.field_name == "model":
             return value  # a name the server knows, not a path
         return _model_exists(value)
+
+    @model_validator(mode="after")
+    def _quantize_local(self):
+        if self.quantize != "none" and self.backend != "transformers":
+            raise ValueError(f"quantize: {self.quantize} applies to a local model (backend transformers); an "
+                             f"{self.backend} endpoint is quantized by its own server")
+        return self
 
 
 class OperationConfig(_Strict):

@@ -19,7 +19,7 @@ from memlora.llm.client_template import AS_SENT, expert_view, read_template
 from memlora.llm.hf_backend import TransformersBackend, load_causal_lm
 from memlora.manifest import check_recorded
 from memlora.student.householder import use_input_reflections
-from memlora.student.quantize import quantize_base
+from memlora.llm.quantize import quantize_base
 
 log = logging.getLogger(__name__)
 

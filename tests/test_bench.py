@@ -25,6 +25,7 @@ QUICK = {
     "methods": ["runs", "steps", "training_rows"],
     "data_scaling": ["rows", "sizes", "held_out_calls"],
     "bandwidth_floor": ["bandwidth", "rows"],
+    "teacher_quantize": ["rows", "tokens_per_s", "int8_over_float32_speed"],
 }
 
 

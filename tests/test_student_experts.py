@@ -307,7 +307,7 @@ def test_an_int8_base_stays_close_to_float32_and_switching_experts_on_it_is_exac
     plain = ExpertBackend.from_out(tiny_model_dir, experts_out, device="cpu")
     quantized = ExpertBackend.from_out(tiny_model_dir, experts_out, device="cpu", merge=True, quantize="int8")
     assert quantized.quantized == "int8" and not quantized.merge  # merging would write into int8 weights
-    from memlora.student.quantize import is_quantized
+    from memlora.llm.quantize import is_quantized
 
     assert all(is_quantized(layer.get_base_layer()) for layer in quantized._tuner_layers)  # int8, not float32
     adapters = [p for n, p in quantized.model.named_parameters() if "delora_" in n]

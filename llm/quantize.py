@@ -1,4 +1,4 @@
-"""Weight quantization of the student's base for inference (`student.quantize`).
+"""Weight quantization for inference: the student's base (`student.quantize`) and the teacher (`teacher.quantize`).
 
 A CPU decode step reads every weight once, so its time is bound by memory bandwidth: int8 weights are a quarter
 of float32's bytes. Only the base's linear layers are quantized; the experts stay float32 beside them, un-merged
@@ -40,9 +40,12 @@ def _adapter_modules(model: torch.nn.Module) -> set[int]:
 def quantize_base(model: torch.nn.Module, scheme: str) -> int:
     """Quantize the plain linear layers of `model` that are not part of an adapter, in place; returns how many."""
     if scheme not in SCHEMES:
-        raise ValueError(f"student.quantize: {scheme!r} is not one of {', '.join(SCHEMES)}")
+        raise ValueError(f"quantize: {scheme!r} is not one of {', '.join(SCHEMES)}")
     if scheme == "none":
         return 0
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        raise ValueError(f"quantize: {scheme} is torch's dynamic quantization, a CPU kernel; this model is on "
+                         f"{next(p.device for p in model.parameters() if p.device.type != 'cpu')} (set it to none)")
     skip = _adapter_modules(model)
     names = [name for name, m in model.named_modules() if type(m) is torch.nn.Linear and id(m) not in skip]
     with warnings.catch_warnings():  # deprecated in favour of torchao, whose CPU kernels are slower here (above)
