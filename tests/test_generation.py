@@ -282,3 +282,24 @@ def test_rows_first_linears_match_f_linear(tiny_model_dir):
     ids = torch.tensor(tok(["hello there", "a memory"], padding=True)["input_ids"])
     with torch.inference_mode():
         torch.testing.assert_close(fast(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.timeout(120)
+def test_an_int8_teacher_runs_quantized_linears_and_keeps_the_schema(tiny_model_dir):
+    """`teacher.quantize: int8`: the loaded model's linear layers run on int8 weights and constrained output still
+    validates; a remote teacher cannot be asked to quantize (its server does)."""
+    import pydantic
+
+    from memlora.config import LLMConfig
+    from memlora.llm.hf_backend import TransformersBackend
+    from memlora.llm.quantize import is_quantized
+
+    backend = TransformersBackend.from_config(LLMConfig(model=str(tiny_model_dir), device="cpu", quantize="int8"))
+    layers = [m for name, m in backend.model.named_modules() if name.endswith("q_proj")]
+    assert layers and all(is_quantized(m) for m in layers)
+    schema = extraction_schema(max_facts=2, max_chars=12)
+    for r in backend.generate([extraction(p, schema) for p in PROMPTS[:2]]):
+        assert r.constrained and r.finish_reason == "stop", r.text
+        jsonschema.validate(json.loads(r.text), schema)
+    with pytest.raises(pydantic.ValidationError, match="quantize: int8 applies to a local model"):
+        LLMConfig(backend="openai", model="teacher", quantize="int8")
