@@ -157,8 +157,8 @@ def warm_start_table() -> str:
                                f"{r['cold_steps']} / {r['warm_steps']}"] for r in data["rows"]])
 
 
-def data_scaling_table() -> str:
-    data = reference("data_scaling")
+def data_scaling_table(name: str = "data_scaling") -> str:
+    data = reference(name)
     rows = data["rows"]
     sizes = data["sizes"]
     by = {(r["size"], r["operation"]): r for r in rows}
@@ -269,6 +269,23 @@ def bandwidth_floor_table() -> str:
                       "`bench/reference/cpu-2core/bandwidth_floor.json`.</sub>"])
 
 
+def teacher_quantize_table() -> str:
+    data = reference("teacher_quantize")
+    rows = [[r["teacher"], r["operation"], r["n"], _interval(r["identical"]), _interval(r["agrees"]),
+             f"{_METRIC_NAMES[r['operation']]} {_interval(r[_PRIMARY[r['operation']]])}", r["tokens"]]
+            for r in data["rows"]]
+    speed = data["tokens_per_s"]
+    return "\n".join([_markdown(["teacher", "operation", "calls", "identical to the recording", "agrees with it",
+                                 "agreement metric", "tokens generated"], rows), "",
+                      f"<sub>generated tokens per second, same calls, same process: float32 {speed['none']:.1f}, "
+                      f"int8 {speed['int8']:.1f} ({data['int8_over_float32_speed']:.2f}x); 95 % intervals (Wilson; "
+                      "the metric's: bootstrap); source `bench/reference/cpu-2core/teacher_quantize.json`.</sub>"])
+
+
+_PRIMARY = {"extraction": "fact_f1", "update": "event_macro_f1", "generation": "answer_token_f1"}
+_METRIC_NAMES = {"extraction": "fact F1", "update": "event macro-F1", "generation": "answer token F1"}
+
+
 RENDERERS = {
     "headline": lambda: results_table("embedded_default"),
     "headline-categories": lambda: results_table("embedded_default", categories=True),
@@ -277,6 +294,8 @@ RENDERERS = {
     "methods": methods_table,
     "warm-start": warm_start_table,
     "data-scaling": data_scaling_table,
+    "data-scaling-locomo": lambda: data_scaling_table("data_scaling_locomo"),
+    "teacher-quantize": teacher_quantize_table,
     "closed-loop": closed_loop_table,
     "mem0-add": mem0_add_table,
     "serving-cost": serving_cost_table,

@@ -231,7 +231,7 @@ class StudentConfig(_Strict):
     # instead of running the adapter beside every adapted layer. Decode steps cost what the bare base's cost.
     merge_experts: bool = True
     # Inference: the base's linear weights int8 (torch's dynamic quantization) where the trained experts are loaded
-    # (evaluation, serving); experts then stay un-merged beside them. Training is unchanged. See student/quantize.py.
+    # (evaluation, serving); experts then stay un-merged beside them. Training is unchanged. See llm/quantize.py.
     quantize: Literal["none", "int8"] = "none"
 
     _model_exists = field_validator("model")(classmethod(lambda cls, v: _model_exists(v)))
