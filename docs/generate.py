@@ -170,6 +170,7 @@ def data_scaling_table(name: str = "data_scaling") -> str:
     majority = next(r["majority_baseline_macro_f1"][0] for r in rows if r["operation"] == "update")
     teacher_qa = next(r["qa_token_f1_teacher"][0] for r in rows if r["operation"] == "generation")
     qa_n = next(r["qa_n"] for r in rows if r["operation"] == "generation")
+    teacher_abstains = next(r["abstains_teacher"] for r in rows if r["operation"] == "generation")
     out = ["| training conversations | " + " | ".join(map(str, sizes)) + " |", "|---|" + "---|" * len(sizes),
            line("extraction training calls", "extraction", lambda r: str(r["training_rows"])),
            line(f"extraction fact F1 vs teacher (n={n['extraction']})", "extraction",
@@ -185,6 +186,8 @@ def data_scaling_table(name: str = "data_scaling") -> str:
                 lambda r: _interval(r["answer_token_f1"])),
            line(f"QA F1 cat 1-4 on the teacher's memories (n={qa_n}; teacher {teacher_qa:.3f})", "generation",
                 lambda r: f"{r['qa_token_f1_expert'][0]:.3f}"),
+           line(f"answers abstaining, cat 1-4 (teacher {teacher_abstains:.2f})", "generation",
+                lambda r: f"{r['abstains_expert']:.2f}"),
            line("generation validation loss", "generation", lambda r: f"{r['validation_loss']:.3f}")]
     return "\n".join(out)
 
