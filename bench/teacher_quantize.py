@@ -57,7 +57,8 @@ def replay(config, scheme: str, calls: list) -> tuple[list, float]:
     results, wall = [None] * len(calls), 0.0
     for op in OPERATIONS:
         pick = [i for i, c in enumerate(calls) if c.operation == op]
-        requests = [GenerationRequest(op, calls[i].messages, calls[i].max_new_tokens, calls[i].schema) for i in pick]
+        requests = [GenerationRequest(op, calls[i].messages, calls[i].max_new_tokens, calls[i].schema,
+                                      no_repeat_ngram=config.memory.operations[op].no_repeat_ngram) for i in pick]
         backend.generate(requests[:1])  # warm-up: the grammar and the shared prefix
         start = time.perf_counter()
         for i, result in zip(pick, backend.generate(requests)):

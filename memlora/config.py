@@ -98,6 +98,7 @@ class LLMConfig(_Strict):
     logprobs_top_k: int = Field(0, ge=0)
     prefix_cache: bool = True  # prefill the shared system prompt + few-shot examples once, not per row
     # A local model's linear layers run on int8 weights (llm/quantize.py, CPU only); traces are recorded with it.
+    # Off: the bundled 135M teacher in int8 writes 4-31 % of its recorded answers again (bench/teacher_quantize.py).
     quantize: Literal["none", "int8"] = "none"
     trust_remote_code: bool = False
     http: HttpConfig = HttpConfig()
