@@ -293,6 +293,7 @@ RENDERERS = {
     "headline": lambda: results_table("embedded_default"),
     "headline-categories": lambda: results_table("embedded_default", categories=True),
     "headline-int8": lambda: results_table("embedded_default_int8"),
+    "headline-compact": lambda: results_table("embedded_default_compact", categories=True),
     "locomo-protocol": lambda: results_table("locomo_protocol", categories=True, footprint=False),
     "methods": methods_table,
     "warm-start": warm_start_table,
