@@ -21,7 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import CONFIG, QUICK_TOKENS, bench_parser, save, table, traces_root, triple  # noqa: E402
+from common import (  # noqa: E402
+    CONFIG, QUICK_TOKENS, bench_parser, interval_text, save, table, traces_root, triple,
+)
 
 from memlora.config import OPERATIONS, load_config  # noqa: E402
 from memlora.evaluation import deferral  # noqa: E402
@@ -91,9 +93,8 @@ def main() -> None:
                          "agrees": [round(agree / len(pick), 3), *(round(x, 3) for x in wilson(agree, len(pick)))],
                          PRIMARY[op]: triple(metric) if metric else None,
                          "tokens": sum(results[i].completion_tokens for i in pick)})
-    shown = [{**r, "identical": f"{r['identical'][0]} [{r['identical'][1]}, {r['identical'][2]}]",
-              "agrees": f"{r['agrees'][0]} [{r['agrees'][1]}, {r['agrees'][2]}]",
-              "metric": f"{PRIMARY[r['operation']]} {r[PRIMARY[r['operation']]]}"} for r in rows]
+    shown = [{**r, "identical": interval_text(r["identical"]), "agrees": interval_text(r["agrees"]),
+              "metric": f"{PRIMARY[r['operation']]} {interval_text(r[PRIMARY[r['operation']]])}"} for r in rows]
     print(table(shown, ["teacher", "operation", "n", "identical", "agrees", "metric", "tokens"]))
     ratio = speed["int8"] / speed["none"]
     print(f"generated tokens per second: float32 {speed['none']:.1f}, int8 {speed['int8']:.1f} ({ratio:.2f}x)")
