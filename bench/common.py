@@ -222,3 +222,43 @@ def interval_text(triple) -> str:
 def triple(row: dict) -> list:
     """A results row's [value, low, high], rounded."""
     return [rounded(row["value"]), rounded(row["ci_low"]), rounded(row["ci_high"])]
+
+
+def validation_rows(out: str | Path, operation: str, limit: int | None = None) -> list[dict]:
+    """The teacher's parsed calls of `operation` on OUT's validation conversations (OUT with its datasets), else,
+    where OUT marks none (the bundled sample traces), its first `limit` rows: the calls a setting is chosen on."""
+    from memlora.layout import trace_files
+    from memlora.student.examples import conversation_splits, load_traces, split_rows
+
+    table = load_traces(trace_files(out, operation))
+    splits = conversation_splits(out)
+    rows = [r for r in (split_rows(table, splits)[1] if splits else table).to_pylist() if r["parse_ok"]]
+    return rows[:limit] if limit else rows
+
+
+def replay_agreement(operation: str, rows: list[dict], backend, budget: int) -> dict:
+    """`backend` answers the teacher's own calls `rows` (their messages and schema); agreement with the teacher's
+    answers (the operation's primary metric, 95 % interval), parse rate, time, and the answers' token ids."""
+    from memlora.evaluation import agreement
+    from memlora.evaluation.replay import parse_output
+    from memlora.memory.llm import GenerationRequest
+
+    requests = [GenerationRequest(operation, r["messages"], budget, json.loads(r["output_schema"]))
+                for r in rows]
+    started = time.perf_counter()
+    results = backend.generate(requests)
+    wall = time.perf_counter() - started
+    system, reference = [], {}
+    for i, (row, result) in enumerate(zip(rows, results)):
+        parsed = parse_output(operation, row["messages"], result.text)
+        system.append({"operation": operation, "ref_index": i, "parse_ok": parsed.ok,
+                       "parsed_output": json.dumps(parsed.value) if parsed.ok else None})
+        reference[i] = row
+    metrics = agreement.score(operation, system, reference, 0.5, samples=1000)
+    primary = metrics[agreement.PRIMARY[operation]]
+    tokens = sum(r.completion_tokens for r in results)
+    return {"agreement": round(primary.value, 3), "ci": [round(primary.ci_low, 3), round(primary.ci_high, 3)],
+            "parse_ok": round(sum(s["parse_ok"] for s in system) / max(len(system), 1), 3),
+            "latency_per_call_s": round(wall / max(len(rows), 1), 3), "s_per_token": wall / max(tokens, 1),
+            "prompt_tokens": round(statistics.mean(r.prompt_tokens for r in results), 1), "n": len(rows),
+            "token_ids": [r.token_ids for r in results]}

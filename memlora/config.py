@@ -228,11 +228,12 @@ class StudentConfig(_Strict):
     # teacher's instructions and few-shot examples are trained into the expert); `teacher`, the teacher's
     # whole prompt. The bare student always gets the teacher's prompt: it needs the examples.
     prompt: Literal["minimal", "teacher"] = "minimal"
-    # Inference: write the active expert into the base weights at each switch (float32 only; see ExpertBackend)
+    # Inference: write the active expert into the base weights at each switch (float32; int8: see `quantize`)
     # instead of running the adapter beside every adapted layer. Decode steps cost what the bare base's cost.
     merge_experts: bool = True
     # Inference: the base's linear weights int8 (torch's dynamic quantization) where the trained experts are loaded
-    # (evaluation, serving); experts then stay un-merged beside them. Training is unchanged. See llm/quantize.py.
+    # (evaluation, serving). With merge_experts, one int8 copy of each adapted layer per expert, merged before
+    # quantizing; without, the experts run float32 beside the int8 base. Training is unchanged. See llm/quantize.py.
     quantize: Literal["none", "int8"] = "none"
 
     _model_exists = field_validator("model")(classmethod(lambda cls, v: _model_exists(v)))

@@ -19,7 +19,7 @@ from memlora.llm.client_template import AS_SENT, expert_view, read_template
 from memlora.llm.hf_backend import TransformersBackend, load_causal_lm
 from memlora.manifest import check_recorded
 from memlora.student.householder import use_input_reflections
-from memlora.llm.quantize import quantize_base
+from memlora.llm.quantize import BARE, quantize_base, quantize_merged
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +98,15 @@ class ExpertBackend(TransformersBackend):
     loaded once and never reloaded. An operation without an expert, `bare()`, or
     `adapters=None` run the bare student base (adapter layers disabled, or none attached).
 
-    `merge=True` (float32 weights only): a switch writes the active expert into the base weights, restored first
+    `merge=True` with float32 weights: a switch writes the active expert into the base weights, restored first
     from a copy kept at load. An un-merged adapter runs its own small products beside every adapted layer at
     every decode step (100 ms vs 60 ms per step of 8 rows on the 26-layer student, 2-core CPU); merged, the
     expert costs what the bare base costs. The copy costs one more set of the adapted weights in memory, and
     restoring from it keeps every switch exact (merging and un-merging by arithmetic would drift). In bfloat16
-    a merged update of ~1 % of a weight loses much of its precision, so there the adapters stay un-merged."""
+    a merged update of ~1 % of a weight loses much of its precision, so there the adapters stay un-merged.
+    `merge=True` with `quantize="int8"`: one int8 copy of each adapted layer per expert, merged before quantizing,
+    and one of the bare base (`llm.quantize.quantize_merged`); a switch is one assignment. Un-merged, the experts
+    run in float32 beside the int8 base."""
 
     backend_name = "transformers+experts"
 
@@ -131,8 +134,14 @@ class ExpertBackend(TransformersBackend):
             model.eval()
             use_input_reflections(model)
         # After the adapters are attached (DeLoRA reads each base weight's norms from the float32 weights) and
-        # before the backend sets up its CPU linears (a quantized layer keeps its own kernel).
-        self.quantized = quantize if quantize_base(model, quantize) else None
+        # before the backend sets up its CPU linears (a quantized layer keeps its own kernel). Merged, each adapted
+        # layer becomes one int8 copy per expert and one of the base, and a switch sets `_switch["active"]`.
+        self._switch = None
+        if quantize != "none" and merge and self.operations:
+            self._switch = quantize_merged(model, [adapter_name(op) for op in self.operations], quantize)
+            self.quantized = quantize
+        else:
+            self.quantized = quantize if quantize_base(model, quantize) else None
         super().__init__(model, tokenizer, model_id, batch_size=batch_size, prefix_cache=prefix_cache)
         # The adapted layers, found once: a switch then only repoints them (peft's `set_adapter` walks every
         # module of the model and toggles requires_grad each time: 4 ms per switch here, measured).
@@ -144,15 +153,16 @@ class ExpertBackend(TransformersBackend):
         self._fast_switch = not any(isinstance(m, AuxiliaryTrainingWrapper) for m in modules)
         weights = [] if self.quantized else [layer.get_base_layer().weight for layer in self._tuner_layers]
         self.merge = bool(merge and weights and all(w.dtype == torch.float32 for w in weights))
-        if merge and self.quantized:
-            log.info("experts stay un-merged: merging would write into the %s base (student.quantize)", self.quantized)
-        elif merge and weights and not self.merge:
+        if merge and weights and not self.merge:
             log.info("experts stay un-merged: merging is exact in float32 only (weights are %s)", weights[0].dtype)
         self._originals = [w.detach().clone() for w in weights] if self.merge else []
         self.active: str | None = self.operations[0] if self.operations else None
         self.switches = 0
         self._bare = False
-        if self.active is not None:
+        if self._switch is not None:
+            self.merge = True
+            self._switch["active"] = adapter_name(self.active)
+        elif self.active is not None:
             self._merge_into_base(adapter_name(self.active))
 
     @classmethod
@@ -176,6 +186,13 @@ class ExpertBackend(TransformersBackend):
         if operation is not None and operation not in self.operations:
             raise KeyError(f"no expert for {operation!r} (have: {', '.join(self.operations) or 'none'})")
         if not self.operations:
+            return
+        if self._switch is not None:  # int8 copies per expert: one assignment that every adapted layer reads
+            name = adapter_name(operation) if operation is not None else BARE
+            if self._switch["active"] != name:
+                self._switch["active"] = name
+                self.switches += 1
+            self.active = operation
             return
         if operation is None:
             if self.active is not None:

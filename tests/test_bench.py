@@ -26,6 +26,7 @@ QUICK = {
     "data_scaling": ["rows", "sizes", "held_out_calls"],
     "bandwidth_floor": ["bandwidth", "rows"],
     "teacher_quantize": ["rows", "tokens_per_s", "int8_over_float32_speed"],
+    "int8_designs": ["rows", "calls"],
 }
 
 

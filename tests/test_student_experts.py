@@ -294,34 +294,45 @@ def test_experts_read_the_minimal_prompt_and_the_bare_base_the_teachers(tiny_mod
 
 
 @pytest.mark.timeout(120)
-def test_an_int8_base_stays_close_to_float32_and_switching_experts_on_it_is_exact(tiny_model_dir, experts_out):
+@pytest.mark.parametrize("merge", [False, True], ids=["beside", "merged"])
+def test_an_int8_base_stays_close_to_float32_and_switching_experts_on_it_is_exact(tiny_model_dir, experts_out, merge):
     """`student.quantize: int8`: the base's linears int8 (torch's dynamic quantization), the experts float32 beside
-    them.
+    them (merge off), or one int8 copy of each adapted layer per expert, merged before quantizing (merge on).
 
     Tolerance: an int8 weight per output channel is off by at most half a step (max|w_row| / 254), and each call's
     activations are quantized per tensor the same way, about 0.4 % of their largest value; over this model's few
     layers the logits move by a small fraction of their spread. We allow, against the float32 logits' standard
-    deviation, 4 % on average and 20 % at the worst of the vocabulary x positions entries (measured here: about
-    2 % and 14 %), and the same greedy token wherever float32's top token leads the next by more than twice the
-    largest error (this random model's logits are nearly flat, so near-ties flip and say nothing)."""
+    deviation, 4 % on average and 30 % at the worst of the vocabulary x positions entries (measured here: about
+    2 % and 12-15 % beside, 2-3 % and 15-23 % merged, whose weights, the expert's update merged in, round over a
+    wider range); the same greedy token wherever float32's top token leads the next by more than the errors could
+    close, and at 80 % of positions overall (this random model's logits are nearly flat, so near-ties flip)."""
     plain = ExpertBackend.from_out(tiny_model_dir, experts_out, device="cpu")
-    quantized = ExpertBackend.from_out(tiny_model_dir, experts_out, device="cpu", merge=True, quantize="int8")
-    assert quantized.quantized == "int8" and not quantized.merge  # merging would write into int8 weights
-    from memlora.llm.quantize import is_quantized
+    quantized = ExpertBackend.from_out(tiny_model_dir, experts_out, device="cpu", merge=merge, quantize="int8")
+    assert quantized.quantized == "int8" and quantized.merge == merge
+    from memlora.llm.quantize import BARE, SwitchedLinear, is_quantized
 
-    assert all(is_quantized(layer.get_base_layer()) for layer in quantized._tuner_layers)  # int8, not float32
     adapters = [p for n, p in quantized.model.named_parameters() if "delora_" in n]
-    assert adapters and all(type(p.data) is torch.Tensor and p.dtype == torch.float32 for p in adapters)
+    if merge:  # no adapter and no float32 adapted weight left: every adapted layer is its int8 variants
+        switched = [m for m in quantized.model.modules() if isinstance(m, SwitchedLinear)]
+        assert switched and not quantized._tuner_layers and not adapters
+        assert all(set(m.variants) == {BARE, *(f"expert_{op}" for op in OPERATIONS)} for m in switched)
+        assert all(is_quantized(v) for m in switched for v in m.variants.values())
+    else:
+        assert all(is_quantized(layer.get_base_layer()) for layer in quantized._tuner_layers)  # int8, not float32
+        assert adapters and all(type(p.data) is torch.Tensor and p.dtype == torch.float32 for p in adapters)
+    assert not any(type(m) is torch.nn.Linear for m in quantized.model.modules())  # the output head too
     first = {}
     for op in OPERATIONS:
         plain.use(op)
         quantized.use(op)
         want, got = logits_of(plain.model, plain.tokenizer), logits_of(quantized.model, quantized.tokenizer)
         error = (got - want).abs()
-        assert error.mean() < 0.04 * want.std() and error.max() < 0.20 * want.std(), (op, error.max(), want.std())
-        top2 = want.topk(2, dim=-1).values
-        clear = (top2[..., 0] - top2[..., 1]) > 2 * error.max()
-        assert clear.any() and torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear]), op
+        assert error.mean() < 0.04 * want.std() and error.max() < 0.30 * want.std(), (op, error.max(), want.std())
+        top2, top = want.topk(2, dim=-1)
+        # the top token cannot flip where it leads by more than its own error plus the position's largest
+        clear = (top2[..., 0] - top2[..., 1]) > error.gather(-1, top[..., :1])[..., 0] + error.max(dim=-1).values
+        assert torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear]), op
+        assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.8, op  # measured 0.91-1.00
         first[op] = got
     for op in ["update", "extraction", "generation", "extraction"]:  # back and forth: bit for bit the same
         quantized.use(op)

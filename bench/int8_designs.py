@@ -1,0 +1,75 @@
+"""Which int8 design keeps the experts' answers: a pipeline run's trained experts answer the teacher's own calls
+of the validation conversation(s) three ways, one after the other in one process: float32 with the active expert
+merged (what evaluation and serving run today), int8 with the experts float32 beside the base (`student.quantize:
+int8`, `merge_experts: false`), and int8 with one copy of each adapted layer per expert, merged before quantizing
+(`merge_experts: true`). Per operation: agreement with the teacher (the operation's primary metric, 95 %
+interval), the share of answers identical to float32's, seconds per generated token. Writes
+bench/results/int8_designs.json.
+
+    python bench/int8_designs.py --out OUT [--quick]
+
+Validation calls only: the design is chosen here, never on the test conversations.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (CONFIG, QUICK_TOKENS, bench_parser, replay_agreement, save, student_with_experts,  # noqa: E402
+                    table, validation_rows)
+
+from memlora.config import OPERATIONS, load_config  # noqa: E402
+
+# design -> (quantize, merge_experts)
+DESIGNS = {"float32": ("none", True), "int8-beside": ("int8", False), "int8-merged": ("int8", True)}
+
+
+def main() -> int:
+    parser = bench_parser(__doc__)
+    args = parser.parse_args()
+    import tempfile
+
+    from memlora.student.experts import ExpertBackend
+
+    config = load_config(CONFIG)
+    scratch = Path(tempfile.mkdtemp(prefix="int8-designs-"))
+    base, experts_out = student_with_experts(args.out, scratch, config)
+    limit = 2 if args.quick else (None if args.out else 8)  # OUT's validation calls, all of them
+    rows = {op: validation_rows(experts_out, op, limit) for op in OPERATIONS}
+    budgets = {op: QUICK_TOKENS if args.quick else config.memory.operations[op].max_new_tokens for op in OPERATIONS}
+    results, answers = [], {}
+    for design, (quantize, merge) in DESIGNS.items():
+        backend = ExpertBackend.from_out(base, experts_out, device="cpu", batch_size=config.teacher.batch_size,
+                                         prompt=config.student.prompt, merge=merge, quantize=quantize)
+        for op in OPERATIONS:
+            if not rows[op]:
+                continue
+            scored = replay_agreement(op, rows[op], backend, budgets[op])
+            ids = scored.pop("token_ids")
+            answers[design, op] = ids
+            same = sum(a == b for a, b in zip(ids, answers["float32", op])) / len(ids)
+            results.append({"design": design, "operation": op, **scored, "same_as_float32": round(same, 3),
+                            "s_per_token_vs_float32": None})
+            print(f"{design} {op}: agreement {scored['agreement']} {scored['ci']}, same as float32 {same:.2f}",
+                  flush=True)
+        del backend
+        gc.collect()
+    for r in results:
+        ref = next(x for x in results if x["design"] == "float32" and x["operation"] == r["operation"])
+        r["s_per_token_vs_float32"] = f"{r['s_per_token'] / ref['s_per_token']:.2f}x"
+        r["s_per_token"] = round(r["s_per_token"], 4)
+    print(table(results, ["design", "operation", "agreement", "ci", "parse_ok", "same_as_float32", "s_per_token",
+                          "s_per_token_vs_float32", "n"]))
+    from memlora.student.examples import conversation_splits
+
+    source = "validation conversations" if conversation_splits(experts_out) else "first trace rows (no split marked)"
+    print(f"saved {save('int8_designs', {'quick': args.quick, 'calls': source, 'rows': results})}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
