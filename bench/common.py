@@ -73,7 +73,9 @@ def traces_root(out: str | Path | None) -> Path:
     return Path(out) if out else SAMPLE_TRACES.parent
 
 
-def trace_requests(out: str | Path | None, per_op: int, constrained: bool = True, max_tokens: int | None = None) -> list:
+def trace_requests(
+    out: str | Path | None, per_op: int, constrained: bool = True, max_tokens: int | None = None
+) -> list:
     """The teacher's own requests (prompt, schema, token budget) from trace rows, `per_op` per operation;
     `max_tokens` caps the budget (quick runs)."""
     import pyarrow.parquet as pq

@@ -2,7 +2,8 @@
 conversation(s), next to each student's latency and size: the curve a user needs to pick a student size.
 Writes bench/results/prune_depth.json.
 
-    python bench/prune_depth.py --out OUT [--operation extraction[,update,...]] [--depths full,drop:4,drop:8,every:2,every:3]
+    python bench/prune_depth.py --out OUT [--operation extraction[,update,...]]
+        [--depths full,drop:4,drop:8,every:2,every:3]
 
 OUT must hold a pipeline run's datasets and traces with a validation split (`data.split.validation_ratio`).
 Each depth: the student is built with that prune rule (layers to drop chosen by angular distance on the
