@@ -56,9 +56,9 @@ def quantize_base(model: torch.nn.Module, scheme: str) -> int:
     names = [name for name, m in model.named_modules() if type(m) is torch.nn.Linear and id(m) not in skip]
     with warnings.catch_warnings():  # deprecated in favour of torchao, whose CPU kernels are slower here (above)
         warnings.simplefilter("ignore", DeprecationWarning)
-        from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-        quantize_dynamic(model, {name: default_dynamic_qconfig for name in names}, dtype=torch.qint8, inplace=True)
+        quantize_dynamic(model, {name: per_channel_dynamic_qconfig for name in names}, dtype=torch.qint8, inplace=True)
     return len(names)
 
 
@@ -87,14 +87,14 @@ class SwitchedLinear(torch.nn.Module):
 
 def _dynamic_int8(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Module:
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-    from torch.ao.quantization import default_dynamic_qconfig
+    from torch.ao.quantization import per_channel_dynamic_qconfig
 
     linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
     with torch.no_grad():
         linear.weight.copy_(weight)
         if bias is not None:
             linear.bias.copy_(bias)
-    linear.qconfig = default_dynamic_qconfig
+    linear.qconfig = per_channel_dynamic_qconfig
     return DynamicLinear.from_float(linear)
 
 
