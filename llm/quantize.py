@@ -22,7 +22,9 @@ kernels catch up. PyTorch marks torch.ao.quantization deprecated; it is there in
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from dataclasses import dataclass, field
 
 import torch
 
@@ -98,17 +100,105 @@ def _dynamic_int8(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.M
     return DynamicLinear.from_float(linear)
 
 
-def quantize_merged(model: torch.nn.Module, adapter_names: list[str], scheme: str) -> dict:
+@dataclass
+class Smoothing:
+    """SmoothQuant's per-channel scales for one model (Xiao et al., ICML 2023): a linear's input column j is
+    multiplied by s_j and the layer that makes that input divides its output j by s_j (an RMSNorm's weight, or
+    up_proj's row for down_proj), so the float32 function is unchanged while the activations' outlier channels
+    shrink before they are rounded to int8 per tensor. Keyed by module name."""
+
+    columns: dict[str, torch.Tensor] = field(default_factory=dict)  # linear -> its input columns' scale
+    rows: dict[str, torch.Tensor] = field(default_factory=dict)  # linear -> its output rows' scale (1 / s)
+    norms: dict[str, torch.Tensor] = field(default_factory=dict)  # RMSNorm -> its weight's scale (1 / s)
+
+    def weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """`weight` of linear `name` as the smoothed model has it (a new tensor; the argument is left alone)."""
+        if name in self.columns:
+            weight = weight * self.columns[name][None, :]
+        if name in self.rows:
+            weight = weight * self.rows[name][:, None]
+        return weight
+
+
+def _weight_of(module: torch.nn.Module) -> torch.Tensor:
+    return module.get_base_layer().weight if hasattr(module, "get_base_layer") else module.weight
+
+
+def smoothing(model: torch.nn.Module, calibration: list[torch.Tensor], alpha: float) -> Smoothing:
+    """Scales for every Llama-style decoder layer of `model` (input_layernorm -> q/k/v, post_attention_layernorm
+    -> gate/up, up -> down) from the largest input each channel sees on `calibration` (token id tensors, run with
+    any adapters disabled) and the base weights: s = max|x|^alpha / max|w|^(1 - alpha)."""
+    if not 0 < alpha < 1:
+        raise ValueError(f"smoothing alpha {alpha} must lie in (0, 1)")
+    groups = []  # (norm or producer name, [consumer names], producer is a norm)
+    for name, module in model.named_modules():
+        attn, mlp = getattr(module, "self_attn", None), getattr(module, "mlp", None)
+        if not all(hasattr(module, n) for n in ("input_layernorm", "post_attention_layernorm")) or not all(
+                hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj")) or not all(
+                hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+            continue
+        groups += [(f"{name}.input_layernorm", [f"{name}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")]),
+                   (f"{name}.post_attention_layernorm", [f"{name}.mlp.{p}" for p in ("gate_proj", "up_proj")]),
+                   (f"{name}.mlp.up_proj", [f"{name}.mlp.down_proj"])]
+    if not groups:
+        raise ValueError("int8 smoothing needs Llama-style decoder layers (input_layernorm, self_attn.q/k/v_proj, "
+                         "post_attention_layernorm, mlp.gate/up/down_proj); set student.int8_smoothing: 0")
+    peaks: dict[str, torch.Tensor] = {}
+
+    def record(name):
+        def hook(_module, args):
+            x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0).float()
+            peaks[name] = torch.maximum(peaks[name], x) if name in peaks else x
+        return hook
+
+    handles = [model.get_submodule(consumers[0]).register_forward_pre_hook(record(consumers[0]))
+               for _, consumers in groups]
+    disable = getattr(model, "disable_adapter", None)
+    try:
+        with torch.no_grad(), (disable() if disable else contextlib.nullcontext()):
+            for ids in calibration:
+                model(input_ids=ids.reshape(1, -1))
+    finally:
+        for handle in handles:
+            handle.remove()
+    result = Smoothing()
+    for producer, consumers in groups:
+        w_peak = torch.stack([_weight_of(model.get_submodule(c)).detach().abs().amax(dim=0).float()
+                              for c in consumers]).amax(dim=0)
+        s = (peaks[consumers[0]].clamp(min=1e-5) ** alpha / w_peak.clamp(min=1e-5) ** (1 - alpha)).clamp(min=1e-5)
+        for c in consumers:
+            result.columns[c] = s
+        (result.norms if producer.endswith("layernorm") else result.rows)[producer] = 1 / s
+    return result
+
+
+def smooth_in_place(model: torch.nn.Module, smooth: Smoothing) -> None:
+    """Apply `smooth` to the norms and to the plain float32 linears it names (in a peft model: the layers no
+    adapter targets); with every linear plain, the model computes the same function as before."""
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if type(module) is torch.nn.Linear and (name in smooth.columns or name in smooth.rows):
+                if name in smooth.rows and module.bias is not None:
+                    module.bias.mul_(smooth.rows[name])
+                module.weight.copy_(smooth.weight(name, module.weight))
+        for name, scale in smooth.norms.items():
+            model.get_submodule(name).weight.mul_(scale.to(model.get_submodule(name).weight.dtype))
+
+
+def quantize_merged(model: torch.nn.Module, adapter_names: list[str], scheme: str,
+                    smooth: Smoothing | None = None) -> dict:
     """Replace every adapter layer of a peft `model` by a `SwitchedLinear` of int8 variants (the base with each
     adapter merged in, and the base alone), quantize the other plain linears, and return the shared switch state
     (`state["active"] = name` selects an adapter, `BARE` none). Layer by layer, so the float32 weights of a layer
-    are freed once its variants are built; afterwards no float32 copy of an adapted weight is left."""
+    are freed once its variants are built; afterwards no float32 copy of an adapted weight is left. `smooth`
+    (from `smoothing`) is applied to each variant after merging, to the plain linears and to the norms."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     if scheme != "int8":
         raise ValueError(f"quantize_merged: {scheme!r} (only int8 has a merged design)")
     if any(p.device.type != "cpu" for p in model.parameters()):
         raise ValueError("quantize: int8 is torch's dynamic quantization, a CPU kernel (set student.quantize: none)")
+    smooth = smooth or Smoothing()
     state = {"active": BARE}
     names = [name for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
     with warnings.catch_warnings(), torch.no_grad():
@@ -117,14 +207,16 @@ def quantize_merged(model: torch.nn.Module, adapter_names: list[str], scheme: st
             layer = model.get_submodule(name)
             base = layer.get_base_layer()
             original = base.weight.detach().clone()
-            variants = {BARE: _dynamic_int8(original, base.bias)}
+            bias = smooth.rows[name] * base.bias if base.bias is not None and name in smooth.rows else base.bias
+            variants = {BARE: _dynamic_int8(smooth.weight(name, original), bias)}
             for adapter in adapter_names:
                 layer.merged_adapters = []
                 layer.merge(adapter_names=[adapter])  # the method's own merge: exact for DeLoRA, LoRA and ETHER
-                variants[adapter] = _dynamic_int8(base.weight, base.bias)
+                variants[adapter] = _dynamic_int8(smooth.weight(name, base.weight), bias)
                 base.weight.copy_(original)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, SwitchedLinear(variants, state))
             del layer, base, original
+    smooth_in_place(model, smooth)
     quantize_base(model, scheme)  # the linears no adapter touches (the output head)
     return state

@@ -19,7 +19,7 @@ from memlora.llm.client_template import AS_SENT, expert_view, read_template
 from memlora.llm.hf_backend import TransformersBackend, load_causal_lm
 from memlora.manifest import check_recorded
 from memlora.student.householder import use_input_reflections
-from memlora.llm.quantize import BARE, quantize_base, quantize_merged
+from memlora.llm.quantize import BARE, quantize_base, quantize_merged, smoothing
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,16 @@ def adapter_name(operation: str) -> str:
     return f"expert_{operation}"
 
 
+def calibration_ids(tokenizer) -> list[torch.Tensor]:
+    """Token ids that show a model the inputs it will serve, for int8 smoothing: each operation's teacher prompt
+    with its few-shot examples (instructions, conversation text, JSON answers), chat-formatted."""
+    from memlora.memory.prompts import templates
+
+    texts = [tokenizer.apply_chat_template(t.messages(t.shots[0][0]), tokenize=False, add_generation_prompt=True)
+             for t in templates().values()]
+    return [torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
+
+
 class ExpertBackend(TransformersBackend):
     """One student base with every expert attached, an `LLMBackend` like the teacher's.
 
@@ -105,14 +115,15 @@ class ExpertBackend(TransformersBackend):
     restoring from it keeps every switch exact (merging and un-merging by arithmetic would drift). In bfloat16
     a merged update of ~1 % of a weight loses much of its precision, so there the adapters stay un-merged.
     `merge=True` with `quantize="int8"`: one int8 copy of each adapted layer per expert, merged before quantizing,
-    and one of the bare base (`llm.quantize.quantize_merged`); a switch is one assignment. Un-merged, the experts
-    run in float32 beside the int8 base."""
+    and one of the bare base (`llm.quantize.quantize_merged`); a switch is one assignment; `smoothing_alpha` > 0
+    smooths the activations' outlier channels into the weights first (`llm.quantize.smoothing`, calibrated on the
+    memory system's own few-shot prompts). Un-merged, the experts run in float32 beside the int8 base."""
 
     backend_name = "transformers+experts"
 
     def __init__(self, base: str | Path, adapters: dict[str, Path] | None, *, batch_size: int = 8,
                  device: str = "auto", dtype: str = "auto", prefix_cache: bool = True, prompt: str = "teacher",
-                 merge: bool = False, quantize: str = "none"):
+                 merge: bool = False, quantize: str = "none", smoothing_alpha: float = 0.0):
         methods = {op: json.loads((Path(folder) / "adapter_config.json").read_text())["peft_type"]
                    for op, folder in (adapters or {}).items()}
         if len(set(methods.values())) > 1:  # peft keeps one adapter type per model
@@ -138,7 +149,8 @@ class ExpertBackend(TransformersBackend):
         # layer becomes one int8 copy per expert and one of the base, and a switch sets `_switch["active"]`.
         self._switch = None
         if quantize != "none" and merge and self.operations:
-            self._switch = quantize_merged(model, [adapter_name(op) for op in self.operations], quantize)
+            smooth = smoothing(model, calibration_ids(tokenizer), smoothing_alpha) if smoothing_alpha else None
+            self._switch = quantize_merged(model, [adapter_name(op) for op in self.operations], quantize, smooth)
             self.quantized = quantize
         else:
             self.quantized = quantize if quantize_base(model, quantize) else None
@@ -174,7 +186,8 @@ class ExpertBackend(TransformersBackend):
         return cls(base, adapters, batch_size=config.teacher.batch_size, device=config.teacher.device,
                    dtype=student.dtype if student else "auto", prefix_cache=config.teacher.prefix_cache,
                    prompt=prompt, merge=student.merge_experts if student else False,
-                   quantize=student.quantize if student else "none")
+                   quantize=student.quantize if student else "none",
+                   smoothing_alpha=student.int8_smoothing if student else 0.0)
 
     @classmethod
     def from_out(cls, base: str | Path, out: str | Path, **kwargs) -> "ExpertBackend":

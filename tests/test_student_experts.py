@@ -294,8 +294,10 @@ def test_experts_read_the_minimal_prompt_and_the_bare_base_the_teachers(tiny_mod
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("merge", [False, True], ids=["beside", "merged"])
-def test_an_int8_base_stays_close_to_float32_and_switching_experts_on_it_is_exact(tiny_model_dir, experts_out, merge):
+@pytest.mark.parametrize("merge, alpha", [(False, 0.0), (True, 0.0), (True, 0.5)],
+                         ids=["beside", "merged", "merged-smoothed"])
+def test_an_int8_base_stays_close_to_float32_and_switching_experts_on_it_is_exact(tiny_model_dir, experts_out, merge,
+                                                                                    alpha):
     """`student.quantize: int8`: the base's linears int8 (torch's dynamic quantization), the experts float32 beside
     them (merge off), or one int8 copy of each adapted layer per expert, merged before quantizing (merge on).
 
@@ -307,7 +309,8 @@ def test_an_int8_base_stays_close_to_float32_and_switching_experts_on_it_is_exac
     wider range); the same greedy token wherever float32's top token leads the next by more than the errors could
     close, and at 80 % of positions overall (this random model's logits are nearly flat, so near-ties flip)."""
     plain = ExpertBackend.from_out(tiny_model_dir, experts_out, device="cpu")
-    quantized = ExpertBackend.from_out(tiny_model_dir, experts_out, device="cpu", merge=merge, quantize="int8")
+    quantized = ExpertBackend.from_out(tiny_model_dir, experts_out, device="cpu", merge=merge, quantize="int8",
+                                       smoothing_alpha=alpha)
     assert quantized.quantized == "int8" and quantized.merge == merge
     from memlora.llm.quantize import BARE, SwitchedLinear, is_quantized
 
@@ -344,3 +347,64 @@ def test_an_int8_base_stays_close_to_float32_and_switching_experts_on_it_is_exac
     assert torch.equal(logits_of(quantized.model, quantized.tokenizer), first["update"])
     with quantized.bare():
         assert torch.equal(logits_of(quantized.model, quantized.tokenizer), bare)
+
+
+def with_outlier_channels(model, factor: float = 60.0):
+    """What real LLMs have and a tiny random one lacks: a few hidden channels far larger than the rest (the
+    embedded default's student: down_proj inputs up to ~30,000x their mean), here through the norms' weights."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[3] *= factor
+            layer.post_attention_layernorm.weight[7] *= factor
+
+
+@pytest.mark.timeout(120)
+def test_smoothing_keeps_the_float32_function_and_shrinks_outlier_channels(tiny_model_dir):
+    """SmoothQuant's scales only move a channel's size from the activation into the weight: applied to a float32
+    model they change no logit beyond float32 rounding, and the channel that carried the outlier gets the largest
+    scale of its group."""
+    from memlora.llm.quantize import smooth_in_place, smoothing
+    from memlora.student.experts import calibration_ids
+
+    model, tokenizer = fresh(tiny_model_dir)
+    with_outlier_channels(model)
+    want = logits_of(model, tokenizer)
+    smooth = smoothing(model, calibration_ids(tokenizer), alpha=0.7)
+    assert set(smooth.norms) == {f"model.layers.{i}.{n}" for i in range(3)
+                                 for n in ("input_layernorm", "post_attention_layernorm")}
+    assert set(smooth.rows) == {f"model.layers.{i}.mlp.up_proj" for i in range(3)}
+    assert len(smooth.columns) == 3 * 6  # q, k, v, gate, up, down of each layer
+    assert int(smooth.columns["model.layers.0.self_attn.q_proj"].argmax()) == 3
+    assert int(smooth.columns["model.layers.0.mlp.gate_proj"].argmax()) == 7
+    smooth_in_place(model, smooth)
+    got = logits_of(model, tokenizer)
+    assert (got - want).abs().max() < 1e-4 * want.abs().max()
+    with pytest.raises(ValueError, match="alpha"):
+        smoothing(model, calibration_ids(tokenizer), alpha=1.0)
+
+
+@pytest.mark.timeout(180)
+def test_smoothing_brings_merged_int8_back_to_float32_where_channels_are_outliers(tiny_model_dir):
+    """The merged int8 design on a base with outlier channels: with per-tensor activation rounding, an outlier
+    channel sets every call's int8 step and the other channels lose their precision; smoothed first, the logits'
+    error against the float32 model with the same expert merged falls (measured here: by about half)."""
+    import copy
+
+    from memlora.llm.quantize import quantize_merged, smoothing
+    from memlora.student.experts import calibration_ids
+
+    model, tokenizer = fresh(tiny_model_dir)
+    with_outlier_channels(model)
+    torch.manual_seed(0)
+    peft_model = attach_expert(model, ExpertConfig(r=4), name="expert_update")
+    perturb(peft_model, seed=3)
+    peft_model.eval()
+    want = logits_of(peft_model, tokenizer)  # float32, the expert beside: the function merging must keep
+    errors = {}
+    for alpha in (0.0, 0.5):
+        quantized = copy.deepcopy(peft_model)
+        smooth = smoothing(quantized, calibration_ids(tokenizer), alpha) if alpha else None
+        state = quantize_merged(quantized, ["expert_update"], "int8", smooth)
+        state["active"] = "expert_update"
+        errors[alpha] = float((logits_of(quantized, tokenizer) - want).abs().mean())
+    assert errors[0.5] < 0.7 * errors[0.0], errors
