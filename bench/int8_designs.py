@@ -3,11 +3,12 @@ of the validation conversation(s) three ways, one after the other in one process
 merged (what evaluation and serving run today), int8 with the experts float32 beside the base (`student.quantize:
 int8`, `merge_experts: false`), and int8 with one copy of each adapted layer per expert, merged before quantizing
 (`merge_experts: true`), the last also with SmoothQuant's smoothing at each `--smoothing` strength
-(`student.int8_smoothing`). Per operation: agreement with the teacher (the operation's primary metric, 95 %
+(`student.int8_smoothing`), alone and with the `--keep` linears left float32 (`student.int8_keep_float32`). Per
+operation: agreement with the teacher (the operation's primary metric, 95 %
 interval), the share of answers identical to float32's, seconds per generated token. Writes
 bench/results/int8_designs.json.
 
-    python bench/int8_designs.py --out OUT [--quick] [--smoothing 0.5,0.8]
+    python bench/int8_designs.py --out OUT [--quick] [--smoothing 0.7] [--keep down_proj,lm_head]
 
 Validation calls only: the design is chosen here, never on the test conversations.
 """
@@ -25,17 +26,21 @@ from common import (CONFIG, QUICK_TOKENS, bench_parser, replay_agreement, save, 
 
 from memlora.config import OPERATIONS, load_config  # noqa: E402
 
-# design -> (quantize, merge_experts, int8_smoothing)
-DESIGNS = {"float32": ("none", True, 0.0), "int8-beside": ("int8", False, 0.0), "int8-merged": ("int8", True, 0.0)}
+# design -> (quantize, merge_experts, int8_smoothing, int8_keep_float32)
+DESIGNS = {"float32": ("none", True, 0.0, ()), "int8-beside": ("int8", False, 0.0, ()),
+           "int8-merged": ("int8", True, 0.0, ())}
 
 
 def main() -> int:
     parser = bench_parser(__doc__)
-    parser.add_argument("--smoothing", default="0.5,0.8", help="comma-separated strengths for int8-merged-smooth")
+    parser.add_argument("--smoothing", default="0.7", help="comma-separated strengths for int8-merged-smooth")
+    parser.add_argument("--keep", default="down_proj,lm_head", help="linears left float32 in the -keep designs")
     args = parser.parse_args()
-    designs = dict(DESIGNS)
+    designs, keep = dict(DESIGNS), tuple(k for k in args.keep.split(",") if k)
     for alpha in [float(a) for a in args.smoothing.split(",") if a]:
-        designs[f"int8-merged-smooth{alpha:g}"] = ("int8", True, alpha)
+        designs[f"int8-merged-smooth{alpha:g}"] = ("int8", True, alpha, ())
+        if keep:
+            designs[f"int8-merged-smooth{alpha:g}-keep"] = ("int8", True, alpha, keep)
     import tempfile
 
     from memlora.student.experts import ExpertBackend
@@ -47,10 +52,10 @@ def main() -> int:
     rows = {op: validation_rows(experts_out, op, limit) for op in OPERATIONS}
     budgets = {op: QUICK_TOKENS if args.quick else config.memory.operations[op].max_new_tokens for op in OPERATIONS}
     results, answers = [], {}
-    for design, (quantize, merge, alpha) in designs.items():
+    for design, (quantize, merge, alpha, kept) in designs.items():
         backend = ExpertBackend.from_out(base, experts_out, device="cpu", batch_size=config.teacher.batch_size,
                                          prompt=config.student.prompt, merge=merge, quantize=quantize,
-                                         smoothing_alpha=alpha)
+                                         smoothing_alpha=alpha, keep_float32=kept)
         for op in OPERATIONS:
             if not rows[op]:
                 continue
@@ -73,7 +78,8 @@ def main() -> int:
     from memlora.student.examples import conversation_splits
 
     source = "validation conversations" if conversation_splits(experts_out) else "first trace rows (no split marked)"
-    print(f"saved {save('int8_designs', {'quick': args.quick, 'calls': source, 'rows': results})}")
+    saved = save("int8_designs", {"quick": args.quick, "calls": source, "keep_float32": list(keep), "rows": results})
+    print(f"saved {saved}")
     return 0
 
 

@@ -136,7 +136,9 @@ def run_model_system(system: str, config, out: Path, base: str | None) -> dict:
         "backend": backend.backend_name,
         "device": str(getattr(model, "device", "remote")),
         "dtype": str(getattr(model, "dtype", "")).replace("torch.", "")
-        + (f", {backend.quantized} weights" if getattr(backend, "quantized", None) else ""),
+        + (f", {backend.quantized} weights" if getattr(backend, "quantized", None) else "")
+        + (f" (smoothed, alpha {backend.smoothing_alpha:g})" if getattr(backend, "smoothing_alpha", 0) else "")
+        + (f" ({', '.join(backend.keep_float32)} float32)" if getattr(backend, "keep_float32", ()) else ""),
         "parameters": probes.parameter_counts(model) if model is not None else None,
         "adapters": adapter_files(adapters) if adapters else {},
         "adapter_switches": getattr(backend, "switches", None),

@@ -45,8 +45,15 @@ def _adapter_modules(model: torch.nn.Module) -> set[int]:
     return ids
 
 
-def quantize_base(model: torch.nn.Module, scheme: str) -> int:
-    """Quantize the plain linear layers of `model` that are not part of an adapter, in place; returns how many."""
+def kept(name: str, keep: tuple[str, ...]) -> bool:
+    """Whether linear `name` stays float32: a part of its name is one of `keep` (e.g. down_proj, lm_head; a merged
+    layer's variants are named `<layer>.variants.<expert>`)."""
+    return any(part in keep for part in name.split("."))
+
+
+def quantize_base(model: torch.nn.Module, scheme: str, keep: tuple[str, ...] = ()) -> int:
+    """Quantize the plain linear layers of `model` that are not part of an adapter and not `kept`, in place;
+    returns how many."""
     if scheme not in SCHEMES:
         raise ValueError(f"quantize: {scheme!r} is not one of {', '.join(SCHEMES)}")
     if scheme == "none":
@@ -55,7 +62,8 @@ def quantize_base(model: torch.nn.Module, scheme: str) -> int:
         raise ValueError(f"quantize: {scheme} is torch's dynamic quantization, a CPU kernel; this model is on "
                          f"{next(p.device for p in model.parameters() if p.device.type != 'cpu')} (set it to none)")
     skip = _adapter_modules(model)
-    names = [name for name, m in model.named_modules() if type(m) is torch.nn.Linear and id(m) not in skip]
+    names = [name for name, m in model.named_modules()
+             if type(m) is torch.nn.Linear and id(m) not in skip and not kept(name, keep)]
     with warnings.catch_warnings():  # deprecated in favour of torchao, whose CPU kernels are slower here (above)
         warnings.simplefilter("ignore", DeprecationWarning)
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
@@ -87,15 +95,20 @@ class SwitchedLinear(torch.nn.Module):
         return self.variants[self.state["active"]](x)
 
 
-def _dynamic_int8(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Module:
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-    from torch.ao.quantization import per_channel_dynamic_qconfig
-
+def _float32(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Module:
     linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
     with torch.no_grad():
         linear.weight.copy_(weight)
         if bias is not None:
             linear.bias.copy_(bias)
+    return linear.requires_grad_(False)
+
+
+def _dynamic_int8(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Module:
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+    from torch.ao.quantization import per_channel_dynamic_qconfig
+
+    linear = _float32(weight, bias)
     linear.qconfig = per_channel_dynamic_qconfig
     return DynamicLinear.from_float(linear)
 
@@ -186,12 +199,13 @@ def smooth_in_place(model: torch.nn.Module, smooth: Smoothing) -> None:
 
 
 def quantize_merged(model: torch.nn.Module, adapter_names: list[str], scheme: str,
-                    smooth: Smoothing | None = None) -> dict:
+                    smooth: Smoothing | None = None, keep: tuple[str, ...] = ()) -> dict:
     """Replace every adapter layer of a peft `model` by a `SwitchedLinear` of int8 variants (the base with each
     adapter merged in, and the base alone), quantize the other plain linears, and return the shared switch state
     (`state["active"] = name` selects an adapter, `BARE` none). Layer by layer, so the float32 weights of a layer
     are freed once its variants are built; afterwards no float32 copy of an adapted weight is left. `smooth`
-    (from `smoothing`) is applied to each variant after merging, to the plain linears and to the norms."""
+    (from `smoothing`) is applied to each variant after merging, to the plain linears and to the norms. Layers
+    named in `keep` (`kept`) get float32 variants instead: those whose inputs int8 cannot carry."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     if scheme != "int8":
@@ -208,15 +222,16 @@ def quantize_merged(model: torch.nn.Module, adapter_names: list[str], scheme: st
             base = layer.get_base_layer()
             original = base.weight.detach().clone()
             bias = smooth.rows[name] * base.bias if base.bias is not None and name in smooth.rows else base.bias
-            variants = {BARE: _dynamic_int8(smooth.weight(name, original), bias)}
+            make = _float32 if kept(name, keep) else _dynamic_int8
+            variants = {BARE: make(smooth.weight(name, original), bias)}
             for adapter in adapter_names:
                 layer.merged_adapters = []
                 layer.merge(adapter_names=[adapter])  # the method's own merge: exact for DeLoRA, LoRA and ETHER
-                variants[adapter] = _dynamic_int8(smooth.weight(name, base.weight), bias)
+                variants[adapter] = make(smooth.weight(name, base.weight), bias)
                 base.weight.copy_(original)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, SwitchedLinear(variants, state))
             del layer, base, original
     smooth_in_place(model, smooth)
-    quantize_base(model, scheme)  # the linears no adapter touches (the output head)
+    quantize_base(model, scheme, keep)  # the linears no adapter touches (the output head)
     return state

@@ -238,6 +238,9 @@ class StudentConfig(_Strict):
     # int8 with merge_experts: SmoothQuant's migration strength (0 = off): each linear's input outlier channels are
     # scaled into its weights before the per-tensor rounding of activations (llm/quantize.py `smoothing`).
     int8_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    # int8: linears left float32, by the last part of their name (e.g. [down_proj, lm_head]), for inputs whose
+    # outliers int8's per-tensor activation rounding cannot carry (docs/results.md).
+    int8_keep_float32: list[str] = []
 
     _model_exists = field_validator("model")(classmethod(lambda cls, v: _model_exists(v)))
 

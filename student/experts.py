@@ -117,13 +117,15 @@ class ExpertBackend(TransformersBackend):
     `merge=True` with `quantize="int8"`: one int8 copy of each adapted layer per expert, merged before quantizing,
     and one of the bare base (`llm.quantize.quantize_merged`); a switch is one assignment; `smoothing_alpha` > 0
     smooths the activations' outlier channels into the weights first (`llm.quantize.smoothing`, calibrated on the
-    memory system's own few-shot prompts). Un-merged, the experts run in float32 beside the int8 base."""
+    memory system's own few-shot prompts); `keep_float32` names linears left float32. Un-merged, the experts run
+    in float32 beside the int8 base."""
 
     backend_name = "transformers+experts"
 
     def __init__(self, base: str | Path, adapters: dict[str, Path] | None, *, batch_size: int = 8,
                  device: str = "auto", dtype: str = "auto", prefix_cache: bool = True, prompt: str = "teacher",
-                 merge: bool = False, quantize: str = "none", smoothing_alpha: float = 0.0):
+                 merge: bool = False, quantize: str = "none", smoothing_alpha: float = 0.0,
+                 keep_float32: tuple[str, ...] = ()):
         methods = {op: json.loads((Path(folder) / "adapter_config.json").read_text())["peft_type"]
                    for op, folder in (adapters or {}).items()}
         if len(set(methods.values())) > 1:  # peft keeps one adapter type per model
@@ -148,12 +150,16 @@ class ExpertBackend(TransformersBackend):
         # before the backend sets up its CPU linears (a quantized layer keeps its own kernel). Merged, each adapted
         # layer becomes one int8 copy per expert and one of the base, and a switch sets `_switch["active"]`.
         self._switch = None
+        self.smoothing_alpha = 0.0
+        self.keep_float32 = tuple(keep_float32) if quantize != "none" else ()
         if quantize != "none" and merge and self.operations:
             smooth = smoothing(model, calibration_ids(tokenizer), smoothing_alpha) if smoothing_alpha else None
-            self._switch = quantize_merged(model, [adapter_name(op) for op in self.operations], quantize, smooth)
+            self.smoothing_alpha = smoothing_alpha
+            self._switch = quantize_merged(model, [adapter_name(op) for op in self.operations], quantize, smooth,
+                                           tuple(keep_float32))
             self.quantized = quantize
         else:
-            self.quantized = quantize if quantize_base(model, quantize) else None
+            self.quantized = quantize if quantize_base(model, quantize, tuple(keep_float32)) else None
         super().__init__(model, tokenizer, model_id, batch_size=batch_size, prefix_cache=prefix_cache)
         # The adapted layers, found once: a switch then only repoints them (peft's `set_adapter` walks every
         # module of the model and toggles requires_grad each time: 4 ms per switch here, measured).
@@ -187,7 +193,8 @@ class ExpertBackend(TransformersBackend):
                    dtype=student.dtype if student else "auto", prefix_cache=config.teacher.prefix_cache,
                    prompt=prompt, merge=student.merge_experts if student else False,
                    quantize=student.quantize if student else "none",
-                   smoothing_alpha=student.int8_smoothing if student else 0.0)
+                   smoothing_alpha=student.int8_smoothing if student else 0.0,
+                   keep_float32=tuple(student.int8_keep_float32) if student else ())
 
     @classmethod
     def from_out(cls, base: str | Path, out: str | Path, **kwargs) -> "ExpertBackend":

@@ -294,10 +294,11 @@ def test_experts_read_the_minimal_prompt_and_the_bare_base_the_teachers(tiny_mod
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("merge, alpha", [(False, 0.0), (True, 0.0), (True, 0.5)],
-                         ids=["beside", "merged", "merged-smoothed"])
+@pytest.mark.parametrize("merge, alpha, keep", [(False, 0.0, ()), (True, 0.0, ()), (True, 0.5, ()),
+                                                (True, 0.5, ("down_proj", "lm_head"))],
+                         ids=["beside", "merged", "merged-smoothed", "merged-smoothed-keep"])
 def test_an_int8_base_stays_close_to_float32_and_switching_experts_on_it_is_exact(tiny_model_dir, experts_out, merge,
-                                                                                    alpha):
+                                                                                    alpha, keep):
     """`student.quantize: int8`: the base's linears int8 (torch's dynamic quantization), the experts float32 beside
     them (merge off), or one int8 copy of each adapted layer per expert, merged before quantizing (merge on).
 
@@ -310,7 +311,7 @@ def test_an_int8_base_stays_close_to_float32_and_switching_experts_on_it_is_exac
     close, and at 80 % of positions overall (this random model's logits are nearly flat, so near-ties flip)."""
     plain = ExpertBackend.from_out(tiny_model_dir, experts_out, device="cpu")
     quantized = ExpertBackend.from_out(tiny_model_dir, experts_out, device="cpu", merge=merge, quantize="int8",
-                                       smoothing_alpha=alpha)
+                                       smoothing_alpha=alpha, keep_float32=keep)
     assert quantized.quantized == "int8" and quantized.merge == merge
     from memlora.llm.quantize import BARE, SwitchedLinear, is_quantized
 
@@ -319,11 +320,15 @@ def test_an_int8_base_stays_close_to_float32_and_switching_experts_on_it_is_exac
         switched = [m for m in quantized.model.modules() if isinstance(m, SwitchedLinear)]
         assert switched and not quantized._tuner_layers and not adapters
         assert all(set(m.variants) == {BARE, *(f"expert_{op}" for op in OPERATIONS)} for m in switched)
-        assert all(is_quantized(v) for m in switched for v in m.variants.values())
+        assert all(is_quantized(v) != (type(v) is torch.nn.Linear) for m in switched for v in m.variants.values())
+        float32 = {n.partition(".variants")[0].rpartition(".")[2] for n, v in quantized.model.named_modules()
+                   if type(v) is torch.nn.Linear}
+        assert float32 == set(keep)  # the kept linears' variants (and the tied output head) stay float32
     else:
         assert all(is_quantized(layer.get_base_layer()) for layer in quantized._tuner_layers)  # int8, not float32
         assert adapters and all(type(p.data) is torch.Tensor and p.dtype == torch.float32 for p in adapters)
-    assert not any(type(m) is torch.nn.Linear for m in quantized.model.modules())  # the output head too
+    if not keep:
+        assert not any(type(m) is torch.nn.Linear for m in quantized.model.modules())  # the output head too
     first = {}
     for op in OPERATIONS:
         plain.use(op)
