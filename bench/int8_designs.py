@@ -41,6 +41,8 @@ def main() -> int:
         designs[f"int8-merged-smooth{alpha:g}"] = ("int8", True, alpha, ())
         if keep:
             designs[f"int8-merged-smooth{alpha:g}-keep"] = ("int8", True, alpha, keep)
+    if args.quick:  # every path once: float32, beside, and the merged design with its options
+        designs = {name: designs[name] for name in ("float32", "int8-beside", list(designs)[-1])}
     import tempfile
 
     from memlora.student.experts import ExpertBackend
