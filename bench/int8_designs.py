@@ -3,12 +3,13 @@ of the validation conversation(s) three ways, one after the other in one process
 merged (what evaluation and serving run today), int8 with the experts float32 beside the base (`student.quantize:
 int8`, `merge_experts: false`), and int8 with one copy of each adapted layer per expert, merged before quantizing
 (`merge_experts: true`), the last also with SmoothQuant's smoothing at each `--smoothing` strength
-(`student.int8_smoothing`), alone and with the `--keep` linears left float32 (`student.int8_keep_float32`). Per
-operation: agreement with the teacher (the operation's primary metric, 95 %
+(`student.int8_smoothing`), and at each `--keep-smoothing` strength with the `--keep` linears left float32
+(`student.int8_keep_float32`). Per operation: agreement with the teacher (the operation's primary metric, 95 %
 interval), the share of answers identical to float32's, seconds per generated token. Writes
 bench/results/int8_designs.json.
 
-    python bench/int8_designs.py --out OUT [--quick] [--smoothing 0.7] [--keep down_proj,lm_head]
+    python bench/int8_designs.py --out OUT [--quick] [--smoothing 0.7] [--keep-smoothing 0.85]
+        [--keep down_proj,lm_head]
 
 Validation calls only: the design is chosen here, never on the test conversations.
 """
@@ -33,14 +34,17 @@ DESIGNS = {"float32": ("none", True, 0.0, ()), "int8-beside": ("int8", False, 0.
 
 def main() -> int:
     parser = bench_parser(__doc__)
+    # The strengths bench/int8_logits.py found best on the validation calls (2026-12-04): 0.7 alone, 0.85 with
+    # down_proj and lm_head float32.
     parser.add_argument("--smoothing", default="0.7", help="comma-separated strengths for int8-merged-smooth")
+    parser.add_argument("--keep-smoothing", default="0.85", help="comma-separated strengths for the -keep designs")
     parser.add_argument("--keep", default="down_proj,lm_head", help="linears left float32 in the -keep designs")
     args = parser.parse_args()
     designs, keep = dict(DESIGNS), tuple(k for k in args.keep.split(",") if k)
     for alpha in [float(a) for a in args.smoothing.split(",") if a]:
         designs[f"int8-merged-smooth{alpha:g}"] = ("int8", True, alpha, ())
-        if keep:
-            designs[f"int8-merged-smooth{alpha:g}-keep"] = ("int8", True, alpha, keep)
+    for alpha in [float(a) for a in args.keep_smoothing.split(",") if a and keep]:
+        designs[f"int8-merged-smooth{alpha:g}-keep"] = ("int8", True, alpha, keep)
     if args.quick:  # every path once: float32, beside, and the merged design with its options
         designs = {name: designs[name] for name in ("float32", "int8-beside", list(designs)[-1])}
     import tempfile

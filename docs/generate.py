@@ -285,6 +285,31 @@ def teacher_quantize_table() -> str:
                       "the metric's: bootstrap); source `bench/reference/cpu-2core/teacher_quantize.json`.</sub>"])
 
 
+def int8_designs_table() -> str:
+    data = reference("int8_designs")
+    rows = [[r["design"], r["operation"], r["n"], f"{_METRIC_NAMES[r['operation']]} "
+             f"{_interval([r['agreement'], *r['ci']])}", f"{r['parse_ok']:.2f}", f"{r['same_as_float32']:.2f}",
+             r["s_per_token_vs_float32"]] for r in data["rows"]]
+    return "\n".join([_markdown(["design", "operation", "calls", "agreement with the teacher", "valid JSON",
+                                 "answers identical to float32's", "s per generated token vs float32"], rows), "",
+                      f"<sub>the {data['calls']}' teacher calls, one design after the other in one process; "
+                      f"-keep: {', '.join(data['keep_float32'])} float32; 95 % intervals (bootstrap); source "
+                      "`bench/reference/cpu-2core/int8_designs.json`.</sub>"])
+
+
+def int8_logits_table() -> str:
+    data = reference("int8_logits")
+    rows = [[r["variant"], f"{r['logit_error_vs_std']:.3f}", f"{r['same_top_token']:.3f}"] for r in data["rows"]]
+    worst = sorted(data["down_proj_outliers"].items(), key=lambda kv: -kv[1])[:4]
+    first = data["rows"][0]
+    return "\n".join([_markdown(["student base", "mean logit error / float32 logits' std",
+                                  "positions with float32's top token"], rows), "",
+                      f"<sub>{first['sequences']} validation calls, teacher-forced (prompt + the teacher's answer, "
+                      f"{first['positions']} positions); largest down_proj input over its mean: "
+                      + ", ".join(f"layer {k} {v:,.0f}x" for k, v in worst)
+                      + "; source `bench/reference/cpu-2core/int8_logits.json`.</sub>"])
+
+
 _PRIMARY = {"extraction": "fact_f1", "update": "event_macro_f1", "generation": "answer_token_f1"}
 _METRIC_NAMES = {"extraction": "fact F1", "update": "event macro-F1", "generation": "answer token F1"}
 
@@ -304,6 +329,8 @@ RENDERERS = {
     "mem0-add": mem0_add_table,
     "serving-cost": serving_cost_table,
     "bandwidth-floor": bandwidth_floor_table,
+    "int8-designs": int8_designs_table,
+    "int8-logits": int8_logits_table,
 }
 
 

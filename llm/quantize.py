@@ -12,6 +12,12 @@ of float32's bytes. Two designs for the experts, both without a float32 copy of 
 Training never sees this: experts train on the float32 base, and quantization is applied where the trained
 result is loaded (evaluation, serving).
 
+Dynamic quantization rounds each call's activations per tensor, so one large channel sets the step for all of
+them. The student has such channels (its down_proj inputs reach ~30,000x their mean), and plain int8 keeps
+float32's top token at only about half of the positions of its own validation calls (`bench/int8_logits.py`).
+Two remedies, both options: `smoothing` (SmoothQuant) moves each input channel's size into the weights, where
+per-channel rounding absorbs it, exactly in float32; `keep` leaves the linears it names float32.
+
 `int8` is PyTorch's own dynamic quantization (int8 weights per output channel, activations quantized per call,
 fbgemm's int8 GEMM). Measured side by side on this project's 2-core CPU (a stack of the student's 576 x 1536
 projections, 8 rows, torch 2.13): float32 5.8 ms, torch's dynamic int8 1.1 ms, torchao 0.18's int8 weight-only
