@@ -19,7 +19,7 @@ from memlora.llm.client_template import AS_SENT, expert_view, read_template
 from memlora.llm.hf_backend import TransformersBackend, load_causal_lm
 from memlora.manifest import check_recorded
 from memlora.student.householder import use_input_reflections
-from memlora.llm.quantize import BARE, quantize_base, quantize_merged, smoothing
+from memlora.llm.quantize import BARE, quantize_base, quantize_merged, smooth_in_place, smoothing
 
 log = logging.getLogger(__name__)
 
@@ -149,17 +149,21 @@ class ExpertBackend(TransformersBackend):
         # After the adapters are attached (DeLoRA reads each base weight's norms from the float32 weights) and
         # before the backend sets up its CPU linears (a quantized layer keeps its own kernel). Merged, each adapted
         # layer becomes one int8 copy per expert and one of the base, and a switch sets `_switch["active"]`.
+        # Smoothing needs every linear's weights to take its scales: merged variants, or no adapter at all (an
+        # adapter beside its layer would read the scaled input).
         self._switch = None
-        self.smoothing_alpha = 0.0
         self.keep_float32 = tuple(keep_float32) if quantize != "none" else ()
+        smoothable = quantize != "none" and (merge or not self.operations)
+        self.smoothing_alpha = smoothing_alpha if smoothable else 0.0
+        smooth = smoothing(model, calibration_ids(tokenizer), smoothing_alpha) if self.smoothing_alpha else None
         if quantize != "none" and merge and self.operations:
-            smooth = smoothing(model, calibration_ids(tokenizer), smoothing_alpha) if smoothing_alpha else None
-            self.smoothing_alpha = smoothing_alpha
             self._switch = quantize_merged(model, [adapter_name(op) for op in self.operations], quantize, smooth,
-                                           tuple(keep_float32))
+                                           self.keep_float32)
             self.quantized = quantize
         else:
-            self.quantized = quantize if quantize_base(model, quantize, tuple(keep_float32)) else None
+            if smooth is not None:
+                smooth_in_place(model, smooth)
+            self.quantized = quantize if quantize_base(model, quantize, self.keep_float32) else None
         super().__init__(model, tokenizer, model_id, batch_size=batch_size, prefix_cache=prefix_cache)
         # The adapted layers, found once: a switch then only repoints them (peft's `set_adapter` walks every
         # module of the model and toggles requires_grad each time: 4 ms per switch here, measured).

@@ -413,3 +413,16 @@ def test_smoothing_brings_merged_int8_back_to_float32_where_channels_are_outlier
         state["active"] = "expert_update"
         errors[alpha] = float((logits_of(quantized, tokenizer) - want).abs().mean())
     assert errors[0.5] < 0.7 * errors[0.0], errors
+
+
+@pytest.mark.timeout(120)
+def test_smoothing_applies_where_every_linear_takes_its_scales(tiny_model_dir, experts_out):
+    """Smoothing rewrites the weights: the bare student and merged experts take it; experts beside their layers
+    would read the scaled input, so there it is not applied (and the probe says so)."""
+    plain = ExpertBackend(tiny_model_dir, None, device="cpu")
+    bare = ExpertBackend(tiny_model_dir, None, device="cpu", quantize="int8", smoothing_alpha=0.5)
+    beside = ExpertBackend.from_out(tiny_model_dir, experts_out, device="cpu", merge=False, quantize="int8",
+                                    smoothing_alpha=0.5)
+    assert (bare.smoothing_alpha, beside.smoothing_alpha) == (0.5, 0.0)
+    want, got = logits_of(plain.model, plain.tokenizer), logits_of(bare.model, bare.tokenizer)
+    assert (got - want).abs().mean() < 0.04 * want.std()
