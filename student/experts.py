@@ -18,6 +18,7 @@ from memlora.layout import adapter_dir
 from memlora.llm.client_template import AS_SENT, expert_view, read_template
 from memlora.llm.hf_backend import TransformersBackend, load_causal_lm
 from memlora.manifest import check_recorded
+from memlora.memory.prompts import templates as teacher_templates
 from memlora.student.householder import use_input_reflections
 from memlora.llm.quantize import BARE, quantize_base, quantize_merged, smooth_in_place, smoothing
 
@@ -93,10 +94,8 @@ def adapter_name(operation: str) -> str:
 def calibration_ids(tokenizer) -> list[torch.Tensor]:
     """Token ids that show a model the inputs it will serve, for int8 smoothing: each operation's teacher prompt
     with its few-shot examples (instructions, conversation text, JSON answers), chat-formatted."""
-    from memlora.memory.prompts import templates
-
     texts = [tokenizer.apply_chat_template(t.messages(t.shots[0][0]), tokenize=False, add_generation_prompt=True)
-             for t in templates().values()]
+             for t in teacher_templates().values()]
     return [torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
 
 
