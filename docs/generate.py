@@ -278,11 +278,17 @@ def teacher_quantize_table() -> str:
              f"{_METRIC_NAMES[r['operation']]} {_interval(r[_PRIMARY[r['operation']]])}", r["tokens"]]
             for r in data["rows"]]
     speed = data["tokens_per_s"]
-    return "\n".join([_markdown(["teacher", "operation", "calls", "identical to the recording", "agrees with it",
-                                 "agreement metric", "tokens generated"], rows), "",
-                      f"<sub>generated tokens per second, same calls, same process: float32 {speed['none']:.1f}, "
-                      f"int8 {speed['int8']:.1f} ({data['int8_over_float32_speed']:.2f}x); 95 % intervals (Wilson; "
-                      "the metric's: bootstrap); source `bench/reference/cpu-2core/teacher_quantize.json`.</sub>"])
+    return _sourced("teacher_quantize", ["teacher", "operation", "calls", "identical to the recording",
+                                         "agrees with it", "agreement metric", "tokens generated"], rows,
+                    f"generated tokens per second, same calls, same process: float32 {speed['none']:.1f}, int8 "
+                    f"{speed['int8']:.1f} ({data['int8_over_float32_speed']:.2f}x); 95 % intervals (Wilson; the "
+                    "metric's: bootstrap)")
+
+
+def _sourced(name: str, header: list[str], rows: list[list], note: str) -> str:
+    """A table and its footnote, which names the reference file it was generated from."""
+    return "\n".join([_markdown(header, rows), "",
+                      f"<sub>{note}; source `bench/reference/cpu-2core/{name}.json`.</sub>"])
 
 
 def int8_designs_table() -> str:
@@ -290,11 +296,10 @@ def int8_designs_table() -> str:
     rows = [[r["design"], r["operation"], r["n"], f"{_METRIC_NAMES[r['operation']]} "
              f"{_interval([r['agreement'], *r['ci']])}", f"{r['parse_ok']:.2f}", f"{r['same_as_float32']:.2f}",
              r["s_per_token_vs_float32"]] for r in data["rows"]]
-    return "\n".join([_markdown(["design", "operation", "calls", "agreement with the teacher", "valid JSON",
-                                 "answers identical to float32's", "s per generated token vs float32"], rows), "",
-                      f"<sub>the {data['calls']}' teacher calls, one design after the other in one process; "
-                      f"-keep: {', '.join(data['keep_float32'])} float32; 95 % intervals (bootstrap); source "
-                      "`bench/reference/cpu-2core/int8_designs.json`.</sub>"])
+    return _sourced("int8_designs", ["design", "operation", "calls", "agreement with the teacher", "valid JSON",
+                                     "answers identical to float32's", "s per generated token vs float32"], rows,
+                    f"the {data['calls']}' teacher calls, one design after the other in one process; -keep: "
+                    f"{', '.join(data['keep_float32'])} float32; 95 % intervals (bootstrap)")
 
 
 def int8_logits_table() -> str:
@@ -302,12 +307,11 @@ def int8_logits_table() -> str:
     rows = [[r["variant"], f"{r['logit_error_vs_std']:.3f}", f"{r['same_top_token']:.3f}"] for r in data["rows"]]
     worst = sorted(data["down_proj_outliers"].items(), key=lambda kv: -kv[1])[:4]
     first = data["rows"][0]
-    return "\n".join([_markdown(["student base", "mean logit error / float32 logits' std",
-                                  "positions with float32's top token"], rows), "",
-                      f"<sub>{first['sequences']} validation calls, teacher-forced (prompt + the teacher's answer, "
-                      f"{first['positions']} positions); largest down_proj input over its mean: "
-                      + ", ".join(f"layer {k} {v:,.0f}x" for k, v in worst)
-                      + "; source `bench/reference/cpu-2core/int8_logits.json`.</sub>"])
+    return _sourced("int8_logits", ["student base", "mean logit error / float32 logits' std",
+                                    "positions with float32's top token"], rows,
+                    f"{first['sequences']} validation calls, teacher-forced (prompt + the teacher's answer, "
+                    f"{first['positions']} positions); largest down_proj input over its mean: "
+                    + ", ".join(f"layer {k} {v:,.0f}x" for k, v in worst))
 
 
 _PRIMARY = {"extraction": "fact_f1", "update": "event_macro_f1", "generation": "answer_token_f1"}
