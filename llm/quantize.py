@@ -149,7 +149,7 @@ def smoothing(model: torch.nn.Module, calibration: list[torch.Tensor], alpha: fl
     any adapters disabled) and the base weights: s = max|x|^alpha / max|w|^(1 - alpha)."""
     if not 0 < alpha < 1:
         raise ValueError(f"smoothing alpha {alpha} must lie in (0, 1)")
-    groups = []  # (norm or producer name, [consumer names], producer is a norm)
+    groups = []  # (the producer: a norm or up_proj, [the linears that read its output])
     for name, module in model.named_modules():
         attn, mlp = getattr(module, "self_attn", None), getattr(module, "mlp", None)
         if not all(hasattr(module, n) for n in ("input_layernorm", "post_attention_layernorm")) or not all(
