@@ -235,8 +235,8 @@ class StudentConfig(_Strict):
     # (evaluation, serving). With merge_experts, one int8 copy of each adapted layer per expert, merged before
     # quantizing; without, the experts run float32 beside the int8 base. Training is unchanged. See llm/quantize.py.
     quantize: Literal["none", "int8"] = "none"
-    # int8 with merge_experts: SmoothQuant's migration strength (0 = off): each linear's input outlier channels are
-    # scaled into its weights before the per-tensor rounding of activations (llm/quantize.py `smoothing`).
+    # int8 with merge_experts (and the bare student): SmoothQuant's migration strength (0 = off): each linear's
+    # input outlier channels are scaled into its weights before activations are rounded per tensor (llm/quantize.py).
     int8_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     # int8: linears left float32, by the last part of their name (e.g. [down_proj, lm_head]), for inputs whose
     # outliers int8's per-tensor activation rounding cannot carry (docs/results.md).

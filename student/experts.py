@@ -154,6 +154,9 @@ class ExpertBackend(TransformersBackend):
         self.keep_float32 = tuple(keep_float32) if quantize != "none" else ()
         smoothable = quantize != "none" and (merge or not self.operations)
         self.smoothing_alpha = smoothing_alpha if smoothable else 0.0
+        if smoothing_alpha and not smoothable:
+            log.info("int8 smoothing not applied: %s", "experts beside the base would read the scaled input"
+                     if quantize != "none" else "the base is not quantized")
         smooth = smoothing(model, calibration_ids(tokenizer), smoothing_alpha) if self.smoothing_alpha else None
         if quantize != "none" and merge and self.operations:
             self._switch = quantize_merged(model, [adapter_name(op) for op in self.operations], quantize, smooth,
