@@ -138,6 +138,10 @@ class Smoothing:
             weight = weight * self.rows[name][:, None]
         return weight
 
+    def bias(self, name: str, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """`bias` of linear `name` as the smoothed model has it: scaled with the output rows."""
+        return bias * self.rows[name] if bias is not None and name in self.rows else bias
+
 
 def _weight_of(module: torch.nn.Module) -> torch.Tensor:
     return module.get_base_layer().weight if hasattr(module, "get_base_layer") else module.weight
@@ -197,8 +201,8 @@ def smooth_in_place(model: torch.nn.Module, smooth: Smoothing) -> None:
     with torch.no_grad():
         for name, module in model.named_modules():
             if type(module) is torch.nn.Linear and (name in smooth.columns or name in smooth.rows):
-                if name in smooth.rows and module.bias is not None:
-                    module.bias.mul_(smooth.rows[name])
+                if module.bias is not None:
+                    module.bias.copy_(smooth.bias(name, module.bias))
                 module.weight.copy_(smooth.weight(name, module.weight))
         for name, scale in smooth.norms.items():
             model.get_submodule(name).weight.mul_(scale.to(model.get_submodule(name).weight.dtype))
@@ -227,7 +231,7 @@ def quantize_merged(model: torch.nn.Module, adapter_names: list[str], scheme: st
             layer = model.get_submodule(name)
             base = layer.get_base_layer()
             original = base.weight.detach().clone()
-            bias = smooth.rows[name] * base.bias if base.bias is not None and name in smooth.rows else base.bias
+            bias = smooth.bias(name, base.bias)
             make = _float32 if kept(name, keep) else _dynamic_int8
             variants = {BARE: make(smooth.weight(name, original), bias)}
             for adapter in adapter_names:
