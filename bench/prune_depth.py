@@ -71,7 +71,7 @@ def depth_result(config, scratch: Path, spec: str, operation: str, base: Path, m
     result = {"depth": spec, "operation": operation, "layers": len(marker["kept_layers"]),
               "kept": marker["kept_layers"], "parameters": params,
               **{k: v for k, v in replay_agreement(operation, rows, backend, budget).items() if k != "token_ids"},
-              "best_epoch": record.get("best_epoch"), "train_s": round(train_s, 1)}
+              "best_epoch": record.best_epoch, "train_s": round(train_s, 1)}
     if "healing" in marker:
         result.update(heal_kl=[marker["healing"]["kl_before"], marker["healing"]["kl_after"]],
                       heal_s=marker["healing"]["wall_time_s"])
