@@ -67,7 +67,7 @@ def main() -> int:
 
     from memlora.llm.hf_backend import load_causal_lm
     from memlora.llm.quantize import quantize_base, smooth_in_place, smoothing
-    from memlora.student.experts import calibration_ids
+    from memlora.llm.calibration import calibration_ids
 
     config = load_config(CONFIG)
     base = bench_student(config, args.out or tempfile.mkdtemp(prefix="int8-logits-"))

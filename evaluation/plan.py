@@ -9,7 +9,7 @@ from pathlib import Path
 from memlora.data.ingest import load_ingested
 from memlora.evaluation.qa import questions_of, test_conversations
 from memlora.evaluation.results import headline, independent_judge
-from memlora.evaluation.systems import JUDGE, SYSTEMS, EvalError
+from memlora.evaluation.systems import ALL_SYSTEMS, JUDGE, EvalError
 from memlora.layout import ADAPTERS, conversations_file, datasets_dir
 from memlora.student.build import build_student
 from memlora.student.experts import verified_expert_folders
@@ -52,7 +52,7 @@ def summary(config, plan: EvalPlan, probes: dict, rows: list[dict], files: list[
         "questions": plan.questions,
         "student_base": plan.base,
         "systems": {s: {k: getattr(p, k) for k in keep} | {"adapters": p.adapters}
-                    for s, p in probes.items() if s in SYSTEMS},
+                    for s, p in probes.items() if s in ALL_SYSTEMS},
         "judge": probes[JUDGE].model_dump(mode="json") if JUDGE in probes else {},
         "headline": headline(rows, independent_judge(config)),
         "results_rows": len(rows),

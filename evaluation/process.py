@@ -13,7 +13,7 @@ from typing import Callable
 from memlora.config import Config
 from memlora.evaluation.cache import cache_key, finished_probe
 from memlora.evaluation.probes import Probe
-from memlora.evaluation.systems import JUDGE, SYSTEMS, EvalError
+from memlora.evaluation.systems import JUDGE, EvalError, systems
 from memlora.jobs import write_job
 from memlora.layout import log_path, probe_path, system_folder
 from memlora.models import OFFLINE_ENV
@@ -53,7 +53,7 @@ def run_system_process(config: Config, out: str | Path, system: str, *, base: st
     Its output goes to OUT/eval/logs/<system>.log; its progress lines (`[HH:MM:SS] ...`) are passed to
     `on_line` as they come, so a user sees where a minutes-long run is. A failure raises with the log's last
     lines."""
-    if system not in SYSTEMS + (JUDGE,):
+    if system not in (*systems(config), JUDGE):
         raise EvalError(f"unknown system {system!r}")
     key = cache_key(config, out, system, base)
     kept = finished_probe(out, system, key)

@@ -14,10 +14,10 @@ from memlora.data.io import atomic_path, write_text
 from memlora.evaluation.agreement import PRIMARY
 from memlora.evaluation.qa import CATEGORIES
 from memlora.evaluation.results import ANSWERABLE, headline, lookup
-from memlora.evaluation.systems import SYSTEMS
+from memlora.evaluation.systems import TEACHER, in_rows
 from memlora.layout import adapter_dir, report_path
 
-COLORS = {"teacher": "#4C72B0", "student": "#DD8452", "student+experts": "#55A868"}
+COLORS = {"teacher": "#4C72B0", "teacher-int8": "#8172B3", "student": "#DD8452", "student+experts": "#55A868"}
 
 
 def report_paths(out: str | Path) -> tuple[Path, Path]:
@@ -43,9 +43,10 @@ def _fmt(row: dict | None, digits: int = 3, count: bool = False) -> str:
 def _table(rows, items: list[tuple[str, str, str]], counts: bool = False) -> list[str]:
     """items: (label, operation, metric) -> one Markdown table line each, one column per system; `counts`: the
     values are counts out of n (calls per class), not means or rates."""
-    lines = ["| | " + " | ".join(SYSTEMS) + " |", "|---|" + "---|" * len(SYSTEMS)]
+    systems = in_rows(rows)
+    lines = ["| | " + " | ".join(systems) + " |", "|---|" + "---|" * len(systems)]
     for label, operation, metric in items:
-        cells = [_fmt(lookup(rows, s, operation, metric), count=counts) for s in SYSTEMS]
+        cells = [_fmt(lookup(rows, s, operation, metric), count=counts) for s in systems]
         if all(c == "–" for c in cells):
             continue
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -85,7 +86,7 @@ def headline_text(heads: list[dict]) -> str:
 def skill_sentences(rows: list[dict]) -> list[str]:
     """Where a system's update decisions agree with the teacher's no better than chance, say so in words."""
     out = []
-    for system in SYSTEMS[1:]:
+    for system in in_rows(rows)[1:]:
         r = lookup(rows, system, "update", "cohen_kappa")
         if r is None or r["value"] is None or r["ci_low"] is None:
             continue
@@ -111,7 +112,7 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
         "| system | model | device | pid | experts |",
         "|---|---|---|---|---|",
     ]
-    for s in SYSTEMS:
+    for s in in_rows(rows):
         p = probes[s]
         experts = ", ".join(sorted(p.adapters)) or "–"
         lines.append(f"| {s} | `{p.model_id}` | {p.device} ({p.dtype}) | {p.pid} | {experts} |")
@@ -312,6 +313,7 @@ def render_png(rows: list[dict], path: Path, records: dict[str, dict] | None = N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    systems = in_rows(rows)
     fig, axes = plt.subplots(3, 2, figsize=(13, 13))
     _curves(axes[2, 0], records or {})
     axes[2, 1].axis("off")
@@ -320,27 +322,27 @@ def render_png(rows: list[dict], path: Path, records: dict[str, dict] | None = N
         ("QA all\ntoken F1", "qa", "token_f1")]
     # The teacher is the reference its agreement is measured against (1 by construction): its bars are QA only.
     _bars(axes[0, 0], [g for g, _, _ in acc],
-          {s: [(None, None, None) if s == "teacher" and op in PRIMARY else _v(rows, s, op, m) for _, op, m in acc]
-           for s in SYSTEMS},
-          "score (95% CI)", "Agreement with the teacher's answers (students); QA vs gold (all three)")
+          {s: [(None, None, None) if s == TEACHER and op in PRIMARY else _v(rows, s, op, m) for _, op, m in acc]
+           for s in systems},
+          "score (95% CI)", "Agreement with the teacher's answers (the others); QA vs gold (all)")
     axes[0, 0].set_ylim(0, 1.05)
     decodings = ("constrained", "free") if free_decoded(rows) else ("constrained",)
     val = [(f"{op}\n{d}", op, "schema_valid" + ("" if d == "constrained" else "_free"))
            for op in OPERATIONS for d in decodings]
-    _bars(axes[0, 1], [g for g, _, _ in val], {s: [_v(rows, s, op, m) for _, op, m in val] for s in SYSTEMS},
+    _bars(axes[0, 1], [g for g, _, _ in val], {s: [_v(rows, s, op, m) for _, op, m in val] for s in systems},
           "schema_valid rate (95% CI)", "Schema-valid outputs, " + " vs ".join(decodings) + " decoding")
     axes[0, 1].set_ylim(0, 1.05)
     mem = [("peak RSS", "peak_rss_mb"), ("RSS after load", "rss_after_load_mb"),
            ("peak CUDA", "peak_cuda_allocated_mb")]
-    mem = [m for m in mem if any(_v(rows, s, "model", m[1])[0] is not None for s in SYSTEMS)]
-    _bars(axes[1, 0], [g for g, _ in mem], {s: [_v(rows, s, "model", m) for _, m in mem] for s in SYSTEMS},
+    mem = [m for m in mem if any(_v(rows, s, "model", m[1])[0] is not None for s in systems)]
+    _bars(axes[1, 0], [g for g, _ in mem], {s: [_v(rows, s, "model", m) for _, m in mem] for s in systems},
           "MiB", "Peak memory (each system in its own process)", labels=True)
     lat = {}
-    for s in SYSTEMS:
+    for s in systems:
         lat[f"{s} p50"] = [_v(rows, s, op, "latency_p50") for op in OPERATIONS]
         lat[f"{s} p95"] = [_v(rows, s, op, "latency_p95") for op in OPERATIONS]
     _bars(axes[1, 1], list(OPERATIONS), lat, "seconds per call (95% CI)", "Latency p50 / p95 per operation")
-    fig.suptitle("memlora evaluation: teacher vs student vs student+experts", fontsize=12)
+    fig.suptitle("memlora evaluation: " + " vs ".join(systems), fontsize=12)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

@@ -21,7 +21,7 @@ from memlora.evaluation import agreement, scoring
 from memlora.evaluation.replay import E2E, FORCED, FORCED_FREE
 from memlora.evaluation.probes import Probe
 from memlora.evaluation.stats import Estimate, bootstrap, percentile, proportion
-from memlora.evaluation.systems import SYSTEMS
+from memlora.evaluation.systems import in_rows, systems
 from memlora.layout import calls_path, judgements_path, probe_path, qa_path, results_path
 
 RESULTS = pa.schema([
@@ -167,7 +167,7 @@ def memory_rows(system, probe: Probe) -> list[dict]:
 
 def build_results(out: str | Path, config: Config) -> list[dict]:
     out = Path(out)
-    data = {s: load_system(out, s) for s in SYSTEMS}
+    data = {s: load_system(out, s) for s in systems(config)}
     reference = {r["index"]: r for r in data["teacher"]["calls"] if r["phase"] == E2E}
     judged = {}
     if judgements_path(out).is_file():
@@ -175,7 +175,7 @@ def build_results(out: str | Path, config: Config) -> list[dict]:
             judged[(j["system"], j["conversation_id"], j["question_id"])] = j["label"]
     samples = config.evaluation.bootstrap_samples
     rows = []
-    for system in SYSTEMS:
+    for system in data:
         calls = data[system]["calls"]
         forced = [r for r in calls if r["phase"] == FORCED]
         constrained = [r for r in forced if r["constrained"]]
@@ -216,7 +216,7 @@ def headline(rows: list[dict], with_judge: bool = False) -> list[dict]:
         return None if r is None or r["value"] is None else round(r["value"], 3)
 
     table = []
-    for system in SYSTEMS:
+    for system in in_rows(rows):
         table.append({
             "system": system,
             "extraction_fact_f1": v(system, "extraction", "fact_f1"),

@@ -3,8 +3,8 @@
     python -m memlora.evaluation.run_system --job OUT/.jobs/eval-student-experts.json
 
 `teacher` runs end to end first (its calls are the reference requests), then replays its own requests without
-their schema (free decoding). Each student replays the teacher's requests as they were and without schema, then
-runs end to end with its own memory. `judge` labels every system's QA answers. Each writes its rows under
+their schema (free decoding). Each other system (the students; `teacher-int8` beside a quantized student)
+replays the teacher's requests as they were and without schema, then runs end to end with its own memory. `judge` labels every system's QA answers. Each writes its rows under
 OUT/eval/systems/<system>/ and a probe record (pid, parameters, adapter bytes, peak memory, timings).
 """
 
@@ -24,7 +24,7 @@ from memlora.evaluation import probes
 from memlora.evaluation.judge import JUDGEMENTS, judge_answers
 from memlora.evaluation.qa import QA, run_end_to_end, test_conversations
 from memlora.evaluation.replay import CALLS, E2E, FORCED, FORCED_FREE, as_forced, replay
-from memlora.evaluation.systems import JUDGE, SYSTEMS, EvalError, build_system
+from memlora.evaluation.systems import ALL_SYSTEMS, JUDGE, TEACHER, EvalError, build_system, systems
 from memlora.jobs import read_job
 from memlora.layout import calls_path, judgements_path, probe_path, qa_path, store_path
 from memlora.llm.backends import build_backend
@@ -65,7 +65,7 @@ def _write_rows(rows: list[dict], schema: pa.Schema, path: Path, kind: str) -> N
 
 def run_judge(config, out: Path) -> dict:
     qa_rows = []
-    for system in SYSTEMS:
+    for system in systems(config):
         path = qa_path(out, system)
         if not path.is_file():
             raise EvalError(f"{path}: missing (the {system} run did not finish)")
@@ -86,7 +86,7 @@ def run_model_system(system: str, config, out: Path, base: str | None) -> dict:
     if not conversations:
         raise EvalError(f"{out / 'datasets'}: no test conversation (is data.split.test_ratio above 0?)")
     reference = None
-    if system != "teacher":
+    if system != TEACHER:
         teacher_calls = calls_path(out, "teacher")
         if not teacher_calls.is_file():
             raise EvalError(f"{teacher_calls}: missing; the teacher runs first")
@@ -101,7 +101,7 @@ def run_model_system(system: str, config, out: Path, base: str | None) -> dict:
     timings = {}
     try:
         started = time.perf_counter()
-        if system == "teacher":
+        if system == TEACHER:
             e2e, qa_rows = run_end_to_end(system, backend, embedder, store, config, conversations, progress=say)
             timings["e2e_s"] = time.perf_counter() - started
             _phase(system, "end to end (the reference requests)", e2e, timings["e2e_s"])
@@ -118,7 +118,7 @@ def run_model_system(system: str, config, out: Path, base: str | None) -> dict:
                           memory_cfg, free=True, progress=say)
         timings["forced_free_s"] = time.perf_counter() - started
         _phase(system, "teacher's requests without schema", free, timings["forced_free_s"])
-        if system != "teacher":
+        if system != TEACHER:
             started = time.perf_counter()
             e2e, qa_rows = run_end_to_end(system, backend, embedder, store, config, conversations, progress=say)
             timings["e2e_s"] = time.perf_counter() - started
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     baseline = probes.snapshot("runtime imported")
     config, job = read_job(args.job)
     system, out = job["system"], Path(job["out"])
-    if system not in (*SYSTEMS, JUDGE):
+    if system not in (*ALL_SYSTEMS, JUDGE):
         raise EvalError(f"{args.job}: unknown system {system!r}")
     if system == JUDGE:
         record = run_judge(config, out)

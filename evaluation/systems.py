@@ -1,6 +1,9 @@
-"""The three systems evaluation compares, each an `LLMBackend` the memory system can run on:
+"""The systems evaluation compares, each an `LLMBackend` the memory system can run on:
 
-- `teacher`: the configured teacher (`teacher` config section);
+- `teacher`: the configured teacher (`teacher` config section), as the user deploys it;
+- `teacher-int8`: only where the student is quantized (`student.quantize`) and the teacher is not: the same
+  teacher quantized the same way (smoothing and float32 exceptions included), so that memory and latency are
+  compared like for like; it replays the teacher's requests as the students do;
 - `student`: the student base alone (no adapter);
 - `student+experts`: the same base with every trained expert attached, switched per operation by repointing
   the adapted layers (`memlora.student.experts.ExpertBackend`).
@@ -12,12 +15,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from memlora.config import Config
+from memlora.config import Config, LLMConfig
 from memlora.layout import student_dir
 from memlora.llm.backends import build_backend
 from memlora.memory.llm import LLMBackend
 
-SYSTEMS = ("teacher", "student", "student+experts")
+TEACHER, TEACHER_INT8, STUDENT, EXPERTS = "teacher", "teacher-int8", "student", "student+experts"
+SYSTEMS = (TEACHER, STUDENT, EXPERTS)  # what every evaluation compares
+ALL_SYSTEMS = (TEACHER, TEACHER_INT8, STUDENT, EXPERTS)  # in report order
 JUDGE = "judge"  # not a system: the model that labels every system's answers, run after them
 
 
@@ -33,6 +38,26 @@ class LoadedSystem:
     info: dict = field(default_factory=dict)
 
 
+def quantized_teacher(config: Config) -> LLMConfig | None:
+    """The teacher quantized as the student is, where that is a different model from the teacher as deployed: a
+    local teacher that runs unquantized beside a quantized student. Else None."""
+    student, teacher = config.student, config.teacher
+    if student is None or student.quantize == "none" or teacher.quantize != "none" or teacher.backend != "transformers":
+        return None
+    return teacher.model_copy(update={"quantize": student.quantize, "logprobs_top_k": 0})
+
+
+def systems(config: Config) -> tuple[str, ...]:
+    """The systems this config's evaluation runs, in report order."""
+    return ALL_SYSTEMS if quantized_teacher(config) is not None else SYSTEMS
+
+
+def in_rows(rows: list[dict]) -> tuple[str, ...]:
+    """The systems a results table holds, in report order."""
+    present = {r["system"] for r in rows}
+    return tuple(s for s in ALL_SYSTEMS if s in present)
+
+
 def student_base(config: Config, out: str | Path) -> Path:
     """Where the student base is: the pruned teacher the distill stage saved, or the configured model."""
     if config.student is None:
@@ -46,12 +71,20 @@ def student_base(config: Config, out: str | Path) -> Path:
 
 
 def build_system(name: str, config: Config, out: str | Path, base: str | Path | None = None) -> LoadedSystem:
-    if name not in SYSTEMS:
-        raise EvalError(f"unknown system {name!r} (one of {', '.join(SYSTEMS)})")
+    if name not in systems(config):
+        raise EvalError(f"unknown system {name!r} (one of {', '.join(systems(config))})")
     started = time.perf_counter()
-    if name == "teacher":
+    if name == TEACHER:
         # No log-probs: evaluation does not use them, and computing them would slow the teacher's timed calls.
         backend = build_backend(config.teacher.model_copy(update={"logprobs_top_k": 0}))
+        return LoadedSystem(name, backend, time.perf_counter() - started,
+                            {"model": config.teacher.model, "experts": {}})
+    if name == TEACHER_INT8:
+        from memlora.llm.hf_backend import TransformersBackend  # a local model only; an HTTP teacher needs no torch
+
+        backend = TransformersBackend.from_config(quantized_teacher(config),
+                                                  smoothing_alpha=config.student.int8_smoothing,
+                                                  keep_float32=tuple(config.student.int8_keep_float32))
         return LoadedSystem(name, backend, time.perf_counter() - started,
                             {"model": config.teacher.model, "experts": {}})
     # Imported here, not at the top: the teacher's evaluation process measures its own peak memory, and peft (which
@@ -60,11 +93,11 @@ def build_system(name: str, config: Config, out: str | Path, base: str | Path | 
 
     base = Path(base) if base is not None else student_base(config, out)
     adapters = None
-    if name == "student+experts":
+    if name == EXPERTS:
         adapters = verified_expert_folders(out)
         if not adapters:
             raise EvalError(f"{Path(out) / 'adapters'}: no trained expert (run `memlora distill` first)")
     backend = ExpertBackend.from_config(
-        config, base, adapters, prompt=config.student.prompt if name == "student+experts" else "teacher")
+        config, base, adapters, prompt=config.student.prompt if name == EXPERTS else "teacher")
     return LoadedSystem(name, backend, time.perf_counter() - started,
                         {"model": str(base), "experts": {op: str(p) for op, p in (adapters or {}).items()}})

@@ -1,5 +1,6 @@
 """`evaluate`: replay the held-out test conversations through the memory system with the teacher, the bare
-student and the student with its experts, each in its own process; score them; write OUT/eval/results.parquet,
+student and the student with its experts (and, beside a quantized student, the teacher quantized the same way),
+each in its own process; score them; write OUT/eval/results.parquet,
 report.md and report.png."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from prefect import flow
 from memlora.evaluation.captured import is_captured
 from memlora.evaluation.plan import report_meta, summary
 from memlora.evaluation.results import independent_judge
-from memlora.evaluation.systems import JUDGE, SYSTEMS
+from memlora.evaluation.systems import JUDGE, systems
 from memlora.layout import results_path
 from memlora.tasks.common import forward_domain_logs, load_config_task, manifest_task
 from memlora.tasks.evaluation import artifacts_task, captured_task, prepare_task, report_task, results_task, \
@@ -28,7 +29,7 @@ def evaluate(config_path: str = "configs/default.yaml", out: str = "out") -> dic
     # One after another: the teacher's calls are the students' inputs, and a system measured alone has its
     # latency and its memory to itself. The judge labels every system's answers last.
     probes = {system: run_system_task(cfg, out, system, plan.base)
-              for system in (*SYSTEMS, JUDGE)}
+              for system in (*systems(cfg), JUDGE)}
     rows = results_task(cfg, out)
     markdown, png = report_task(rows, report_meta(cfg, plan, probes), out)
     artifacts_task(rows, markdown, png, independent_judge(cfg))

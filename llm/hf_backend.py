@@ -20,7 +20,8 @@ from memlora.llm import gguf_cache
 from memlora.llm.cpu_matmul import use_rows_first_linears
 from memlora.llm.decoding import greedy_decode
 from memlora.llm.grammar import GrammarCache
-from memlora.llm.quantize import quantize_base
+from memlora.llm.calibration import calibration_ids
+from memlora.llm.quantize import quantize_base, smooth_in_place, smoothing
 from memlora.memory.llm import GenerationRequest, GenerationResult
 from memlora.models import resolve
 
@@ -73,8 +74,23 @@ def prepare_tokenizer(tokenizer) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
+def quantize_model(model, tokenizer, scheme: str, smoothing_alpha: float = 0.0,
+                   keep_float32: tuple[str, ...] = ()) -> str | None:
+    """Quantize a model's linears for inference (`llm.quantize`), smoothing their inputs' outlier channels into
+    the float32 weights first where `smoothing_alpha` > 0 (calibrated on the memory system's own prompts).
+    Returns the scheme applied, or None where nothing was quantized."""
+    if scheme == "none":
+        return None
+    if smoothing_alpha:
+        smooth_in_place(model, smoothing(model, calibration_ids(tokenizer), smoothing_alpha))
+    return scheme if quantize_base(model, scheme, keep_float32) else None
+
+
 class TransformersBackend:
     backend_name = "transformers"
+    quantized: str | None = None  # the weights' scheme where quantized, with how (report's dtype column)
+    smoothing_alpha: float = 0.0
+    keep_float32: tuple[str, ...] = ()
 
     def __init__(self, model, tokenizer, model_id: str, batch_size: int = 8, logprobs_top_k: int = 0,
                  prefix_cache: bool = True, grammars: GrammarCache | None = None):
@@ -90,13 +106,21 @@ class TransformersBackend:
                          if i is not None}
 
     @classmethod
-    def from_config(cls, config: LLMConfig) -> "TransformersBackend":
+    def from_config(cls, config: LLMConfig, smoothing_alpha: float = 0.0,
+                    keep_float32: tuple[str, ...] = ()) -> "TransformersBackend":
+        """`smoothing_alpha` and `keep_float32` shape `config.quantize` as `student.int8_smoothing` and
+        `student.int8_keep_float32` do (evaluation's teacher-int8, quantized the way the student is)."""
         model, tokenizer, model_id = load_causal_lm(
             config.model, tokenizer_ref=config.tokenizer, dtype=config.dtype, device=config.device,
             trust_remote_code=config.trust_remote_code,
         )
-        quantize_base(model, config.quantize)  # before the backend sets up its CPU linears
-        return cls(model, tokenizer, model_id, config.batch_size, config.logprobs_top_k, config.prefix_cache)
+        # before the backend sets up its CPU linears (a quantized layer keeps its own kernel)
+        quantized = quantize_model(model, tokenizer, config.quantize, smoothing_alpha, keep_float32)
+        backend = cls(model, tokenizer, model_id, config.batch_size, config.logprobs_top_k, config.prefix_cache)
+        if quantized:
+            backend.quantized = quantized
+            backend.smoothing_alpha, backend.keep_float32 = smoothing_alpha, tuple(keep_float32)
+        return backend
 
     def prompt_text(self, request: GenerationRequest) -> str:
         return self.tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)

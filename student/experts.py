@@ -16,11 +16,11 @@ from peft import DeloraConfig, HRAConfig, LoraConfig, PeftModel, get_peft_model
 from memlora.config import OPERATIONS, ExpertConfig
 from memlora.layout import adapter_dir
 from memlora.llm.client_template import AS_SENT, expert_view, read_template
-from memlora.llm.hf_backend import TransformersBackend, load_causal_lm
+from memlora.llm.calibration import calibration_ids
+from memlora.llm.hf_backend import TransformersBackend, load_causal_lm, quantize_model
 from memlora.manifest import check_recorded
-from memlora.memory.prompts import templates as teacher_templates
 from memlora.student.householder import use_input_reflections
-from memlora.llm.quantize import BARE, quantize_base, quantize_merged, smooth_in_place, smoothing
+from memlora.llm.quantize import BARE, quantize_merged, smoothing
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +91,6 @@ def adapter_name(operation: str) -> str:
     return f"expert_{operation}"
 
 
-def calibration_ids(tokenizer) -> list[torch.Tensor]:
-    """Token ids that show a model the inputs it will serve, for int8 smoothing: each operation's teacher prompt
-    with its few-shot examples (instructions, conversation text, JSON answers), chat-formatted."""
-    texts = [tokenizer.apply_chat_template(t.messages(t.shots[0][0]), tokenize=False, add_generation_prompt=True)
-             for t in teacher_templates().values()]
-    return [torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
-
-
 class ExpertBackend(TransformersBackend):
     """One student base with every expert attached, an `LLMBackend` like the teacher's.
 
@@ -157,15 +149,13 @@ class ExpertBackend(TransformersBackend):
         if smoothing_alpha and not smoothable:
             log.info("int8 smoothing not applied: %s", "experts beside the base would read the scaled input"
                      if quantize != "none" else "the base is not quantized")
-        smooth = smoothing(model, calibration_ids(tokenizer), smoothing_alpha) if self.smoothing_alpha else None
         if quantize != "none" and merge and self.operations:
+            smooth = smoothing(model, calibration_ids(tokenizer), smoothing_alpha) if self.smoothing_alpha else None
             self._switch = quantize_merged(model, [adapter_name(op) for op in self.operations], quantize, smooth,
                                            self.keep_float32)
             self.quantized = quantize
         else:
-            if smooth is not None:
-                smooth_in_place(model, smooth)
-            self.quantized = quantize if quantize_base(model, quantize, self.keep_float32) else None
+            self.quantized = quantize_model(model, tokenizer, quantize, self.smoothing_alpha, self.keep_float32)
         super().__init__(model, tokenizer, model_id, batch_size=batch_size, prefix_cache=prefix_cache)
         # The adapted layers, found once: a switch then only repoints them (peft's `set_adapter` walks every
         # module of the model and toggles requires_grad each time: 4 ms per switch here, measured).

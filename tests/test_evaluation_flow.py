@@ -278,6 +278,30 @@ def test_evaluate_flow_on_tiny_models(prefect_server, tiny_teacher, tiny_model_d
     for system in [*SYSTEMS, "judge"]:
         again = run_system_process(cfg, out, system, base=base)
         assert again.kept is True and again.pid == probes[system]["pid"]
+
+    # A quantized student brings the teacher quantized the same way into the comparison (like for like: the same
+    # smoothing and float32 exceptions); it replays the teacher's requests as the students do. The teacher as
+    # deployed is kept from the run above.
+    raw = small_config(str(tiny_teacher), str(tiny_model_dir))
+    raw["student"].update(quantize="int8", int8_smoothing=0.5, int8_keep_float32=["lm_head"])
+    quantized_config = tmp_path / "int8.yaml"
+    quantized_config.write_text(yaml.safe_dump(raw))
+    quantized = evaluate(config_path=str(quantized_config), out=str(out))
+    four = ["teacher", "teacher-int8", "student", "student+experts"]
+    assert [h["system"] for h in quantized["headline"]] == four
+    assert quantized["systems"]["teacher"]["pid"] == probes["teacher"]["pid"]
+    int8_probe = json.loads((out / "eval" / "systems" / "teacher-int8" / "probe.json").read_text())
+    assert int8_probe["dtype"] == "float32, int8 weights (smoothed, alpha 0.5) (lm_head float32)"
+    assert quantized["systems"]["student+experts"]["dtype"].startswith("float32, int8 weights (smoothed")
+    assert requests("teacher-int8", "forced") == requests("teacher", "e2e")
+    rows = {(r["system"], r["operation"], r["metric"]): r
+            for r in pq.read_table(out / "eval" / "results.parquet").to_pylist()}
+    for op in OPERATIONS:
+        assert rows[("teacher-int8", op, AGREEMENT[op][0])]["n"] > 0, op
+    assert rows[("teacher-int8", "model", "peak_rss_mb")]["value"] == pytest.approx(int8_probe["peak_rss_mb"])
+    md = (out / "eval" / "report.md").read_text()
+    assert "| | teacher | teacher-int8 | student | student+experts |" in md
+    assert "| teacher-int8 | " in md  # the systems table names its model and weights
     # ... and its key follows what the system reads: a changed expert changes only student+experts' key.
     keys = {s: cache_key(cfg, out, s, base) for s in SYSTEMS}
     weights = out / "adapters" / "update" / "adapter_model.safetensors"

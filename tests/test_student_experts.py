@@ -369,7 +369,7 @@ def test_smoothing_keeps_the_float32_function_and_shrinks_outlier_channels(tiny_
     model they change no logit beyond float32 rounding, and the channel that carried the outlier gets the largest
     scale of its group."""
     from memlora.llm.quantize import smooth_in_place, smoothing
-    from memlora.student.experts import calibration_ids
+    from memlora.llm.calibration import calibration_ids
 
     model, tokenizer = fresh(tiny_model_dir)
     with_outlier_channels(model)
@@ -396,7 +396,7 @@ def test_smoothing_brings_merged_int8_back_to_float32_where_channels_are_outlier
     import copy
 
     from memlora.llm.quantize import quantize_merged, smoothing
-    from memlora.student.experts import calibration_ids
+    from memlora.llm.calibration import calibration_ids
 
     model, tokenizer = fresh(tiny_model_dir)
     with_outlier_channels(model)
