@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from memlora.llm.file_pages import model_tensors, release_file_pages
+
 SCHEMES = ("none", "int8")
 
 
@@ -70,11 +72,13 @@ def quantize_base(model: torch.nn.Module, scheme: str, keep: tuple[str, ...] = (
     skip = _adapter_modules(model)
     names = [name for name, m in model.named_modules()
              if type(m) is torch.nn.Linear and id(m) not in skip and not kept(name, keep)]
+    floats = [t for n in names for t in (model.get_submodule(n).weight, model.get_submodule(n).bias) if t is not None]
     with warnings.catch_warnings():  # deprecated in favour of torchao, whose CPU kernels are slower here (above)
         warnings.simplefilter("ignore", DeprecationWarning)
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
         quantize_dynamic(model, {name: per_channel_dynamic_qconfig for name in names}, dtype=torch.qint8, inplace=True)
+    release_file_pages(floats, model_tensors(model))
     return len(names)
 
 
@@ -241,6 +245,7 @@ def quantize_merged(model: torch.nn.Module, adapter_names: list[str], scheme: st
                 base.weight.copy_(original)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, SwitchedLinear(variants, state))
+            release_file_pages([t for t in (base.weight, base.bias) if t is not None], model_tensors(model))
             del layer, base, original
     smooth_in_place(model, smooth)
     quantize_base(model, scheme, keep)  # the linears no adapter touches (the output head)
