@@ -4,8 +4,9 @@
 
 `teacher` runs end to end first (its calls are the reference requests), then replays its own requests without
 their schema (free decoding). Each other system (the students; `teacher-int8` beside a quantized student)
-replays the teacher's requests as they were and without schema, then runs end to end with its own memory. `judge` labels every system's QA answers. Each writes its rows under
-OUT/eval/systems/<system>/ and a probe record (pid, parameters, adapter bytes, peak memory, timings).
+replays the teacher's requests as they were and without schema, then runs end to end with its own memory.
+`judge` labels every system's QA answers. Each writes its rows under OUT/eval/systems/<system>/ and a probe
+record (pid, parameters, adapter bytes, peak memory, timings).
 """
 
 from __future__ import annotations
@@ -55,8 +56,10 @@ def say(message: str) -> None:
 
 
 def _phase(system: str, name: str, rows: list[dict], seconds: float) -> None:
+    """A phase's end, with the process's memory then and its peak so far: where the peak came from."""
     ok = sum(r["parse_ok"] for r in rows)
-    say(f"{system}: {name}: {len(rows)} calls, {ok} parsed, {seconds:.1f} s")
+    say(f"{system}: {name}: {len(rows)} calls, {ok} parsed, {seconds:.1f} s; RSS {probes.current_rss_mb():.0f} MiB, "
+        f"peak {probes.peak_rss_mb():.0f} MiB")
 
 
 def _write_rows(rows: list[dict], schema: pa.Schema, path: Path, kind: str) -> None:

@@ -62,3 +62,13 @@ def release_file_pages(tensors: list[torch.Tensor], live: list[torch.Tensor]) ->
 def model_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
     """Every parameter and buffer a model still holds (plain tensors; packed int8 weights are not among them)."""
     return [t.detach() for t in (*model.parameters(), *model.buffers())]
+
+
+def trim_heap() -> None:
+    """Hand the heap's free pages back (glibc's malloc_trim): building int8 variants frees the float32 adapters
+    and merge buffers in small pieces the allocator would otherwise keep (125 MiB on the 26-layer student)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # another C library (musl): nothing to trim with
+            pass

@@ -82,7 +82,7 @@ def quantize_model(model, tokenizer, scheme: str, smoothing_alpha: float = 0.0,
     if scheme == "none":
         return None
     if smoothing_alpha:
-        smooth_in_place(model, smoothing(model, calibration_ids(tokenizer), smoothing_alpha))
+        smooth_in_place(model, smoothing(model, calibration_ids(tokenizer), smoothing_alpha, keep_float32))
     return scheme if quantize_base(model, scheme, keep_float32) else None
 
 

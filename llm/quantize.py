@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from memlora.llm.file_pages import model_tensors, release_file_pages
+from memlora.llm.file_pages import model_tensors, release_file_pages, trim_heap
 
 SCHEMES = ("none", "int8")
 
@@ -151,10 +151,13 @@ def _weight_of(module: torch.nn.Module) -> torch.Tensor:
     return module.get_base_layer().weight if hasattr(module, "get_base_layer") else module.weight
 
 
-def smoothing(model: torch.nn.Module, calibration: list[torch.Tensor], alpha: float) -> Smoothing:
+def smoothing(model: torch.nn.Module, calibration: list[torch.Tensor], alpha: float,
+              keep: tuple[str, ...] = ()) -> Smoothing:
     """Scales for every Llama-style decoder layer of `model` (input_layernorm -> q/k/v, post_attention_layernorm
     -> gate/up, up -> down) from the largest input each channel sees on `calibration` (token id tensors, run with
-    any adapters disabled) and the base weights: s = max|x|^alpha / max|w|^(1 - alpha)."""
+    any adapters disabled) and the base weights: s = max|x|^alpha / max|w|^(1 - alpha). A group that feeds a
+    linear named in `keep` is left as it is: a float32 layer needs no smoothing, and an expert left beside it must
+    read the input it was trained on."""
     if not 0 < alpha < 1:
         raise ValueError(f"smoothing alpha {alpha} must lie in (0, 1)")
     groups = []  # (the producer: a norm or up_proj, [the linears that read its output])
@@ -170,6 +173,7 @@ def smoothing(model: torch.nn.Module, calibration: list[torch.Tensor], alpha: fl
     if not groups:
         raise ValueError("int8 smoothing needs Llama-style decoder layers (input_layernorm, self_attn.q/k/v_proj, "
                          "post_attention_layernorm, mlp.gate/up/down_proj); set student.int8_smoothing: 0")
+    groups = [(producer, consumers) for producer, consumers in groups if not any(kept(c, keep) for c in consumers)]
     peaks: dict[str, torch.Tensor] = {}
 
     def record(name):
@@ -219,7 +223,9 @@ def quantize_merged(model: torch.nn.Module, adapter_names: list[str], scheme: st
     (`state["active"] = name` selects an adapter, `BARE` none). Layer by layer, so the float32 weights of a layer
     are freed once its variants are built; afterwards no float32 copy of an adapted weight is left. `smooth`
     (from `smoothing`) is applied to each variant after merging, to the plain linears and to the norms. Layers
-    named in `keep` (`kept`) get float32 variants instead: those whose inputs int8 cannot carry."""
+    named in `keep` (`kept`: those whose inputs int8 cannot carry) stay as they are, float32 with the adapters
+    beside them un-merged: one copy of the base weight for every expert (a float32 variant per expert cost 4 x
+    92 MB for down_proj on the 26-layer student); the caller switches their adapter as peft does."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     if scheme != "int8":
@@ -232,16 +238,17 @@ def quantize_merged(model: torch.nn.Module, adapter_names: list[str], scheme: st
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", DeprecationWarning)
         for name in names:
+            if kept(name, keep):
+                continue
             layer = model.get_submodule(name)
             base = layer.get_base_layer()
             original = base.weight.detach().clone()
             bias = smooth.bias(name, base.bias)
-            make = _float32 if kept(name, keep) else _dynamic_int8
-            variants = {BARE: make(smooth.weight(name, original), bias)}
+            variants = {BARE: _dynamic_int8(smooth.weight(name, original), bias)}
             for adapter in adapter_names:
                 layer.merged_adapters = []
                 layer.merge(adapter_names=[adapter])  # the method's own merge: exact for DeLoRA, LoRA and ETHER
-                variants[adapter] = make(smooth.weight(name, base.weight), bias)
+                variants[adapter] = _dynamic_int8(smooth.weight(name, base.weight), bias)
                 base.weight.copy_(original)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, SwitchedLinear(variants, state))
@@ -249,4 +256,5 @@ def quantize_merged(model: torch.nn.Module, adapter_names: list[str], scheme: st
             del layer, base, original
     smooth_in_place(model, smooth)
     quantize_base(model, scheme, keep)  # the linears no adapter touches (the output head)
+    trim_heap()
     return state

@@ -150,7 +150,8 @@ class ExpertBackend(TransformersBackend):
             log.info("int8 smoothing not applied: %s", "experts beside the base would read the scaled input"
                      if quantize != "none" else "the base is not quantized")
         if quantize != "none" and merge and self.operations:
-            smooth = smoothing(model, calibration_ids(tokenizer), smoothing_alpha) if self.smoothing_alpha else None
+            smooth = (smoothing(model, calibration_ids(tokenizer), smoothing_alpha, self.keep_float32)
+                      if self.smoothing_alpha else None)
             self._switch = quantize_merged(model, [adapter_name(op) for op in self.operations], quantize, smooth,
                                            self.keep_float32)
             self.quantized = quantize
@@ -176,6 +177,8 @@ class ExpertBackend(TransformersBackend):
         if self._switch is not None:
             self.merge = True
             self._switch["active"] = adapter_name(self.active)
+            for layer in self._tuner_layers:
+                layer._active_adapter = [adapter_name(self.active)]
         elif self.active is not None:
             self._merge_into_base(adapter_name(self.active))
 
@@ -207,6 +210,10 @@ class ExpertBackend(TransformersBackend):
             name = adapter_name(operation) if operation is not None else BARE
             if self._switch["active"] != name:
                 self._switch["active"] = name
+                for layer in self._tuner_layers:  # layers kept float32 run their expert beside the shared base
+                    layer._disable_adapters = operation is None
+                    if operation is not None:
+                        layer._active_adapter = [name]
                 self.switches += 1
             self.active = operation
             return

@@ -316,14 +316,19 @@ def test_an_int8_base_stays_close_to_float32_and_switching_experts_on_it_is_exac
     from memlora.llm.quantize import BARE, SwitchedLinear, is_quantized
 
     adapters = [p for n, p in quantized.model.named_parameters() if "delora_" in n]
-    if merge:  # no adapter and no float32 adapted weight left: every adapted layer is its int8 variants
+    if merge:  # every adapted layer not kept float32 is its int8 variants, with no adapter or float32 copy left
         switched = [m for m in quantized.model.modules() if isinstance(m, SwitchedLinear)]
-        assert switched and not quantized._tuner_layers and not adapters
-        assert all(set(m.variants) == {BARE, *(f"expert_{op}" for op in OPERATIONS)} for m in switched)
-        assert all(is_quantized(v) != (type(v) is torch.nn.Linear) for m in switched for v in m.variants.values())
-        float32 = {n.partition(".variants")[0].rpartition(".")[2] for n, v in quantized.model.named_modules()
-                   if type(v) is torch.nn.Linear}
-        assert float32 == set(keep)  # the kept linears' variants (and the tied output head) stay float32
+        assert switched and all(set(m.variants) == {BARE, *(f"expert_{op}" for op in OPERATIONS)} for m in switched)
+        assert all(is_quantized(v) for m in switched for v in m.variants.values())
+        # a kept layer is one float32 base shared by every expert, each expert's adapter beside it
+        kept = {n.rpartition(".")[2] for n, m in quantized.model.named_modules() if m in quantized._tuner_layers}
+        assert kept == set(keep) - {"lm_head"}
+        assert all(type(m.get_base_layer()) is torch.nn.Linear for m in quantized._tuner_layers)
+        assert all(set(n.split(".")) & set(keep) for n in (n for n, _ in quantized.model.named_parameters())
+                   if "delora_" in n)  # adapters left only beside the kept layers
+        float32 = {n.rpartition(".")[2] for n, v in quantized.model.named_modules()
+                   if type(v) is torch.nn.Linear and ".variants." not in n}
+        assert {n for n in float32 if n != "base_layer"} == ({"lm_head"} & set(keep))  # the tied output head
     else:
         assert all(is_quantized(layer.get_base_layer()) for layer in quantized._tuner_layers)  # int8, not float32
         assert adapters and all(type(p.data) is torch.Tensor and p.dtype == torch.float32 for p in adapters)
