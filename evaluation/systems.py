@@ -80,7 +80,8 @@ def build_system(name: str, config: Config, out: str | Path, base: str | Path | 
         return LoadedSystem(name, backend, time.perf_counter() - started,
                             {"model": config.teacher.model, "experts": {}})
     if name == TEACHER_INT8:
-        from memlora.llm.hf_backend import TransformersBackend  # a local model only; an HTTP teacher needs no torch
+        # Imported here: a local model only, and the process of an HTTP teacher never needs torch.
+        from memlora.llm.hf_backend import TransformersBackend
 
         backend = TransformersBackend.from_config(quantized_teacher(config),
                                                   smoothing_alpha=config.student.int8_smoothing,
