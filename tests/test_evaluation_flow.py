@@ -378,3 +378,19 @@ def test_trained_experts_evaluated_on_another_corpus(prefect_server, tiny_teache
     assert main(["evaluate", "--config", str(config), "--out", str(other), "--data", str(data), "--sessions", "1",
                  "--experts-from", str(trained)]) == 2
     assert (other / "notes.txt").read_text() == "mine" and len(list(other.iterdir())) == 1
+
+
+def test_the_quantized_teacher_column_appears_only_beside_a_quantized_student(tiny_model_dir):
+    """teacher-int8 is the teacher quantized as the student is: evaluated where the student is quantized and the
+    teacher, local, is not; never for an HTTP teacher (its server quantizes) or a teacher already int8."""
+    from memlora.evaluation.systems import ALL_SYSTEMS, SYSTEMS, quantized_teacher, systems
+
+    raw = small_config(str(tiny_model_dir), str(tiny_model_dir))
+    assert systems(parse_config(raw)) == SYSTEMS
+    raw["student"].update(quantize="int8", int8_smoothing=0.85, int8_keep_float32=["down_proj"])
+    config = parse_config(raw)
+    assert systems(config) == ALL_SYSTEMS and ALL_SYSTEMS[1] == "teacher-int8"
+    teacher = quantized_teacher(config)
+    assert teacher.quantize == "int8" and teacher.model == config.teacher.model and teacher.logprobs_top_k == 0
+    raw["teacher"]["quantize"] = "int8"  # the teacher as deployed is already int8: its own column says it
+    assert systems(parse_config(raw)) == SYSTEMS
