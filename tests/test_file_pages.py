@@ -31,12 +31,18 @@ def linears(model) -> list[torch.Tensor]:
     return [m.weight for m in model.modules() if type(m) is torch.nn.Linear and m is not model.lm_head]
 
 
-@pytest.mark.timeout(120)
-def test_pages_of_weights_no_longer_read_are_released_and_live_or_anonymous_ones_never(tiny_model_dir):
-    model, tokenizer, _ = load_causal_lm(str(tiny_model_dir), dtype="float32", device="cpu")
+def loaded(folder: Path):
+    """The tiny model as a backend loads it (float32 weights read from its mapped safetensors file), a prompt,
+    and the model's logits on it."""
+    model, tokenizer, _ = load_causal_lm(str(folder), dtype="float32", device="cpu")
     ids = torch.tensor([tokenizer("Ann adopted a cat named Tom.")["input_ids"]])
     with torch.no_grad():
-        before = model(input_ids=ids).logits
+        return model, ids, model(input_ids=ids).logits
+
+
+@pytest.mark.timeout(120)
+def test_pages_of_weights_no_longer_read_are_released_and_live_or_anonymous_ones_never(tiny_model_dir):
+    model, ids, before = loaded(tiny_model_dir)
     weights = linears(model)
     assert release_file_pages(weights, model_tensors(model)) == 0  # the model still reads them: kept
     released = release_file_pages(weights, live=[])
@@ -50,10 +56,7 @@ def test_pages_of_weights_no_longer_read_are_released_and_live_or_anonymous_ones
 
 @pytest.mark.timeout(120)
 def test_int8_quantization_gives_back_the_float32_pages_and_keeps_the_tied_embedding(tiny_model_dir):
-    model, tokenizer, _ = load_causal_lm(str(tiny_model_dir), dtype="float32", device="cpu")
-    ids = torch.tensor([tokenizer("Ann adopted a cat named Tom.")["input_ids"]])
-    with torch.no_grad():
-        before = model(input_ids=ids).logits
+    model, ids, before = loaded(tiny_model_dir)
     embedding = model.get_input_embeddings().weight.detach().clone()
     file = (Path(tiny_model_dir) / "model.safetensors").resolve()
     resident = resident_kb(file)
