@@ -86,7 +86,7 @@ def headline_text(heads: list[dict]) -> str:
 def skill_sentences(rows: list[dict]) -> list[str]:
     """Where a system's update decisions agree with the teacher's no better than chance, say so in words."""
     out = []
-    for system in in_rows(rows)[1:]:
+    for system in (s for s in in_rows(rows) if s != TEACHER):  # the teacher's kappa is with itself
         r = lookup(rows, system, "update", "cohen_kappa")
         if r is None or r["value"] is None or r["ci_low"] is None:
             continue

@@ -21,7 +21,7 @@ from memlora.evaluation import agreement, scoring
 from memlora.evaluation.replay import E2E, FORCED, FORCED_FREE
 from memlora.evaluation.probes import Probe
 from memlora.evaluation.stats import Estimate, bootstrap, percentile, proportion
-from memlora.evaluation.systems import in_rows, systems
+from memlora.evaluation.systems import SYSTEMS, in_rows, systems
 from memlora.layout import calls_path, judgements_path, probe_path, qa_path, results_path
 
 RESULTS = pa.schema([
@@ -216,7 +216,7 @@ def headline(rows: list[dict], with_judge: bool = False) -> list[dict]:
         return None if r is None or r["value"] is None else round(r["value"], 3)
 
     table = []
-    for system in in_rows(rows):
+    for system in in_rows(rows) or SYSTEMS:  # no rows yet: the columns every evaluation has
         table.append({
             "system": system,
             "extraction_fact_f1": v(system, "extraction", "fact_f1"),
