@@ -95,6 +95,20 @@ def calibrate(pairs: Sequence[Pair], budget: float, min_calls: int = 1) -> Thres
     return best
 
 
+def budget_to_keep(pairs: Sequence[Pair], share: float) -> float:
+    """The least budget at which `calibrate` would keep at least `share` of these calls (nan: no calls). What a
+    user reads where calibration keeps nothing: how far the experts are from being served at all."""
+    ranked = sorted(pairs, key=lambda p: -p[0])
+    least, disagree = math.nan, 0
+    for k, (conf, agrees) in enumerate(ranked, start=1):
+        disagree += not agrees
+        if (k < len(ranked) and ranked[k][0] == conf) or k < share * len(ranked):
+            continue
+        upper = wilson(disagree, k)[1]
+        least = upper if math.isnan(least) else min(least, upper)
+    return least
+
+
 def served(threshold: Threshold | float, pairs: Sequence[Pair]) -> Served:
     value = threshold.value if isinstance(threshold, Threshold) else threshold
     kept = [agrees for conf, agrees in pairs if conf >= value]

@@ -20,7 +20,7 @@ from memlora.data.io import write_json
 from memlora.data.split import captured_split
 from memlora.evaluation import scoring
 from memlora.evaluation.calibration import (
-    CalibrationError, Threshold, calibrate, in_audit_sample, keep_curve, served,
+    CalibrationError, Threshold, budget_to_keep, calibrate, in_audit_sample, keep_curve, served,
 )
 from memlora.layout import adapter_dir, calls_path, deferral_path, trace_files
 from memlora.llm.confidence import answer_events, confidence, is_destructive
@@ -30,6 +30,8 @@ from memlora.student.examples import conversation_splits, load_traces, split_row
 from memlora.student.records import TrainingRecord
 
 KEEP, DESTRUCTIVE = "keep", "destructive"  # the two classes of an operation's answers, calibrated apart
+# Shares of calls for which calibration also says the least budget that would keep them (`budgets_to_keep`)
+KEEP_SHARES = (0.1, 0.3, 0.5)
 
 
 @dataclass(frozen=True)
@@ -181,7 +183,8 @@ def fit(scored: list[Scored], operations: list[str], config: Config) -> dict:
             if not pairs and destructive and op != "update":
                 continue
             threshold = calibrate(pairs, budget) if pairs else Threshold(math.inf, budget, 0, 0, 0, math.nan)
-            classes[name] = {**asdict(threshold), "curve": keep_curve(pairs)}
+            classes[name] = {**asdict(threshold), "curve": keep_curve(pairs),
+                             "budgets_to_keep": {str(share): budget_to_keep(pairs, share) for share in KEEP_SHARES}}
         policy[op] = classes
     return policy
 
@@ -229,18 +232,27 @@ def check(policy: dict, scored: list[Scored]) -> dict:
 def summary(result: dict) -> str:
     """What `memlora calibrate` prints: per operation, the thresholds and what they keep on validation and test."""
     lines = [f"budget: at most {result['budget']:.0%} of kept answers disagree with the teacher (upper 95 % bound)",
-             "operation   class        threshold  kept/n (validation)  upper   test: kept/n  disagreement of kept"]
+             "operation   class        threshold  kept/n (validation)  upper   budget to keep 30 %  "
+             "test: kept/n  disagreement of kept"]
     for op, classes in result["operations"].items():
         test = result["test"].get(op)
         for i, (name, t) in enumerate(classes.items()):
             upper = "-" if math.isnan(t["upper"]) else f"{t['upper']:.3f}"
+            needed = _budget_text(t.get("budgets_to_keep", {}).get("0.3", math.nan))
             tested = ""
             if test and i == 0:
                 low, high = test["disagreement_ci"]
                 ci = "-" if test["kept"] == 0 else f"{test['disagree'] / test['kept']:.3f} [{low:.3f}, {high:.3f}]"
                 tested = f"{test['kept']}/{test['n']}  {ci}"
-            lines.append(f"{op:<11} {name:<12} {t['value']:>9.3f}  {t['kept']:>4}/{t['n']:<15} {upper:<7} {tested}")
+            lines.append(f"{op:<11} {name:<12} {t['value']:>9.3f}  {t['kept']:>4}/{t['n']:<15} {upper:<7} "
+                         f"{needed:<20} {tested}")
     return "\n".join(lines)
+
+
+def _budget_text(budget: float) -> str:
+    """A budget calibration could be given: none where no budget below 1 would do (every kept answer may
+    disagree)."""
+    return "-" if math.isnan(budget) or budget >= 1 else f"{budget:.3f}"
 
 
 def test_check(config: Config, out: str | Path, backend, policy: dict, operations: list[str],

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from memlora.evaluation.calibration import CalibrationError, calibrate, keep_curve, served
+from memlora.evaluation.calibration import CalibrationError, budget_to_keep, calibrate, keep_curve, served
 from memlora.evaluation.stats import wilson
 from memlora.llm.confidence import answer_events, confidence, event_token_indices, is_destructive, low_quantile
 
@@ -55,6 +55,21 @@ def test_ties_are_kept_or_deferred_together_and_hopeless_experts_defer_everythin
     curve = keep_curve(pairs)
     assert curve[0] == (math.inf, 0.0, 1.0) and curve[-1][1] == 1.0
     assert curve[-1][2] == pytest.approx(200 / 206)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("share", [0.1, 0.3, 0.5, 1.0])
+def test_the_least_budget_to_keep_a_share_is_the_one_calibration_needs(share):
+    pairs = made_pairs(200)
+    least = budget_to_keep(pairs, share)
+    assert calibrate(pairs, least).keep_share >= share  # that budget keeps the share...
+    assert calibrate(pairs, least - 1e-9).keep_share < share  # ...and none below it does
+    # an expert that is wrong where it is surest: only a loose budget keeps anything
+    hopeless = [(-0.1, False)] * 10 + [(-1.0, True)] * 10
+    assert calibrate(hopeless, 0.2).kept == 0
+    # the surest 10 are all wrong (upper bound 1): keeping all 20 is what the least budget buys
+    assert budget_to_keep(hopeless, 0.3) == budget_to_keep(hopeless, 1.0) == pytest.approx(wilson(10, 20)[1])
+    assert math.isnan(budget_to_keep([], 0.3))
 
 
 @pytest.mark.timeout(30)

@@ -19,6 +19,7 @@ from memlora.config import DeferralConfig, ExpertConfig
 from memlora.data.io import write_parquet
 from memlora.data.schemas import TRACES
 from memlora.evaluation.calibration import CalibrationError, DeferralPolicy, in_audit_sample
+from memlora.evaluation.stats import wilson
 from memlora.layout import deferral_path, trace_files
 from memlora.llm.confidence import confidence
 from memlora.llm.fallback import ANSWERED_BY, Fallback, FallbackError
@@ -92,8 +93,11 @@ def test_calibrate_writes_thresholds_that_meet_the_budget(deferral_out, tiny_mod
     assert keep["kept"] == 8 and keep["disagree"] == 0 and keep["upper"] <= 0.4
     curve = keep["curve"]
     assert curve[0][1] == 0.0 and curve[-1][1] == 1.0 and curve[-1][2] == pytest.approx(8 / 12)
+    # half the calls: the 8 clean surest answers are the cheapest way there
+    assert keep["budgets_to_keep"]["0.5"] == pytest.approx(wilson(0, 8)[1])
     printed = capsys.readouterr().out
     assert "calibrating on 12 held-out calls" in printed and "extraction  keep" in printed
+    assert "budget to keep 30 %" in printed
     policy = DeferralPolicy.read(deferral_path(out))
     assert policy.keeps("extraction", keep["value"]) and not policy.keeps("update", 0.0)  # no threshold: defer
 
