@@ -7,7 +7,9 @@ generate 1, over N; greedy, no early stop) against its floor (weight bytes + KV-
 the triad bandwidth). Systems: the teacher in float32 (as the config deploys it) and int8, the student base in
 float32 (experts merged read the same bytes), int8, int8 with an expert beside it, un-merged (`student.quantize:
 int8`: the difference is what the un-merged expert costs), and int8 with the expert merged before quantizing (the
-other design: one int8 copy of the base per expert, a switch a pointer swap). The ratio says how much faster a step could get on this CPU; it is not a guess at the kernels.
+other design: one int8 copy of the base per expert, a switch a pointer swap). Every system decodes with the
+backends' CPU product (`llm.cpu_matmul`); the teacher also through plain `F.linear`, for what that product
+buys. The ratio says how much faster a step could get on this CPU; it is not a guess at the kernels.
 
     python bench/bandwidth_floor.py [--quick] [--out OUT]   (OUT: use its student base)
 """
@@ -96,9 +98,10 @@ def step_seconds(model, prompt: int, steps: int, batch: int, repeats: int) -> fl
 
 
 def load(system: str, base: Path, config):
+    from memlora.llm.cpu_matmul import use_rows_first_linears
     from memlora.llm.hf_backend import load_causal_lm
-    from memlora.student.experts import attach_expert
     from memlora.llm.quantize import quantize_base
+    from memlora.student.experts import attach_expert
 
     model = load_causal_lm(config.teacher.model if system.startswith("teacher") else str(base), dtype="float32",
                            device="cpu")[0]
@@ -108,10 +111,16 @@ def load(system: str, base: Path, config):
         model = model.merge_and_unload()
     if "int8" in system:
         quantize_base(model, "int8")
+    if system != PLAIN:
+        use_rows_first_linears(model)  # the product the backends decode with (float32 linears only)
     return model.eval()
 
 
-SYSTEMS = ("teacher", "teacher-int8", "student", "student-int8", "student-int8+expert", "student-int8+expert-merged")
+# The teacher through plain `F.linear`, as torch multiplies by default: beside "teacher" (the backends' product,
+# llm/cpu_matmul.py), what that product buys in the same run.
+PLAIN = "teacher-F.linear"
+SYSTEMS = ("teacher", PLAIN, "teacher-int8", "student", "student-int8", "student-int8+expert",
+           "student-int8+expert-merged")
 
 
 def main() -> None:

@@ -5,6 +5,12 @@ this machine's MKL takes a slow path for such shapes: the 49152 x 576 output hea
 47 ms for 8 rows against 13 ms as (W @ x^T)^T, and the decoder's projections 1.2-2.7x longer at 4-16 rows
 (2 cores, torch 2.13 CPU; the two agree to float rounding). Past ~256 rows (prefill, scoring) the two are on
 par, so larger inputs keep `F.linear`.
+
+One row is the worst case: MKL multiplies a matrix by a single vector on one thread, it seems, at about 9 GB/s
+here, against 18-19 GB/s for the same weights times two rows (the student's 182 decoder linears + output head,
+481 MB of float32: 51 ms a step for one row, 25 ms for that row written twice; `bench/bandwidth_floor.py`). So
+a single row is multiplied as two copies of itself and the first is kept. int8 linears (fbgemm) do not have
+this gap and are left alone.
 """
 
 from __future__ import annotations
@@ -22,7 +28,10 @@ def _rows_first_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if rows == 0 or rows > ROWS_FIRST_MAX or not x.is_floating_point():
         return F.linear(x, self.weight, self.bias)
     flat = x.reshape(rows, x.shape[-1])
-    out = torch.matmul(self.weight, flat.t()).t()
+    if rows == 1:  # two rows take MKL's threaded product, one its single-thread one (see above)
+        out = torch.matmul(self.weight, flat.repeat(2, 1).t()).t()[:1]
+    else:
+        out = torch.matmul(self.weight, flat.t()).t()
     if self.bias is not None:
         out = out + self.bias
     return out.contiguous().view(*x.shape[:-1], self.weight.shape[0])

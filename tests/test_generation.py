@@ -259,8 +259,8 @@ def test_compact_update_output_is_id_and_event_where_nothing_is_new(tiny_backend
 
 @pytest.mark.timeout(120)
 def test_rows_first_linears_match_f_linear(tiny_model_dir):
-    """The CPU decode product (W @ x^T)^T gives F.linear's outputs, with and without bias, for decode-sized and
-    prefill-sized inputs, and the patched model's logits equal the plain model's."""
+    """The CPU decode product (W @ x^T)^T gives F.linear's outputs, with and without bias, for decode-sized (one
+    row too, multiplied as two) and prefill-sized inputs, and the patched model's logits equal the plain model's."""
     import torch
 
     from memlora.llm.cpu_matmul import ROWS_FIRST_MAX, use_rows_first_linears
@@ -272,7 +272,7 @@ def test_rows_first_linears_match_f_linear(tiny_model_dir):
         patched = torch.nn.Linear(48, 80, bias=bias)
         patched.load_state_dict(layer.state_dict())
         assert use_rows_first_linears(patched) == 1
-        for shape in [(8, 48), (8, 1, 48), (2, 3, 48), (1, ROWS_FIRST_MAX + 1, 48)]:
+        for shape in [(8, 48), (8, 1, 48), (2, 3, 48), (1, 48), (1, 1, 48), (1, ROWS_FIRST_MAX + 1, 48)]:
             x = torch.randn(*shape)
             torch.testing.assert_close(patched(x), layer(x), rtol=1e-5, atol=1e-6)
 
