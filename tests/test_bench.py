@@ -28,6 +28,7 @@ QUICK = {
     "teacher_quantize": ["rows", "tokens_per_s", "int8_over_float32_speed"],
     "int8_designs": ["rows", "calls"],
     "int8_logits": ["rows", "down_proj_outliers"],
+    "gpu_paths": ["environment", "experts", "decode"],
 }
 
 
