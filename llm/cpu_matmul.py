@@ -8,9 +8,10 @@ par, so larger inputs keep `F.linear`.
 
 One row is the worst case: MKL multiplies a matrix by a single vector on one thread, it seems, at about 9 GB/s
 here, against 18-19 GB/s for the same weights times two rows (the student's 182 decoder linears + output head,
-481 MB of float32: 51 ms a step for one row, 25 ms for that row written twice; `bench/bandwidth_floor.py`). So
-a single row is multiplied as two copies of itself and the first is kept. int8 linears (fbgemm) do not have
-this gap and are left alone.
+481 MB of float32, cold: 51 ms for one row, 25 ms for that row written twice). So a single row is multiplied
+as two copies of itself and the first is kept: the float32 teacher's decode step at batch 1 took 66.4 ms
+through `F.linear` and 38.2 ms so (`bench/bandwidth_floor.py`, side by side, 2026-12-04). int8 linears (fbgemm)
+do not have this gap and are left alone.
 """
 
 from __future__ import annotations
