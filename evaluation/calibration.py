@@ -82,31 +82,31 @@ def calibrate(pairs: Sequence[Pair], budget: float, min_calls: int = 1) -> Thres
     if len(pairs) < max(1, min_calls):
         raise CalibrationError(f"{len(pairs)} held-out calls to calibrate on; at least {max(1, min_calls)} are "
                                "needed (capture or trace more calls, or raise the validation share)")
-    ranked = sorted(pairs, key=lambda p: -p[0])
     best = Threshold(math.inf, budget, len(pairs), 0, 0, math.nan)
-    disagree = 0
-    for k, (conf, agrees) in enumerate(ranked, start=1):
-        disagree += not agrees
-        if k < len(ranked) and ranked[k][0] == conf:
-            continue  # the next call ties with this one: no cut here
-        upper = wilson(disagree, k)[1]
+    for conf, kept, disagree in _cuts(pairs):
+        upper = wilson(disagree, kept)[1]
         if upper <= budget:
-            best = Threshold(conf, budget, len(pairs), k, disagree, upper)
+            best = Threshold(conf, budget, len(pairs), kept, disagree, upper)
     return best
 
 
 def budget_to_keep(pairs: Sequence[Pair], share: float) -> float:
     """The least budget at which `calibrate` would keep at least `share` of these calls (nan: no calls). What a
     user reads where calibration keeps nothing: how far the experts are from being served at all."""
+    uppers = [wilson(disagree, kept)[1] for _, kept, disagree in _cuts(pairs) if kept >= share * len(pairs)]
+    return min(uppers) if uppers else math.nan
+
+
+def _cuts(pairs: Sequence[Pair]):
+    """Where a threshold can fall, surest first: (confidence, calls kept, of them disagreeing) at each distinct
+    confidence (tied answers are kept or deferred together)."""
     ranked = sorted(pairs, key=lambda p: -p[0])
-    least, disagree = math.nan, 0
+    disagree = 0
     for k, (conf, agrees) in enumerate(ranked, start=1):
         disagree += not agrees
-        if (k < len(ranked) and ranked[k][0] == conf) or k < share * len(ranked):
-            continue
-        upper = wilson(disagree, k)[1]
-        least = upper if math.isnan(least) else min(least, upper)
-    return least
+        if k < len(ranked) and ranked[k][0] == conf:
+            continue  # the next call ties with this one: no cut here
+        yield conf, k, disagree
 
 
 def served(threshold: Threshold | float, pairs: Sequence[Pair]) -> Served:
