@@ -6,8 +6,8 @@ with the student's tokenizer. What runs, each step on its own (a failing step is
 
 - distill: one expert through the real `deepspeed` launcher (ZeRO-2, then ZeRO-3 for a second operation) on the
   tiny model: the training record's device, world size, stage, loss before and after, seconds;
-- experts: the trained expert served by `ExpertBackend` on the device (merged), its logits against the un-merged
-  PeftModel's, and the time of a switch;
+- experts: the trained experts served by `ExpertBackend` on the device (merged in float32; in bf16 they stay
+  un-merged by design), their logits against the un-merged PeftModel's, and the time of a switch;
 - decode: `TransformersBackend` on the student-shaped model (bf16 on a GPU), constrained extraction requests at
   batch 1 and 8 with log-probs: time per generated token and every answer valid JSON.
 
@@ -121,7 +121,7 @@ def experts(work: Path, base: Path, trained: dict[str, Path], rounds: int = 50) 
     backend = ExpertBackend(base, adapters, merge=True)
     device = next(backend.model.parameters()).device
     ids = torch.tensor([backend.tokenizer("Alice: I moved to Paris last spring.")["input_ids"]], device=device)
-    result = {"device": str(device), "dtype": str(next(backend.model.parameters()).dtype)}
+    result = {"device": str(device), "dtype": str(next(backend.model.parameters()).dtype), "merged": backend.merge}
     for op in adapters:
         backend.use(op)
         with torch.inference_mode():
