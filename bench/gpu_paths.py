@@ -32,9 +32,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+ACCELERATOR = os.environ.get("DS_ACCELERATOR")  # as the user set it, before the tests' conftest sets a default
+
 from common import bench_parser, save  # noqa: E402
 
-ACCELERATOR = os.environ.get("DS_ACCELERATOR")  # as the user set it, before any import sets a default
+from tests.conftest import save_tiny_llama  # noqa: E402
 
 
 def environment() -> dict:
@@ -45,22 +47,6 @@ def environment() -> dict:
         info.update(device=torch.cuda.get_device_name(0), capability=list(torch.cuda.get_device_capability(0)),
                     bf16=torch.cuda.is_bf16_supported(), gpus=torch.cuda.device_count())
     return info
-
-
-def tiny_model(folder: Path, student_dir: Path) -> Path:
-    """The distill tests' tiny random Llama, with the student's vocabulary."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(student_dir)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
-    tok.save_pretrained(folder)
-    return folder
 
 
 def student_shaped(folder: Path, student_dir: Path) -> Path:
@@ -106,9 +92,9 @@ def distill(work: Path, tiny: Path) -> dict:
 
 
 def experts(work: Path, base: Path, trained: dict[str, Path], rounds: int = 50) -> dict:
-    """Experts merged by ExpertBackend on the device, against the un-merged PeftModel: the trained ones, whose
-    few steps move the weights less than bf16 resolves, and one made far from zero (the tests' perturbed
-    expert), which shows what bf16 merging costs."""
+    """Experts served by ExpertBackend on the device (merged in float32, un-merged in bf16: `merged` says which)
+    against the PeftModel's logits: the trained ones, whose few steps barely move the weights, and one made far
+    from zero (the tests' perturbed expert), where a merge's rounding would show."""
     import torch
     from peft import PeftModel
 
@@ -193,7 +179,7 @@ def main() -> None:
     print(json.dumps(results["environment"]), flush=True)
     with tempfile.TemporaryDirectory(prefix="memlora-gpu-") as scratch:
         work = Path(scratch)
-        tiny = tiny_model(work / "tiny", student_dir)
+        tiny = save_tiny_llama(work / "tiny", student_dir)  # the distill tests' tiny model
 
         def trained_experts() -> dict:
             if args.quick:  # the launcher's own tests train; quick mode keeps to what serving does

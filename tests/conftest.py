@@ -43,24 +43,28 @@ def smol_tokenizer_dir(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, smol_tokenizer_dir) -> Path:
-    """A tiny random Llama with the teacher's vocabulary, saved as safetensors with the tokenizer."""
+def save_tiny_llama(folder: Path, tokenizer_dir: Path) -> Path:
+    """A tiny random Llama with `tokenizer_dir`'s vocabulary, saved as safetensors with the tokenizer (also what
+    bench/gpu_paths.py trains on a GPU)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
     )
-    model = LlamaForCausalLM(config)
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(folder, safe_serialization=True)
+    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
     tok.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smol_tokenizer_dir) -> Path:
+    """A tiny random Llama with the teacher's vocabulary."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smol_tokenizer_dir)
 
 
 @pytest.fixture(scope="session")
