@@ -55,9 +55,14 @@ def weight_bytes(model) -> int:
     import torch
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
+    from memlora.llm.quantize import Int8WeightLinear
+
     total, seen = 0, set()
     for module in model.modules():
-        if isinstance(module, DynamicLinear):
+        if isinstance(module, Int8WeightLinear):
+            total += sum(t.numel() * t.element_size() for t in (module.weight, module.scales, module.bias)
+                         if t is not None)
+        elif isinstance(module, DynamicLinear):
             weight, bias = module._packed_params._weight_bias()
             total += weight.numel() * weight.element_size() + weight.size(0) * 16  # + per-channel scale, zero
             total += bias.numel() * bias.element_size() if bias is not None else 0
@@ -105,12 +110,12 @@ def load(system: str, base: Path, config):
 
     model = load_causal_lm(config.teacher.model if system.startswith("teacher") else str(base), dtype="float32",
                            device="cpu")[0]
-    if system.startswith("student-int8+expert"):  # as ExpertBackend serves `student.quantize: int8`: un-merged
+    if "+expert" in system:  # as ExpertBackend serves `student.quantize: int8`: un-merged
         model = attach_expert(model, config.student.expert)
-    if system == "student-int8+expert-merged":  # the other design: one int8 copy per expert, merged before
+    if system.endswith("+expert-merged"):  # the other design: one int8 copy per expert, merged before
         model = model.merge_and_unload()
     if "int8" in system:
-        quantize_base(model, "int8")
+        quantize_base(model, "int8_weight" if WEIGHT_ONLY in system else "int8")
     if system != PLAIN:
         use_rows_first_linears(model)  # the product the backends decode with (float32 linears only)
     return model.eval()
@@ -119,8 +124,9 @@ def load(system: str, base: Path, config):
 # The teacher through plain `F.linear`, as torch multiplies by default: beside "teacher" (the backends' product,
 # llm/cpu_matmul.py), what that product buys in the same run.
 PLAIN = "teacher-F.linear"
+WEIGHT_ONLY = "int8_weight"  # `student.quantize: int8_weight`: int8 weights, bfloat16 inputs (llm/quantize.py)
 SYSTEMS = ("teacher", PLAIN, "teacher-int8", "student", "student-int8", "student-int8+expert",
-           "student-int8+expert-merged")
+           "student-int8+expert-merged", f"student-{WEIGHT_ONLY}", f"student-{WEIGHT_ONLY}+expert-merged")
 
 
 def main() -> None:

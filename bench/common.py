@@ -22,9 +22,22 @@ def machine() -> dict:
 
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    info.update(cpu_model())
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def cpu_model() -> dict:
+    """The CPU's name and its bfloat16 units (AVX512-BF16, AMX): int8_weight's speed depends on them, and the
+    machines this project runs on differ."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in text.splitlines() if ":" in line)}
+    flags = set(fields.get("flags", "").split())
+    return {"cpu": fields.get("model name", ""), "bf16_units": sorted(flags & {"avx512_bf16", "amx_bf16"})}
 
 
 def timed(fn, repeats: int) -> tuple[list[float], object]:

@@ -1,15 +1,15 @@
 """Which int8 design keeps the experts' answers: a pipeline run's trained experts answer the teacher's own calls
-of the validation conversation(s) three ways, one after the other in one process: float32 with the active expert
-merged (what evaluation and serving run today), int8 with the experts float32 beside the base (`student.quantize:
-int8`, `merge_experts: false`), and int8 with one copy of each adapted layer per expert, merged before quantizing
-(`merge_experts: true`), the last also with SmoothQuant's smoothing at each `--smoothing` strength
-(`student.int8_smoothing`), and at each `--keep-smoothing` strength with the `--keep` linears left float32
-(`student.int8_keep_float32`). Per operation: agreement with the teacher (the operation's primary metric, 95 %
-interval), the share of answers identical to float32's, seconds per generated token. Writes
-bench/results/int8_designs.json.
+of the validation conversation(s) in several designs, one after the other in one process: float32 with the
+active expert merged (what evaluation and serving run today), int8 with the experts float32 beside the base
+(`student.quantize: int8`, `merge_experts: false`), int8 with one copy of each adapted layer per expert, merged
+before quantizing (`merge_experts: true`), the last also with SmoothQuant's smoothing at each `--smoothing`
+strength (`student.int8_smoothing`) and at each `--keep-smoothing` strength with the `--keep` linears left
+float32 (`student.int8_keep_float32`), and weight-only int8 merged (`student.quantize: int8_weight`). Per
+operation: agreement with the teacher (the operation's primary metric, 95 % interval), the share of answers
+identical to float32's, seconds per generated token. Writes bench/results/int8_designs.json.
 
     python bench/int8_designs.py --out OUT [--quick] [--smoothing 0.7] [--keep-smoothing 0.85]
-        [--keep down_proj,lm_head]
+        [--keep down_proj,lm_head] [--designs float32,int8_weight-merged]
 
 Validation calls only: the design is chosen here, never on the test conversations.
 """
@@ -29,7 +29,7 @@ from memlora.config import OPERATIONS, load_config  # noqa: E402
 
 # design -> (quantize, merge_experts, int8_smoothing, int8_keep_float32)
 DESIGNS = {"float32": ("none", True, 0.0, ()), "int8-beside": ("int8", False, 0.0, ()),
-           "int8-merged": ("int8", True, 0.0, ())}
+           "int8-merged": ("int8", True, 0.0, ()), "int8_weight-merged": ("int8_weight", True, 0.0, ())}
 
 
 def main() -> int:
@@ -39,12 +39,19 @@ def main() -> int:
     parser.add_argument("--smoothing", default="0.7", help="comma-separated strengths for int8-merged-smooth")
     parser.add_argument("--keep-smoothing", default="0.85", help="comma-separated strengths for the -keep designs")
     parser.add_argument("--keep", default="down_proj,lm_head", help="linears left float32 in the -keep designs")
+    parser.add_argument("--designs", default="", help="comma-separated design names to run (default: all; float32, "
+                        "the yardstick, always runs)")
     args = parser.parse_args()
     designs, keep = dict(DESIGNS), tuple(k for k in args.keep.split(",") if k)
     for alpha in [float(a) for a in args.smoothing.split(",") if a]:
         designs[f"int8-merged-smooth{alpha:g}"] = ("int8", True, alpha, ())
     for alpha in [float(a) for a in args.keep_smoothing.split(",") if a and keep]:
         designs[f"int8-merged-smooth{alpha:g}-keep"] = ("int8", True, alpha, keep)
+    if args.designs:
+        unknown = set(args.designs.split(",")) - set(designs)
+        if unknown:
+            parser.error(f"--designs: unknown {', '.join(sorted(unknown))} (known: {', '.join(designs)})")
+        designs = {name: d for name, d in designs.items() if name == "float32" or name in args.designs.split(",")}
     if args.quick:  # every path once: float32, beside, and the merged design with its options
         designs = {name: designs[name] for name in ("float32", "int8-beside", list(designs)[-1])}
     import tempfile

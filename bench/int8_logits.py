@@ -3,7 +3,8 @@ recorded answers (teacher-forced, prompt and answer), in float32 and in int8 var
 process; per variant, the mean logit error as a share of the float32 logits' spread and the share of positions
 whose top token is float32's. Variants: every linear int8 (torch's dynamic quantization: int8 weights per
 output channel, activations rounded per tensor per call), SmoothQuant smoothing at each `--smoothing` strength
-(`student.int8_smoothing`), and each strength with the `--keep` linears left float32 (`student.int8_keep_float32`).
+(`student.int8_smoothing`), each strength with the `--keep` linears left float32 (`student.int8_keep_float32`),
+and weight-only int8 (`int8_weight`: every linear int8, activations multiplied in bfloat16, not rounded).
 Also the largest input of each layer's down_proj over its mean (the activation outliers int8 rounds around).
 Writes bench/results/int8_logits.json.
 
@@ -24,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CONFIG, bench_parser, bench_student, save, table, traces_root, validation_rows  # noqa: E402
 
 from memlora.config import OPERATIONS, load_config  # noqa: E402
+
+WEIGHT_ONLY = "int8_weight"  # every linear int8, inputs unrounded (bfloat16): `student.quantize: int8_weight`
 
 
 def teacher_forced(tokenizer, row: dict, most: int):
@@ -82,12 +85,13 @@ def main() -> int:
     keep = tuple(k for k in args.keep.split(",") if k)
     variants = [("int8", 0.0, ())] + [(f"int8, smoothed {a:g}", a, ()) for a in alphas]
     variants += [(f"int8, smoothed {a:g}, {'+'.join(keep)} float32", a, keep) for a in alphas if keep]
+    variants += [(WEIGHT_ONLY, 0.0, ())]
     rows = []
     for label, alpha, kept in variants:
         variant = copy.deepcopy(model)
         if alpha:
             smooth_in_place(variant, smoothing(variant, calibration, alpha))
-        quantize_base(variant, "int8", kept)
+        quantize_base(variant, WEIGHT_ONLY if label == WEIGHT_ONLY else "int8", kept)
         errors, same = [], []
         with torch.no_grad():
             for ids, reference in zip(inputs, want):

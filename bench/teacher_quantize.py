@@ -1,10 +1,10 @@
 """Can the teacher record its traces in int8 (`teacher.quantize`)? Its own recorded calls (prompt, schema, token
-budget) replayed by the teacher in float32 and in int8, side by side in one process, each compared with the answer
-the trace holds: the share of answers identical to it, the share that agree with it as calibration judges
-agreement (`deferral.agrees`: the same update events, fact F1 or answer token F1 at least the configured
-threshold), the operation's agreement metric with a 95 % interval, and generated tokens per second. The float32
-replay is the yardstick: it shows how much a replay differs from the recording by batching alone. Writes
-bench/results/teacher_quantize.json.
+budget) replayed by the teacher in float32, int8 and weight-only int8, side by side in one process, each compared
+with the answer the trace holds: the share of answers identical to it, the share that agree with it as
+calibration judges agreement (`deferral.agrees`: the same update events, fact F1 or answer token F1 at least the
+configured threshold), the operation's agreement metric with a 95 % interval, and generated tokens per second.
+The float32 replay is the yardstick: it shows how much a replay differs from the recording by batching alone.
+Writes bench/results/teacher_quantize.json.
 
     python bench/teacher_quantize.py [--out OUT] [--limit 48]
     python bench/teacher_quantize.py --quick --out OUT      # CI: 2 calls per operation, 8 tokens; says nothing
@@ -33,7 +33,7 @@ from memlora.evaluation.stats import wilson  # noqa: E402
 from memlora.memory.llm import GenerationRequest  # noqa: E402
 from memlora.student.examples import load_traces  # noqa: E402
 
-SCHEMES = ("none", "int8")
+SCHEMES = ("none", "int8", "int8_weight")  # float32, dynamic int8, weight-only int8 (llm/quantize.py)
 
 
 def recorded_calls(root: Path, config, limit: int, quick: bool) -> tuple[list, list[str]]:
@@ -96,10 +96,12 @@ def main() -> None:
     shown = [{**r, "identical": interval_text(r["identical"]), "agrees": interval_text(r["agrees"]),
               "metric": f"{PRIMARY[r['operation']]} {interval_text(r[PRIMARY[r['operation']]])}"} for r in rows]
     print(table(shown, ["teacher", "operation", "n", "identical", "agrees", "metric", "tokens"]))
-    ratio = speed["int8"] / speed["none"]
-    print(f"generated tokens per second: float32 {speed['none']:.1f}, int8 {speed['int8']:.1f} ({ratio:.2f}x)")
+    ratios = {scheme: round(speed[scheme] / speed["none"], 3) for scheme in SCHEMES[1:]}
+    print("generated tokens per second: float32 " + f"{speed['none']:.1f}, " + ", ".join(
+        f"{scheme} {speed[scheme]:.1f} ({ratios[scheme]:.2f}x)" for scheme in SCHEMES[1:]))
     path = save("teacher_quantize", {"traces": str(traces_root(args.out)), "quick": args.quick, "limit": limit,
-                                     "rows": rows, "tokens_per_s": speed, "int8_over_float32_speed": round(ratio, 3)})
+                                     "rows": rows, "tokens_per_s": speed, "int8_over_float32_speed": ratios["int8"],
+                                     "over_float32_speed": ratios})
     print(f"wrote {path}")
 
 

@@ -261,8 +261,8 @@ def serving_cost_table() -> str:
     return "\n".join(lines)
 
 
-def bandwidth_floor_table() -> str:
-    data = reference("bandwidth_floor")
+def bandwidth_floor_table(name: str = "bandwidth_floor") -> str:
+    data = reference(name)
     rows = [[r["system"], r["batch"], f"{r['weights_mb']:.0f}", f"{r['step_ms']:.1f}", f"{r['floor_ms']:.1f}",
              f"{r['over_floor']:.2f}x"] for r in data["rows"]]
     bandwidth = data["bandwidth"]
@@ -271,7 +271,7 @@ def bandwidth_floor_table() -> str:
                       f"<sub>bandwidth copy {bandwidth['copy_gb_s']:.1f} GB/s, triad {bandwidth['triad_gb_s']:.1f} "
                       f"GB/s ({data['machine']['torch_threads']} threads); {data['prompt_tokens']} prompt tokens, "
                       f"{data['steps']} steps, median of {data['repeats']}; source "
-                      "`bench/reference/cpu-2core/bandwidth_floor.json`.</sub>"])
+                      f"`bench/reference/cpu-2core/{name}.json`.</sub>"])
 
 
 def teacher_quantize_table() -> str:
@@ -282,8 +282,9 @@ def teacher_quantize_table() -> str:
     speed = data["tokens_per_s"]
     return _sourced("teacher_quantize", ["teacher", "operation", "calls", "identical to the recording",
                                          "agrees with it", "agreement metric", "tokens generated"], rows,
-                    f"generated tokens per second, same calls, same process: float32 {speed['none']:.1f}, int8 "
-                    f"{speed['int8']:.1f} ({data['int8_over_float32_speed']:.2f}x); 95 % intervals (Wilson; the "
+                    f"generated tokens per second, same calls, same process: float32 {speed['none']:.1f}, "
+                    + ", ".join(f"{scheme} {tps:.1f} ({tps / speed['none']:.2f}x)" for scheme, tps in speed.items()
+                                if scheme != "none") + "; 95 % intervals (Wilson; the "
                     "metric's: bootstrap)")
 
 
@@ -324,6 +325,7 @@ RENDERERS = {
     "headline": lambda: results_table("embedded_default"),
     "headline-categories": lambda: results_table("embedded_default", categories=True),
     "headline-int8": lambda: results_table("embedded_default_int8"),
+    "headline-int8-weight": lambda: results_table("embedded_default_int8_weight"),
     "headline-compact": lambda: results_table("embedded_default_compact", categories=True),
     "locomo-protocol": lambda: results_table("locomo_protocol", categories=True, footprint=False),
     "methods": methods_table,
@@ -335,6 +337,7 @@ RENDERERS = {
     "mem0-add": mem0_add_table,
     "serving-cost": serving_cost_table,
     "bandwidth-floor": bandwidth_floor_table,
+    "bandwidth-floor-int8-weight": lambda: bandwidth_floor_table("bandwidth_floor_int8_weight"),
     "int8-designs": int8_designs_table,
     "int8-logits": int8_logits_table,
 }

@@ -21,7 +21,7 @@ from memlora.llm.cpu_matmul import use_rows_first_linears
 from memlora.llm.decoding import greedy_decode
 from memlora.llm.grammar import GrammarCache
 from memlora.llm.calibration import calibration_ids
-from memlora.llm.quantize import quantize_base, smooth_in_place, smoothing
+from memlora.llm.quantize import SMOOTHABLE, quantize_base, smooth_in_place, smoothing
 from memlora.memory.llm import GenerationRequest, GenerationResult
 from memlora.models import resolve
 
@@ -81,7 +81,7 @@ def quantize_model(model, tokenizer, scheme: str, smoothing_alpha: float = 0.0,
     Returns the scheme applied, or None where nothing was quantized."""
     if scheme == "none":
         return None
-    if smoothing_alpha:
+    if smoothing_alpha and scheme in SMOOTHABLE:
         smooth_in_place(model, smoothing(model, calibration_ids(tokenizer), smoothing_alpha, keep_float32))
     return scheme if quantize_base(model, scheme, keep_float32) else None
 

@@ -24,6 +24,12 @@ projections, 8 rows, torch 2.13): float32 5.8 ms, torch's dynamic int8 1.1 ms, t
 8.0 ms and its int8 dynamic-activation config 8.7 ms (no fast CPU kernel for these shapes); torchao's int4
 weight-only needs bfloat16 activations or the mslk package on a CPU. So torch's path it is, until torchao's CPU
 kernels catch up. PyTorch marks torch.ao.quantization deprecated; it is there in the pinned torch 2.13.
+
+`int8_weight` is weight-only: the same int8 weights per output channel, but the activations are not rounded to
+int8 (they go in as bfloat16, torch's own `_weight_int8pack_mm` CPU kernel), so no outlier channel sets the step
+for the others and neither smoothing nor float32 layers are needed: every linear, output head included, is int8.
+Its speed depends on the CPU's bfloat16 units (AVX512-BF16 / AMX); on one without them the kernel still runs,
+slower (docs/results.md has both measured).
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ import torch
 
 from memlora.llm.file_pages import model_tensors, release_file_pages, trim_heap
 
-SCHEMES = ("none", "int8")
+SCHEMES = ("none", "int8", "int8_weight")
+SMOOTHABLE = ("int8",)  # schemes whose activations are rounded per tensor: the ones SmoothQuant's scales help
 
 
 def _adapter_modules(model: torch.nn.Module) -> set[int]:
@@ -67,12 +74,21 @@ def quantize_base(model: torch.nn.Module, scheme: str, keep: tuple[str, ...] = (
     if scheme == "none":
         return 0
     if any(p.device.type != "cpu" for p in model.parameters()):
-        raise ValueError(f"quantize: {scheme} is torch's dynamic quantization, a CPU kernel; this model is on "
+        raise ValueError(f"quantize: {scheme} runs on a CPU kernel; this model is on "
                          f"{next(p.device for p in model.parameters() if p.device.type != 'cpu')} (set it to none)")
     skip = _adapter_modules(model)
     names = [name for name, m in model.named_modules()
              if type(m) is torch.nn.Linear and id(m) not in skip and not kept(name, keep)]
     floats = [t for n in names for t in (model.get_submodule(n).weight, model.get_submodule(n).bias) if t is not None]
+    if scheme == "int8_weight":
+        for name in names:
+            linear = model.get_submodule(name)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child,
+                    Int8WeightLinear.from_float(linear.weight.detach(), linear.bias))
+        release_file_pages(floats, model_tensors(model))
+        trim_heap()
+        return len(names)
     with warnings.catch_warnings():  # deprecated in favour of torchao, whose CPU kernels are slower here (above)
         warnings.simplefilter("ignore", DeprecationWarning)
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
@@ -86,7 +102,47 @@ def is_quantized(module: torch.nn.Module) -> bool:
     """Whether a linear layer runs on quantized weights."""
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
-    return isinstance(module, DynamicLinear)
+    return isinstance(module, (DynamicLinear, Int8WeightLinear))
+
+
+# Up to this many rows (a decode step's batch) `_weight_int8pack_mm`; more (a prefill), the weight dequantized to
+# bfloat16 and one GEMM. Measured on the embedded default's 2-core CPU (AVX512-BF16), 20 of the student's
+# projections, against float32: 1 row 0.63 vs 4.1 ms, 16 rows 4.6 vs 7.5 (dequantized 5.7), 32 rows 7.5 vs 10.7
+# (dequantized 5.5), 512 rows 104 vs 83 (dequantized 50).
+PACKED_ROWS = 16
+
+
+class Int8WeightLinear(torch.nn.Module):
+    """A linear layer on int8 weights (symmetric, one scale per output channel) whose inputs are not rounded to
+    int8: they are multiplied in bfloat16 (`PACKED_ROWS` says how) and the result is returned in the input's
+    dtype."""
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.register_buffer("weight", weight.contiguous())
+        self.register_buffer("scales", scales.contiguous())
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> "Int8WeightLinear":
+        with torch.no_grad():
+            w = weight.detach().float()
+            scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+            q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        return cls(q, scales.to(torch.bfloat16), None if bias is None else bias.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if rows.shape[0] <= PACKED_ROWS:  # a decode step: the int8 kernel reads a quarter of float32's bytes
+            y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scales)
+        else:  # a prefill: many rows make it compute-bound, where a bfloat16 GEMM on the dequantized weight wins
+            y = torch.nn.functional.linear(rows, self.weight.to(torch.bfloat16) * self.scales[:, None])
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y + self.bias.to(x.dtype) if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights, bfloat16 inputs"
 
 
 BARE = "__bare__"  # the variant of an adapted layer without any expert
@@ -112,6 +168,10 @@ def _float32(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Module
         if bias is not None:
             linear.bias.copy_(bias)
     return linear.requires_grad_(False)
+
+
+def _quantized(scheme: str, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Module:
+    return Int8WeightLinear.from_float(weight, bias) if scheme == "int8_weight" else _dynamic_int8(weight, bias)
 
 
 def _dynamic_int8(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Module:
@@ -228,10 +288,10 @@ def quantize_merged(model: torch.nn.Module, adapter_names: list[str], scheme: st
     92 MB for down_proj on the 26-layer student); the caller switches their adapter as peft does."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    if scheme != "int8":
-        raise ValueError(f"quantize_merged: {scheme!r} (only int8 has a merged design)")
+    if scheme not in SCHEMES or scheme == "none":
+        raise ValueError(f"quantize_merged: {scheme!r} is not one of {', '.join(SCHEMES[1:])}")
     if any(p.device.type != "cpu" for p in model.parameters()):
-        raise ValueError("quantize: int8 is torch's dynamic quantization, a CPU kernel (set student.quantize: none)")
+        raise ValueError(f"quantize: {scheme} runs on a CPU kernel (set student.quantize: none)")
     smooth = smooth or Smoothing()
     state = {"active": BARE}
     names = [name for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
@@ -244,11 +304,11 @@ def quantize_merged(model: torch.nn.Module, adapter_names: list[str], scheme: st
             base = layer.get_base_layer()
             original = base.weight.detach().clone()
             bias = smooth.bias(name, base.bias)
-            variants = {BARE: _dynamic_int8(smooth.weight(name, original), bias)}
+            variants = {BARE: _quantized(scheme, smooth.weight(name, original), bias)}
             for adapter in adapter_names:
                 layer.merged_adapters = []
                 layer.merge(adapter_names=[adapter])  # the method's own merge: exact for DeLoRA, LoRA and ETHER
-                variants[adapter] = _dynamic_int8(smooth.weight(name, base.weight), bias)
+                variants[adapter] = _quantized(scheme, smooth.weight(name, base.weight), bias)
                 base.weight.copy_(original)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, SwitchedLinear(variants, state))

@@ -20,7 +20,7 @@ from memlora.llm.calibration import calibration_ids
 from memlora.llm.hf_backend import TransformersBackend, load_causal_lm, quantize_model
 from memlora.manifest import check_recorded
 from memlora.student.householder import use_input_reflections
-from memlora.llm.quantize import BARE, quantize_merged, smoothing
+from memlora.llm.quantize import BARE, SMOOTHABLE, quantize_merged, smoothing
 
 log = logging.getLogger(__name__)
 
@@ -144,10 +144,11 @@ class ExpertBackend(TransformersBackend):
         # adapter beside its layer would read the scaled input).
         self._switch = None
         self.keep_float32 = tuple(keep_float32) if quantize != "none" else ()
-        smoothable = quantize != "none" and (merge or not self.operations)
+        smoothable = quantize in SMOOTHABLE and (merge or not self.operations)
         self.smoothing_alpha = smoothing_alpha if smoothable else 0.0
         if smoothing_alpha and not smoothable:
             log.info("int8 smoothing not applied: %s", "experts beside the base would read the scaled input"
+                     if quantize in SMOOTHABLE else f"the base is {quantize} (activations are not rounded to int8)"
                      if quantize != "none" else "the base is not quantized")
         if quantize != "none" and merge and self.operations:
             smooth = (smoothing(model, calibration_ids(tokenizer), smoothing_alpha, self.keep_float32)
