@@ -294,13 +294,13 @@ def _sourced(name: str, header: list[str], rows: list[list], note: str) -> str:
                       f"<sub>{note}; source `bench/reference/cpu-2core/{name}.json`.</sub>"])
 
 
-def int8_designs_table() -> str:
-    data = reference("int8_designs")
+def int8_designs_table(name: str = "int8_designs") -> str:
+    data = reference(name)
     rows = [[r["design"], r["operation"], r["n"], f"{_METRIC_NAMES[r['operation']]} "
              f"{_interval([r['agreement'], *r['ci']])}", f"{r['parse_ok']:.2f}", f"{r['same_as_float32']:.2f}",
              r["s_per_token_vs_float32"]] for r in data["rows"]]
-    return _sourced("int8_designs", ["design", "operation", "calls", "agreement with the teacher", "valid JSON",
-                                     "answers identical to float32's", "s per generated token vs float32"], rows,
+    return _sourced(name, ["design", "operation", "calls", "agreement with the teacher", "valid JSON",
+                           "answers identical to float32's", "s per generated token vs float32"], rows,
                     f"the {data['calls']}' teacher calls, one design after the other in one process; -keep: "
                     f"{', '.join(data['keep_float32'])} float32; 95 % intervals (bootstrap)")
 
@@ -339,6 +339,7 @@ RENDERERS = {
     "bandwidth-floor": bandwidth_floor_table,
     "bandwidth-floor-int8-weight": lambda: bandwidth_floor_table("bandwidth_floor_int8_weight"),
     "int8-designs": int8_designs_table,
+    "int8-designs-int8-weight": lambda: int8_designs_table("int8_designs_int8_weight"),
     "int8-logits": int8_logits_table,
 }
 
