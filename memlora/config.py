@@ -98,7 +98,8 @@ class LLMConfig(_Strict):
     logprobs_top_k: int = Field(0, ge=0)
     prefix_cache: bool = True  # prefill the shared system prompt + few-shot examples once, not per row
     # A local model's linear layers run on int8 weights (llm/quantize.py, CPU only); traces are recorded with it.
-    # Off: the bundled 135M teacher in int8 writes 4-31 % of its recorded answers again (bench/teacher_quantize.py).
+    # Off: the bundled 135M teacher rewrites most of its recorded answers in int8 (0-27 % identical) and a quarter
+    # to a half in int8_weight (42-77 % identical; bench/teacher_quantize.py, 2026-12-04).
     quantize: Literal["none", "int8", "int8_weight"] = "none"
     trust_remote_code: bool = False
     http: HttpConfig = HttpConfig()
