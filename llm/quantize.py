@@ -128,9 +128,10 @@ class Int8WeightLinear(torch.nn.Module):
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> "Int8WeightLinear":
         with torch.no_grad():
             w = weight.detach().float()
-            scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
-            q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
-        return cls(q, scales.to(torch.bfloat16), None if bias is None else bias.detach().float().clone())
+            # rounded to the bfloat16 the kernel reads first, so each weight is within half a step of the scale used
+            scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(torch.bfloat16)
+            q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+        return cls(q, scales, None if bias is None else bias.detach().float().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)

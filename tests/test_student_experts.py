@@ -362,6 +362,31 @@ def test_an_int8_base_stays_close_to_float32_and_switching_experts_on_it_is_exac
         assert torch.equal(logits_of(quantized.model, quantized.tokenizer), bare)
 
 
+@pytest.mark.timeout(60)
+def test_a_weight_only_int8_linear_is_its_rounded_weight_times_a_bfloat16_input_on_both_paths():
+    """`Int8WeightLinear`: every weight within half an int8 step of float32's (per output channel), and the output
+    the dequantized weight's product on the input, whether a decode step's few rows (int8 kernel) or a prefill's
+    many (bfloat16 GEMM), in the input's dtype and shape. Tolerance 1 % of the largest output: inputs and scales
+    are rounded to bfloat16 (8 significant bits, 0.4 % each), over sums of 64 terms of mixed signs."""
+    import torch.nn.functional as F
+
+    from memlora.llm.quantize import PACKED_ROWS, Int8WeightLinear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 96)
+    quantized = Int8WeightLinear.from_float(linear.weight, linear.bias)
+    scales = quantized.scales.float()
+    dequantized = quantized.weight.float() * scales[:, None]
+    assert quantized.weight.dtype == torch.int8
+    assert ((dequantized - linear.weight).abs() <= scales[:, None] * 0.51).all()
+    for rows in (1, PACKED_ROWS, PACKED_ROWS + 1, 200):
+        x = torch.randn(2, rows, 64)
+        with torch.no_grad():
+            want, got = F.linear(x, dequantized, linear.bias), quantized(x)
+        assert got.dtype == torch.float32 and got.shape == (2, rows, 96)
+        assert (got - want).abs().max() < 0.01 * want.abs().max(), rows
+
+
 def with_outlier_channels(model, factor: float = 60.0):
     """What real LLMs have and a tiny random one lacks: a few hidden channels far larger than the rest (the
     embedded default's student: down_proj inputs up to ~30,000x their mean), here through the norms' weights."""
