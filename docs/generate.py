@@ -70,7 +70,8 @@ def _cell(row: dict | None, digits: int = 3, point: bool = False) -> str:
     if row is None or row["value"] is None:
         return "-"
     text = f"{row['value']:.{digits}f}"
-    if not point and row.get("ci_low") is not None and row.get("ci_high") is not None and row["ci_low"] != row["ci_high"]:
+    low, high = row.get("ci_low"), row.get("ci_high")
+    if not point and low is not None and high is not None and low != high:
         text += f" [{row['ci_low']:.{digits}f}, {row['ci_high']:.{digits}f}]"
     return text
 

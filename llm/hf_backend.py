@@ -119,7 +119,8 @@ class TransformersBackend:
         backend = cls(model, tokenizer, model_id, config.batch_size, config.logprobs_top_k, config.prefix_cache)
         if quantized:
             backend.quantized = quantized
-            backend.smoothing_alpha, backend.keep_float32 = smoothing_alpha, tuple(keep_float32)
+            backend.smoothing_alpha = smoothing_alpha if quantized in SMOOTHABLE else 0.0  # what was applied
+            backend.keep_float32 = tuple(keep_float32)
         return backend
 
     def prompt_text(self, request: GenerationRequest) -> str:

@@ -394,3 +394,12 @@ def test_the_quantized_teacher_column_appears_only_beside_a_quantized_student(ti
     assert teacher.quantize == "int8" and teacher.model == config.teacher.model and teacher.logprobs_top_k == 0
     raw["teacher"]["quantize"] = "int8"  # the teacher as deployed is already int8: its own column says it
     assert systems(parse_config(raw)) == SYSTEMS
+    raw["teacher"]["quantize"], raw["student"]["quantize"] = "none", "int8_weight"  # the same scheme as the student
+    assert quantized_teacher(parse_config(raw)).quantize == "int8_weight"
+    from memlora.llm.hf_backend import TransformersBackend
+
+    backend = TransformersBackend.from_config(quantized_teacher(parse_config(raw)), smoothing_alpha=0.85)
+    assert backend.quantized == "int8_weight" and backend.smoothing_alpha == 0.0  # weight-only is never smoothed
+    from memlora.llm.quantize import Int8WeightLinear
+
+    assert any(isinstance(m, Int8WeightLinear) for m in backend.model.modules())
