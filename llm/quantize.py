@@ -28,8 +28,8 @@ kernels catch up. PyTorch marks torch.ao.quantization deprecated; it is there in
 `int8_weight` is weight-only: the same int8 weights per output channel, but the activations are not rounded to
 int8 (they go in as bfloat16, torch's own `_weight_int8pack_mm` CPU kernel), so no outlier channel sets the step
 for the others and neither smoothing nor float32 layers are needed: every linear, output head included, is int8.
-Its speed depends on the CPU's bfloat16 units (AVX512-BF16 / AMX); on one without them the kernel still runs,
-slower (docs/results.md has both measured).
+Its speed depends on the CPU's bfloat16 units (AVX512-BF16 / AMX); on one without them the kernels still run,
+slower (docs/results.md has it measured on a CPU with AVX512-BF16; measure on yours).
 """
 
 from __future__ import annotations
