@@ -147,9 +147,10 @@ class ExpertBackend(TransformersBackend):
         smoothable = quantize in SMOOTHABLE and (merge or not self.operations)
         self.smoothing_alpha = smoothing_alpha if smoothable else 0.0
         if smoothing_alpha and not smoothable:
-            log.info("int8 smoothing not applied: %s", "experts beside the base would read the scaled input"
-                     if quantize in SMOOTHABLE else f"the base is {quantize} (activations are not rounded to int8)"
-                     if quantize != "none" else "the base is not quantized")
+            why = ("the base is not quantized" if quantize == "none"
+                   else f"the base is {quantize} (activations are not rounded to int8)" if quantize not in SMOOTHABLE
+                   else "experts beside the base would read the scaled input")
+            log.info("int8 smoothing not applied: %s", why)
         if quantize != "none" and merge and self.operations:
             smooth = (smoothing(model, calibration_ids(tokenizer), smoothing_alpha, self.keep_float32)
                       if self.smoothing_alpha else None)
