@@ -26,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import CONFIG, bench_parser, bench_student, save, table  # noqa: E402
 
+from memlora.llm.quantize import WEIGHT_ONLY  # noqa: E402  `student.quantize: int8_weight`
+
 
 def bandwidth(megabytes: int, repeats: int) -> dict:
     """Bytes moved per second by a copy (read + write) and a triad (two reads + a write), best of `repeats`."""
@@ -115,7 +117,7 @@ def load(system: str, base: Path, config):
     if system.endswith("+expert-merged"):  # the other design: one int8 copy per expert, merged before
         model = model.merge_and_unload()
     if "int8" in system:
-        quantize_base(model, "int8_weight" if WEIGHT_ONLY in system else "int8")
+        quantize_base(model, WEIGHT_ONLY if WEIGHT_ONLY in system else "int8")
     if system != PLAIN:
         use_rows_first_linears(model)  # the product the backends decode with (float32 linears only)
     return model.eval()
@@ -124,7 +126,6 @@ def load(system: str, base: Path, config):
 # The teacher through plain `F.linear`, as torch multiplies by default: beside "teacher" (the backends' product,
 # llm/cpu_matmul.py), what that product buys in the same run.
 PLAIN = "teacher-F.linear"
-WEIGHT_ONLY = "int8_weight"  # `student.quantize: int8_weight`: int8 weights, bfloat16 inputs (llm/quantize.py)
 SYSTEMS = ("teacher", PLAIN, "teacher-int8", "student", "student-int8", "student-int8+expert",
            "student-int8+expert-merged", f"student-{WEIGHT_ONLY}", f"student-{WEIGHT_ONLY}+expert-merged")
 

@@ -25,8 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CONFIG, bench_parser, bench_student, save, table, traces_root, validation_rows  # noqa: E402
 
 from memlora.config import OPERATIONS, load_config  # noqa: E402
-
-WEIGHT_ONLY = "int8_weight"  # every linear int8, inputs unrounded (bfloat16): `student.quantize: int8_weight`
+from memlora.llm.quantize import WEIGHT_ONLY  # noqa: E402  every linear int8, inputs unrounded (bfloat16)
 
 
 def teacher_forced(tokenizer, row: dict, most: int):

@@ -30,10 +30,10 @@ from memlora.evaluation import deferral  # noqa: E402
 from memlora.evaluation.agreement import PRIMARY  # noqa: E402
 from memlora.evaluation.captured import agreement_rows  # noqa: E402
 from memlora.evaluation.stats import wilson  # noqa: E402
+from memlora.llm.quantize import SCHEMES  # noqa: E402  float32, dynamic int8, weight-only int8
 from memlora.memory.llm import GenerationRequest  # noqa: E402
 from memlora.student.examples import load_traces  # noqa: E402
 
-SCHEMES = ("none", "int8", "int8_weight")  # float32, dynamic int8, weight-only int8 (llm/quantize.py)
 
 
 def recorded_calls(root: Path, config, limit: int, quick: bool) -> tuple[list, list[str]]:

@@ -21,7 +21,7 @@ from memlora.llm.cpu_matmul import use_rows_first_linears
 from memlora.llm.decoding import greedy_decode
 from memlora.llm.grammar import GrammarCache
 from memlora.llm.calibration import calibration_ids
-from memlora.llm.quantize import SMOOTHABLE, quantize_base, smooth_in_place, smoothing
+from memlora.llm.quantize import applied_smoothing, quantize_base, smooth_in_place, smoothing
 from memlora.memory.llm import GenerationRequest, GenerationResult
 from memlora.models import resolve
 
@@ -81,7 +81,7 @@ def quantize_model(model, tokenizer, scheme: str, smoothing_alpha: float = 0.0,
     Returns the scheme applied, or None where nothing was quantized."""
     if scheme == "none":
         return None
-    if smoothing_alpha and scheme in SMOOTHABLE:
+    if applied_smoothing(scheme, smoothing_alpha):
         smooth_in_place(model, smoothing(model, calibration_ids(tokenizer), smoothing_alpha, keep_float32))
     return scheme if quantize_base(model, scheme, keep_float32) else None
 
@@ -119,7 +119,7 @@ class TransformersBackend:
         backend = cls(model, tokenizer, model_id, config.batch_size, config.logprobs_top_k, config.prefix_cache)
         if quantized:
             backend.quantized = quantized
-            backend.smoothing_alpha = smoothing_alpha if quantized in SMOOTHABLE else 0.0  # what was applied
+            backend.smoothing_alpha = applied_smoothing(quantized, smoothing_alpha)  # what was applied
             backend.keep_float32 = tuple(keep_float32)
         return backend
 

@@ -42,8 +42,19 @@ import torch
 
 from memlora.llm.file_pages import model_tensors, release_file_pages, trim_heap
 
-SCHEMES = ("none", "int8", "int8_weight")
+WEIGHT_ONLY = "int8_weight"  # int8 weights, bfloat16 inputs (`Int8WeightLinear`)
+SCHEMES = ("none", "int8", WEIGHT_ONLY)
 SMOOTHABLE = ("int8",)  # schemes whose activations are rounded per tensor: the ones SmoothQuant's scales help
+
+
+def applied_smoothing(scheme: str, alpha: float) -> float:
+    """The smoothing strength `scheme` takes from `alpha`: none where its activations are not rounded to int8."""
+    return alpha if scheme in SMOOTHABLE else 0.0
+
+
+def _replace(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def _adapter_modules(model: torch.nn.Module) -> set[int]:
@@ -80,12 +91,10 @@ def quantize_base(model: torch.nn.Module, scheme: str, keep: tuple[str, ...] = (
     names = [name for name, m in model.named_modules()
              if type(m) is torch.nn.Linear and id(m) not in skip and not kept(name, keep)]
     floats = [t for n in names for t in (model.get_submodule(n).weight, model.get_submodule(n).bias) if t is not None]
-    if scheme == "int8_weight":
+    if scheme == WEIGHT_ONLY:
         for name in names:
             linear = model.get_submodule(name)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child,
-                    Int8WeightLinear.from_float(linear.weight.detach(), linear.bias))
+            _replace(model, name, Int8WeightLinear.from_float(linear.weight.detach(), linear.bias))
         release_file_pages(floats, model_tensors(model))
         trim_heap()
         return len(names)
@@ -172,7 +181,7 @@ def _float32(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Module
 
 
 def _quantized(scheme: str, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Module:
-    return Int8WeightLinear.from_float(weight, bias) if scheme == "int8_weight" else _dynamic_int8(weight, bias)
+    return Int8WeightLinear.from_float(weight, bias) if scheme == WEIGHT_ONLY else _dynamic_int8(weight, bias)
 
 
 def _dynamic_int8(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Module:
@@ -311,8 +320,7 @@ def quantize_merged(model: torch.nn.Module, adapter_names: list[str], scheme: st
                 layer.merge(adapter_names=[adapter])  # the method's own merge: exact for DeLoRA, LoRA and ETHER
                 variants[adapter] = _quantized(scheme, smooth.weight(name, base.weight), bias)
                 base.weight.copy_(original)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, SwitchedLinear(variants, state))
+            _replace(model, name, SwitchedLinear(variants, state))
             release_file_pages([t for t in (base.weight, base.bias) if t is not None], model_tensors(model))
             del layer, base, original
     smooth_in_place(model, smooth)
