@@ -7,11 +7,13 @@ generate 1, over N; greedy, no early stop) against its floor (weight bytes + KV-
 the triad bandwidth). Systems: the teacher in float32 (as the config deploys it) and int8, the student base in
 float32 (experts merged read the same bytes), int8, int8 with an expert beside it, un-merged (`student.quantize:
 int8`: the difference is what the un-merged expert costs), and int8 with the expert merged before quantizing (the
-other design: one int8 copy of the base per expert, a switch a pointer swap). Every system decodes with the
+other design: one int8 copy of the base per expert, a switch a pointer swap), and the weight-only schemes
+(`int8_weight`, `int4_weight`) bare and merged. Every system decodes with the
 backends' CPU product (`llm.cpu_matmul`); the teacher also through plain `F.linear`, for what that product
 buys. The ratio says how much faster a step could get on this CPU; it is not a guess at the kernels.
 
-    python bench/bandwidth_floor.py [--quick] [--out OUT]   (OUT: use its student base)
+    python bench/bandwidth_floor.py [--quick] [--out OUT] [--systems teacher,student,...]
+        (OUT: use its student base)
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import CONFIG, bench_parser, bench_student, save, table  # noqa: E402
 
-from memlora.llm.quantize import WEIGHT_ONLY  # noqa: E402  `student.quantize: int8_weight`
+from memlora.llm.quantize import INT4, WEIGHT_ONLY  # noqa: E402  `student.quantize: int8_weight / int4_weight`
 
 
 def bandwidth(megabytes: int, repeats: int) -> dict:
@@ -51,19 +53,18 @@ def _time(fn) -> float:
 
 
 def weight_bytes(model) -> int:
-    """Bytes of weights a decode step reads: every linear layer's weight and bias (int8 ones with their scales and
-    zero points) and the norms; the token embedding only where the output head reads it (tied weights are in
+    """Bytes of weights a decode step reads: every linear layer's weight and bias (quantized ones with their scales
+    and zero points) and the norms; the token embedding only where the output head reads it (tied weights are in
     the head's linear already: one row of the input embedding is read per token)."""
     import torch
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
-    from memlora.llm.quantize import Int8WeightLinear
+    from memlora.llm.quantize import Int4WeightLinear, Int8WeightLinear
 
     total, seen = 0, set()
     for module in model.modules():
-        if isinstance(module, Int8WeightLinear):
-            total += sum(t.numel() * t.element_size() for t in (module.weight, module.scales, module.bias)
-                         if t is not None)
+        if isinstance(module, (Int8WeightLinear, Int4WeightLinear)):  # weights, scales (and zeros), bias
+            total += sum(t.numel() * t.element_size() for t in module.buffers(recurse=False))
         elif isinstance(module, DynamicLinear):
             weight, bias = module._packed_params._weight_bias()
             total += weight.numel() * weight.element_size() + weight.size(0) * 16  # + per-channel scale, zero
@@ -116,8 +117,8 @@ def load(system: str, base: Path, config):
         model = attach_expert(model, config.student.expert)
     if system.endswith("+expert-merged"):  # the other design: one int8 copy per expert, merged before
         model = model.merge_and_unload()
-    if "int8" in system:
-        quantize_base(model, WEIGHT_ONLY if WEIGHT_ONLY in system else "int8")
+    if "int" in system:
+        quantize_base(model, next((s for s in (WEIGHT_ONLY, INT4) if s in system), "int8"))
     if system != PLAIN:
         use_rows_first_linears(model)  # the product the backends decode with (float32 linears only)
     return model.eval()
@@ -127,7 +128,8 @@ def load(system: str, base: Path, config):
 # llm/cpu_matmul.py), what that product buys in the same run.
 PLAIN = "teacher-F.linear"
 SYSTEMS = ("teacher", PLAIN, "teacher-int8", "student", "student-int8", "student-int8+expert",
-           "student-int8+expert-merged", f"student-{WEIGHT_ONLY}", f"student-{WEIGHT_ONLY}+expert-merged")
+           "student-int8+expert-merged", f"student-{WEIGHT_ONLY}", f"student-{WEIGHT_ONLY}+expert-merged",
+           f"student-{INT4}", f"student-{INT4}+expert")  # int4 experts stay beside (student/experts.py)
 
 
 def main() -> None:
@@ -137,7 +139,11 @@ def main() -> None:
 
     parser = bench_parser(__doc__)
     parser.add_argument("--batches", default=None, help="batch sizes, comma-separated (default 1,8)")
+    parser.add_argument("--systems", default=None, help=f"comma-separated, of {', '.join(SYSTEMS)} (default all)")
     args = parser.parse_args()
+    systems = args.systems.split(",") if args.systems else list(SYSTEMS)
+    if set(systems) - set(SYSTEMS):
+        parser.error(f"--systems: unknown {', '.join(sorted(set(systems) - set(SYSTEMS)))}")
     config = load_config(CONFIG)
     prompt, steps, repeats = (8, 4, 1) if args.quick else (128, 16, 3)
     batches = [int(b) for b in (args.batches or ("1,2" if args.quick else "1,8")).split(",")]
@@ -148,7 +154,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="memlora-bench-") as scratch:
         base = bench_student(config, args.out or scratch)
-        for system in SYSTEMS:  # one after the other, each loaded alone
+        for system in systems:  # one after the other, each loaded alone
             model = load(system, base, config)
             weights = weight_bytes(model)
             for batch in batches:

@@ -1,12 +1,12 @@
-"""Which int8 design keeps the experts' answers: a pipeline run's trained experts answer the teacher's own calls
-of the validation conversation(s) in several designs, one after the other in one process: float32 with the
-active expert merged (what evaluation and serving run today), int8 with the experts float32 beside the base
-(`student.quantize: int8`, `merge_experts: false`), int8 with one copy of each adapted layer per expert, merged
-before quantizing (`merge_experts: true`), the last also with SmoothQuant's smoothing at each `--smoothing`
-strength (`student.int8_smoothing`) and at each `--keep-smoothing` strength with the `--keep` linears left
-float32 (`student.int8_keep_float32`), and weight-only int8 merged (`student.quantize: int8_weight`). Per
-operation: agreement with the teacher (the operation's primary metric, 95 % interval), the share of answers
-identical to float32's, seconds per generated token. Writes bench/results/int8_designs.json.
+"""Which int8 design keeps the experts' answers: a pipeline run's trained experts answer the teacher's own calls of the
+validation conversation(s) in several designs, one after the other in one process: float32 with the active expert
+merged (what evaluation and serving run today), int8 with the experts float32 beside the base (`student.quantize:
+int8`, `merge_experts: false`), int8 with one copy of each adapted layer per expert, merged before quantizing
+(`merge_experts: true`), the last also with SmoothQuant's smoothing at each `--smoothing` strength
+(`student.int8_smoothing`) and at each `--keep-smoothing` strength with the `--keep` linears left float32
+(`student.int8_keep_float32`), and weight-only int8 and int4 merged (`student.quantize: int8_weight`,
+`int4_weight`). Per operation: agreement with the teacher (the operation's primary metric, 95 % interval), the share
+of answers identical to float32's, seconds per generated token. Writes bench/results/int8_designs.json.
 
     python bench/int8_designs.py --out OUT [--quick] [--smoothing 0.7] [--keep-smoothing 0.85]
         [--keep down_proj,lm_head] [--designs float32,int8_weight-merged]
@@ -29,7 +29,8 @@ from memlora.config import OPERATIONS, load_config  # noqa: E402
 
 # design -> (quantize, merge_experts, int8_smoothing, int8_keep_float32)
 DESIGNS = {"float32": ("none", True, 0.0, ()), "int8-beside": ("int8", False, 0.0, ()),
-           "int8-merged": ("int8", True, 0.0, ()), "int8_weight-merged": ("int8_weight", True, 0.0, ())}
+           "int8-merged": ("int8", True, 0.0, ()), "int8_weight-merged": ("int8_weight", True, 0.0, ()),
+           "int4_weight-beside": ("int4_weight", False, 0.0, ())}
 
 
 def main() -> int:

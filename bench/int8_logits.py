@@ -4,7 +4,8 @@ process; per variant, the mean logit error as a share of the float32 logits' spr
 whose top token is float32's. Variants: every linear int8 (torch's dynamic quantization: int8 weights per
 output channel, activations rounded per tensor per call), SmoothQuant smoothing at each `--smoothing` strength
 (`student.int8_smoothing`), each strength with the `--keep` linears left float32 (`student.int8_keep_float32`),
-and weight-only int8 (`int8_weight`: every linear int8, activations multiplied in bfloat16, not rounded).
+weight-only int8 (`int8_weight`: every linear int8, activations multiplied in bfloat16, not rounded) and
+weight-only int4 (`int4_weight`: the same with 4-bit weights in groups of 64 inputs).
 Also the largest input of each layer's down_proj over its mean (the activation outliers int8 rounds around).
 Writes bench/results/int8_logits.json.
 
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CONFIG, bench_parser, bench_student, save, table, traces_root, validation_rows  # noqa: E402
 
 from memlora.config import OPERATIONS, load_config  # noqa: E402
-from memlora.llm.quantize import WEIGHT_ONLY  # noqa: E402  every linear int8, inputs unrounded (bfloat16)
+from memlora.llm.quantize import INT4, WEIGHT_ONLY  # noqa: E402  every linear int8 / 4-bit, inputs in bfloat16
 
 
 def teacher_forced(tokenizer, row: dict, most: int):
@@ -84,13 +85,13 @@ def main() -> int:
     keep = tuple(k for k in args.keep.split(",") if k)
     variants = [("int8", 0.0, ())] + [(f"int8, smoothed {a:g}", a, ()) for a in alphas]
     variants += [(f"int8, smoothed {a:g}, {'+'.join(keep)} float32", a, keep) for a in alphas if keep]
-    variants += [(WEIGHT_ONLY, 0.0, ())]
+    variants += [(WEIGHT_ONLY, 0.0, ()), (INT4, 0.0, ())]
     rows = []
     for label, alpha, kept in variants:
         variant = copy.deepcopy(model)
         if alpha:
             smooth_in_place(variant, smoothing(variant, calibration, alpha))
-        quantize_base(variant, WEIGHT_ONLY if label == WEIGHT_ONLY else "int8", kept)
+        quantize_base(variant, label if label in (WEIGHT_ONLY, INT4) else "int8", kept)
         errors, same = [], []
         with torch.no_grad():
             for ids, reference in zip(inputs, want):

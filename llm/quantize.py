@@ -30,6 +30,15 @@ int8 (they go in as bfloat16, torch's own `_weight_int8pack_mm` CPU kernel), so 
 for the others and neither smoothing nor float32 layers are needed: every linear, output head included, is int8.
 Its speed depends on the CPU's bfloat16 units (AVX512-BF16 / AMX); on one without them the kernels still run,
 slower (docs/results.md has it measured on a CPU with AVX512-BF16; measure on yours).
+
+`int4_weight` is the same with 4-bit weights: 16 levels per group of `INT4_GROUP` inputs (asymmetric: a scale and
+a zero per group), torch's own `_weight_int4pack_mm_for_cpu` kernel; about 0.6 bytes per weight. The bundled
+teacher ships as a Q4_1 GGUF: every linear is already 16 levels per block of 32 inputs (a scale and a minimum
+each), so groups of 32 put those weights back on their own grid, nearly exactly (the scale and zero rounded to
+bfloat16), and the pruned student inherits them; its token embedding, the tied output head, ships as Q8_0 and
+stays int8 here (int4 there is most of the error left: `bench/int8_logits.py`). A weight that moved off that grid
+(an expert merged in) is rounded like any other. A layer the kernel's packing cannot take (outputs not a
+multiple of `INT4_BLOCK`, inputs not of `INT4_GROUP`) is int8 weight-only instead.
 """
 
 from __future__ import annotations
@@ -43,8 +52,10 @@ import torch
 from memlora.llm.file_pages import model_tensors, release_file_pages, trim_heap
 
 WEIGHT_ONLY = "int8_weight"  # int8 weights, bfloat16 inputs (`Int8WeightLinear`)
-SCHEMES = ("none", "int8", WEIGHT_ONLY)
+INT4 = "int4_weight"  # 4-bit weights in groups, bfloat16 inputs (`Int4WeightLinear`)
+SCHEMES = ("none", "int8", WEIGHT_ONLY, INT4)
 SMOOTHABLE = ("int8",)  # schemes whose activations are rounded per tensor: the ones SmoothQuant's scales help
+MERGE_LOSES = (INT4,)  # schemes whose experts stay beside the base: a merged weight leaves the shipped int4 grid
 
 
 def applied_smoothing(scheme: str, alpha: float) -> float:
@@ -91,10 +102,10 @@ def quantize_base(model: torch.nn.Module, scheme: str, keep: tuple[str, ...] = (
     names = [name for name, m in model.named_modules()
              if type(m) is torch.nn.Linear and id(m) not in skip and not kept(name, keep)]
     floats = [t for n in names for t in (model.get_submodule(n).weight, model.get_submodule(n).bias) if t is not None]
-    if scheme == WEIGHT_ONLY:
+    if scheme in (WEIGHT_ONLY, INT4):
         for name in names:
             linear = model.get_submodule(name)
-            _replace(model, name, Int8WeightLinear.from_float(linear.weight.detach(), linear.bias))
+            _replace(model, name, _quantized(scheme, linear.weight.detach(), linear.bias, name))
         release_file_pages(floats, model_tensors(model))
         trim_heap()
         return len(names)
@@ -111,7 +122,7 @@ def is_quantized(module: torch.nn.Module) -> bool:
     """Whether a linear layer runs on quantized weights."""
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
-    return isinstance(module, (DynamicLinear, Int8WeightLinear))
+    return isinstance(module, (DynamicLinear, Int8WeightLinear, Int4WeightLinear))
 
 
 # Up to this many rows (a decode step's batch) `_weight_int8pack_mm`; more (a prefill), the weight dequantized to
@@ -155,6 +166,67 @@ class Int8WeightLinear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights, bfloat16 inputs"
 
 
+# Inputs per scale and zero: Q4_1's block (the kernel takes 32, 64, 128 or 256). Measured on the student's
+# validation calls, every linear int4 but the output head: logit error 0.02 of float32's spread at 32 against
+# 0.26 at 64 (off the shipped grid).
+INT4_GROUP = 32
+INT4_KEEPS_INT8 = ("lm_head",)  # the output head: Q8_0 as shipped; its rounding reaches every logit directly
+INT4_BLOCK = 64  # output rows the CPU packing interleaves: row i and row i + 32 of a block share a byte
+
+
+class Int4WeightLinear(torch.nn.Module):
+    """A linear layer on 4-bit weights (per group of `INT4_GROUP` inputs: w = (q - 8) * scale + zero, q in 0..15)
+    in torch's CPU packing, inputs multiplied in bfloat16: `_weight_int4pack_mm_for_cpu` for up to `PACKED_ROWS`
+    rows, a bfloat16 GEMM on the weight unpacked for that call for more (as `Int8WeightLinear`)."""
+
+    def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = packed.shape[0], packed.shape[1] * 2
+        self.register_buffer("packed", packed.contiguous())
+        self.register_buffer("scales_zeros", scales_zeros.contiguous())  # [in / group, out, 2] bfloat16
+        self.register_buffer("bias", bias)
+
+    @staticmethod
+    def fits(weight: torch.Tensor) -> bool:
+        return weight.shape[0] % INT4_BLOCK == 0 and weight.shape[1] % INT4_GROUP == 0
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> "Int4WeightLinear":
+        rows, cols = weight.shape
+        with torch.no_grad():
+            w = weight.detach().float().reshape(rows, cols // INT4_GROUP, INT4_GROUP)
+            low, high = w.amin(dim=2), w.amax(dim=2)
+            # scale and zero rounded to the bfloat16 the kernel reads before the weights are rounded against them
+            scale = ((high - low) / 15).clamp(min=1e-8).to(torch.bfloat16).float()
+            zero = (low + 8 * scale).to(torch.bfloat16).float()
+            q = (torch.round((w - zero[..., None]) / scale[..., None]) + 8).clamp(0, 15).to(torch.int32)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.reshape(rows, cols), 1)
+            scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).to(torch.bfloat16)
+        return cls(packed, scales_zeros, None if bias is None else bias.detach().float().clone())
+
+    def dequantized(self) -> torch.Tensor:
+        """The bfloat16 weight [out, in] the kernel computes with (the packing undone: within each block of
+        `INT4_BLOCK` rows, byte j of input k holds row j in its low nibble and row j + 32 in its high one)."""
+        rows, cols, half = self.out_features, self.in_features, INT4_BLOCK // 2
+        blocks = self.packed.reshape(rows // INT4_BLOCK, cols, half)
+        q = torch.cat([blocks & 0xF, blocks >> 4], dim=2).permute(0, 2, 1).reshape(rows, cols // INT4_GROUP, INT4_GROUP)
+        scale, zero = (self.scales_zeros[..., i].transpose(0, 1)[..., None] for i in (0, 1))
+        return ((q.to(torch.bfloat16) - 8) * scale + zero).reshape(rows, cols)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if rows.shape[0] <= PACKED_ROWS:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, INT4_GROUP, self.scales_zeros)
+        else:
+            y = torch.nn.functional.linear(rows, self.dequantized())
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y + self.bias.to(x.dtype) if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, 4-bit weights in groups of "
+                f"{INT4_GROUP}, bfloat16 inputs")
+
+
 BARE = "__bare__"  # the variant of an adapted layer without any expert
 
 
@@ -180,8 +252,12 @@ def _float32(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Module
     return linear.requires_grad_(False)
 
 
-def _quantized(scheme: str, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Module:
-    return Int8WeightLinear.from_float(weight, bias) if scheme == WEIGHT_ONLY else _dynamic_int8(weight, bias)
+def _quantized(scheme: str, weight: torch.Tensor, bias: torch.Tensor | None, name: str = "") -> torch.nn.Module:
+    if scheme == INT4 and Int4WeightLinear.fits(weight) and not kept(name, INT4_KEEPS_INT8):
+        return Int4WeightLinear.from_float(weight, bias)
+    if scheme in (WEIGHT_ONLY, INT4):  # int4's packing cannot take this shape: int8 weight-only
+        return Int8WeightLinear.from_float(weight, bias)
+    return _dynamic_int8(weight, bias)
 
 
 def _dynamic_int8(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Module:

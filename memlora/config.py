@@ -100,7 +100,7 @@ class LLMConfig(_Strict):
     # A local model's linear layers run on int8 weights (llm/quantize.py, CPU only); traces are recorded with it.
     # Off: the bundled 135M teacher rewrites most of its recorded answers in int8 (0-27 % identical) and a quarter
     # to a half in int8_weight (42-77 % identical; bench/teacher_quantize.py, 2026-12-04).
-    quantize: Literal["none", "int8", "int8_weight"] = "none"
+    quantize: Literal["none", "int8", "int8_weight", "int4_weight"] = "none"
     trust_remote_code: bool = False
     http: HttpConfig = HttpConfig()
 
@@ -232,12 +232,13 @@ class StudentConfig(_Strict):
     # Inference: write the active expert into the base weights at each switch (float32; int8: see `quantize`)
     # instead of running the adapter beside every adapted layer. Decode steps cost what the bare base's cost.
     merge_experts: bool = True
-    # Inference: the base's linear weights int8 where the trained experts are loaded (evaluation, serving): `int8`,
+    # Inference: the base's linear weights quantized where the trained experts are loaded (evaluation, serving): `int8`,
     # torch's dynamic quantization (activations rounded to int8 per call); `int8_weight`, weight-only (activations
-    # multiplied in bfloat16; no smoothing or float32 layers needed). With merge_experts, one int8 copy of each
-    # adapted layer per expert, merged before quantizing; without, the experts run float32 beside the int8 base.
+    # multiplied in bfloat16; no smoothing or float32 layers needed); `int4_weight`, the same with 4-bit weights in
+    # groups of 64 inputs (half int8's bytes, more rounding). With merge_experts, one quantized copy of each
+    # adapted layer per expert, merged before quantizing; without, the experts run float32 beside the quantized base.
     # Training is unchanged. See llm/quantize.py.
-    quantize: Literal["none", "int8", "int8_weight"] = "none"
+    quantize: Literal["none", "int8", "int8_weight", "int4_weight"] = "none"
     # int8 with merge_experts (and the bare student): SmoothQuant's migration strength (0 = off): each linear's
     # input outlier channels are scaled into its weights before activations are rounded per tensor (llm/quantize.py).
     int8_smoothing: float = Field(0.0, ge=0.0, lt=1.0)

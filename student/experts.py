@@ -20,7 +20,7 @@ from memlora.llm.calibration import calibration_ids
 from memlora.llm.hf_backend import TransformersBackend, load_causal_lm, quantize_model
 from memlora.manifest import check_recorded
 from memlora.student.householder import use_input_reflections
-from memlora.llm.quantize import BARE, SMOOTHABLE, quantize_merged, smoothing
+from memlora.llm.quantize import BARE, MERGE_LOSES, SMOOTHABLE, quantize_merged, smoothing
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,9 @@ class ExpertBackend(TransformersBackend):
     and one of the bare base (`llm.quantize.quantize_merged`); a switch is one assignment; `smoothing_alpha` > 0
     smooths the activations' outlier channels into the weights first (`llm.quantize.smoothing`, calibrated on the
     memory system's own few-shot prompts); `keep_float32` names linears left float32. Un-merged, the experts run
-    in float32 beside the int8 base."""
+    in float32 beside the int8 base. With `quantize="int4_weight"` the experts always stay beside the base:
+    merging moves a weight off the 16-level grid the model shipped on, and re-rounding it loses the expert
+    (measured: no answer identical to float32's, `bench/int8_designs.py`)."""
 
     backend_name = "transformers+experts"
 
@@ -143,6 +145,9 @@ class ExpertBackend(TransformersBackend):
         # Smoothing needs every linear's weights to take its scales: merged variants, or no adapter at all (an
         # adapter beside its layer would read the scaled input).
         self._switch = None
+        if quantize in MERGE_LOSES and merge and self.operations:
+            log.info("experts stay beside the %s base: merged, each weight would be rounded off its grid", quantize)
+            merge = False
         self.keep_float32 = tuple(keep_float32) if quantize != "none" else ()
         smoothable = quantize in SMOOTHABLE and (merge or not self.operations)
         self.smoothing_alpha = smoothing_alpha if smoothable else 0.0
