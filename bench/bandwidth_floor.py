@@ -1,16 +1,17 @@
-"""How far each system's decode step is from what this machine's memory allows: a CPU decode step reads every
-weight once (and the KV cache so far), so the step cannot take less than those bytes over the memory bandwidth.
+"""How far each system's decode step is from what this machine's memory allows: a CPU decode step reads every weight
+once (and the KV cache so far), so the step cannot take less than those bytes over the memory bandwidth.
 
 Measured here, in one run: the bandwidth (a large copy and a triad `a = b + s * c` in torch, best of the repeats,
 bytes moved per second), and per system and batch size the time of a decode step (generate N + 1 tokens minus
-generate 1, over N; greedy, no early stop) against its floor (weight bytes + KV-cache bytes read per step, over
-the triad bandwidth). Systems: the teacher in float32 (as the config deploys it) and int8, the student base in
-float32 (experts merged read the same bytes), int8, int8 with an expert beside it, un-merged (`student.quantize:
-int8`: the difference is what the un-merged expert costs), and int8 with the expert merged before quantizing (the
-other design: one int8 copy of the base per expert, a switch a pointer swap), and the weight-only schemes
-(`int8_weight`, `int4_weight`) bare and merged. Every system decodes with the
-backends' CPU product (`llm.cpu_matmul`); the teacher also through plain `F.linear`, for what that product
-buys. The ratio says how much faster a step could get on this CPU; it is not a guess at the kernels.
+generate 1, over N; greedy, no early stop) against its floor (weight bytes + KV-cache bytes read per step, over the
+triad bandwidth). Systems: the teacher in float32 (as the config deploys it) and int8, the student base in float32
+(experts merged read the same bytes), int8, int8 with an expert beside it, un-merged and folded into a low-rank pair
+as `ExpertBackend` runs it (`student.quantize: int8`: the difference is what the expert beside costs), and int8 with
+the expert merged before quantizing (the other design: one int8 copy of the base per expert, a switch a pointer
+swap), and the weight-only schemes (`int8_weight` bare and merged, `int4_weight` bare and with an expert beside).
+Every system decodes with the backends' CPU product (`llm.cpu_matmul`); the teacher also through plain `F.linear`,
+for what that product buys. The ratio says how much faster a step could get on this CPU; it is not a guess at the
+kernels.
 
     python bench/bandwidth_floor.py [--quick] [--out OUT] [--systems teacher,student,...]
         (OUT: use its student base)
@@ -59,11 +60,12 @@ def weight_bytes(model) -> int:
     import torch
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
-    from memlora.llm.quantize import Int4WeightLinear, Int8WeightLinear
+    from memlora.llm.quantize import BesideLinear, Int4WeightLinear, Int8WeightLinear
 
     total, seen = 0, set()
     for module in model.modules():
-        if isinstance(module, (Int8WeightLinear, Int4WeightLinear)):  # weights, scales (and zeros), bias
+        # quantized: weights, scales (and zeros), bias; beside: the folded expert's pair (one expert here)
+        if isinstance(module, (Int8WeightLinear, Int4WeightLinear, BesideLinear)):
             total += sum(t.numel() * t.element_size() for t in module.buffers(recurse=False))
         elif isinstance(module, DynamicLinear):
             weight, bias = module._packed_params._weight_bias()
@@ -108,7 +110,7 @@ def step_seconds(model, prompt: int, steps: int, batch: int, repeats: int) -> fl
 def load(system: str, base: Path, config):
     from memlora.llm.cpu_matmul import use_rows_first_linears
     from memlora.llm.hf_backend import load_causal_lm
-    from memlora.llm.quantize import quantize_base
+    from memlora.llm.quantize import fold_beside, quantize_base
     from memlora.student.experts import attach_expert
 
     model = load_causal_lm(config.teacher.model if system.startswith("teacher") else str(base), dtype="float32",
@@ -119,6 +121,8 @@ def load(system: str, base: Path, config):
         model = model.merge_and_unload()
     if "int" in system:
         quantize_base(model, next((s for s in (WEIGHT_ONLY, INT4) if s in system), "int8"))
+        if system.endswith("+expert"):  # as ExpertBackend runs an expert beside a quantized base: folded
+            fold_beside(model, ["default"])["active"] = "default"
     if system != PLAIN:
         use_rows_first_linears(model)  # the product the backends decode with (float32 linears only)
     return model.eval()

@@ -327,6 +327,7 @@ RENDERERS = {
     "headline-categories": lambda: results_table("embedded_default", categories=True),
     "headline-int8": lambda: results_table("embedded_default_int8"),
     "headline-int8-weight": lambda: results_table("embedded_default_int8_weight"),
+    "headline-int4-weight": lambda: results_table("embedded_default_int4_weight"),
     "headline-compact": lambda: results_table("embedded_default_compact", categories=True),
     "locomo-protocol": lambda: results_table("locomo_protocol", categories=True, footprint=False),
     "methods": methods_table,
@@ -339,8 +340,10 @@ RENDERERS = {
     "serving-cost": serving_cost_table,
     "bandwidth-floor": bandwidth_floor_table,
     "bandwidth-floor-int8-weight": lambda: bandwidth_floor_table("bandwidth_floor_int8_weight"),
+    "bandwidth-floor-int4-weight": lambda: bandwidth_floor_table("bandwidth_floor_int4_weight"),
     "int8-designs": int8_designs_table,
     "int8-designs-int8-weight": lambda: int8_designs_table("int8_designs_int8_weight"),
+    "int8-designs-int4-weight": lambda: int8_designs_table("int8_designs_int4_weight"),
     "int8-logits": int8_logits_table,
 }
 

@@ -243,6 +243,63 @@ class SwitchedLinear(torch.nn.Module):
         return self.variants[self.state["active"]](x)
 
 
+class BesideLinear(torch.nn.Module):
+    """A quantized base layer with each expert beside it as one low-rank pair (x A^T) B^T, folded from the
+    adapter at load; `state["active"]`, shared as `SwitchedLinear`'s, names the expert that runs (`BARE`: none).
+    Two products per layer and step, where peft's DeLoRA layer takes about ten operations (it recomputes its
+    norms and scales every call)."""
+
+    def __init__(self, base: torch.nn.Module, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], state: dict):
+        super().__init__()
+        self.base = base
+        self.state = state
+        for i, (name, (a, b)) in enumerate(pairs.items()):
+            self.register_buffer(f"a{i}", a.contiguous())
+            self.register_buffer(f"b{i}", b.contiguous())
+        self.index = {name: i for i, name in enumerate(pairs)}
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self.base(x)
+        i = self.index.get(self.state["active"])
+        if i is None:
+            return y
+        a, b = getattr(self, f"a{i}"), getattr(self, f"b{i}")
+        return y + torch.nn.functional.linear(torch.nn.functional.linear(x.to(a.dtype), a), b).to(y.dtype)
+
+
+def low_rank_pair(layer, adapter: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`adapter`'s update of a peft layer as (A, B) with update = B A, or None for a method without one here.
+    DeLoRA: A scaled by the base weight's input norms, B by lambda / r over the rows' and columns' norms (its own
+    forward, computed once); LoRA: B by its scaling."""
+    with torch.no_grad():
+        if hasattr(layer, "delora_A") and adapter in layer.delora_A:
+            a, b = layer.delora_A[adapter], layer.delora_B[adapter]
+            scaling = (layer.delora_lambda[adapter] / layer.r[adapter]) / (
+                torch.clamp(a.norm(dim=1), min=1e-4) * torch.clamp(b.norm(dim=0), min=1e-4))
+            return (a * layer.delora_w_norm[adapter][None, :]).detach().clone(), (b * scaling[None, :]).detach().clone()
+        if hasattr(layer, "lora_A") and adapter in layer.lora_A and not getattr(layer, "use_dora", {}).get(adapter):
+            return (layer.lora_A[adapter].weight.detach().clone(),
+                    (layer.lora_B[adapter].weight * layer.scaling[adapter]).detach().clone())
+    return None
+
+
+def fold_beside(model: torch.nn.Module, adapter_names: list[str]) -> dict | None:
+    """Replace every adapter layer of a peft `model` (its base already quantized) by a `BesideLinear` with each
+    adapter folded into a low-rank pair, and return the shared switch state; None, and nothing changed, where some
+    layer's method has no such pair."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    pairs = [{adapter: low_rank_pair(layer, adapter) for adapter in adapter_names} for _, layer in layers]
+    if not layers or any(p is None for per_layer in pairs for p in per_layer.values()):
+        return None
+    state = {"active": BARE}
+    for (name, layer), per_layer in zip(layers, pairs):
+        _replace(model, name, BesideLinear(layer.get_base_layer(), per_layer, state))
+    trim_heap()
+    return state
+
+
 def _float32(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Module:
     linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
     with torch.no_grad():

@@ -20,7 +20,7 @@ from memlora.llm.calibration import calibration_ids
 from memlora.llm.hf_backend import TransformersBackend, load_causal_lm, quantize_model
 from memlora.manifest import check_recorded
 from memlora.student.householder import use_input_reflections
-from memlora.llm.quantize import BARE, MERGE_LOSES, SMOOTHABLE, quantize_merged, smoothing
+from memlora.llm.quantize import BARE, MERGE_LOSES, SMOOTHABLE, fold_beside, quantize_merged, smoothing
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +109,10 @@ class ExpertBackend(TransformersBackend):
     and one of the bare base (`llm.quantize.quantize_merged`); a switch is one assignment; `smoothing_alpha` > 0
     smooths the activations' outlier channels into the weights first (`llm.quantize.smoothing`, calibrated on the
     memory system's own few-shot prompts); `keep_float32` names linears left float32. Un-merged, the experts run
-    in float32 beside the int8 base. With `quantize="int4_weight"` the experts always stay beside the base:
-    merging moves a weight off the 16-level grid the model shipped on, and re-rounding it loses the expert
-    (measured: no answer identical to float32's, `bench/int8_designs.py`)."""
+    in float32 beside the quantized base, each folded into one low-rank pair per layer (`llm.quantize.
+    fold_beside`; a switch is again one assignment). With `quantize="int4_weight"` the experts always stay
+    beside the base: merging moves a weight off the 16-level grid the model shipped on, and re-rounding it loses
+    the expert (measured: no answer identical to float32's, `bench/int8_designs.py`)."""
 
     backend_name = "transformers+experts"
 
@@ -145,6 +146,7 @@ class ExpertBackend(TransformersBackend):
         # Smoothing needs every linear's weights to take its scales: merged variants, or no adapter at all (an
         # adapter beside its layer would read the scaled input).
         self._switch = None
+        self.folded = False  # experts beside a quantized base as low-rank pairs (`fold_beside`)
         if quantize in MERGE_LOSES and merge and self.operations:
             log.info("experts stay beside the %s base: merged, each weight would be rounded off its grid", quantize)
             merge = False
@@ -164,6 +166,9 @@ class ExpertBackend(TransformersBackend):
             self.quantized = quantize
         else:
             self.quantized = quantize_model(model, tokenizer, quantize, self.smoothing_alpha, self.keep_float32)
+            if self.quantized and self.operations:  # beside a quantized base: each expert one low-rank pair
+                self._switch = fold_beside(model, [adapter_name(op) for op in self.operations])
+                self.folded = self._switch is not None
         super().__init__(model, tokenizer, model_id, batch_size=batch_size, prefix_cache=prefix_cache)
         # The adapted layers, found once: a switch then only repoints them (peft's `set_adapter` walks every
         # module of the model and toggles requires_grad each time: 4 ms per switch here, measured).
@@ -182,7 +187,7 @@ class ExpertBackend(TransformersBackend):
         self.switches = 0
         self._bare = False
         if self._switch is not None:
-            self.merge = True
+            self.merge = not self.folded
             self._switch["active"] = adapter_name(self.active)
             for layer in self._tuner_layers:
                 layer._active_adapter = [adapter_name(self.active)]
@@ -213,7 +218,7 @@ class ExpertBackend(TransformersBackend):
             raise KeyError(f"no expert for {operation!r} (have: {', '.join(self.operations) or 'none'})")
         if not self.operations:
             return
-        if self._switch is not None:  # int8 copies per expert: one assignment that every adapted layer reads
+        if self._switch is not None:  # quantized copies or folded pairs per expert: one assignment every layer reads
             name = adapter_name(operation) if operation is not None else BARE
             if self._switch["active"] != name:
                 self._switch["active"] = name

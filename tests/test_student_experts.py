@@ -329,7 +329,7 @@ def test_an_int8_base_stays_close_to_float32_and_switching_experts_on_it_is_exac
     quantized = ExpertBackend.from_out(tiny_model_dir, experts_out, device="cpu", merge=merge, quantize=scheme,
                                        smoothing_alpha=alpha, keep_float32=keep)
     assert quantized.quantized == scheme and quantized.merge == merge
-    from memlora.llm.quantize import BARE, SwitchedLinear, is_quantized
+    from memlora.llm.quantize import BARE, BesideLinear, SwitchedLinear, is_quantized
 
     adapters = [p for n, p in quantized.model.named_parameters() if "delora_" in n]
     if merge:  # every adapted layer not kept float32 is its int8 variants, with no adapter or float32 copy left
@@ -345,9 +345,11 @@ def test_an_int8_base_stays_close_to_float32_and_switching_experts_on_it_is_exac
         float32 = {n.rpartition(".")[2] for n, v in quantized.model.named_modules()
                    if type(v) is torch.nn.Linear and ".variants." not in n}
         assert {n for n in float32 if n != "base_layer"} == ({"lm_head"} & set(keep))  # the tied output head
-    else:
-        assert all(is_quantized(layer.get_base_layer()) for layer in quantized._tuner_layers)  # int8, not float32
-        assert adapters and all(type(p.data) is torch.Tensor and p.dtype == torch.float32 for p in adapters)
+    else:  # each expert folded into a float32 low-rank pair beside the quantized base, no peft layer left
+        beside = [m for m in quantized.model.modules() if isinstance(m, BesideLinear)]
+        assert quantized.folded and beside and not adapters and not quantized._tuner_layers
+        assert all(is_quantized(m.base) and set(m.index) == {f"expert_{op}" for op in OPERATIONS} for m in beside)
+        assert all(b.dtype == torch.float32 for m in beside for b in m.buffers(recurse=False))
     if not keep:
         assert not any(type(m) is torch.nn.Linear for m in quantized.model.modules())  # the output head too
     first = {}
@@ -443,16 +445,40 @@ def test_int4_experts_stay_beside_the_base_even_when_merging_is_asked(tiny_model
     """A merged weight leaves the 16-level grid an int4 model shipped on, and rounding it again loses the expert
     (measured on the real student: no answer identical to float32's), so `int4_weight` keeps the experts float32
     beside an int4 base whatever `merge_experts` says, and switches them as peft does."""
-    from memlora.llm.quantize import Int4WeightLinear, SwitchedLinear
+    from memlora.llm.quantize import BesideLinear, Int4WeightLinear, SwitchedLinear
 
     asked = ExpertBackend.from_out(tiny_model_dir, experts_out, device="cpu", merge=True, quantize="int4_weight")
     beside = ExpertBackend.from_out(tiny_model_dir, experts_out, device="cpu", merge=False, quantize="int4_weight")
     assert not asked.merge and not any(isinstance(m, SwitchedLinear) for m in asked.model.modules())
-    assert any(isinstance(layer.get_base_layer(), Int4WeightLinear) for layer in asked._tuner_layers)
+    assert any(isinstance(m, BesideLinear) and isinstance(m.base, Int4WeightLinear) for m in asked.model.modules())
     for op in ["update", "extraction", "generation"]:
         asked.use(op)
         beside.use(op)
         assert torch.equal(logits_of(asked.model, asked.tokenizer), logits_of(beside.model, beside.tokenizer)), op
+
+
+@pytest.mark.timeout(120)
+def test_an_expert_folded_into_a_low_rank_pair_computes_what_peft_computes(tiny_model_dir):
+    """`fold_beside`: DeLoRA's update (its norms and scales, recomputed by peft at every call) folded once into
+    (x A^T) B^T gives the logits peft's own layers give, to float32 rounding; the bare state gives the base's."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from memlora.llm.quantize import BARE, fold_beside
+
+    model, tokenizer = fresh(tiny_model_dir)
+    peft_model = attach_expert(model, ExpertConfig(r=4), name="expert_update")
+    perturb(peft_model, seed=3)  # an update far from zero, as a trained expert's
+    peft_model.eval()
+    want = logits_of(peft_model, tokenizer)
+    with peft_model.disable_adapter():
+        bare = logits_of(peft_model, tokenizer)
+    assert (want - bare).abs().max() > 0.01 * bare.std()  # the expert changes something
+    state = fold_beside(peft_model, ["expert_update"])
+    assert state is not None and not any(isinstance(m, BaseTunerLayer) for m in peft_model.modules())
+    state["active"] = "expert_update"
+    assert (logits_of(peft_model, tokenizer) - want).abs().max() < 1e-4 * want.abs().max()
+    state["active"] = BARE
+    assert (logits_of(peft_model, tokenizer) - bare).abs().max() < 1e-5 * bare.abs().max()
 
 
 def with_outlier_channels(model, factor: float = 60.0):
