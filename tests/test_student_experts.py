@@ -403,6 +403,18 @@ def test_a_weight_only_int8_linear_is_its_rounded_weight_times_a_bfloat16_input_
         assert (got - want).abs().max() < 0.01 * want.abs().max(), shape
 
 
+def test_a_weight_rounded_in_chunks_of_rows_is_the_weight_rounded_whole(monkeypatch):
+    """The output head is rounded a chunk of rows at a time (its float32 temporaries set the peak of loading);
+    scales and weights are per row, so the result is the same to the bit."""
+    from memlora.llm import quantize
+
+    weight = torch.randn(50, 64)
+    whole = quantize.Int8WeightLinear.from_float(weight, None)
+    monkeypatch.setattr(quantize, "CHUNK_ROWS", 7)
+    chunked = quantize.Int8WeightLinear.from_float(weight, None)
+    assert torch.equal(chunked.weight, whole.weight) and torch.equal(chunked.scales, whole.scales)
+
+
 @pytest.mark.timeout(60)
 def test_a_weight_only_int4_linear_is_its_rounded_weight_times_a_bfloat16_input_on_both_paths():
     """`Int4WeightLinear`: every weight within about half a 4-bit step of float32's (per group of `INT4_GROUP`
