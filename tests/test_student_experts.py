@@ -378,15 +378,29 @@ def test_an_int8_base_stays_close_to_float32_and_switching_experts_on_it_is_exac
         assert torch.equal(logits_of(quantized.model, quantized.tokenizer), bare)
 
 
+def products_match_the_rounded_weight(quantized, dequantized, bias):
+    """On a decode step's few rows (the packed kernel) and a prefill's many (a bfloat16 GEMM), in the input's
+    dtype and shape: the rounded weight's product, within 1 % of the largest output."""
+    import torch.nn.functional as F
+
+    from memlora.llm.quantize import PACKED_ROWS
+
+    inputs = quantized.in_features
+    for shape in ((1, inputs), (PACKED_ROWS, inputs), (PACKED_ROWS + 1, inputs), (2, 100, inputs)):  # 1-200 rows
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            want, got = F.linear(x, dequantized, bias), quantized(x)
+        assert got.dtype == torch.float32 and got.shape == (*shape[:-1], quantized.out_features)
+        assert (got - want).abs().max() < 0.01 * want.abs().max(), shape
+
+
 @pytest.mark.timeout(60)
 def test_a_weight_only_int8_linear_is_its_rounded_weight_times_a_bfloat16_input_on_both_paths():
     """`Int8WeightLinear`: every weight within half an int8 step of float32's (per output channel), and the output
     the dequantized weight's product on the input, whether a decode step's few rows (int8 kernel) or a prefill's
     many (bfloat16 GEMM), in the input's dtype and shape. Tolerance 1 % of the largest output: inputs and scales
     are rounded to bfloat16 (8 significant bits, 0.4 % each), over sums of 64 terms of mixed signs."""
-    import torch.nn.functional as F
-
-    from memlora.llm.quantize import PACKED_ROWS, Int8WeightLinear
+    from memlora.llm.quantize import Int8WeightLinear
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 96)
@@ -395,12 +409,7 @@ def test_a_weight_only_int8_linear_is_its_rounded_weight_times_a_bfloat16_input_
     dequantized = quantized.weight.float() * scales[:, None]
     assert quantized.weight.dtype == torch.int8
     assert ((dequantized - linear.weight).abs() <= scales[:, None] * 0.51).all()
-    for shape in ((1, 64), (PACKED_ROWS, 64), (PACKED_ROWS + 1, 64), (2, 100, 64)):  # rows 1, 16, 17, 200
-        x = torch.randn(*shape)
-        with torch.no_grad():
-            want, got = F.linear(x, dequantized, linear.bias), quantized(x)
-        assert got.dtype == torch.float32 and got.shape == (*shape[:-1], 96)
-        assert (got - want).abs().max() < 0.01 * want.abs().max(), shape
+    products_match_the_rounded_weight(quantized, dequantized, linear.bias)
 
 
 def test_a_weight_rounded_in_chunks_of_rows_is_the_weight_rounded_whole(monkeypatch):
@@ -422,9 +431,7 @@ def test_a_weight_only_int4_linear_is_its_rounded_weight_times_a_bfloat16_input_
     product equals the unpacked weight's), and the output that weight's product on the input on both paths; a
     weight already on a 16-level grid per group (a Q4_1 model's, as shipped) comes back nearly exactly. A layer
     whose shape the packing cannot take, and the output head, are int8 weight-only instead."""
-    import torch.nn.functional as F
-
-    from memlora.llm.quantize import INT4, INT4_GROUP, PACKED_ROWS, Int4WeightLinear, Int8WeightLinear, _quantized
+    from memlora.llm.quantize import INT4, INT4_GROUP, Int4WeightLinear, Int8WeightLinear, _quantized
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(128, 192)
@@ -433,12 +440,7 @@ def test_a_weight_only_int4_linear_is_its_rounded_weight_times_a_bfloat16_input_
     step = quantized.scales_zeros[..., 0].float().transpose(0, 1).repeat_interleave(INT4_GROUP, dim=1)
     assert quantized.packed.dtype == torch.uint8 and quantized.packed.numel() == 128 * 192 // 2
     assert ((dequantized - linear.weight).abs() <= step * 0.55).all()
-    for shape in ((1, 128), (PACKED_ROWS, 128), (PACKED_ROWS + 1, 128), (2, 100, 128)):  # rows 1, 16, 17, 200
-        x = torch.randn(*shape)
-        with torch.no_grad():
-            want, got = F.linear(x, dequantized, linear.bias), quantized(x)
-        assert got.dtype == torch.float32 and got.shape == (*shape[:-1], 192)
-        assert (got - want).abs().max() < 0.01 * want.abs().max(), shape
+    products_match_the_rounded_weight(quantized, dequantized, linear.bias)
     # Q4_1-like: 16 levels from each group's minimum, step 0.01. They come back within bfloat16's rounding of
     # each weight (2^-8 of it) plus 4 % of a step (the scale and zero in bfloat16; measured up to 3 %), where
     # weights off any grid are off by half a step at worst (above).
