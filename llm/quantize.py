@@ -439,8 +439,11 @@ def quantize_merged(model: torch.nn.Module, adapter_names: list[str], scheme: st
     92 MB for down_proj on the 26-layer student); the caller switches their adapter as peft does."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    if scheme not in SCHEMES or scheme == "none":
-        raise ValueError(f"quantize_merged: {scheme!r} is not one of {', '.join(SCHEMES[1:])}")
+    mergeable = [s for s in SCHEMES if s != "none" and s not in MERGE_LOSES]
+    if scheme not in mergeable:
+        raise ValueError(f"quantize_merged: {scheme!r} is not one of {', '.join(mergeable)}"
+                         + (" (a merged weight leaves its grid: keep the experts beside, fold_beside)"
+                            if scheme in MERGE_LOSES else ""))
     if any(p.device.type != "cpu" for p in model.parameters()):
         raise ValueError(f"quantize: {scheme} runs on a CPU kernel (set student.quantize: none)")
     smooth = smooth or Smoothing()

@@ -458,8 +458,9 @@ def test_a_weight_only_int4_linear_is_its_rounded_weight_times_a_bfloat16_input_
 def test_int4_experts_stay_beside_the_base_even_when_merging_is_asked(tiny_model_dir, experts_out):
     """A merged weight leaves the 16-level grid an int4 model shipped on, and rounding it again loses the expert
     (measured on the real student: no answer identical to float32's), so `int4_weight` keeps the experts float32
-    beside an int4 base whatever `merge_experts` says, and switches them as peft does."""
-    from memlora.llm.quantize import BesideLinear, Int4WeightLinear, SwitchedLinear
+    beside an int4 base whatever `merge_experts` says, and switches them as peft does; `quantize_merged` itself
+    refuses int4."""
+    from memlora.llm.quantize import BesideLinear, Int4WeightLinear, SwitchedLinear, quantize_merged
 
     asked = ExpertBackend.from_out(tiny_model_dir, experts_out, device="cpu", merge=True, quantize="int4_weight")
     beside = ExpertBackend.from_out(tiny_model_dir, experts_out, device="cpu", merge=False, quantize="int4_weight")
@@ -469,6 +470,10 @@ def test_int4_experts_stay_beside_the_base_even_when_merging_is_asked(tiny_model
         asked.use(op)
         beside.use(op)
         assert torch.equal(logits_of(asked.model, asked.tokenizer), logits_of(beside.model, beside.tokenizer)), op
+    model, _ = fresh(tiny_model_dir)
+    with pytest.raises(ValueError, match="keep the experts beside"):
+        quantize_merged(attach_expert(model, ExpertConfig(r=4), name="expert_update"), ["expert_update"],
+                        "int4_weight")
 
 
 @pytest.mark.timeout(120)
