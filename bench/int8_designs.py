@@ -4,9 +4,10 @@ merged (what evaluation and serving run today), int8 with the experts float32 be
 int8`, `merge_experts: false`), int8 with one copy of each adapted layer per expert, merged before quantizing
 (`merge_experts: true`), the last also with SmoothQuant's smoothing at each `--smoothing` strength
 (`student.int8_smoothing`) and at each `--keep-smoothing` strength with the `--keep` linears left float32
-(`student.int8_keep_float32`), and weight-only int8 and int4 merged (`student.quantize: int8_weight`,
-`int4_weight`). Per operation: agreement with the teacher (the operation's primary metric, 95 % interval), the share
-of answers identical to float32's, seconds per generated token. Writes bench/results/int8_designs.json.
+(`student.int8_keep_float32`), weight-only int8 merged (`student.quantize: int8_weight`) and int4 beside
+(`int4_weight`, whose experts never merge). Per operation: agreement with the teacher (the operation's primary
+metric, 95 % interval), the share of answers identical to float32's, seconds per generated token. Writes
+bench/results/int8_designs.json.
 
     python bench/int8_designs.py --out OUT [--quick] [--smoothing 0.7] [--keep-smoothing 0.85]
         [--keep down_proj,lm_head] [--designs float32,int8_weight-merged]
