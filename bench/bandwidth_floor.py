@@ -3,17 +3,17 @@ once (and the KV cache so far), so the step cannot take less than those bytes ov
 
 Measured here, in one run: the bandwidth (a large copy and a triad `a = b + s * c` in torch, best of the repeats,
 bytes moved per second), and per system and batch size the time of a decode step (generate N + 1 tokens minus
-generate 1, over N; greedy, no early stop, through memlora's own decoding loop and KV cache, as the backends decode)
-against its floor (weight bytes + KV-cache bytes read per step, over the triad bandwidth). Systems: the teacher in
-float32 (as the config deploys it) and int8, the student base in float32 (experts merged read the same bytes), int8,
-int8 with an expert beside it, un-merged and folded into a low-rank pair as `ExpertBackend` runs it
-(`student.quantize: int8`: the difference is what the expert beside costs), and int8 with the expert merged before
-quantizing (the other design: one int8 copy of the base per expert, a switch a pointer swap), and the weight-only
-schemes (`int8_weight` bare and merged, `int4_weight` bare and with an expert beside). Every system decodes with the
-backends' CPU product (`llm.cpu_matmul`); the teacher also through plain `F.linear`, for what that product buys. The
-ratio says how much faster a step could get on this CPU; it is not a guess at the kernels.
+generate 1, over N; greedy, no early stop) against its floor (weight bytes + KV-cache bytes read per step, over the
+triad bandwidth). Systems: the teacher in float32 (as the config deploys it) and int8, the student base in float32
+(experts merged read the same bytes), int8, int8 with an expert beside it, un-merged and folded into a low-rank pair
+as `ExpertBackend` runs it (`student.quantize: int8`: the difference is what the expert beside costs), and int8 with
+the expert merged before quantizing (the other design: one int8 copy of the base per expert, a switch a pointer
+swap), and the weight-only schemes (`int8_weight` bare and merged, `int4_weight` bare and with an expert beside).
+Every system decodes with the backends' CPU product (`llm.cpu_matmul`); the teacher also through plain `F.linear`,
+for what that product buys. The ratio says how much faster a step could get on this CPU; it is not a guess at the
+kernels.
 
-    python bench/bandwidth_floor.py [--quick] [--out OUT] [--systems teacher,student,...] [--prompt N]
+    python bench/bandwidth_floor.py [--quick] [--out OUT] [--systems teacher,student,...]
         (OUT: use its student base)
 """
 
@@ -93,14 +93,14 @@ def step_seconds(model, prompt: int, steps: int, batch: int, repeats: int) -> fl
     """Median over `repeats` of (generate steps + 1 tokens - generate 1 token) / steps: the prefill cancels."""
     import torch
 
-    from memlora.llm.decoding import greedy_decode
-
     ids = torch.randint(100, model.config.vocab_size - 100, (batch, prompt), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
 
     def run(n: int) -> float:
         started = time.perf_counter()
-        greedy_decode(model, ids, mask, cache=None, cached_len=0, max_new_tokens=n, stop_ids=set())
+        with torch.inference_mode():
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           pad_token_id=0)
         return time.perf_counter() - started
 
     run(2)  # warm-up
@@ -144,14 +144,12 @@ def main() -> None:
     parser = bench_parser(__doc__)
     parser.add_argument("--batches", default=None, help="batch sizes, comma-separated (default 1,8)")
     parser.add_argument("--systems", default=None, help=f"comma-separated, of {', '.join(SYSTEMS)} (default all)")
-    parser.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 128)")
     args = parser.parse_args()
     systems = args.systems.split(",") if args.systems else list(SYSTEMS)
     if set(systems) - set(SYSTEMS):
         parser.error(f"--systems: unknown {', '.join(sorted(set(systems) - set(SYSTEMS)))}")
     config = load_config(CONFIG)
     prompt, steps, repeats = (8, 4, 1) if args.quick else (128, 16, 3)
-    prompt = args.prompt or prompt
     batches = [int(b) for b in (args.batches or ("1,2" if args.quick else "1,8")).split(",")]
     measured = bandwidth(32 if args.quick else 512, 2 if args.quick else 5)
     floor_bw = measured["triad_gb_s"] * 1e9

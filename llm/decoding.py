@@ -65,10 +65,10 @@ def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     """Decode every row greedily (or, with a temperature, by sampling); `cache` holds the KV of the first
     `cached_len` positions (or is empty). `stop_check(row, tokens)` ends a row early (stop strings);
     `cancelled(row)` drops a row whose caller has gone, with its KV cache, at the next step."""
-    from memlora.llm.kv_cache import reserved_cache
+    from transformers import DynamicCache
 
+    cache = cache if cache is not None else DynamicCache(config=model.config)
     batch, width = input_ids.shape
-    cache = cache if cache is not None else reserved_cache(model.config, width + max_new_tokens)
     positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
     matchers = [xgr.GrammarMatcher(g) for g in grammars] if grammars else None
     if matchers:

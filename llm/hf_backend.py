@@ -6,6 +6,7 @@ student decode exactly the same way.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -174,10 +175,9 @@ class TransformersBackend:
             own = row[start:]
             ids[i, :start], mask[i, :start] = torch.tensor(row[:start], dtype=torch.long), 1
             ids[i, start + width - len(own):], mask[i, start + width - len(own):] = torch.tensor(own), 1
-        if cache is not None:  # each row's buffer starts with the prefix and has room for the rest of the decode
-            from memlora.llm.kv_cache import reserved_cache
-
-            cache = reserved_cache(self.model.config, start + width + batch[0].max_new_tokens, cache, len(rows))
+        if cache is not None:
+            cache = copy.deepcopy(cache)  # decoding extends the cache in place
+            cache.batch_repeat_interleave(len(rows))
         device = self.model.device
         return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}, cache, start
 
