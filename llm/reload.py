@@ -12,7 +12,6 @@ logged, and the current experts keep serving.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import gc
 import hashlib
 import json
@@ -23,6 +22,7 @@ import weakref
 from pathlib import Path
 from typing import Callable
 
+from memlora.llm.file_pages import trim_heap
 from memlora.manifest import read_manifest
 
 log = logging.getLogger("memlora.serve")
@@ -128,14 +128,6 @@ def close_later(batcher) -> None:
             if gone() is None:
                 break
             time.sleep(0.5)
-        release_free_memory()
+        trim_heap()
 
     threading.Thread(target=drain, name="memlora-drain", daemon=True).start()
-
-
-def release_free_memory() -> None:
-    """Return the allocator's free pages to the system (glibc's malloc_trim; a no-op elsewhere)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
