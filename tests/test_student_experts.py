@@ -454,6 +454,44 @@ def test_a_weight_only_int4_linear_is_its_rounded_weight_times_a_bfloat16_input_
     assert isinstance(_quantized(INT4, torch.randn(64, 128), None, "lm_head"), Int8WeightLinear)  # the head
 
 
+def q8_0_grid(rows: int, dim: int, seed: int = 0) -> torch.Tensor:
+    """float32 values as GGUF's Q8_0 stores them: int8 in blocks of 32 (each block's largest at 127 steps) times
+    the block's float16 scale."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(-126, 127, (rows, dim // 32, 32), generator=gen)
+    q[..., 0] = 127 * torch.where(torch.rand(rows, dim // 32, generator=gen) < 0.5, -1, 1)
+    q[0] = 0  # an all-zero row (padding tokens often are)
+    scale = (torch.rand(rows, dim // 32, 1, generator=gen) * 0.01).half().float()
+    return (q.float() * scale).reshape(rows, dim)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("scheme", ["int8_weight", "int4_weight"])
+def test_a_q8_0_embedding_goes_to_block_int8_exactly_and_any_other_stays_float32(tiny_model_dir, scheme):
+    from memlora.llm.quantize import BlockInt8Embedding, quantize_base
+
+    model, _ = fresh(tiny_model_dir)
+    rows, dim = model.get_input_embeddings().weight.shape
+    grid = q8_0_grid(rows, dim)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.copy_(grid)  # tied: the output head reads it too, until quantized
+    quantize_base(model, scheme)
+    blocks = model.get_input_embeddings()
+    assert isinstance(blocks, BlockInt8Embedding) and blocks.values.dtype == torch.int8
+    ids = torch.arange(rows)[None]
+    assert torch.equal(blocks(ids), grid[ids])  # bit for bit, every row
+
+    off_grid, _ = fresh(tiny_model_dir)  # random float32 values: rounding them would change the model
+    quantize_base(off_grid, scheme)
+    assert type(off_grid.get_input_embeddings()) is torch.nn.Embedding
+
+    tied_head_kept, _ = fresh(tiny_model_dir)
+    with torch.no_grad():
+        tied_head_kept.get_input_embeddings().weight.copy_(grid)
+    quantize_base(tied_head_kept, scheme, keep=("lm_head",))  # the float32 head still reads the tied weight
+    assert type(tied_head_kept.get_input_embeddings()) is torch.nn.Embedding
+
+
 @pytest.mark.timeout(120)
 def test_int4_experts_stay_beside_the_base_even_when_merging_is_asked(tiny_model_dir, experts_out):
     """A merged weight leaves the 16-level grid an int4 model shipped on, and rounding it again loses the expert
