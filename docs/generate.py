@@ -89,6 +89,7 @@ HEADLINE = [
 # Point values only: one process per system, and a call's time is its batch's time divided by the batch's size,
 # so a latency interval says little (calls of one batch share a value).
 FOOTPRINT = [
+    ("peak RSS of the end-to-end phase (MiB)", "model", "peak_rss_e2e_mb", 0),
     ("peak RSS of the system's process (MiB)", "model", "peak_rss_mb", 0),
     ("extraction s per call, p50", "extraction", "latency_p50", 3),
     ("update s per call, p50", "update", "latency_p50", 3),
@@ -118,7 +119,7 @@ def results_table(name: str, categories: bool = False, footprint: bool = True) -
                 label += f" (always the majority event: {majority['value']:.3f})"
         n = next((c["n"] for c in reversed(cells) if c is not None and c.get("n")), "")
         point = (label, op, metric, digits) in FOOTPRINT
-        lines.append(f"| {label} | {n if not point or metric != 'peak_rss_mb' else ''} | "
+        lines.append(f"| {label} | {n if not point or not metric.startswith('peak_rss') else ''} | "
                      + " | ".join(_cell(c, digits, point=point) for c in cells) + " |")
     source = data["source"]
     lines += ["", f"<sub>{source['config']} on {', '.join(source['test_conversations'] or [])} "

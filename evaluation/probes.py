@@ -44,6 +44,17 @@ def peak_rss_mb() -> float:
     return kib / 1024 if kib is not None else ru_maxrss_mb()
 
 
+def restart_peak() -> bool:
+    """Start VmHWM again from the current RSS (Linux 4.0+, /proc/self/clear_refs), so that a phase's own peak
+    can be read; False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
 def current_rss_mb() -> float:
     kib = _status_kib("VmRSS")
     return kib / 1024 if kib is not None else float("nan")
@@ -114,6 +125,7 @@ class Probe(BaseModel):
     questions: int | None = None
     conversations: list[str] = []
     peak_rss_mb: float | None = None      # VmHWM: this process's own peak
+    peak_rss_e2e_mb: float | None = None  # the end-to-end phase's own peak, from the loaded model, heap trimmed
     ru_maxrss_mb: float | None = None     # inherited across fork/exec on Linux: for reference only
     cuda_peak_mb: dict | None = None
     wall_s: float | None = None

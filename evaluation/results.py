@@ -154,6 +154,7 @@ def memory_rows(system, probe: Probe) -> list[dict]:
         ("params_adapters", params.get("adapters", 0) if params else None, "parameters"),
         ("adapter_bytes", sum(a["bytes"] for a in adapters.values()), "bytes"),
         ("peak_rss_mb", probe.peak_rss_mb, "MiB"),
+        ("peak_rss_e2e_mb", probe.peak_rss_e2e_mb, "MiB"),
         ("ru_maxrss_mb", probe.ru_maxrss_mb, "MiB"),
         ("rss_after_load_mb", (probe.after_load or {}).get("rss_mb"), "MiB"),
         ("rss_baseline_mb", (probe.baseline or {}).get("rss_mb"), "MiB"),
@@ -232,6 +233,7 @@ def headline(rows: list[dict], with_judge: bool = False) -> list[dict]:
             "qa_token_f1_all": v(system, "qa", "token_f1"),
             **({"qa_judge_accuracy": v(system, "qa", "judge_accuracy")} if with_judge else {}),
             "peak_rss_mb": round(v(system, "model", "peak_rss_mb") or 0, 1) or None,
+            "peak_rss_e2e_mb": round(v(system, "model", "peak_rss_e2e_mb") or 0, 1) or None,
             **{key: value for op in OPERATIONS for key, value in (
                 (f"{op}_p50_s", v(system, op, "latency_p50")),
                 (f"{op}_tokens_per_call", v(system, op, "completion_tokens")))},

@@ -150,7 +150,7 @@ AGREEMENT = {"extraction": ["fact_precision", "fact_recall", "fact_f1"],
              "generation": ["answer_token_f1", "answer_rouge_l"]}
 LATENCY = ["latency_p50", "latency_p95", "prompt_tokens", "completion_tokens", "tokens_per_s", "batch_size"]
 QA_METRICS = ["token_f1", "bleu1", "judge_accuracy", "answered"]
-MEMORY_METRICS = ["params_base", "params_adapters", "adapter_bytes", "peak_rss_mb", "ru_maxrss_mb",
+MEMORY_METRICS = ["params_base", "params_adapters", "adapter_bytes", "peak_rss_mb", "peak_rss_e2e_mb", "ru_maxrss_mb",
                   "rss_after_load_mb", "rss_baseline_mb", "load_s"]
 
 
@@ -223,6 +223,8 @@ def test_evaluate_flow_on_tiny_models(prefect_server, tiny_teacher, tiny_model_d
     assert set(probes["student+experts"]["adapters"]) == set(OPERATIONS)
     for s in SYSTEMS:
         assert by_key[(s, "model", "peak_rss_mb")]["value"] == pytest.approx(probes[s]["peak_rss_mb"])
+        # the end-to-end phase's own peak: from the loaded model, within the process's
+        assert probes[s]["after_load"]["rss_mb"] * 0.5 < probes[s]["peak_rss_e2e_mb"] <= probes[s]["peak_rss_mb"]
 
     # report
     md = (out / "eval" / "report.md").read_text()

@@ -206,6 +206,36 @@ def test_peak_rss_is_the_child_process_own_not_its_parents():
     assert 0 < child["peak"] < 150 < parent_peak, child
 
 
+RESTARTED_PEAK = """
+import json
+from memlora.evaluation import probes
+def touched(mib):
+    block = bytearray(mib << 20)
+    block[::4096] = b"\\x01" * len(block[::4096])
+    return block
+first = touched(300)
+before = probes.peak_rss_mb()
+del first
+restarted = probes.restart_peak()
+after_restart = probes.peak_rss_mb()
+second = touched(100)
+print(json.dumps({"before": before, "restarted": restarted, "after_restart": after_restart,
+                  "after_second": probes.peak_rss_mb()}))
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux's")
+def test_a_restarted_peak_holds_only_what_came_after_it():
+    """What the evaluation reads for the end-to-end phase: 300 MiB freed before the restart are not in the peak
+    after it; 100 MiB touched after it are."""
+    seen = json.loads(subprocess.run([sys.executable, "-c", RESTARTED_PEAK], capture_output=True, text=True,
+                                     check=True, timeout=50).stdout)
+    assert seen["restarted"] and seen["before"] > 300
+    assert seen["after_restart"] < seen["before"] - 250
+    assert seen["after_restart"] + 90 < seen["after_second"] < seen["before"]
+
+
 @pytest.mark.timeout(30)
 def test_a_judge_that_is_the_teacher_stays_out_of_the_headline():
     from memlora.config import parse_config
