@@ -109,10 +109,11 @@ def results_table(name: str, categories: bool = False, footprint: bool = True) -
         measures += FOOTPRINT
     systems = [s for s in SYSTEMS if any(r["system"] == s for r in rows)]  # teacher-int8: a quantized run only
     lines = ["| | n | " + " | ".join(SYSTEMS[s] for s in systems) + " |", "|---|---|" + "---|" * len(systems)]
+    phase_peaks = any(_find(rows, system, "model", "peak_rss_e2e_mb") for system in systems)
     for label, op, metric, digits in measures:
         cells = [_find(rows, system, op, metric) for system in systems]
-        if all(c is None for c in cells):
-            continue
+        if all(c is None for c in cells) or (metric == "peak_rss_mb" and phase_peaks):
+            continue  # the process's peak only where a run has no end-to-end phase's own (before 2026-12-05)
         if op == "update" and metric == "event_macro_f1":
             majority = _find(rows, "student+experts", "update", "majority_baseline_macro_f1")
             if majority is not None:
