@@ -203,13 +203,13 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
               "`peak_rss_e2e_mb` is the end-to-end phase's own peak (the memory system's work, which every system "
               "does; measured from the loaded model with the heap trimmed, so the students' replay of the teacher's "
               "requests before it does not count); `peak_rss_mb` is the process's VmHWM (its own peak resident set "
-              "over every phase, model + runtime + retrieval embedder); `ru_maxrss_mb` is getrusage's figure, which Linux carries over from the parent process across "
-              "fork/exec and so can exceed the system's own peak; `rss_baseline_mb` is after importing torch and "
-              "transformers, `rss_after_load_mb` after loading the model (and experts).", ""]
+              "over every phase, model + runtime + retrieval embedder); `ru_maxrss_mb` is getrusage's figure, which "
+              "Linux carries over from the parent process across fork/exec and so can exceed the system's own peak; "
+              "`rss_baseline_mb` is after importing torch and transformers, `rss_after_load_mb` after loading the "
+              "model (and experts).", ""]
     lines += _table(rows, [(m, "model", m) for m in (
         "params_base", "params_adapters", "adapter_bytes", "peak_rss_e2e_mb", "peak_rss_mb", "ru_maxrss_mb",
-        "rss_baseline_mb",
-        "rss_after_load_mb", "peak_cuda_allocated_mb", "peak_cuda_reserved_mb", "load_s")])
+        "rss_baseline_mb", "rss_after_load_mb", "peak_cuda_allocated_mb", "peak_cuda_reserved_mb", "load_s")])
     lines += ["", "Per-call records: `eval/systems/<system>/calls.parquet` (phases e2e, forced, forced_free) and "
               "`qa.parquet`; judge labels: `eval/systems/judge/judgements.parquet`; all metrics: "
               "`eval/results.parquet`.", ""]
@@ -336,8 +336,7 @@ def render_png(rows: list[dict], path: Path, records: dict[str, dict] | None = N
           "schema_valid rate (95% CI)", "Schema-valid outputs, " + " vs ".join(decodings) + " decoding")
     axes[0, 1].set_ylim(0, 1.05)
     mem = [("peak RSS, end to end", "peak_rss_e2e_mb"), ("peak RSS", "peak_rss_mb"),
-           ("RSS after load", "rss_after_load_mb"),
-           ("peak CUDA", "peak_cuda_allocated_mb")]
+           ("RSS after load", "rss_after_load_mb"), ("peak CUDA", "peak_cuda_allocated_mb")]
     mem = [m for m in mem if any(_v(rows, s, "model", m[1])[0] is not None for s in systems)]
     _bars(axes[1, 0], [g for g, _ in mem], {s: [_v(rows, s, "model", m) for _, m in mem] for s in systems},
           "MiB", "Peak memory (each system in its own process)", labels=True)
