@@ -125,22 +125,21 @@ def quantize_base(model: torch.nn.Module, scheme: str, keep: tuple[str, ...] = (
     return len(names)
 
 
-def _embedding_in_blocks(model: torch.nn.Module) -> bool:
+def _embedding_in_blocks(model: torch.nn.Module) -> None:
     """Put the token embedding on block int8 where that is exact and frees its float32 weight (an output head
     left float32 still reads a tied one)."""
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if type(embedding) is not torch.nn.Embedding:
-        return False
+        return
     weight = embedding.weight
     if any(t.data_ptr() == weight.data_ptr() for m in model.modules() if m is not embedding
            for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))):
-        return False
+        return
     blocks = BlockInt8Embedding.exactly(weight.detach())
     if blocks is None:
-        return False
+        return
     model.set_input_embeddings(blocks)
     release_file_pages([weight], model_tensors(model))
-    return True
 
 
 def is_quantized(module: torch.nn.Module) -> bool:
