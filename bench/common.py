@@ -10,6 +10,7 @@ import statistics
 import time
 from pathlib import Path
 
+from memlora.cpu import cpu_model
 from memlora.models import go_offline
 from memlora.processes import free_port  # noqa: F401  (the benches import it from here)
 
@@ -26,18 +27,6 @@ def machine() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
-
-
-def cpu_model() -> dict:
-    """The CPU's name and its bfloat16 units (AVX512-BF16, AMX): int8_weight's speed depends on them, and the
-    machines this project runs on differ."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return {}
-    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in text.splitlines() if ":" in line)}
-    flags = set(fields.get("flags", "").split())
-    return {"cpu": fields.get("model name", ""), "bf16_units": sorted(flags & {"avx512_bf16", "amx_bf16"})}
 
 
 def timed(fn, repeats: int) -> tuple[list[float], object]:

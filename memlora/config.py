@@ -289,6 +289,11 @@ class DistillConfig(_Strict):
     kd_loss: Literal["forward_kl", "jsd"] = "forward_kl"
     jsd_beta: float = Field(0.5, gt=0.0, lt=1.0)
     zero_stage: Literal[2, 3] = 2
+    # The training steps' matrix products on a CPU (GPUs train in bfloat16): "auto" multiplies in bfloat16
+    # (torch autocast: weights, optimizer and the loss over the logits stay float32; the validation losses are
+    # taken the same way) where the CPU has bfloat16 units (AVX512-BF16 or AMX, memlora.cpu), and in float32
+    # where it has none, where bfloat16 is emulated and no faster.
+    cpu_precision: Literal["auto", "float32", "bfloat16"] = "auto"
     num_gpus: int | None = Field(None, gt=0)
     num_ranks: int = Field(1, gt=0)
     seed: int = 0

@@ -42,6 +42,8 @@ class TrainingRecord:
     global_batch_size: int = 0
     deepspeed_stage: int = 0
     device: str = "cpu"
+    # what the training steps multiplied in: float32, or bfloat16 autocast (CPU with bfloat16 units, or a GPU)
+    compute_dtype: str = "float32"
     rows_total: int = 0
     rows_used: int = 0
     rows_skipped: dict = field(default_factory=dict)

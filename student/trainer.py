@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from memlora.config import Config
+from memlora.cpu import has_bf16_units
 from memlora.data.io import swap_in
 from memlora.layout import adapter_dir, adapter_work_dir, trace_files
 from memlora.llm.hf_backend import load_causal_lm
@@ -129,10 +130,18 @@ class LengthBucketSampler(torch.utils.data.Sampler):
         return iter([i for batch in shuffled for i in batch])
 
 
+def cpu_autocast(cfg, on_gpu: bool) -> bool:
+    """Whether the training steps multiply in bfloat16 on this CPU (distill.cpu_precision)."""
+    if on_gpu or cfg.cpu_precision == "float32":
+        return False
+    return cfg.cpu_precision == "bfloat16" or has_bf16_units()
+
+
 class DistillTrainer(Trainer):
-    def __init__(self, *args, kd_weight: float, kd_loss: str, jsd_beta: float, **kwargs):
+    def __init__(self, *args, kd_weight: float, kd_loss: str, jsd_beta: float, cpu_bf16: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.kd_weight, self.kd_loss, self.jsd_beta = kd_weight, kd_loss, jsd_beta
+        self.cpu_bf16 = cpu_bf16
         self.tokens_seen = 0
 
     def _get_train_sampler(self, train_dataset=None):
@@ -141,32 +150,37 @@ class DistillTrainer(Trainer):
                                    seed=self.args.seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, outputs = forward_loss(model, inputs, self.kd_weight, self.kd_loss, self.jsd_beta)
+        loss, outputs = forward_loss(model, inputs, self.kd_weight, self.kd_loss, self.jsd_beta,
+                                     cpu_bf16=self.cpu_bf16)
         if model.training:
             self.tokens_seen += int((inputs["labels"] != IGNORE).sum())
         return (loss, outputs) if return_outputs else loss
 
 
-def forward_loss(model, inputs: dict[str, torch.Tensor], kd_weight: float, kd_loss: str, jsd_beta: float):
-    """The distillation loss of one collated batch, with logits only where the loss reads them."""
+def forward_loss(model, inputs: dict[str, torch.Tensor], kd_weight: float, kd_loss: str, jsd_beta: float,
+                 cpu_bf16: bool = False):
+    """The distillation loss of one collated batch, with logits only where the loss reads them; `cpu_bf16`:
+    the model's products in bfloat16 (autocast), the loss from its logits in float32."""
     keep = completion_window(inputs["labels"])
-    outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], logits_to_keep=keep)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16):
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], logits_to_keep=keep)
     tail = {k: inputs[k][:, -keep:] for k in ("labels", "teacher_ids", "teacher_logprobs", "teacher_mask")}
-    loss, _ = distillation_loss(outputs.logits, tail["labels"], tail["teacher_ids"], tail["teacher_logprobs"],
+    loss, _ = distillation_loss(outputs.logits.float(), tail["labels"], tail["teacher_ids"], tail["teacher_logprobs"],
                                 tail["teacher_mask"], kd_weight, kd_loss, jsd_beta)
     return loss, outputs
 
 
 @torch.no_grad()
-def mean_loss(model, examples: list[Example], collator: Collator, cfg, device) -> float:
-    """Distillation loss over a fixed subset, in eval mode: the before/after number in training.json."""
+def mean_loss(model, examples: list[Example], collator: Collator, cfg, device, cpu_bf16: bool = False) -> float:
+    """Distillation loss over a fixed subset, in eval mode and the training steps' precision: the before/after
+    and validation numbers in training.json."""
     was_training = model.training
     model.eval()
     total = 0.0
     batches = [examples[i : i + cfg.batch_size] for i in range(0, len(examples), cfg.batch_size)]
     for batch in batches:
         inputs = {k: v.to(device) for k, v in collator(batch).items()}
-        loss, _ = forward_loss(model, inputs, cfg.kd_weight, cfg.kd_loss, cfg.jsd_beta)
+        loss, _ = forward_loss(model, inputs, cfg.kd_weight, cfg.kd_loss, cfg.jsd_beta, cpu_bf16)
         total += float(loss)
     model.train(was_training)
     return total / max(len(batches), 1)
@@ -177,9 +191,10 @@ class BestEpoch(TrainerCallback):
     `patience` epochs have not beaten it. Without validation rows every epoch counts as the best (the last
     one is kept) and nothing stops early."""
 
-    def __init__(self, trainer_ref, validation: list[Example], collator: Collator, cfg, zero_stage: int):
+    def __init__(self, trainer_ref, validation: list[Example], collator: Collator, cfg, zero_stage: int,
+                 cpu_bf16: bool = False):
         self.trainer_ref, self.validation, self.collator, self.cfg = trainer_ref, validation, collator, cfg
-        self.zero_stage = zero_stage
+        self.zero_stage, self.cpu_bf16 = zero_stage, cpu_bf16
         self.epochs: list[dict] = []
         self.best_loss = math.inf
         self.best_epoch = 0
@@ -205,8 +220,8 @@ class BestEpoch(TrainerCallback):
         history = [h["loss"] for h in state.log_history if "loss" in h]
         epoch_losses, self._logged = history[self._logged:], len(history)
         train_loss = sum(epoch_losses) / len(epoch_losses) if epoch_losses else None
-        val = mean_loss(trainer.model_wrapped, self.validation, self.collator, self.cfg, args.device) \
-            if self.validation else None
+        val = mean_loss(trainer.model_wrapped, self.validation, self.collator, self.cfg, args.device,
+                        self.cpu_bf16) if self.validation else None
         epoch = len(self.epochs) + 1
         self.epochs.append({"epoch": epoch, "step": state.global_step,
                             "train_loss": round(train_loss, 5) if train_loss is not None else None,
@@ -259,6 +274,7 @@ def train_expert(config: Config, out: str | Path, operation: str, base: str | Pa
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     on_gpu = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "") != "cpu"
+    cpu_bf16 = cpu_autocast(cfg, on_gpu)
     started = time.perf_counter()
 
     # fp32 master weights everywhere; on a GPU, DeepSpeed runs bf16 on top of them.
@@ -314,22 +330,23 @@ def train_expert(config: Config, out: str | Path, operation: str, base: str | Pa
     )
     torch.manual_seed(cfg.seed)  # the same expert init on every rank
     model = (resume_expert(model, init) if init else attach_expert(model, config.student.expert)).to(args.device)
-    loss_before = mean_loss(model, probe, collator, cfg, args.device)
-    val_before = mean_loss(model, val_data.examples, collator, cfg, args.device) if val_data.examples else None
+    loss_before = mean_loss(model, probe, collator, cfg, args.device, cpu_bf16)
+    val_before = (mean_loss(model, val_data.examples, collator, cfg, args.device, cpu_bf16)
+                  if val_data.examples else None)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     trainer = DistillTrainer(
         model=model, args=args, train_dataset=ExampleDataset(data.examples), data_collator=collator,
-        kd_weight=cfg.kd_weight, kd_loss=cfg.kd_loss, jsd_beta=cfg.jsd_beta,
+        kd_weight=cfg.kd_weight, kd_loss=cfg.kd_loss, jsd_beta=cfg.jsd_beta, cpu_bf16=cpu_bf16,
     )
     import weakref
 
-    best = BestEpoch(weakref.ref(trainer), val_data.examples, collator, cfg, cfg.zero_stage)
+    best = BestEpoch(weakref.ref(trainer), val_data.examples, collator, cfg, cfg.zero_stage, cpu_bf16)
     trainer.add_callback(best)
     train_metrics = trainer.train().metrics
     restored = best.restore_best()
     deviation = best.deviation()  # of the adapter as saved: the best epoch's
-    loss_after = mean_loss(trainer.model_wrapped, probe, collator, cfg, trainer.args.device)
+    loss_after = mean_loss(trainer.model_wrapped, probe, collator, cfg, trainer.args.device, cpu_bf16)
     tokens = torch.tensor([trainer.tokens_seen], dtype=torch.long)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         tokens = tokens.to(trainer.args.device)
@@ -382,6 +399,7 @@ def train_expert(config: Config, out: str | Path, operation: str, base: str | Pa
         "global_batch_size": cfg.batch_size * cfg.gradient_accumulation_steps * world,
         "deepspeed_stage": cfg.zero_stage,
         "device": "cuda" if on_gpu else "cpu",
+        "compute_dtype": "bfloat16" if on_gpu or cpu_bf16 else "float32",
         "rows_total": data.rows_total,
         "rows_used": data.rows_used,
         "rows_skipped": data.skipped,

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from memlora.cpu import has_bf16_units
 from memlora.data.io import sha256_file
 from memlora.layout import trace_files
 from memlora.student.build import build_student
@@ -35,6 +36,11 @@ def setup(tmp_path: Path, tiny_model_dir: Path, operations=("extraction",), **di
     return out, path, config, build_student(config, out)
 
 
+def trained_in_bf16(out: Path, operation: str) -> bool:
+    """The losses are re-taken in the precision the training took them in (distill.cpu_precision)."""
+    return json.loads((out / "adapters" / operation / "training.json").read_text())["compute_dtype"] == "bfloat16"
+
+
 def reloaded_loss(config, out: Path, base: Path, operation: str) -> tuple[float, object]:
     """The training record's loss, recomputed from the adapter as saved: same probe rows, same loss."""
     from peft import PeftModel
@@ -47,7 +53,7 @@ def reloaded_loss(config, out: Path, base: Path, operation: str) -> tuple[float,
     data = build_examples(load_traces(trace_files(out, operation)), tokenizer, cfg.max_length, True)
     top_k = max(len(s) for e in data.examples if e.teacher_ids for s in e.teacher_ids)
     return mean_loss(model, data.examples[: 4 * cfg.batch_size], Collator(tokenizer.pad_token_id, top_k), cfg,
-                     "cpu"), model
+                     "cpu", trained_in_bf16(out, operation)), model
 
 
 def check_adapter(folder: Path) -> dict:
@@ -70,6 +76,7 @@ def test_two_cpu_ranks_zero2_lower_the_loss_and_write_a_loadable_adapter(tiny_mo
     saved = check_adapter(out / "adapters" / "extraction")
     assert record.to_dict(on_disk=True) == saved
     assert (record.world_size, record.deepspeed_stage, record.device, record.steps) == (2, 2, "cpu", 8)
+    assert record.compute_dtype == ("bfloat16" if has_bf16_units() else "float32")  # distill.cpu_precision auto
     assert record.global_batch_size == 4 and len(record.loss_curve) == 8
     assert record.loss_after < record.loss_before
     assert (record.rows_total, record.rows_used, record.rows_skipped) == (6, 5, {"parse_failed": 1})
@@ -182,4 +189,5 @@ def reloaded_validation_loss(config, out: Path, base: Path, operation: str) -> f
     _, val_rows = split_rows(load_traces(trace_files(out, operation)), conversation_splits(out))
     data = build_examples(val_rows, tokenizer, config.distill.max_length, True, prompt=config.student.prompt,
                           template=template_for(config, out, operation))  # as training read them
-    return mean_loss(model, data.examples, Collator(tokenizer.pad_token_id, 4), config.distill, "cpu")
+    return mean_loss(model, data.examples, Collator(tokenizer.pad_token_id, 4), config.distill, "cpu",
+                     trained_in_bf16(out, operation))

@@ -156,3 +156,41 @@ def test_logits_on_the_completion_window_give_the_full_loss_and_gradient(tiny_mo
     for got, want in zip(windowed, [p.grad for p in model.parameters()]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     assert completion_window(torch.full((2, 5), IGNORE)) == 5  # no labels at all: every position
+
+
+@pytest.mark.timeout(60)
+def test_bfloat16_training_steps_keep_weights_gradients_and_loss_in_float32(tiny_model_dir, monkeypatch):
+    """distill.cpu_precision: autocast multiplies in bfloat16 where the CPU has the units for it ("auto"), the
+    loss over the logits is taken in float32 and the float32 weights get float32 gradients close to the
+    float32 step's."""
+    from transformers import AutoModelForCausalLM
+
+    import memlora.student.trainer as trainer
+    from memlora.config import DistillConfig
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    torch.manual_seed(0)
+    ids_ = torch.randint(5, 200, (2, 10))
+    labels = torch.full((2, 10), IGNORE)
+    labels[:, 5:] = ids_[:, 5:]
+    inputs = {"input_ids": ids_, "attention_mask": torch.ones(2, 10, dtype=torch.long), "labels": labels,
+              "teacher_ids": torch.randint(5, 200, (2, 10, 3)),
+              "teacher_logprobs": torch.randn(2, 10, 3).log_softmax(-1), "teacher_mask": labels != IGNORE}
+    grads = {}
+    for bf16 in (False, True):
+        model.zero_grad()
+        loss, outputs = trainer.forward_loss(model, inputs, 0.5, "forward_kl", 0.5, cpu_bf16=bf16)
+        loss.backward()
+        assert loss.dtype == torch.float32 and outputs.logits.dtype == (torch.bfloat16 if bf16 else torch.float32)
+        grads[bf16] = (float(loss), [p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert grads[True][0] == pytest.approx(grads[False][0], rel=0.05) and grads[True][0] != grads[False][0]
+    for got, want in zip(grads[True][1], grads[False][1]):
+        assert got.dtype == torch.float32
+        assert float((got - want).norm()) <= 0.1 * float(want.norm()) + 1e-6
+
+    for units, setting, on_gpu, expected in [(True, "auto", False, True), (False, "auto", False, False),
+                                             (False, "bfloat16", False, True), (True, "float32", False, False),
+                                             (True, "auto", True, False)]:  # a GPU trains in bf16 its own way
+        monkeypatch.setattr(trainer, "has_bf16_units", lambda: units)
+        assert trainer.cpu_autocast(DistillConfig(cpu_precision=setting), on_gpu) is expected
