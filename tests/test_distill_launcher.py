@@ -69,14 +69,14 @@ def check_adapter(folder: Path) -> dict:
 
 @pytest.mark.timeout(240)
 def test_two_cpu_ranks_zero2_lower_the_loss_and_write_a_loadable_adapter(tiny_model_dir, tmp_path, monkeypatch):
-    out, path, config, base = setup(tmp_path, tiny_model_dir)
+    out, path, config, base = setup(tmp_path, tiny_model_dir, cpu_precision="auto")
     lines: list[str] = []
     record = distill_operation(config, out, "extraction", base, on_line=lines.append)
 
     saved = check_adapter(out / "adapters" / "extraction")
     assert record.to_dict(on_disk=True) == saved
     assert (record.world_size, record.deepspeed_stage, record.device, record.steps) == (2, 2, "cpu", 8)
-    assert record.compute_dtype == ("bfloat16" if has_bf16_units() else "float32")  # distill.cpu_precision auto
+    assert record.compute_dtype == ("bfloat16" if has_bf16_units() else "float32")  # cpu_precision: auto
     assert record.global_batch_size == 4 and len(record.loss_curve) == 8
     assert record.loss_after < record.loss_before
     assert (record.rows_total, record.rows_used, record.rows_skipped) == (6, 5, {"parse_failed": 1})
@@ -100,7 +100,7 @@ def test_two_cpu_ranks_zero2_lower_the_loss_and_write_a_loadable_adapter(tiny_mo
                                 batch_size=2, learning_rate=0.01, num_ranks=2)
     assert finished_record(changed, out, "extraction") is None
     _, longer = distill_config(tmp_path / "c3.yaml", str(tiny_model_dir), student=PRUNE, max_steps=8,
-                               batch_size=2, learning_rate=0.01, num_ranks=2, timeout_s=999)
+                               batch_size=2, learning_rate=0.01, num_ranks=2, timeout_s=999, cpu_precision="auto")
     assert finished_record(longer, out, "extraction") is not None  # the timeout does not change the expert
 
 

@@ -195,8 +195,7 @@ def test_early_stopping_keeps_the_best_epoch(tiny_model_dir, tmp_path):
 
     config, out, base, record = _distill_contrary(
         tiny_model_dir, tmp_path, expert={"delora_lambda": 15.0},  # large steps: it overfits train at once
-        # float32: the tiny model's validation curve under bfloat16 products turns later than the six epochs
-        max_epochs=6, patience=2, learning_rate=0.02, cpu_precision="float32")
+        max_epochs=6, patience=2, learning_rate=0.02)
     losses = [e["validation_loss"] for e in record.epochs]
     assert record.validation_rows == 6 and record.rows_used == 6 and all(v is not None for v in losses)
     best = min(range(len(losses)), key=losses.__getitem__) + 1
