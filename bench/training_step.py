@@ -1,12 +1,13 @@
 """Training step: DeLoRA vs LoRA at equal rank and targets on the student (same batches, forward + backward +
-optimizer step), and the real DeepSpeed training with 1 vs 2 ranks on this machine. Writes
-bench/results/training_step.json.
+optimizer step), DeLoRA's step with bfloat16 products (`distill.cpu_precision`) against its float32 one, and the
+real DeepSpeed training with 1 vs 2 ranks on this machine. Writes bench/results/training_step.json.
 
     python bench/training_step.py [--quick] [--out OUT] [--operation update] [--steps 6] [--no-ranks]
 
 DeLoRA vs LoRA: both experts sit on their own copy of the same student base and train on the same batches of
-the teacher's traces with the distillation loss; their steps alternate (DeLoRA, LoRA, DeLoRA, ...) so that load
-from other processes hits both alike. Plain torch in one process: the adapters' own cost, not DeepSpeed's.
+the teacher's traces with the distillation loss; their steps alternate (DeLoRA, LoRA, DeLoRA in bfloat16, DeLoRA,
+...) so that load from other processes hits them alike. Plain torch in one process: the adapters' own cost, not
+DeepSpeed's.
 Ranks: `memlora.student.launch.run_training` (the `deepspeed` launcher, ZeRO-2, CPU accelerator without a GPU)
 with `distill.num_ranks` 1 then 2, same steps and per-rank batch; the record's step time and throughput.
 """
@@ -27,6 +28,7 @@ import yaml  # noqa: E402
 from common import CONFIG, bench_parser, bench_student, fmt, ratio_spread, save, spread, table, traces_root  # noqa: E402
 
 from memlora.config import load_config, parse_config  # noqa: E402
+from memlora.cpu import cpu_model  # noqa: E402
 from memlora.layout import trace_files  # noqa: E402
 from memlora.llm.hf_backend import load_causal_lm  # noqa: E402
 from memlora.student.build import build_student, shares_teacher_tokenizer  # noqa: E402
@@ -38,14 +40,14 @@ from memlora.student.trainer import Collator, forward_loss  # noqa: E402
 def delora_vs_lora(config, base: Path, traces: Path, operation: str, steps: int, max_rows: int | None = None) -> dict:
     cfg, expert = config.distill, config.student.expert
     runs = {}
-    for method in ("delora", "lora"):
+    for name, method, bf16 in (("delora", "delora", False), ("lora", "lora", False), ("delora bf16", "delora", True)):
         model, tokenizer, _ = load_causal_lm(str(base), dtype="float32", device="cpu")
         torch.manual_seed(cfg.seed)
         model = attach_expert(model, expert.model_copy(update={"method": method}))
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
-        runs[method] = {"model": model, "opt": torch.optim.AdamW(params, lr=cfg.learning_rate),
-                        "trainable": sum(p.numel() for p in params), "times": [], "losses": []}
+        runs[name] = {"model": model, "opt": torch.optim.AdamW(params, lr=cfg.learning_rate), "bf16": bf16,
+                      "trainable": sum(p.numel() for p in params), "times": [], "losses": []}
     data = build_examples(load_traces(trace_files(traces, operation)), tokenizer, cfg.max_length,
                           shares_teacher_tokenizer(config, tokenizer))
     data.examples = data.examples[:max_rows]
@@ -56,7 +58,7 @@ def delora_vs_lora(config, base: Path, traces: Path, operation: str, steps: int,
         batch = batches[step % len(batches)]
         for run in runs.values():
             started = time.perf_counter()
-            loss, _ = forward_loss(run["model"], batch, cfg.kd_weight, cfg.kd_loss, cfg.jsd_beta)
+            loss, _ = forward_loss(run["model"], batch, cfg.kd_weight, cfg.kd_loss, cfg.jsd_beta, run["bf16"])
             loss.backward()
             run["opt"].step()
             run["opt"].zero_grad(set_to_none=True)
@@ -64,6 +66,7 @@ def delora_vs_lora(config, base: Path, traces: Path, operation: str, steps: int,
                 run["times"].append(time.perf_counter() - started)
             run["losses"].append(round(loss.item(), 3))
     ratio = ratio_spread(runs["delora"]["times"], runs["lora"]["times"])
+    bf16_ratio = ratio_spread(runs["delora bf16"]["times"], runs["delora"]["times"])
     rows = [{"method": m, "trainable": f"{r['trainable']:,}", "step_median_s": f"{spread(r['times'])['median']:.3f}",
              "step_min_s": f"{spread(r['times'])['min']:.3f}", "loss": f"{r['losses'][0]} -> {r['losses'][-1]}"}
             for m, r in runs.items()]
@@ -71,7 +74,10 @@ def delora_vs_lora(config, base: Path, traces: Path, operation: str, steps: int,
           f"targets {','.join(expert.target_modules)}, {steps} timed steps each, interleaved")
     print(table(rows, list(rows[0])))
     print(f"DeLoRA / LoRA step time: {fmt(ratio)} (target <= 1.2x)")
-    return {"rows": rows, "delora_over_lora": ratio, "times": {m: r["times"] for m, r in runs.items()},
+    print(f"DeLoRA bfloat16 / float32 products step time: {fmt(bf16_ratio)} "
+          f"(bfloat16 units: {', '.join(cpu_model().get('bf16_units', [])) or 'none'})")
+    return {"rows": rows, "delora_over_lora": ratio, "bf16_over_float32": bf16_ratio,
+            "times": {m: r["times"] for m, r in runs.items()},
             "trainable": {m: r["trainable"] for m, r in runs.items()}}
 
 

@@ -19,7 +19,7 @@ QUICK = {
     "decode_eviction": ["rows", "total_speedup"],
     "serving_cost": ["latency_ratio_per_call", "peak_rss_ratio", "memory"],
     "expert_switching": ["switch_s", "reload_s", "parameters"],
-    "training_step": ["delora_over_lora"],
+    "training_step": ["delora_over_lora", "bf16_over_float32"],
     "mixed_batch": ["speedup", "identical_outputs"],
     "http_serving": ["rows", "records"],
     "methods": ["runs", "steps", "training_rows"],
