@@ -28,6 +28,8 @@ def config_fingerprint(config: Config, operation: str | None = None) -> str:
     """sha256 of what decides an expert besides its traces: teacher, student and distillation settings (not
     the timeout, which only decides when to give up); for one `operation`, only its epochs and target settings."""
     distill = config.distill.model_dump(mode="json", exclude={"timeout_s"})
+    if distill["cpu_precision"] == "float32":
+        del distill["cpu_precision"]  # the default: experts trained before the setting existed stay current
     if operation is not None:
         distill.pop("epochs")
         distill["max_epochs"] = config.distill.max_epochs_for(operation)
