@@ -103,14 +103,20 @@ def run_model_system(system: str, config, out: Path, base: str | None) -> dict:
     embedder = Embedder(memory_cfg.embedder)
     store = MemoryStore(store_path(out, system))
     timings = {}
+
+    def end_to_end(label: str):
+        """The memory system's own work, its peak read from the same state for every system (_restart_peak)."""
+        before = _restart_peak()
+        started = time.perf_counter()
+        e2e, qa_rows = run_end_to_end(system, backend, embedder, store, config, conversations, progress=say)
+        timings["e2e_s"] = time.perf_counter() - started
+        peak = probes.peak_rss_mb()
+        _phase(system, label, e2e, timings["e2e_s"])
+        return e2e, qa_rows, before, peak
+
     try:
         if system == TEACHER:
-            before_e2e = _restart_peak()
-            started = time.perf_counter()
-            e2e, qa_rows = run_end_to_end(system, backend, embedder, store, config, conversations, progress=say)
-            timings["e2e_s"] = time.perf_counter() - started
-            e2e_peak = probes.peak_rss_mb()
-            _phase(system, "end to end (the reference requests)", e2e, timings["e2e_s"])
+            e2e, qa_rows, before_e2e, e2e_peak = end_to_end("end to end (the reference requests)")
             forced = as_forced(e2e)
             reference = e2e
         else:
@@ -126,12 +132,7 @@ def run_model_system(system: str, config, out: Path, base: str | None) -> dict:
         timings["forced_free_s"] = time.perf_counter() - started
         _phase(system, "teacher's requests without schema", free, timings["forced_free_s"])
         if system != TEACHER:
-            before_e2e = _restart_peak()
-            started = time.perf_counter()
-            e2e, qa_rows = run_end_to_end(system, backend, embedder, store, config, conversations, progress=say)
-            timings["e2e_s"] = time.perf_counter() - started
-            e2e_peak = probes.peak_rss_mb()
-            _phase(system, "end to end", e2e, timings["e2e_s"])
+            e2e, qa_rows, before_e2e, e2e_peak = end_to_end("end to end")
     finally:
         store.close()
 
