@@ -268,6 +268,9 @@ class TargetsConfig(_Strict):
     drop_redundant_none: bool = True  # drop update NONE entries that restate memories the fact leaves alone
     near_duplicate: float = Field(0.8, gt=0.0, le=1.0)  # token Jaccard at or above which two facts are one
     balance_update: bool = True  # repeat rarer update decisions (train split only) so NONE does not drown them
+    # The update answer's event tokens (ADD / UPDATE / DELETE / NONE) weigh this much in the loss, every other token
+    # 1: they are 1-2 of its ~55 tokens, the rest memory text the expert mostly copies.
+    event_weight: float = Field(1.0, ge=1.0)
     # At most this share of generation targets (train split) abstain ("Not mentioned in the conversation"); the
     # rest are dropped. None: as the targets come.
     max_abstain_share: float | None = Field(None, ge=0.0, lt=1.0)

@@ -20,7 +20,7 @@ from memlora.student.templates import ensure_templates, template_for
 # The target settings each operation's expert depends on: changing how generation targets are made retrains the
 # generation expert only.
 TARGET_SETTINGS = {"extraction": ("dedupe_facts", "near_duplicate"),
-                   "update": ("drop_redundant_none", "balance_update"),
+                   "update": ("drop_redundant_none", "balance_update", "event_weight"),
                    "generation": ("generation", "max_abstain_share")}
 
 
@@ -30,6 +30,8 @@ def config_fingerprint(config: Config, operation: str | None = None) -> str:
     distill = config.distill.model_dump(mode="json", exclude={"timeout_s"})
     if distill["cpu_precision"] == "float32":
         del distill["cpu_precision"]  # the default: experts trained before the setting existed stay current
+    if distill["targets"]["event_weight"] == 1.0:
+        del distill["targets"]["event_weight"]  # likewise
     if operation is not None:
         distill.pop("epochs")
         distill["max_epochs"] = config.distill.max_epochs_for(operation)

@@ -31,11 +31,15 @@ def completion_window(labels: torch.Tensor) -> int:
     return int(labels.size(1) - first + 1)
 
 
-def shifted_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over positions whose label is not IGNORE."""
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1), ignore_index=IGNORE
-    )
+def shifted_ce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy over positions whose label is not IGNORE; with `weights` (aligned with
+    `labels`), the weighted mean."""
+    flat_logits, flat_labels = logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1)
+    if weights is None:
+        return F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE)
+    per_token = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE, reduction="none")
+    w = weights[:, 1:].reshape(-1).float() * (flat_labels != IGNORE)
+    return (per_token * w).sum() / w.sum().clamp_min(1e-12)
 
 
 def topk_divergence(
@@ -45,8 +49,9 @@ def topk_divergence(
     mask: torch.Tensor,
     kind: str = "forward_kl",
     beta: float = 0.5,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean divergence over masked positions.
+    """Mean divergence over masked positions (weighted by `weights`, (N,), where given).
 
     student_logits: (N, V) at the positions that predict a completion token; teacher_ids / teacher_logprobs:
     (N, K); mask: (N,) bool, False where the teacher's log-probs are missing.
@@ -69,7 +74,11 @@ def topk_divergence(
         terms = beta * p * (log_p - log_m) + (1 - beta) * q * (log_q - log_m)
     else:
         raise ValueError(f"unknown kd_loss {kind!r}")
-    return torch.where(valid, terms, torch.zeros_like(terms)).sum(-1).mean()
+    per_position = torch.where(valid, terms, torch.zeros_like(terms)).sum(-1)
+    if weights is None:
+        return per_position.mean()
+    w = weights[mask].float()
+    return (per_position * w).sum() / w.sum().clamp_min(1e-12)
 
 
 def distillation_loss(
@@ -81,13 +90,15 @@ def distillation_loss(
     kd_weight: float,
     kind: str = "forward_kl",
     beta: float = 0.5,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """(1 - w) * CE + w * KD; batches with no teacher log-probs at all fall back to CE alone.
 
     teacher_* tensors are aligned with `labels` (B, T, K): position t holds the teacher's top-k for the
-    token at t, which the logits at t - 1 predict.
+    token at t, which the logits at t - 1 predict. `weights` (B, T), aligned with `labels`, weighs each
+    completion token in both terms (the update decision's tokens, `distill.targets.event_weight`).
     """
-    ce = shifted_ce(logits, labels)
+    ce = shifted_ce(logits, labels, weights)
     mask = teacher_mask[:, 1:].reshape(-1)
     if kd_weight == 0 or not mask.any():
         return ce, {"ce": float(ce.detach()), "kd": 0.0}
@@ -98,5 +109,6 @@ def distillation_loss(
         mask,
         kind,
         beta,
+        weights[:, 1:].reshape(-1) if weights is not None else None,
     )
     return (1 - kd_weight) * ce + kd_weight * kd, {"ce": float(ce.detach()), "kd": float(kd.detach())}

@@ -69,10 +69,11 @@ class ExampleDataset(Dataset):
 
 
 class Collator:
-    """Right-pads a batch; teacher top-k tensors are aligned with `labels` (B, T, K)."""
+    """Right-pads a batch; teacher top-k tensors are aligned with `labels` (B, T, K). With an `event_weight`
+    other than 1, `loss_weights` (B, T) weighs each example's decision tokens by it and every other token by 1."""
 
-    def __init__(self, pad_id: int, top_k: int):
-        self.pad_id, self.top_k = pad_id, max(top_k, 1)
+    def __init__(self, pad_id: int, top_k: int, event_weight: float = 1.0):
+        self.pad_id, self.top_k, self.event_weight = pad_id, max(top_k, 1), event_weight
 
     def __call__(self, batch: list[Example]) -> dict[str, torch.Tensor]:
         width = max(len(e.input_ids) for e in batch)
@@ -99,6 +100,11 @@ class Collator:
                     out["teacher_ids"][i, start + j, :k] = torch.tensor(ids[:k])
                     out["teacher_logprobs"][i, start + j, :k] = torch.tensor(lps[:k])
                     out["teacher_mask"][i, start + j] = True
+        if self.event_weight != 1.0:
+            out["loss_weights"] = torch.ones((n, width), dtype=torch.float32)
+            for i, e in enumerate(batch):
+                for j in e.decision or ():
+                    out["loss_weights"][i, e.prompt_len + j] = self.event_weight
         return out
 
 
@@ -165,8 +171,9 @@ def forward_loss(model, inputs: dict[str, torch.Tensor], kd_weight: float, kd_lo
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16):
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], logits_to_keep=keep)
     tail = {k: inputs[k][:, -keep:] for k in ("labels", "teacher_ids", "teacher_logprobs", "teacher_mask")}
+    weights = inputs["loss_weights"][:, -keep:] if "loss_weights" in inputs else None
     loss, _ = distillation_loss(outputs.logits.float(), tail["labels"], tail["teacher_ids"], tail["teacher_logprobs"],
-                                tail["teacher_mask"], kd_weight, kd_loss, jsd_beta)
+                                tail["teacher_mask"], kd_weight, kd_loss, jsd_beta, weights)
     return loss, outputs
 
 
@@ -299,7 +306,7 @@ def train_expert(config: Config, out: str | Path, operation: str, base: str | Pa
         data.targets["abstaining_dropped"] = dropped
     top_k = max((len(step) for e in data.examples + val_data.examples if e.teacher_ids for step in e.teacher_ids),
                 default=1)
-    collator = Collator(tokenizer.pad_token_id, top_k)
+    collator = Collator(tokenizer.pad_token_id, top_k, cfg.targets.event_weight if operation == "update" else 1.0)
     probe = data.examples[: 4 * cfg.batch_size]
     epochs = cfg.max_epochs_for(operation)
     total_steps = planned_steps(len(data.examples), cfg, world, epochs)

@@ -308,6 +308,8 @@ def test_an_expert_retrains_only_when_its_own_recipe_changes(tmp_path):
     assert changed(targets=targets.model_copy(update={"balance_update": not targets.balance_update})) == {
         "extraction": False, "update": True, "generation": False}
     assert changed(epochs={"update": 3}) == {"extraction": False, "update": True, "generation": False}
+    assert changed(targets=targets.model_copy(update={"event_weight": 5.0})) == {
+        "extraction": False, "update": True, "generation": False}
     everything = {"extraction": True, "update": True, "generation": True}
     assert changed(cpu_precision="auto") == everything and changed(cpu_precision="bfloat16") == everything
     assert changed(learning_rate=1e-3) == {"extraction": True, "update": True, "generation": True}

@@ -102,6 +102,57 @@ def test_weighted_sum_of_ce_and_kd():
 
 
 @pytest.mark.timeout(30)
+def test_token_weights_give_the_weighted_mean_of_both_terms():
+    """distill.targets.event_weight: a token weighted w counts w times in the CE and KD means; all ones is the
+    unweighted loss."""
+    logits, labels, ids, lps, mask = batch(with_logprobs=True)
+    plain, _ = distillation_loss(logits, labels, ids, lps, mask, kd_weight=0.5)
+    ones, _ = distillation_loss(logits, labels, ids, lps, mask, kd_weight=0.5, weights=torch.ones(2, 4))
+    assert float(ones) == pytest.approx(float(plain), rel=1e-6)
+
+    weights = torch.ones(2, 4)
+    weights[1, 2] = 5.0  # row 1's first completion token
+    loss, parts = distillation_loss(logits, labels, ids, lps, mask, kd_weight=0.5, weights=weights)
+    ce_each = F.cross_entropy(logits[:, 1:3].reshape(-1, 6), labels[:, 2:4].reshape(-1), reduction="none")
+    kd_each = torch.stack([topk_divergence(logits[r, t - 1 : t], ids[r, t : t + 1], lps[r, t : t + 1],
+                                           torch.ones(1, dtype=torch.bool)) for r in range(2) for t in (2, 3)])
+    w = torch.tensor([1.0, 1.0, 5.0, 1.0])
+    assert parts["ce"] == pytest.approx(float((ce_each * w).sum() / w.sum()), rel=1e-5)
+    assert parts["kd"] == pytest.approx(float((kd_each * w).sum() / w.sum()), rel=1e-5)
+    assert float(loss) == pytest.approx(0.5 * parts["ce"] + 0.5 * parts["kd"], rel=1e-5)
+
+
+@pytest.mark.timeout(60)
+def test_update_examples_weigh_the_tokens_of_their_event(smol_tokenizer_dir):
+    """The positions `event_positions` finds spell the event value, and only those get the collator's weight."""
+    import pyarrow as pa
+    from transformers import AutoTokenizer
+
+    from memlora.data.schemas import TRACES
+    from memlora.student.examples import build_examples, event_positions
+    from memlora.student.trainer import Collator
+
+    tok = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
+    text = '{"memory": [{"id": "0", "text": "Alice has a dog", "event": "DELETE"}]}'
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    positions = event_positions(tok, ids)
+    assert positions and tok.decode([ids[i] for i in positions]).strip('"') == "DELETE"
+    assert event_positions(tok, tok('{"facts": ["a"]}', add_special_tokens=False)["input_ids"]) == []
+
+    row = {name: None for name in TRACES.names}
+    row.update(trace_id="c:update:0", operation="update", conversation_id="c", session=1, step=0, parse_ok=True,
+               messages=[{"role": "system", "content": "Decide."}, {"role": "user", "content": "New fact: x"}],
+               raw_output=text, finish_reason="stop")
+    data = build_examples(pa.Table.from_pylist([row], schema=TRACES), tok, 512, False)
+    example = data.examples[0]
+    assert example.decision == positions and example.label == "DELETE"
+    assert "loss_weights" not in Collator(tok.pad_token_id, 1)([example])
+    weights = Collator(tok.pad_token_id, 1, event_weight=4.0)([example])["loss_weights"][0]
+    weighted = {i for i, w in enumerate(weights.tolist()) if w != 1.0}
+    assert weighted == {example.prompt_len + j for j in positions} and float(weights.max()) == 4.0
+
+
+@pytest.mark.timeout(30)
 def test_rows_without_logprobs_fall_back_to_ce():
     logits, labels, ids, lps, mask = batch(with_logprobs=False)
     loss, parts = distillation_loss(logits, labels, ids, lps, mask, kd_weight=0.5)
