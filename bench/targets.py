@@ -2,12 +2,18 @@
 bench/results/targets_<operation>.json.
 
     python bench/targets.py --out OUT [--operation generation] [--variants ...] [--on validation|test]
+                            [--seeds 0,1,2] [--work DIR]
 
 Variants, generation (default gold,gold_supported,cap0.05,teacher): the gold answers as they come (a fifth of
 them "Not mentioned in the conversation"), the gold answers only where the prompt's memories hold them
 (`generation: gold_supported`), the gold answers with at most a share X abstaining (`capX`,
 `max_abstain_share`), or the teacher's own answers. Update (default balanced,unbalanced): rarer decisions
-repeated (`balance_update: true`) or not.
+repeated (`balance_update: true`) or not; `weightN`: OUT's recipe with the event tokens weighted N in the loss
+(`event_weight`).
+
+`--seeds` trains each variant once per training seed (`distill.seed`), a row each: an expert trained on ~100 rows
+can differ more between seeds than between variants. With `--work`, a second run `--on test` answers the test
+calls with the experts the validation run trained (same traces and recipe: nothing is trained again).
 
 OUT is a finished `memlora run`. Each variant trains the operation's expert on OUT's traces with OUT's recipe but
 for its targets (the same rows, the same validation conversation), and answers the held-out calls: the
@@ -42,10 +48,12 @@ from memlora.student.improve import backend_for  # noqa: E402
 VARIANTS = {"generation": "gold,gold_supported,cap0.05,teacher", "update": "balanced,unbalanced"}
 
 
-def variant_config(config, operation: str, name: str):
+def variant_config(config, operation: str, name: str, seed: int | None = None):
     targets = config.distill.targets
     if operation == "update" and name in ("balanced", "unbalanced"):
         targets = targets.model_copy(update={"balance_update": name == "balanced"})
+    elif operation == "update" and name.startswith("weight"):
+        targets = targets.model_copy(update={"event_weight": float(name[6:])})
     elif operation == "generation" and name == "teacher":
         targets = targets.model_copy(update={"generation": "teacher", "max_abstain_share": None})
     elif operation == "generation" and name.startswith("cap"):
@@ -54,7 +62,8 @@ def variant_config(config, operation: str, name: str):
         targets = targets.model_copy(update={"generation": name, "max_abstain_share": None})
     else:
         raise SystemExit(f"--variants: unknown {operation} variant {name!r} (have: {VARIANTS.get(operation)})")
-    return config.model_copy(update={"distill": config.distill.model_copy(update={"targets": targets})})
+    distill = {"targets": targets, **({"seed": seed} if seed is not None else {})}
+    return config.model_copy(update={"distill": config.distill.model_copy(update=distill)})
 
 
 def main() -> None:
@@ -62,6 +71,7 @@ def main() -> None:
     parser.add_argument("--operation", choices=tuple(VARIANTS), default="generation")
     parser.add_argument("--variants", default=None, help="comma-separated (default: the operation's all)")
     parser.add_argument("--on", choices=("validation", "test"), default="validation")
+    parser.add_argument("--seeds", default=None, help="comma-separated training seeds (default: --seed)")
     add_training_flags(parser, "each variant's OUT")
     args = parser.parse_args()
     out, config, work = finished_run(parser, args, "targets-")
@@ -72,15 +82,16 @@ def main() -> None:
         sys.exit(f"{out}: no {args.on} {op} calls")
     rows = []
     try:
-        for name in (args.variants or VARIANTS[op]).split(","):
-            cfg = variant_config(config, op, name)
-            folder = linked_out(out, work / name, [op], None)
+        seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
+        for name, seed in [(n, s) for n in (args.variants or VARIANTS[op]).split(",") for s in seeds]:
+            cfg = variant_config(config, op, name, seed)
+            folder = linked_out(out, work / (f"{name}-seed{seed}" if args.seeds else name), [op], None)
             record = distill_operation(cfg, folder, op, student_dir(out))
             backend = backend_for(cfg, student_dir(out), verified_expert_folders(folder))
             texts = [s.text for s in deferral.score(backend, backend.tokenizer, calls, cfg)]
             del backend
             outputs = [deferral.parsed_value(t) for t in texts]
-            row = {"variant": name, "training_rows": record.train_examples, "targets": record.targets,
+            row = {"variant": name, "seed": seed, "training_rows": record.train_examples, "targets": record.targets,
                    "oversampled": record.oversampled, "validation_loss": record.validation_loss_best}
             for r in agreement_rows(name, op, outputs, calls, cfg):
                 row[r["metric"]] = (triple(r) if r["unit"] == "ratio"
@@ -100,7 +111,7 @@ def main() -> None:
     shown = [{**r, **{k: interval_text(v) for k, v in r.items() if isinstance(v, list)},
               "qa_cat1-4": interval_text(r.get("qa_token_f1_expert")),
               "teacher_qa": interval_text(r.get("qa_token_f1_teacher"))} for r in rows]
-    print(table(shown, ["variant", "training_rows", *columns, "validation_loss"]))
+    print(table(shown, ["variant", "seed", "training_rows", *columns, "validation_loss"]))
     path = save(f"targets_{op}", {"out": str(out), "operation": op, "on": args.on, "calls": len(calls),
                                   "rows": rows})
     print(f"wrote {path}")

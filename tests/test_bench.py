@@ -66,3 +66,21 @@ def test_bench_quick_mode_runs_and_writes_its_results(name, bench_out, tmp_path)
     for key in QUICK[name]:
         assert key in section, f"{name}: {key} missing from its results"
     assert "x" in result.stdout  # a ratio was printed
+
+
+@pytest.mark.timeout(30)
+def test_targets_bench_variants_set_what_they_name():
+    """bench/targets.py trains each variant with OUT's recipe changed in the one setting its name says."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from targets import variant_config
+
+    from memlora.config import load_config
+
+    config = load_config(REPO / "configs" / "default.yaml")
+    weighted = variant_config(config, "update", "weight5", seed=2).distill
+    assert weighted.targets.event_weight == 5.0 and weighted.seed == 2
+    assert weighted.targets.model_copy(update={"event_weight": 1.0}) == config.distill.targets
+    assert variant_config(config, "update", "balanced").distill.targets.balance_update is True
+    assert variant_config(config, "update", "unbalanced").distill.seed == config.distill.seed
+    with pytest.raises(SystemExit, match="unknown update variant"):
+        variant_config(config, "update", "louder")
