@@ -27,7 +27,9 @@ the same prompts beside it) and the share of adversarial (category 5) questions 
 
 from __future__ import annotations
 
+import math
 import shutil
+import statistics
 import sys
 from pathlib import Path
 
@@ -40,8 +42,10 @@ from warm_start import linked_out  # noqa: E402
 
 from memlora.evaluation import deferral  # noqa: E402
 from memlora.evaluation.captured import agreement_rows  # noqa: E402
-from memlora.layout import student_dir  # noqa: E402
+from memlora.layout import student_dir, trace_files  # noqa: E402
+from memlora.student.build import shares_teacher_tokenizer  # noqa: E402
 from memlora.student.distill import distill_operation  # noqa: E402
+from memlora.student.examples import event_positions, load_traces, update_event  # noqa: E402
 from memlora.student.experts import verified_expert_folders  # noqa: E402
 from memlora.student.improve import backend_for  # noqa: E402
 
@@ -64,6 +68,29 @@ def variant_config(config, operation: str, name: str, seed: int | None = None):
         raise SystemExit(f"--variants: unknown {operation} variant {name!r} (have: {VARIANTS.get(operation)})")
     distill = {"targets": targets, **({"seed": seed} if seed is not None else {})}
     return config.model_copy(update={"distill": config.distill.model_copy(update=distill)})
+
+
+def teacher_event_confidence(out: Path, config) -> dict:
+    """How sure the teacher was of each update decision the expert learns: its probability of the first token of
+    the event it wrote, from the trace's top-k, over OUT's update rows (every split). Needs the student to share
+    the teacher's tokenizer, else {}."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(student_dir(out))
+    if not shares_teacher_tokenizer(config, tokenizer):
+        return {}
+    probs: dict[str, list[float]] = {}
+    for row in load_traces(trace_files(out, "update")).to_pylist():
+        ids, top = row["completion_token_ids"], row["top_logprobs"]
+        if not (row["parse_ok"] and ids and top):
+            continue
+        at = event_positions(tokenizer, list(ids))
+        chosen = [t["logprob"] for t in top[at[0]] if t["token_id"] == ids[at[0]]] if at and at[0] < len(top) else []
+        if chosen:
+            probs.setdefault(update_event(row["raw_output"]) or "?", []).append(math.exp(chosen[0]))
+    return {event: {"rows": len(ps), "median": round(statistics.median(ps), 3),
+                    "under_0.6": sum(p < 0.6 for p in ps), "over_0.9": sum(p > 0.9 for p in ps)}
+            for event, ps in sorted(probs.items())}
 
 
 def main() -> None:
@@ -112,8 +139,12 @@ def main() -> None:
               "qa_cat1-4": interval_text(r.get("qa_token_f1_expert")),
               "teacher_qa": interval_text(r.get("qa_token_f1_teacher"))} for r in rows]
     print(table(shown, ["variant", "seed", "training_rows", *columns, "validation_loss"]))
+    confidence = teacher_event_confidence(out, config) if op == "update" else {}
+    for event, c in confidence.items():
+        print(f"teacher's probability of its own {event}: median {c['median']} over {c['rows']} rows, "
+              f"{c['under_0.6']} under 0.6, {c['over_0.9']} over 0.9")
     path = save(f"targets_{op}", {"out": str(out), "operation": op, "on": args.on, "calls": len(calls),
-                                  "rows": rows})
+                                  "rows": rows, "teacher_event_confidence": confidence})
     print(f"wrote {path}")
 
 

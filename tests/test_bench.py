@@ -84,3 +84,21 @@ def test_targets_bench_variants_set_what_they_name():
     assert variant_config(config, "update", "unbalanced").distill.seed == config.distill.seed
     with pytest.raises(SystemExit, match="unknown update variant"):
         variant_config(config, "update", "louder")
+
+
+@pytest.mark.timeout(120)
+def test_targets_bench_reads_the_teachers_confidence_in_its_update_events(bench_out):
+    """Each update trace row's event is found in its tokens and its probability read from the row's top-k."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from common import CONFIG
+    from targets import teacher_event_confidence
+
+    from memlora.config import load_config
+    from memlora.student.examples import load_traces, update_event
+
+    confidence = teacher_event_confidence(bench_out, load_config(CONFIG))
+    rows = [r for r in load_traces(sorted((bench_out / "traces" / "update").glob("*.parquet"))).to_pylist()
+            if r["parse_ok"] and r["top_logprobs"]]
+    assert sum(c["rows"] for c in confidence.values()) == len(rows) > 0
+    assert set(confidence) == {update_event(r["raw_output"]) for r in rows}
+    assert all(0 < c["median"] <= 1 and c["under_0.6"] + c["over_0.9"] <= c["rows"] for c in confidence.values())
