@@ -43,9 +43,10 @@ from warm_start import linked_out  # noqa: E402
 from memlora.evaluation import deferral  # noqa: E402
 from memlora.evaluation.captured import agreement_rows  # noqa: E402
 from memlora.layout import student_dir, trace_files  # noqa: E402
+from memlora.llm.confidence import event_token_indices  # noqa: E402
 from memlora.student.build import shares_teacher_tokenizer  # noqa: E402
 from memlora.student.distill import distill_operation  # noqa: E402
-from memlora.student.examples import event_positions, load_traces, update_event  # noqa: E402
+from memlora.student.examples import load_traces, update_event  # noqa: E402
 from memlora.student.experts import verified_expert_folders  # noqa: E402
 from memlora.student.improve import backend_for  # noqa: E402
 
@@ -84,7 +85,7 @@ def teacher_event_confidence(out: Path, config) -> dict:
         ids, top = row["completion_token_ids"], row["top_logprobs"]
         if not (row["parse_ok"] and ids and top):
             continue
-        at = event_positions(tokenizer, list(ids))
+        at = event_token_indices(tokenizer, list(ids))
         chosen = [t["logprob"] for t in top[at[0]] if t["token_id"] == ids[at[0]]] if at and at[0] < len(top) else []
         if chosen:
             probs.setdefault(update_event(row["raw_output"]) or "?", []).append(math.exp(chosen[0]))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from memlora.data.split import captured_split
 from memlora.evaluation.scoring import abstains
 from memlora.layout import conversations_file
 from memlora.llm.client_template import MISMATCH, ClientTemplate, expert_view
+from memlora.llm.confidence import event_token_indices
 from memlora.student.losses import IGNORE
 from memlora.student.targets import Target, TargetStats, make_target
 
@@ -57,21 +57,6 @@ def load_traces(files: list[Path]) -> pa.Table:
     if not files:
         return pa.Table.from_pylist([], schema=TRACES)
     return pa.concat_tables(read_parquet(f, "traces", TRACES) for f in files)
-
-
-EVENT_VALUE = re.compile(r'"event"\s*:\s*"([A-Z]+)"')
-
-
-def event_positions(tokenizer, completion: list[int]) -> list[int]:
-    """Positions in `completion` of the tokens that spell an update answer's events. They are 1-2 of its ~55
-    tokens (the rest is memory text, mostly copied), so an unweighted loss barely sees the decision."""
-    text = tokenizer.decode(completion)
-    spans = [m.span(1) for m in EVENT_VALUE.finditer(text)]
-    if not spans:
-        return []
-    ends = [len(tokenizer.decode(completion[: i + 1])) for i in range(len(completion))]
-    starts = [0] + ends[:-1]
-    return [i for i, (a, b) in enumerate(zip(starts, ends)) if any(a < end and start < b for start, end in spans)]
 
 
 def update_event(text: str) -> str | None:
@@ -184,7 +169,8 @@ def build_examples(table: pa.Table, tokenizer, max_length: int, same_tokenizer: 
         else:
             completion = tokenizer(row["raw_output"], add_special_tokens=False)["input_ids"]
         teacher_tokens = len(completion)
-        decision = event_positions(tokenizer, completion) if row["operation"] == "update" else None
+        # the update decision's tokens (1-2 of ~55, the rest mostly copied memory text), for event_weight
+        decision = event_token_indices(tokenizer, completion) if row["operation"] == "update" else None
         if row["finish_reason"] != "length" or target.changed:
             completion = completion + [eos]  # teach it to stop where the teacher stopped (not where it was cut)
         if len(prompt_ids) + len(completion) > max_length:

@@ -124,20 +124,21 @@ def test_token_weights_give_the_weighted_mean_of_both_terms():
 
 @pytest.mark.timeout(60)
 def test_update_examples_weigh_the_tokens_of_their_event(smol_tokenizer_dir):
-    """The positions `event_positions` finds spell the event value, and only those get the collator's weight."""
+    """The tokens that spell the event value (`event_token_indices`), and only those, get the collator's weight."""
     import pyarrow as pa
     from transformers import AutoTokenizer
 
     from memlora.data.schemas import TRACES
-    from memlora.student.examples import build_examples, event_positions
+    from memlora.llm.confidence import event_token_indices
+    from memlora.student.examples import build_examples
     from memlora.student.trainer import Collator
 
     tok = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
     text = '{"memory": [{"id": "0", "text": "Alice has a dog", "event": "DELETE"}]}'
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    positions = event_positions(tok, ids)
+    positions = event_token_indices(tok, ids)
     assert positions and tok.decode([ids[i] for i in positions]).strip('"') == "DELETE"
-    assert event_positions(tok, tok('{"facts": ["a"]}', add_special_tokens=False)["input_ids"]) == []
+    assert event_token_indices(tok, tok('{"facts": ["a"]}', add_special_tokens=False)["input_ids"]) == []
 
     row = {name: None for name in TRACES.names}
     row.update(trace_id="c:update:0", operation="update", conversation_id="c", session=1, step=0, parse_ok=True,
