@@ -20,7 +20,8 @@ for its targets (the same rows, the same validation conversation), and answers t
 validation conversation's trace rows (`--on validation`, what a setting is chosen on) or the teacher's calls on
 the test conversations (`--on test`, to check a choice, never to make it). The prompts hold the teacher's own
 memories, so what differs is the expert alone. Per variant: the evaluation's agreement metrics with the teacher
-(update: macro-F1, Cohen's kappa, the DELETEs it says and the teacher's); for generation also QA token F1 against
+(update: macro-F1, Cohen's kappa, the DELETEs it says and the teacher's, and how sure the expert was of its
+events: the median and largest probability of its decision tokens); for generation also QA token F1 against
 the gold answer on categories 1-4 with a 95 % interval, the share of those answers that abstain (the teacher's on
 the same prompts beside it) and the share of adversarial (category 5) questions it rightly abstains on.
 """
@@ -116,7 +117,8 @@ def main() -> None:
             folder = linked_out(out, work / (f"{name}-seed{seed}" if args.seeds else name), [op], None)
             record = distill_operation(cfg, folder, op, student_dir(out))
             backend = backend_for(cfg, student_dir(out), verified_expert_folders(folder))
-            texts = [s.text for s in deferral.score(backend, backend.tokenizer, calls, cfg)]
+            scored = deferral.score(backend, backend.tokenizer, calls, cfg)
+            texts = [s.text for s in scored]
             del backend
             outputs = [deferral.parsed_value(t) for t in texts]
             row = {"variant": name, "seed": seed, "training_rows": record.train_examples, "targets": record.targets,
@@ -124,6 +126,10 @@ def main() -> None:
             for r in agreement_rows(name, op, outputs, calls, cfg):
                 row[r["metric"]] = (triple(r) if r["unit"] == "ratio"
                                     else int(r["value"]))
+            if op == "update":  # the expert's own probability of the event it wrote (its decision tokens')
+                own = [math.exp(s.confidence) for s in scored if s.confidence > -math.inf]
+                row["own_event_p_median"] = round(statistics.median(own), 3) if own else None
+                row["own_event_p_max"] = round(max(own), 3) if own else None
             if op == "generation":
                 answers = [str((o or {}).get("answer", "")) for o in outputs]
                 row.update(answers_against_gold(calls, answers, out, config.evaluation.bootstrap_samples))
@@ -135,7 +141,7 @@ def main() -> None:
     columns = {"generation": ["qa_n", "qa_cat1-4", "abstains_expert", "abstains_teacher",
                               "adversarial_abstains_expert", "answer_token_f1", "teacher_qa"],
                "update": ["event_macro_f1", "cohen_kappa", "majority_baseline_macro_f1", "predicted_delete",
-                          "reference_delete"]}[op]
+                          "reference_delete", "own_event_p_median", "own_event_p_max"]}[op]
     shown = [{**r, **{k: interval_text(v) for k, v in r.items() if isinstance(v, list)},
               "qa_cat1-4": interval_text(r.get("qa_token_f1_expert")),
               "teacher_qa": interval_text(r.get("qa_token_f1_teacher"))} for r in rows]
