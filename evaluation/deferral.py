@@ -23,7 +23,7 @@ from memlora.evaluation.calibration import (
     CalibrationError, Threshold, budget_to_keep, calibrate, in_audit_sample, keep_curve, served,
 )
 from memlora.layout import adapter_dir, calls_path, deferral_path, trace_files
-from memlora.llm.confidence import answer_events, confidence, is_destructive
+from memlora.llm.confidence import answer_events, confidence, demoted, is_destructive
 from memlora.memory.llm import GenerationRequest, LLMBackend
 from memlora.memory.parsing import extract_json
 from memlora.student.examples import conversation_splits, load_traces, split_rows
@@ -203,6 +203,11 @@ def kept(policy: dict, s: Scored) -> bool:
     return name in classes and s.confidence >= classes[name]["value"]
 
 
+def guarded(policy: dict, s: Scored) -> str:
+    """What `serve-experts --guard` answers: the expert's answer, its destructive events demoted where unsure."""
+    return demoted(s.text) if s.destructive and not kept(policy, s) else s.text
+
+
 def check(policy: dict, scored: list[Scored]) -> dict:
     """Each operation's thresholds on other calls: share kept, disagreement of the kept (Wilson 95 %), and what
     the served answers (the expert's where kept, the teacher's where deferred) do that a user would feel: update
@@ -220,8 +225,12 @@ def check(policy: dict, scored: list[Scored]) -> dict:
         served_texts = [s.text if kept(policy, s) else t for s, t in zip(calls, teacher_texts)]
         expert_texts = [s.text for s in calls]
         if op == "update":
+            guarded_texts = [guarded(policy, s) for s in calls]
             entry.update(served_deletes=_deletes(served_texts), teacher_deletes=_deletes(teacher_texts),
-                         expert_deletes=_deletes(expert_texts))
+                         expert_deletes=_deletes(expert_texts), guarded_deletes=_deletes(guarded_texts),
+                         expert_agree=sum(s.agrees for s in calls),
+                         guarded_agree=sum(s.agrees if g == s.text else answer_events(g) == answer_events(t)
+                                           for s, g, t in zip(calls, guarded_texts, teacher_texts)))
         if op == "generation":
             entry.update(served_abstains=_abstains(served_texts), teacher_abstains=_abstains(teacher_texts),
                          expert_abstains=_abstains(expert_texts))
@@ -246,6 +255,12 @@ def summary(result: dict) -> str:
                 tested = f"{test['kept']}/{test['n']}  {ci}"
             lines.append(f"{op:<11} {name:<12} {t['value']:>9.3f}  {t['kept']:>4}/{t['n']:<15} {upper:<7} "
                          f"{needed:<20} {tested}")
+    for split in ("validation", "test"):
+        update = result.get(split, {}).get("update")
+        if update and "guarded_agree" in update:
+            lines.append(f"update without a teacher (--guard), {split}: {update['guarded_agree']}/{update['n']} "
+                         f"agree (the expert alone {update['expert_agree']}), DELETEs {update['guarded_deletes']} "
+                         f"(the expert alone {update['expert_deletes']}, the teacher {update['teacher_deletes']})")
     return "\n".join(lines)
 
 

@@ -65,6 +65,28 @@ def confidence(operation: str, text: str, token_ids: Sequence[int], token_logpro
     return low_quantile(token_logprobs, q)
 
 
+def demoted(text: str) -> str:
+    """An update answer with its destructive events made safe (`serve-experts --guard`): a DELETE becomes NONE
+    (the memory stays), an UPDATE becomes an ADD of its new text (the old memory stays beside it). Nothing a user
+    told the system is lost; a wrong demotion misses an update, which costs less than a wrong DELETE. An answer
+    that is not a JSON object with a `memory` list comes back as it was (no system can apply it either)."""
+    try:
+        value = json.loads(text)
+        entries = value["memory"]
+    except (ValueError, TypeError, KeyError):
+        return text
+    if not isinstance(entries, list):
+        return text
+    safe = []
+    for entry in entries:
+        if isinstance(entry, dict) and entry.get("event") == "DELETE":
+            entry = {**entry, "event": "NONE"}
+        elif isinstance(entry, dict) and entry.get("event") == "UPDATE":
+            entry = {k: v for k, v in entry.items() if k != "old_memory"} | {"event": "ADD"}
+        safe.append(entry)
+    return json.dumps({**value, "memory": safe}, ensure_ascii=False)
+
+
 def is_destructive(operation: str, text: str) -> bool:
     """An update answer that deletes or rewrites a memory: kept only where such answers' own precision on the
     validation calls clears the budget."""

@@ -25,12 +25,9 @@ from anyio import to_thread
 
 from memlora.config import CaptureRule, DeferralConfig
 from memlora.evaluation.calibration import AUDITED_BACKEND, DEFERRED_BACKEND, NO_EXPERT_BACKEND, DeferralPolicy
-from memlora.llm.confidence import confidence, is_destructive
+from memlora.llm.guard import ANSWERED_BY, CONFIDENCE, judged
 from memlora.llm.openai_protocol import ApiError, ChatRequest
 from memlora.memory.llm import GenerationRequest, GenerationResult
-
-ANSWERED_BY = "x-memlora-answered-by"
-CONFIDENCE = "x-memlora-confidence"
 
 
 class FallbackError(RuntimeError):
@@ -62,13 +59,6 @@ class Fallback:
         if self._audits:
             await asyncio.gather(*self._audits, return_exceptions=True)
         await self.client.aclose()
-
-    def judge(self, generation: GenerationRequest, result: GenerationResult, tokenizer) -> tuple[bool, float]:
-        """(keep the expert's answer, its confidence)."""
-        conf = confidence(generation.operation, result.text, result.token_ids or [], result.token_logprobs or [],
-                          tokenizer, self.config.quantile)
-        destructive = is_destructive(generation.operation, result.text)
-        return self.policy.keeps(generation.operation, conf, destructive), conf
 
     async def ask(self, chat: ChatRequest, schema: dict | None) -> tuple[dict | None, float, str | None]:
         """The teacher's answer to the client's own request (under the schema the expert decoded with), its
@@ -116,9 +106,9 @@ class Fallback:
     async def answer(self, chat: ChatRequest, generation: GenerationRequest, result: GenerationResult, tokenizer,
                      context: tuple[str | None, int], expert_answer) -> tuple[dict, dict]:
         """(the response body, its headers): the expert's answer where it is sure enough, else the teacher's
-        (recorded); `expert_answer()` builds the expert's body."""
+        (recorded); `expert_answer(result)` builds the expert's body."""
         operation = generation.operation
-        keep, conf = self.judge(generation, result, tokenizer)
+        keep, conf, _ = judged(self.policy, self.config, generation, result, tokenizer)
         headers = {CONFIDENCE: f"{conf:.4f}"}
         if keep:
             self.counts[f"kept_{operation}"] += 1
@@ -126,11 +116,11 @@ class Fallback:
                 task = asyncio.get_running_loop().create_task(self.audit(chat, operation, generation.schema, context))
                 self._audits.add(task)
                 task.add_done_callback(self._audits.discard)
-            return expert_answer(), {**headers, ANSWERED_BY: "expert"}
+            return expert_answer(result), {**headers, ANSWERED_BY: "expert"}
         self.counts[f"deferred_{operation}"] += 1
         answered = await self.teacher(chat, operation, generation.schema, context)
         if answered is None:
-            return expert_answer(), {**headers, ANSWERED_BY: "expert-teacher-failed"}
+            return expert_answer(result), {**headers, ANSWERED_BY: "expert-teacher-failed"}
         return answered[0], {**headers, **answered[1]}
 
     async def audit(self, chat: ChatRequest, operation: str, schema: dict | None,

@@ -72,7 +72,9 @@ class ServingEngine:
         # tokenizer release the GIL): a slow request is slow only for itself.
         self._preparing = ThreadPoolExecutor(max_workers=4, thread_name_prefix="memlora-prepare")
         self.counts: Counter = Counter()
-        self.fallback = fallback  # llm.fallback.Fallback: unsure experts defer to the teacher
+        # llm.fallback.Fallback (unsure experts defer to the teacher) or llm.guard.Guard (no teacher: unsure
+        # destructive answers are demoted)
+        self.fallback = fallback
 
     def swap(self, loaded: dict) -> None:
         """Serve `loaded["backend"]` (with its `models`, and the fallback's new `policy`; the policy alone where
@@ -310,7 +312,7 @@ def create_app(engine: ServingEngine, api_key: str | None = None) -> FastAPI:
             if engine.defers(generation.operation):
                 body, headers = await engine.fallback.answer(
                     chat, generation, result, engine.backend.tokenizer, call_context(request.headers),
-                    lambda: engine.answer(chat, result))
+                    lambda answered: engine.answer(chat, answered))
                 return JSONResponse(body, headers=headers)
         return engine.answer(chat, result)
 

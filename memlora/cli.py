@@ -255,6 +255,19 @@ def _fallback(config, args):
     return fallback
 
 
+def _guard(config, args):
+    """`--guard`: no teacher; the calibrated thresholds demote unsure destructive answers."""
+    if not args.guard:
+        return None
+    if args.fallback:
+        raise UsageError("--guard and --fallback: choose one (with a teacher, unsure answers go to it)")
+    from memlora.evaluation.calibration import DeferralPolicy
+    from memlora.layout import deferral_path
+    from memlora.llm.guard import Guard
+
+    return Guard(DeferralPolicy.read(deferral_path(args.out)), config.deferral)
+
+
 def cmd_serve_experts(args) -> int:
     from memlora.config import load_config
     from memlora.layout import deferral_path
@@ -262,10 +275,11 @@ def cmd_serve_experts(args) -> int:
     from memlora.llm.reload import ExpertsLoader, Reloader, experts_version
 
     config = load_config(args.config)
+    guard = _guard(config, args)  # before the experts load: a missing thresholds file is a clear error at once
     backend = _expert_backend(config, args)
     engine = ServingEngine(backend, expert_models(backend.operations), config.capture.rules,
                            default_max_tokens=args.max_tokens, limits=config.serving,
-                           fallback=_fallback(config, args))
+                           fallback=guard or _fallback(config, args))
     if config.serving.reload_s:
         def experts() -> dict:
             fresh = _expert_backend(config, args)
@@ -571,6 +585,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fallback-key-env", default=None, help="environment variable with the fallback's key")
     p.add_argument("--fallback-degraded", action="store_true", help="start even if the fallback is unreachable "
                    "(deferred calls get the expert's answer, counted, until it answers)")
+    p.add_argument("--guard", action="store_true", help="no teacher behind the experts: an update answer that "
+                   "deletes or rewrites a memory below its calibrated threshold is demoted (DELETE -> NONE, UPDATE "
+                   "-> ADD beside the old memory); other unsure answers are marked in the response (thresholds "
+                   "from `memlora calibrate`)")
     p.set_defaults(func=cmd_serve_experts)
 
     p = command("improve")

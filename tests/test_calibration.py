@@ -11,7 +11,9 @@ import pytest
 
 from memlora.evaluation.calibration import CalibrationError, budget_to_keep, calibrate, keep_curve, served
 from memlora.evaluation.stats import wilson
-from memlora.llm.confidence import answer_events, confidence, event_token_indices, is_destructive, low_quantile
+from memlora.llm.confidence import (
+    answer_events, confidence, demoted, event_token_indices, is_destructive, low_quantile,
+)
 
 
 def made_pairs(n: int = 600, seed: int = 0) -> list[tuple[float, bool]]:
@@ -125,6 +127,34 @@ def test_the_served_answers_delete_and_abstain_as_the_kept_and_deferred_mix_says
     report = check(policy, scored)
     assert report["update"] | {"disagreement_ci": None} == {
         "n": 3, "kept": 2, "disagree": 0, "disagreement_ci": None, "served_agreement": 1.0,
-        "served_deletes": 1, "teacher_deletes": 1, "expert_deletes": 2}
+        "served_deletes": 1, "teacher_deletes": 1, "expert_deletes": 2,
+        # without a teacher (--guard) the unsure DELETE becomes NONE, which is what the teacher said
+        "guarded_deletes": 1, "expert_agree": 2, "guarded_agree": 3}
     assert report["generation"]["served_abstains"] == 1 and report["generation"]["expert_abstains"] == 2
     assert report["generation"]["teacher_abstains"] == 1 and report["generation"]["kept"] == 1
+
+
+@pytest.mark.timeout(30)
+def test_a_demoted_update_answer_loses_no_memory():
+    """--guard's rewrite: DELETE -> NONE (the memory stays), UPDATE -> ADD of the new text (the old one stays
+    beside it), every other entry and field as it was; what is not an update answer comes back unchanged."""
+    from memlora.memory.parsing import parse_update
+
+    answer = json.dumps({"memory": [
+        {"id": "0", "event": "DELETE", "text": "Ann lives in Porto"},
+        {"id": "1", "event": "UPDATE", "text": "Ann has two cats", "old_memory": "Ann has a cat"},
+        {"id": "2", "event": "NONE", "text": "Ann is a nurse"},
+        {"id": "3", "event": "ADD", "text": "Ann plays jazz"}]})
+    safe = demoted(answer)
+    assert json.loads(safe) == {"memory": [
+        {"id": "0", "event": "NONE", "text": "Ann lives in Porto"},
+        {"id": "1", "event": "ADD", "text": "Ann has two cats"},
+        {"id": "2", "event": "NONE", "text": "Ann is a nurse"},
+        {"id": "3", "event": "ADD", "text": "Ann plays jazz"}]}
+    assert not is_destructive("update", safe) and answer_events(safe) == ["NONE", "ADD", "NONE", "ADD"]
+    # our memory system applies it: nothing deleted or rewritten, the update's new text added under a new id
+    parsed = parse_update(safe, ["0", "1", "2"], "3")
+    assert parsed.ok and [(e["id"], e["event"]) for e in parsed.value["memory"]] == [
+        ("0", "NONE"), ("3", "ADD"), ("2", "NONE"), ("3", "ADD")]
+    for text in ("not json", '["a list"]', '{"facts": ["x"]}', '{"memory": "x"}'):
+        assert demoted(text) == text

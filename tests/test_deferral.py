@@ -317,3 +317,64 @@ def test_a_kept_call_is_audited_after_its_answer_and_recorded(deferral_out, teac
     rows = pq.read_table(trace_files(tmp_path / "out", "extraction")[0]).to_pylist()
     assert len(rows) == 1 and rows[0]["backend"] == "audited" and rows[0]["conversation_id"] == "user-7"
     assert rows[0]["messages"] == deferral_out_messages[7]
+
+
+def one_entry_schema(event: str) -> dict:
+    """An update answer of one entry whose event the decoder must write (the tiny expert cannot choose)."""
+    entry = {"type": "object", "properties": {"id": {"type": "string", "enum": ["0"]},
+                                              "event": {"type": "string", "enum": [event]},
+                                              "text": {"type": "string", "maxLength": 12}},
+             "required": ["id", "event", "text"], "additionalProperties": False}
+    return {"type": "object", "properties": {"memory": {"type": "array", "items": entry, "minItems": 1,
+                                                        "maxItems": 1}},
+            "required": ["memory"], "additionalProperties": False}
+
+
+@pytest.mark.timeout(300)
+def test_without_a_teacher_the_guard_demotes_unsure_destructive_answers(deferral_out, tiny_model_dir, tmp_path,
+                                                                         capsys):
+    """`serve-experts --guard`: an unsure DELETE goes back as NONE (the memory stays), a sure one as written, an
+    unsure NONE as written but marked; each counted at /health. --guard with --fallback, or without thresholds,
+    is refused before the experts load."""
+    from memlora.cli import main
+    from memlora.llm.guard import Guard
+
+    backend = ExpertBackend.from_config(deferral_out["config"], tiny_model_dir,
+                                        {"update": deferral_out["out"] / "adapters" / "extraction"})
+    thresholds = DeferralPolicy({"operations": {"update": {"keep": {"value": math.inf},
+                                                           "destructive": {"value": math.inf}}}})
+    guard = Guard(thresholds, DeferralConfig())
+    engine = ServingEngine(backend, expert_models(backend.operations), default_max_tokens=48, fallback=guard)
+    messages = TEMPLATES["update"].messages("New fact: Ann moved to Oslo.")
+
+    def ask_update(event: str) -> httpx.Response:
+        return httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+            "model": "memlora-update", "messages": messages, "max_tokens": 48, "temperature": 0, "logprobs": True,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "u", "schema": one_entry_schema(
+                event)}}})
+
+    with running(create_app(engine)) as url:
+        unsure_delete = ask_update("DELETE")
+        assert unsure_delete.status_code == 200 and unsure_delete.headers[ANSWERED_BY] == "expert-demoted"
+        content = json.loads(unsure_delete.json()["choices"][0]["message"]["content"])
+        assert [e["event"] for e in content["memory"]] == ["NONE"] and content["memory"][0]["id"] == "0"
+        # the tokens no longer spell the answer: no log-probs for it
+        assert (unsure_delete.json()["choices"][0]["logprobs"] or {}).get("content") is None
+        unsure_none = ask_update("NONE")
+        assert unsure_none.headers[ANSWERED_BY] == "expert-unsure"
+        assert json.loads(unsure_none.json()["choices"][0]["message"]["content"])["memory"][0]["event"] == "NONE"
+        engine.swap({"policy": DeferralPolicy({"operations": {"update": {"keep": {"value": -math.inf},
+                                                                         "destructive": {"value": -math.inf}}}})})
+        sure_delete = ask_update("DELETE")
+        assert sure_delete.headers[ANSWERED_BY] == "expert"
+        assert json.loads(sure_delete.json()["choices"][0]["message"]["content"])["memory"][0]["event"] == "DELETE"
+        assert sure_delete.json()["choices"][0]["logprobs"]["content"]
+        assert httpx.get(f"{url}/health").json()["deferral"] == {
+            "guard": True, "counts": {"demoted_update": 1, "unsure_update": 1, "kept_update": 1}}
+    engine.close()
+    config = str(deferral_out["config_path"])
+    assert main(["serve-experts", "--config", config, "--out", str(tmp_path), "--guard"]) == 2
+    assert "no deferral thresholds (run `memlora calibrate` first)" in capsys.readouterr().err
+    assert main(["serve-experts", "--config", config, "--out", str(tmp_path), "--guard", "--fallback",
+                 "http://127.0.0.1:9/v1"]) == 2
+    assert "--guard and --fallback: choose one" in capsys.readouterr().err

@@ -1,0 +1,70 @@
+"""Serving the experts without a teacher behind them (`serve-experts --guard`): the same thresholds `memlora
+calibrate` set for deferral decide which answers an expert is sure of, but an unsure answer has nobody to go to.
+A destructive update answer (DELETE or UPDATE) below its class's threshold is demoted (`llm.confidence.demoted`:
+the memory stays), since a wrong DELETE loses what a user said for good; any other unsure answer goes back as the
+expert wrote it, marked as unsure in the response, for the client to weigh.
+
+The response says what happened: `x-memlora-answered-by` is `expert`, `expert-demoted` or `expert-unsure`, and
+`x-memlora-confidence` carries the confidence; `/health` counts each per operation.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import replace
+
+from memlora.config import DeferralConfig
+from memlora.evaluation.calibration import DeferralPolicy
+from memlora.llm.confidence import confidence, demoted, is_destructive
+from memlora.llm.openai_protocol import ChatRequest
+from memlora.memory.llm import GenerationRequest, GenerationResult
+
+ANSWERED_BY = "x-memlora-answered-by"
+CONFIDENCE = "x-memlora-confidence"
+
+
+def judged(policy: DeferralPolicy, config: DeferralConfig, generation: GenerationRequest, result: GenerationResult,
+           tokenizer) -> tuple[bool, float, bool]:
+    """(keep the expert's answer, its confidence, whether it is destructive), by the calibrated thresholds."""
+    conf = confidence(generation.operation, result.text, result.token_ids or [], result.token_logprobs or [],
+                      tokenizer, config.quantile)
+    destructive = is_destructive(generation.operation, result.text)
+    return policy.keeps(generation.operation, conf, destructive), conf, destructive
+
+
+class Guard:
+    """What `ServingEngine` calls for an expert's answer where no teacher can take the call (the place of
+    `llm.fallback.Fallback`, with the same methods)."""
+
+    def __init__(self, policy: DeferralPolicy, config: DeferralConfig):
+        self.policy, self.config = policy, config
+        self.counts: Counter = Counter()
+
+    async def answer(self, chat: ChatRequest, generation: GenerationRequest, result: GenerationResult, tokenizer,
+                     context, expert_answer) -> tuple[dict, dict]:
+        """(the response body, its headers): the expert's answer, its destructive events demoted where it is
+        unsure of them; `expert_answer(result)` builds the body."""
+        operation = generation.operation
+        keep, conf, destructive = judged(self.policy, self.config, generation, result, tokenizer)
+        headers = {CONFIDENCE: f"{conf:.4f}"}
+        if keep:
+            self.counts[f"kept_{operation}"] += 1
+            return expert_answer(result), {**headers, ANSWERED_BY: "expert"}
+        if destructive:
+            self.counts[f"demoted_{operation}"] += 1
+            # the tokens no longer spell the text: no log-probs for it
+            safe = replace(result, text=demoted(result.text), token_ids=None, top_logprobs=None,
+                           token_logprobs=None)
+            return expert_answer(safe), {**headers, ANSWERED_BY: "expert-demoted"}
+        self.counts[f"unsure_{operation}"] += 1
+        return expert_answer(result), {**headers, ANSWERED_BY: "expert-unsure"}
+
+    async def instead(self, chat, operation, schema, context) -> None:
+        """No teacher to take a call no expert serves: the bare student answers it, as without a guard."""
+        return None
+
+    def health(self) -> dict:
+        return {"guard": True, "counts": dict(self.counts)}
+
+    async def aclose(self) -> None:
+        return None
