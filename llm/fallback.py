@@ -4,9 +4,11 @@ where the expert's confidence (its own chosen tokens' log-probs, `llm.confidence
 back. A deferred call is recorded as a trace row exactly as `capture` records one (`backend: deferred`), so the
 next training run learns from what the experts could not answer.
 
-A teacher that is down, slow or answers garbage: the expert's own answer goes back and the failure is counted,
-or, with `deferral.strict`, the client gets a 502. The response says who answered: the `model` field and the
-`x-memlora-answered-by` header (`expert`, `teacher`, or `expert-teacher-failed`).
+A teacher that is down, slow or answers garbage: the expert's own answer goes back and the failure is counted
+(an update answer that would delete or rewrite a memory is demoted first, as `--guard` does), or, with
+`deferral.strict`, the client gets a 502. The response says who answered: the `model` field and the
+`x-memlora-answered-by` header (`expert`, `teacher`, `expert-teacher-failed`, or
+`expert-demoted-teacher-failed`).
 
 A share of the kept calls (`deferral.audit_share`) is also asked of the teacher once the expert's answer has gone
 back, and recorded (`backend: audited`): with deferred calls drawn at the same share, a random sample of the
@@ -25,7 +27,7 @@ from anyio import to_thread
 
 from memlora.config import CaptureRule, DeferralConfig
 from memlora.evaluation.calibration import AUDITED_BACKEND, DEFERRED_BACKEND, NO_EXPERT_BACKEND, DeferralPolicy
-from memlora.llm.guard import ANSWERED_BY, CONFIDENCE, judged
+from memlora.llm.guard import ANSWERED_BY, CONFIDENCE, judged, made_safe
 from memlora.llm.openai_protocol import ApiError, ChatRequest
 from memlora.memory.llm import GenerationRequest, GenerationResult
 
@@ -108,7 +110,7 @@ class Fallback:
         """(the response body, its headers): the expert's answer where it is sure enough, else the teacher's
         (recorded); `expert_answer(result)` builds the expert's body."""
         operation = generation.operation
-        keep, conf, _ = judged(self.policy, self.config, generation, result, tokenizer)
+        keep, conf, destructive = judged(self.policy, self.config, generation, result, tokenizer)
         headers = {CONFIDENCE: f"{conf:.4f}"}
         if keep:
             self.counts[f"kept_{operation}"] += 1
@@ -119,6 +121,9 @@ class Fallback:
             return expert_answer(result), {**headers, ANSWERED_BY: "expert"}
         self.counts[f"deferred_{operation}"] += 1
         answered = await self.teacher(chat, operation, generation.schema, context)
+        if answered is None and destructive:  # nobody sure of deleting or rewriting a memory: it stays
+            self.counts[f"demoted_{operation}"] += 1
+            return expert_answer(made_safe(result)), {**headers, ANSWERED_BY: "expert-demoted-teacher-failed"}
         if answered is None:
             return expert_answer(result), {**headers, ANSWERED_BY: "expert-teacher-failed"}
         return answered[0], {**headers, **answered[1]}

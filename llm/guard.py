@@ -5,7 +5,8 @@ the memory stays), since a wrong DELETE loses what a user said for good; any oth
 expert wrote it, marked as unsure in the response, for the client to weigh.
 
 The response says what happened: `x-memlora-answered-by` is `expert`, `expert-demoted` or `expert-unsure`, and
-`x-memlora-confidence` carries the confidence; `/health` counts each per operation.
+`x-memlora-confidence` carries the confidence; `/health` counts each per operation. With `--fallback`, the same
+demotion applies where the teacher failed for a destructive answer it should have taken.
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ def judged(policy: DeferralPolicy, config: DeferralConfig, generation: Generatio
     return policy.keeps(generation.operation, conf, destructive), conf, destructive
 
 
+def made_safe(result: GenerationResult) -> GenerationResult:
+    """The result with its destructive update events demoted; the tokens no longer spell the text, so it carries
+    no log-probs."""
+    return replace(result, text=demoted(result.text), token_ids=None, top_logprobs=None, token_logprobs=None)
+
+
 class Guard:
     """What `ServingEngine` calls for an expert's answer where no teacher can take the call (the place of
     `llm.fallback.Fallback`, with the same methods)."""
@@ -52,10 +59,7 @@ class Guard:
             return expert_answer(result), {**headers, ANSWERED_BY: "expert"}
         if destructive:
             self.counts[f"demoted_{operation}"] += 1
-            # the tokens no longer spell the text: no log-probs for it
-            safe = replace(result, text=demoted(result.text), token_ids=None, top_logprobs=None,
-                           token_logprobs=None)
-            return expert_answer(safe), {**headers, ANSWERED_BY: "expert-demoted"}
+            return expert_answer(made_safe(result)), {**headers, ANSWERED_BY: "expert-demoted"}
         self.counts[f"unsure_{operation}"] += 1
         return expert_answer(result), {**headers, ANSWERED_BY: "expert-unsure"}
 

@@ -334,8 +334,9 @@ def one_entry_schema(event: str) -> dict:
 def test_without_a_teacher_the_guard_demotes_unsure_destructive_answers(deferral_out, tiny_model_dir, tmp_path,
                                                                          capsys):
     """`serve-experts --guard`: an unsure DELETE goes back as NONE (the memory stays), a sure one as written, an
-    unsure NONE as written but marked; each counted at /health. --guard with --fallback, or without thresholds,
-    is refused before the experts load."""
+    unsure NONE as written but marked; each counted at /health. With --fallback, an unsure DELETE the failed
+    teacher should have taken is demoted as well. --guard with --fallback, or without thresholds, is refused
+    before the experts load."""
     from memlora.cli import main
     from memlora.llm.guard import Guard
 
@@ -371,6 +372,19 @@ def test_without_a_teacher_the_guard_demotes_unsure_destructive_answers(deferral
         assert sure_delete.json()["choices"][0]["logprobs"]["content"]
         assert httpx.get(f"{url}/health").json()["deferral"] == {
             "guard": True, "counts": {"demoted_update": 1, "unsure_update": 1, "kept_update": 1}}
+    engine.close()
+    with socket.socket() as s:  # with a teacher that is down, an unsure DELETE it should have taken is demoted too
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    fallback = Fallback(dead, "teacher", thresholds, CaptureRecorder(tmp_path / "out"), DeferralConfig())
+    engine = ServingEngine(backend, expert_models(backend.operations), default_max_tokens=48, fallback=fallback)
+    with running(create_app(engine)) as url:
+        failed = ask_update("DELETE")
+        assert failed.status_code == 200 and failed.headers[ANSWERED_BY] == "expert-demoted-teacher-failed"
+        assert json.loads(failed.json()["choices"][0]["message"]["content"])["memory"][0]["event"] == "NONE"
+        assert ask_update("NONE").headers[ANSWERED_BY] == "expert-teacher-failed"
+        counts = httpx.get(f"{url}/health").json()["deferral"]["counts"]
+    assert counts == {"deferred_update": 2, "teacher_failures_update": 2, "demoted_update": 1}
     engine.close()
     config = str(deferral_out["config_path"])
     assert main(["serve-experts", "--config", config, "--out", str(tmp_path), "--guard"]) == 2
