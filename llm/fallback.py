@@ -37,6 +37,8 @@ class FallbackError(RuntimeError):
 
 
 class Fallback:
+    has_teacher = True  # unlike llm.guard.Guard, which stands where no teacher is
+
     def __init__(self, url: str, model: str, policy: DeferralPolicy, recorder, config: DeferralConfig,
                  api_key: str | None = None, logprobs_top_k: int = 0):
         self.url, self.model, self.policy, self.recorder, self.config = url.rstrip("/"), model, policy, recorder, \

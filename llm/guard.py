@@ -43,6 +43,8 @@ class Guard:
     """What `ServingEngine` calls for an expert's answer where no teacher can take the call (the place of
     `llm.fallback.Fallback`, with the same methods)."""
 
+    has_teacher = False
+
     def __init__(self, policy: DeferralPolicy, config: DeferralConfig):
         self.policy, self.config = policy, config
         self.counts: Counter = Counter()
@@ -62,10 +64,6 @@ class Guard:
             return expert_answer(made_safe(result)), {**headers, ANSWERED_BY: "expert-demoted"}
         self.counts[f"unsure_{operation}"] += 1
         return expert_answer(result), {**headers, ANSWERED_BY: "expert-unsure"}
-
-    async def instead(self, chat, operation, schema, context) -> None:
-        """No teacher to take a call no expert serves: the bare student answers it, as without a guard."""
-        return None
 
     def health(self) -> dict:
         return {"guard": True, "counts": dict(self.counts)}

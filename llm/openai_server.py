@@ -91,14 +91,20 @@ class ServingEngine:
         self.models = {m.name: m for m in loaded.get("models") or self.models.values()}
         close_later(old)
 
+    @property
+    def has_teacher(self) -> bool:
+        """A fallback teacher stands behind the experts (`--fallback`; `--guard` has none)."""
+        return self.fallback is not None and self.fallback.has_teacher
+
     def defers(self, operation: str) -> bool:
-        """Whether an unsure answer of `operation` goes to the fallback teacher (an expert answers it)."""
+        """Whether an answer of `operation` is judged on its confidence (an expert answers it; --fallback or
+        --guard)."""
         return self.fallback is not None and operation in self.experts
 
     def unserved(self, chat: ChatRequest) -> str | None:
         """With a fallback, the operation of a call routed by the rules to an operation no expert serves yet
         (it goes to the teacher, not to the bare student); None otherwise."""
-        if self.fallback is None or self.models[chat.model].operation != ROUTED:
+        if not self.has_teacher or self.models[chat.model].operation != ROUTED:
             return None
         messages = chat.plain_messages()
         wanted = routed_operation(classify(self.rules, messages, chat.model), messages)
@@ -160,7 +166,7 @@ class ServingEngine:
         return (f"model {routed!r}: this project's own memory prompts go to their experts "
                 f"({', '.join(op for op in OPERATIONS if op in self.experts) or 'none trained'}); "
                 f"capture.rules route other clients' calls (rules: {rules}); any other call is answered by "
-                + ("the fallback teacher" if self.fallback is not None else "the bare student base")
+                + ("the fallback teacher" if self.has_teacher else "the bare student base")
                 + f"; `{routed}-<operation>` picks an expert by name")
 
     def _schema(self, chat: ChatRequest, operation: str, rule: CaptureRule | None) -> dict | None:

@@ -346,6 +346,7 @@ def test_without_a_teacher_the_guard_demotes_unsure_destructive_answers(deferral
                                                            "destructive": {"value": math.inf}}}})
     guard = Guard(thresholds, DeferralConfig())
     engine = ServingEngine(backend, expert_models(backend.operations), default_max_tokens=48, fallback=guard)
+    assert "any other call is answered by the bare student base" in engine.routing_line()  # no teacher to go to
     messages = TEMPLATES["update"].messages("New fact: Ann moved to Oslo.")
 
     def ask_update(event: str) -> httpx.Response:
