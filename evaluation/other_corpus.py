@@ -4,7 +4,8 @@ split: the way to check them on conversations nobody tuned anything on.
 A new OUT is made from the trained one: its student base and experts (hard links where the file system allows,
 else copies; each expert first checked against the trained OUT's manifest) and the other corpus ingested with
 every conversation in the test split, cut to its first `sessions` sessions where asked (with only the questions
-whose evidence lies in them: the others cannot be answered from what the systems read). The evaluation then runs
+whose evidence lies in them: the others cannot be answered from what the systems read), with its deferral
+thresholds where it has them (`evaluation.served`). The evaluation then runs
 on it as on any OUT, so the trained OUT's own evaluation is left as it is; `evaluation.max_conversations` bounds
 how many conversations it replays.
 """
@@ -21,7 +22,7 @@ from memlora.data.io import write_json, write_parquet
 from memlora.data.loaders import LoadOptions, load_corpus
 from memlora.data.records import first_sessions, to_tables
 from memlora.evaluation.systems import EvalError
-from memlora.layout import ADAPTERS, MANIFEST, conversations_file, questions_file, student_dir
+from memlora.layout import ADAPTERS, MANIFEST, conversations_file, deferral_path, questions_file, student_dir
 from memlora.student.experts import verified_expert_folders
 
 MARKER = "evaluated_on.json"  # in the new OUT: which trained OUT and which data it was made from
@@ -48,6 +49,7 @@ def prepare_other_corpus(config: Config, data: str | Path, trained: str | Path, 
     origin = {"trained": str(trained), "data": str(Path(data).resolve()), "sessions": sessions}
     marker = out / MARKER
     if marker.is_file() and json.loads(marker.read_text()) == origin:
+        _copy_thresholds(trained, out)  # calibrated since
         return len(set(_conversation_ids(out)))  # the table has a row per turn
     if out.exists() and any(out.iterdir()):
         raise EvalError(f"{out}: not empty; give a new folder for the evaluation on {data}")
@@ -64,11 +66,19 @@ def prepare_other_corpus(config: Config, data: str | Path, trained: str | Path, 
     if student_dir(trained).is_dir():
         _link_tree(student_dir(trained), student_dir(out))
     shutil.copy2(trained / MANIFEST, out / MANIFEST)  # lists the experts' checksums, checked again at load
+    _copy_thresholds(trained, out)
     conversations, questions = to_tables(corpus)
     write_parquet(conversations, conversations_file(out), "conversations")
     write_parquet(questions, questions_file(out), "questions")
     write_json(origin, marker)  # last: an interrupted preparation is refused next time, not half reused
     return len(corpus)
+
+
+def _copy_thresholds(trained: Path, out: Path) -> None:
+    """The trained OUT's deferral thresholds, where it has them: the served systems (`evaluation.served`) run
+    under the thresholds calibrated on the trained run's own held-out calls, as they would be served."""
+    if deferral_path(trained).is_file():
+        shutil.copy2(deferral_path(trained), deferral_path(out))
 
 
 def _conversation_ids(out: Path) -> list[str]:

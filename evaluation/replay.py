@@ -53,6 +53,8 @@ CALLS = pa.schema([
     pa.field("completion_tokens", pa.int32(), nullable=False),
     pa.field("latency_s", pa.float64(), nullable=False),
     pa.field("batch_size", pa.int32(), nullable=False),
+    # A served system's calls (`evaluation.served`): expert, expert-demoted, expert-unsure, teacher; else null
+    pa.field("answered_by", pa.string()),
 ])
 
 NEW_ID = re.compile(r"New id: (\d+)\s*$")
@@ -114,6 +116,7 @@ def make_row(system: str, phase: str, index: int, ref_index: int, group: int, re
         "finish_reason": result.finish_reason,
         "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
         "latency_s": result.latency_s, "batch_size": result.batch_size,
+        "answered_by": result.extra.get("answered_by"),
     }
 
 

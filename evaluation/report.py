@@ -17,7 +17,8 @@ from memlora.evaluation.results import ANSWERABLE, headline, lookup
 from memlora.evaluation.systems import TEACHER, in_rows
 from memlora.layout import adapter_dir, report_path
 
-COLORS = {"teacher": "#4C72B0", "teacher-int8": "#8172B3", "student": "#DD8452", "student+experts": "#55A868"}
+COLORS = {"teacher": "#4C72B0", "teacher-int8": "#8172B3", "student": "#DD8452", "student+experts": "#55A868",
+          "experts+guard": "#64B5CD", "experts+teacher": "#937860"}
 
 
 def report_paths(out: str | Path) -> tuple[Path, Path]:
@@ -96,6 +97,28 @@ def skill_sentences(rows: list[dict]) -> list[str]:
                        "so its update decisions agree with the teacher's no more than their label frequencies "
                        "would by chance.")
     return ["", *out] if out else []
+
+
+def served_section(rows: list[dict]) -> list[str]:
+    """Who answered the served systems' calls, and what every system deleted end to end."""
+    served = any(r["section"] == "served" and r["metric"] != "deletes_e2e" for r in rows)
+    lines = ["", "## Served, and memories deleted", "",
+             "`deletes_e2e`: DELETE events in each system's own update calls end to end (memories its store lost), "
+             "out of its update calls."]
+    if served:
+        lines[-1] += (" The served systems (`evaluation.served`) are the experts under OUT/deferral.json's "
+                      "thresholds: `experts+guard` demotes an unsure DELETE or UPDATE (the memory stays) and lets "
+                      "other unsure answers out as written; `experts+teacher` gives an unsure call to the teacher. "
+                      "Shares of calls: on the teacher's requests, then end to end (`e2e`).")
+    lines += ["", *_table(rows, [("update DELETEs end to end", "update", "deletes_e2e")], counts=True)]
+    if served:
+        lines += ["", *_table(rows, [(f"{op} {label}{' (e2e)' if suffix else ''}", op, metric + suffix)
+                                     for op in OPERATIONS for suffix in ("", "_e2e")
+                                     for metric, label in (("kept_by_expert", "kept by the expert"),
+                                                           ("demoted", "demoted"),
+                                                           ("unsure", "unsure, sent as written"),
+                                                           ("deferred_to_teacher", "answered by the teacher"))])]
+    return lines
 
 
 def render_markdown(rows: list[dict], meta: dict) -> str:
@@ -187,6 +210,7 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
                      (f"{name} judge accuracy", operation, "judge_accuracy"),
                      (f"{name} answered", operation, "answered"), (f"{name} abstains", operation, "abstain_rate")]
     lines += _table(rows, qa_items)
+    lines += served_section(rows)
     lines += ["", "## Latency (teacher-forced requests, constrained, same batches for every system)", "",
               "Per-call wall time is the batch's wall time divided by its size, so the calls of one batch share a "
               "value: p50 and p95 may be equal, and an interval may end at its point. Read it with the tokens each call "

@@ -3,7 +3,8 @@
 Sections: `agreement` (teacher-forced, per operation), `validity` (parse_ok and strict schema validity, per
 operation, constrained and free), `latency` (per operation, on the teacher-forced requests, sent in the same
 groups by every system), `qa` (end to end, overall as operation `qa` and per LoCoMo category as `qa/cat-N`), `memory`
-(per system, operation `model`). A metric measured under free decoding carries the suffix `_free`.
+(per system, operation `model`), `served` (who answered a served system's calls, and every system's DELETEs end to
+end). A metric measured under free decoding carries the suffix `_free`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from memlora.evaluation import agreement, scoring
 from memlora.evaluation.replay import E2E, FORCED, FORCED_FREE
 from memlora.evaluation.probes import Probe
 from memlora.evaluation.stats import Estimate, bootstrap, percentile, proportion
+from memlora.llm.confidence import answer_events
 from memlora.evaluation.systems import SYSTEMS, in_rows, systems
 from memlora.layout import calls_path, judgements_path, probe_path, qa_path, results_path
 
@@ -166,6 +168,27 @@ def memory_rows(system, probe: Probe) -> list[dict]:
     return [_row(system, "memory", "model", metric, _plain(value), unit) for metric, value, unit in values]
 
 
+SERVED_AS = {"expert": "kept_by_expert", "expert-demoted": "demoted", "expert-unsure": "unsure",
+             "teacher": "deferred_to_teacher"}  # a served call's `answered_by` -> its metric
+
+
+def served_rows(system, calls) -> list[dict]:
+    """Who answered a served system's calls (`evaluation.served`), per operation, on the teacher's requests and
+    end to end (`_e2e`); for every system, the DELETEs its update calls made end to end (memories a user loses)."""
+    out = []
+    e2e_updates = [r for r in calls if r["phase"] == E2E and r["operation"] == "update"]
+    deletes = sum(answer_events(r["raw_output"]).count("DELETE") for r in e2e_updates if r["parse_ok"])
+    out.append(_row(system, "served", "update", "deletes_e2e", _plain(deletes, len(e2e_updates)), "events"))
+    if not any(r.get("answered_by") for r in calls):
+        return out
+    for op in OPERATIONS:
+        for phase, suffix in ((FORCED, ""), (E2E, "_e2e")):
+            mine = [r.get("answered_by") for r in calls if r["phase"] == phase and r["operation"] == op]
+            for who, metric in SERVED_AS.items():
+                out.append(_row(system, "served", op, metric + suffix, proportion([w == who for w in mine])))
+    return out
+
+
 def build_results(out: str | Path, config: Config) -> list[dict]:
     out = Path(out)
     data = {s: load_system(out, s) for s in systems(config)}
@@ -188,6 +211,7 @@ def build_results(out: str | Path, config: Config) -> list[dict]:
         mine = {(c, q): label for (s, c, q), label in judged.items() if s == system}
         rows += qa_rows(system, data[system]["qa"], mine, samples)
         rows += memory_rows(system, data[system]["probe"])
+        rows += served_rows(system, calls)
     return rows
 
 

@@ -6,7 +6,10 @@
   compared like for like; it replays the teacher's requests as the students do;
 - `student`: the student base alone (no adapter);
 - `student+experts`: the same base with every trained expert attached, switched per operation by repointing
-  the adapted layers (`memlora.student.experts.ExpertBackend`).
+  the adapted layers (`memlora.student.experts.ExpertBackend`);
+- `experts+guard`, `experts+teacher`: only where `evaluation.served` names them: the same experts as
+  `serve-experts --guard` / `--fallback` serve them, under OUT/deferral.json's thresholds
+  (`memlora.evaluation.served`).
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ from memlora.llm.backends import build_backend
 from memlora.memory.llm import LLMBackend
 
 TEACHER, TEACHER_INT8, STUDENT, EXPERTS = "teacher", "teacher-int8", "student", "student+experts"
+GUARDED, DEFERRING = "experts+guard", "experts+teacher"
+SERVED = {"guard": GUARDED, "teacher": DEFERRING}  # evaluation.served -> the system
 SYSTEMS = (TEACHER, STUDENT, EXPERTS)  # what every evaluation compares
-ALL_SYSTEMS = (TEACHER, TEACHER_INT8, STUDENT, EXPERTS)  # in report order
+ALL_SYSTEMS = (TEACHER, TEACHER_INT8, STUDENT, EXPERTS, GUARDED, DEFERRING)  # in report order
 JUDGE = "judge"  # not a system: the model that labels every system's answers, run after them
 
 
@@ -49,7 +54,10 @@ def quantized_teacher(config: Config) -> LLMConfig | None:
 
 def systems(config: Config) -> tuple[str, ...]:
     """The systems this config's evaluation runs, in report order."""
-    return ALL_SYSTEMS if quantized_teacher(config) is not None else SYSTEMS
+    chosen = {*SYSTEMS, *(SERVED[s] for s in config.evaluation.served)}
+    if quantized_teacher(config) is not None:
+        chosen.add(TEACHER_INT8)
+    return tuple(s for s in ALL_SYSTEMS if s in chosen)
 
 
 def in_rows(rows: list[dict]) -> tuple[str, ...]:
@@ -94,11 +102,16 @@ def build_system(name: str, config: Config, out: str | Path, base: str | Path | 
 
     base = Path(base) if base is not None else student_base(config, out)
     adapters = None
-    if name == EXPERTS:
+    if name != STUDENT:
         adapters = verified_expert_folders(out)
         if not adapters:
             raise EvalError(f"{Path(out) / 'adapters'}: no trained expert (run `memlora distill` first)")
     backend = ExpertBackend.from_config(
-        config, base, adapters, prompt=config.student.prompt if name == EXPERTS else "teacher")
-    return LoadedSystem(name, backend, time.perf_counter() - started,
-                        {"model": str(base), "experts": {op: str(p) for op, p in (adapters or {}).items()}})
+        config, base, adapters, prompt="teacher" if name == STUDENT else config.student.prompt)
+    info = {"model": str(base), "experts": {op: str(p) for op, p in (adapters or {}).items()}}
+    if name in (GUARDED, DEFERRING):
+        from memlora.evaluation.served import served_backend
+
+        backend = served_backend(config, out, backend, with_teacher=name == DEFERRING)
+        info["deferral"] = str(backend.thresholds_file)
+    return LoadedSystem(name, backend, time.perf_counter() - started, info)

@@ -317,6 +317,10 @@ class EvalConfig(_Strict):
     judge_max_new_tokens: int = Field(16, gt=0)
     bootstrap_samples: int = Field(1000, ge=0)  # resamples behind each bootstrap 95% CI (0: no CI)
     timeout_s: int = Field(7200, gt=0)  # per system process
+    # The experts also as they are served (`evaluation.served`, OUT/deferral.json from `memlora calibrate`):
+    # `guard` (serve-experts --guard: unsure DELETE/UPDATE demoted) and `teacher` (--fallback: unsure calls
+    # answered by the teacher, loaded in the same process), each a system of its own, end to end.
+    served: list[Literal["guard", "teacher"]] = []
 
 
 class CaptureRule(_Strict):
@@ -461,8 +465,12 @@ class Config(_Strict):
 
     def fingerprint(self, without: frozenset[str] = frozenset()) -> str:
         """What the pipeline's artifacts depend on (cache keys): the capture rules and serving limits only shape
-        serving; `without` leaves out sections an artifact reads only through files of its own."""
-        dumped = self.model_dump(mode="json", exclude={"capture", "serving", "deferral", "improve", *without})
+        serving; `without` leaves out sections an artifact reads only through files of its own. Which served
+        systems an evaluation adds (`evaluation.served`) changes no other system's results."""
+        exclude = {name: True for name in ("capture", "serving", "deferral", "improve", *without)}
+        if "evaluation" not in exclude:
+            exclude["evaluation"] = {"served"}
+        dumped = self.model_dump(mode="json", exclude=exclude)
         return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()
 
 

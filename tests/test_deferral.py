@@ -393,3 +393,46 @@ def test_without_a_teacher_the_guard_demotes_unsure_destructive_answers(deferral
     assert main(["serve-experts", "--config", config, "--out", str(tmp_path), "--guard", "--fallback",
                  "http://127.0.0.1:9/v1"]) == 2
     assert "--guard and --fallback: choose one" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(300)
+def test_the_served_systems_evaluation_runs_answer_as_the_server_does(deferral_out, tiny_model_dir):
+    """`evaluation.served`: the experts judged call by call on the same thresholds as the server. The guard
+    demotes an unsure DELETE and lets an unsure NONE out, marked; with a teacher an unsure call gets the teacher's
+    own answer (its latency added to the expert's); a sure answer is the expert's; a call of an operation no expert
+    serves goes to the teacher, or without one to the bare student. Log-probs asked only for the judgement are
+    taken off again."""
+    from memlora.evaluation.served import ServedBackend
+
+    config = deferral_out["config"]
+    experts = ExpertBackend.from_config(config, tiny_model_dir, {"update": deferral_out["out"] / "adapters" /
+                                                                 "extraction"})
+    teacher = TransformersBackend.from_config(config.teacher.model_copy(update={"model": str(tiny_model_dir),
+                                                                                "logprobs_top_k": 0}))
+    unsure = DeferralPolicy({"operations": {"update": {"keep": {"value": math.inf},
+                                                       "destructive": {"value": math.inf}}}})
+    sure = DeferralPolicy({"operations": {"update": {"keep": {"value": -math.inf},
+                                                     "destructive": {"value": -math.inf}}}})
+    messages = TEMPLATES["update"].messages("New fact: Ann moved to Oslo.")
+    delete, keep = (GenerationRequest("update", messages, 48, one_entry_schema(e)) for e in ("DELETE", "NONE"))
+    facts = GenerationRequest("extraction", deferral_out["messages"][0], 24, SCHEMA)
+
+    def events(result) -> list[str]:
+        return [e["event"] for e in json.loads(result.text)["memory"]]
+
+    guarded = ServedBackend(experts, unsure, config).generate([delete, keep, facts])
+    assert [r.extra["answered_by"] for r in guarded] == ["expert-demoted", "expert-unsure", "student"]
+    assert events(guarded[0]) == ["NONE"] and events(guarded[1]) == ["NONE"]
+    assert all(r.token_logprobs is None and r.top_logprobs is None for r in guarded)
+    assert guarded[2].text == experts.generate([facts])[0].text  # no extraction expert: the bare student
+
+    served = ServedBackend(experts, unsure, config, teacher)
+    deferred = served.generate([delete, keep, facts])
+    own = teacher.generate([delete, keep, facts])
+    assert [r.extra["answered_by"] for r in deferred] == ["teacher"] * 3
+    assert [r.text for r in deferred] == [r.text for r in own] and events(deferred[0]) == ["DELETE"]
+    assert served.counts == {"teacher_update": 2, "teacher_extraction": 1}
+
+    kept = ServedBackend(experts, sure, config, teacher).generate([delete])[0]
+    assert kept.extra["answered_by"] == "expert" and events(kept) == ["DELETE"]
+    assert kept.text == experts.generate([delete])[0].text

@@ -340,17 +340,55 @@ def other_corpus(path: Path) -> Path:
 @pytest.mark.timeout(600)
 def test_trained_experts_evaluated_on_another_corpus(prefect_server, tiny_teacher, tiny_model_dir, tmp_path,
                                                      one_thread):
+    """`memlora evaluate --data --experts-from`, with the experts also evaluated as served (`evaluation.served`)
+    under the trained run's thresholds."""
     from memlora.cli import main
+    from memlora.data.io import write_json
+    from memlora.evaluation.plan import prepare
+    from memlora.evaluation.systems import EvalError
+    from memlora.llm.confidence import is_destructive
 
     trained, out = tmp_path / "trained", tmp_path / "other"
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump(small_config(str(tiny_teacher), str(tiny_model_dir))))  # 1 conversation
+    # 1 conversation; the experts also as served, without a teacher and with one
+    config.write_text(yaml.safe_dump(small_config(str(tiny_teacher), str(tiny_model_dir),
+                                                  served=["guard", "teacher"])))
     write_experts(trained, tiny_model_dir)
     data = other_corpus(tmp_path / "other.jsonl")
     args = ["evaluate", "--config", str(config), "--out", str(out), "--data", str(data), "--sessions", "1"]
 
     assert main(args) == 2 and not out.exists()  # --data without --experts-from: refused before anything is made
+    assert main([*args, "--experts-from", str(trained)]) == 2  # served, but never calibrated: before any model
+    assert not (out / "eval" / "systems").exists()
+    with pytest.raises(EvalError, match=r"deferral.json: no deferral thresholds \(run `memlora calibrate` first\)"):
+        prepare(parse_config(yaml.safe_load(config.read_text())), out)
+    # Thresholds as `memlora calibrate` writes them: every extraction kept, an update kept unless it deletes or
+    # rewrites a memory (no threshold for those), no generation answer kept
+    write_json({"operations": {"extraction": {"keep": {"value": -1e9}}, "update": {"keep": {"value": -1e9}}}},
+               trained / "deferral.json")
     assert main([*args, "--experts-from", str(trained)]) == 0
+    assert (out / "deferral.json").read_bytes() == (trained / "deferral.json").read_bytes()
+    results = pq.read_table(out / "eval" / "results.parquet").to_pylist()
+
+    def value(system, operation, metric):
+        return next(r["value"] for r in results if (r["system"], r["operation"], r["metric"]) ==
+                    (system, operation, metric))
+
+    for system in ("experts+guard", "experts+teacher"):
+        assert value(system, "extraction", "kept_by_expert") == value(system, "extraction", "kept_by_expert_e2e") == 1
+        calls = pq.read_table(out / "eval" / "systems" / system.replace("+", "-") / "calls.parquet").to_pylist()
+        updates = [r for r in calls if r["operation"] == "update"]
+        assert all(r["answered_by"] == ("expert" if not is_destructive("update", r["raw_output"]) else
+                                        "teacher") for r in updates if system == "experts+teacher")
+    assert value("experts+guard", "generation", "unsure") == 1 and value("experts+guard", "update", "deletes_e2e") == 0
+    assert value("experts+teacher", "generation", "deferred_to_teacher") == 1
+    teacher_calls = pq.read_table(out / "eval" / "systems" / "teacher" / "calls.parquet").to_pylist()
+    teacher_answers = {r["index"]: r["raw_output"] for r in teacher_calls if r["phase"] == "e2e"}
+    served_calls = pq.read_table(out / "eval" / "systems" / "experts-teacher" / "calls.parquet").to_pylist()
+    assert all(r["raw_output"] == teacher_answers[r["ref_index"]] for r in served_calls
+               if r["phase"] == "forced" and r["operation"] == "generation")  # the teacher's own answers
+    report = (out / "eval" / "report.md").read_text()
+    assert "## Served, and memories deleted" in report and "generation answered by the teacher" in report
 
     # The trained run is untouched; the new OUT holds its verified experts and the other corpus, all test.
     assert not (trained / "eval").exists()
@@ -391,7 +429,7 @@ def test_the_quantized_teacher_column_appears_only_beside_a_quantized_student(ti
     assert systems(parse_config(raw)) == SYSTEMS
     raw["student"].update(quantize="int8", int8_smoothing=0.85, int8_keep_float32=["down_proj"])
     config = parse_config(raw)
-    assert systems(config) == ALL_SYSTEMS and ALL_SYSTEMS[1] == "teacher-int8"
+    assert systems(config) == ALL_SYSTEMS[:4] and ALL_SYSTEMS[1] == "teacher-int8"
     teacher = quantized_teacher(config)
     assert teacher.quantize == "int8" and teacher.model == config.teacher.model and teacher.logprobs_top_k == 0
     raw["teacher"]["quantize"] = "int8"  # the teacher as deployed is already int8: its own column says it

@@ -1,0 +1,109 @@
+"""The experts as they are served, evaluated end to end (`evaluation.served`): `memlora calibrate`'s thresholds
+decide, call by call, whether an expert's answer goes out, as `serve-experts` decides it.
+
+`guard` (`serve-experts --guard`, no teacher): an unsure answer that deletes or rewrites a memory is demoted
+(`llm.confidence.demoted`), any other unsure answer goes out as written. `teacher` (`serve-experts --fallback`):
+an unsure answer is replaced by the teacher's answer to the same request; the teacher runs in the same process
+(its memory counts in this system's peak, which a remote teacher's would not). Either way the memory system
+builds its store from what was served, so the QA and the DELETEs of the end-to-end phase are what a user of the
+served system would get. Each call's row says who answered (`answered_by`); a deferred call's latency is the
+expert's and the teacher's together, which the client waits for.
+
+The same rules as the server (`llm.guard.judged`, `made_safe`), read from the same thresholds file: what is
+measured here is what is served there.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+from memlora.config import Config
+from memlora.evaluation.calibration import CalibrationError, DeferralPolicy
+from memlora.layout import deferral_path
+from memlora.llm.guard import judged, made_safe
+from memlora.memory.llm import GenerationRequest, GenerationResult, LLMBackend
+
+# Who answered a call (the `answered_by` column of a served system's call rows; the server's header values)
+EXPERT, DEMOTED, UNSURE, TEACHER, NO_EXPERT = "expert", "expert-demoted", "expert-unsure", "teacher", "student"
+
+
+class ServedBackend:
+    """An `LLMBackend`: the experts, each answer judged on its own tokens' log-probs, and where unsure demoted
+    (`teacher=None`) or answered by the teacher."""
+
+    def __init__(self, experts, policy: DeferralPolicy, config: Config, teacher: LLMBackend | None = None,
+                 thresholds_file: Path | None = None):
+        self.experts, self.policy, self.deferral, self.teacher = experts, policy, config.deferral, teacher
+        self.thresholds_file = thresholds_file
+        self.model_id = experts.model_id + (f" -> {teacher.model_id}" if teacher is not None else " (guard)")
+        self.backend_name = experts.backend_name + ("+teacher" if teacher is not None else "+guard")
+        self.model = experts.model  # what the probes measure (parameters, device, dtype)
+        self.counts: Counter = Counter()
+
+    def __getattr__(self, name):  # switches, quantized, batch_size, ...: the experts' own
+        if name == "experts":  # not set yet
+            raise AttributeError(name)
+        return getattr(self.experts, name)
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        # The confidence is read from the chosen tokens' log-probs (greedy: asking for them changes no token)
+        asked = [replace(r, logprobs_top_k=max(1, r.logprobs_top_k or 0)) for r in requests]
+        results = self.experts.generate(asked)
+        answered: list[GenerationResult] = []
+        unsure: list[int] = []
+        for i, (request, result) in enumerate(zip(requests, results)):
+            if request.operation not in self.experts.operations:  # no expert: the bare student, as served
+                who = TEACHER if self.teacher is not None else NO_EXPERT
+                if self.teacher is not None:
+                    unsure.append(i)
+            else:
+                keep, _, destructive = judged(self.policy, self.deferral, request, result, self.experts.tokenizer)
+                if keep:
+                    who = EXPERT
+                elif self.teacher is not None:
+                    who = TEACHER
+                    unsure.append(i)
+                elif destructive:
+                    who, result = DEMOTED, made_safe(result)
+                else:
+                    who = UNSURE
+            self.counts[f"{who}_{request.operation}"] += 1
+            answered.append(self._as_asked(request, result, who))
+        if unsure:
+            theirs = self.teacher.generate([replace(requests[i], logprobs_top_k=0) for i in unsure])
+            for i, result in zip(unsure, theirs):
+                mine = answered[i]
+                answered[i] = replace(result, latency_s=mine.latency_s + result.latency_s,
+                                      extra={**result.extra, "answered_by": TEACHER})
+        return answered
+
+    @staticmethod
+    def _as_asked(request: GenerationRequest, result: GenerationResult, who: str) -> GenerationResult:
+        """The result with the log-probs only the judgement needed taken off again."""
+        if request.logprobs_top_k:
+            return replace(result, extra={**result.extra, "answered_by": who})
+        return replace(result, top_logprobs=None, token_logprobs=None, extra={**result.extra, "answered_by": who})
+
+
+def thresholds(out: str | Path) -> tuple[DeferralPolicy, Path]:
+    """OUT's deferral thresholds, or an error that says how to make them."""
+    path = deferral_path(out)
+    try:
+        return DeferralPolicy.read(path), path
+    except CalibrationError as err:
+        from memlora.evaluation.systems import EvalError
+
+        raise EvalError(f"{err}; `evaluation.served` evaluates the experts under the thresholds of `memlora "
+                        f"calibrate --config C --out {out}`") from None
+
+
+def served_backend(config: Config, out: str | Path, experts, with_teacher: bool) -> ServedBackend:
+    policy, path = thresholds(out)
+    teacher = None
+    if with_teacher:
+        from memlora.llm.backends import build_backend
+
+        teacher = build_backend(config.teacher.model_copy(update={"logprobs_top_k": 0}))
+    return ServedBackend(experts, policy, config, teacher, thresholds_file=path)
