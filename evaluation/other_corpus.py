@@ -77,8 +77,19 @@ def prepare_other_corpus(config: Config, data: str | Path, trained: str | Path, 
 def _copy_thresholds(trained: Path, out: Path) -> None:
     """The trained OUT's deferral thresholds, where it has them: the served systems (`evaluation.served`) run
     under the thresholds calibrated on the trained run's own held-out calls, as they would be served."""
-    if deferral_path(trained).is_file():
-        shutil.copy2(deferral_path(trained), deferral_path(out))
+    source, target = deferral_path(trained), deferral_path(out)
+    if not source.is_file():
+        return
+    if target.is_file() and _thresholds(target) == _thresholds(source):
+        return  # e.g. rewritten by `memlora calibrate --thresholds-from` with its checks on these conversations
+    shutil.copy2(source, target)
+
+
+def _thresholds(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text()).get("operations")
+    except (ValueError, AttributeError):
+        return None
 
 
 def _conversation_ids(out: Path) -> list[str]:
