@@ -67,7 +67,7 @@ def scope_sentence(rows: list[dict], meta: dict) -> str:
     return (f"These numbers say how closely a small student agrees with this config's {size}teacher "
             f"(`{meta['probes']['teacher'].model_id}`) on {n_conv} held-out conversation"
             f"{'s' if n_conv != 1 else ''} and {meta['questions']} gold questions; they cannot say how much any of "
-            "the three knows about the world or how it would do on other conversations, and with samples this "
+            "the systems knows about the world or how it would do on other conversations, and with samples this "
             "small the 95% intervals, not the point values, are what to compare.")
 
 
