@@ -9,8 +9,7 @@ from pathlib import Path
 from memlora.data.ingest import load_ingested
 from memlora.evaluation.qa import questions_of, test_conversations
 from memlora.evaluation.results import headline, independent_judge
-from memlora.evaluation.served import thresholds
-from memlora.evaluation.systems import ALL_SYSTEMS, JUDGE, EvalError
+from memlora.evaluation.systems import ALL_SYSTEMS, JUDGE, EvalError, served_thresholds
 from memlora.layout import ADAPTERS, conversations_file, datasets_dir
 from memlora.student.build import build_student
 from memlora.student.experts import verified_expert_folders
@@ -38,7 +37,7 @@ def prepare(config, out: str | Path) -> EvalPlan:
     if not verified_expert_folders(out):  # before the student base or any model process: fail first
         raise EvalError(f"{Path(out) / ADAPTERS}: no trained expert (run `memlora distill` first)")
     if config.evaluation.served:
-        thresholds(out)  # the served experts' thresholds, before any model process
+        served_thresholds(out)  # the served experts' thresholds, before any model process
     base = build_student(config, out)  # the distill stage's folder, made once; reused as it is
     return EvalPlan(conversations=[c.conversation_id for c in conversations],
                     questions=sum(len(questions_of(c, config.evaluation)) for c in conversations), base=str(base))

@@ -20,8 +20,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from memlora.config import Config
-from memlora.evaluation.calibration import CalibrationError, DeferralPolicy
-from memlora.layout import deferral_path
+from memlora.evaluation.calibration import DeferralPolicy
+from memlora.llm.backends import build_backend
 from memlora.llm.guard import judged, made_safe
 from memlora.memory.llm import GenerationRequest, GenerationResult, LLMBackend
 
@@ -87,23 +87,8 @@ class ServedBackend:
         return replace(result, top_logprobs=None, token_logprobs=None, extra={**result.extra, "answered_by": who})
 
 
-def thresholds(out: str | Path) -> tuple[DeferralPolicy, Path]:
-    """OUT's deferral thresholds, or an error that says how to make them."""
-    path = deferral_path(out)
-    try:
-        return DeferralPolicy.read(path), path
-    except CalibrationError as err:
-        from memlora.evaluation.systems import EvalError
-
-        raise EvalError(f"{err}; `evaluation.served` evaluates the experts under the thresholds of `memlora "
-                        f"calibrate --config C --out {out}`") from None
-
-
-def served_backend(config: Config, out: str | Path, experts, with_teacher: bool) -> ServedBackend:
-    policy, path = thresholds(out)
-    teacher = None
-    if with_teacher:
-        from memlora.llm.backends import build_backend
-
-        teacher = build_backend(config.teacher.model_copy(update={"logprobs_top_k": 0}))
-    return ServedBackend(experts, policy, config, teacher, thresholds_file=path)
+def served_backend(config: Config, experts, policy: DeferralPolicy, thresholds_file: Path,
+                   with_teacher: bool) -> ServedBackend:
+    """The experts under `policy`; `with_teacher`: the configured teacher (no log-probs) takes unsure calls."""
+    teacher = build_backend(config.teacher.model_copy(update={"logprobs_top_k": 0})) if with_teacher else None
+    return ServedBackend(experts, policy, config, teacher, thresholds_file=thresholds_file)

@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from memlora.config import Config, LLMConfig
-from memlora.layout import student_dir
+from memlora.evaluation.calibration import CalibrationError, DeferralPolicy
+from memlora.evaluation.served import served_backend
+from memlora.layout import deferral_path, student_dir
 from memlora.llm.backends import build_backend
 from memlora.memory.llm import LLMBackend
 
@@ -66,6 +68,17 @@ def in_rows(rows: list[dict]) -> tuple[str, ...]:
     return tuple(s for s in ALL_SYSTEMS if s in present)
 
 
+def served_thresholds(out: str | Path) -> tuple[DeferralPolicy, Path]:
+    """OUT's deferral thresholds for the served systems (`evaluation.served`), or an error that says how to make
+    them."""
+    path = deferral_path(out)
+    try:
+        return DeferralPolicy.read(path), path
+    except CalibrationError as err:
+        raise EvalError(f"{err}; `evaluation.served` evaluates the experts under the thresholds of `memlora "
+                        f"calibrate --config C --out {out}`") from None
+
+
 def student_base(config: Config, out: str | Path) -> Path:
     """Where the student base is: the pruned teacher the distill stage saved, or the configured model."""
     if config.student is None:
@@ -110,8 +123,7 @@ def build_system(name: str, config: Config, out: str | Path, base: str | Path | 
         config, base, adapters, prompt="teacher" if name == STUDENT else config.student.prompt)
     info = {"model": str(base), "experts": {op: str(p) for op, p in (adapters or {}).items()}}
     if name in (GUARDED, DEFERRING):
-        from memlora.evaluation.served import served_backend
-
-        backend = served_backend(config, out, backend, with_teacher=name == DEFERRING)
-        info["deferral"] = str(backend.thresholds_file)
+        policy, path = served_thresholds(out)
+        backend = served_backend(config, backend, policy, path, with_teacher=name == DEFERRING)
+        info["deferral"] = str(path)
     return LoadedSystem(name, backend, time.perf_counter() - started, info)
