@@ -22,9 +22,9 @@ from memlora.evaluation import agreement, scoring
 from memlora.evaluation.replay import E2E, FORCED, FORCED_FREE
 from memlora.evaluation.probes import Probe
 from memlora.evaluation.stats import Estimate, bootstrap, percentile, proportion
-from memlora.llm.confidence import answer_events
 from memlora.evaluation.systems import SYSTEMS, in_rows, systems
 from memlora.layout import calls_path, judgements_path, probe_path, qa_path, results_path
+from memlora.llm.confidence import answer_events
 
 RESULTS = pa.schema([
     pa.field("system", pa.string(), nullable=False),
