@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import replace
-from pathlib import Path
 
 from memlora.config import Config
 from memlora.evaluation.calibration import DeferralPolicy
@@ -33,10 +32,8 @@ class ServedBackend:
     """An `LLMBackend`: the experts, each answer judged on its own tokens' log-probs, and where unsure demoted
     (`teacher=None`) or answered by the teacher."""
 
-    def __init__(self, experts, policy: DeferralPolicy, config: Config, teacher: LLMBackend | None = None,
-                 thresholds_file: Path | None = None):
+    def __init__(self, experts, policy: DeferralPolicy, config: Config, teacher: LLMBackend | None = None):
         self.experts, self.policy, self.deferral, self.teacher = experts, policy, config.deferral, teacher
-        self.thresholds_file = thresholds_file
         self.model_id = experts.model_id + (f" -> {teacher.model_id}" if teacher is not None else " (guard)")
         self.backend_name = experts.backend_name + ("+teacher" if teacher is not None else "+guard")
         self.model = experts.model  # what the probes measure (parameters, device, dtype)
@@ -87,8 +84,7 @@ class ServedBackend:
         return replace(result, top_logprobs=None, token_logprobs=None, extra={**result.extra, "answered_by": who})
 
 
-def served_backend(config: Config, experts, policy: DeferralPolicy, thresholds_file: Path,
-                   with_teacher: bool) -> ServedBackend:
+def served_backend(config: Config, experts, policy: DeferralPolicy, with_teacher: bool) -> ServedBackend:
     """The experts under `policy`; `with_teacher`: the configured teacher (no log-probs) takes unsure calls."""
     teacher = build_backend(config.teacher.model_copy(update={"logprobs_top_k": 0})) if with_teacher else None
-    return ServedBackend(experts, policy, config, teacher, thresholds_file=thresholds_file)
+    return ServedBackend(experts, policy, config, teacher)

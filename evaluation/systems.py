@@ -124,6 +124,6 @@ def build_system(name: str, config: Config, out: str | Path, base: str | Path | 
     info = {"model": str(base), "experts": {op: str(p) for op, p in (adapters or {}).items()}}
     if name in (GUARDED, DEFERRING):
         policy, path = served_thresholds(out)
-        backend = served_backend(config, backend, policy, path, with_teacher=name == DEFERRING)
+        backend = served_backend(config, backend, policy, with_teacher=name == DEFERRING)
         info["deferral"] = str(path)
     return LoadedSystem(name, backend, time.perf_counter() - started, info)
