@@ -25,6 +25,7 @@ from memlora.evaluation.stats import Estimate, bootstrap, percentile, proportion
 from memlora.evaluation.systems import SYSTEMS, in_rows, systems
 from memlora.layout import calls_path, judgements_path, probe_path, qa_path, results_path
 from memlora.llm.confidence import answer_events
+from memlora.llm.guard import DEMOTED, EXPERT, TEACHER, UNSURE
 
 RESULTS = pa.schema([
     pa.field("system", pa.string(), nullable=False),
@@ -168,8 +169,8 @@ def memory_rows(system, probe: Probe) -> list[dict]:
     return [_row(system, "memory", "model", metric, _plain(value), unit) for metric, value, unit in values]
 
 
-SERVED_AS = {"expert": "kept_by_expert", "expert-demoted": "demoted", "expert-unsure": "unsure",
-             "teacher": "deferred_to_teacher"}  # a served call's `answered_by` -> its metric
+SERVED_AS = {EXPERT: "kept_by_expert", DEMOTED: "demoted", UNSURE: "unsure",
+             TEACHER: "deferred_to_teacher"}  # a served call's `answered_by` -> its metric
 
 
 def served_rows(system, calls) -> list[dict]:

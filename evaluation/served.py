@@ -21,11 +21,10 @@ from dataclasses import replace
 from memlora.config import Config
 from memlora.evaluation.calibration import DeferralPolicy
 from memlora.llm.backends import build_backend
-from memlora.llm.guard import judged, made_safe
+from memlora.llm.guard import DEMOTED, EXPERT, TEACHER, UNSURE, judged, made_safe
 from memlora.memory.llm import GenerationRequest, GenerationResult, LLMBackend
 
-# Who answered a call (the `answered_by` column of a served system's call rows; the server's header values)
-EXPERT, DEMOTED, UNSURE, TEACHER, NO_EXPERT = "expert", "expert-demoted", "expert-unsure", "teacher", "student"
+NO_EXPERT = "student"  # answered_by of a call no expert serves, without a teacher (the others: the server's)
 
 
 class ServedBackend:

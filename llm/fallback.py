@@ -27,7 +27,7 @@ from anyio import to_thread
 
 from memlora.config import CaptureRule, DeferralConfig
 from memlora.evaluation.calibration import AUDITED_BACKEND, DEFERRED_BACKEND, NO_EXPERT_BACKEND, DeferralPolicy
-from memlora.llm.guard import ANSWERED_BY, CONFIDENCE, judged, made_safe
+from memlora.llm.guard import ANSWERED_BY, CONFIDENCE, EXPERT, TEACHER, judged, made_safe
 from memlora.llm.openai_protocol import ApiError, ChatRequest
 from memlora.memory.llm import GenerationRequest, GenerationResult
 
@@ -120,7 +120,7 @@ class Fallback:
                 task = asyncio.get_running_loop().create_task(self.audit(chat, operation, generation.schema, context))
                 self._audits.add(task)
                 task.add_done_callback(self._audits.discard)
-            return expert_answer(result), {**headers, ANSWERED_BY: "expert"}
+            return expert_answer(result), {**headers, ANSWERED_BY: EXPERT}
         self.counts[f"deferred_{operation}"] += 1
         answered = await self.teacher(chat, operation, generation.schema, context)
         if answered is None and destructive:  # nobody sure of deleting or rewriting a memory: it stays
@@ -160,4 +160,4 @@ class Fallback:
             for choice in data["choices"]:
                 choice["logprobs"] = None
         data["model"] = data.get("model") or self.model
-        return data, {ANSWERED_BY: "teacher"}
+        return data, {ANSWERED_BY: TEACHER}

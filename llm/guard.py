@@ -22,6 +22,8 @@ from memlora.memory.llm import GenerationRequest, GenerationResult
 
 ANSWERED_BY = "x-memlora-answered-by"
 CONFIDENCE = "x-memlora-confidence"
+# Who answered, as the ANSWERED_BY header says it (and `evaluation.served`'s call rows)
+EXPERT, DEMOTED, UNSURE, TEACHER = "expert", "expert-demoted", "expert-unsure", "teacher"
 
 
 def judged(policy: DeferralPolicy, config: DeferralConfig, generation: GenerationRequest, result: GenerationResult,
@@ -58,12 +60,12 @@ class Guard:
         headers = {CONFIDENCE: f"{conf:.4f}"}
         if keep:
             self.counts[f"kept_{operation}"] += 1
-            return expert_answer(result), {**headers, ANSWERED_BY: "expert"}
+            return expert_answer(result), {**headers, ANSWERED_BY: EXPERT}
         if destructive:
             self.counts[f"demoted_{operation}"] += 1
-            return expert_answer(made_safe(result)), {**headers, ANSWERED_BY: "expert-demoted"}
+            return expert_answer(made_safe(result)), {**headers, ANSWERED_BY: DEMOTED}
         self.counts[f"unsure_{operation}"] += 1
-        return expert_answer(result), {**headers, ANSWERED_BY: "expert-unsure"}
+        return expert_answer(result), {**headers, ANSWERED_BY: UNSURE}
 
     def health(self) -> dict:
         return {"guard": True, "counts": dict(self.counts)}
