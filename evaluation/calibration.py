@@ -145,3 +145,8 @@ class DeferralPolicy:
     def keeps(self, operation: str, confidence: float, destructive: bool = False) -> bool:
         value = self.thresholds.get(operation, {}).get("destructive" if destructive else "keep", math.inf)
         return confidence >= value
+
+    def keeps_nothing(self, operation: str) -> bool:
+        """No answer of `operation` is ever kept (every class's threshold is inf): its expert's answer could only
+        be thrown away, so a server with a teacher need not ask the expert at all."""
+        return all(value == math.inf for value in self.thresholds.get(operation, {}).values())

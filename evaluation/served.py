@@ -7,7 +7,8 @@ an unsure answer is replaced by the teacher's answer to the same request; the te
 (its memory counts in this system's peak, which a remote teacher's would not). Either way the memory system
 builds its store from what was served, so the QA and the DELETEs of the end-to-end phase are what a user of the
 served system would get. Each call's row says who answered (`answered_by`); a deferred call's latency is the
-expert's and the teacher's together, which the client waits for.
+expert's and the teacher's together, which the client waits for, except where the operation's thresholds keep
+nothing: then, as on the server, the teacher answers without the expert decoding first.
 
 The same rules as the server (`llm.guard.judged`, `made_safe`), read from the same thresholds file: what is
 measured here is what is served there.
@@ -43,7 +44,22 @@ class ServedBackend:
             raise AttributeError(name)
         return getattr(self.experts, name)
 
+    def _straight(self, request: GenerationRequest) -> bool:
+        """The server's `straight_to_teacher`: a teacher, an expert, and thresholds that keep none of its answers."""
+        return (self.teacher is not None and request.operation in self.experts.operations
+                and self.policy.keeps_nothing(request.operation))
+
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        straight = [i for i, r in enumerate(requests) if self._straight(r)]
+        if straight:
+            theirs = dict(zip(straight, self.teacher.generate([replace(requests[i], logprobs_top_k=0)
+                                                               for i in straight])))
+            others = [i for i in range(len(requests)) if i not in theirs]
+            mine = dict(zip(others, self.generate([requests[i] for i in others]) if others else []))
+            for i in straight:
+                self.counts[f"{TEACHER}_{requests[i].operation}"] += 1
+                theirs[i] = replace(theirs[i], extra={**theirs[i].extra, "answered_by": TEACHER})
+            return [theirs[i] if i in theirs else mine[i] for i in range(len(requests))]
         # The confidence is read from the chosen tokens' log-probs (greedy: asking for them changes no token)
         asked = [replace(r, logprobs_top_k=max(1, r.logprobs_top_k or 0)) for r in requests]
         results = self.experts.generate(asked)

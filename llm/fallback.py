@@ -4,6 +4,10 @@ where the expert's confidence (its own chosen tokens' log-probs, `llm.confidence
 back. A deferred call is recorded as a trace row exactly as `capture` records one (`backend: deferred`), so the
 next training run learns from what the experts could not answer.
 
+An operation whose thresholds keep no answer at all (every class `inf`, as `memlora calibrate` writes where no
+threshold meets the budget) goes to the teacher without its expert decoding first: that answer could only be
+thrown away, and the client would wait for both models. The expert answers only if the teacher fails.
+
 A teacher that is down, slow or answers garbage: the expert's own answer goes back and the failure is counted
 (an update answer that would delete or rewrite a memory is demoted first, as `--guard` does), or, with
 `deferral.strict`, the client gets a 502. The response says who answered: the `model` field and the
@@ -107,10 +111,24 @@ class Fallback:
     def health(self) -> dict:
         return {"url": self.url, "model": self.model, "strict": self.config.strict, "counts": dict(self.counts)}
 
+    def skips_expert(self, operation: str) -> bool:
+        """No answer of `operation`'s expert would be kept under the thresholds served now."""
+        return self.policy.keeps_nothing(operation)
+
+    async def straight(self, chat: ChatRequest, operation: str, schema: dict | None,
+                       context: tuple[str | None, int]) -> tuple[dict, dict] | None:
+        """A call of an operation that keeps nothing, deferred before its expert decodes it; None where the
+        teacher failed (counted; the expert then answers, through `answer(..., teacher_failed=True)`)."""
+        self.counts[f"deferred_{operation}"] += 1
+        self.counts[f"expert_skipped_{operation}"] += 1
+        return await self.teacher(chat, operation, schema, context)
+
     async def answer(self, chat: ChatRequest, generation: GenerationRequest, result: GenerationResult, tokenizer,
-                     context: tuple[str | None, int], expert_answer) -> tuple[dict, dict]:
+                     context: tuple[str | None, int], expert_answer,
+                     teacher_failed: bool = False) -> tuple[dict, dict]:
         """(the response body, its headers): the expert's answer where it is sure enough, else the teacher's
-        (recorded); `expert_answer(result)` builds the expert's body."""
+        (recorded); `expert_answer(result)` builds the expert's body. `teacher_failed`: the call went `straight`
+        to the teacher, which failed (counted there): the expert's answer, made safe, without asking again."""
         operation = generation.operation
         keep, conf, destructive = judged(self.policy, self.config, generation, result, tokenizer)
         headers = {CONFIDENCE: f"{conf:.4f}"}
@@ -121,8 +139,10 @@ class Fallback:
                 self._audits.add(task)
                 task.add_done_callback(self._audits.discard)
             return expert_answer(result), {**headers, ANSWERED_BY: EXPERT}
-        self.counts[f"deferred_{operation}"] += 1
-        answered = await self.teacher(chat, operation, generation.schema, context)
+        answered = None
+        if not teacher_failed:
+            self.counts[f"deferred_{operation}"] += 1
+            answered = await self.teacher(chat, operation, generation.schema, context)
         if answered is None and destructive:  # nobody sure of deleting or rewriting a memory: it stays
             self.counts[f"demoted_{operation}"] += 1
             return expert_answer(made_safe(result)), {**headers, ANSWERED_BY: "expert-demoted-teacher-failed"}

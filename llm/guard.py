@@ -52,9 +52,9 @@ class Guard:
         self.counts: Counter = Counter()
 
     async def answer(self, chat: ChatRequest, generation: GenerationRequest, result: GenerationResult, tokenizer,
-                     context, expert_answer) -> tuple[dict, dict]:
+                     context, expert_answer, teacher_failed: bool = False) -> tuple[dict, dict]:
         """(the response body, its headers): the expert's answer, its destructive events demoted where it is
-        unsure of them; `expert_answer(result)` builds the body."""
+        unsure of them; `expert_answer(result)` builds the body (`teacher_failed`: never, there is no teacher)."""
         operation = generation.operation
         keep, conf, destructive = judged(self.policy, self.config, generation, result, tokenizer)
         headers = {CONFIDENCE: f"{conf:.4f}"}

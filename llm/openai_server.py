@@ -101,6 +101,11 @@ class ServingEngine:
         --guard)."""
         return self.fallback is not None and operation in self.experts
 
+    def straight_to_teacher(self, operation: str) -> bool:
+        """With a teacher, an operation whose thresholds keep no answer: the teacher takes its calls without the
+        expert decoding them first (its answer could only be thrown away, and the client would wait for both)."""
+        return self.has_teacher and self.defers(operation) and self.fallback.skips_expert(operation)
+
     def unserved(self, chat: ChatRequest) -> str | None:
         """With a fallback, the operation of a call routed by the rules to an operation no expert serves yet
         (it goes to the teacher, not to the bare student); None otherwise."""
@@ -163,11 +168,14 @@ class ServingEngine:
         if routed is None:
             return None
         rules = ", ".join(r.operation for r in self.rules) or "none"
+        straight = [op for op in OPERATIONS if self.straight_to_teacher(op)]
         return (f"model {routed!r}: this project's own memory prompts go to their experts "
                 f"({', '.join(op for op in OPERATIONS if op in self.experts) or 'none trained'}); "
                 f"capture.rules route other clients' calls (rules: {rules}); any other call is answered by "
                 + ("the fallback teacher" if self.has_teacher else "the bare student base")
-                + f"; `{routed}-<operation>` picks an expert by name")
+                + f"; `{routed}-<operation>` picks an expert by name"
+                + (f"; the thresholds keep no answer of {', '.join(straight)}: those calls go to the teacher "
+                   "without the expert (until a recalibration keeps some)" if straight else ""))
 
     def _schema(self, chat: ChatRequest, operation: str, rule: CaptureRule | None) -> dict | None:
         fmt = chat.response_format
@@ -312,13 +320,20 @@ def create_app(engine: ServingEngine, api_key: str | None = None) -> FastAPI:
                 if answered is not None:
                     return JSONResponse(answered[0], headers=answered[1])
                 # the teacher failed (counted): the bare student answers, as without a fallback
+            teacher_failed = False
+            if engine.straight_to_teacher(generation.operation):
+                answered = await engine.fallback.straight(chat, generation.operation, generation.schema,
+                                                          call_context(request.headers))
+                if answered is not None:
+                    return JSONResponse(answered[0], headers=answered[1])
+                teacher_failed = True  # counted: the expert answers, as where a deferred call's teacher fails
             result = await engine.answer_unless_gone(request, generation)
             if result is None:  # the client hung up; there is nobody to answer (499: nginx's "client closed")
                 return Response(status_code=499)
             if engine.defers(generation.operation):
                 body, headers = await engine.fallback.answer(
                     chat, generation, result, engine.backend.tokenizer, call_context(request.headers),
-                    lambda answered: engine.answer(chat, answered))
+                    lambda answered: engine.answer(chat, answered), teacher_failed=teacher_failed)
                 return JSONResponse(body, headers=headers)
         return engine.answer(chat, result)
 

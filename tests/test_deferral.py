@@ -153,9 +153,12 @@ def ask(url: str, i: int = 0, **extra) -> httpx.Response:
 deferral_out_messages = [TEMPLATES["extraction"].messages(line) for line in LINES]
 
 
+NEVER_SURE = 1.0  # above any confidence (a log-prob): the expert decodes, and every answer is deferred
+
+
 @pytest.mark.timeout(180)
 def test_an_unsure_expert_defers_to_the_teacher_and_the_call_is_recorded(deferral_out, teacher, tmp_path):
-    engine, app = experts_server(deferral_out, teacher, math.inf, tmp_path)  # never sure: every call defers
+    engine, app = experts_server(deferral_out, teacher, NEVER_SURE, tmp_path)
     with running(app) as url:
         got = ask(url, 0)
         assert got.status_code == 200 and got.headers[ANSWERED_BY] == "teacher"
@@ -171,6 +174,37 @@ def test_an_unsure_expert_defers_to_the_teacher_and_the_call_is_recorded(deferra
     assert rows[0]["raw_output"] == got.json()["choices"][0]["message"]["content"]
     assert rows[0]["messages"] == deferral_out_messages[0] and json.loads(rows[0]["output_schema"]) == SCHEMA
     engine.close()
+
+
+@pytest.mark.timeout(180)
+def test_an_operation_that_keeps_nothing_goes_to_the_teacher_without_the_expert(deferral_out, teacher, tmp_path):
+    """Thresholds of inf (what `memlora calibrate` writes where none meets the budget) keep no answer: the expert
+    does not decode the call at all (the client would wait for both models to get the teacher's answer), the
+    teacher answers and the call is recorded as deferred. Once the thresholds keep something (a hot reload), the
+    expert decodes again."""
+    engine, app = experts_server(deferral_out, teacher, math.inf, tmp_path)
+    assert "the thresholds keep no answer of extraction: those calls go to the teacher" in engine.routing_line()
+    decoded = []
+    inner = engine.batcher.inner
+    generate = inner.generate
+    inner.generate = lambda requests: decoded.extend(requests) or generate(requests)
+    try:
+        with running(app) as url:
+            got = ask(url, 1)
+            assert got.status_code == 200 and got.headers[ANSWERED_BY] == "teacher"
+            assert "x-memlora-confidence" not in got.headers and not decoded
+            assert httpx.get(f"{url}/health").json()["deferral"]["counts"] == {
+                "deferred_extraction": 1, "expert_skipped_extraction": 1}
+            engine.swap({"policy": policy(NEVER_SURE)})
+            again = ask(url, 1)
+            assert again.headers[ANSWERED_BY] == "teacher" and float(again.headers["x-memlora-confidence"]) <= 0
+            assert len(decoded) == 1
+    finally:
+        inner.generate = generate
+        engine.close()
+    rows = [r for f in trace_files(tmp_path / "out", "extraction") for r in pq.read_table(f).to_pylist()]
+    assert [r["backend"] for r in rows] == ["deferred", "deferred"]
+    assert got.json()["choices"][0]["message"]["content"] in [r["raw_output"] for r in rows]
 
 
 @pytest.mark.timeout(180)
@@ -377,16 +411,20 @@ def test_without_a_teacher_the_guard_demotes_unsure_destructive_answers(deferral
     with socket.socket() as s:  # with a teacher that is down, an unsure DELETE it should have taken is demoted too
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
-    fallback = Fallback(dead, "teacher", thresholds, CaptureRecorder(tmp_path / "out"), DeferralConfig())
-    engine = ServingEngine(backend, expert_models(backend.operations), default_max_tokens=48, fallback=fallback)
-    with running(create_app(engine)) as url:
-        failed = ask_update("DELETE")
-        assert failed.status_code == 200 and failed.headers[ANSWERED_BY] == "expert-demoted-teacher-failed"
-        assert json.loads(failed.json()["choices"][0]["message"]["content"])["memory"][0]["event"] == "NONE"
-        assert ask_update("NONE").headers[ANSWERED_BY] == "expert-teacher-failed"
-        counts = httpx.get(f"{url}/health").json()["deferral"]["counts"]
-    assert counts == {"deferred_update": 2, "teacher_failures_update": 2, "demoted_update": 1}
-    engine.close()
+    for value, skipped in ((NEVER_SURE, {}), (math.inf, {"expert_skipped_update": 2})):
+        # the expert decoded first and was unsure; or the thresholds keep nothing, the teacher was asked first
+        never = DeferralPolicy({"operations": {"update": {"keep": {"value": value},
+                                                          "destructive": {"value": value}}}})
+        fallback = Fallback(dead, "teacher", never, CaptureRecorder(tmp_path / "out"), DeferralConfig())
+        engine = ServingEngine(backend, expert_models(backend.operations), default_max_tokens=48, fallback=fallback)
+        with running(create_app(engine)) as url:
+            failed = ask_update("DELETE")
+            assert failed.status_code == 200 and failed.headers[ANSWERED_BY] == "expert-demoted-teacher-failed"
+            assert json.loads(failed.json()["choices"][0]["message"]["content"])["memory"][0]["event"] == "NONE"
+            assert ask_update("NONE").headers[ANSWERED_BY] == "expert-teacher-failed"
+            counts = httpx.get(f"{url}/health").json()["deferral"]["counts"]
+        assert counts == {"deferred_update": 2, "teacher_failures_update": 2, "demoted_update": 1, **skipped}
+        engine.close()
     config = str(deferral_out["config_path"])
     assert main(["serve-experts", "--config", config, "--out", str(tmp_path), "--guard"]) == 2
     assert "no deferral thresholds (run `memlora calibrate` first)" in capsys.readouterr().err
@@ -426,12 +464,22 @@ def test_the_served_systems_evaluation_runs_answer_as_the_server_does(deferral_o
     assert all(r.token_logprobs is None and r.top_logprobs is None for r in guarded)
     assert guarded[2].text == experts.generate([facts])[0].text  # no extraction expert: the bare student
 
-    served = ServedBackend(experts, unsure, config, teacher)
-    deferred = served.generate([delete, keep, facts])
     own = teacher.generate([delete, keep, facts])
-    assert [r.extra["answered_by"] for r in deferred] == ["teacher"] * 3
-    assert [r.text for r in deferred] == [r.text for r in own] and events(deferred[0]) == ["DELETE"]
-    assert served.counts == {"teacher_update": 2, "teacher_extraction": 1}
+    never = DeferralPolicy({"operations": {"update": {"keep": {"value": 1.0}, "destructive": {"value": 1.0}}}})
+    for policy_, decodes in ((never, [delete, keep, facts]), (unsure, [facts])):
+        # never sure: the expert decodes every call, then defers; keeping nothing (inf): the expert is not asked
+        asked = []
+        generate = experts.generate
+        experts.generate = lambda requests: asked.extend(requests) or generate(requests)
+        try:
+            served = ServedBackend(experts, policy_, config, teacher)
+            deferred = served.generate([delete, keep, facts])
+        finally:
+            experts.generate = generate
+        assert [(r.operation, r.schema) for r in asked] == [(r.operation, r.schema) for r in decodes]
+        assert [r.extra["answered_by"] for r in deferred] == ["teacher"] * 3
+        assert [r.text for r in deferred] == [r.text for r in own] and events(deferred[0]) == ["DELETE"]
+        assert served.counts == {"teacher_update": 2, "teacher_extraction": 1}
 
     kept = ServedBackend(experts, sure, config, teacher).generate([delete])[0]
     assert kept.extra["answered_by"] == "expert" and events(kept) == ["DELETE"]
