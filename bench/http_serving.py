@@ -4,7 +4,11 @@ per-operation latency p50/p95 with 1 client, requests/s with 1 and 8 concurrent 
 operations is what the per-expert batching serves), and each server process's peak RSS. Each server runs alone
 in its own process. A third server, serve-experts with `--fallback` and thresholds that keep every call, measures
 what deferral costs when it does not fire (confidence from the chosen tokens' log-probs on every call): its p50
-per operation against serve-experts without it. Writes bench/results/http_serving.json.
+per operation against serve-experts without it. Two more, with `--fallback` to a real `serve-model` teacher, measure
+what deferral costs when it always fires, against the teacher alone (1 client): thresholds that keep nothing
+(`inf`, what calibration writes where no threshold meets the budget), where the call goes straight to the
+teacher, and thresholds no answer reaches, where the expert decodes first and is then overruled. Writes
+bench/results/http_serving.json.
 
     python bench/http_serving.py [--quick] [--out OUT]   (OUT: use its traces and trained experts)
 """
@@ -29,9 +33,13 @@ from memlora.serve import wait_healthy  # noqa: E402
 
 SYSTEMS = ("teacher", "student+experts", "student+experts+deferral")
 KEEP_ALL = "student+experts+deferral"  # serve-experts --fallback, every call kept: deferral's cost when idle
+# serve-experts --fallback to a running teacher, every call deferred: thresholds of inf (straight to the teacher) or
+# above any confidence (the expert decodes, then the teacher answers); threshold per system
+ALWAYS_DEFER = {"deferral, keeps nothing": float("inf"), "deferral, never sure": 1.0}
 
 
-def start_server(system: str, port: int, base: Path, experts_out: Path, log) -> subprocess.Popen:
+def start_server(system: str, port: int, base: Path, experts_out: Path, log,
+                 teacher_url: str | None = None) -> subprocess.Popen:
     memlora = str(Path(sys.executable).parent / "memlora")
     if system == "teacher":
         cmd = [memlora, "serve-model", "--config", str(CONFIG), "--name", "teacher", "--port", str(port)]
@@ -39,16 +47,20 @@ def start_server(system: str, port: int, base: Path, experts_out: Path, log) -> 
         cmd = [memlora, "serve-experts", "--config", str(CONFIG), "--out", str(keep_all_out(experts_out)), "--base",
                str(base), "--port", str(port), "--fallback", f"http://127.0.0.1:{free_port()}/v1",
                "--fallback-degraded"]
+    elif system in ALWAYS_DEFER:
+        out = keep_all_out(experts_out, ALWAYS_DEFER[system])
+        cmd = [memlora, "serve-experts", "--config", str(CONFIG), "--out", str(out), "--base", str(base),
+               "--port", str(port), "--fallback", teacher_url, "--fallback-model", "teacher"]
     else:
         cmd = [memlora, "serve-experts", "--config", str(CONFIG), "--out", str(experts_out), "--base", str(base),
                "--port", str(port)]
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
 
 
-def keep_all_out(experts_out: Path) -> Path:
-    """A scratch OUT with a copy of the experts and their manifest, whose deferral.json keeps every call, so a
-    user's own OUT and its thresholds are never touched (a link would not do: a load checks that each adapter
-    file resolves inside the OUT whose manifest lists it)."""
+def keep_all_out(experts_out: Path, threshold: float = float("-inf")) -> Path:
+    """A scratch OUT with a copy of the experts and their manifest, whose deferral.json has `threshold` for every
+    class (-inf: keeps every call), so a user's own OUT and its thresholds are never touched (a link would not do:
+    a load checks that each adapter file resolves inside the OUT whose manifest lists it)."""
     import json
     import shutil
 
@@ -58,7 +70,7 @@ def keep_all_out(experts_out: Path) -> Path:
     out = Path(tempfile.mkdtemp(prefix="memlora-keep-all-"))
     shutil.copytree(Path(experts_out) / "adapters", out / "adapters")
     shutil.copy(Path(experts_out) / "manifest.json", out / "manifest.json")
-    always = {"value": float("-inf")}
+    always = {"value": threshold}
     deferral_path(out).write_text(json.dumps({"operations": {op: {"keep": always, "destructive": always}
                                                               for op in OPERATIONS}}))
     return out
@@ -73,7 +85,7 @@ def body(request, system: str) -> dict:
     return payload
 
 
-def measure(system: str, url: str, requests: list, repeats: int) -> dict:
+def measure(system: str, url: str, requests: list, repeats: int, clients_tried=(1, 8)) -> dict:
     import httpx
 
     client = httpx.Client(timeout=600)
@@ -84,6 +96,10 @@ def measure(system: str, url: str, requests: list, repeats: int) -> dict:
         response.raise_for_status()
         if system == KEEP_ALL:  # the thresholds keep every call: the answer must be the expert's own
             assert response.headers["x-memlora-answered-by"] == "expert", response.headers
+        if system in ALWAYS_DEFER:  # the teacher's answer; the expert's confidence only where it decoded first
+            assert response.headers["x-memlora-answered-by"] == "teacher", response.headers
+            decoded = "x-memlora-confidence" in response.headers
+            assert decoded == (ALWAYS_DEFER[system] != float("inf")), response.headers
         return request.operation, time.perf_counter() - started, response.json()["usage"]["completion_tokens"]
 
     for op in dict.fromkeys(r.operation for r in requests):  # warm-up: grammars compiled, prefixes cached
@@ -91,7 +107,7 @@ def measure(system: str, url: str, requests: list, repeats: int) -> dict:
     one: dict[str, list[float]] = {}
     tokens: dict[str, list[int]] = {}
     throughput = {}
-    for clients in (1, 8):
+    for clients in clients_tried:
         work = requests * repeats
         started = time.perf_counter()
         with ThreadPoolExecutor(clients) as pool:
@@ -102,6 +118,33 @@ def measure(system: str, url: str, requests: list, repeats: int) -> dict:
                 one.setdefault(op, []).append(seconds)
                 tokens.setdefault(op, []).append(n)
     return {"latency": one, "tokens": tokens, "requests_per_s": throughput}
+
+
+def always_deferred(base: Path, experts_out: Path, scratch: Path, requests: list, repeats: int) -> dict:
+    """The ALWAYS_DEFER servers, one after the other, each in front of the same running teacher; 1 client, so the
+    expert and the teacher never decode at once."""
+    records = {}
+    teacher_port = free_port()
+    with open(scratch / "fallback-teacher.log", "wb") as teacher_log:
+        teacher = start_server("teacher", teacher_port, base, experts_out, teacher_log)
+        try:
+            wait_healthy(f"http://127.0.0.1:{teacher_port}", teacher, timeout_s=300)
+            for system in ALWAYS_DEFER:
+                port = free_port()
+                with open(scratch / f"{system}.log", "wb") as log:
+                    proc = start_server(system, port, base, experts_out, log,
+                                        teacher_url=f"http://127.0.0.1:{teacher_port}/v1")
+                    try:
+                        wait_healthy(f"http://127.0.0.1:{port}", proc, timeout_s=300)
+                        records[system] = measure(system, f"http://127.0.0.1:{port}", requests, repeats, (1,))
+                        records[system]["peak_rss_mb"] = peak_rss_mb(proc.pid)
+                    finally:
+                        proc.terminate()
+                        proc.wait(timeout=60)
+        finally:
+            teacher.terminate()
+            teacher.wait(timeout=60)
+    return records
 
 
 def per_token(record: dict, op: str) -> float:
@@ -133,6 +176,7 @@ def main() -> None:
             if proc.returncode not in (0, -15):
                 raise SystemExit(f"{system} server exited with {proc.returncode}: "
                                  f"{(Path(scratch) / f'{system}.log').read_text()[-2000:]}")
+        records.update(always_deferred(base, experts_out, Path(scratch), requests, repeats))
 
     teacher, student, keep_all = records["teacher"], records["student+experts"], records[KEEP_ALL]
     rows = []
@@ -147,12 +191,15 @@ def main() -> None:
                      "tokens_t/s": f"{sum(teacher['tokens'][op])}/{sum(student['tokens'][op])}",
                      "per_token_ratio": f"{per_token(student, op) / per_token(teacher, op):.2f}x",
                      "deferral_kept_p50_s": f"{statistics.median(keep_all['latency'][op]):.3f}",
-                     "deferral_overhead": f"{statistics.median(keep_all['latency'][op]) / statistics.median(s):.2f}x"})
+                     "deferral_overhead": f"{statistics.median(keep_all['latency'][op]) / statistics.median(s):.2f}x",
+                     **{f"{name.split(', ')[1].replace(' ', '_')}_vs_teacher":
+                        f"{statistics.median(records[name]['latency'][op]) / statistics.median(t):.2f}x"
+                        for name in ALWAYS_DEFER}})
     print(table(rows, list(rows[0])))
     for name, r in records.items():
         rps = r["requests_per_s"]
-        print(f"{name:<16} requests/s: 1 client {rps[1]:.2f}, 8 clients {rps[8]:.2f} "
-              f"(batching gain {rps[8] / rps[1]:.2f}x); server peak RSS {r['peak_rss_mb']:.0f} MiB")
+        at_8 = f", 8 clients {rps[8]:.2f} (batching gain {rps[8] / rps[1]:.2f}x)" if 8 in rps else ""
+        print(f"{name:<24} requests/s: 1 client {rps[1]:.2f}{at_8}; server peak RSS {r['peak_rss_mb']:.0f} MiB")
     print(f"student+experts / teacher: peak RSS {student['peak_rss_mb'] / teacher['peak_rss_mb']:.2f}x; "
           f"requests/s at 8 clients {student['requests_per_s'][8] / teacher['requests_per_s'][8]:.2f}x")
     print("saved", save("http_serving", {"rows": rows, "records": records, "per_op": per_op, "repeats": repeats,

@@ -261,6 +261,11 @@ def summary(result: dict) -> str:
             lines.append(f"update without a teacher (--guard), {split}: {update['guarded_agree']}/{update['n']} "
                          f"agree (the expert alone {update['expert_agree']}), DELETEs {update['guarded_deletes']} "
                          f"(the expert alone {update['expert_deletes']}, the teacher {update['teacher_deletes']})")
+    nothing = [op for op, classes in result["operations"].items()
+               if all(t["value"] == math.inf for t in classes.values())]
+    if nothing:
+        lines.append(f"no threshold keeps an answer of {', '.join(nothing)}: `serve-experts --fallback` sends those "
+                     "calls straight to the teacher, without the expert")
     return "\n".join(lines)
 
 

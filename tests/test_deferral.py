@@ -97,9 +97,26 @@ def test_calibrate_writes_thresholds_that_meet_the_budget(deferral_out, tiny_mod
     assert keep["budgets_to_keep"]["0.5"] == pytest.approx(wilson(0, 8)[1])
     printed = capsys.readouterr().out
     assert "calibrating on 12 held-out calls" in printed and "extraction  keep" in printed
-    assert "budget to keep 30 %" in printed
+    assert "budget to keep 30 %" in printed and "straight to the teacher" not in printed  # extraction keeps some
     policy = DeferralPolicy.read(deferral_path(out))
     assert policy.keeps("extraction", keep["value"]) and not policy.keeps("update", 0.0)  # no threshold: defer
+
+
+def test_calibrate_says_which_operations_go_straight_to_the_teacher():
+    from memlora.evaluation.deferral import summary
+
+    def threshold(value: float) -> dict:
+        return {"value": value, "kept": 0 if value == math.inf else 3, "n": 5, "upper": math.nan}
+
+    printed = summary({"budget": 0.1, "test": {}, "operations": {
+        "extraction": {"keep": threshold(-1.0)},
+        "update": {"keep": threshold(math.inf), "destructive": threshold(-2.0)},  # keeps its sure DELETEs
+        "generation": {"keep": threshold(math.inf)}}})
+    assert printed.splitlines()[-1] == ("no threshold keeps an answer of generation: `serve-experts --fallback` "
+                                        "sends those calls straight to the teacher, without the expert")
+    assert DeferralPolicy({"operations": {op: {name: {"value": t["value"]} for name, t in classes.items()}
+                                          for op, classes in (("update", {"keep": threshold(math.inf)}),)}}
+                          ).keeps_nothing("update")
 
 
 @pytest.mark.timeout(120)
