@@ -108,7 +108,8 @@ def served_section(rows: list[dict]) -> list[str]:
     if served:
         lines[-1] += (" The served systems (`evaluation.served`) are the experts under OUT/deferral.json's "
                       "thresholds: `experts+guard` demotes an unsure DELETE or UPDATE (the memory stays) and lets "
-                      "other unsure answers out as written; `experts+teacher` gives an unsure call to the teacher. "
+                      "other unsure answers out as written; `experts+teacher` gives an unsure call to the teacher "
+                      "(without the expert decoding it where the thresholds keep none of its operation's answers). "
                       "Shares of calls: on the teacher's requests, then end to end (`e2e`).")
     lines += ["", *_table(rows, [("update DELETEs end to end", "update", "deletes_e2e")], counts=True)]
     if served:
