@@ -20,7 +20,7 @@ from memlora.data.io import write_json
 from memlora.data.split import captured_split
 from memlora.evaluation import scoring
 from memlora.evaluation.calibration import (
-    CalibrationError, Threshold, budget_to_keep, calibrate, in_audit_sample, keep_curve, served,
+    CalibrationError, DeferralPolicy, Threshold, budget_to_keep, calibrate, in_audit_sample, keep_curve, served,
 )
 from memlora.layout import adapter_dir, calls_path, deferral_path, trace_files
 from memlora.llm.confidence import answer_events, confidence, demoted, is_destructive
@@ -261,8 +261,8 @@ def summary(result: dict) -> str:
             lines.append(f"update without a teacher (--guard), {split}: {update['guarded_agree']}/{update['n']} "
                          f"agree (the expert alone {update['expert_agree']}), DELETEs {update['guarded_deletes']} "
                          f"(the expert alone {update['expert_deletes']}, the teacher {update['teacher_deletes']})")
-    nothing = [op for op, classes in result["operations"].items()
-               if all(t["value"] == math.inf for t in classes.values())]
+    policy = DeferralPolicy(result)
+    nothing = [op for op in result["operations"] if policy.keeps_nothing(op)]
     if nothing:
         lines.append(f"no threshold keeps an answer of {', '.join(nothing)}: `serve-experts --fallback` sends those "
                      "calls straight to the teacher, without the expert")
