@@ -44,11 +44,11 @@ def start_server(system: str, port: int, base: Path, experts_out: Path, log,
     if system == "teacher":
         cmd = [memlora, "serve-model", "--config", str(CONFIG), "--name", "teacher", "--port", str(port)]
     elif system == KEEP_ALL:
-        cmd = [memlora, "serve-experts", "--config", str(CONFIG), "--out", str(keep_all_out(experts_out)), "--base",
+        cmd = [memlora, "serve-experts", "--config", str(CONFIG), "--out", str(thresholds_out(experts_out)), "--base",
                str(base), "--port", str(port), "--fallback", f"http://127.0.0.1:{free_port()}/v1",
                "--fallback-degraded"]
     elif system in ALWAYS_DEFER:
-        out = keep_all_out(experts_out, ALWAYS_DEFER[system])
+        out = thresholds_out(experts_out, ALWAYS_DEFER[system])
         cmd = [memlora, "serve-experts", "--config", str(CONFIG), "--out", str(out), "--base", str(base),
                "--port", str(port), "--fallback", teacher_url, "--fallback-model", "teacher"]
     else:
@@ -57,7 +57,7 @@ def start_server(system: str, port: int, base: Path, experts_out: Path, log,
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
 
 
-def keep_all_out(experts_out: Path, threshold: float = float("-inf")) -> Path:
+def thresholds_out(experts_out: Path, threshold: float = float("-inf")) -> Path:
     """A scratch OUT with a copy of the experts and their manifest, whose deferral.json has `threshold` for every
     class (-inf: keeps every call), so a user's own OUT and its thresholds are never touched (a link would not do:
     a load checks that each adapter file resolves inside the OUT whose manifest lists it)."""

@@ -111,10 +111,6 @@ class Fallback:
     def health(self) -> dict:
         return {"url": self.url, "model": self.model, "strict": self.config.strict, "counts": dict(self.counts)}
 
-    def skips_expert(self, operation: str) -> bool:
-        """No answer of `operation`'s expert would be kept under the thresholds served now."""
-        return self.policy.keeps_nothing(operation)
-
     async def straight(self, chat: ChatRequest, operation: str, schema: dict | None,
                        context: tuple[str | None, int]) -> tuple[dict, dict] | None:
         """A call of an operation that keeps nothing, deferred before its expert decodes it; None where the

@@ -104,7 +104,7 @@ class ServingEngine:
     def straight_to_teacher(self, operation: str) -> bool:
         """With a teacher, an operation whose thresholds keep no answer: the teacher takes its calls without the
         expert decoding them first (its answer could only be thrown away, and the client would wait for both)."""
-        return self.has_teacher and self.defers(operation) and self.fallback.skips_expert(operation)
+        return self.has_teacher and self.defers(operation) and self.fallback.policy.keeps_nothing(operation)
 
     def unserved(self, chat: ChatRequest) -> str | None:
         """With a fallback, the operation of a call routed by the rules to an operation no expert serves yet
