@@ -14,18 +14,24 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, TypeVar
 
-from memlora.memory.llm import GenerationRequest, GenerationResult, LLMBackend
+from memlora.llm.continuous import ContinuousDecoder, joins_running_batch
+from memlora.memory.llm import GenerationRequest, GenerationResult, LLMBackend, cancelled_result
 
 T = TypeVar("T")
 
 
 class MicroBatcher:
     """One worker thread takes whatever calls are waiting (up to `max_batch * 4`, lingering `linger_s` for more)
-    and decodes them together. A failure belongs to the call that caused it: when a merged batch fails, each of
-    its calls is run again on its own, so only the failing one gets the error."""
+    and decodes them together; with a `decoder`, calls instead join one running batch between decode steps.
+    A failure belongs to the call that caused it: when a merged batch fails, each of its calls is run again on
+    its own, so only the failing one gets the error."""
 
-    def __init__(self, inner: LLMBackend, max_batch: int, linger_s: float = 0.05):
+    def __init__(self, inner: LLMBackend, max_batch: int, linger_s: float = 0.05,
+                 decoder: ContinuousDecoder | None = None):
+        """`decoder` (on `inner`, see `continuous_decoder`): calls join the running decode between steps and
+        are answered the step they end, instead of merged batches decoded to their end."""
         self.inner, self.max_batch, self.linger_s = inner, max_batch, linger_s
+        self.continuous = decoder
         self.model_id, self.backend_name = inner.model_id, inner.backend_name
         self._queue: queue.Queue = queue.Queue()
         self._closed = False
@@ -53,6 +59,9 @@ class MicroBatcher:
         self._worker.join(timeout=30)
 
     def _run(self) -> None:
+        if self.continuous is not None:
+            self._run_continuous(self.continuous)
+            return
         while True:
             item = self._queue.get()
             if item is None:
@@ -74,22 +83,64 @@ class MicroBatcher:
             finally:
                 self.in_flight = 0
 
+    def _run_continuous(self, decoder: ContinuousDecoder) -> None:
+        closing = False
+        while True:
+            waiting = []
+            if not len(decoder):
+                item = None if closing else self._queue.get()  # nothing decoding: wait for a call
+                if item is None:
+                    return
+                waiting.append(item)
+            while not closing and len(waiting) < decoder.room:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    closing = True
+                else:
+                    waiting.append(item)
+            for request, future in waiting:
+                if request.cancelled:  # its caller left while it waited: never decoded
+                    future.set_result(cancelled_result(request))
+            waiting = [w for w in waiting if not w[0].cancelled]
+            joining = [w for w in waiting if joins_running_batch(w[0])]
+            alone = [w for w in waiting if not joins_running_batch(w[0])]
+            if alone:
+                self._answer(alone)
+            self.in_flight = len(decoder) + len(joining)
+            try:
+                if joining:
+                    decoder.add(joining)
+                if len(decoder):
+                    decoder.step()
+            except BaseException:  # noqa: BLE001  (whatever one call raised must not reach the others)
+                pending = {id(f): (r, f) for r, f in decoder.abandon() + joining if not f.done()}
+                self._each_alone(list(pending.values()))
+            finally:
+                self.in_flight = len(decoder)
+
     def _answer(self, pending: list[tuple[GenerationRequest, Future]]) -> None:
         try:
             results = self.inner.generate([r for r, _ in pending])
         except BaseException as err:  # noqa: BLE001  (whatever one call raised must not reach the others)
             if len(pending) == 1:
                 pending[0][1].set_exception(err)
-                return
-            self.isolated_failures += 1
-            for request, future in pending:
-                try:
-                    future.set_result(self.inner.generate([request])[0])
-                except BaseException as own:  # noqa: BLE001
-                    future.set_exception(own)
+            else:
+                self._each_alone(pending)
             return
         for (_, future), result in zip(pending, results):
             future.set_result(result)
+
+    def _each_alone(self, pending: list[tuple[GenerationRequest, Future]]) -> None:
+        """A merged batch failed: each of its calls runs again on its own, so only the failing one gets the error."""
+        self.isolated_failures += 1
+        for request, future in pending:
+            try:
+                future.set_result(self.inner.generate([request])[0])
+            except BaseException as own:  # noqa: BLE001
+                future.set_exception(own)
 
 
 def in_threads(jobs: list[Callable[[LLMBackend], T]], backend: LLMBackend, max_batch: int | None = None) -> list[T]:

@@ -1,15 +1,20 @@
-"""Greedy decoding of one batch that drops each row from the batch as soon as it is finished.
+"""Greedy decoding of a batch whose rows leave as soon as they are finished, and may join while it runs.
 
 `model.generate` keeps every row in the batch until the longest one ends: a batch of 16 extraction calls that
 average 57 tokens and end at 116 spends half its decode steps on rows that already stopped (measured on the
 bundled teacher's traces). On a CPU the cost of a step grows with the rows in it, so this loop evicts a row,
 with its KV cache, the step it emits a stop token. The arithmetic per kept row is the one `generate` does:
 positions from the attention mask, the same processors in the same order (grammar, then n-gram block), argmax.
+
+`RunningBatch.add` lets rows join between steps (continuous batching, `memlora.llm.continuous`): their prompts
+are prefilled on their own and their KV cache is merged into the running one, both left-padded to one width
+(masked out, so each row attends to exactly its own tokens). Every decoding setting is the row's own.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import xgrammar as xgr
@@ -22,6 +27,18 @@ class Decoded:
     top_logprobs: list[list[tuple[int, float]]] | None
     token_logprobs: list[float] | None = None  # each emitted token's log-prob (with top_logprobs)
     cancelled: bool = False    # left the batch because nobody waits for it any more
+
+
+@dataclass
+class RowSpec:
+    """How one row decodes."""
+
+    max_new_tokens: int
+    grammar: object | None = None           # a compiled xgrammar grammar; None: free decoding
+    no_repeat_ngram: int = 0
+    logprobs_top_k: int = 0
+    stop_check: Callable[[list[int]], bool] | None = None  # True once the completion holds a stop string
+    cancelled: Callable[[], bool] | None = None             # True once nobody waits for the row
 
 
 def banned_by_ngram(seq: list[int], n: int) -> set[int]:
@@ -56,75 +73,183 @@ def sample(scores: torch.Tensor, temperature: float, top_p: float, generator: to
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.inference_mode()
+def _left_pad(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    if n <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = n
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def mergeable(model) -> bool:
+    """Whether rows can join a running batch of this model: a plain dynamic KV cache in every layer (a sliding
+    window layer keeps its own positions)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
+
+
+class RunningBatch:
+    """The rows decoding now, with their KV cache and next logits. `add` prefills rows and merges them in; `step`
+    picks one token per row, lets finished rows go and runs the others one position on. Sampling settings are
+    the batch's; everything else is each row's (RowSpec). `trim` drops KV columns no row attends to any more
+    (those a row that left padded the others to), which a batch that keeps taking rows needs."""
+
+    def __init__(self, model, stop_ids: set[int], *, temperature: float = 0.0, top_p: float = 1.0,
+                 generator: torch.Generator | None = None, trim: bool = False):
+        self.model, self.stop_ids, self.trim = model, stop_ids, trim
+        self.temperature, self.top_p, self.generator = temperature, top_p, generator
+        self.rows: list[tuple[RowSpec, Decoded, object | None]] = []  # (spec, its output, its grammar matcher)
+        self.cache = self.mask = self.next_pos = self.logits = None
+        self.width = 0  # KV cache length
+        self._bitmask = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @torch.inference_mode()
+    def add(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, specs: list[RowSpec], *, cache=None,
+            cached_len: int = 0) -> list[Decoded]:
+        """Prefill rows (left-padded; `cache` holds the KV of their first `cached_len` positions, or is None) and
+        put them in the batch; returns their outputs, which fill as the batch steps."""
+        from transformers import DynamicCache
+
+        cache = cache if cache is not None else DynamicCache(config=self.model.config)
+        width = input_ids.shape[1]
+        positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        logits = self.model(input_ids=input_ids[:, cached_len:], attention_mask=attention_mask,
+                            position_ids=positions[:, cached_len:], past_key_values=cache, use_cache=True,
+                            cache_position=torch.arange(cached_len, width, device=input_ids.device),
+                            logits_to_keep=1).logits[:, -1, :]
+        next_pos = positions[:, -1:] + 1
+        outs = [Decoded([], False, [] if s.logprobs_top_k else None, [] if s.logprobs_top_k else None) for s in specs]
+        matchers = [xgr.GrammarMatcher(s.grammar) if s.grammar is not None else None for s in specs]
+        if not self.rows:
+            self.cache, self.mask, self.next_pos, self.logits = cache, attention_mask, next_pos, logits
+            self.width = width
+        else:
+            full = max(self.width, width)
+            old, new = full - self.width, full - width
+            for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+                mine.keys = torch.cat([_left_pad(mine.keys, old, 2), _left_pad(theirs.keys, new, 2)])
+                mine.values = torch.cat([_left_pad(mine.values, old, 2), _left_pad(theirs.values, new, 2)])
+            self.mask = torch.cat([_left_pad(self.mask, old, 1), _left_pad(attention_mask, new, 1)])
+            self.next_pos = torch.cat([self.next_pos, next_pos])
+            self.logits = torch.cat([self.logits, logits])
+            self.width = full
+        self.rows += list(zip(specs, outs, matchers))
+        return outs
+
+    def _constrain(self, scores: torch.Tensor) -> None:
+        matchers = [m for _, _, m in self.rows]
+        grammars = [s.grammar for s, _, m in self.rows if m is not None]
+        if not grammars:
+            return
+        n = len(matchers)
+        if self._bitmask is None or self._bitmask.shape[0] < n:
+            self._bitmask = xgr.allocate_token_bitmask(n, grammars[0].tokenizer_info.vocab_size)
+        if len(grammars) < n:
+            xgr.reset_token_bitmask(self._bitmask)  # free rows: every token allowed
+        for i, matcher in enumerate(matchers):
+            if matcher is not None:
+                matcher.fill_next_token_bitmask(self._bitmask, i)
+        xgr.apply_token_bitmask_inplace(scores, self._bitmask[:n].to(scores.device))
+
+    @torch.inference_mode()
+    def step(self) -> list[Decoded]:
+        """One token for every row; returns the outputs of the rows that left the batch with it."""
+        scores = self.logits.float()
+        # The grammar masks before the n-gram block, so the block never bans the only token the grammar allows;
+        # log-probs are taken after both: the distribution the row actually decoded from.
+        self._constrain(scores)
+        for i, (spec, out, _) in enumerate(self.rows):
+            if spec.no_repeat_ngram:
+                block_ngrams(scores[i : i + 1], [out.tokens], spec.no_repeat_ngram)
+        temperature = self.temperature
+        chosen = scores.argmax(dim=-1) if temperature <= 0 else sample(scores, temperature, self.top_p, self.generator)
+        top_k = max(spec.logprobs_top_k for spec, _, _ in self.rows)
+        if top_k:
+            logp = scores.log_softmax(dim=-1)
+            top = logp.topk(top_k, dim=-1)
+            indices, values = top.indices.tolist(), top.values.tolist()
+            chosen_lp = logp.gather(-1, chosen[:, None]).squeeze(-1).tolist()
+        keep, left = [], []
+        for i, ((spec, out, matcher), tok) in enumerate(zip(self.rows, chosen.tolist())):
+            if spec.cancelled is not None and spec.cancelled():
+                out.cancelled = True
+            elif tok in self.stop_ids:
+                out.finished = True
+            else:
+                out.tokens.append(tok)
+                if spec.logprobs_top_k:  # tokens the grammar forbade (log-prob -inf) are left out
+                    k = spec.logprobs_top_k
+                    out.top_logprobs.append([(t, lp) for t, lp in zip(indices[i][:k], values[i][:k])
+                                             if lp > float("-inf")])
+                    out.token_logprobs.append(chosen_lp[i])
+                if matcher is not None:
+                    matcher.accept_token(tok)
+                if matcher is not None and matcher.is_terminated():  # the grammar took a stop token of its own
+                    out.finished = True
+                elif spec.stop_check is not None and spec.stop_check(out.tokens):
+                    out.finished = True
+                elif len(out.tokens) < spec.max_new_tokens:
+                    keep.append(i)
+                    continue
+            left.append(out)
+        if not keep:
+            self.rows, self.cache, self.mask, self.next_pos, self.logits, self.width = [], None, None, None, None, 0
+            return left
+        if len(keep) < len(self.rows):
+            index = torch.tensor(keep, device=chosen.device)
+            self.cache.batch_select_indices(index)
+            self.mask, self.next_pos, chosen = self.mask[index], self.next_pos[index], chosen[index]
+            self.rows = [self.rows[i] for i in keep]
+            if self.trim:
+                self._trim()
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
+        self.logits = self.model(input_ids=chosen[:, None], attention_mask=self.mask, position_ids=self.next_pos,
+                                 past_key_values=self.cache, use_cache=True,
+                                 cache_position=torch.tensor([self.width], device=chosen.device),
+                                 logits_to_keep=1).logits[:, -1, :]
+        self.width += 1
+        self.next_pos = self.next_pos + 1
+        return left
+
+    def _trim(self) -> None:
+        first = int(self.mask.any(dim=0).int().argmax())  # the first KV column some row still attends to
+        if first == 0:
+            return
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+        self.mask = self.mask[:, first:]
+        self.width -= first
+
+
+def decode_rows(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, specs: list[RowSpec], *, cache,
+                cached_len: int, stop_ids: set[int], temperature: float = 0.0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> list[Decoded]:
+    """Decode one batch to its end, each row as its spec says; `cache` holds the KV of the first `cached_len`
+    positions (or is None)."""
+    if all(spec.max_new_tokens < 1 for spec in specs):
+        return [Decoded([], False, [] if s.logprobs_top_k else None, [] if s.logprobs_top_k else None) for s in specs]
+    batch = RunningBatch(model, stop_ids, temperature=temperature, top_p=top_p, generator=generator)
+    outs = batch.add(input_ids, attention_mask, specs, cache=cache, cached_len=cached_len)
+    while batch.rows:
+        batch.step()
+    return outs
+
+
 def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, cache, cached_len: int,
                   max_new_tokens: int, stop_ids: set[int], grammars: list | None = None,
                   no_repeat_ngram: int = 0, logprobs_top_k: int = 0, temperature: float = 0.0,
                   top_p: float = 1.0, generator: torch.Generator | None = None,
                   stop_check=None, cancelled=None) -> list[Decoded]:
-    """Decode every row greedily (or, with a temperature, by sampling); `cache` holds the KV of the first
-    `cached_len` positions (or is empty). `stop_check(row, tokens)` ends a row early (stop strings);
+    """`decode_rows` with one setting for every row; `stop_check(row, tokens)` ends a row early (stop strings),
     `cancelled(row)` drops a row whose caller has gone, with its KV cache, at the next step."""
-    from transformers import DynamicCache
-
-    cache = cache if cache is not None else DynamicCache(config=model.config)
-    batch, width = input_ids.shape
-    positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-    matchers = [xgr.GrammarMatcher(g) for g in grammars] if grammars else None
-    if matchers:
-        bitmask = xgr.allocate_token_bitmask(batch, grammars[0].tokenizer_info.vocab_size)
-    out = [Decoded([], False, [] if logprobs_top_k else None, [] if logprobs_top_k else None) for _ in range(batch)]
-    active = list(range(batch))  # original row of each row still in the batch
-    mask = attention_mask
-    logits = model(input_ids=input_ids[:, cached_len:], attention_mask=mask, position_ids=positions[:, cached_len:],
-                   past_key_values=cache, use_cache=True, cache_position=torch.arange(cached_len, width,
-                   device=input_ids.device), logits_to_keep=1).logits[:, -1, :]
-    next_pos = positions[:, -1:] + 1
-    for step in range(max_new_tokens):
-        scores = logits.float()
-        if matchers:
-            for i, row in enumerate(active):
-                matchers[row].fill_next_token_bitmask(bitmask, i)
-            xgr.apply_token_bitmask_inplace(scores, bitmask[: len(active)].to(scores.device))
-        if no_repeat_ngram:
-            block_ngrams(scores, [out[row].tokens for row in active], no_repeat_ngram)
-        chosen = scores.argmax(dim=-1) if temperature <= 0 else sample(scores, temperature, top_p, generator)
-        if logprobs_top_k:
-            logp = scores.log_softmax(dim=-1)
-            top = logp.topk(logprobs_top_k, dim=-1)
-            indices, values = top.indices.tolist(), top.values.tolist()
-            chosen_lp = logp.gather(-1, chosen[:, None]).squeeze(-1).tolist()
-        keep = []
-        for i, (row, tok) in enumerate(zip(active, chosen.tolist())):
-            if cancelled is not None and cancelled(row):
-                out[row].cancelled = True
-                continue
-            if tok in stop_ids:
-                out[row].finished = True
-                continue
-            out[row].tokens.append(tok)
-            if logprobs_top_k:  # tokens the grammar forbade (log-prob -inf) are left out
-                out[row].top_logprobs.append([(t, lp) for t, lp in zip(indices[i], values[i]) if lp > float("-inf")])
-                out[row].token_logprobs.append(chosen_lp[i])
-            if matchers:
-                matchers[row].accept_token(tok)
-                if matchers[row].is_terminated():  # the grammar took a stop token of its own: done
-                    out[row].finished = True
-                    continue
-            if stop_check is not None and stop_check(row, out[row].tokens):
-                out[row].finished = True
-                continue
-            keep.append(i)
-        if not keep or step == max_new_tokens - 1:
-            break
-        if len(keep) < len(active):
-            index = torch.tensor(keep, device=input_ids.device)
-            cache.batch_select_indices(index)
-            mask, next_pos, chosen = mask[index], next_pos[index], chosen[index]
-            active = [active[i] for i in keep]
-        mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-        logits = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache,
-                       use_cache=True, cache_position=torch.tensor([width + step], device=input_ids.device),
-                       logits_to_keep=1).logits[:, -1, :]
-        next_pos = next_pos + 1
-    return out
+    specs = [RowSpec(max_new_tokens, grammars[row] if grammars else None, no_repeat_ngram, logprobs_top_k,
+                     (lambda tokens, row=row: stop_check(row, tokens)) if stop_check is not None else None,
+                     (lambda row=row: cancelled(row)) if cancelled is not None else None)
+             for row in range(input_ids.shape[0])]
+    return decode_rows(model, input_ids, attention_mask, specs, cache=cache, cached_len=cached_len,
+                       stop_ids=stop_ids, temperature=temperature, top_p=top_p, generator=generator)

@@ -18,11 +18,11 @@ import torch
 from memlora.config import LLMConfig
 from memlora.llm import gguf_cache
 from memlora.llm.cpu_matmul import use_rows_first_linears
-from memlora.llm.decoding import greedy_decode
+from memlora.llm.decoding import Decoded, RowSpec, RunningBatch, decode_rows, mergeable
 from memlora.llm.grammar import GrammarCache
 from memlora.llm.calibration import calibration_ids
 from memlora.llm.quantize import applied_smoothing, quantize_base, smooth_in_place, smoothing
-from memlora.memory.llm import GenerationRequest, GenerationResult
+from memlora.memory.llm import GenerationRequest, GenerationResult, cancelled_result
 from memlora.models import resolve
 
 log = logging.getLogger("memlora.llm")
@@ -203,57 +203,67 @@ class TransformersBackend:
             self.before_batch(first.operation)
             started = time.perf_counter()
             enc, cache, cached_len = self._encode(batch)
-            top_k = self.logprobs_top_k if first.logprobs_top_k is None else first.logprobs_top_k
             generator = None
             if first.temperature > 0 and first.seed is not None:
                 generator = torch.Generator(device=self.model.device).manual_seed(first.seed)
-            # The grammar masks before the n-gram block, so the block never bans the only token the grammar
-            # allows; log-probs are taken after both: the distribution the model actually decoded from, and the
-            # one the student decodes from under the same schema.
-            decoded = greedy_decode(
-                self.model, enc["input_ids"], enc["attention_mask"], cache=cache, cached_len=cached_len,
-                max_new_tokens=first.max_new_tokens, stop_ids=self.stop_ids,
-                grammars=[self.grammars.grammar(r.schema) for r in batch] if first.constrained else None,
-                no_repeat_ngram=first.no_repeat_ngram or 0, logprobs_top_k=top_k,
-                temperature=first.temperature, top_p=first.top_p, generator=generator,
-                stop_check=self._stop_check(batch),
-                cancelled=(lambda row: batch[row].cancelled) if any(r.cancel for r in batch) else None,
-            )
+            decoded = decode_rows(self.model, enc["input_ids"], enc["attention_mask"],
+                                  [self.row_spec(r) for r in batch], cache=cache, cached_len=cached_len,
+                                  stop_ids=self.stop_ids, temperature=first.temperature, top_p=first.top_p,
+                                  generator=generator)
             elapsed = time.perf_counter() - started
         prompt_counts = enc["attention_mask"].sum(dim=1).tolist()
-        extra = {"decoding": {"no_repeat_ngram": first.no_repeat_ngram}} if first.no_repeat_ngram else {}
-        return [
-            GenerationResult(
-                text=cut_at_stop(self.tokenizer.decode(d.tokens, skip_special_tokens=True), batch[row].stop),
-                prompt_tokens=int(prompt_counts[row]),
-                completion_tokens=len(d.tokens),
-                latency_s=elapsed / len(batch),
-                batch_size=len(batch),
-                constrained=first.constrained,
-                finish_reason="cancelled" if d.cancelled else "stop" if d.finished else "length",
-                token_ids=d.tokens,
-                top_logprobs=d.top_logprobs,
-                token_logprobs=d.token_logprobs,
-                extra=dict(extra),
-            )
-            for row, d in enumerate(decoded)
-        ]
+        return [self.result(batch[row], d, int(prompt_counts[row]), elapsed / len(batch), len(batch))
+                for row, d in enumerate(decoded)]
 
-    def _stop_check(self, batch: list[GenerationRequest]):
-        """A row ends once its text holds one of its request's stop strings (None: no request has any)."""
-        if not any(r.stop for r in batch):
-            return None
+    def result(self, request: GenerationRequest, decoded: Decoded, prompt_tokens: int, latency_s: float,
+               batch_size: int) -> GenerationResult:
+        """A decoded row as the memory system reads it; `latency_s`: its share of the batch's time."""
+        extra = {"decoding": {"no_repeat_ngram": request.no_repeat_ngram}} if request.no_repeat_ngram else {}
+        return GenerationResult(
+            text=cut_at_stop(self.tokenizer.decode(decoded.tokens, skip_special_tokens=True), request.stop),
+            prompt_tokens=prompt_tokens,
+            completion_tokens=len(decoded.tokens),
+            latency_s=latency_s,
+            batch_size=batch_size,
+            constrained=request.constrained,
+            finish_reason="cancelled" if decoded.cancelled else "stop" if decoded.finished else "length",
+            token_ids=decoded.tokens,
+            top_logprobs=decoded.top_logprobs,
+            token_logprobs=decoded.token_logprobs,
+            extra=extra,
+        )
 
-        def check(row: int, tokens: list[int]) -> bool:
-            stops = batch[row].stop
-            return bool(stops) and any(s in self.tokenizer.decode(tokens, skip_special_tokens=True) for s in stops)
+    def mixes_operations(self) -> bool:
+        """Whether calls of different operations may share one running batch (memlora.llm.continuous): the same
+        weights for every operation (a subclass that switches adapters per batch may not) and a KV cache whose
+        rows can be merged."""
+        return type(self).before_batch is TransformersBackend.before_batch and mergeable(self.model)
 
-        return check
+    def running_batch(self) -> RunningBatch:
+        """An empty batch that rows join between steps (memlora.llm.continuous)."""
+        return RunningBatch(self.model, self.stop_ids, trim=True)
 
+    @torch.inference_mode()
+    def join(self, batch: RunningBatch, requests: list[GenerationRequest]) -> tuple[list[Decoded], list[int]]:
+        """Prefill `requests` (one shared prompt head: the cached prefix serves them all) into the running `batch`;
+        returns their outputs, which fill as the batch steps, and their prompt lengths."""
+        enc, cache, cached_len = self._encode(requests)
+        outs = batch.add(enc["input_ids"], enc["attention_mask"], [self.row_spec(r) for r in requests], cache=cache,
+                         cached_len=cached_len)
+        return outs, enc["attention_mask"].sum(dim=1).tolist()
 
-def cancelled_result(request: GenerationRequest) -> GenerationResult:
-    return GenerationResult(text="", prompt_tokens=0, completion_tokens=0, latency_s=0.0, batch_size=0,
-                            constrained=request.constrained, finish_reason="cancelled")
+    def row_spec(self, request: GenerationRequest) -> RowSpec:
+        """How `request` decodes as a row of a running batch."""
+        stops = request.stop
+        return RowSpec(
+            request.max_new_tokens,
+            self.grammars.grammar(request.schema) if request.constrained else None,
+            request.no_repeat_ngram or 0,
+            self.logprobs_top_k if request.logprobs_top_k is None else request.logprobs_top_k,
+            (lambda tokens: any(s in self.tokenizer.decode(tokens, skip_special_tokens=True) for s in stops))
+            if stops else None,
+            (lambda: request.cancelled) if request.cancel is not None else None,
+        )
 
 
 def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:

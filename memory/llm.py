@@ -57,6 +57,12 @@ class GenerationResult:
     extra: dict = field(default_factory=dict)
 
 
+def cancelled_result(request: GenerationRequest) -> GenerationResult:
+    """The answer to a call whose caller left before it was decoded: nobody reads it."""
+    return GenerationResult(text="", prompt_tokens=0, completion_tokens=0, latency_s=0.0, batch_size=0,
+                            constrained=request.constrained, finish_reason="cancelled")
+
+
 class LLMBackend(Protocol):
     model_id: str
     backend_name: str

@@ -24,6 +24,7 @@ from memlora.data.schemas import TRACES
 from memlora.layout import memory_store, shard_path, trace_files
 from memlora.llm.backends import build_backend
 from memlora.llm.batcher import MicroBatcher
+from memlora.llm.continuous import continuous_decoder
 from memlora.memory.embedder import Embedder
 from memlora.memory.llm import LLMBackend
 from memlora.memory.store import MemoryStore
@@ -59,13 +60,16 @@ class TracingResources:
 @contextmanager
 def shared_resources(config: Config, out: str | Path, shared: bool) -> Iterator[TracingResources]:
     """One teacher for every conversation traced in this process, behind a micro-batcher that merges their
-    calls into shared batches, with one embedder and one store; closed on the way out. With `shared` off
+    calls into shared batches (a running one that calls join between decode steps, where the teacher is a local
+    model), with one embedder and one store; closed on the way out. With `shared` off
     (process, Dask or Ray runners, where a task may run elsewhere) each task builds its own."""
     if not shared:
         yield TracingResources()
         return
     teacher = build_backend(config.teacher)
-    llm = MicroBatcher(teacher, config.teacher.batch_size) if config.prefect.concurrency > 1 else teacher
+    size = config.teacher.batch_size
+    llm = MicroBatcher(teacher, size, decoder=continuous_decoder(teacher, size)) \
+        if config.prefect.concurrency > 1 else teacher
     store = MemoryStore(memory_store(out, "teacher"))
     try:
         yield TracingResources(llm, Embedder(config.memory.embedder), store)
