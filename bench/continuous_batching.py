@@ -60,7 +60,7 @@ def main() -> None:
     conversations = [c for c in corpus if c.split in ("train", "validation")]
     repeats, sessions = (1, 1) if args.quick else (args.repeats, args.sessions)
     if args.quick:
-        conversations = conversations[:3]
+        conversations = conversations[:2]
     data = config.data.model_copy(update={"max_sessions": sessions, **({"max_questions": 2} if args.quick else {})})
     config = config.model_copy(update={"data": data})
     teacher = TransformersBackend.from_config(config.teacher.model_copy(update={"device": "cpu"}))
