@@ -67,19 +67,17 @@ class ContinuousDecoder:
         for _, group in groupby(sorted(items, key=head), key=head):
             group = list(group)
             requests = [r for r, _ in group]
-            with self.backend._lock:
-                started = time.perf_counter()
-                outs, counts = self.backend.join(self.batch, requests)
-                share = (time.perf_counter() - started) / len(group)
+            started = time.perf_counter()
+            outs, counts = self.backend.join(self.batch, requests)
+            share = (time.perf_counter() - started) / len(group)
             self.rows += [_Row(r, f, d, int(n), len(self.batch), share)
                           for (r, f), d, n in zip(group, outs, counts)]
 
     def step(self) -> None:
         """One token for every row; the rows that end get their answers."""
-        with self.backend._lock:
-            started = time.perf_counter()
-            left = self.batch.step()
-            share = (time.perf_counter() - started) / len(self.rows)
+        started = time.perf_counter()
+        left = self.backend.advance(self.batch)
+        share = (time.perf_counter() - started) / len(self.rows)
         gone = {id(d) for d in left}
         done = [row for row in self.rows if id(row.decoded) in gone]
         self.rows = [row for row in self.rows if id(row.decoded) not in gone]

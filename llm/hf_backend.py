@@ -247,10 +247,16 @@ class TransformersBackend:
     def join(self, batch: RunningBatch, requests: list[GenerationRequest]) -> tuple[list[Decoded], list[int]]:
         """Prefill `requests` (one shared prompt head: the cached prefix serves them all) into the running `batch`;
         returns their outputs, which fill as the batch steps, and their prompt lengths."""
-        enc, cache, cached_len = self._encode(requests)
-        outs = batch.add(enc["input_ids"], enc["attention_mask"], [self.row_spec(r) for r in requests], cache=cache,
-                         cached_len=cached_len)
+        with self._lock:
+            enc, cache, cached_len = self._encode(requests)
+            outs = batch.add(enc["input_ids"], enc["attention_mask"], [self.row_spec(r) for r in requests],
+                             cache=cache, cached_len=cached_len)
         return outs, enc["attention_mask"].sum(dim=1).tolist()
+
+    def advance(self, batch: RunningBatch) -> list[Decoded]:
+        """One decode step of the running `batch`; the outputs of the rows that left it."""
+        with self._lock:
+            return batch.step()
 
     def row_spec(self, request: GenerationRequest) -> RowSpec:
         """How `request` decodes as a row of a running batch."""
