@@ -61,14 +61,15 @@ def main() -> None:
     repeats, sessions = (1, 1) if args.quick else (args.repeats, args.sessions)
     if args.quick:
         conversations = conversations[:2]
-    data = config.data.model_copy(update={"max_sessions": sessions, **({"max_questions": 2} if args.quick else {})})
+    data = config.data.model_copy(update={"max_sessions": sessions, **({"max_questions": 1} if args.quick else {})})
     config = config.model_copy(update={"data": data})
     teacher = TransformersBackend.from_config(config.teacher.model_copy(update={"device": "cpu"}))
     embedder = Embedder(config.memory.embedder)
     times = {m: [] for m in MODES}
     outputs, tokens = {}, {}
     with tempfile.TemporaryDirectory() as scratch:
-        trace_all(MODES[0], teacher, conversations[:1], embedder, config, Path(scratch))  # warm-up: grammars, prefixes
+        if not args.quick:  # warm-up: grammars, prefixes (a smoke run times nothing worth keeping)
+            trace_all(MODES[0], teacher, conversations[:1], embedder, config, Path(scratch))
         for repeat in range(repeats):
             for mode in MODES if repeat % 2 == 0 else MODES[::-1]:
                 wall, outputs[mode], tokens[mode] = trace_all(mode, teacher, conversations, embedder, config,
