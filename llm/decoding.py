@@ -166,8 +166,8 @@ class RunningBatch:
         for i, (spec, out, _) in enumerate(self.rows):
             if spec.no_repeat_ngram:
                 block_ngrams(scores[i : i + 1], [out.tokens], spec.no_repeat_ngram)
-        temperature = self.temperature
-        chosen = scores.argmax(dim=-1) if temperature <= 0 else sample(scores, temperature, self.top_p, self.generator)
+        chosen = (scores.argmax(dim=-1) if self.temperature <= 0
+                  else sample(scores, self.temperature, self.top_p, self.generator))
         top_k = max(spec.logprobs_top_k for spec, _, _ in self.rows)
         if top_k:
             logp = scores.log_softmax(dim=-1)
