@@ -19,6 +19,8 @@ from typing import Callable
 import torch
 import xgrammar as xgr
 
+from memlora.llm.kv_cache import drop_front, in_place, merge
+
 
 @dataclass
 class Decoded:
@@ -115,7 +117,7 @@ class RunningBatch:
         put them in the batch; returns their outputs, which fill as the batch steps."""
         from transformers import DynamicCache
 
-        cache = cache if cache is not None else DynamicCache(config=self.model.config)
+        cache = in_place(cache if cache is not None else DynamicCache(config=self.model.config))
         width = input_ids.shape[1]
         positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
         logits = self.model(input_ids=input_ids[:, cached_len:], attention_mask=attention_mask,
@@ -132,8 +134,7 @@ class RunningBatch:
             full = max(self.width, width)
             old, new = full - self.width, full - width
             for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
-                mine.keys = torch.cat([_left_pad(mine.keys, old, 2), _left_pad(theirs.keys, new, 2)])
-                mine.values = torch.cat([_left_pad(mine.values, old, 2), _left_pad(theirs.values, new, 2)])
+                merge(mine, theirs, old, new)
             self.mask = torch.cat([_left_pad(self.mask, old, 1), _left_pad(attention_mask, new, 1)])
             self.next_pos = torch.cat([self.next_pos, next_pos])
             self.logits = torch.cat([self.logits, logits])
@@ -221,7 +222,7 @@ class RunningBatch:
         if first == 0:
             return
         for layer in self.cache.layers:
-            layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+            drop_front(layer, first)
         self.mask = self.mask[:, first:]
         self.width -= first
 

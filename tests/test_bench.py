@@ -17,6 +17,7 @@ from tests.conftest import REPO
 QUICK = {
     "teacher_generation": ["rows", "free_over_constrained_wall"],
     "decode_eviction": ["rows", "total_speedup"],
+    "kv_in_place": ["rows", "total_speedup"],
     "continuous_batching": ["rows", "merged_over_running_wall", "identical_calls"],
     "serving_cost": ["latency_ratio_per_call", "peak_rss_ratio", "memory"],
     "expert_switching": ["switch_s", "reload_s", "parameters"],
