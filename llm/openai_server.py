@@ -29,6 +29,7 @@ from memlora.config import OPERATIONS, CaptureRule, ServingConfig
 from memlora.llm.batcher import MicroBatcher
 from memlora.llm.call_rules import classify, schema_for
 from memlora.llm.client_template import AS_SENT, MISMATCH, REDUCED
+from memlora.llm.continuous import continuous_decoder
 from memlora.llm.hf_backend import TransformersBackend
 from memlora.llm.openai_protocol import ApiError, ChatRequest, call_context, completion_body, error_body, \
     models_body, parse_chat_request
@@ -65,7 +66,7 @@ class ServingEngine:
         self.context = int(getattr(backend.model.config, "max_position_embeddings", 0) or 0)
         self.limits, self.linger_s = limits or ServingConfig(), linger_s
         backend.grammars.max_size = self.limits.grammar_cache_size
-        self.batcher = MicroBatcher(backend, backend.batch_size, linger_s=linger_s)
+        self.batcher = self._batcher(backend)
         self.reloader = None  # llm.reload.Reloader: new experts without a restart
         self.admission = Admission(self.limits.max_queued, self.limits.retry_after_s)
         # Parsing, tokenizing and compiling schemas run here, never on the event loop (xgrammar and the
@@ -75,6 +76,10 @@ class ServingEngine:
         # llm.fallback.Fallback (unsure experts defer to the teacher) or llm.guard.Guard (no teacher: unsure
         # destructive answers are demoted)
         self.fallback = fallback
+
+    def _batcher(self, backend) -> MicroBatcher:
+        decoder = continuous_decoder(backend, backend.batch_size) if self.limits.continuous_batching else None
+        return MicroBatcher(backend, backend.batch_size, linger_s=self.linger_s, decoder=decoder)
 
     def swap(self, loaded: dict) -> None:
         """Serve `loaded["backend"]` (with its `models`, and the fallback's new `policy`; the policy alone where
@@ -86,7 +91,7 @@ class ServingEngine:
             return
         backend = loaded["backend"]
         backend.grammars.max_size = self.limits.grammar_cache_size
-        old, self.batcher = self.batcher, MicroBatcher(backend, backend.batch_size, linger_s=self.linger_s)
+        old, self.batcher = self.batcher, self._batcher(backend)
         self.backend, self.experts = backend, set(getattr(backend, "operations", ()))
         self.models = {m.name: m for m in loaded.get("models") or self.models.values()}
         close_later(old)

@@ -379,6 +379,10 @@ class ServingConfig(_Strict):
     # serve-experts polls OUT's experts (manifest) and deferral thresholds this often and takes a new version
     # without a restart; 0: never
     reload_s: float = Field(5.0, ge=0)
+    # A local model with one set of weights (`serve-model`): calls join one running batch between decode steps and
+    # are answered the step they end (llm.continuous); false: merged batches decoded to their longest row's end.
+    # serve-experts switches an expert per batch and keeps merged batches either way.
+    continuous_batching: bool = True
 
 
 class DeferralConfig(_Strict):

@@ -19,6 +19,7 @@ QUICK = {
     "decode_eviction": ["rows", "total_speedup"],
     "kv_in_place": ["rows", "total_speedup"],
     "continuous_batching": ["rows", "merged_over_running_wall", "identical_calls"],
+    "continuous_serving": ["rows", "merged_over_running_wall", "identical_answers"],
     "serving_cost": ["latency_ratio_per_call", "peak_rss_ratio", "memory"],
     "expert_switching": ["switch_s", "reload_s", "parameters"],
     "training_step": ["delora_over_lora", "bf16_over_float32"],

@@ -13,7 +13,7 @@ import jsonschema
 import pyarrow.parquet as pq
 import pytest
 
-from memlora.config import CaptureConfig, CaptureRule, HttpConfig, LLMConfig
+from memlora.config import CaptureConfig, CaptureRule, HttpConfig, LLMConfig, ServingConfig
 from memlora.llm.openai_server import MODEL, ServedModel, ServingEngine, create_app
 from memlora.memory.llm import GenerationRequest
 from memlora.memory.prompts import TEMPLATES, extraction_schema
@@ -114,16 +114,37 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, eng
     assert chat(server, max_tokens=4).status_code == 200
 
 
-@pytest.mark.timeout(120)
-def test_requests_that_arrive_together_share_a_batch(server, engine, monkeypatch):
-    sizes = []
-    inner = engine.backend._generate_batch
-    monkeypatch.setattr(engine.backend, "_generate_batch", lambda batch: sizes.append(len(batch)) or inner(batch))
+def _eight_at_once(server) -> list[str]:
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda i: chat(server, max_tokens=6, messages=[
             {"role": "user", "content": f"Ann: fact number {i}"}]), range(8)))
     assert all(a.status_code == 200 for a in answers)
-    assert sum(sizes) == 8 and max(sizes) > 1
+    return [a.json()["choices"][0]["message"]["content"] for a in answers]
+
+
+@pytest.mark.timeout(120)
+def test_requests_that_arrive_together_share_the_running_batch(server, engine, monkeypatch):
+    assert engine.batcher.continuous is not None  # serving.continuous_batching, on by default
+    sizes, joined = [], []
+    advance, join = engine.backend.advance, engine.backend.join
+    monkeypatch.setattr(engine.backend, "advance", lambda batch: sizes.append(len(batch)) or advance(batch))
+    monkeypatch.setattr(engine.backend, "join",
+                        lambda batch, requests: joined.append(len(requests)) or join(batch, requests))
+    together = _eight_at_once(server)
+    assert sum(joined) == 8 and max(sizes) > 1
+
+    # The same calls in merged batches decoded to their end (continuous_batching: false): the same answers.
+    merged_engine = ServingEngine(engine.backend, [ServedModel("tiny", MODEL)], RULES, default_max_tokens=16,
+                                  limits=ServingConfig(continuous_batching=False))
+    batches = []
+    inner = engine.backend._generate_batch
+    monkeypatch.setattr(engine.backend, "_generate_batch", lambda batch: batches.append(len(batch)) or inner(batch))
+    try:
+        with running(create_app(merged_engine)) as url:
+            assert _eight_at_once(url) == together
+    finally:
+        merged_engine.close()
+    assert sum(batches) == 8 and max(batches) > 1
 
 
 @pytest.mark.timeout(120)

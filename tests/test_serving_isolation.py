@@ -107,15 +107,15 @@ def test_a_call_that_fails_inside_a_merged_batch_fails_alone(backend):
 
 @pytest.mark.timeout(180)
 def test_clients_that_hang_up_leave_the_batch_at_the_next_step(server, engine, monkeypatch):
-    batches = []
-    inner = engine.backend._generate_batch
+    answers = []  # (cap, finish reason, tokens) of every call the backend answered, whichever way it batches
+    inner = engine.backend.result
 
-    def recording(batch):
-        results = inner(batch)
-        batches.append([(r.max_new_tokens, res.finish_reason, res.completion_tokens) for r, res in zip(batch, results)])
-        return results
+    def recording(request, *args):
+        result = inner(request, *args)
+        answers.append((request.max_new_tokens, result.finish_reason, result.completion_tokens))
+        return result
 
-    monkeypatch.setattr(engine.backend, "_generate_batch", recording)
+    monkeypatch.setattr(engine.backend, "result", recording)
     long = 1500  # the random model never stops by itself: 1,500 steps of 4 rows take ~12 s on 2 cores
     with ThreadPoolExecutor(4) as pool:
         hangups = [pool.submit(post, server, max_tokens=long, timeout=1.0,
@@ -126,7 +126,7 @@ def test_clients_that_hang_up_leave_the_batch_at_the_next_step(server, engine, m
     answered = post(server, max_tokens=5)
     assert answered.status_code == 200 and answered.json()["usage"]["completion_tokens"] == 5
     # each hung-up call either left its batch mid-decode or, still queued when its client left, was never decoded
-    rows = [row for batch in batches for row in batch if row[0] == long]
+    rows = [row for row in answers if row[0] == long]
     assert 1 <= len(rows) <= 4 and all(reason == "cancelled" for _, reason, _ in rows), rows
     assert all(tokens < long // 2 for _, _, tokens in rows), rows  # stopped soon after the hang-up
     health = httpx.get(f"{server}/health").json()
