@@ -149,6 +149,12 @@ def ratio_spread(numerators: list[float], denominators: list[float]) -> dict:
     return spread([a / b for a, b in zip(numerators, denominators)])
 
 
+def summed_ratio(rows: list[dict], slow: str, fast: str, repeats: int) -> dict:
+    """`ratio_spread` of the rows' summed times per repeat (`slow` and `fast`: each row's list of times)."""
+    return ratio_spread([sum(r[slow][i] for r in rows) for i in range(repeats)],
+                        [sum(r[fast][i] for r in rows) for i in range(repeats)])
+
+
 def fmt(s: dict, digits: int = 2) -> str:
     return f"{s['median']:.{digits}f}x ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import CONFIG, QUICK_TOKENS, bench_parser, fmt, ratio_spread, save, spread, table, timed, trace_requests  # noqa: E402,I001
+from common import CONFIG, QUICK_TOKENS, bench_parser, fmt, ratio_spread, save, spread, summed_ratio, table, timed, trace_requests  # noqa: E402,I001
 
 import torch  # noqa: E402
 from xgrammar.contrib.hf import LogitsProcessor  # noqa: E402
@@ -92,8 +92,7 @@ def main() -> None:
         })
     print(table(rows, ["operation", "batch", "mean_tokens", "max_tokens", "generate_s", "eviction_s", "speedup",
                        "same_tokens"]))
-    total = ratio_spread([sum(r["generate_times"][i] for r in rows) for i in range(repeats)],
-                         [sum(r["eviction_times"][i] for r in rows) for i in range(repeats)])
+    total = summed_ratio(rows, "generate_times", "eviction_times", repeats)
     print(f"\nall three operations, generate / eviction wall time: {fmt(total)}")
     print("saved", save("decode_eviction", {"rows": rows, "total_speedup": total, "repeats": repeats}))
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import CONFIG, QUICK_TOKENS, bench_parser, fmt, ratio_spread, save, spread, table, trace_requests  # noqa: E402,I001
+from common import CONFIG, QUICK_TOKENS, bench_parser, fmt, ratio_spread, save, spread, summed_ratio, table, trace_requests  # noqa: E402,I001
 
 import time  # noqa: E402
 
@@ -93,8 +93,7 @@ def main() -> None:
             })
     print(table(rows, ["operation", "batch", "mean_tokens", "stock_s", "in_place_s", "speedup",
                        "same_tokens_and_logprobs"]))
-    total = ratio_spread([sum(r["stock_times"][i] for r in rows) for i in range(repeats)],
-                         [sum(r["in_place_times"][i] for r in rows) for i in range(repeats)])
+    total = summed_ratio(rows, "stock_times", "in_place_times", repeats)
     print(f"\nevery batch above, stock / in place wall time: {fmt(total)}")
     print("saved", save("kv_in_place", {"rows": rows, "total_speedup": total, "repeats": repeats}))
 
