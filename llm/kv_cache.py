@@ -3,9 +3,10 @@
 transformers' `DynamicLayer` appends with `torch.cat`, which copies the whole cache every step of every layer.
 On a 2-core CPU that copy is a large share of a step once the batch holds a few hundred prompt tokens a row:
 SmolLM2-135M, 14 rows of 900 tokens, 174-188 ms a step with the copy against 133-135 ms without, the same tokens
-(`bench/kv_in_place.py`). Here `keys` / `values` are views of a buffer with room after them; the buffer is copied
-only when the room runs out, when rows leave (`batch_select_indices`, one copy of the kept rows), or when
-something outside replaced the tensors (a merge of two batches: taken over on the next update).
+(the teacher's own trace calls in fixed batches: 1.06x, `bench/kv_in_place.py`). Here `keys` / `values` are views
+of a buffer with room after them; the buffer is copied only when the room runs out, when rows leave
+(`batch_select_indices`, one copy of the kept rows), when a joining call's cache is merged in (`merge`, one
+copy), or when something outside replaced the tensors (taken over on the next update).
 """
 
 from __future__ import annotations
