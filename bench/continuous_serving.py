@@ -60,18 +60,20 @@ def serve_and_send(config: Path, requests: list, clients: int, log) -> dict:
 
         for op in dict.fromkeys(r.operation for r in requests):  # warm-up: grammars compiled, prefixes cached
             call(next(r for r in requests if r.operation == op))
-        # each client sends its share one call after another
-        shares = [requests[i::clients] for i in range(clients)]
+        # each client sends its share (every `clients`-th request) one call after another
+        done: list = [None] * len(requests)
+
+        def client_share(first: int) -> None:
+            for i in range(first, len(requests), clients):
+                done[i] = call(requests[i])
+
         started = time.perf_counter()
         with ThreadPoolExecutor(clients) as pool:
-            done = [row for part in pool.map(lambda share: [call(r) for r in share], shares) for row in part]
+            list(pool.map(client_share, range(clients)))
         wall = time.perf_counter() - started
-        order = {id(r): i for i, r in enumerate(requests)}
-        answers = [""] * len(requests)
-        for request, (_, _, text) in zip([r for share in shares for r in share], done):  # back in request order
-            answers[order[id(request)]] = text
         latency = {op: [s for o, s, _ in done if o == op] for op in dict.fromkeys(r.operation for r in requests)}
-        return {"wall_s": wall, "latency": latency, "answers": answers, "peak_rss_mb": peak_rss_mb(proc.pid)}
+        return {"wall_s": wall, "latency": latency, "answers": [text for _, _, text in done],
+                "peak_rss_mb": peak_rss_mb(proc.pid)}
     finally:
         proc.terminate()
         proc.wait(timeout=60)
