@@ -6,7 +6,7 @@ from prefect import flow
 
 from memlora.config import OPERATIONS
 from memlora.tasks.common import forward_domain_logs, load_config_task, manifest_task
-from memlora.tasks.distill import build_student_task, check_traces_task, distill_expert_task
+from memlora.tasks.distill import build_student_task, check_traces_task, distill_experts_task
 
 
 @flow(name="distill")
@@ -15,8 +15,7 @@ def distill(config_path: str = "configs/default.yaml", out: str = "out") -> dict
     cfg = load_config_task(config_path)
     check_traces_task(out)  # every input read before the first expensive step
     base = build_student_task(cfg, out)
-    # One after another: each training already uses every core (or GPU) it is given.
-    results = {op: distill_expert_task(cfg, out, op, base) for op in OPERATIONS}
+    results = distill_experts_task(cfg, out, list(OPERATIONS), base)  # one launch, one expert after another
     manifest_task(out, "distill", {
         "student_base": str(base),
         "experts": {op: r.summary() for op, r in results.items()},

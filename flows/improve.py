@@ -7,7 +7,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from memlora.tasks.common import forward_domain_logs, load_config_task
-from memlora.tasks.distill import build_student_task, distill_expert_task
+from memlora.tasks.distill import build_student_task, distill_experts_task
 from memlora.tasks.improve import gate_task, new_rows_task, prepare_candidate_task, promote_task
 
 
@@ -21,7 +21,6 @@ def improve(config_path: str = "configs/default.yaml", out: str = "out") -> dict
         return {"new_rows": counts, "promoted": []}
     base = build_student_task(cfg, out)
     candidate = prepare_candidate_task(cfg, out, counts)
-    for op in candidate.new_rows:  # one after another: each training uses every core it is given
-        distill_expert_task(cfg, str(candidate.out), op, base, init=candidate.init.get(op))
+    distill_experts_task(cfg, str(candidate.out), list(candidate.new_rows), base, init=candidate.init)
     decisions = gate_task(cfg, out, base, candidate)
     return {"new_rows": counts, **promote_task(cfg, out, base, candidate, decisions)}

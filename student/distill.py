@@ -1,4 +1,4 @@
-"""Distil one expert per operation: decide what is already done, and launch the rest."""
+"""Distil one expert per operation: decide what is already done, and launch the rest (one launch)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from memlora.layout import adapter_dir, trace_files
 from memlora.manifest import update_manifest
 from memlora.student.examples import load_traces, traces_fingerprint
 from memlora.student.experts import is_complete_adapter
-from memlora.student.launch import TrainingFailed, run_training
+from memlora.student.launch import ExpertJob, TrainingFailed, run_trainings
 from memlora.student.records import DistillResult, NoExpert, TrainingRecord
 from memlora.student.templates import ensure_templates, template_for
 
@@ -82,10 +82,31 @@ def check_traces(out: str | Path) -> dict[str, int]:
     return usable
 
 
+def distill_operations(config: Config, out: str | Path, operations: list[str], base: Path,
+                       on_line: Callable[[str], None] = print,
+                       init: dict[str, Path] | None = None) -> dict[str, DistillResult]:
+    """Train the experts of `operations` on OUT's traces, those not already done in one DeepSpeed launch, one after
+    another (each uses every core or GPU it is given); `init`: per operation, an adapter folder to start from
+    instead of a fresh expert (improve's warm start)."""
+    init = init or {}
+    results = {op: plan_operation(config, out, op, init.get(op), on_line) for op in operations}
+    jobs = [job for job in results.values() if isinstance(job, ExpertJob)]
+    if jobs:
+        # each new expert's sha256 goes into the manifest as it is saved, checked before anything loads it
+        records = run_trainings(config, str(out), str(base), jobs, on_line, on_record=lambda _: update_manifest(out))
+        results.update({op: TrainingRecord.from_dict(record) for op, record in records.items()})
+    return results
+
+
 def distill_operation(config: Config, out: str | Path, operation: str, base: Path,
                       on_line: Callable[[str], None] = print, init: Path | None = None) -> DistillResult:
-    """Train `operation`'s expert on OUT's traces; `init`: an adapter folder to start from instead of a fresh
-    expert (improve's warm start)."""
+    """`operation`'s expert alone (`distill_operations`)."""
+    return distill_operations(config, out, [operation], base, on_line, {operation: init} if init else None)[operation]
+
+
+def plan_operation(config: Config, out: str | Path, operation: str, init: Path | None,
+                   on_line: Callable[[str], None]) -> DistillResult | ExpertJob:
+    """What `operation` needs: no expert (said why, loudly), the finished expert kept, or a training job."""
     if not trace_files(out, operation):
         if not any(trace_files(out, op) for op in OPERATIONS):
             raise TrainingFailed(f"{Path(out) / 'traces'}: no trace files (run `memlora traces` first)")
@@ -106,8 +127,4 @@ def distill_operation(config: Config, out: str | Path, operation: str, base: Pat
         on_line(f"{operation}: expert already trained on these traces with this recipe; kept")
         done.skipped = True
         return done
-    record = TrainingRecord.from_dict(run_training(config, str(out), operation, str(base),
-                                                   cache_key(config, out, operation, init), on_line,
-                                                   init=str(init) if init is not None else None))
-    update_manifest(out)  # the new expert's sha256, checked before anything loads it
-    return record
+    return ExpertJob(operation, cache_key(config, out, operation, init), str(init) if init is not None else None)

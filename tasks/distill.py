@@ -1,5 +1,5 @@
-"""Tasks of distillation: build the student once, then one training task per operation (no retries: a
-failed training is a bug or a resource problem, not a blip)."""
+"""Tasks of distillation: build the student once, then one training task for every operation (one DeepSpeed
+launch; no retries: a failed training is a bug or a resource problem, not a blip)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from prefect.cache_policies import NONE
 
 from memlora.config import Config
 from memlora.student.build import build_student
-from memlora.student.distill import check_traces, distill_operation
+from memlora.student.distill import check_traces, distill_operations
 from memlora.student.records import DistillResult, NoExpert
 
 
@@ -29,17 +29,19 @@ def build_student_task(config: Config, out: str) -> Path:
     return base
 
 
-@task(name="distill-expert", cache_policy=NONE, retries=0, task_run_name="distill-{operation}")
-def distill_expert_task(config: Config, out: str, operation: str, base: Path,
-                        init: Path | None = None) -> DistillResult:
+@task(name="distill-experts", cache_policy=NONE, retries=0)
+def distill_experts_task(config: Config, out: str, operations: list[str], base: Path,
+                         init: dict[str, Path] | None = None) -> dict[str, DistillResult]:
     log = get_run_logger()
-    if init is not None:
-        log.info("%s: starting from the served expert %s (improve.warm_start)", operation, init)
-    record = distill_operation(config, out, operation, base, on_line=log.info, init=init)
-    if isinstance(record, NoExpert):
-        log.warning("%s: no expert (%s)", operation, record.reason)
-        return record
-    log.info("%s: loss %.4f -> %.4f over %d steps, %d rows used (%s skipped), world size %d, ZeRO-%d",
-             operation, record.loss_before, record.loss_after, record.steps, record.rows_used,
-             record.rows_skipped or "none", record.world_size, record.deepspeed_stage)
-    return record
+    for op in operations:
+        if init and op in init:
+            log.info("%s: starting from the served expert %s (improve.warm_start)", op, init[op])
+    results = distill_operations(config, out, operations, base, on_line=log.info, init=init)
+    for op, record in results.items():
+        if isinstance(record, NoExpert):
+            log.warning("%s: no expert (%s)", op, record.reason)
+        elif not record.skipped:
+            log.info("%s: loss %.4f -> %.4f over %d steps, %d rows used (%s skipped), world size %d, ZeRO-%d",
+                     op, record.loss_before, record.loss_after, record.steps, record.rows_used,
+                     record.rows_skipped or "none", record.world_size, record.deepspeed_stage)
+    return results

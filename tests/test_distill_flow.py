@@ -1,5 +1,5 @@
-"""The `distill` Prefect flow on the shared test server: one task per operation, the launcher's log in the task
-log, the manifest's distill section, finished experts kept on a rerun; then `memlora export` on its output.
+"""The `distill` Prefect flow on the shared test server: one training task for every operation, the launcher's
+log in the task log, the manifest's distill section, finished experts kept on a rerun; then `memlora export`.
 
 The launcher itself is replaced here by a stand-in that writes a real (untrained) DeLoRA adapter: the real
 launch is covered in test_distill_launcher.py, and three more launches would cost a minute of CPU."""
@@ -18,25 +18,30 @@ from memlora.manifest import read_manifest
 from tests.student_fixtures import distill_config, perturb, write_traces
 
 
-def fake_run_training(calls: list):
-    def run(config, out, operation, base, cache, on_line, init=None):
+def fake_run_trainings(calls: list):
+    """Stands in for `run_trainings` (one launch for every expert): a real, untrained DeLoRA adapter per job."""
+    def run(config, out, base, jobs, on_line=print, on_record=lambda record: None):
         from memlora.layout import adapter_dir
         from memlora.llm.hf_backend import load_causal_lm
         from memlora.student.experts import attach_expert
 
-        calls.append(operation)
-        on_line(f"[launch.py] fake rank 0 for {operation}")
-        model, _, _ = load_causal_lm(str(base), dtype="float32", device="cpu")
-        peft_model = attach_expert(model, config.student.expert)
-        perturb(peft_model, seed=len(calls))
-        folder = adapter_dir(out, operation)
-        peft_model.save_pretrained(str(folder), safe_serialization=True)
-        record = {"operation": operation, "steps": 1, "loss_curve": [1.0], "loss_before": 2.0, "loss_after": 1.0,
-                  "rows_used": 5, "rows_skipped": {"parse_failed": 1}, "world_size": 1, "deepspeed_stage": 2,
-                  "cache_key": cache["key"], "traces_sha256": cache["traces_sha256"],
-                  "config_fingerprint": cache["config_fingerprint"]}
-        (folder / "training.json").write_text(json.dumps(record))
-        return record
+        records = {}
+        for job in jobs:
+            calls.append(job.operation)
+            on_line(f"[launch.py] fake rank 0 for {job.operation}")
+            model, _, _ = load_causal_lm(str(base), dtype="float32", device="cpu")
+            peft_model = attach_expert(model, config.student.expert)
+            perturb(peft_model, seed=len(calls))
+            folder = adapter_dir(out, job.operation)
+            peft_model.save_pretrained(str(folder), safe_serialization=True)
+            record = {"operation": job.operation, "steps": 1, "loss_curve": [1.0], "loss_before": 2.0,
+                      "loss_after": 1.0, "rows_used": 5, "rows_skipped": {"parse_failed": 1}, "world_size": 1,
+                      "deepspeed_stage": 2, "cache_key": job.cache["key"], "traces_sha256": job.cache["traces_sha256"],
+                      "config_fingerprint": job.cache["config_fingerprint"]}
+            (folder / "training.json").write_text(json.dumps(record))
+            records[job.operation] = record
+            on_record(record)
+        return records
 
     return run
 
@@ -65,7 +70,7 @@ def test_distill_flow_trains_each_operation_once_and_records_it(prefect_server, 
     config, _ = distill_config(tmp_path / "c.yaml", str(tiny_model_dir),
                                student={"prune": {"from": "teacher", "keep_layers": [0, 2]}})
     calls: list[str] = []
-    monkeypatch.setattr(distill_module, "run_training", fake_run_training(calls))
+    monkeypatch.setattr(distill_module, "run_trainings", fake_run_trainings(calls))
 
     state = distill(config_path=str(config), out=str(out), return_state=True)
     records = state.result()

@@ -1,6 +1,7 @@
 """Distillation through the real `deepspeed` launcher on DeepSpeed's CPU accelerator, tiny models: two ranks
-under ZeRO-2 and ZeRO-3 lower the loss and write adapters that reload with the same outputs; a failed rank
-or a timeout raises with the log; a finished expert is not trained again."""
+under ZeRO-2 and ZeRO-3 lower the loss and write adapters that reload with the same outputs; two experts in one
+launch equal those of a launch each; a failed rank or a timeout raises with the log; a finished expert is not
+trained again."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from memlora.cpu import has_bf16_units
 from memlora.data.io import sha256_file
 from memlora.layout import trace_files
 from memlora.student.build import build_student
-from memlora.student.distill import distill_operation, finished_record
+from memlora.student.distill import distill_operation, distill_operations, finished_record
 from memlora.student.records import NoExpert
 from memlora.student.examples import build_examples, load_traces
 from memlora.student.launch import TrainingFailed
@@ -93,7 +95,7 @@ def test_two_cpu_ranks_zero2_lower_the_loss_and_write_a_loadable_adapter(tiny_mo
     # Same traces and recipe: kept, no launch. Another recipe: trained again.
     import memlora.student.distill as distill
 
-    monkeypatch.setattr(distill, "run_training", lambda *a, **k: pytest.fail("trained a finished expert again"))
+    monkeypatch.setattr(distill, "run_trainings", lambda *a, **k: pytest.fail("trained a finished expert again"))
     again = distill_operation(config, out, "extraction", base, on_line=lines.append)
     assert again.skipped and again.cache_key == record.cache_key
     _, changed = distill_config(tmp_path / "c2.yaml", str(tiny_model_dir), student=PRUNE, max_steps=9,
@@ -106,9 +108,21 @@ def test_two_cpu_ranks_zero2_lower_the_loss_and_write_a_loadable_adapter(tiny_mo
 
 @pytest.mark.timeout(240)
 def test_zero3_adapter_reloads_with_the_same_outputs(tiny_model_dir, tmp_path):
-    out, path, config, base = setup(tmp_path, tiny_model_dir, operations=("update",), zero_stage=3, max_steps=4)
-    record = distill_operation(config, out, "update", base, on_line=lambda line: None)
+    out, path, config, base = setup(tmp_path, tiny_model_dir, operations=("update", "extraction"), zero_stage=3,
+                                    max_steps=4)
+    lines: list[str] = []
+    records = distill_operations(config, out, ["update", "extraction"], base, on_line=lines.append)
+    assert sum("spawned with command" in line for line in lines) == 2  # one launch of two ranks for both experts
+    record = records["update"]
     saved = check_adapter(out / "adapters" / "update")
+    # The second expert of a launch is the expert a launch of its own trains (no state left by the first):
+    alone = tmp_path / "alone"
+    shutil.copytree(out / "traces", alone / "traces")
+    by_itself = distill_operation(config, alone, "extraction", base, on_line=lambda line: None)
+    assert by_itself.loss_curve == records["extraction"].loss_curve
+    together, single = (load_file(str(o / "adapters" / "extraction" / "adapter_model.safetensors"))
+                        for o in (out, alone))
+    assert together.keys() == single.keys() and all(torch.equal(together[k], single[k]) for k in together)
     assert (saved["world_size"], saved["deepspeed_stage"]) == (2, 3)
     loss, model = reloaded_loss(config, out, base, "update")
     # The loss the engine computed with its (sharded) weights, and the loss of the adapter as saved, agree.
@@ -152,27 +166,30 @@ def test_a_failed_rank_raises_with_its_error_and_a_timeout_kills_the_launch(tiny
 
 @pytest.mark.timeout(30)
 def test_launcher_command_on_a_cpu_machine(tiny_model_dir, tmp_path, monkeypatch):
-    from memlora.student.launch import launcher_command
+    from memlora.student.launch import ExpertJob, launcher_command
 
     monkeypatch.setattr("memlora.student.launch.gpu_count", lambda: 0)
     _, config = distill_config(tmp_path / "c.yaml", str(tiny_model_dir), student=PRUNE, num_ranks=3)
     cache = {"key": "k", "traces_sha256": "t", "config_fingerprint": "f"}
-    cmd, env = launcher_command(config, str(tmp_path / "out"), "update", "base", cache)
+    jobs = [ExpertJob("update", cache), ExpertJob("generation", cache, "served")]
+    cmd, env = launcher_command(config, str(tmp_path / "out"), "base", jobs)
     assert Path(cmd[0]).name == "deepspeed" and cmd[cmd.index("--num_gpus") + 1] == "3"
     assert env["DS_ACCELERATOR"] == "cpu" and int(cmd[cmd.index("--master_port") + 1]) > 0
     assert cmd[cmd.index("--module") + 1] == "memlora.student.train_entry"
-    # The ranks read one job file: the config as this process parsed it, the base and the cache key.
+    # The ranks read one job file: the config as this process parsed it, the base, each expert's cache key and start.
     from memlora.jobs import read_job
 
     job_config, job = read_job(cmd[cmd.index("--job") + 1])
-    assert job_config.fingerprint() == config.fingerprint() and job["cache"] == cache
-    assert (job["task"], job["operation"], job["base"]) == ("expert", "update", str(Path("base").resolve()))
+    assert job_config.fingerprint() == config.fingerprint()
+    assert (job["task"], job["base"]) == ("experts", str(Path("base").resolve()))
+    assert job["experts"] == [{"operation": "update", "cache": cache, "init": None},
+                              {"operation": "generation", "cache": cache, "init": str(Path("served").resolve())}]
     monkeypatch.setattr("memlora.student.launch.gpu_count", lambda: 4)
     monkeypatch.delenv("DS_ACCELERATOR", raising=False)
-    cmd, env = launcher_command(config, str(tmp_path / "out"), "update", "base", cache)
+    cmd, env = launcher_command(config, str(tmp_path / "out"), "base", jobs)
     assert cmd[cmd.index("--num_gpus") + 1] == "4" and "DS_ACCELERATOR" not in env  # all visible GPUs
     _, two = distill_config(tmp_path / "d.yaml", str(tiny_model_dir), student=PRUNE, num_gpus=2)
-    cmd, _ = launcher_command(two, str(tmp_path / "out"), "update", "base", cache)
+    cmd, _ = launcher_command(two, str(tmp_path / "out"), "base", jobs)
     assert cmd[cmd.index("--num_gpus") + 1] == "2"
 
 

@@ -44,24 +44,29 @@ def trace_row(i: int, conversation: str, line: str, answer: str) -> dict:
 
 
 def standin_trainer(sources: list[Path], calls: list[str], starts: list | None = None):
-    """run_training's stand-in: installs the next adapter of `sources` with a training record like the real one
-    (and notes in `starts` the adapter it was told to start from)."""
-    def run(config, out, operation, base, cache, on_line, init=None):
-        if starts is not None:
-            starts.append(init)
-        if not sources:
-            raise RuntimeError("rank 0 died: CUDA out of memory (stand-in)")
-        folder = adapter_dir(out, operation)
-        shutil.copytree(sources.pop(0), folder, dirs_exist_ok=True)
-        record = {"operation": operation, "steps": 1, "loss_curve": [1.0], "loss_before": 2.0, "loss_after": 1.0,
-                  "rows_used": 20, "rows_total": 20, "world_size": 1, "deepspeed_stage": 2,
-                  "cache_key": cache["key"], "traces_sha256": cache["traces_sha256"],
-                  "config_fingerprint": cache["config_fingerprint"],
-                  "trace_files": [f.name for f in trace_files(out, operation)]}
-        (folder / "training.json").write_text(json.dumps(record))
-        calls.append(operation)
-        on_line(f"stand-in trained {operation}")
-        return record
+    """run_trainings' stand-in: installs the next adapter of `sources` per job with a training record like the real
+    one (and notes in `starts` the adapter each job was told to start from)."""
+    def run(config, out, base, jobs, on_line=print, on_record=lambda record: None):
+        records = {}
+        for job in jobs:
+            operation, cache = job.operation, job.cache
+            if starts is not None:
+                starts.append(job.init)
+            if not sources:
+                raise RuntimeError("rank 0 died: CUDA out of memory (stand-in)")
+            folder = adapter_dir(out, operation)
+            shutil.copytree(sources.pop(0), folder, dirs_exist_ok=True)
+            record = {"operation": operation, "steps": 1, "loss_curve": [1.0], "loss_before": 2.0, "loss_after": 1.0,
+                      "rows_used": 20, "rows_total": 20, "world_size": 1, "deepspeed_stage": 2,
+                      "cache_key": cache["key"], "traces_sha256": cache["traces_sha256"],
+                      "config_fingerprint": cache["config_fingerprint"],
+                      "trace_files": [f.name for f in trace_files(out, operation)]}
+            (folder / "training.json").write_text(json.dumps(record))
+            calls.append(operation)
+            on_line(f"stand-in trained {operation}")
+            records[operation] = record
+            on_record(record)
+        return records
     return run
 
 
@@ -104,7 +109,7 @@ def test_improve_promotes_the_better_keeps_out_the_worse_and_rolls_back(prefect_
     update_manifest(out)
 
     calls: list[str] = []
-    monkeypatch.setattr(distill_module, "run_training", standin_trainer([good], calls))
+    monkeypatch.setattr(distill_module, "run_trainings", standin_trainer([good], calls))
     result = improve(config_path=str(config_path), out=str(out))
     assert result["new_rows"] == {"extraction": 16} and calls == ["extraction"]
     assert result["promoted"] == ["extraction"], result["decisions"]
@@ -126,7 +131,7 @@ def test_improve_promotes_the_better_keeps_out_the_worse_and_rolls_back(prefect_
     raw["student"]["expert"]["r"] = 4  # the served expert's shape (an expert of another shape is not resumed)
     config_path.write_text(yaml.safe_dump(raw))
     starts: list = []
-    monkeypatch.setattr(distill_module, "run_training", standin_trainer([bad], calls, starts))
+    monkeypatch.setattr(distill_module, "run_trainings", standin_trainer([bad], calls, starts))
     worse = improve(config_path=str(config_path), out=str(out))
     assert starts == [str(adapter_dir(out, "extraction"))]
     assert worse["promoted"] == [] and "worse than the current expert" in worse["decisions"][0]["reason"]
@@ -137,7 +142,7 @@ def test_improve_promotes_the_better_keeps_out_the_worse_and_rolls_back(prefect_
     assert [r["promote"] for r in table] == [True, False] and table[0]["version"] == before
 
     # a candidate that fails to train: the run fails with the reason, the served expert stays
-    monkeypatch.setattr(distill_module, "run_training", standin_trainer([], calls))
+    monkeypatch.setattr(distill_module, "run_trainings", standin_trainer([], calls))
     state = improve(config_path=str(config_path), out=str(out), return_state=True)
     assert state.is_failed() and answers(adapter_dir(out, "extraction")) == right
 

@@ -13,7 +13,7 @@ import pytest
 from memlora.config import OPERATIONS
 from memlora.student.launch import TrainingFailed
 from tests.test_deployments import tiny_config
-from tests.test_distill_flow import fake_run_training
+from tests.test_distill_flow import fake_run_trainings
 
 
 def snapshot(out) -> dict[str, tuple[int, int]]:
@@ -33,15 +33,14 @@ def test_failed_task_then_rerun_skips_finished_work(prefect_server, tiny_model_d
     config = str(tiny_config(tmp_path / "tiny.yaml", tiny_model_dir))
     out = tmp_path / "out"
     trained: list[str] = []
-    fake = fake_run_training(trained)
+    fake = fake_run_trainings(trained)
 
-    def fail_second(*args, **kwargs):
-        if len(trained) == 1:  # the second expert's training dies
-            trained.append("failed")
-            raise TrainingFailed("deliberate failure of the second expert's training")
-        return fake(*args, **kwargs)
+    def fail_second(config, out, base, jobs, on_line=print, on_record=lambda record: None):
+        fake(config, out, base, jobs[:1], on_line, on_record)  # the launch trains the first expert, then dies
+        trained.append("failed")
+        raise TrainingFailed("deliberate failure of the second expert's training")
 
-    monkeypatch.setattr(distill_module, "run_training", fail_second)
+    monkeypatch.setattr(distill_module, "run_trainings", fail_second)
     with pytest.raises(Exception, match="deliberate failure"):
         pipeline(config_path=config, data=str(sample_path), out=str(out))
     first_expert = trained[0]
@@ -53,7 +52,7 @@ def test_failed_task_then_rerun_skips_finished_work(prefect_server, tiny_model_d
     teachers_built = []
     real_build = traces_module.build_backend
     monkeypatch.setattr(traces_module, "build_backend", lambda cfg: teachers_built.append(cfg) or real_build(cfg))
-    monkeypatch.setattr(distill_module, "run_training", fake)
+    monkeypatch.setattr(distill_module, "run_trainings", fake)
     summary = pipeline(config_path=config, data=str(sample_path), out=str(out))
 
     assert teachers_built == []  # every conversation's shards were complete: nothing traced again
