@@ -1,6 +1,7 @@
 """Training step: DeLoRA vs LoRA at equal rank and targets on the student (same batches, forward + backward +
 optimizer step), DeLoRA's step with bfloat16 products (`distill.cpu_precision`) against its float32 one, and the
-real DeepSpeed training with 1 vs 2 ranks on this machine. Writes bench/results/training_step.json.
+real DeepSpeed training with 1 vs 2 ranks on this machine, and the three experts in one launch vs a launch each.
+Writes bench/results/training_step.json.
 
     python bench/training_step.py [--quick] [--out OUT] [--operation update] [--steps 6] [--no-ranks]
 
@@ -10,6 +11,8 @@ the teacher's traces with the distillation loss; their steps alternate (DeLoRA, 
 DeepSpeed's.
 Ranks: `memlora.student.launch.run_training` (the `deepspeed` launcher, ZeRO-2, CPU accelerator without a GPU)
 with `distill.num_ranks` 1 then 2, same steps and per-rank batch; the record's step time and throughput.
+Launches: `distill_operations` on the three operations at once (one launch) and on each alone, alternated; the
+wall time, and what of it is outside the training loops (the records' train_runtime).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from common import CONFIG, bench_parser, bench_student, fmt, ratio_spread, save,
 
 from memlora.config import load_config, parse_config  # noqa: E402
 from memlora.cpu import cpu_model  # noqa: E402
-from memlora.layout import trace_files  # noqa: E402
+from memlora.layout import adapter_dir, trace_files  # noqa: E402
 from memlora.llm.hf_backend import load_causal_lm  # noqa: E402
 from memlora.student.build import build_student, shares_teacher_tokenizer  # noqa: E402
 from memlora.student.examples import build_examples, load_traces  # noqa: E402
@@ -110,6 +113,60 @@ def ranks(traces: Path, operation: str, steps: int, scratch: Path) -> dict:
     return {"rows": rows, "throughput_2_over_1": speed}
 
 
+def launches(traces: Path, scratch: Path, repeats: int = 2, steps: int = 1) -> dict:
+    """The three experts in one launch (what `memlora distill` does) against a launch each, alternated, `steps`
+    training steps each (the same either way): the launcher, the ranks' imports and their process group paid
+    once instead of once per expert."""
+    from memlora.config import OPERATIONS
+    from memlora.student.distill import distill_operations
+
+    raw = yaml.safe_load(CONFIG.read_text())
+    raw["distill"].update(max_steps=steps)
+    path = scratch / "launches.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    config = parse_config(raw, path)
+    shutil.copytree(traces / "traces", scratch / "launches-base" / "traces")  # the pruning probe reads them
+    base = build_student(config, scratch / "launches-base")
+    ways = {"one launch": lambda out: distill_operations(config, out, list(OPERATIONS), base, on_line=quiet),
+            "a launch each": lambda out: {op: distill_operations(config, out, [op], base, on_line=quiet)[op]
+                                          for op in OPERATIONS}}
+    walls: dict[str, list[float]] = {way: [] for way in ways}
+    outside: dict[str, list[float]] = {way: [] for way in ways}  # the wall less the training loops' own seconds
+    for i in range(repeats):
+        for way, train in (ways.items() if i % 2 == 0 else reversed(ways.items())):
+            out = scratch / f"launches-{i}-{way.replace(' ', '-')}"
+            shutil.copytree(traces / "traces", out / "traces")
+            started = time.perf_counter()
+            records = train(out)
+            walls[way].append(time.perf_counter() - started)
+            outside[way].append(walls[way][-1] - sum(r.train_time_s for r in records.values()))
+    # The same experts either way (same seeds, same steps): the first repeat's adapters, tensor for tensor
+    first = {way: scratch / f"launches-0-{way.replace(' ', '-')}" for way in ways}
+    identical = all(same_tensors(*(adapter_dir(out, op) / "adapter_model.safetensors" for out in first.values()))
+                    for op in OPERATIONS)
+    rows = [{"way": way, "experts": len(OPERATIONS), "steps_each": steps,
+             "wall_s": " / ".join(f"{w:.1f}" for w in walls[way]),
+             "outside_training_s": " / ".join(f"{w:.1f}" for w in outside[way])} for way in ways]
+    print(table(rows, list(rows[0])))
+    saved = sum(walls["a launch each"]) / sum(walls["one launch"])
+    print(f"a launch each / one launch (wall, summed over {repeats} repeats): {saved:.2f}x; outside the training "
+          f"loops {sum(outside['a launch each']) / repeats:.1f} s against {sum(outside['one launch']) / repeats:.1f} s;"
+          f" identical experts: {identical}")
+    return {"rows": rows, "walls": walls, "outside_training_s": outside, "each_over_one": saved,
+            "identical_experts": identical}
+
+
+def quiet(line: str) -> None:
+    pass
+
+
+def same_tensors(a: Path, b: Path) -> bool:
+    from safetensors.torch import load_file
+
+    x, y = load_file(str(a)), load_file(str(b))
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
 def main() -> None:
     parser = bench_parser(__doc__)
     parser.add_argument("--operation", default="update")
@@ -126,6 +183,7 @@ def main() -> None:
                                                   max_rows=2 if args.quick else None)
         if not args.no_ranks:
             result["ranks"] = ranks(traces, args.operation, steps + 2, Path(scratch))
+            result["launches"] = launches(traces, Path(scratch), repeats=1 if args.quick else 2)
     print("saved", save("training_step", {**result, "operation": args.operation, "steps": steps}))
 
 
