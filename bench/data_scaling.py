@@ -8,7 +8,7 @@ OUT is a finished `memlora run` (its traces, datasets with a validation split, t
 teacher calls on the test conversations are the held-out calls): the embedded default's, or
 `configs/locomo.yaml`'s on LoCoMo. The training conversations are shuffled once (seeded) and each size trains
 on the first k of them, so every larger set holds the smaller ones; every size stops early on the same validation
-conversation with the same recipe (`distill_operation`, as `memlora distill` trains). Each size's experts answer
+conversation with the same recipe (`distill_operations`, as `memlora distill` trains). Each size's experts answer
 the same held-out calls; per operation the evaluation's agreement metric with a 95 % interval that resamples
 conversations (Cohen's kappa next to update's macro-F1), and, on the generation calls, QA token F1 against the
 gold answer with the teacher's own memories (categories 1-4) and the share of answers that abstain, each next to
@@ -41,7 +41,7 @@ from memlora.evaluation.agreement import PRIMARY  # noqa: E402
 from memlora.evaluation.captured import agreement_rows  # noqa: E402
 from memlora.layout import DATASETS, TEMPLATES, calls_path, student_dir, trace_files, traces_dir  # noqa: E402
 from memlora.manifest import update_manifest  # noqa: E402
-from memlora.student.distill import distill_operation  # noqa: E402
+from memlora.student.distill import distill_operations  # noqa: E402
 from memlora.student.examples import conversation_splits, load_traces  # noqa: E402
 from memlora.student.experts import verified_expert_folders  # noqa: E402
 from memlora.student.improve import backend_for  # noqa: E402
@@ -98,7 +98,7 @@ def measure(plan: Plan, config, size: int, folder: Path) -> list[dict]:
     units = plan.units[:size]
     plan.subset_out(folder, set(units))
     base = student_dir(plan.out)
-    records = {op: distill_operation(config, folder, op, base) for op in plan.operations}
+    records = distill_operations(config, folder, list(plan.operations), base)  # one launch
     backend = backend_for(config, base, verified_expert_folders(folder))
     scored = deferral.score(backend, backend.tokenizer, plan.held, config)
     del backend

@@ -30,7 +30,7 @@ from memlora.evaluation import deferral  # noqa: E402
 from memlora.evaluation.gate import keep_share, paired_difference  # noqa: E402
 from memlora.layout import DATASETS, TEMPLATES, adapter_dir, student_dir, trace_files, traces_dir  # noqa: E402
 from memlora.manifest import update_manifest  # noqa: E402
-from memlora.student.distill import cache_key, distill_operation, finished_record  # noqa: E402
+from memlora.student.distill import cache_key, distill_operations, finished_record  # noqa: E402
 from memlora.student.examples import conversation_splits  # noqa: E402
 from memlora.student.experts import verified_expert_folders  # noqa: E402
 from memlora.student.improve import backend_for  # noqa: E402
@@ -82,12 +82,11 @@ def train_arms(config, out: Path, work: Path, operations: list[str], old: list[s
     warm = linked_out(out, work / "warm", operations, None)
     cold = linked_out(out, work / "cold", operations, None)
     records = {arm: {} for arm in ARMS}
-    reused = {}
-    for op in operations:
-        records["current"][op] = distill_operation(config, current, op, base)
-        records["warm"][op] = distill_operation(config, warm, op, base, init=adapter_dir(current, op))
-        reused[op] = reuse_if_same(config, out, cold, op)
-        records["cold"][op] = distill_operation(config, cold, op, base)
+    records["current"] = distill_operations(config, current, list(operations), base)  # one launch per arm
+    records["warm"] = distill_operations(config, warm, list(operations), base,
+                                         init={op: adapter_dir(current, op) for op in operations})
+    reused = {op: reuse_if_same(config, out, cold, op) for op in operations}
+    records["cold"] = distill_operations(config, cold, list(operations), base)
     return {"folders": {"current": current, "warm": warm, "cold": cold}, "records": records, "reused": reused}
 
 

@@ -77,14 +77,18 @@ def interrupt(args: list[str], sig: signal.Signals, ready: str, tmp_path: Path) 
         stop_group(proc, grace_s=2)
 
 
+@pytest.mark.prefect
 @pytest.mark.timeout(900)
-def test_interrupts_stop_every_command_and_its_children(tiny_model_dir, tmp_path):
+def test_interrupts_stop_every_command_and_its_children(prefect_server, tiny_model_dir, tmp_path):
     config = str(tiny_config(tmp_path / "c.yaml", tiny_model_dir))
     out = str(tmp_path / "out")
     common = ["--config", config, "--out", out]
 
     def finish(*args: str) -> None:
-        done = subprocess.run([str(BIN / "memlora"), *args, *common], cwd=REPO, env=cli_env(), capture_output=True,
+        """The rerun after an interrupt, on the shared server (what is under test is the interrupted run's own
+        temporary server)."""
+        env = {**cli_env(), "PREFECT_API_URL": prefect_server["url"], "PREFECT_HOME": str(prefect_server["home"])}
+        done = subprocess.run([str(BIN / "memlora"), *args, *common], cwd=REPO, env=env, capture_output=True,
                               text=True, timeout=400)
         assert done.returncode == 0, done.stderr[-3000:]
 
