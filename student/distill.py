@@ -85,7 +85,7 @@ def check_traces(out: str | Path) -> dict[str, int]:
 def distill_operations(config: Config, out: str | Path, operations: list[str], base: Path,
                        on_line: Callable[[str], None] = print,
                        init: dict[str, Path] | None = None) -> dict[str, DistillResult]:
-    """Train the experts of `operations` on OUT's traces, those not already done in one DeepSpeed launch, one after
+    """Train the experts of `operations` on OUT's traces: those not already done, in one DeepSpeed launch, one after
     another (each uses every core or GPU it is given); `init`: per operation, an adapter folder to start from
     instead of a fresh expert (improve's warm start)."""
     init = init or {}
