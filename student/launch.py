@@ -81,8 +81,9 @@ def run_trainings(config: Config, out: str, base: str, jobs: list[ExpertJob],
                   on_line: Callable[[str], None] = print,
                   on_record: Callable[[dict], None] = lambda record: None) -> dict[str, dict]:
     """Train every expert of `jobs` in one launch, one after another: the launcher, the ranks' imports and their
-    process group are paid once (12-20 s an expert on 2 cores, bench/training_step.py). `on_record` sees each record as its expert is saved;
-    a failure names the expert that was training, and those saved before it stay saved."""
+    process group are paid once (12-20 s an expert on 2 cores, bench/training_step.py). `on_record` sees each
+    record as its expert is saved; a failure names the expert that was training, and those saved before it stay
+    saved."""
     cmd, env = launcher_command(config, out, base, jobs)
     records: dict[str, dict] = {}
 
