@@ -81,11 +81,10 @@ def train_arms(config, out: Path, work: Path, operations: list[str], old: list[s
     current = linked_out(out, work / "current", operations, set(old))
     warm = linked_out(out, work / "warm", operations, None)
     cold = linked_out(out, work / "cold", operations, None)
-    records = {arm: {} for arm in ARMS}
-    records["current"] = distill_operations(config, current, list(operations), base)  # one launch per arm
+    records = {"current": distill_operations(config, current, list(operations), base)}  # one launch per arm
     records["warm"] = distill_operations(config, warm, list(operations), base,
                                          init={op: adapter_dir(current, op) for op in operations})
-    reused = {op: reuse_if_same(config, out, cold, op) for op in operations}
+    reused = {op: reuse_if_same(config, out, cold, op) for op in operations}  # before the cold arm trains
     records["cold"] = distill_operations(config, cold, list(operations), base)
     return {"folders": {"current": current, "warm": warm, "cold": cold}, "records": records, "reused": reused}
 
