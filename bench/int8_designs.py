@@ -1,6 +1,7 @@
 """Which int8 design keeps the experts' answers: a pipeline run's trained experts answer the teacher's own calls of the
 validation conversation(s) in several designs, one after the other in one process: float32 with the active expert
-merged (what evaluation and serving run today), int8 with the experts float32 beside the base (`student.quantize:
+merged (`merge_experts: true`), float32 with every expert beside the base folded into low-rank pairs (the default),
+int8 with the experts float32 beside the base (`student.quantize:
 int8`, `merge_experts: false`), int8 with one copy of each adapted layer per expert, merged before quantizing
 (`merge_experts: true`), the last also with SmoothQuant's smoothing at each `--smoothing` strength
 (`student.int8_smoothing`) and at each `--keep-smoothing` strength with the `--keep` linears left float32
@@ -29,7 +30,7 @@ from common import (CONFIG, QUICK_TOKENS, bench_parser, replay_agreement, save, 
 from memlora.config import OPERATIONS, load_config  # noqa: E402
 
 # design -> (quantize, merge_experts, int8_smoothing, int8_keep_float32)
-DESIGNS = {"float32": ("none", True, 0.0, ()), "int8-beside": ("int8", False, 0.0, ()),
+DESIGNS = {"float32": ("none", True, 0.0, ()), "float32-beside": ("none", False, 0.0, ()), "int8-beside": ("int8", False, 0.0, ()),
            "int8-merged": ("int8", True, 0.0, ()), "int8_weight-merged": ("int8_weight", True, 0.0, ()),
            "int4_weight-beside": ("int4_weight", False, 0.0, ())}
 

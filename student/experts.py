@@ -99,12 +99,15 @@ class ExpertBackend(TransformersBackend):
     loaded once and never reloaded. An operation without an expert, `bare()`, or
     `adapters=None` run the bare student base (adapter layers disabled, or none attached).
 
+    Un-merged (the default), every expert sits beside the shared base folded into one low-rank pair per adapted
+    layer (`llm.quantize.fold_beside`): a switch is one assignment, the base is neither copied nor changed, and a
+    step costs two small products more per adapted layer (peft's own DeLoRA layer takes about ten operations).
     `merge=True` with float32 weights: a switch writes the active expert into the base weights, restored first
-    from a copy kept at load. An un-merged adapter runs its own small products beside every adapted layer at
-    every decode step (100 ms vs 60 ms per step of 8 rows on the 26-layer student, 2-core CPU); merged, the
-    expert costs what the bare base costs. The copy costs one more set of the adapted weights in memory, and
-    restoring from it keeps every switch exact (merging and un-merging by arithmetic would drift). In bfloat16
-    a merged update of ~1 % of a weight loses much of its precision, so there the adapters stay un-merged.
+    from a copy kept at load, so a step costs what the bare base's does; the copy costs one more set of the
+    adapted weights (~340 MiB on the embedded default's student) and a switch ~114 ms (restoring keeps it exact;
+    merging and un-merging by arithmetic would drift). Measured side by side on the embedded default: peak RSS
+    1,664 MiB folded against 2,053 merged, p50 per call 1.02-1.12x, the same answers (docs/results.md). In
+    bfloat16 a merged update of ~1 % of a weight loses much of its precision, so there the experts stay beside.
     `merge=True` with `quantize="int8"`: one int8 copy of each adapted layer per expert, merged before quantizing,
     and one of the bare base (`llm.quantize.quantize_merged`); a switch is one assignment; `smoothing_alpha` > 0
     smooths the activations' outlier channels into the weights first (`llm.quantize.smoothing`, calibrated on the
@@ -147,6 +150,9 @@ class ExpertBackend(TransformersBackend):
         # adapter beside its layer would read the scaled input).
         self._switch = None
         self.folded = False  # experts beside a quantized base as low-rank pairs (`fold_beside`)
+        if quantize == "none" and merge and self.operations and model.dtype != torch.float32:
+            log.info("experts stay beside the base: merging is exact in float32 only (weights are %s)", model.dtype)
+            merge = False
         if quantize in MERGE_LOSES and merge and self.operations:
             log.info("experts stay beside the %s base: merged, each weight would be rounded off its grid", quantize)
             merge = False
@@ -166,7 +172,7 @@ class ExpertBackend(TransformersBackend):
             self.quantized = quantize
         else:
             self.quantized = quantize_model(model, tokenizer, quantize, self.smoothing_alpha, self.keep_float32)
-            if self.quantized and self.operations:  # beside a quantized base: each expert one low-rank pair
+            if self.operations and (self.quantized or not merge):  # beside the base: each expert one low-rank pair
                 self._switch = fold_beside(model, [adapter_name(op) for op in self.operations])
                 self.folded = self._switch is not None
         super().__init__(model, tokenizer, model_id, batch_size=batch_size, prefix_cache=prefix_cache)
@@ -180,8 +186,6 @@ class ExpertBackend(TransformersBackend):
         self._fast_switch = not any(isinstance(m, AuxiliaryTrainingWrapper) for m in modules)
         weights = [] if self.quantized else [layer.get_base_layer().weight for layer in self._tuner_layers]
         self.merge = bool(merge and weights and all(w.dtype == torch.float32 for w in weights))
-        if merge and weights and not self.merge:
-            log.info("experts stay un-merged: merging is exact in float32 only (weights are %s)", weights[0].dtype)
         self._originals = [w.detach().clone() for w in weights] if self.merge else []
         self.active: str | None = self.operations[0] if self.operations else None
         self.switches = 0
