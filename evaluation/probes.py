@@ -117,6 +117,7 @@ class Probe(BaseModel):
     parameters: dict | None = None        # base / adapters parameter counts
     adapters: dict = {}                   # operation -> {bytes, tensors, ...} of each expert loaded
     adapter_switches: int | None = None
+    experts_design: str | None = None     # merged / beside, folded / beside (run_system.expert_design)
     load_s: float | None = None
     after_load: dict | None = None        # memory snapshot once the model is loaded
     baseline: dict | None = None          # memory snapshot after importing the runtime

@@ -139,6 +139,8 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
     for s in in_rows(rows):
         p = probes[s]
         experts = ", ".join(sorted(p.adapters)) or "–"
+        if p.adapters and p.experts_design:
+            experts += f" ({p.experts_design})"
         lines.append(f"| {s} | `{p.model_id}` | {p.device} ({p.dtype}) | {p.pid} | {experts} |")
     heads = headline(rows, meta.get("independent_judge", False))
     if not meta.get("independent_judge", False):

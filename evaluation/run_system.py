@@ -51,6 +51,13 @@ def adapter_files(folders: dict[str, str]) -> dict[str, dict]:
     return info
 
 
+def expert_design(backend) -> str | None:
+    """How a system's experts sit on its base (None: no experts): what its memory and speed depend on."""
+    if not getattr(backend, "operations", None):
+        return None
+    return "merged" if backend.merge else "beside, folded" if backend.folded else "beside"
+
+
 def say(message: str) -> None:
     """Progress, to the system's log (OUT/eval/logs/<system>.log)."""
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
@@ -152,6 +159,7 @@ def run_model_system(system: str, config, out: Path, base: str | None) -> dict:
         "parameters": probes.parameter_counts(model) if model is not None else None,
         "adapters": adapter_files(adapters) if adapters else {},
         "adapter_switches": getattr(backend, "switches", None),
+        "experts_design": expert_design(backend),
         "load_s": loaded.load_s,
         "after_load": after_load,
         "timings": timings,

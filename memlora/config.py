@@ -234,7 +234,8 @@ class StudentConfig(_Strict):
     # what the bare base's does, but float32 keeps a copy of every adapted weight to restore at each switch: on the
     # embedded default peak RSS 2,053 MiB (1.18x the teacher's) against 1,664 (0.97x) beside, p50 per call 0.98 /
     # 0.93 / 0.89x beside's, a switch 114 ms against one assignment, the same answers (docs/results.md, 2026-12-06).
-    merge_experts: bool = False
+    # Unset: each scheme's own choice (`merges_experts`): float32 and int4 beside, int8 merged (its fast design).
+    merge_experts: bool | None = None
     # Inference: the base's linear weights quantized where the trained experts are loaded (evaluation, serving): `int8`,
     # torch's dynamic quantization (activations rounded to int8 per call); `int8_weight`, weight-only (activations
     # multiplied in bfloat16; no smoothing or float32 layers needed); `int4_weight`, the same with 4-bit weights in
@@ -250,6 +251,12 @@ class StudentConfig(_Strict):
     int8_keep_float32: list[str] = []
 
     _model_exists = field_validator("model")(classmethod(lambda cls, v: _model_exists(v)))
+
+    @property
+    def merges_experts(self) -> bool:
+        """`merge_experts`, or where unset the scheme's own choice: int8 merged (one quantized copy per expert, a
+        step at the bare int8 base's cost), float32 and int4 beside (no copy of the base)."""
+        return self.merge_experts if self.merge_experts is not None else self.quantize in ("int8", "int8_weight")
 
     @model_validator(mode="after")
     def _one_source(self) -> "StudentConfig":

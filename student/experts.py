@@ -206,7 +206,7 @@ class ExpertBackend(TransformersBackend):
         student = config.student
         return cls(base, adapters, batch_size=config.teacher.batch_size, device=config.teacher.device,
                    dtype=student.dtype if student else "auto", prefix_cache=config.teacher.prefix_cache,
-                   prompt=prompt, merge=student.merge_experts if student else False,
+                   prompt=prompt, merge=student.merges_experts if student else False,
                    quantize=student.quantize if student else "none",
                    smoothing_alpha=student.int8_smoothing if student else 0.0,
                    keep_float32=tuple(student.int8_keep_float32) if student else ())

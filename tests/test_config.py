@@ -98,3 +98,16 @@ def test_a_config_extends_another_and_names_only_what_it_changes(tmp_path):
     (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
     with pytest.raises(ConfigError, match="extends itself"):
         load_config(tmp_path / "loop.yaml")
+
+
+@pytest.mark.parametrize("quantize, asked, merged", [
+    ("none", None, False), ("int4_weight", None, False), ("int8", None, True), ("int8_weight", None, True),
+    ("none", True, True), ("int8_weight", False, False),
+])
+def test_experts_merge_where_their_scheme_gains_from_it_unless_the_config_says(quantize, asked, merged):
+    """Unset, float32 experts stay beside the base (no float32 copy of it) and int8 ones merge (their fast design);
+    an explicit `merge_experts` wins."""
+    student = {"prune": {"from": "teacher", "drop": 4}, "quantize": quantize}
+    if asked is not None:
+        student["merge_experts"] = asked
+    assert parse_config(raw(student=student)).student.merges_experts is merged

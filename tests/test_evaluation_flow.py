@@ -220,6 +220,7 @@ def test_evaluate_flow_on_tiny_models(prefect_server, tiny_teacher, tiny_model_d
     assert len(pids) == 4 and os.getpid() not in pids
     assert all(p["peak_rss_mb"] > p["baseline"]["rss_mb"] > 0 for p in probes.values())
     assert probes["student+experts"]["adapter_switches"] > 0
+    assert probes["student+experts"]["experts_design"] == "beside, folded" and probes["student"]["experts_design"] is None
     assert set(probes["student+experts"]["adapters"]) == set(OPERATIONS)
     for s in SYSTEMS:
         assert by_key[(s, "model", "peak_rss_mb")]["value"] == pytest.approx(probes[s]["peak_rss_mb"])
@@ -295,6 +296,7 @@ def test_evaluate_flow_on_tiny_models(prefect_server, tiny_teacher, tiny_model_d
     int8_probe = json.loads((out / "eval" / "systems" / "teacher-int8" / "probe.json").read_text())
     assert int8_probe["dtype"] == "float32, int8 weights (smoothed, alpha 0.5) (lm_head float32)"
     assert quantized["systems"]["student+experts"]["dtype"].startswith("float32, int8 weights (smoothed")
+    assert quantized["systems"]["student+experts"]["experts_design"] == "merged"  # int8's own choice
     assert requests("teacher-int8", "forced") == requests("teacher", "e2e")
     rows = {(r["system"], r["operation"], r["metric"]): r
             for r in pq.read_table(out / "eval" / "results.parquet").to_pylist()}
