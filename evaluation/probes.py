@@ -73,9 +73,11 @@ def cuda_peaks_mb() -> dict[str, float] | None:
 
 def parameter_counts(model) -> dict[str, int]:
     """Parameters of the base model and of every attached peft adapter (whatever the adapters are named:
-    peft keys each adapter's tensors by its name, the last or a middle component of the parameter name)."""
+    peft keys each adapter's tensors by its name, the last or a middle component of the parameter name), an
+    expert folded beside its layer (`llm.quantize.BesideLinear`) counted by its pair."""
     names = tuple(getattr(model, "peft_config", {}) or ())
-    base = adapters = 0
+    base = 0
+    adapters = sum(getattr(module, "pair_numel", 0) for module in model.modules())
     for name, param in model.named_parameters():
         parts = name.split(".")
         if names and any(a in parts for a in names):

@@ -330,6 +330,11 @@ class BesideLinear(torch.nn.Module):
             self.register_buffer(f"b{i}", b.contiguous())
         self.index = {name: (f"a{i}", f"b{i}") for i, name in enumerate(pairs)}
 
+    @property
+    def pair_numel(self) -> int:
+        """Every expert's folded pair, counted as the adapters' parameters (they are buffers here)."""
+        return sum(getattr(self, n).numel() for names in self.index.values() for n in names)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base(x)
         names = self.index.get(self.state["active"])

@@ -142,6 +142,10 @@ def test_switching_experts_changes_outputs_without_reloading(tiny_model_dir, exp
     assert any(isinstance(m, BesideLinear) and type(m.base) is torch.nn.Linear for m in model.modules())
     weights = {n: p.data_ptr() for n, p in model.named_parameters()}
     reference = peft_reference(tiny_model_dir, experts_out)
+    from memlora.evaluation.probes import parameter_counts
+
+    low_rank = sum(p.numel() for n, p in reference.named_parameters() if "delora_A" in n or "delora_B" in n)
+    assert parameter_counts(model) == {"base": parameter_counts(reference)["base"], "adapters": low_rank}
 
     seen = {}
     for op in [*OPERATIONS, "extraction", "generation"]:
