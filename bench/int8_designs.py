@@ -30,7 +30,8 @@ from common import (CONFIG, QUICK_TOKENS, bench_parser, replay_agreement, save, 
 from memlora.config import OPERATIONS, load_config  # noqa: E402
 
 # design -> (quantize, merge_experts, int8_smoothing, int8_keep_float32)
-DESIGNS = {"float32": ("none", True, 0.0, ()), "float32-beside": ("none", False, 0.0, ()), "int8-beside": ("int8", False, 0.0, ()),
+DESIGNS = {"float32": ("none", True, 0.0, ()), "float32-beside": ("none", False, 0.0, ()),
+           "int8-beside": ("int8", False, 0.0, ()),
            "int8-merged": ("int8", True, 0.0, ()), "int8_weight-merged": ("int8_weight", True, 0.0, ()),
            "int4_weight-beside": ("int4_weight", False, 0.0, ())}
 

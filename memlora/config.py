@@ -232,8 +232,8 @@ class StudentConfig(_Strict):
     # Inference: write the active expert into the base weights at each switch (float32; int8: see `quantize`)
     # instead of running it beside every adapted layer as one folded low-rank pair. Merged, a decode step costs
     # what the bare base's does, but float32 keeps a copy of every adapted weight to restore at each switch: on the
-    # embedded default peak RSS 2,053 MiB (1.18x the teacher's) against 1,664 (0.97x) beside, p50 per call 0.98 /
-    # 0.93 / 0.89x beside's, a switch 114 ms against one assignment, the same answers (docs/results.md, 2026-12-06).
+    # embedded default peak RSS 1,980 MiB (1.16x the teacher's) against 1,453 (0.87x) beside, p50 per call 0.92 /
+    # 0.91 / 0.94x beside's, a switch 114 ms against one assignment, the same answers (docs/results.md, 2026-12-06).
     # Unset: each scheme's own choice (`merges_experts`): float32 and int4 beside, int8 merged (its fast design).
     merge_experts: bool | None = None
     # Inference: the base's linear weights quantized where the trained experts are loaded (evaluation, serving): `int8`,

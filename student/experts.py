@@ -106,7 +106,7 @@ class ExpertBackend(TransformersBackend):
     from a copy kept at load, so a step costs what the bare base's does; the copy costs one more set of the
     adapted weights (~340 MiB on the embedded default's student) and a switch ~114 ms (restoring keeps it exact;
     merging and un-merging by arithmetic would drift). Measured side by side on the embedded default: peak RSS
-    1,664 MiB folded against 2,053 merged, p50 per call 1.02-1.12x, the same answers (docs/results.md). In
+    1,453 MiB folded against 1,980 merged, p50 per call 1.07-1.09x, the same answers (docs/results.md). In
     bfloat16 a merged update of ~1 % of a weight loses much of its precision, so there the experts stay beside.
     `merge=True` with `quantize="int8"`: one int8 copy of each adapted layer per expert, merged before quantizing,
     and one of the bare base (`llm.quantize.quantize_merged`); a switch is one assignment; `smoothing_alpha` > 0
