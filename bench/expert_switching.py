@@ -1,5 +1,6 @@
-"""Expert switching: `set_adapter` between operations vs loading the operation's expert again, and the memory
-all three experts add to the bare student. Writes bench/results/expert_switching.json.
+"""Expert switching: the backend's switch between operations (`ExpertBackend.use`, every expert resident) vs
+loading the operation's expert again through peft, and the memory all three experts add to the bare student.
+Writes bench/results/expert_switching.json.
 
     python bench/expert_switching.py [--quick] [--out OUT]   (OUT: use its trained experts)
 """
@@ -45,7 +46,6 @@ def main() -> None:
         del bare
         backend, rss_experts = loaded(lambda: ExpertBackend(base, folders, device="cpu"))
         counts = parameter_counts(backend.model)
-        model = backend.model
 
         # set_adapter, cycling through the operations (each call is a real switch)
         cycle = [OPERATIONS[i % len(OPERATIONS)] for i in range(switches + 1)]
@@ -56,24 +56,31 @@ def main() -> None:
             backend.use(op)
             switch_times.append(time.perf_counter() - t0)
 
-        # The alternative without resident experts: drop the adapter and load it again from disk.
+        del backend
+        gc.collect()
+        # The alternative without resident experts: peft drops the adapter and loads it again from disk.
+        from peft import PeftModel
+
+        from memlora.llm.hf_backend import load_causal_lm
+
+        model = PeftModel.from_pretrained(load_causal_lm(str(base), device="cpu")[0], str(folders[OPERATIONS[0]]),
+                                          adapter_name="resident", use_safetensors=True)  # never dropped
         reload_times = []
         for i in range(reloads):
             op = OPERATIONS[i % len(OPERATIONS)]
             name = adapter_name(op)
-            backend.use(OPERATIONS[(i + 1) % len(OPERATIONS)])
-            model.delete_adapter(name)
+            if name in model.peft_config:
+                model.delete_adapter(name)
             t0 = time.perf_counter()
             model.load_adapter(str(folders[op]), adapter_name=name, use_safetensors=True)
             model.set_adapter(name)
             reload_times.append(time.perf_counter() - t0)
-            backend.active = op
 
     adapter_params = counts.get("adapters", sum(v for k, v in counts.items() if k != "base"))
     base_params = bare_params.get("base", sum(bare_params.values()))
     switch, reload = spread(switch_times), spread(reload_times)
     rows = [
-        {"what": "set_adapter (switch)", "median_ms": f"{switch['median'] * 1e3:.3f}",
+        {"what": "switch (resident experts)", "median_ms": f"{switch['median'] * 1e3:.3f}",
          "min_ms": f"{switch['min'] * 1e3:.3f}", "max_ms": f"{switch['max'] * 1e3:.3f}", "n": len(switch_times)},
         {"what": "reload from disk", "median_ms": f"{reload['median'] * 1e3:.1f}",
          "min_ms": f"{reload['min'] * 1e3:.1f}", "max_ms": f"{reload['max'] * 1e3:.1f}", "n": len(reload_times)},
