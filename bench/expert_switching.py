@@ -47,7 +47,7 @@ def main() -> None:
         backend, rss_experts = loaded(lambda: ExpertBackend(base, folders, device="cpu"))
         counts = parameter_counts(backend.model)
 
-        # set_adapter, cycling through the operations (each call is a real switch)
+        # the backend's switch, cycling through the operations (each call is a real switch)
         cycle = [OPERATIONS[i % len(OPERATIONS)] for i in range(switches + 1)]
         backend.use(cycle[0])
         switch_times = []

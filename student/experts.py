@@ -149,7 +149,7 @@ class ExpertBackend(TransformersBackend):
         # Smoothing needs every linear's weights to take its scales: merged variants, or no adapter at all (an
         # adapter beside its layer would read the scaled input).
         self._switch = None
-        self.folded = False  # experts beside a quantized base as low-rank pairs (`fold_beside`)
+        self.folded = False  # experts beside the base as low-rank pairs (`fold_beside`)
         if quantize == "none" and merge and self.operations and model.dtype != torch.float32:
             log.info("experts stay beside the base: merging is exact in float32 only (weights are %s)", model.dtype)
             merge = False
