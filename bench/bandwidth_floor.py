@@ -9,8 +9,8 @@ triad bandwidth). Systems: the teacher in float32 (as the config deploys it) and
 as `ExpertBackend` runs it (`student.quantize: int8`: the difference is what the expert beside costs), and int8 with
 the expert merged before quantizing (the other design: one int8 copy of the base per expert, a switch a pointer
 swap), and the weight-only schemes (`int8_weight` bare and merged, `int4_weight` bare and with an expert beside).
-Every system decodes with the backends' CPU product (`llm.cpu_matmul`); the teacher also through plain `F.linear`,
-for what that product buys. The ratio says how much faster a step could get on this CPU; it is not a guess at the
+Every system decodes with the backends' CPU product (`llm.cpu_matmul`: this machine's faster of `F.linear` and rows
+first); the teacher also through each of the two, for what the choice buys. The ratio says how much faster a step could get on this CPU; it is not a guess at the
 kernels.
 
     python bench/bandwidth_floor.py [--quick] [--out OUT] [--systems teacher,student,...]
@@ -108,7 +108,7 @@ def step_seconds(model, prompt: int, steps: int, batch: int, repeats: int) -> fl
 
 
 def load(system: str, base: Path, config):
-    from memlora.llm.cpu_matmul import use_rows_first_linears
+    from memlora.llm.cpu_matmul import use_fastest_decode_product, use_rows_first_linears
     from memlora.llm.hf_backend import load_causal_lm
     from memlora.llm.quantize import fold_beside, quantize_base
     from memlora.student.experts import attach_expert
@@ -123,15 +123,17 @@ def load(system: str, base: Path, config):
         quantize_base(model, next((s for s in (WEIGHT_ONLY, INT4) if s in system), "int8"))
         if system.endswith("+expert"):  # as ExpertBackend runs an expert beside a quantized base: folded
             fold_beside(model, ["default"])["active"] = "default"
-    if system != PLAIN:
-        use_rows_first_linears(model)  # the product the backends decode with (float32 linears only)
+    if system == ROWS_FIRST:
+        use_rows_first_linears(model)
+    elif system != PLAIN:
+        use_fastest_decode_product(model)  # the product the backends decode with (float32 linears only)
     return model.eval()
 
 
-# The teacher through plain `F.linear`, as torch multiplies by default: beside "teacher" (the backends' product,
-# llm/cpu_matmul.py), what that product buys in the same run.
-PLAIN = "teacher-F.linear"
-SYSTEMS = ("teacher", PLAIN, "teacher-int8", "student", "student-int8", "student-int8+expert",
+# The teacher through plain `F.linear`, as torch multiplies by default, and through rows first: beside "teacher"
+# (the backends' product, the faster of the two here: llm/cpu_matmul.py), what the choice buys in the same run.
+PLAIN, ROWS_FIRST = "teacher-F.linear", "teacher-rows-first"
+SYSTEMS = ("teacher", PLAIN, ROWS_FIRST, "teacher-int8", "student", "student-int8", "student-int8+expert",
            "student-int8+expert-merged", f"student-{WEIGHT_ONLY}", f"student-{WEIGHT_ONLY}+expert-merged",
            f"student-{INT4}", f"student-{INT4}+expert")  # int4 experts stay beside (student/experts.py)
 

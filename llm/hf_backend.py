@@ -17,7 +17,7 @@ import torch
 
 from memlora.config import LLMConfig
 from memlora.llm import gguf_cache
-from memlora.llm.cpu_matmul import use_rows_first_linears
+from memlora.llm.cpu_matmul import use_fastest_decode_product
 from memlora.llm.decoding import Decoded, RowSpec, RunningBatch, decode_rows, mergeable
 from memlora.llm.grammar import GrammarCache
 from memlora.llm.calibration import calibration_ids
@@ -99,7 +99,7 @@ class TransformersBackend:
         self.prefix_cache = prefix_cache
         self._prefixes: OrderedDict[tuple, tuple[list[int], object]] = OrderedDict()
         prepare_tokenizer(tokenizer)
-        use_rows_first_linears(model)  # decode steps are a few rows: see cpu_matmul
+        use_fastest_decode_product(model)  # decode steps are a few rows: this machine's faster product
         self.grammars = grammars or GrammarCache(tokenizer, model.config.vocab_size)
         self._lock = threading.Lock()  # one generate at a time on a shared model
         self.stop_ids = {i for i in _as_list(model.generation_config.eos_token_id) + [tokenizer.eos_token_id]

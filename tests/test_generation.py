@@ -285,6 +285,38 @@ def test_rows_first_linears_match_f_linear(tiny_model_dir):
 
 
 @pytest.mark.timeout(120)
+def test_the_decode_product_is_this_machines_faster_or_the_one_asked_for(tiny_model_dir, monkeypatch):
+    """`MEMLORA_CPU_DECODE_PRODUCT` fixes the product (rows first patched in, or torch's left alone; anything else
+    refused by name); `auto` keeps torch's on a model too small to time, and times both products on a real-sized
+    weight without copying it."""
+    import torch
+
+    from memlora.llm import cpu_matmul
+    from memlora.llm.hf_backend import load_causal_lm
+
+    def patched(model) -> int:
+        return sum("forward" in vars(m) for m in model.modules() if type(m) is torch.nn.Linear)
+
+    for product, expected in (("rows_first", True), ("linear", False)):
+        monkeypatch.setenv(cpu_matmul.PRODUCT_ENV, product)
+        model, _, _ = load_causal_lm(str(tiny_model_dir), device="cpu")
+        assert cpu_matmul.use_fastest_decode_product(model) == product
+        assert (patched(model) > 0) is expected
+    monkeypatch.setenv(cpu_matmul.PRODUCT_ENV, "fastest")
+    with pytest.raises(ValueError, match=cpu_matmul.PRODUCT_ENV):
+        cpu_matmul.decode_product(model)
+    monkeypatch.setenv(cpu_matmul.PRODUCT_ENV, "auto")
+    model, _, _ = load_causal_lm(str(tiny_model_dir), device="cpu")
+    assert cpu_matmul.use_fastest_decode_product(model) == "linear" and patched(model) == 0
+    weight = torch.randn(8192, 576)
+    seconds = cpu_matmul.time_products(weight)
+    assert set(seconds) == set(cpu_matmul.PRODUCTS) and all(s > 0 for s in seconds.values())
+    big = torch.nn.Sequential(torch.nn.Linear(576, 8192, bias=False))
+    big[0].weight.data = weight
+    assert cpu_matmul.decode_product(big) in cpu_matmul.PRODUCTS
+
+
+@pytest.mark.timeout(120)
 def test_an_int8_teacher_runs_quantized_linears_and_keeps_the_schema(tiny_model_dir):
     """`teacher.quantize: int8`: the loaded model's linear layers run on int8 weights and constrained output still
     validates; a remote teacher cannot be asked to quantize (its server does)."""
