@@ -10,8 +10,8 @@ as `ExpertBackend` runs it (`student.quantize: int8`: the difference is what the
 the expert merged before quantizing (the other design: one int8 copy of the base per expert, a switch a pointer
 swap), and the weight-only schemes (`int8_weight` bare and merged, `int4_weight` bare and with an expert beside).
 Every system decodes with the backends' CPU product (`llm.cpu_matmul`: this machine's faster of `F.linear` and rows
-first); the teacher also through each of the two, for what the choice buys. The ratio says how much faster a step could get on this CPU; it is not a guess at the
-kernels.
+first); the teacher also through each of the two, for what the choice buys. The ratio says how much faster a step
+could get on this CPU; it is not a guess at the kernels.
 
     python bench/bandwidth_floor.py [--quick] [--out OUT] [--systems teacher,student,...]
         (OUT: use its student base)
