@@ -106,12 +106,13 @@ def decode_product(model: torch.nn.Module) -> str:
     if key not in _chosen:
         # Its first rows only (a view, 16 MB): they show the same gap, and the load does not page in
         # the whole output head (113 MB of the teacher's) before a decode step needs it.
-        seconds = time_products(weight.detach()[: max(1, TIMED_MIN_NUMEL // weight.shape[1])])
+        timed = weight.detach()[: max(1, TIMED_MIN_NUMEL // weight.shape[1])]
+        seconds = time_products(timed)
         faster = seconds["rows_first"] * ROWS_FIRST_MARGIN < seconds["linear"]
         _chosen[key] = "rows_first" if faster else "linear"
         log.info("CPU decode product: %s (timed on %d x %d of the largest weight, rows 1 and 8: F.linear %.2f ms, "
-                 "rows first %.2f ms)", _chosen[key], min(weight.shape[0], TIMED_MIN_NUMEL // weight.shape[1]),
-                 weight.shape[1], seconds["linear"] * 1e3, seconds["rows_first"] * 1e3)
+                 "rows first %.2f ms)", _chosen[key], *timed.shape, seconds["linear"] * 1e3,
+                 seconds["rows_first"] * 1e3)
     return _chosen[key]
 
 

@@ -288,7 +288,7 @@ def test_rows_first_linears_match_f_linear(tiny_model_dir):
 def test_the_decode_product_is_this_machines_faster_or_the_one_asked_for(tiny_model_dir, monkeypatch):
     """`MEMLORA_CPU_DECODE_PRODUCT` fixes the product (rows first patched in, or torch's left alone; anything else
     refused by name); `auto` keeps torch's on a model too small to time, and times both products on a real-sized
-    weight without copying it."""
+    weight and picks one."""
     import torch
 
     from memlora.llm import cpu_matmul
