@@ -28,7 +28,7 @@ PRODUCT_ENV = "MEMLORA_CPU_DECODE_PRODUCT"
 PRODUCTS = ("linear", "rows_first")
 # Below this many weights a product is mostly call overhead (tiny test models): nothing to choose, keep torch's.
 TIMED_MIN_NUMEL = 4 * 2**20
-# Rows-first only where it is clearly faster: the hosts measured so far differ by 1.7-3x, noise by a few percent.
+# Rows-first only where it is clearly faster: the hosts measured so far differ by 1.6-3.6x, noise by a few percent.
 ROWS_FIRST_MARGIN = 1.2
 
 log = logging.getLogger("memlora.llm")
