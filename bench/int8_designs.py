@@ -34,6 +34,8 @@ DESIGNS = {"float32": ("none", True, 0.0, ()), "float32-beside": ("none", False,
            "int8-beside": ("int8", False, 0.0, ()),
            "int8-merged": ("int8", True, 0.0, ()), "int8_weight-merged": ("int8_weight", True, 0.0, ()),
            "int4_weight-beside": ("int4_weight", False, 0.0, ())}
+# The weight-only schemes hold their KV cache in bfloat16 (`llm.kv_cache.store_kv_as`); these keep it float32.
+KV_FLOAT32 = {f"{name}-kv32": design for name, design in DESIGNS.items() if design[0] in ("int8_weight", "int4_weight")}
 
 
 def main() -> int:
@@ -46,7 +48,7 @@ def main() -> int:
     parser.add_argument("--designs", default="", help="comma-separated design names to run (default: all; float32, "
                         "the yardstick, always runs)")
     args = parser.parse_args()
-    designs, keep = dict(DESIGNS), tuple(k for k in args.keep.split(",") if k)
+    designs, keep = DESIGNS | KV_FLOAT32, tuple(k for k in args.keep.split(",") if k)
     for alpha in [float(a) for a in args.smoothing.split(",") if a]:
         designs[f"int8-merged-smooth{alpha:g}"] = ("int8", True, alpha, ())
     for alpha in [float(a) for a in args.keep_smoothing.split(",") if a and keep]:
@@ -60,6 +62,7 @@ def main() -> int:
         designs = {name: designs[name] for name in ("float32", "int8-beside", list(designs)[-1])}
     import tempfile
 
+    from memlora.llm.kv_cache import store_kv_as
     from memlora.student.experts import ExpertBackend
 
     config = load_config(CONFIG)
@@ -73,6 +76,8 @@ def main() -> int:
         backend = ExpertBackend.from_out(base, experts_out, device="cpu", batch_size=config.teacher.batch_size,
                                          prompt=config.student.prompt, merge=merge, quantize=quantize,
                                          smoothing_alpha=alpha, keep_float32=kept)
+        if design in KV_FLOAT32:
+            store_kv_as(backend.model, None)
         for op in OPERATIONS:
             if not rows[op]:
                 continue

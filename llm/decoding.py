@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 import xgrammar as xgr
 
-from memlora.llm.kv_cache import drop_front, in_place, merge
+from memlora.llm.kv_cache import drop_front, in_place, kv_dtype, merge
 
 
 @dataclass
@@ -117,7 +117,8 @@ class RunningBatch:
         put them in the batch; returns their outputs, which fill as the batch steps."""
         from transformers import DynamicCache
 
-        cache = in_place(cache if cache is not None else DynamicCache(config=self.model.config))
+        cache = in_place(cache if cache is not None else DynamicCache(config=self.model.config),
+                         dtype=kv_dtype(self.model))
         width = input_ids.shape[1]
         positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
         logits = self.model(input_ids=input_ids[:, cached_len:], attention_mask=attention_mask,

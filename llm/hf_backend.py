@@ -20,6 +20,7 @@ from memlora.llm import gguf_cache
 from memlora.llm.cpu_matmul import use_fastest_decode_product
 from memlora.llm.decoding import Decoded, RowSpec, RunningBatch, decode_rows, mergeable
 from memlora.llm.grammar import GrammarCache
+from memlora.llm.kv_cache import in_place, kv_dtype
 from memlora.llm.calibration import calibration_ids
 from memlora.llm.quantize import applied_smoothing, quantize_base, smooth_in_place, smoothing
 from memlora.memory.llm import GenerationRequest, GenerationResult, cancelled_result
@@ -149,6 +150,8 @@ class TransformersBackend:
             text = self.tokenizer.apply_chat_template(head, tokenize=False)
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             cache = DynamicCache(config=self.model.config)
+            if kv_dtype(self.model) is not None:  # the prefix's own attention as the rows' will be: on that dtype
+                cache = in_place(cache, dtype=kv_dtype(self.model))
             # Only the cache is kept: logits of the last position alone, not a (prefix x vocabulary) float32 block
             # (~190 MB for a 1,000-token prefix of SmolLM2's 49,152 tokens) and its GEMM through the output head.
             self.model(input_ids=torch.tensor([ids], device=self.model.device), past_key_values=cache, use_cache=True,

@@ -7,12 +7,17 @@ SmolLM2-135M, 14 rows of 900 tokens, 174-188 ms a step with the copy against 133
 of a buffer with room after them; the buffer is copied only when the room runs out, when rows leave
 (`batch_select_indices`, one copy of the kept rows), when a joining call's cache is merged in (`merge`, one
 copy), or when something outside replaced the tensors (taken over on the next update).
+
+A model whose linears already multiply in bfloat16 (the weight-only quantized schemes, `llm.quantize`) may keep
+its cache in bfloat16 too (`store_kv_as`): half the bytes held per token and read per step; attention then runs
+in the cache's dtype (`sdpa_kv_cast`).
 """
 
 from __future__ import annotations
 
 import torch
 from transformers.cache_utils import DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 
 # Spare columns per reallocation: a copy every 32 steps instead of every step, and at most 32 columns of memory
@@ -23,17 +28,17 @@ ROOM = 32
 class InPlaceLayer(DynamicLayer):
     """`DynamicLayer` whose `keys` / `values` are `[start, end)` views of buffers with `room` spare columns."""
 
-    def __init__(self, room: int = ROOM):
+    def __init__(self, room: int = ROOM, dtype: torch.dtype | None = None):
         super().__init__()
-        self.room = room
+        self.room, self.dtype_held = room, dtype  # None: the dtype the keys come in
         self._k = self._v = None   # the buffers
         self._views = (None, None)  # what `keys` / `values` were last set to here
         self._start = self._end = 0
 
     @classmethod
-    def taking_over(cls, layer: DynamicLayer, room: int = ROOM) -> "InPlaceLayer":
+    def taking_over(cls, layer: DynamicLayer, room: int = ROOM, dtype: torch.dtype | None = None) -> "InPlaceLayer":
         """A layer with `layer`'s state (its tensors are copied into a buffer on the first update)."""
-        new = cls(room)
+        new = cls(room, dtype)
         new.is_initialized = layer.is_initialized
         if layer.is_initialized:
             new.dtype, new.device = layer.dtype, layer.device
@@ -52,8 +57,9 @@ class InPlaceLayer(DynamicLayer):
         `new_k`'s and `room` more."""
         held = self.keys.shape[-2] if self.keys.dim() == 4 else 0
         size = held + new_k.shape[-2] + self.room
-        self._k = new_k.new_empty(*new_k.shape[:2], size, new_k.shape[-1])
-        self._v = new_v.new_empty(*new_v.shape[:2], size, new_v.shape[-1])
+        dtype = self.dtype_held or new_k.dtype
+        self._k = new_k.new_empty(*new_k.shape[:2], size, new_k.shape[-1], dtype=dtype)
+        self._v = new_v.new_empty(*new_v.shape[:2], size, new_v.shape[-1], dtype=dtype)
         if held:
             self._k[:, :, :held] = self.keys
             self._v[:, :, :held] = self.values
@@ -111,9 +117,43 @@ def merge(mine, theirs, pad_mine: int, pad_theirs: int) -> None:
         mine.keys, mine.values = keys, values
 
 
-def in_place(cache, room: int = ROOM):
-    """`cache` (a transformers `DynamicCache`) with each plain `DynamicLayer` appending in place; other layer kinds
-    (a sliding window keeps its own positions) stay as they are."""
-    cache.layers = [InPlaceLayer.taking_over(layer, room) if type(layer) is DynamicLayer
+def in_place(cache, room: int = ROOM, dtype: torch.dtype | None = None):
+    """`cache` (a transformers `DynamicCache`) with each plain `DynamicLayer` appending in place, holding `dtype`
+    (None: the keys' own); other layer kinds (a sliding window keeps its own positions) stay as they are."""
+    cache.layers = [InPlaceLayer.taking_over(layer, room, dtype) if type(layer) is DynamicLayer
                     else layer for layer in cache.layers]
     return cache
+
+
+KV_CAST = "sdpa_kv_cast"  # the attention implementation `store_kv_as` sets
+
+
+def sdpa_kv_cast(module, query, key, value, attention_mask, **kwargs):
+    """transformers' sdpa attention over a cache held in another dtype than the model computes in: the query (and
+    a float mask) cast to the cache's dtype, the output cast back."""
+    if key.dtype == query.dtype:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = attention_mask.to(key.dtype)
+    out, weights = sdpa_attention_forward(module, query.to(key.dtype), key, value, attention_mask, **kwargs)
+    return out.to(query.dtype), weights
+
+
+def store_kv_as(model, dtype: torch.dtype | None) -> bool:
+    """Keep `model`'s KV cache in `dtype` (None: the keys' own, as transformers does) where its attention is sdpa
+    (the decoders' `RunningBatch` reads `kv_dtype`); returns whether it will."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    if model.config._attn_implementation not in ("sdpa", KV_CAST):
+        return False
+    AttentionInterface.register(KV_CAST, sdpa_kv_cast)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(KV_CAST, sdpa_mask)
+    model.config._attn_implementation = "sdpa" if dtype is None else KV_CAST
+    model.memlora_kv_dtype = dtype
+    return True
+
+
+def kv_dtype(model) -> torch.dtype | None:
+    """The dtype `store_kv_as` gave `model`'s cache, or None (the keys' own)."""
+    return getattr(model, "memlora_kv_dtype", None)

@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 import torch
 
 from memlora.llm.file_pages import model_tensors, release_file_pages, trim_heap
+from memlora.llm.kv_cache import store_kv_as
 
 WEIGHT_ONLY = "int8_weight"  # int8 weights, bfloat16 inputs (`Int8WeightLinear`)
 INT4 = "int4_weight"  # 4-bit weights in groups, bfloat16 inputs (`Int4WeightLinear`)
@@ -113,6 +114,8 @@ def quantize_base(model: torch.nn.Module, scheme: str, keep: tuple[str, ...] = (
             release_file_pages([t for t in (linear.weight, linear.bias) if t is not None], model_tensors(model))
             del linear
         _embedding_in_blocks(model)
+        # their inputs are bfloat16 already: the KV cache too, half the bytes held per token and read per step
+        store_kv_as(model, torch.bfloat16)
         trim_heap()
         return len(names)
     floats = [t for n in names for t in (model.get_submodule(n).weight, model.get_submodule(n).bias) if t is not None]

@@ -446,3 +446,8 @@ def test_the_quantized_teacher_column_appears_only_beside_a_quantized_student(ti
     from memlora.llm.quantize import Int8WeightLinear
 
     assert any(isinstance(m, Int8WeightLinear) for m in backend.model.modules())
+    import torch
+
+    from memlora.llm.kv_cache import kv_dtype
+
+    assert kv_dtype(backend.model) == torch.bfloat16  # its KV cache held as the student's is
