@@ -6,7 +6,8 @@ int8`, `merge_experts: false`), int8 with one copy of each adapted layer per exp
 (`merge_experts: true`), the last also with SmoothQuant's smoothing at each `--smoothing` strength
 (`student.int8_smoothing`) and at each `--keep-smoothing` strength with the `--keep` linears left float32
 (`student.int8_keep_float32`), weight-only int8 merged (`student.quantize: int8_weight`) and int4 beside
-(`int4_weight`, whose experts never merge). Per operation: agreement with the teacher (the operation's primary
+(`int4_weight`, whose experts never merge), the two weight-only ones also with their KV cache float32 (`-kv32`; they
+hold it in bfloat16). Per operation: agreement with the teacher (the operation's primary
 metric, 95 % interval), the share of answers identical to float32's, seconds per generated token. Writes
 bench/results/int8_designs.json.
 
