@@ -88,13 +88,19 @@ def main() -> None:
     per_op = args.per_op or (1 if args.quick else 8)
     repeats = args.repeats or (1 if args.quick else 2)
     requests = trace_requests(args.out, per_op, max_tokens=QUICK_TOKENS if args.quick else None)
-    scratch = Path(tempfile.mkdtemp(prefix="memlora-continuous-serving-"))
-    configs = {mode: config_with(on, scratch) for mode, on in MODES.items()}
     runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
-    for _ in range(repeats):
-        for mode in MODES:
-            with open(scratch / f"{mode}.log", "ab") as log:
-                runs[mode].append(serve_and_send(configs[mode], requests, args.clients, log))
+    with tempfile.TemporaryDirectory(prefix="memlora-continuous-serving-") as tmp:
+        scratch = Path(tmp)
+        configs = {mode: config_with(on, scratch) for mode, on in MODES.items()}
+        try:
+            for _ in range(repeats):
+                for mode in MODES:
+                    with open(scratch / f"{mode}.log", "ab") as log:
+                        runs[mode].append(serve_and_send(configs[mode], requests, args.clients, log))
+        except BaseException:  # the servers' logs go with the scratch folder: their tails first
+            for path in sorted(scratch.glob("*.log")):
+                print(f"--- {path.name}\n{path.read_text(errors='replace')[-2000:]}", file=sys.stderr)
+            raise
     rows = []
     for mode, records in runs.items():
         walls = [r["wall_s"] for r in records]

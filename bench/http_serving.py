@@ -38,17 +38,17 @@ KEEP_ALL = "student+experts+deferral"  # serve-experts --fallback, every call ke
 ALWAYS_DEFER = {"deferral, keeps nothing": float("inf"), "deferral, never sure": 1.0}
 
 
-def start_server(system: str, port: int, base: Path, experts_out: Path, log,
+def start_server(system: str, port: int, base: Path, experts_out: Path, scratch: Path, log,
                  teacher_url: str | None = None) -> subprocess.Popen:
     memlora = str(Path(sys.executable).parent / "memlora")
     if system == "teacher":
         cmd = [memlora, "serve-model", "--config", str(CONFIG), "--name", "teacher", "--port", str(port)]
     elif system == KEEP_ALL:
-        cmd = [memlora, "serve-experts", "--config", str(CONFIG), "--out", str(thresholds_out(experts_out)), "--base",
-               str(base), "--port", str(port), "--fallback", f"http://127.0.0.1:{free_port()}/v1",
+        cmd = [memlora, "serve-experts", "--config", str(CONFIG), "--out", str(thresholds_out(experts_out, scratch)),
+               "--base", str(base), "--port", str(port), "--fallback", f"http://127.0.0.1:{free_port()}/v1",
                "--fallback-degraded"]
     elif system in ALWAYS_DEFER:
-        out = thresholds_out(experts_out, ALWAYS_DEFER[system])
+        out = thresholds_out(experts_out, scratch, ALWAYS_DEFER[system])
         cmd = [memlora, "serve-experts", "--config", str(CONFIG), "--out", str(out), "--base", str(base),
                "--port", str(port), "--fallback", teacher_url, "--fallback-model", "teacher"]
     else:
@@ -57,17 +57,18 @@ def start_server(system: str, port: int, base: Path, experts_out: Path, log,
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
 
 
-def thresholds_out(experts_out: Path, threshold: float = float("-inf")) -> Path:
-    """A scratch OUT with a copy of the experts and their manifest, whose deferral.json has `threshold` for every
-    class (-inf: keeps every call), so a user's own OUT and its thresholds are never touched (a link would not do:
-    a load checks that each adapter file resolves inside the OUT whose manifest lists it)."""
+def thresholds_out(experts_out: Path, scratch: Path, threshold: float = float("-inf")) -> Path:
+    """An OUT under `scratch` (removed with it) with a copy of the experts and their manifest, whose deferral.json
+    has `threshold` for every class (-inf: keeps every call), so a user's own OUT and its thresholds are never
+    touched (a link would not do: a load checks that each adapter file resolves inside the OUT whose manifest lists
+    it)."""
     import json
     import shutil
 
     from memlora.config import OPERATIONS
     from memlora.layout import deferral_path
 
-    out = Path(tempfile.mkdtemp(prefix="memlora-keep-all-"))
+    out = Path(tempfile.mkdtemp(prefix="thresholds-", dir=scratch))
     shutil.copytree(Path(experts_out) / "adapters", out / "adapters")
     shutil.copy(Path(experts_out) / "manifest.json", out / "manifest.json")
     always = {"value": threshold}
@@ -126,13 +127,13 @@ def always_deferred(base: Path, experts_out: Path, scratch: Path, requests: list
     records = {}
     teacher_port = free_port()
     with open(scratch / "fallback-teacher.log", "wb") as teacher_log:
-        teacher = start_server("teacher", teacher_port, base, experts_out, teacher_log)
+        teacher = start_server("teacher", teacher_port, base, experts_out, scratch, teacher_log)
         try:
             wait_healthy(f"http://127.0.0.1:{teacher_port}", teacher, timeout_s=300)
             for system in ALWAYS_DEFER:
                 port = free_port()
                 with open(scratch / f"{system}.log", "wb") as log:
-                    proc = start_server(system, port, base, experts_out, log,
+                    proc = start_server(system, port, base, experts_out, scratch, log,
                                         teacher_url=f"http://127.0.0.1:{teacher_port}/v1")
                     try:
                         wait_healthy(f"http://127.0.0.1:{port}", proc, timeout_s=300)
@@ -165,7 +166,7 @@ def main() -> None:
         for system in SYSTEMS:  # one server at a time: each has the machine to itself
             port = free_port()
             with open(Path(scratch) / f"{system}.log", "wb") as log:
-                proc = start_server(system, port, base, experts_out, log)
+                proc = start_server(system, port, base, experts_out, Path(scratch), log)
                 try:
                     wait_healthy(f"http://127.0.0.1:{port}", proc, timeout_s=300)
                     records[system] = measure(system, f"http://127.0.0.1:{port}", requests, repeats)

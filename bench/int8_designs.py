@@ -63,11 +63,16 @@ def main() -> int:
         designs = {name: designs[name] for name in ("float32", "int8-beside", list(designs)[-1])}
     import tempfile
 
+    config = load_config(CONFIG)
+    with tempfile.TemporaryDirectory(prefix="int8-designs-") as scratch:  # a student and experts built without OUT
+        return run_designs(args, designs, keep, config, Path(scratch))
+
+
+def run_designs(args, designs: dict, keep: tuple[str, ...], config, scratch: Path) -> int:
+    """Each design in turn on the same calls (`scratch`: where a student and experts are built without OUT)."""
     from memlora.llm.kv_cache import store_kv_as
     from memlora.student.experts import ExpertBackend
 
-    config = load_config(CONFIG)
-    scratch = Path(tempfile.mkdtemp(prefix="int8-designs-"))
     base, experts_out = student_with_experts(args.out, scratch, config)
     limit = 2 if args.quick else (None if args.out else 8)  # OUT's validation calls, all of them
     rows = {op: validation_rows(experts_out, op, limit) for op in OPERATIONS}

@@ -73,8 +73,9 @@ def main() -> int:
     from memlora.llm.calibration import calibration_ids
 
     config = load_config(CONFIG)
-    base = bench_student(config, args.out or tempfile.mkdtemp(prefix="int8-logits-"))
-    model, tokenizer, _ = load_causal_lm(str(base), dtype="float32", device="cpu")
+    with tempfile.TemporaryDirectory(prefix="int8-logits-") as scratch:  # a student built without OUT, once loaded
+        model, tokenizer, _ = load_causal_lm(str(bench_student(config, args.out or scratch)), dtype="float32",
+                                             device="cpu")
     per_op, most = (1, 256) if args.quick else (3, 1024)
     calls = [r for op in OPERATIONS for r in validation_rows(traces_root(args.out), op, per_op)]
     inputs = [teacher_forced(tokenizer, r, most) for r in calls]
