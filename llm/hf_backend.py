@@ -101,7 +101,9 @@ class TransformersBackend:
         self._prefixes: OrderedDict[tuple, tuple[list[int], object]] = OrderedDict()
         prepare_tokenizer(tokenizer)
         use_fastest_decode_product(model)  # decode steps are a few rows: this machine's faster product
-        self.grammars = grammars or GrammarCache(tokenizer, model.config.vocab_size)
+        vocab = model.config.vocab_size
+        self.grammars = grammars if grammars is not None and grammars.fits(tokenizer, vocab) else \
+            GrammarCache(tokenizer, vocab)
         self._lock = threading.Lock()  # one generate at a time on a shared model
         self.stop_ids = {i for i in _as_list(model.generation_config.eos_token_id) + [tokenizer.eos_token_id]
                          if i is not None}

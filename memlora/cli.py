@@ -214,8 +214,9 @@ def _serve(engine, args) -> int:
     return 0
 
 
-def _expert_backend(config, args):
-    """The student base with every expert of OUT (each checked against OUT's manifest), as evaluation loads it."""
+def _expert_backend(config, args, grammars=None):
+    """The student base with every expert of OUT (each checked against OUT's manifest), as evaluation loads it;
+    `grammars`: the serving backend's compiled grammars (a reload keeps them)."""
     from memlora.evaluation.systems import EvalError, student_base
     from memlora.student.experts import ExpertBackend, verified_expert_folders
 
@@ -227,7 +228,7 @@ def _expert_backend(config, args):
     except EvalError as err:
         raise UsageError(f"{err}; or give --base") from None
     return ExpertBackend.from_config(config, base, adapters,
-                                     prompt=config.student.prompt if config.student else "teacher")
+                                     prompt=config.student.prompt if config.student else "teacher", grammars=grammars)
 
 
 def _fallback(config, args):
@@ -282,7 +283,7 @@ def cmd_serve_experts(args) -> int:
                            fallback=guard or _fallback(config, args))
     if config.serving.reload_s:
         def experts() -> dict:
-            fresh = _expert_backend(config, args)
+            fresh = _expert_backend(config, args, engine.backend.grammars)
             return {"backend": fresh, "models": expert_models(fresh.operations)}
 
         def policy():

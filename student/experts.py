@@ -17,6 +17,7 @@ from memlora.config import OPERATIONS, ExpertConfig
 from memlora.layout import adapter_dir
 from memlora.llm.client_template import AS_SENT, expert_view, read_template
 from memlora.llm.calibration import calibration_ids
+from memlora.llm.grammar import GrammarCache
 from memlora.llm.hf_backend import TransformersBackend, load_causal_lm, quantize_model
 from memlora.manifest import check_recorded
 from memlora.student.householder import use_input_reflections
@@ -122,7 +123,7 @@ class ExpertBackend(TransformersBackend):
     def __init__(self, base: str | Path, adapters: dict[str, Path] | None, *, batch_size: int = 8,
                  device: str = "auto", dtype: str = "auto", prefix_cache: bool = True, prompt: str = "teacher",
                  merge: bool = False, quantize: str = "none", smoothing_alpha: float = 0.0,
-                 keep_float32: tuple[str, ...] = ()):
+                 keep_float32: tuple[str, ...] = (), grammars: GrammarCache | None = None):
         methods = {op: json.loads((Path(folder) / "adapter_config.json").read_text())["peft_type"]
                    for op, folder in (adapters or {}).items()}
         if len(set(methods.values())) > 1:  # peft keeps one adapter type per model
@@ -175,7 +176,8 @@ class ExpertBackend(TransformersBackend):
             if self.operations and (self.quantized or not merge):  # beside the base: each expert one low-rank pair
                 self._switch = fold_beside(model, [adapter_name(op) for op in self.operations])
                 self.folded = self._switch is not None
-        super().__init__(model, tokenizer, model_id, batch_size=batch_size, prefix_cache=prefix_cache)
+        super().__init__(model, tokenizer, model_id, batch_size=batch_size, prefix_cache=prefix_cache,
+                         grammars=grammars)
         # The adapted layers, found once: a switch then only repoints them (peft's `set_adapter` walks every
         # module of the model and toggles requires_grad each time: 4 ms per switch here, measured).
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -200,16 +202,16 @@ class ExpertBackend(TransformersBackend):
 
     @classmethod
     def from_config(cls, config, base: str | Path, adapters: dict[str, Path] | None,
-                    prompt: str = "teacher") -> "ExpertBackend":
+                    prompt: str = "teacher", grammars: GrammarCache | None = None) -> "ExpertBackend":
         """The run config's batch size, device, dtype, prefix cache and merging (what evaluation and serve-experts
-        use)."""
+        use); `grammars`: another backend's compiled grammars, kept where the tokenizer is the same."""
         student = config.student
         return cls(base, adapters, batch_size=config.teacher.batch_size, device=config.teacher.device,
                    dtype=student.dtype if student else "auto", prefix_cache=config.teacher.prefix_cache,
                    prompt=prompt, merge=student.merges_experts if student else False,
                    quantize=student.quantize if student else "none",
                    smoothing_alpha=student.int8_smoothing if student else 0.0,
-                   keep_float32=tuple(student.int8_keep_float32) if student else ())
+                   keep_float32=tuple(student.int8_keep_float32) if student else (), grammars=grammars)
 
     @classmethod
     def from_out(cls, base: str | Path, out: str | Path, **kwargs) -> "ExpertBackend":

@@ -24,6 +24,7 @@ from memlora.evaluation.gate import Decision, decide
 from memlora.layout import (
     ADAPTERS, DATASETS, TEMPLATES, TRACES, adapter_dir, candidate_dir, decisions_path, trace_files,
 )
+from memlora.llm.grammar import GrammarCache
 from memlora.student.distill import cache_key
 from memlora.student.examples import load_traces
 from memlora.student.experts import ExpertBackend, adapter_config, verified_expert_folders
@@ -106,9 +107,11 @@ def _shape(adapter: dict) -> tuple:
     return getattr(kind, "value", kind), adapter.get("r"), sorted(adapter.get("target_modules") or [])
 
 
-def backend_for(config: Config, base: str | Path, adapters: dict[str, Path]) -> ExpertBackend:
+def backend_for(config: Config, base: str | Path, adapters: dict[str, Path],
+                grammars: GrammarCache | None = None) -> ExpertBackend:
+    """`grammars`: an earlier backend's of this run (the current and candidate experts read the same schemas)."""
     return ExpertBackend.from_config(config, base, adapters, prompt=config.student.prompt if config.student
-                                     else "teacher")
+                                     else "teacher", grammars=grammars)
 
 
 def gate(config: Config, out: str | Path, base: str | Path, candidate: Candidate) -> list[Decision]:
@@ -119,9 +122,10 @@ def gate(config: Config, out: str | Path, base: str | Path, candidate: Candidate
     ops = [op for op in candidate.new_rows if op in candidate_adapters]
     tests = deferral.test_calls(out, config, ops)
     held = deferral.validation_calls(out, config, ops)
-    scored = {}
+    scored, grammars = {}, None
     for name, adapters in (("current", current_adapters), ("candidate", candidate_adapters)):
-        backend = backend_for(config, base, adapters)
+        backend = backend_for(config, base, adapters, grammars)
+        grammars = backend.grammars
         scored[name] = (deferral.score(backend, backend.tokenizer, tests, config),
                         deferral.score(backend, backend.tokenizer, held, config))
         del backend

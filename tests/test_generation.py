@@ -92,6 +92,25 @@ def test_grammars_are_compiled_once_per_schema(tiny_backend):
 
 
 @pytest.mark.timeout(120)
+def test_a_new_backend_keeps_anothers_grammars_only_for_the_same_vocabulary(tiny_backend, tiny_model_dir):
+    """A reloaded or second backend of the same student reuses the compiled grammars (an update schema takes ~1.8 s
+    to compile on 2 cores); a tokenizer with another vocabulary gets its own."""
+    from memlora.llm.hf_backend import TransformersBackend, load_causal_lm
+
+    schema = extraction_schema(max_facts=2, max_chars=9)
+    tiny_backend.grammars.grammar(schema)
+    model, tok, model_id = load_causal_lm(str(tiny_model_dir), device="cpu")
+    again = TransformersBackend(model, tok, model_id, grammars=tiny_backend.grammars)
+    before = again.grammars.compiled
+    assert again.grammars is tiny_backend.grammars
+    again.grammars.grammar(schema)
+    assert again.grammars.compiled == before
+    tok.eos_token = tok.convert_ids_to_tokens(1)  # another stop token: the old masks would end rows wrongly
+    other = TransformersBackend(model, tok, model_id, grammars=tiny_backend.grammars)
+    assert other.grammars is not tiny_backend.grammars and other.grammars.vocabulary != again.grammars.vocabulary
+
+
+@pytest.mark.timeout(120)
 def test_a_burst_of_one_new_schema_compiles_it_once(tiny_backend):
     """A client sends its first calls at once (the memory system's batch of extraction windows): one compile,
     the others wait for it rather than compiling the same grammar in parallel."""

@@ -52,11 +52,16 @@ def test_a_new_version_is_taken_under_load_without_failing_a_request(tmp_path, t
     out = tmp_path / "out"
     install(out, v1)
 
-    def load() -> dict:
-        backend = ExpertBackend(tiny_model_dir, verified_expert_folders(out), device="cpu")
+    compiled = {}
+
+    def load() -> dict:  # as serve-experts reloads: the serving backend's compiled grammars kept
+        backend = ExpertBackend(tiny_model_dir, verified_expert_folders(out), device="cpu",
+                                grammars=compiled.get("grammars"))
+        compiled["grammars"] = backend.grammars
         return {"backend": backend, "models": expert_models(backend.operations)}
 
     first = load()["backend"]
+    grammars = first.grammars
     engine = ServingEngine(first, expert_models(first.operations), default_max_tokens=12)
     replaced = weakref.ref(first)
     del first
@@ -95,6 +100,7 @@ def test_a_new_version_is_taken_under_load_without_failing_a_request(tmp_path, t
                 c.result()
         assert len(statuses) > 8 and set(statuses) == {200}, statuses
         assert ask(url).json()["choices"][0]["message"]["content"] == expected["v2"]
+        assert engine.backend is not replaced() and engine.backend.grammars is grammars
         deadline = time.monotonic() + 60  # the replaced experts are freed once their queue drained (memory back)
         while replaced() is not None:
             assert time.monotonic() < deadline, "the replaced backend is still referenced"
