@@ -30,7 +30,7 @@ from memlora.llm.hf_backend import TransformersBackend  # noqa: E402
 def stock_cache():
     """Decoding as before: the cache's layers left as transformers makes them."""
     kept = decoding.in_place
-    decoding.in_place = lambda cache: cache
+    decoding.in_place = lambda cache, **_: cache
     try:
         yield
     finally:
