@@ -85,14 +85,16 @@ class Data:
             self.pairs.append({"prompt": messages, "completion": [{"role": "assistant", "content": target}]})
 
 
-_GRAMMARS: dict[int, GrammarCache] = {}  # one per tokenizer: compiling xgrammar's token table takes seconds
+# The last backend's compiled grammars: the next keeps them where its tokenizer is the same (the backend checks).
+_GRAMMARS: dict[str, GrammarCache] = {}
 
 
 def agreement_on(model, tokenizer, config, operation: str, held: list[dict], max_tokens: int | None) -> dict:
     """The operation's evaluation metric against the teacher, on the held-out rows the teacher's output parsed."""
     model.eval()
-    grammars = _GRAMMARS.setdefault(len(tokenizer), GrammarCache(tokenizer, model.config.vocab_size))
-    backend = TransformersBackend(model, tokenizer, "bench", batch_size=8, logprobs_top_k=0, grammars=grammars)
+    backend = TransformersBackend(model, tokenizer, "bench", batch_size=8, logprobs_top_k=0,
+                                  grammars=_GRAMMARS.get("last"))
+    _GRAMMARS["last"] = backend.grammars
     budget = config.memory.operations[operation].max_new_tokens
     refs = [r for r in held if r["parse_ok"]]
     requests = [GenerationRequest(operation, expert_messages(config.student.prompt, operation, r["messages"]),
