@@ -5,8 +5,8 @@ int8 with the experts float32 beside the base (`student.quantize:
 int8`, `merge_experts: false`), int8 with one copy of each adapted layer per expert, merged before quantizing
 (`merge_experts: true`), the last also with SmoothQuant's smoothing at each `--smoothing` strength
 (`student.int8_smoothing`) and at each `--keep-smoothing` strength with the `--keep` linears left float32
-(`student.int8_keep_float32`), weight-only int8 merged (`student.quantize: int8_weight`) and int4 beside
-(`int4_weight`, whose experts never merge), the two weight-only ones also with their KV cache float32 (`-kv32`; they
+(`student.int8_keep_float32`), weight-only int8 merged (`student.quantize: int8_weight`) and beside
+(`merge_experts: false`), int4 beside (`int4_weight`, whose experts never merge), the two weight-only ones also with their KV cache float32 (`-kv32`; they
 hold it in bfloat16). Per operation: agreement with the teacher (the operation's primary
 metric, 95 % interval), the share of answers identical to float32's, seconds per generated token. Writes
 bench/results/int8_designs.json.
@@ -34,6 +34,7 @@ from memlora.config import OPERATIONS, load_config  # noqa: E402
 DESIGNS = {"float32": ("none", True, 0.0, ()), "float32-beside": ("none", False, 0.0, ()),
            "int8-beside": ("int8", False, 0.0, ()),
            "int8-merged": ("int8", True, 0.0, ()), "int8_weight-merged": ("int8_weight", True, 0.0, ()),
+           "int8_weight-beside": ("int8_weight", False, 0.0, ()),
            "int4_weight-beside": ("int4_weight", False, 0.0, ())}
 # The weight-only schemes hold their KV cache in bfloat16 (`llm.kv_cache.store_kv_as`); these keep it float32.
 KV_FLOAT32 = {f"{name}-kv32": design for name, design in DESIGNS.items() if design[0] in ("int8_weight", "int4_weight")}

@@ -347,6 +347,8 @@ RENDERERS = {
     "int8-designs-int8-weight": lambda: int8_designs_table("int8_designs_int8_weight"),
     "int8-designs-int4-weight": lambda: int8_designs_table("int8_designs_int4_weight"),
     "int8-designs-kv-cache": lambda: int8_designs_table("int8_designs_kv_cache"),
+    "int8-designs-int8-weight-beside": lambda: int8_designs_table("int8_designs_int8_weight_beside"),
+    "headline-int8-weight-beside": lambda: results_table("embedded_default_int8_weight_beside"),
     "int8-logits": int8_logits_table,
 }
 
