@@ -1,15 +1,14 @@
 """Which int8 design keeps the experts' answers: a pipeline run's trained experts answer the teacher's own calls of the
 validation conversation(s) in several designs, one after the other in one process: float32 with the active expert
 merged (`merge_experts: true`), float32 with every expert beside the base folded into low-rank pairs (the default),
-int8 with the experts float32 beside the base (`student.quantize:
-int8`, `merge_experts: false`), int8 with one copy of each adapted layer per expert, merged before quantizing
-(`merge_experts: true`), the last also with SmoothQuant's smoothing at each `--smoothing` strength
-(`student.int8_smoothing`) and at each `--keep-smoothing` strength with the `--keep` linears left float32
-(`student.int8_keep_float32`), weight-only int8 merged (`student.quantize: int8_weight`) and beside
-(`merge_experts: false`), int4 beside (`int4_weight`, whose experts never merge), the two weight-only ones also with their KV cache float32 (`-kv32`; they
-hold it in bfloat16). Per operation: agreement with the teacher (the operation's primary
-metric, 95 % interval), the share of answers identical to float32's, seconds per generated token. Writes
-bench/results/int8_designs.json.
+int8 with the experts float32 beside the base (`student.quantize: int8`, `merge_experts: false`), int8 with one
+copy of each adapted layer per expert, merged before quantizing (`merge_experts: true`), the last also with
+SmoothQuant's smoothing at each `--smoothing` strength (`student.int8_smoothing`) and at each `--keep-smoothing`
+strength with the `--keep` linears left float32 (`student.int8_keep_float32`), weight-only int8 merged
+(`student.quantize: int8_weight`) and beside (`merge_experts: false`), int4 beside (`int4_weight`, whose experts
+never merge), the weight-only ones also with their KV cache float32 (`-kv32`; they hold it in bfloat16). Per
+operation: agreement with the teacher (the operation's primary metric, 95 % interval), the share of answers
+identical to float32's, seconds per generated token. Writes bench/results/int8_designs.json.
 
     python bench/int8_designs.py --out OUT [--quick] [--smoothing 0.7] [--keep-smoothing 0.85]
         [--keep down_proj,lm_head] [--designs float32,int8_weight-merged]
