@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 def continuous_decoder(backend, max_batch: int) -> "ContinuousDecoder | None":
     """A decoder for `backend` where its rows may share a batch whatever their operation (a local model with no
-    adapter switched per batch), else None."""
+    adapter switched per batch, or the student with its experts folded beside the base), else None."""
     mixes = getattr(backend, "mixes_operations", None)
     return ContinuousDecoder(backend, max_batch) if mixes is not None and mixes() else None
 
@@ -61,9 +61,9 @@ class ContinuousDecoder:
         return max(0, self.max_batch - len(self.rows))
 
     def add(self, items: list[tuple[GenerationRequest, Future]]) -> None:
-        """Prefill `items` and put them in the running batch; calls that share their prompt's head (system prompt
-        and examples) are prefilled together on the cached prefix."""
-        head = lambda item: repr(item[0].messages[:-1])  # noqa: E731
+        """Prefill `items` and put them in the running batch; calls of one operation that share their prompt's
+        head (system prompt and examples) are prefilled together on the cached prefix (and on one expert)."""
+        head = lambda item: (item[0].operation, repr(item[0].messages[:-1]))  # noqa: E731
         for _, group in groupby(sorted(items, key=head), key=head):
             group = list(group)
             requests = [r for r, _ in group]

@@ -41,6 +41,7 @@ class RowSpec:
     logprobs_top_k: int = 0
     stop_check: Callable[[list[int]], bool] | None = None  # True once the completion holds a stop string
     cancelled: Callable[[], bool] | None = None             # True once nobody waits for the row
+    adapter: str | None = None  # the expert that decodes the row, where one running batch holds several
 
 
 def banned_by_ngram(seq: list[int], n: int) -> set[int]:
@@ -96,11 +97,14 @@ class RunningBatch:
     """The rows decoding now, with their KV cache and next logits. `add` prefills rows and merges them in; `step`
     picks one token per row, lets finished rows go and runs the others one position on. Sampling settings are
     the batch's; everything else is each row's (RowSpec). `trim` drops KV columns no row attends to any more
-    (those a row that left padded the others to), which a batch that keeps taking rows needs."""
+    (those a row that left padded the others to), which a batch that keeps taking rows needs. `route`, where
+    given, is told the specs of the rows of every forward, in row order, before it runs (the student points each
+    row at its own expert)."""
 
     def __init__(self, model, stop_ids: set[int], *, temperature: float = 0.0, top_p: float = 1.0,
-                 generator: torch.Generator | None = None, trim: bool = False):
-        self.model, self.stop_ids, self.trim = model, stop_ids, trim
+                 generator: torch.Generator | None = None, trim: bool = False,
+                 route: Callable[[list[RowSpec]], None] | None = None):
+        self.model, self.stop_ids, self.trim, self.route = model, stop_ids, trim, route
         self.temperature, self.top_p, self.generator = temperature, top_p, generator
         self.rows: list[tuple[RowSpec, Decoded, object | None]] = []  # (spec, its output, its grammar matcher)
         self.cache = self.mask = self.next_pos = self.logits = None
@@ -121,6 +125,8 @@ class RunningBatch:
                          dtype=kv_dtype(self.model))
         width = input_ids.shape[1]
         positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        if self.route is not None:
+            self.route(specs)
         logits = self.model(input_ids=input_ids[:, cached_len:], attention_mask=attention_mask,
                             position_ids=positions[:, cached_len:], past_key_values=cache, use_cache=True,
                             cache_position=torch.arange(cached_len, width, device=input_ids.device),
@@ -210,6 +216,8 @@ class RunningBatch:
             if self.trim:
                 self._trim()
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
+        if self.route is not None:
+            self.route([spec for spec, _, _ in self.rows])
         self.logits = self.model(input_ids=chosen[:, None], attention_mask=self.mask, position_ids=self.next_pos,
                                  past_key_values=self.cache, use_cache=True,
                                  cache_position=torch.tensor([self.width], device=chosen.device),

@@ -240,8 +240,8 @@ class TransformersBackend:
 
     def mixes_operations(self) -> bool:
         """Whether calls of different operations may share one running batch (memlora.llm.continuous): the same
-        weights for every operation (a subclass that switches adapters per batch may not) and a KV cache whose
-        rows can be merged."""
+        weights for every operation (a subclass that switches adapters per batch may not, unless it routes each
+        row to its own) and a KV cache whose rows can be merged."""
         return type(self).before_batch is TransformersBackend.before_batch and mergeable(self.model)
 
     def running_batch(self) -> RunningBatch:
@@ -250,9 +250,10 @@ class TransformersBackend:
 
     @torch.inference_mode()
     def join(self, batch: RunningBatch, requests: list[GenerationRequest]) -> tuple[list[Decoded], list[int]]:
-        """Prefill `requests` (one shared prompt head: the cached prefix serves them all) into the running `batch`;
-        returns their outputs, which fill as the batch steps, and their prompt lengths."""
+        """Prefill `requests` (one operation, one shared prompt head: the cached prefix serves them all) into the
+        running `batch`; returns their outputs, which fill as the batch steps, and their prompt lengths."""
         with self._lock:
+            self.before_batch(requests[0].operation)
             enc, cache, cached_len = self._encode(requests)
             outs = batch.add(enc["input_ids"], enc["attention_mask"], [self.row_spec(r) for r in requests],
                              cache=cache, cached_len=cached_len)

@@ -340,6 +340,8 @@ class BesideLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base(x)
+        if self.state.get("rows") is not None:  # a running batch of several experts: each adds to its own rows
+            return self._per_row(x, y, self.state["rows"])
         names = self.index.get(self.state["active"])
         if names is None:
             return y
@@ -352,6 +354,17 @@ class BesideLinear(torch.nn.Module):
             torch.addmm(flat, xa.reshape(-1, xa.shape[-1]), b.t(), out=flat)
             return y
         return y + torch.nn.functional.linear(xa, b).to(y.dtype)
+
+    def _per_row(self, x: torch.Tensor, y: torch.Tensor, groups: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
+        """`groups`: (expert, its rows' indices); the base's product is shared, each pair runs on its rows only."""
+        for name, rows in groups:
+            names = self.index.get(name)
+            if names is None:  # the bare base's rows
+                continue
+            a, b = getattr(self, names[0]), getattr(self, names[1])
+            update = torch.nn.functional.linear(torch.nn.functional.linear(x.index_select(0, rows).to(a.dtype), a), b)
+            y.index_add_(0, rows, update.to(y.dtype))
+        return y
 
 
 def low_rank_pair(layer, adapter: str) -> tuple[torch.Tensor, torch.Tensor] | None:

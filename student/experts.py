@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -17,9 +18,11 @@ from memlora.config import OPERATIONS, ExpertConfig
 from memlora.layout import adapter_dir
 from memlora.llm.client_template import AS_SENT, expert_view, read_template
 from memlora.llm.calibration import calibration_ids
+from memlora.llm.decoding import Decoded, RowSpec, RunningBatch, mergeable
 from memlora.llm.grammar import GrammarCache
 from memlora.llm.hf_backend import TransformersBackend, load_causal_lm, quantize_model
 from memlora.manifest import check_recorded
+from memlora.memory.llm import GenerationRequest
 from memlora.student.householder import use_input_reflections
 from memlora.llm.quantize import BARE, MERGE_LOSES, SMOOTHABLE, fold_beside, quantize_merged, smoothing
 
@@ -226,6 +229,7 @@ class ExpertBackend(TransformersBackend):
             return
         if self._switch is not None:  # quantized copies or folded pairs per expert: one assignment every layer reads
             name = adapter_name(operation) if operation is not None else BARE
+            self._switch["rows"] = None  # every row on this expert (no running batch's rows routed apart)
             if self._switch["active"] != name:
                 self._switch["active"] = name
                 for layer in self._tuner_layers:  # layers kept float32 run their expert beside the shared base
@@ -287,14 +291,45 @@ class ExpertBackend(TransformersBackend):
             return messages, AS_SENT
         return expert_view(self.prompt, operation, messages, self.templates.get(operation))
 
-    def generate(self, requests):
-        from dataclasses import replace
+    def _viewed(self, requests: list[GenerationRequest]) -> list[GenerationRequest]:
+        return [replace(r, messages=self.expert_view(r.operation, r.messages)[0]) for r in requests]
 
-        requests = [replace(r, messages=self.expert_view(r.operation, r.messages)[0]) for r in requests]
-        return super().generate(requests)
+    def generate(self, requests):
+        return super().generate(self._viewed(requests))
 
     def before_batch(self, operation: str) -> None:
         self.use(operation if operation in self.operations and not self._bare else None)
+
+    def mixes_operations(self) -> bool:
+        """Folded beside the base, the experts' rows share one running batch (`memlora.llm.continuous`): the base's
+        product is shared and each row's pair runs on its own rows (`_route`), as LoRAX and S-LoRA batch many
+        adapters (a student without experts is one model, as the teacher). Merged copies or peft's own layers
+        switch per batch instead."""
+        return (self.folded or not self.operations) and mergeable(self.model)
+
+    def running_batch(self) -> RunningBatch:
+        return RunningBatch(self.model, self.stop_ids, trim=True, route=self._route if self.folded else None)
+
+    def join(self, batch: RunningBatch, requests: list[GenerationRequest]) -> tuple[list[Decoded], list[int]]:
+        return super().join(batch, self._viewed(requests))
+
+    def row_spec(self, request: GenerationRequest) -> RowSpec:
+        """Called once the batch's expert is switched on: the row remembers it for the running batch's steps."""
+        spec = super().row_spec(request)
+        return replace(spec, adapter=self._switch["active"]) if self.folded else spec
+
+    def _route(self, specs: list[RowSpec]) -> None:
+        """Point the next forward's rows at their experts: one expert for all is a plain switch, else each
+        expert's rows by index."""
+        names = [spec.adapter for spec in specs]
+        if len(set(names)) == 1:
+            self._switch["rows"], self._switch["active"] = None, names[0]
+            return
+        groups: dict[str, list[int]] = {}
+        for row, name in enumerate(names):
+            groups.setdefault(name, []).append(row)
+        device = self.model.device
+        self._switch["rows"] = [(name, torch.tensor(rows, device=device)) for name, rows in groups.items()]
 
     def cache_tag(self) -> str:
         return f"expert:{self.active or 'bare'}"  # a cached prefix is only valid under the same adapter

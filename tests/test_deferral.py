@@ -200,8 +200,9 @@ def test_an_operation_that_keeps_nothing_goes_to_the_teacher_without_the_expert(
     assert "the thresholds keep no answer of extraction: those calls go to the teacher" in engine.routing_line()
     decoded = []
     inner = engine.batcher.inner
-    generate = inner.generate
+    generate, join = inner.generate, inner.join  # merged batches, or the running batch the experts share
     inner.generate = lambda requests: decoded.extend(requests) or generate(requests)
+    inner.join = lambda batch, requests: decoded.extend(requests) or join(batch, requests)
     try:
         with running(app) as url:
             got = ask(url, 1)
@@ -214,7 +215,7 @@ def test_an_operation_that_keeps_nothing_goes_to_the_teacher_without_the_expert(
             assert again.headers[ANSWERED_BY] == "teacher" and float(again.headers["x-memlora-confidence"]) <= 0
             assert len(decoded) == 1
     finally:
-        inner.generate = generate
+        inner.generate, inner.join = generate, join
         engine.close()
     rows = [r for f in trace_files(tmp_path / "out", "extraction") for r in pq.read_table(f).to_pylist()]
     assert [r["backend"] for r in rows] == ["deferred", "deferred"]

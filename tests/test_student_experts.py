@@ -661,3 +661,43 @@ def test_smoothing_applies_where_every_linear_takes_its_scales(tiny_model_dir, e
                          smoothing_alpha=0.5).smoothing_alpha == 0.0
     want, got = logits_of(plain.model, plain.tokenizer), logits_of(bare.model, bare.tokenizer)
     assert (got - want).abs().mean() < 0.04 * want.std()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("scheme", ["none", "int8_weight"])
+def test_rows_of_different_experts_share_a_running_batch_and_each_decodes_as_alone(tiny_model_dir, experts_out,
+                                                                                  scheme):
+    """Folded beside the base, a running batch holds rows of every expert (serve-experts' continuous batching):
+    the base's product is shared, each pair runs on its own rows, and every row decodes the tokens it decodes
+    alone on its expert. Merged experts switch per batch and keep whole batches."""
+    from concurrent.futures import Future
+
+    from memlora.llm.continuous import ContinuousDecoder, continuous_decoder
+
+    backend = ExpertBackend.from_out(tiny_model_dir, experts_out, device="cpu", batch_size=4, quantize=scheme)
+    questions = ["Where does Alice live?", "What does Bob like?", "When did Carol move?", "Who is Dan?"]
+    calls = [GenerationRequest(operation=op, messages=[PROMPT[0], {"role": "user", "content": q}], max_new_tokens=8)
+             for op, q in zip(["extraction", "update", "generation", "extraction"], questions)]
+    alone = [backend.generate([call])[0].token_ids for call in calls]
+    with backend.bare():
+        bare = backend.generate([calls[1]])[0].token_ids
+    routed = []
+    real_route = backend._route
+    backend._route = lambda specs: routed.append({s.adapter for s in specs}) or real_route(specs)
+    decoder = continuous_decoder(backend, 4)
+    assert isinstance(decoder, ContinuousDecoder)
+    futures = [Future() for _ in calls]
+    decoder.add([(calls[0], futures[0])])
+    decoder.step()
+    decoder.add([(calls[1], futures[1]), (calls[2], futures[2])])  # two operations: two prefills, one batch
+    decoder.step()
+    decoder.add([(calls[3], futures[3])])
+    while len(decoder):
+        decoder.step()
+    assert [f.result().token_ids for f in futures] == alone
+    assert max(len(names) for names in routed) == 3  # steps ran three experts' rows together
+    assert alone[1] != bare or alone[0] != alone[3]  # the experts do change what is decoded
+    backend.use("update")  # a whole batch afterwards: no row is routed apart any more
+    assert backend._switch["rows"] is None and backend.generate([calls[1]])[0].token_ids == alone[1]
+    merged = ExpertBackend.from_out(tiny_model_dir, experts_out, device="cpu", merge=True)
+    assert not merged.mixes_operations() and continuous_decoder(merged, 4) is None
