@@ -4,9 +4,11 @@ to their longest row's end: the same OpenAI requests (the teacher's own trace re
 temperature 0) from 8 concurrent clients, each client sending its next call when its answer is back, as a memory
 system does. The two servers run one after the other, each alone in its own process, twice, alternating. Prints
 wall time, requests/s, per-operation p50 and whether the answers are identical; writes
-bench/results/continuous_serving.json.
+bench/results/continuous_serving.json. `--experts`: `memlora serve-experts` instead (OUT's experts, folded beside
+the student base: one running batch holds every expert's rows, against one merged batch per expert), written to
+bench/results/continuous_serving_experts.json.
 
-    python bench/continuous_serving.py [--quick] [--out OUT]
+    python bench/continuous_serving.py [--quick] [--out OUT] [--experts]
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (CONFIG, QUICK_TOKENS, REPO, bench_parser, fmt, free_port, peak_rss_mb, ratio_spread, save,  # noqa: E402,I001
-                    table, trace_requests)
+                    student_with_experts, table, trace_requests)
 from http_serving import body  # noqa: E402
 
 import yaml  # noqa: E402
@@ -40,12 +42,16 @@ def config_with(continuous: bool, folder: Path) -> Path:
     return path
 
 
-def serve_and_send(config: Path, requests: list, clients: int, log) -> dict:
+def serve_and_send(config: Path, requests: list, clients: int, log, experts: tuple[Path, Path] | None = None) -> dict:
+    """`experts`: (student base, OUT with experts) served by serve-experts, else the teacher by serve-model."""
     import httpx
 
     port = free_port()
-    cmd = [str(Path(sys.executable).parent / "memlora"), "serve-model", "--config", str(config), "--name", "teacher",
-           "--port", str(port)]
+    memlora = str(Path(sys.executable).parent / "memlora")
+    cmd = ([memlora, "serve-experts", "--config", str(config), "--out", str(experts[1]), "--base", str(experts[0])]
+           if experts else [memlora, "serve-model", "--config", str(config), "--name", "teacher"])
+    cmd += ["--port", str(port)]
+    system = "student+experts" if experts else "teacher"
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -54,7 +60,7 @@ def serve_and_send(config: Path, requests: list, clients: int, log) -> dict:
 
         def call(request) -> tuple[str, float, str]:
             started = time.perf_counter()
-            response = client.post(f"{url}/v1/chat/completions", json=body(request, "teacher"))
+            response = client.post(f"{url}/v1/chat/completions", json=body(request, system))
             response.raise_for_status()
             return request.operation, time.perf_counter() - started, response.json()["choices"][0]["message"]["content"]
 
@@ -84,7 +90,9 @@ def main() -> None:
     parser.add_argument("--per-op", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--experts", action="store_true", help="serve-experts (OUT's experts) instead of the teacher")
     args = parser.parse_args()
+    name = "continuous_serving_experts" if args.experts else "continuous_serving"
     per_op = args.per_op or (1 if args.quick else 8)
     repeats = args.repeats or (1 if args.quick else 2)
     requests = trace_requests(args.out, per_op, max_tokens=QUICK_TOKENS if args.quick else None)
@@ -93,10 +101,11 @@ def main() -> None:
         scratch = Path(tmp)
         configs = {mode: config_with(on, scratch) for mode, on in MODES.items()}
         try:
+            experts = student_with_experts(args.out, scratch) if args.experts else None
             for _ in range(repeats):
                 for mode in MODES:
                     with open(scratch / f"{mode}.log", "ab") as log:
-                        runs[mode].append(serve_and_send(configs[mode], requests, args.clients, log))
+                        runs[mode].append(serve_and_send(configs[mode], requests, args.clients, log, experts))
         except BaseException:  # the servers' logs go with the scratch folder: their tails first
             for path in sorted(scratch.glob("*.log")):
                 print(f"--- {path.name}\n{path.read_text(errors='replace')[-2000:]}", file=sys.stderr)
@@ -115,10 +124,9 @@ def main() -> None:
     speedup = ratio_spread([r["wall_s"] for r in runs["merged"]], [r["wall_s"] for r in runs["running"]])
     same = sum(a == b for a, b in zip(runs["merged"][0]["answers"], runs["running"][0]["answers"]))
     print(f"\nwall time, merged / running: {fmt(speedup)}; answers identical: {same}/{len(requests)}")
-    print("saved", save("continuous_serving", {"rows": rows, "merged_over_running_wall": speedup,
-                                               "identical_answers": f"{same}/{len(requests)}",
-                                               "repeats": repeats, "walls": {m: [r["wall_s"] for r in recs]
-                                                                              for m, recs in runs.items()}}))
+    print("saved", save(name, {"rows": rows, "merged_over_running_wall": speedup,
+                               "identical_answers": f"{same}/{len(requests)}", "repeats": repeats,
+                               "walls": {m: [r["wall_s"] for r in recs] for m, recs in runs.items()}}))
 
 
 if __name__ == "__main__":
