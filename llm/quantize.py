@@ -355,16 +355,33 @@ class BesideLinear(torch.nn.Module):
             return y
         return y + torch.nn.functional.linear(xa, b).to(y.dtype)
 
-    def _per_row(self, x: torch.Tensor, y: torch.Tensor, groups: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
-        """`groups`: (expert, its rows' indices); the base's product is shared, each pair runs on its rows only."""
-        for name, rows in groups:
-            names = self.index.get(name)
-            if names is None:  # the bare base's rows
-                continue
-            a, b = getattr(self, names[0]), getattr(self, names[1])
-            update = torch.nn.functional.linear(torch.nn.functional.linear(x.index_select(0, rows).to(a.dtype), a), b)
-            y.index_add_(0, rows, update.to(y.dtype))
-        return y
+    def _per_row(self, x: torch.Tensor, y: torch.Tensor, rows: list[str]) -> torch.Tensor:
+        """`rows`: each row's expert. Every expert's pair side by side, each row's product masked to its own
+        expert's columns: three products per layer whatever the mix (S-LoRA and Punica gather per row instead,
+        with kernels of their own). The zeros add nothing, so a row gets what its expert alone gives it."""
+        a, bt, layout = self._stacked()
+        masks = self.state["masks"]  # emptied for every new `rows`: one mask per layout and step, for every layer
+        if layout not in masks:
+            which = torch.tensor([layout[0].index(name) if name in layout[0] else -1 for name in rows])
+            owner = torch.cat([torch.full((r,), i) for i, r in enumerate(layout[1])])
+            masks[layout] = (which[:, None] == owner[None, :]).to(device=x.device, dtype=a.dtype)
+        xa = torch.nn.functional.linear(x.to(a.dtype), a)
+        xa.mul_(masks[layout].view(len(rows), *([1] * (xa.dim() - 2)), -1))
+        if y.dtype == a.dtype and y.is_contiguous():
+            flat = y.view(-1, y.shape[-1])
+            torch.addmm(flat, xa.reshape(-1, xa.shape[-1]), bt, out=flat)
+            return y
+        return y + torch.nn.functional.linear(xa, bt.t()).to(y.dtype)
+
+    def _stacked(self) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        """(every A stacked, every B^T stacked, (experts, their ranks)), made at the first mixed step only: a second
+        copy of the pairs, which only a server mixing experts in one batch pays."""
+        if getattr(self, "_stack", None) is None:
+            names = tuple(self.index)
+            pairs = [(getattr(self, self.index[n][0]), getattr(self, self.index[n][1])) for n in names]
+            self._stack = (torch.cat([a for a, _ in pairs]), torch.cat([b.t() for _, b in pairs]).contiguous(),
+                           (names, tuple(a.shape[0] for a, _ in pairs)))
+        return self._stack
 
 
 def low_rank_pair(layer, adapter: str) -> tuple[torch.Tensor, torch.Tensor] | None:

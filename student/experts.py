@@ -319,17 +319,13 @@ class ExpertBackend(TransformersBackend):
         return replace(spec, adapter=self._switch["active"]) if self.folded else spec
 
     def _route(self, specs: list[RowSpec]) -> None:
-        """Point the next forward's rows at their experts: one expert for all is a plain switch, else each
-        expert's rows by index."""
+        """Point the next forward's rows at their experts: one expert for all is a plain switch, else each row
+        names its own (`BesideLinear._per_row`)."""
         names = [spec.adapter for spec in specs]
         if len(set(names)) == 1:
             self._switch["rows"], self._switch["active"] = None, names[0]
-            return
-        groups: dict[str, list[int]] = {}
-        for row, name in enumerate(names):
-            groups.setdefault(name, []).append(row)
-        device = self.model.device
-        self._switch["rows"] = [(name, torch.tensor(rows, device=device)) for name, rows in groups.items()]
+        else:
+            self._switch["rows"], self._switch["masks"] = names, {}  # the layers' masks, made once per step
 
     def cache_tag(self) -> str:
         return f"expert:{self.active or 'bare'}"  # a cached prefix is only valid under the same adapter
