@@ -244,6 +244,20 @@ def mem0_add_table() -> str:
                                r["memories"], f"{r['peak_rss_MiB']} MiB"] for r in data["rows"]])
 
 
+def continuous_serving_table(name: str) -> str:
+    data = reference(name)
+    ops = [k[: -len("_p50_s")] for k in data["rows"][0] if k.endswith("_p50_s")]
+    rows = [[r["batching"], r["calls"], r["clients"], f"{r['wall_s']} s", r["requests_per_s"],
+             *(f"{r[f'{op}_p50_s']} s" for op in ops), f"{r['peak_rss_mb']} MiB"] for r in data["rows"]]
+    spread = data["merged_over_running_wall"]
+    return (_markdown(["batching", "calls", "clients", "wall", "requests / s", *(f"{op} p50" for op in ops),
+                       "peak RSS"], rows)
+            + f"\n\n<sub>wall time merged / running {spread['median']:.2f}x ({spread['min']:.2f}-{spread['max']:.2f}), "
+              f"{data['repeats']} repeats; answers identical: {data['identical_answers']}; "
+              f"{data['machine']['cpu']}, {data['machine']['cpus']} cores; source "
+              f"`bench/reference/cpu-2core/{name}.json`.</sub>")
+
+
 def serving_cost_table() -> str:
     data = reference("serving_cost")
     systems = list(data["memory"])
@@ -350,6 +364,7 @@ RENDERERS = {
     "int8-designs-int8-weight-beside": lambda: int8_designs_table("int8_designs_int8_weight_beside"),
     "headline-int8-weight-beside": lambda: results_table("embedded_default_int8_weight_beside"),
     "int8-logits": int8_logits_table,
+    "continuous-serving-experts": lambda: continuous_serving_table("continuous_serving_experts"),
 }
 
 

@@ -4,8 +4,9 @@ gets the answer the step it ends.
 Tracing runs ten conversations at once, each one call after another (an update depends on the store the one
 before left). With batches decoded to their end, a conversation whose call finished early waits for the
 batch's longest row before it can send its next call, and the batch thins out to a row or two while the
-others wait. Here the batch is refilled from the queue between steps, across operations (the teacher has no
-per-operation adapter: every row runs through the same weights), up to `max_batch` rows.
+others wait. Here the batch is refilled from the queue between steps, across operations, up to `max_batch` rows:
+the teacher runs every row through the same weights, the student's experts beside its base each add their
+update to their own rows (`ExpertBackend.mixes_operations`).
 """
 
 from __future__ import annotations
