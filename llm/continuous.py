@@ -64,7 +64,7 @@ class ContinuousDecoder:
     def add(self, items: list[tuple[GenerationRequest, Future]]) -> None:
         """Prefill `items` and put them in the running batch; calls of one operation that share their prompt's
         head (system prompt and examples) are prefilled together on the cached prefix (and on one expert)."""
-        head = lambda item: (item[0].operation, repr(item[0].messages[:-1]))  # noqa: E731
+        head = lambda item: (repr(item[0].messages[:-1]), item[0].operation)  # noqa: E731
         for _, group in groupby(sorted(items, key=head), key=head):
             group = list(group)
             requests = [r for r, _ in group]
