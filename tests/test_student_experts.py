@@ -680,7 +680,7 @@ def test_rows_of_different_experts_share_a_running_batch_and_each_decodes_as_alo
              for op, q in zip(["extraction", "update", "generation", "extraction"], questions)]
     alone = [backend.generate([call])[0].token_ids for call in calls]
     with backend.bare():
-        bare = backend.generate([calls[1]])[0].token_ids
+        bare = [backend.generate([call])[0].token_ids for call in calls]
     routed = []
     real_route = backend._route
     backend._route = lambda specs: routed.append({s.adapter for s in specs}) or real_route(specs)
@@ -696,7 +696,7 @@ def test_rows_of_different_experts_share_a_running_batch_and_each_decodes_as_alo
         decoder.step()
     assert [f.result().token_ids for f in futures] == alone
     assert max(len(names) for names in routed) == 3  # steps ran three experts' rows together
-    assert alone[1] != bare or alone[0] != alone[3]  # the experts do change what is decoded
+    assert alone != bare  # the experts do change what is decoded
     backend.use("update")  # a whole batch afterwards: no row is routed apart any more
     assert backend._switch["rows"] is None and backend.generate([calls[1]])[0].token_ids == alone[1]
     merged = ExpertBackend.from_out(tiny_model_dir, experts_out, device="cpu", merge=True)
