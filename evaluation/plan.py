@@ -47,7 +47,7 @@ def summary(config, plan: EvalPlan, probes: dict, rows: list[dict], files: list[
     """The manifest's `evaluation` section."""
     keep = ("pid", "ppid", "model_id", "backend", "device", "dtype", "peak_rss_mb", "peak_rss_e2e_mb", "ru_maxrss_mb",
             "cuda_peak_mb", "load_s", "wall_s", "calls", "questions", "parameters", "adapter_switches",
-            "experts_design", "timings")
+            "experts_design", "batching", "timings")
     return {
         "config": config.model_dump(mode="json"),
         "config_fingerprint": config.fingerprint(),

@@ -120,6 +120,7 @@ class Probe(BaseModel):
     adapters: dict = {}                   # operation -> {bytes, tensors, ...} of each expert loaded
     adapter_switches: int | None = None
     experts_design: str | None = None     # merged / beside, folded / beside (run_system.expert_design)
+    batching: str | None = None           # running (calls join between decode steps) / merged
     load_s: float | None = None
     after_load: dict | None = None        # memory snapshot once the model is loaded
     baseline: dict | None = None          # memory snapshot after importing the runtime

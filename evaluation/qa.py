@@ -48,8 +48,9 @@ def run_end_to_end(system: str, backend: LLMBackend, embedder: Embedder, store: 
                    progress: Callable[[str], None] = lambda line: None) -> tuple[list[dict], list[dict]]:
     """Ingest each conversation into the system's own (cleared) memory namespace, then answer its questions.
     The conversations run at once, one thread each, their calls merged into shared batches (as tracing does:
-    one conversation alone offers batches of a few calls). Returns (call rows, QA rows), conversation by
-    conversation; `index`, `ref_index` and `group` number the calls and batches across all of them."""
+    one conversation alone offers batches of a few calls), or joining one running batch
+    (`evaluation.continuous_batching`). Returns (call rows, QA rows), conversation by conversation; `index`,
+    `ref_index` and `group` number the calls and batches across all of them."""
     started = time.perf_counter()
 
     def one(k: int, conv: Conversation):
@@ -79,7 +80,8 @@ def run_end_to_end(system: str, backend: LLMBackend, embedder: Embedder, store: 
             return recorder.rows, qa_rows, grouping.group + 1
         return job
 
-    parts = in_threads([one(k, conv) for k, conv in enumerate(conversations, 1)], backend)
+    parts = in_threads([one(k, conv) for k, conv in enumerate(conversations, 1)], backend,
+                       running=config.evaluation.continuous_batching)
     rows: list[dict] = []
     qa_rows: list[dict] = []
     groups = 0

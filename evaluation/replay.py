@@ -154,9 +154,11 @@ def request_of(row: dict, free: bool = False) -> GenerationRequest:
 
 
 def replay(backend: LLMBackend, reference: Iterable[dict], system: str, phase: str, memory: MemoryConfig,
-           *, free: bool = False, progress: Callable[[str], None] = lambda line: None) -> list[dict]:
+           *, free: bool = False, running: bool = False,
+           progress: Callable[[str], None] = lambda line: None) -> list[dict]:
     """Send the reference rows' requests to `backend`, batch by batch as they were first made; the
-    conversations at once (one thread each, calls merged into shared batches), as the reference ran."""
+    conversations at once (one thread each, calls merged into shared batches, or joining one running batch with
+    `running`), as the reference ran."""
     conversations: dict[str, list[dict]] = {}
     for row in reference:
         conversations.setdefault(row["conversation_id"], []).append(row)
@@ -187,7 +189,7 @@ def replay(backend: LLMBackend, reference: Iterable[dict], system: str, phase: s
             return rows
         return run
 
-    parts = in_threads([job(members) for members in conversations.values()], backend)
+    parts = in_threads([job(members) for members in conversations.values()], backend, running=running)
     rows = [row for part in parts for row in part]
     for i, row in enumerate(rows):
         row["index"] = i

@@ -122,6 +122,21 @@ def served_section(rows: list[dict]) -> list[str]:
     return lines
 
 
+def latency_sentence(probes: dict, systems: tuple[str, ...]) -> str:
+    """How a call's latency was taken, which depends on how its system batched (`evaluation.continuous_batching`)."""
+    ways = {s: probes[s].batching or "merged" for s in systems}
+    running = [s for s, way in ways.items() if way == "running"]
+    merged = [s for s, way in ways.items() if way != "running"]
+    parts = []
+    if running:
+        parts.append(f"{', '.join(running)}: calls joined one running batch between decode steps, and a call's time "
+                     "is its share of each prefill and step it was in (the step's time over the rows in it)")
+    if merged:
+        parts.append(f"{', '.join(merged)}: calls were merged into batches decoded to their end, and a call's time "
+                     "is its batch's time over the batch's size")
+    return "; ".join(parts) + "."
+
+
 def render_markdown(rows: list[dict], meta: dict) -> str:
     probes = meta["probes"]
     lines = [
@@ -155,7 +170,7 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
               "table). " + ("`parse_ok_free` is the same under free decoding." if free else
                             "`parse_ok_free` is empty: free decoding was off (`evaluation.free_decoding: false`), "
                             "so the same requests were not replayed without their schema.")
-              + " Latency p50 is per call: a call's time is its batch's time divided by the batch's size."]
+              + " Latency p50 is per call: its share of its batch's time (how, under Latency below)."]
     lines += [
         "", "## Agreement with the teacher (teacher-forced, constrained decoding)", "",
         "Each system answered the teacher's own requests on the test conversation(s) (same messages, same schema, "
@@ -214,11 +229,11 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
                      (f"{name} answered", operation, "answered"), (f"{name} abstains", operation, "abstain_rate")]
     lines += _table(rows, qa_items)
     lines += served_section(rows)
-    lines += ["", "## Latency (teacher-forced requests, constrained, same batches for every system)", "",
-              "Per-call wall time is the batch's wall time divided by its size, so the calls of one batch share a "
-              "value: p50 and p95 may be equal, and an interval may end at its point. Read it with the tokens each call "
-              "generated next to it: a call that writes 6 tokens, or stops at the budget, is fast for that "
-              "reason; seconds per generated token compares the models themselves.", ""]
+    lines += ["", "## Latency (teacher-forced requests, constrained, sent the same way by every system)", "",
+              latency_sentence(probes, in_rows(rows)) + " Calls of one merged batch share a value: p50 and p95 may "
+              "be equal, and an interval may end at its point. Read it with the tokens each call generated next to "
+              "it: a call that writes 6 tokens, or stops at the budget, is fast for that reason; seconds per "
+              "generated token compares the models themselves.", ""]
     lat = []
     for op in OPERATIONS:
         lat += [(f"{op} p50 (s)", op, "latency_p50"), (f"{op} p95 (s)", op, "latency_p95"),

@@ -29,6 +29,7 @@ from memlora.evaluation.systems import ALL_SYSTEMS, JUDGE, TEACHER, EvalError, b
 from memlora.jobs import read_job
 from memlora.layout import calls_path, judgements_path, probe_path, qa_path, store_path
 from memlora.llm.backends import build_backend
+from memlora.llm.continuous import decodes_continuously
 from memlora.llm.file_pages import trim_heap
 from memlora.memory.embedder import Embedder
 from memlora.memory.store import MemoryStore
@@ -93,6 +94,7 @@ def run_judge(config, out: Path) -> dict:
 
 def run_model_system(system: str, config, out: Path, base: str | None) -> dict:
     memory_cfg = config.memory
+    running = config.evaluation.continuous_batching
     conversations = test_conversations(load_ingested(out), config.evaluation)
     if not conversations:
         raise EvalError(f"{out / 'datasets'}: no test conversation (is data.split.test_ratio above 0?)")
@@ -128,14 +130,14 @@ def run_model_system(system: str, config, out: Path, base: str | None) -> dict:
             reference = e2e
         else:
             started = time.perf_counter()
-            forced = replay(backend, reference, system, FORCED, memory_cfg, progress=say)
+            forced = replay(backend, reference, system, FORCED, memory_cfg, running=running, progress=say)
             timings["forced_s"] = time.perf_counter() - started
             _phase(system, "teacher's requests", forced, timings["forced_s"])
         started = time.perf_counter()
         free = []
         if config.evaluation.free_decoding:
             free = replay(backend, [r for r in reference if r["output_schema"] is not None], system, FORCED_FREE,
-                          memory_cfg, free=True, progress=say)
+                          memory_cfg, free=True, running=running, progress=say)
         timings["forced_free_s"] = time.perf_counter() - started
         _phase(system, "teacher's requests without schema", free, timings["forced_free_s"])
         if system != TEACHER:
@@ -160,6 +162,7 @@ def run_model_system(system: str, config, out: Path, base: str | None) -> dict:
         "adapters": adapter_files(adapters) if adapters else {},
         "adapter_switches": getattr(backend, "switches", None),
         "experts_design": expert_design(backend),
+        "batching": "running" if running and decodes_continuously(backend) else "merged",
         "load_s": loaded.load_s,
         "after_load": after_load,
         "timings": timings,

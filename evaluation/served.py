@@ -44,6 +44,10 @@ class ServedBackend:
             raise AttributeError(name)
         return getattr(self.experts, name)
 
+    def mixes_operations(self) -> bool:
+        """Not the experts' own: a call is judged, and maybe sent on, once its whole batch is back."""
+        return False
+
     def _straight(self, request: GenerationRequest) -> bool:
         """The server's `straight_to_teacher`: a teacher, an expert, and thresholds that keep none of its answers."""
         return (self.teacher is not None and request.operation in self.experts.operations

@@ -14,7 +14,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, TypeVar
 
-from memlora.llm.continuous import ContinuousDecoder, joins_running_batch
+from memlora.llm.continuous import ContinuousDecoder, continuous_decoder, joins_running_batch
 from memlora.memory.llm import GenerationRequest, GenerationResult, LLMBackend, cancelled_result
 
 T = TypeVar("T")
@@ -143,12 +143,15 @@ class MicroBatcher:
                 future.set_exception(own)
 
 
-def in_threads(jobs: list[Callable[[LLMBackend], T]], backend: LLMBackend, max_batch: int | None = None) -> list[T]:
+def in_threads(jobs: list[Callable[[LLMBackend], T]], backend: LLMBackend, max_batch: int | None = None,
+               running: bool = False) -> list[T]:
     """Run `jobs` (each given the LLM to call) at once, one thread each, their calls merged into shared batches
-    of `backend`; results in job order. One job runs on the backend directly."""
+    of `backend` (with `running`, into one running batch where the backend can: `continuous_decoder`); results
+    in job order. One job runs on the backend directly."""
     if len(jobs) <= 1:
         return [job(backend) for job in jobs]
-    batcher = MicroBatcher(backend, max_batch or getattr(backend, "batch_size", 16))
+    size = max_batch or getattr(backend, "batch_size", 16)
+    batcher = MicroBatcher(backend, size, decoder=continuous_decoder(backend, size) if running else None)
     try:
         with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
             futures = [pool.submit(job, batcher) for job in jobs]

@@ -23,11 +23,16 @@ if TYPE_CHECKING:
     from memlora.llm.decoding import Decoded
 
 
-def continuous_decoder(backend, max_batch: int) -> "ContinuousDecoder | None":
-    """A decoder for `backend` where its rows may share a batch whatever their operation (a local model with no
-    adapter switched per batch, or the student with its experts folded beside the base), else None."""
+def decodes_continuously(backend) -> bool:
+    """Whether `backend`'s rows may share a batch whatever their operation (a local model with no adapter
+    switched per batch, or the student with its experts folded beside the base)."""
     mixes = getattr(backend, "mixes_operations", None)
-    return ContinuousDecoder(backend, max_batch) if mixes is not None and mixes() else None
+    return mixes is not None and mixes()
+
+
+def continuous_decoder(backend, max_batch: int) -> "ContinuousDecoder | None":
+    """A decoder for `backend` where `decodes_continuously(backend)`, else None."""
+    return ContinuousDecoder(backend, max_batch) if decodes_continuously(backend) else None
 
 
 def joins_running_batch(request: GenerationRequest) -> bool:

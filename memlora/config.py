@@ -324,6 +324,11 @@ class EvalConfig(_Strict):
     judge: LLMConfig | None = None  # None: the teacher judges
     max_sessions: int | None = Field(None, gt=0)  # sessions of each test conversation replayed (None: all)
     free_decoding: bool = True  # also replay the teacher's requests without their schema (JSON validity, free)
+    # The test conversations' calls join one running batch between decode steps, as in tracing and serving,
+    # for every system that can (a local model; the student with its experts folded beside the base); false:
+    # merged batches, each decoded to its longest row, as systems that cannot do (a teacher behind a server,
+    # merged experts, served systems); each system's results say which (`batching`).
+    continuous_batching: bool = True
     judge_max_new_tokens: int = Field(16, gt=0)
     bootstrap_samples: int = Field(1000, ge=0)  # resamples behind each bootstrap 95% CI (0: no CI)
     timeout_s: int = Field(7200, gt=0)  # per system process

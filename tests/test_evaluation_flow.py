@@ -77,11 +77,17 @@ def test_replay_sends_the_same_requests_in_the_same_batches_and_reproduces_the_o
 
 
 @pytest.mark.timeout(180)
-def test_conversations_run_at_once_and_replay_the_same_way(tiny_backend, embedder, one_thread):
-    """Two test conversations run in threads with merged batches: calls are numbered across both (index,
-    ref_index, group unique and in conversation order), each conversation's rows are those it makes alone, and a
-    replay sends every group again and gets the same greedy outputs."""
-    config = parse_config(small_config("unused", "unused"))
+@pytest.mark.parametrize("running", [False, True], ids=["merged", "running"])
+def test_conversations_run_at_once_and_replay_the_same_way(tiny_backend, embedder, one_thread, monkeypatch, running):
+    """Two test conversations run in threads, their calls merged into batches or joining one running batch
+    (`evaluation.continuous_batching`): calls are numbered across both (index, ref_index, group unique and in
+    conversation order), each conversation's rows are those it makes alone, and a replay sends every group again
+    and gets the same greedy outputs."""
+    config = parse_config(small_config("unused", "unused", continuous_batching=running))
+    joined = []
+    join = tiny_backend.join
+    monkeypatch.setattr(tiny_backend, "join", lambda batch, requests: joined.append(len(requests))
+                        or join(batch, requests))
     alone = {cid: run_end_to_end("teacher", tiny_backend, embedder, MemoryStore(), config, [conversation(cid)])
              for cid in ("c1", "c2")}
     calls, qa = run_end_to_end("teacher", tiny_backend, embedder, MemoryStore(), config,
@@ -94,10 +100,12 @@ def test_conversations_run_at_once_and_replay_the_same_way(tiny_backend, embedde
     key = lambda r: (r["operation"], r["messages"], r["raw_output"], r["question_id"])  # noqa: E731
     for cid, (own, _) in alone.items():
         assert [key(c) for c in calls if c["conversation_id"] == cid] == [key(c) for c in own]
-    again = replay(tiny_backend, calls, "student", FORCED, config.memory)
+    again = replay(tiny_backend, calls, "student", FORCED, config.memory, running=running)
     assert [(r["ref_index"], r["group"], r["raw_output"]) for r in again] == \
         [(c["index"], c["group"], c["raw_output"]) for c in calls]
     assert [r["index"] for r in again] == list(range(len(calls)))
+    # the two conversations' calls went through the running batch (alone, a conversation runs merged)
+    assert (sum(joined) == 2 * len(calls)) if running else not joined
 
 
 def writes_facts(model_dir: Path) -> bool:
