@@ -10,6 +10,7 @@ and the whole evaluation's ratio; writes bench/results/continuous_evaluation.jso
 
 from __future__ import annotations
 
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -24,17 +25,21 @@ from memlora.config import OPERATIONS, load_config  # noqa: E402
 from memlora.evaluation.plan import prepare  # noqa: E402
 from memlora.evaluation.process import run_system_process  # noqa: E402
 from memlora.evaluation.systems import TEACHER, systems  # noqa: E402
-from memlora.layout import EVAL, calls_path  # noqa: E402
+from memlora.layout import ADAPTERS, EVAL, calls_path  # noqa: E402
 
 MODES = ("merged", "running")
 PHASES = ("e2e_s", "forced_s", "forced_free_s")
 
 
 def scratch_out(out: Path, folder: Path) -> Path:
-    """OUT's inputs linked, its evaluation and memory stores left out: a mode's results never mix with OUT's."""
+    """OUT's inputs, its evaluation and memory stores left out: a mode's results never mix with OUT's. The
+    experts and the manifest they are checked against are copied (a link would lead outside the folder), the
+    rest linked."""
     folder.mkdir(parents=True)
     for entry in out.iterdir():
-        if entry.name not in (EVAL, "memory", ".jobs"):
+        if entry.name in (ADAPTERS, "manifest.json"):
+            (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, folder / entry.name)
+        elif entry.name not in (EVAL, "memory", ".jobs"):
             (folder / entry.name).symlink_to(entry.resolve())
     return folder
 

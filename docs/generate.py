@@ -86,8 +86,8 @@ HEADLINE = [
     ("answers that abstain, categories 1-4", "qa/answerable", "abstain_rate", 3),
     ("QA token F1 vs gold, all categories", "qa", "token_f1", 3),
 ]
-# Point values only: one process per system, and a call's time is its batch's time divided by the batch's size,
-# so a latency interval says little (calls of one batch share a value).
+# Point values only: one process per system, and a call's time is its share of the batch steps it was in, which
+# moves with how the two conversations' calls happened to meet: a latency interval says little.
 FOOTPRINT = [
     ("peak RSS of the end-to-end phase (MiB)", "model", "peak_rss_e2e_mb", 0),
     ("peak RSS of the system's process (MiB)", "model", "peak_rss_mb", 0),

@@ -162,7 +162,8 @@ def run_model_system(system: str, config, out: Path, base: str | None) -> dict:
         "adapters": adapter_files(adapters) if adapters else {},
         "adapter_switches": getattr(backend, "switches", None),
         "experts_design": expert_design(backend),
-        "batching": "running" if running and decodes_continuously(backend) else "merged",
+        # one conversation sends its groups straight to the model: nothing joins a running batch
+        "batching": "running" if running and len(conversations) > 1 and decodes_continuously(backend) else "merged",
         "load_s": loaded.load_s,
         "after_load": after_load,
         "timings": timings,

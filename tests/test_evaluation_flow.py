@@ -230,6 +230,8 @@ def test_evaluate_flow_on_tiny_models(prefect_server, tiny_teacher, tiny_model_d
     assert probes["student+experts"]["adapter_switches"] > 0
     assert probes["student+experts"]["experts_design"] == "beside, folded"
     assert probes["student"]["experts_design"] is None
+    # one test conversation: its groups go straight to the model, and the report says how latency was taken
+    assert {probes[s]["batching"] for s in SYSTEMS} == {"merged"}
     assert set(probes["student+experts"]["adapters"]) == set(OPERATIONS)
     for s in SYSTEMS:
         assert by_key[(s, "model", "peak_rss_mb")]["value"] == pytest.approx(probes[s]["peak_rss_mb"])
@@ -240,6 +242,7 @@ def test_evaluate_flow_on_tiny_models(prefect_server, tiny_teacher, tiny_model_d
     md = (out / "eval" / "report.md").read_text()
     assert "## Agreement with the teacher" in md and "## End-to-end QA" in md and "student+experts" in md
     assert md.splitlines()[2].startswith("These numbers say how closely a small student agrees")
+    assert "teacher, student, student+experts: calls were merged into batches decoded to their end" in md
     log = (out / "eval" / "logs" / "student-experts.log").read_text()
     assert "student+experts: end to end, conversation 1/1" in log and "calls," in log  # progress, per session
     for label in ("generation empty (constrained)", "extraction cut_at_limit (constrained)",
