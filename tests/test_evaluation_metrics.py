@@ -382,11 +382,12 @@ def test_report_says_free_decoding_was_off_and_what_the_headline_pools(tmp_path)
 
     rows = json.loads((REPO / "bench" / "reference" / "cpu-2core" / "embedded_default.json").read_text())["rows"]
     assert not free_decoded(rows)
-    probe = SimpleNamespace(model_id="m", adapters={}, device="cpu", dtype="float32", pid=1)
+    probe = SimpleNamespace(model_id="m", adapters={}, device="cpu", dtype="float32", pid=1, batching="merged")
     meta = {"config_name": "embedded-default", "conversations": ["sample-7", "sample-12"], "questions": 20,
             "judge": "m", "probes": {"teacher": probe, "student": probe, "student+experts": probe}}
     md = render_markdown(rows, meta)
     assert "free decoding was off (`evaluation.free_decoding: false`)" in md
     assert "Not run: `evaluation.free_decoding` is off" in md and "(free) |" not in md
     assert "mean of the three operations' parse rates" in md and "p50 and p95 may be equal" in md
+    assert "teacher, student, student+experts: calls were merged into batches decoded to their end" in md
     assert render_png(rows, tmp_path / "report.png").stat().st_size > 10_000
