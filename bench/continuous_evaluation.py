@@ -5,7 +5,7 @@ students replaying that mode's teacher requests) on a scratch copy of OUT's inpu
 Prints per system the decoding phases' time, load, p50 per call, peak RSS and how many calls came out the same,
 and the whole evaluation's ratio; writes bench/results/continuous_evaluation.json.
 
-    python bench/continuous_evaluation.py --out OUT [--repeats N] [--systems teacher student ...]
+    python bench/continuous_evaluation.py --out OUT [--repeats N] [--first running] [--systems teacher ...]
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--systems", nargs="*", default=None, help="default: the config's systems")
     parser.add_argument("--config", default=str(CONFIG))
+    parser.add_argument("--first", choices=MODES, default=MODES[0], help="the mode the first repeat runs first")
     args = parser.parse_args()
     if args.out is None:
         parser.error("--out: a finished `memlora run`'s OUT (its datasets, student and experts)")
@@ -72,7 +73,8 @@ def main() -> None:
     runs: dict[str, list[dict]] = {m: [] for m in MODES}
     with tempfile.TemporaryDirectory() as scratch:
         for repeat in range(args.repeats):
-            for mode in MODES if repeat % 2 == 0 else MODES[::-1]:
+            order = MODES if args.first == MODES[0] else MODES[::-1]
+            for mode in order if repeat % 2 == 0 else order[::-1]:
                 folder = scratch_out(out, Path(scratch) / f"{mode}-{repeat}")
                 runs[mode].append(run_mode(configs[mode], out, chosen, base, folder))
                 print(f"repeat {repeat + 1}, {mode}: "
