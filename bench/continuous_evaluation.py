@@ -44,13 +44,17 @@ def scratch_out(out: Path, folder: Path) -> Path:
     return folder
 
 
-def run_mode(config, out: Path, chosen: list[str], base: str, folder: Path) -> dict:
+def run_mode(config, chosen: list[str], base: str, folder: Path) -> dict:
     """{system: (probe, calls)} of one mode, the teacher first (the students replay its requests)."""
     runs = {}
     for system in chosen:
         probe = run_system_process(config, folder, system, base=base, timeout_s=config.evaluation.timeout_s)
         runs[system] = (probe, pq.read_table(calls_path(folder, system)).to_pylist())
     return runs
+
+
+def phase_seconds(probe) -> float:
+    return sum(probe.timings.get(k, 0) for k in PHASES)
 
 
 def main() -> None:
@@ -76,9 +80,9 @@ def main() -> None:
             order = MODES if args.first == MODES[0] else MODES[::-1]
             for mode in order if repeat % 2 == 0 else order[::-1]:
                 folder = scratch_out(out, Path(scratch) / f"{mode}-{repeat}")
-                runs[mode].append(run_mode(configs[mode], out, chosen, base, folder))
+                runs[mode].append(run_mode(configs[mode], chosen, base, folder))
                 print(f"repeat {repeat + 1}, {mode}: "
-                      + ", ".join(f"{s} {sum(p.timings.get(k, 0) for k in PHASES):.1f} s"
+                      + ", ".join(f"{s} {phase_seconds(p):.1f} s"
                                   for s, (p, _) in runs[mode][-1].items()), flush=True)
     rows, same = [], {}
     for system in chosen:
@@ -86,7 +90,7 @@ def main() -> None:
         pairs = list(zip(last["merged"], last["running"]))
         same[system] = {"calls": len(pairs), "identical": sum(a["raw_output"] == b["raw_output"] for a, b in pairs)}
         for mode in MODES:
-            seconds = [sum(r[system][0].timings.get(k, 0) for k in PHASES) for r in runs[mode]]
+            seconds = [phase_seconds(r[system][0]) for r in runs[mode]]
             probe, calls = runs[mode][-1][system]
             rows.append({"system": system, "mode": mode, "phases_s": round(spread(seconds)["median"], 1),
                          "load_s": round(probe.load_s or 0, 1), "peak_rss_e2e_mb": round(probe.peak_rss_e2e_mb or 0),
@@ -94,7 +98,7 @@ def main() -> None:
                          **{f"{op}_p50_s": round(percentile([c["latency_s"] for c in calls
                                                              if c["operation"] == op and c["phase"] == "e2e"], 50), 3)
                             for op in OPERATIONS}})
-    totals = {m: [sum(sum(p.timings.get(k, 0) for k in PHASES) for p, _ in r.values()) for r in runs[m]]
+    totals = {m: [sum(phase_seconds(p) for p, _ in r.values()) for r in runs[m]]
               for m in MODES}
     ratio = spread([a / b for a, b in zip(totals["merged"], totals["running"])])
     print(table(rows, ["system", "mode", "batching", "phases_s", "load_s", "peak_rss_e2e_mb",
