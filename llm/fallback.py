@@ -71,8 +71,8 @@ class Fallback:
     async def ask(self, chat: ChatRequest, schema: dict | None) -> tuple[dict | None, float, str | None]:
         """The teacher's answer to the client's own request (under the schema the expert decoded with), its
         latency, or why there is none."""
-        body = chat.model_dump(mode="json", exclude_unset=True, by_alias=True)
-        body["model"] = self.model
+        body = chat.model_dump(mode="json", exclude_unset=True, by_alias=True, exclude={"stream", "stream_options"})
+        body["model"] = self.model  # asked whole: a streaming client gets the teacher's answer as chunks (respond)
         if schema is not None:
             body["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
         if self.logprobs_top_k and not chat.logprobs:

@@ -2,13 +2,16 @@
 unknown fields refused), OpenAI-shaped errors, and the response built from a `GenerationResult`.
 
 A client such as Mem0 talks to `memlora serve-experts`, `serve-model` and `capture` exactly as to OpenAI; what
-they cannot do (streaming, n > 1, tools, penalties) is refused with a 400 that names the field.
+they cannot do (n > 1, tools, penalties) is refused with a 400 that names the field. `stream: true` gets the
+answer as server-sent chunks once it is decoded (`stream_chunks`): a deferred call's answer is known only then.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
+from collections.abc import Iterable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError, \
@@ -99,6 +102,7 @@ class ChatRequest(BaseModel):
     response_format: ResponseFormat | None = None
     seed: StrictInt | None = Field(None, ge=-INT64, lt=INT64)
     stream: StrictBool = False
+    stream_options: dict[str, Any] | None = None  # include_usage honoured; anything else in it is ignored
     presence_penalty: StrictFloat = 0.0
     frequency_penalty: StrictFloat = 0.0
     tools: list[dict[str, Any]] | None = None
@@ -107,7 +111,6 @@ class ChatRequest(BaseModel):
     user: str | None = None
     store: bool | None = None
     metadata: dict[str, Any] | None = None
-    stream_options: dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     service_tier: str | None = None
 
@@ -126,11 +129,12 @@ class ChatRequest(BaseModel):
     def plain_messages(self) -> list[dict]:
         return plain_messages(self.messages)
 
+    def stream_usage(self) -> bool:
+        """A streamed answer ends with a usage chunk only where the client asks (OpenAI's `include_usage`)."""
+        return bool((self.stream_options or {}).get("include_usage"))
+
     def unsupported(self) -> ApiError | None:
         """What this server cannot honour, as the error to answer with."""
-        if self.stream:
-            return ApiError(400, "stream: streaming is not supported by this server; send stream: false",
-                            param="stream")
         if self.n != 1:
             return ApiError(400, "n: only one choice per request is supported", param="n")
         if self.tools:
@@ -205,3 +209,69 @@ def completion_body(result: GenerationResult, model: str, *, tokenizer=None, log
 def models_body(names: list[str]) -> dict:
     return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "memlora"}
                                        for n in names]}
+
+
+DONE = "[DONE]"
+
+
+def stream_chunks(body: dict, include_usage: bool = False) -> list[dict]:
+    """A finished completion as the `chat.completion.chunk`s OpenAI streams: the role, the content (with its
+    log-probs), the finish reason, then the usage where asked. Clients join the deltas back into `body`."""
+    head = {"id": body.get("id") or f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
+            "created": body.get("created") or int(time.time()), "model": body.get("model", "")}
+    extra = {"usage": None} if include_usage else {}
+    chunks = []
+    for choice in body.get("choices") or []:
+        index, message = choice.get("index", 0), choice.get("message") or {}
+        steps = [({"role": message.get("role", "assistant"), "content": ""}, None, None),
+                 ({"content": message.get("content") or ""}, choice.get("logprobs"), None),
+                 ({}, None, choice.get("finish_reason"))]
+        chunks += [{**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                         "finish_reason": finish}], **extra} for delta, logprobs, finish in steps]
+    if include_usage:
+        chunks.append({**head, "choices": [], "usage": body.get("usage")})
+    return chunks
+
+
+def sse_events(chunks: Iterable[dict]) -> Iterable[bytes]:
+    """Server-sent events, as OpenAI ends them: `data: [DONE]`."""
+    for chunk in chunks:
+        yield f"data: {json.dumps(chunk)}\n\n".encode()
+    yield f"data: {DONE}\n\n".encode()
+
+
+class StreamAssembler:
+    """A streamed completion's chunks joined back into the completion body (what `capture` records): the first
+    choice's deltas and log-probs in order, its finish reason, the usage chunk where the stream has one."""
+
+    def __init__(self):
+        self.head: dict = {}
+        self.content: list[str] = []
+        self.logprobs: list[dict] = []
+        self.finish_reason: str | None = None
+        self.usage: dict | None = None
+        self.deltas = 0  # the first choice's chunks: none means the stream held no answer
+
+    def add(self, chunk: dict) -> None:
+        if not isinstance(chunk, dict):
+            raise ValueError(f"a stream chunk is not a JSON object: {str(chunk)[:100]!r}")
+        for key in ("id", "created", "model"):
+            self.head.setdefault(key, chunk.get(key))
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        for choice in chunk.get("choices") or []:
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                continue
+            self.deltas += 1
+            delta = choice.get("delta") or {}
+            if isinstance(delta.get("content"), str):
+                self.content.append(delta["content"])
+            self.logprobs += (choice.get("logprobs") or {}).get("content") or []
+            self.finish_reason = choice.get("finish_reason") or self.finish_reason
+
+    def body(self) -> dict:
+        return {**self.head, "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(self.content)},
+                             "finish_reason": self.finish_reason,
+                             "logprobs": {"content": self.logprobs} if self.logprobs else None}],
+                "usage": self.usage}

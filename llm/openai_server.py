@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from memlora.config import OPERATIONS, CaptureRule, ServingConfig
@@ -32,7 +32,7 @@ from memlora.llm.client_template import AS_SENT, MISMATCH, REDUCED
 from memlora.llm.continuous import continuous_decoder
 from memlora.llm.hf_backend import TransformersBackend
 from memlora.llm.openai_protocol import ApiError, ChatRequest, call_context, completion_body, error_body, \
-    models_body, parse_chat_request
+    models_body, parse_chat_request, sse_events, stream_chunks
 from memlora.llm.reload import close_later
 from memlora.llm.request_limits import Admission, BodyLimit, check_schema, client_stays, drop_outcome, \
     parse_json_body, rss_mib
@@ -323,14 +323,14 @@ def create_app(engine: ServingEngine, api_key: str | None = None) -> FastAPI:
                 answered = await engine.fallback.instead(chat, missing, generation.schema,
                                                          call_context(request.headers))
                 if answered is not None:
-                    return JSONResponse(answered[0], headers=answered[1])
+                    return respond(chat, *answered)
                 # the teacher failed (counted): the bare student answers, as without a fallback
             teacher_failed = False
             if engine.straight_to_teacher(generation.operation):
                 answered = await engine.fallback.straight(chat, generation.operation, generation.schema,
                                                           call_context(request.headers))
                 if answered is not None:
-                    return JSONResponse(answered[0], headers=answered[1])
+                    return respond(chat, *answered)
                 teacher_failed = True  # counted: the expert answers, as where a deferred call's teacher fails
             result = await engine.answer_unless_gone(request, generation)
             if result is None:  # the client hung up; there is nobody to answer (499: nginx's "client closed")
@@ -339,10 +339,19 @@ def create_app(engine: ServingEngine, api_key: str | None = None) -> FastAPI:
                 body, headers = await engine.fallback.answer(
                     chat, generation, result, engine.backend.tokenizer, call_context(request.headers),
                     lambda answered: engine.answer(chat, answered), teacher_failed=teacher_failed)
-                return JSONResponse(body, headers=headers)
-        return engine.answer(chat, result)
+                return respond(chat, body, headers)
+        return respond(chat, engine.answer(chat, result))
 
     return app
+
+
+def respond(chat: ChatRequest, body: dict, headers: dict | None = None) -> Response:
+    """The answer as JSON, or for `stream: true` as server-sent chunks (the whole answer is decoded, and where
+    the experts defer, judged, before its first chunk goes out; the headers say who answered all the same)."""
+    if chat.stream:
+        return StreamingResponse(sse_events(stream_chunks(body, chat.stream_usage())), headers=headers,
+                                 media_type="text/event-stream")
+    return JSONResponse(body, headers=headers)
 
 
 def routed_operation(rule: CaptureRule | None, messages: list[dict]) -> str | None:

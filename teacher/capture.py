@@ -5,7 +5,9 @@ Each call is forwarded as it came, except that a `json_object` request whose rul
 `json_schema` with it (a small teacher then answers in the shape the caller parses). Which operation a call
 belongs to comes from `capture.rules`; a call no rule matches is forwarded and counted, not recorded. A recorded
 call is written as its own Parquet shard (temporary name, then rename) before its response is returned, so a
-killed proxy loses at most the calls in flight and never leaves half a row.
+killed proxy loses at most the calls in flight and never leaves half a row. A streamed call (`stream: true`) is
+relayed chunk by chunk as the teacher sends it, and recorded from the joined chunks before the client gets the
+stream's end (`data: [DONE]`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import os
 import threading
 import time
 from collections import Counter
-from contextlib import asynccontextmanager
+from contextlib import ExitStack, asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -25,7 +27,7 @@ import jsonschema
 import pyarrow as pa
 from anyio import to_thread
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from memlora.config import CaptureConfig, CaptureRule, ServingConfig
 from memlora.data.io import write_parquet
@@ -34,7 +36,8 @@ from memlora.data.schemas import TRACES
 from memlora.layout import capture_shard_path, templates_path
 from memlora.llm.call_rules import classify, fingerprint
 from memlora.llm.client_template import changing_parts, current
-from memlora.llm.openai_protocol import ApiError, Message, call_context, error_body, plain_messages
+from memlora.llm.openai_protocol import DONE, ApiError, Message, StreamAssembler, call_context, error_body, \
+    plain_messages, sse_events, stream_chunks
 from memlora.llm.openai_server import add_error_handlers
 from memlora.llm.request_limits import Admission, BodyLimit, client_stays, parse_json_body, rss_mib
 
@@ -178,12 +181,37 @@ def outgoing(body: dict, rule: CaptureRule | None, logprobs_top_k: int) -> tuple
     return sent, schema, added
 
 
+def usage_for_us(sent: dict, rule: CaptureRule | None) -> bool:
+    """A recorded stream asks for its usage chunk (the row's token counts) where the client did not; then that
+    chunk is not relayed. Sets it in `sent`."""
+    options = sent.get("stream_options") if isinstance(sent.get("stream_options"), dict) else {}
+    if rule is None or options.get("include_usage"):
+        return False
+    sent["stream_options"] = {**options, "include_usage": True}
+    return True
+
+
+def as_client_asked(chunk: dict, logprobs_added: bool, usage_added: bool) -> dict | None:
+    """A streamed chunk as the client would have had it without our additions (None: the usage chunk it did not
+    ask for)."""
+    if usage_added:
+        if not chunk.get("choices") and chunk.get("usage"):
+            return None
+        chunk.pop("usage", None)
+    if logprobs_added:
+        for choice in chunk.get("choices") or []:
+            if isinstance(choice, dict):
+                choice["logprobs"] = None
+    return chunk
+
+
 def create_capture_app(upstream: str, config: CaptureConfig, recorder: CaptureRecorder, *,
                        timeout_s: float = 600.0, upstream_key: str | None = None,
                        limits: ServingConfig | None = None) -> FastAPI:
     """The proxy, with the servers' protections: a body-size limit (413), nesting and text checks (400), an
-    admission limit (429), and a client that hangs up cancels its upstream call (its teacher stops decoding
-    it), is counted as `client_left` and leaves no row: no answer reached anyone."""
+    admission limit (429; a stream holds its slot to its end), and a client that hangs up cancels its upstream
+    call (its teacher stops decoding it), is counted as `client_left` and leaves no row: no answer reached
+    anyone."""
     base = upstream.rstrip("/")
     limits = limits or ServingConfig()
     client = httpx.AsyncClient(timeout=timeout_s)
@@ -202,9 +230,10 @@ def create_capture_app(upstream: str, config: CaptureConfig, recorder: CaptureRe
         key = upstream_key or request.headers.get("authorization", "").removeprefix("Bearer ").strip()
         return {"Authorization": f"Bearer {key}"} if key else {}
 
-    async def forward(method: str, path: str, request: Request, **kwargs) -> httpx.Response:
+    async def forward(method: str, path: str, request: Request, stream: bool = False, **kwargs) -> httpx.Response:
         try:
-            return await client.request(method, f"{base}{path}", headers=headers(request), **kwargs)
+            return await client.send(client.build_request(method, f"{base}{path}", headers=headers(request),
+                                                          **kwargs), stream=stream)
         except httpx.HTTPError as err:
             recorder.count("upstream_failed")
             raise ApiError(502, f"upstream {base} unreachable: {type(err).__name__}: {err}",
@@ -223,10 +252,26 @@ def create_capture_app(upstream: str, config: CaptureConfig, recorder: CaptureRe
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        with admission.slot():
-            return await relay(request)
+        slot = ExitStack()
+        slot.enter_context(admission.slot())
+        try:
+            response = await relay(request, slot)
+        except BaseException:
+            slot.close()
+            raise
+        if not isinstance(response, StreamingResponse):
+            slot.close()
+        return response
 
-    async def relay(request: Request):
+    async def record(rule: CaptureRule | None, messages: list[dict], schema: dict | None, data: dict,
+                     latency: float, request: Request) -> None:
+        if rule is None:
+            recorder.count("unmatched")
+            return
+        row = recorder.row(rule, messages, schema, data, latency, *call_context(request.headers))
+        await to_thread.run_sync(recorder.write, row)
+
+    async def relay(request: Request, slot: ExitStack):
         body = await to_thread.run_sync(parse_json_body, await request.body(), limits.max_json_depth)
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list) or not body["messages"]:
             raise ApiError(400, "messages: a non-empty list is required", param="messages")
@@ -236,14 +281,23 @@ def create_capture_app(upstream: str, config: CaptureConfig, recorder: CaptureRe
             raise ApiError(400, f"messages: {err}", param="messages") from None
         rule = classify(config.rules, messages, str(body.get("model", "")))
         sent, schema, added = outgoing(body, rule, config.logprobs_top_k)
+        streaming = body.get("stream") is True
+        usage_added = streaming and usage_for_us(sent, rule)
         recorder.count("forwarded")
         started = time.perf_counter()
-        call = asyncio.ensure_future(forward("POST", "/chat/completions", request, json=sent))
+        call = asyncio.ensure_future(forward("POST", "/chat/completions", request, stream=streaming, json=sent))
         if not await client_stays(request, call):
             call.cancel()  # closes the upstream connection: the teacher drops the row from its batch
             recorder.count("client_left")
             return Response(status_code=499)
         response = call.result()
+        if streaming and response.status_code < 400 and \
+                response.headers.get("content-type", "").startswith("text/event-stream"):
+            return StreamingResponse(relay_stream(response, rule, messages, schema, added, usage_added, started,
+                                                  request, slot), media_type="text/event-stream")
+        if streaming:  # an error, or a whole answer where a stream was asked for: read it all
+            await response.aread()
+            await response.aclose()
         latency = time.perf_counter() - started
         if response.status_code >= 400:  # the upstream's own error, passed on as it is
             recorder.count("upstream_errors")
@@ -256,15 +310,58 @@ def create_capture_app(upstream: str, config: CaptureConfig, recorder: CaptureRe
             recorder.count("upstream_garbage")
             raise ApiError(502, f"upstream {base} answered without choices[0].message: {response.text[:200]!r}",
                            type="upstream_error")
-        if rule is None:
-            recorder.count("unmatched")
-        else:
-            row = recorder.row(rule, messages, schema, data, latency, *call_context(request.headers))
-            await to_thread.run_sync(recorder.write, row)
+        await record(rule, messages, schema, data, latency, request)
         if added:  # the client did not ask for log-probs: it gets the answer it would have had
             for choice in choices:
                 choice["logprobs"] = None
+        if streaming:
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return StreamingResponse(sse_events(stream_chunks(data, include_usage)), media_type="text/event-stream")
         return data
+
+    async def relay_stream(response: httpx.Response, rule: CaptureRule | None, messages: list[dict],
+                           schema: dict | None, added: bool, usage_added: bool, started: float, request: Request,
+                           slot: ExitStack):
+        """The teacher's chunks, passed on as they come; the call is recorded once the stream is whole, before
+        the client gets its end. A stream cut short, or with a chunk that is not JSON or is an error, is relayed
+        as it came and not recorded (counted)."""
+        joined, whole, broken = StreamAssembler(), False, None
+        try:
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue  # event separators and SSE comments; every event is framed again below
+                payload = line[len("data:"):].strip()
+                if payload == DONE:
+                    whole = True
+                    break
+                try:
+                    chunk = json.loads(payload)
+                    if isinstance(chunk, dict) and "error" in chunk:
+                        broken = broken or "upstream_errors"
+                    else:
+                        joined.add(chunk)
+                except ValueError:
+                    broken, chunk = broken or "upstream_garbage", None
+                if chunk is None or not isinstance(chunk, dict):
+                    yield f"data: {payload}\n\n".encode()
+                elif (relayed := as_client_asked(chunk, added, usage_added)) is not None:
+                    yield f"data: {json.dumps(relayed)}\n\n".encode()
+            if not whole:
+                broken = broken or "upstream_cut"
+            elif not joined.deltas:
+                broken = broken or "upstream_garbage"
+            if broken:
+                recorder.count(broken)
+            else:
+                await record(rule, messages, schema, joined.body(), time.perf_counter() - started, request)
+            if whole:
+                yield f"data: {DONE}\n\n".encode()
+        except asyncio.CancelledError:  # the client hung up: no answer reached anyone, nothing is recorded
+            recorder.count("client_left")
+            raise
+        finally:
+            await response.aclose()
+            slot.close()
 
     return app
 

@@ -23,6 +23,10 @@ class StubOpenAI:
         self.replies: dict[str, str] = {}
         self.fail_after: int | None = None  # after this many good answers, every request gets HTTP 503
         self.served = 0
+        # stream: true gets the reply in chunks of this many characters, `stream_gap_s` apart; after
+        # `stream_cut_after` chunks the connection closes without `data: [DONE]`
+        self.stream_piece, self.stream_gap_s, self.stream_cut_after = 4, 0.0, None
+        self.streams_left = 0  # streams whose reader hung up before their end
         self._lock = threading.Lock()
         stub = self
 
@@ -50,10 +54,37 @@ class StubOpenAI:
                     return self._send(400, {"error": {"message": "response_format json_schema not supported"}})
                 op = (body.get("response_format") or {}).get("json_schema", {}).get("name")
                 reply = stub.replies.get(op, stub.reply)
+                if body.get("stream"):
+                    return self._stream(reply, bool((body.get("stream_options") or {}).get("include_usage")))
                 self._send(200, {
                     "choices": [{"message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
                     "usage": {"prompt_tokens": 11, "completion_tokens": 7},
                 })
+
+            def _stream(self, reply: str, include_usage: bool):
+                """OpenAI's chunks, written as they are made (HTTP/1.0: the stream ends when the connection does)."""
+                head = {"id": "chatcmpl-stub", "object": "chat.completion.chunk", "created": 0, "model": "stub"}
+                pieces = [reply[i:i + stub.stream_piece] for i in range(0, len(reply), stub.stream_piece)]
+                deltas = ([{"role": "assistant", "content": ""}] + [{"content": p} for p in pieces] + [{}])
+                chunks = [{**head, "choices": [{"index": 0, "delta": d, "logprobs": None,
+                                                "finish_reason": "stop" if not d else None}]} for d in deltas]
+                if include_usage:
+                    chunks.append({**head, "choices": [], "usage": {"prompt_tokens": 11,
+                                                                    "completion_tokens": len(pieces)}})
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()
+                try:
+                    for i, chunk in enumerate(chunks):
+                        if stub.stream_cut_after is not None and i >= stub.stream_cut_after:
+                            return
+                        self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                        self.wfile.flush()
+                        time.sleep(stub.stream_gap_s)
+                    self.wfile.write(b"data: [DONE]\n\n")
+                except (BrokenPipeError, ConnectionResetError):  # the proxy hung up
+                    with stub._lock:
+                        stub.streams_left += 1
 
             def _send(self, status, payload, raw: bytes | None = None):
                 data = raw if raw is not None else json.dumps(payload).encode()

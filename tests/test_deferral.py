@@ -181,11 +181,18 @@ def test_an_unsure_expert_defers_to_the_teacher_and_the_call_is_recorded(deferra
         base = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
             "model": "memlora-base", "messages": deferral_out_messages[1], "max_tokens": 4})
         assert base.status_code == 200 and ANSWERED_BY not in base.headers  # no expert: nothing to defer
+        # streamed: the teacher is asked whole (it got no `stream`), its answer comes back as chunks
+        streamed = ask(url, 0, stream=True)
+        assert streamed.status_code == 200 and streamed.headers[ANSWERED_BY] == "teacher"
+        events = [json.loads(line[6:]) for line in streamed.text.split("\n\n") if line.startswith("data: {")]
+        assert streamed.text.rstrip().endswith("data: [DONE]") and {e["model"] for e in events} == {"teacher"}
+        assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == \
+            got.json()["choices"][0]["message"]["content"]
         health = httpx.get(f"{url}/health").json()["deferral"]["counts"]
-    assert health == {"deferred_extraction": 1}
-    rows = pq.read_table(trace_files(tmp_path / "out", "extraction")[0]).to_pylist()
-    assert len(rows) == 1 and rows[0]["backend"] == "deferred" and rows[0]["conversation_id"] == "user-7"
-    assert rows[0]["raw_output"] == got.json()["choices"][0]["message"]["content"]
+    assert health == {"deferred_extraction": 2}
+    rows = [r for f in trace_files(tmp_path / "out", "extraction") for r in pq.read_table(f).to_pylist()]
+    assert len(rows) == 2 and {r["backend"] for r in rows} == {"deferred"} and rows[0]["conversation_id"] == "user-7"
+    assert {r["raw_output"] for r in rows} == {got.json()["choices"][0]["message"]["content"]}
     assert rows[0]["messages"] == deferral_out_messages[0] and json.loads(rows[0]["output_schema"]) == SCHEMA
     engine.close()
 

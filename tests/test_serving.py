@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -105,13 +106,34 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, eng
     assert "cannot be compiled" in error(chat(server, response_format=bad_schema), 400)["message"]
     long = [{"role": "user", "content": "word " * 3000}]
     assert error(chat(server, messages=long), 400)["code"] == "context_length_exceeded"
-    assert error(chat(server, stream=True), 400)["param"] == "stream"
     assert error(chat(server, n=2), 400)["param"] == "n"
     assert error(httpx.get(f"{server}/v1/nothing-here"), 404)["message"]
     # a client that hangs up mid-generation loses only its own answer
     with pytest.raises(httpx.TimeoutException):
         chat(server, max_tokens=400, timeout=0.05)
     assert chat(server, max_tokens=4).status_code == 200
+
+
+@pytest.mark.timeout(120)
+def test_a_streamed_answer_is_the_same_answer_in_chunks(server):
+    """`stream: true` (the openai client's own stream reader): the deltas join into the answer the same request
+    gets whole, with its log-probs and finish reason; the usage chunk comes only where it is asked for."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server}/v1", api_key="unused")
+    ask = dict(model="tiny", messages=[{"role": "user", "content": "Ann: I have a cat."}], temperature=0,
+               max_tokens=12, logprobs=True, top_logprobs=2)
+    whole = client.chat.completions.create(**ask)
+    chunks = list(client.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant" and not chunks[-1].choices
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    steps = [step for c in chunks if c.choices and c.choices[0].logprobs for step in c.choices[0].logprobs.content]
+    assert [s.token for s in steps] == [s.token for s in whole.choices[0].logprobs.content]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens and len({c.id for c in chunks}) == 1
+    plain = list(client.chat.completions.create(**{**ask, "logprobs": False, "top_logprobs": None}, stream=True))
+    assert all(c.usage is None and c.choices for c in plain)
+    assert "".join(c.choices[0].delta.content or "" for c in plain) == whole.choices[0].message.content
 
 
 def _eight_at_once(server) -> list[str]:
@@ -196,6 +218,75 @@ def test_capture_records_matched_calls_as_trace_rows(server, tmp_path):
     assert row["raw_output"] == got["choices"][0]["message"]["content"]
     assert row["completion_tokens"] == len(row["completion_token_ids"]) == len(row["top_logprobs"])
     assert row["parse_ok"] == (row["finish_reason"] == "stop")
+
+
+ORGANIZER = [{"role": "system", "content": "You are a Personal Information Organizer."},
+             {"role": "user", "content": "Ann: I have a cat."}]
+
+
+def capture_rows(out) -> list[dict]:
+    return [r for f in sorted((out / "traces" / "extraction").glob("part-capture-*.parquet"))
+            for r in pq.read_table(f).to_pylist()]
+
+
+@pytest.mark.timeout(120)
+def test_capture_relays_a_streamed_call_and_records_it_whole(server, tmp_path):
+    """A client that streams (the openai client's reader) through capture to a real server: it gets the chunks
+    it would have had (no log-probs or usage chunk it did not ask for), and the row has the joined answer with
+    the teacher's token ids and log-probs, which capture asked for."""
+    from openai import OpenAI
+
+    out = tmp_path / "out"
+    app = create_capture_app(f"{server}/v1", CaptureConfig(rules=RULES, logprobs_top_k=2), CaptureRecorder(out))
+    with running(app) as proxy:
+        client = OpenAI(base_url=f"{proxy}/v1", api_key="unused")
+        chunks = list(client.chat.completions.create(model="tiny", messages=ORGANIZER, temperature=0, max_tokens=60,
+                                                     response_format={"type": "json_object"}, stream=True))
+        with_usage = list(client.chat.completions.create(model="tiny", messages=ORGANIZER, temperature=0,
+                                                         max_tokens=60, response_format={"type": "json_object"},
+                                                         stream=True, stream_options={"include_usage": True}))
+        health = httpx.get(f"{proxy}/health").json()["counts"]
+    assert all(c.choices and c.choices[0].logprobs is None and c.usage is None for c in chunks)
+    answer = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert not with_usage[-1].choices and with_usage[-1].usage.completion_tokens > 0  # asked for: relayed
+    assert health["recorded_extraction"] == 2 and health["forwarded"] == 2
+    rows = capture_rows(out)
+    assert [r["raw_output"] for r in rows] == [answer, answer] and rows[0]["constrained"]
+    assert rows[0]["completion_tokens"] == len(rows[0]["completion_token_ids"]) == len(rows[0]["top_logprobs"]) > 0
+    assert rows[0]["parse_ok"] == (rows[0]["finish_reason"] == "stop") and rows[0]["model_id"] == "tiny"
+
+
+@pytest.mark.timeout(120)
+def test_capture_streams_as_the_teacher_sends_and_records_only_a_whole_stream(tmp_path):
+    """A teacher that streams token by token (the stub, as vLLM does): each chunk is passed on as it comes; a
+    stream cut short is relayed as it came and not recorded; a client that hangs up mid-stream closes the
+    teacher's stream and leaves no row."""
+    out = tmp_path / "out"
+    with StubOpenAI() as stub, running(create_capture_app(stub.url, CaptureConfig(rules=RULES),
+                                                          CaptureRecorder(out))) as proxy:
+        whole = chat(proxy, messages=ORGANIZER, stream=True)
+        assert whole.headers["content-type"].startswith("text/event-stream")
+        events = [line[6:] for line in whole.text.split("\n\n") if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and len(events) == -(-len(stub.reply) // 4) + 3  # each piece, as sent
+        assert "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1]) == stub.reply
+        assert stub.requests[-1]["stream_options"] == {"include_usage": True}  # for the row's token counts
+        assert all("usage" not in json.loads(e) for e in events[:-1])  # the client did not ask for them
+        stub.stream_cut_after = 3
+        cut = chat(proxy, messages=ORGANIZER, stream=True)
+        assert cut.status_code == 200 and "[DONE]" not in cut.text and cut.text.count("data: ") == 3
+        stub.stream_cut_after, stub.stream_gap_s, stub.stream_piece = None, 0.2, 1
+        with httpx.stream("POST", f"{proxy}/v1/chat/completions", timeout=60, json={
+                "model": "tiny", "messages": ORGANIZER, "stream": True}) as leaving:
+            next(leaving.iter_lines())  # the first chunk, then the client hangs up
+        deadline = time.monotonic() + 30
+        while (stub.streams_left == 0 or "client_left" not in httpx.get(f"{proxy}/health").json()["counts"]) \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        counts = httpx.get(f"{proxy}/health").json()["counts"]
+    assert stub.streams_left == 1 and counts["client_left"] == 1 and counts["upstream_cut"] == 1
+    rows = capture_rows(out)
+    assert len(rows) == 1 and rows[0]["raw_output"] == stub.reply and rows[0]["prompt_tokens"] == 11
+    assert rows[0]["completion_tokens"] == -(-len(stub.reply) // 4) and counts["recorded_extraction"] == 1
 
 
 @pytest.mark.timeout(120)
