@@ -181,6 +181,10 @@ def outgoing(body: dict, rule: CaptureRule | None, logprobs_top_k: int) -> tuple
     return sent, schema, added
 
 
+# an upstream's response headers that a passed-through answer keeps (the body is relayed as it came, undecoded)
+PASSED_HEADERS = {"content-type", "content-encoding", "retry-after", "x-request-id"}
+
+
 def usage_for_us(sent: dict, rule: CaptureRule | None) -> bool:
     """A recorded stream asks for its usage chunk (the row's token counts) where the client did not; then that
     chunk is not relayed. Sets it in `sent`."""
@@ -230,10 +234,12 @@ def create_capture_app(upstream: str, config: CaptureConfig, recorder: CaptureRe
         key = upstream_key or request.headers.get("authorization", "").removeprefix("Bearer ").strip()
         return {"Authorization": f"Bearer {key}"} if key else {}
 
-    async def forward(method: str, path: str, request: Request, stream: bool = False, **kwargs) -> httpx.Response:
+    async def forward(method: str, path: str, request: Request, stream: bool = False,
+                      extra_headers: dict | None = None, **kwargs) -> httpx.Response:
         try:
-            return await client.send(client.build_request(method, f"{base}{path}", headers=headers(request),
-                                                          **kwargs), stream=stream)
+            return await client.send(client.build_request(method, f"{base}{path}",
+                                                          headers={**headers(request), **(extra_headers or {})}, **kwargs),
+                                     stream=stream)
         except httpx.HTTPError as err:
             recorder.count("upstream_failed")
             raise ApiError(502, f"upstream {base} unreachable: {type(err).__name__}: {err}",
@@ -362,6 +368,35 @@ def create_capture_app(upstream: str, config: CaptureConfig, recorder: CaptureRe
         finally:
             await response.aclose()
             slot.close()
+
+    # last: the routes above match first
+    @app.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+    async def other(path: str, request: Request):
+        """Any other endpoint (a client's embeddings, when its whole OpenAI base URL points here) goes to the
+        teacher's server as it came, and back, streamed, with its status: capture records chat calls only."""
+        if path == "chat/completions":  # another method on it
+            raise ApiError(405, f"{request.method} /v1/chat/completions: only POST is served")
+        slot = ExitStack()
+        slot.enter_context(admission.slot())
+        try:
+            sent = {"content-type": request.headers["content-type"]} if "content-type" in request.headers else {}
+            response = await forward(request.method, f"/{path}", request, stream=True, content=await request.body(),
+                                     params=request.query_params, extra_headers=sent)
+        except BaseException:
+            slot.close()
+            raise
+        recorder.count("passed_through")
+
+        async def body():
+            try:
+                async for part in response.aiter_raw():
+                    yield part
+            finally:
+                await response.aclose()
+                slot.close()
+
+        kept = {k: v for k, v in response.headers.items() if k.lower() in PASSED_HEADERS}
+        return StreamingResponse(body(), status_code=response.status_code, headers=kept)
 
     return app
 

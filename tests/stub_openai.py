@@ -34,8 +34,19 @@ class StubOpenAI:
             def log_message(self, *args):
                 pass
 
+            def do_GET(self):
+                self._send(404, {"error": {"message": f"no route {self.path}"}})
+
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.path.endswith("/embeddings"):  # one vector per input, as OpenAI's embeddings answer
+                    with stub._lock:
+                        stub.requests.append(body)
+                        stub.headers.append({k.lower(): v for k, v in self.headers.items()})
+                    inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+                    return self._send(200, {"object": "list", "model": body.get("model"), "data": [
+                        {"object": "embedding", "index": i, "embedding": [float(len(text)), 0.5]}
+                        for i, text in enumerate(inputs)], "usage": {"prompt_tokens": 3, "total_tokens": 3}})
                 with stub._lock:
                     stub.requests.append(body)
                     stub.headers.append({k.lower(): v for k, v in self.headers.items()})

@@ -290,6 +290,27 @@ def test_capture_streams_as_the_teacher_sends_and_records_only_a_whole_stream(tm
 
 
 @pytest.mark.timeout(120)
+def test_capture_passes_other_endpoints_through_to_the_teacher(tmp_path):
+    """A client whose whole OpenAI base URL points at capture (Mem0 reads OPENAI_BASE_URL for its embedder too)
+    keeps working: embeddings and any other endpoint go to the teacher's server and back, with its status."""
+    from openai import OpenAI
+
+    out = tmp_path / "out"
+    with StubOpenAI() as stub, running(create_capture_app(stub.url, CaptureConfig(rules=RULES),
+                                                          CaptureRecorder(out))) as proxy:
+        client = OpenAI(base_url=f"{proxy}/v1", api_key="sk-client")
+        vectors = client.embeddings.create(model="embedder", input=["Ann has a cat", "hi"])
+        assert [v.embedding for v in vectors.data] == [[13.0, 0.5], [2.0, 0.5]]
+        assert (stub.requests[-1]["model"], stub.requests[-1]["input"]) == ("embedder", ["Ann has a cat", "hi"])
+        assert stub.headers[-1]["authorization"] == "Bearer sk-client"
+        missing = httpx.get(f"{proxy}/v1/files")
+        assert missing.status_code == 404 and "no route /v1/files" in missing.json()["error"]["message"]
+        assert httpx.get(f"{proxy}/v1/chat/completions").status_code == 405
+        counts = httpx.get(f"{proxy}/health").json()["counts"]
+    assert counts["passed_through"] == 2 and not (out / "traces").exists()
+
+
+@pytest.mark.timeout(120)
 def test_capture_upstream_down_or_garbage_is_a_502_and_no_row(tmp_path):
     out = tmp_path / "out"
     organizer = [{"role": "system", "content": "You are a Personal Information Organizer."},
