@@ -94,6 +94,20 @@ class Fallback:
             return None, latency, f"an answer without choices[0].message.content ({err}): {response.text[:200]!r}"
         return data, latency, None
 
+    async def pass_through(self, body: dict, param: str) -> httpx.Response:
+        """A request the experts cannot serve (`param`: tools, n > 1, ...) sent to the teacher as it came, under
+        the teacher's model name; the response is open (streamed back as the teacher sends it). Not recorded: no
+        expert learns it. Unreachable: a 502."""
+        self.counts[f"passed_{param}"] += 1
+        request = self.client.build_request("POST", f"{self.url}/chat/completions", json={**body, "model": self.model},
+                                            headers=self.headers)
+        try:
+            return await self.client.send(request, stream=True)
+        except httpx.HTTPError as err:
+            self.counts[f"teacher_failures_passed_{param}"] += 1
+            raise ApiError(502, f"the fallback teacher {self.url} is unreachable for a call the experts cannot serve "
+                           f"({param}): {type(err).__name__}: {err}", type="upstream_error") from None
+
     async def record(self, chat: ChatRequest, operation: str, schema: dict | None, data: dict, latency: float,
                      conversation: str | None, session: int, backend: str = DEFERRED_BACKEND) -> None:
         """The deferred (or audited) call as a trace row, on disk before the answer goes back."""

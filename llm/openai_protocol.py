@@ -2,8 +2,9 @@
 unknown fields refused), OpenAI-shaped errors, and the response built from a `GenerationResult`.
 
 A client such as Mem0 talks to `memlora serve-experts`, `serve-model` and `capture` exactly as to OpenAI; what
-they cannot do (n > 1, tools, penalties) is refused with a 400 that names the field. `stream: true` gets the
-answer as server-sent chunks once it is decoded (`stream_chunks`): a deferred call's answer is known only then.
+they cannot do (n > 1, tools, penalties, logit bias) is refused with a 400 that names the field (`Unsupported`;
+behind `serve-experts --fallback` it goes to the teacher instead). `stream: true` gets the answer as server-sent
+chunks once it is decoded (`stream_chunks`): a deferred call's answer is known only then.
 """
 
 from __future__ import annotations
@@ -41,6 +42,14 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class Unsupported(ApiError):
+    """A valid request for what this server cannot do (tool calls, n > 1, penalties, logit bias): a 400, or with
+    `serve-experts --fallback` the teacher's to answer, as it came."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(400, f"{param}: {message}", param=param)
 
 
 def error_body(status: int, message: str, type: str = "invalid_request_error") -> dict:
@@ -107,6 +116,9 @@ class ChatRequest(BaseModel):
     frequency_penalty: StrictFloat = 0.0
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
+    functions: list[dict[str, Any]] | None = None  # the older name of tools
+    function_call: Any = None
+    logit_bias: dict[str, Any] | None = None
     # Accepted and ignored: bookkeeping that does not change the completion.
     user: str | None = None
     store: bool | None = None
@@ -136,12 +148,15 @@ class ChatRequest(BaseModel):
     def unsupported(self) -> ApiError | None:
         """What this server cannot honour, as the error to answer with."""
         if self.n != 1:
-            return ApiError(400, "n: only one choice per request is supported", param="n")
-        if self.tools:
-            return ApiError(400, "tools: tool calls are not supported by this server", param="tools")
+            return Unsupported("n", "only one choice per request is supported")
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                return Unsupported(name, "tool calls are not supported by this server")
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):
-                return ApiError(400, f"{name}: only 0 is supported", param=name)
+                return Unsupported(name, "only 0 is supported")
+        if self.logit_bias:
+            return Unsupported("logit_bias", "only an empty bias is supported")
         if self.top_logprobs and not self.logprobs:
             return ApiError(400, "top_logprobs: requires logprobs: true", param="top_logprobs")
         return None

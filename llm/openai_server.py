@@ -12,6 +12,7 @@ batch at the next decode step; at most `serving.max_queued` requests are admitte
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 import threading
@@ -31,8 +32,9 @@ from memlora.llm.call_rules import classify, schema_for
 from memlora.llm.client_template import AS_SENT, MISMATCH, REDUCED
 from memlora.llm.continuous import continuous_decoder
 from memlora.llm.hf_backend import TransformersBackend
-from memlora.llm.openai_protocol import ApiError, ChatRequest, call_context, completion_body, error_body, \
-    models_body, parse_chat_request, sse_events, stream_chunks
+from memlora.llm.guard import ANSWERED_BY, TEACHER
+from memlora.llm.openai_protocol import ApiError, ChatRequest, Unsupported, call_context, completion_body, \
+    error_body, models_body, parse_chat_request, sse_events, stream_chunks
 from memlora.llm.reload import close_later
 from memlora.llm.request_limits import Admission, BodyLimit, check_schema, client_stays, drop_outcome, \
     parse_json_body, rss_mib
@@ -317,7 +319,14 @@ def create_app(engine: ServingEngine, api_key: str | None = None) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         with engine.admission.slot():
-            chat, generation = await engine.prepared(await request.body())
+            raw = await request.body()
+            try:
+                chat, generation = await engine.prepared(raw)
+            except Unsupported as err:  # with a teacher behind, what the experts cannot do is the teacher's
+                if not engine.has_teacher:
+                    raise
+                response = await engine.fallback.pass_through(json.loads(raw), err.param)
+                return relayed(response, {ANSWERED_BY: TEACHER})
             missing = engine.unserved(chat)
             if missing is not None:
                 answered = await engine.fallback.instead(chat, missing, generation.schema,
@@ -343,6 +352,26 @@ def create_app(engine: ServingEngine, api_key: str | None = None) -> FastAPI:
         return respond(chat, engine.answer(chat, result))
 
     return app
+
+
+# an upstream's response headers that a relayed answer keeps (its body is passed on as it came, undecoded)
+RELAYED_HEADERS = {"content-type", "content-encoding", "retry-after", "x-request-id"}
+
+
+def relayed(response, headers: dict | None = None, on_close=None) -> StreamingResponse:
+    """An upstream's open `httpx` response passed on as it comes, with its status; closed (and `on_close` called)
+    at its end or when the client hangs up."""
+    async def body():
+        try:
+            async for part in response.aiter_raw():
+                yield part
+        finally:
+            await response.aclose()
+            if on_close is not None:
+                on_close()
+
+    kept = {k: v for k, v in response.headers.items() if k.lower() in RELAYED_HEADERS}
+    return StreamingResponse(body(), status_code=response.status_code, headers={**kept, **(headers or {})})
 
 
 def respond(chat: ChatRequest, body: dict, headers: dict | None = None) -> Response:

@@ -38,7 +38,7 @@ from memlora.llm.call_rules import classify, fingerprint
 from memlora.llm.client_template import changing_parts, current
 from memlora.llm.openai_protocol import DONE, ApiError, Message, StreamAssembler, call_context, error_body, \
     plain_messages, sse_events, stream_chunks
-from memlora.llm.openai_server import add_error_handlers
+from memlora.llm.openai_server import add_error_handlers, relayed
 from memlora.llm.request_limits import Admission, BodyLimit, client_stays, parse_json_body, rss_mib
 
 
@@ -181,10 +181,6 @@ def outgoing(body: dict, rule: CaptureRule | None, logprobs_top_k: int) -> tuple
     return sent, schema, added
 
 
-# an upstream's response headers that a passed-through answer keeps (the body is relayed as it came, undecoded)
-PASSED_HEADERS = {"content-type", "content-encoding", "retry-after", "x-request-id"}
-
-
 def usage_for_us(sent: dict, rule: CaptureRule | None) -> bool:
     """A recorded stream asks for its usage chunk (the row's token counts) where the client did not; then that
     chunk is not relayed. Sets it in `sent`."""
@@ -236,10 +232,10 @@ def create_capture_app(upstream: str, config: CaptureConfig, recorder: CaptureRe
 
     async def forward(method: str, path: str, request: Request, stream: bool = False,
                       extra_headers: dict | None = None, **kwargs) -> httpx.Response:
+        sent = client.build_request(method, f"{base}{path}", headers={**headers(request), **(extra_headers or {})},
+                                    **kwargs)
         try:
-            return await client.send(client.build_request(method, f"{base}{path}",
-                                                          headers={**headers(request), **(extra_headers or {})}, **kwargs),
-                                     stream=stream)
+            return await client.send(sent, stream=stream)
         except httpx.HTTPError as err:
             recorder.count("upstream_failed")
             raise ApiError(502, f"upstream {base} unreachable: {type(err).__name__}: {err}",
@@ -386,17 +382,7 @@ def create_capture_app(upstream: str, config: CaptureConfig, recorder: CaptureRe
             slot.close()
             raise
         recorder.count("passed_through")
-
-        async def body():
-            try:
-                async for part in response.aiter_raw():
-                    yield part
-            finally:
-                await response.aclose()
-                slot.close()
-
-        kept = {k: v for k, v in response.headers.items() if k.lower() in PASSED_HEADERS}
-        return StreamingResponse(body(), status_code=response.status_code, headers=kept)
+        return relayed(response, on_close=slot.close)
 
     return app
 

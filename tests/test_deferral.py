@@ -264,6 +264,38 @@ def test_a_sure_expert_keeps_the_call(deferral_out, tmp_path):
 
 
 @pytest.mark.timeout(180)
+def test_what_the_experts_cannot_serve_goes_to_the_teacher_as_it_came(deferral_out, tmp_path):
+    """With a teacher behind, a call the experts cannot do (tools, n > 1, ...) is the teacher's, passed on as it
+    came (streamed where asked) under its model name, and not recorded; without one it stays a 400."""
+    tools = [{"type": "function", "function": {"name": "add_memory", "parameters": {"type": "object"}}}]
+    with StubOpenAI() as stub:
+        engine, app = experts_server(deferral_out, stub.url, -math.inf, tmp_path, audit_share=0)
+        with running(app) as url:
+            got = ask(url, 0, tools=tools)
+            assert got.status_code == 200 and got.headers[ANSWERED_BY] == "teacher"
+            assert got.json()["choices"][0]["message"]["content"] == stub.reply
+            assert stub.requests[-1]["model"] == "teacher" and stub.requests[-1]["tools"] == tools
+            streamed = ask(url, 0, n=2, stream=True)
+            assert streamed.headers["content-type"].startswith("text/event-stream")
+            assert streamed.text.rstrip().endswith("data: [DONE]") and stub.requests[-1]["n"] == 2
+            assert ask(url, 0, top_logprobs=2).status_code == 400  # a wrong request is wrong for the teacher too
+            assert httpx.get(f"{url}/health").json()["deferral"]["counts"] == {"passed_tools": 1, "passed_n": 1}
+        engine.close()
+    assert not (tmp_path / "out" / "traces").exists()
+    engine, app = experts_server(deferral_out, stub.url, -math.inf, tmp_path)  # the stub has stopped: down
+    with running(app) as url:
+        down = ask(url, 0, tools=tools)
+        assert down.status_code == 502 and "cannot serve (tools)" in down.json()["error"]["message"]
+    engine.close()
+    alone = ServingEngine(deferral_out["backend"], expert_models(deferral_out["backend"].operations),
+                          default_max_tokens=16)
+    with running(create_app(alone)) as url:
+        refused = ask(url, 0, tools=tools)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "tools"
+    alone.close()
+
+
+@pytest.mark.timeout(180)
 def test_a_teacher_that_is_down_or_answers_garbage_degrades_as_configured(deferral_out, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
