@@ -98,15 +98,20 @@ class Fallback:
         """A request the experts cannot serve (`param`: tools, n > 1, ...) sent to the teacher as it came, under
         the teacher's model name; the response is open (streamed back as the teacher sends it). Not recorded: no
         expert learns it. Unreachable: a 502."""
-        self.counts[f"passed_{param}"] += 1
-        request = self.client.build_request("POST", f"{self.url}/chat/completions", json={**body, "model": self.model},
-                                            headers=self.headers)
+        return await self.forward("POST", "/chat/completions", param, json={**body, "model": self.model})
+
+    async def forward(self, method: str, path: str, what: str, **kwargs) -> httpx.Response:
+        """Any request to the teacher's server (`what` names it in the counts: `passed_<what>`), its response
+        open; unreachable: a 502."""
+        self.counts[f"passed_{what}"] += 1
+        request = self.client.build_request(method, f"{self.url}{path}", headers={**kwargs.pop("headers", {}),
+                                                                                  **self.headers}, **kwargs)
         try:
             return await self.client.send(request, stream=True)
         except httpx.HTTPError as err:
-            self.counts[f"teacher_failures_passed_{param}"] += 1
+            self.counts[f"teacher_failures_passed_{what}"] += 1
             raise ApiError(502, f"the fallback teacher {self.url} is unreachable for a call the experts cannot serve "
-                           f"({param}): {type(err).__name__}: {err}", type="upstream_error") from None
+                           f"({what}): {type(err).__name__}: {err}", type="upstream_error") from None
 
     async def record(self, chat: ChatRequest, operation: str, schema: dict | None, data: dict, latency: float,
                      conversation: str | None, session: int, backend: str = DEFERRED_BACKEND) -> None:

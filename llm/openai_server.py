@@ -18,7 +18,7 @@ import secrets
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
 
 from fastapi import FastAPI, Request, Response
@@ -351,7 +351,32 @@ def create_app(engine: ServingEngine, api_key: str | None = None) -> FastAPI:
                 return respond(chat, body, headers)
         return respond(chat, engine.answer(chat, result))
 
+    if engine.has_teacher:  # a client whose whole OpenAI base URL points here: its embeddings are the teacher's
+        pass_other_endpoints(app, engine.admission, lambda method, path, request, **kw: engine.fallback.forward(
+            method, path, path.strip("/").replace("/", "_"), **kw), {ANSWERED_BY: TEACHER})
+
     return app
+
+
+def pass_other_endpoints(app, admission, forward, headers: dict | None = None) -> None:
+    """Every other endpoint under /v1 (a client's embeddings, when its whole OpenAI base URL points here) goes
+    upstream as it came, through `forward(method, path, request, content=, params=, headers=)` (an open
+    streamed response), and back with its status, holding an admission slot to its end. Register it last: the
+    routes before it match first."""
+    @app.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+    async def other(path: str, request: Request):
+        if path == "chat/completions":  # another method on it
+            raise ApiError(405, f"{request.method} /v1/chat/completions: only POST is served")
+        slot = ExitStack()
+        slot.enter_context(admission.slot())
+        try:
+            sent = {"content-type": request.headers["content-type"]} if "content-type" in request.headers else {}
+            response = await forward(request.method, f"/{path}", request, content=await request.body(),
+                                     params=request.query_params, headers=sent)
+        except BaseException:
+            slot.close()
+            raise
+        return relayed(response, headers, on_close=slot.close)
 
 
 # an upstream's response headers that a relayed answer keeps (its body is passed on as it came, undecoded)

@@ -38,7 +38,7 @@ from memlora.llm.call_rules import classify, fingerprint
 from memlora.llm.client_template import changing_parts, current
 from memlora.llm.openai_protocol import DONE, ApiError, Message, StreamAssembler, call_context, error_body, \
     plain_messages, sse_events, stream_chunks
-from memlora.llm.openai_server import add_error_handlers, relayed
+from memlora.llm.openai_server import add_error_handlers, pass_other_endpoints
 from memlora.llm.request_limits import Admission, BodyLimit, client_stays, parse_json_body, rss_mib
 
 
@@ -365,25 +365,11 @@ def create_capture_app(upstream: str, config: CaptureConfig, recorder: CaptureRe
             await response.aclose()
             slot.close()
 
-    # last: the routes above match first
-    @app.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
-    async def other(path: str, request: Request):
-        """Any other endpoint (a client's embeddings, when its whole OpenAI base URL points here) goes to the
-        teacher's server as it came, and back, streamed, with its status: capture records chat calls only."""
-        if path == "chat/completions":  # another method on it
-            raise ApiError(405, f"{request.method} /v1/chat/completions: only POST is served")
-        slot = ExitStack()
-        slot.enter_context(admission.slot())
-        try:
-            sent = {"content-type": request.headers["content-type"]} if "content-type" in request.headers else {}
-            response = await forward(request.method, f"/{path}", request, stream=True, content=await request.body(),
-                                     params=request.query_params, extra_headers=sent)
-        except BaseException:
-            slot.close()
-            raise
+    async def passed(method: str, path: str, request: Request, headers: dict, **kwargs) -> httpx.Response:
         recorder.count("passed_through")
-        return relayed(response, on_close=slot.close)
+        return await forward(method, path, request, stream=True, extra_headers=headers, **kwargs)
 
+    pass_other_endpoints(app, admission, passed)  # last: the routes above match first
     return app
 
 

@@ -279,7 +279,11 @@ def test_what_the_experts_cannot_serve_goes_to_the_teacher_as_it_came(deferral_o
             assert streamed.headers["content-type"].startswith("text/event-stream")
             assert streamed.text.rstrip().endswith("data: [DONE]") and stub.requests[-1]["n"] == 2
             assert ask(url, 0, top_logprobs=2).status_code == 400  # a wrong request is wrong for the teacher too
-            assert httpx.get(f"{url}/health").json()["deferral"]["counts"] == {"passed_tools": 1, "passed_n": 1}
+            # a client whose whole base URL points here (Mem0's embedder reads OPENAI_BASE_URL too)
+            vectors = httpx.post(f"{url}/v1/embeddings", json={"model": "e", "input": "hi"}, timeout=30)
+            assert vectors.json()["data"][0]["embedding"] == [2.0, 0.5] and vectors.headers[ANSWERED_BY] == "teacher"
+            assert httpx.get(f"{url}/health").json()["deferral"]["counts"] == {
+                "passed_tools": 1, "passed_n": 1, "passed_embeddings": 1}
         engine.close()
     assert not (tmp_path / "out" / "traces").exists()
     engine, app = experts_server(deferral_out, stub.url, -math.inf, tmp_path)  # the stub has stopped: down
@@ -292,6 +296,7 @@ def test_what_the_experts_cannot_serve_goes_to_the_teacher_as_it_came(deferral_o
     with running(create_app(alone)) as url:
         refused = ask(url, 0, tools=tools)
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "tools"
+        assert httpx.post(f"{url}/v1/embeddings", json={"input": "hi"}, timeout=30).status_code == 404
     alone.close()
 
 
