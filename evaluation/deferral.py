@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from memlora.config import Config
+from memlora.data.compaction import rows_not_from
 from memlora.data.io import write_json
 from memlora.data.split import captured_split
 from memlora.evaluation import scoring
@@ -118,10 +119,10 @@ def fresh_calls(out: str | Path, config: Config, operations: list[str]) -> list[
         if not record.is_file():
             continue
         trained = set(TrainingRecord.read(record).trace_files)
-        files = [f for f in trace_files(out, op) if f.name not in trained]
-        if not trained or not files:
+        fresh = rows_not_from(trace_files(out, op), trained)  # by shard: a merged file holds old and new calls
+        if not trained or not fresh.num_rows:
             continue
-        train, _ = split_rows(load_traces(files), splits)
+        train, _ = split_rows(fresh, splits)
         calls += [held_out_call(row, config) for row in train.to_pylist() if _usable(row, config)]
     return calls
 

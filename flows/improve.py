@@ -8,13 +8,15 @@ from prefect import flow, get_run_logger
 
 from memlora.tasks.common import forward_domain_logs, load_config_task
 from memlora.tasks.distill import build_student_task, distill_experts_task
-from memlora.tasks.improve import gate_task, new_rows_task, prepare_candidate_task, promote_task
+from memlora.tasks.improve import compact_traces_task, gate_task, new_rows_task, prepare_candidate_task, \
+    promote_task
 
 
 @flow(name="improve")
 def improve(config_path: str = "configs/default.yaml", out: str = "out") -> dict:
     forward_domain_logs()
     cfg = load_config_task(config_path)
+    compact_traces_task(cfg, out)
     counts = new_rows_task(cfg, out)
     if not any(counts.values()):
         get_run_logger().info("no new trace rows since the served experts were trained: nothing to do")

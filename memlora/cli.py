@@ -110,6 +110,23 @@ def cmd_improve(args) -> int:
     return 0
 
 
+def cmd_compact(args) -> int:
+    from memlora.data.compaction import compact_traces
+    from memlora.layout import traces_root
+    from memlora.manifest import read_manifest, update_manifest
+
+    done = compact_traces(traces_root(args.out), min_shards=args.min_shards, max_rows=args.max_rows)
+    for c in done:
+        merged = ", ".join(c.files) or "left as they are"
+        print(f"{c.operation:<11} {c.shards} captured shards ({c.rows} rows) -> {merged}"
+              + (f"; {c.finished} left by an interrupted compaction removed" if c.finished else ""))
+    if not done:
+        print(f"{traces_root(args.out)}: no traces")
+    if any(c.shards or c.finished for c in done) and read_manifest(args.out):
+        update_manifest(args.out)
+    return 0
+
+
 def cmd_rollback(args) -> int:
     from memlora.student.versions import rollback, versions
 
@@ -464,6 +481,11 @@ COMMANDS = {
         "(captured and deferred calls), compare them with the served experts on held-out calls, and promote per "
         "operation those not worse beyond improve.margin and better on agreement or calls kept; the served set "
         "is kept as a version first, and deferral is recalibrated."),
+    "compact": ("merge the captured calls' single-call trace shards",
+        "Merge each operation's captured single-call shards (OUT/traces/<operation>/part-capture-*.parquet, one "
+        "per recorded call) into files of up to --max-rows rows. Nothing downstream changes: the experts' cache "
+        "keys and improve's new rows are taken over the calls the files hold. Not while another command reads "
+        "OUT's traces; `improve` does it first by itself (capture.compact_at)."),
     "rollback": ("serve an earlier version of the experts again",
         "Serve an earlier version of the experts (OUT/versions/<id>, checked against its version.json) again; "
         "without --to, list the versions."),
@@ -596,6 +618,13 @@ def build_parser() -> argparse.ArgumentParser:
     config(p)
     out(p)
     p.set_defaults(func=cmd_improve)
+
+    p = command("compact")
+    out(p)
+    p.add_argument("--min-shards", type=int, default=2, help="merge an operation's shards only once there are "
+                   "this many (default: 2)")
+    p.add_argument("--max-rows", type=int, default=50_000, help="rows per merged file (default: 50000)")
+    p.set_defaults(func=cmd_compact)
 
     p = command("rollback")
     out(p)

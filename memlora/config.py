@@ -378,6 +378,10 @@ class CaptureConfig(_Strict):
     # With student.prompt minimal, an expert of a captured operation reads only what changes between calls; the
     # fixed part (the client's instructions and examples) is mined from at least this many recorded calls.
     template_min_calls: int = Field(8, ge=2)
+    # Each recorded call is its own Parquet shard; `improve` first merges an operation's single-call shards once
+    # there are this many (0: never), into files of up to `compact_rows` rows (`memlora compact` does it at will).
+    compact_at: int = Field(1000, ge=0)
+    compact_rows: int = Field(50_000, gt=0)
 
 
 class ServingConfig(_Strict):

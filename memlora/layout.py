@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from memlora.data.compaction import live
+
 MANIFEST = "manifest.json"
 DATASETS, TRACES, ADAPTERS, EVAL = "datasets", "traces", "adapters", "eval"
 TEMPLATES, EXPORT = "templates", "export"
@@ -29,8 +31,12 @@ def questions_file(out: str | Path) -> Path:
     return datasets_dir(out) / "questions.parquet"
 
 
+def traces_root(out: str | Path) -> Path:
+    return Path(out) / TRACES
+
+
 def traces_dir(out: str | Path, operation: str) -> Path:
-    return Path(out) / TRACES / operation
+    return traces_root(out) / operation
 
 
 def shard_path(out: str | Path, operation: str, conversation_id: str) -> Path:
@@ -43,7 +49,9 @@ def capture_shard_path(out: str | Path, operation: str, call_id: str) -> Path:
 
 
 def trace_files(out: str | Path, operation: str) -> list[Path]:
-    return sorted(traces_dir(out, operation).glob("part-*.parquet"))
+    """An operation's trace files; a captured shard that a merged file also holds (a compaction cut short) is
+    left out (`data.compaction`)."""
+    return live(sorted(traces_dir(out, operation).glob("part-*.parquet")))
 
 
 def memory_store(out: str | Path, name: str) -> Path:

@@ -9,7 +9,8 @@ from pathlib import Path
 import pyarrow as pa
 
 from memlora.config import TargetsConfig
-from memlora.data.io import read_parquet, sha256_file
+from memlora.data.compaction import shard_entries
+from memlora.data.io import read_parquet
 from memlora.data.schemas import TRACES
 from memlora.data.split import captured_split
 from memlora.evaluation.scoring import abstains
@@ -45,11 +46,12 @@ class ExampleSet:
 
 
 def traces_fingerprint(files: list[Path]) -> str:
+    """Over the shards the files hold (a merged file by its sources): a compaction changes nothing here."""
     import hashlib
 
     digest = hashlib.sha256()
-    for f in files:
-        digest.update(f.name.encode() + sha256_file(f).encode())
+    for name, sha in shard_entries(files):
+        digest.update(name.encode() + sha.encode())
     return digest.hexdigest()
 
 

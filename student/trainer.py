@@ -20,6 +20,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from memlora.config import Config
 from memlora.cpu import has_bf16_units
 from memlora.data.io import swap_in
+from memlora.data.compaction import shard_names
 from memlora.layout import adapter_dir, adapter_work_dir, trace_files
 from memlora.llm.hf_backend import load_causal_lm
 from memlora.student.build import shares_teacher_tokenizer
@@ -414,7 +415,7 @@ def train_expert(config: Config, out: str | Path, operation: str, base: str | Pa
         "shares_teacher_tokenizer": same_tokenizer,
         "trainable_parameters": trainable,
         "total_parameters": total,
-        "trace_files": [f.name for f in files],
+        "trace_files": shard_names(files),  # by shard: a later compaction leaves them meaning the same calls
         "cache_key": cache["key"],
         "traces_sha256": cache["traces_sha256"],
         "config_fingerprint": cache["config_fingerprint"],

@@ -4,6 +4,7 @@ served experts as they are, and the run fails with the reason)."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -11,10 +12,27 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NONE
 
 from memlora.config import Config
+from memlora.data.compaction import compact_traces
 from memlora.evaluation.deferral import summary
 from memlora.evaluation.gate import Decision
-from memlora.layout import deferral_path
+from memlora.layout import deferral_path, traces_root
+from memlora.manifest import read_manifest, update_manifest
 from memlora.student.improve import Candidate, gate, new_rows, prepare_candidate, promote, record_decisions
+
+
+@task(name="compact-traces", cache_policy=NONE)
+def compact_traces_task(config: Config, out: str) -> list[dict]:
+    """Captured shards merged before anything reads them (they change no fingerprint: data.compaction)."""
+    if not config.capture.compact_at:
+        return []
+    done = [asdict(c) for c in compact_traces(traces_root(out), min_shards=config.capture.compact_at,
+                                                max_rows=config.capture.compact_rows) if c.shards or c.finished]
+    for c in done:
+        get_run_logger().info("%s: %d captured shards (%d rows) merged into %s", c["operation"], c["shards"],
+                              c["rows"], ", ".join(c["files"]) or "-")
+    if done and read_manifest(out):
+        update_manifest(out)
+    return done
 
 
 @task(name="new-rows", cache_policy=NONE)

@@ -16,6 +16,7 @@ import asyncio
 import itertools
 import json
 import os
+import secrets
 import threading
 import time
 from collections import Counter
@@ -80,7 +81,9 @@ class CaptureRecorder:
         self.hold_out_every = round(1 / validation_ratio) if validation_ratio > 0 else 0
         self.test_ratio, self.test_block = test_ratio, test_block
         self._calls: Counter = Counter()
-        self.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+        # names each shard: unique across restarts (a container's proxy has the same pid every time) and
+        # recorders in one process, or a shard would replace another's, or hide behind a merged one's name
+        self.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{secrets.token_hex(3)}"
         self.counts: Counter = Counter()
         self._seq = itertools.count()
         self._steps: Counter = Counter()

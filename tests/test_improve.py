@@ -125,8 +125,10 @@ def test_improve_promotes_the_better_keeps_out_the_worse_and_rolls_back(prefect_
 
     # a new day's rows, and a candidate (warm-started from the served expert) that is worse: kept out, the served
     # expert unchanged
+    # (recorded as capture records a call: a shard of its own, which improve merges first with compact_at 1)
     write_parquet(pa.Table.from_pylist([trace_row(99, "c2", LINES[0], right[0])], schema=TRACES),
-                  out / "traces" / "extraction" / "part-day2.parquet", "traces")
+                  out / "traces" / "extraction" / "part-capture-day2-000000.parquet", "traces")
+    raw["capture"] = {"compact_at": 1}
     raw["improve"]["warm_start"] = True
     raw["student"]["expert"]["r"] = 4  # the served expert's shape (an expert of another shape is not resumed)
     config_path.write_text(yaml.safe_dump(raw))
@@ -134,6 +136,7 @@ def test_improve_promotes_the_better_keeps_out_the_worse_and_rolls_back(prefect_
     monkeypatch.setattr(distill_module, "run_trainings", standin_trainer([bad], calls, starts))
     worse = improve(config_path=str(config_path), out=str(out))
     assert starts == [str(adapter_dir(out, "extraction"))]
+    assert [f.name[:21] for f in trace_files(out, "extraction")] == ["part-capture-compact-", "part-day1.parquet"]
     assert worse["promoted"] == [] and "worse than the current expert" in worse["decisions"][0]["reason"]
     assert answers(adapter_dir(out, "extraction")) == right and versions(out) == [before]
     # nothing promoted, but the served expert has not been trained on the new day's call: recalibrated with it
