@@ -45,7 +45,7 @@ test: setup
 
 # Benchmarks, each printing ratios measured side by side and writing bench/results/<name>.json.
 # BENCH_ARGS=--quick for a fast smoke run; BENCH_ARGS="--out out" to use a pipeline run's traces and experts.
-BENCHES := teacher_generation teacher_quantize decode_eviction kv_in_place continuous_batching continuous_serving serving_cost bandwidth_floor int8_designs int8_logits expert_switching training_step mixed_batch http_serving methods mem0_add
+BENCHES := teacher_generation teacher_quantize decode_eviction kv_in_place continuous_batching continuous_serving serving_cost bandwidth_floor int8_designs int8_logits expert_switching training_step mixed_batch http_serving methods mem0_add compaction
 bench: setup
 	set -e; for b in $(BENCHES); do echo "== $$b"; $(BIN)/python bench/$$b.py $(BENCH_ARGS); done
 

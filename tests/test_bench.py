@@ -33,6 +33,7 @@ QUICK = {
     "int8_designs": ["rows", "calls"],
     "int8_logits": ["rows", "down_proj_outliers"],
     "gpu_paths": ["environment", "experts", "decode"],
+    "compaction": ["rows", "shards", "merged"],
 }
 # results written under another name than the bench's file: (file, its arguments)
 VARIANTS = {"continuous_serving_experts": ("continuous_serving", ["--experts"])}
