@@ -97,9 +97,13 @@ class CaptureRecorder:
     def row(self, rule: CaptureRule, messages: list[dict], sent_schema: dict | None, response: dict,
             latency_s: float, conversation: str | None, session: int) -> dict:
         choice = response["choices"][0]
-        text = (choice.get("message") or {}).get("content") or ""
+        message = choice.get("message") or {}
+        text = message.get("content") or ""
         usage = response.get("usage") or {}
         parsed, error = parse_output(text, sent_schema)
+        if message.get("tool_calls") and not text:  # kept as it came, never trained: the experts serve no tools
+            text = json.dumps(message["tool_calls"])
+            parsed, error = None, "a tool call: the experts are not trained on tool calls"
         ids, top = _top_logprobs(choice)
         with self._lock:
             seq = next(self._seq)

@@ -333,6 +333,12 @@ def test_capture_upstream_down_or_garbage_is_a_502_and_no_row(tmp_path):
     rows = [pq.read_table(f).to_pylist()[0] for f in (out / "traces" / "extraction").glob("*.parquet")]
     assert len(rows) == 1 and not rows[0]["parse_ok"] and rows[0]["raw_output"] == "not json at all"
     assert rows[0]["parse_error"].startswith("invalid JSON")
+    # a tool call where the rule expected an answer (a client's call with tools): kept raw, said so, never trained
+    calls = [{"id": "call_1", "type": "function", "function": {"name": "add_memory", "arguments": "{}"}}]
+    row = CaptureRecorder(out).row(RULES[0], ORGANIZER, SCHEMA, {"choices": [
+        {"message": {"role": "assistant", "content": None, "tool_calls": calls}, "finish_reason": "tool_calls"}]},
+        0.1, None, 0)
+    assert not row["parse_ok"] and json.loads(row["raw_output"]) == calls and "tool call" in row["parse_error"]
     assert threading.active_count() < 50
 
 
