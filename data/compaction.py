@@ -8,6 +8,8 @@ sees a compaction: the traces' fingerprint (the experts' cache key, `improve`'s 
 shards it holds, a training record lists shard names, and the rows of a merged file are told apart by the shard
 each came from. A compaction cut short (merged file written, its shards not all removed) loses nothing and
 counts nothing twice: `trace_files` leaves out a shard a merged file holds, and the next compaction removes it.
+`improve` leaves them so on purpose (`remove=False`): another flow reading OUT's traces meanwhile (the nightly
+pipeline on the same OUT) may have listed them a moment before.
 """
 
 from __future__ import annotations
@@ -98,13 +100,16 @@ def rows_not_from(files: list[Path], names: set[str]) -> pa.Table:
     return pa.concat_tables(parts) if parts else TRACES.empty_table()
 
 
-def compact(folder: Path, operation: str, *, min_shards: int = 2, max_rows: int = 50_000) -> Compaction:
-    """Merge the captured single-call shards in `folder` (an operation's traces) once there are `min_shards`."""
+def compact(folder: Path, operation: str, *, min_shards: int = 2, max_rows: int = 50_000,
+            remove: bool = True) -> Compaction:
+    """Merge the captured single-call shards in `folder` (an operation's traces) once there are `min_shards`.
+    `remove: False` leaves the merged shards where they are (every reader skips them) for the next compaction
+    to remove: a command that listed them just before still finds each one it opens, so no lock is needed."""
     present = sorted(folder.glob("part-*.parquet"))
     held = {s.name: (s.sha256, merged.name) for merged in present for s in sources(merged) or ()}
     finished = 0
     for f in present:
-        if f.name in held:  # merged by a compaction cut short before removing it
+        if f.name in held:  # merged by an earlier compaction, which left it (remove: False) or was cut short
             digest, merged = held[f.name]
             if sha256_file(f) != digest:
                 raise DataError(f"{f}: not the shard {merged} holds under this name (sha256 differs); left as it is")
@@ -126,8 +131,8 @@ def compact(folder: Path, operation: str, *, min_shards: int = 2, max_rows: int 
         with atomic_path(path) as tmp:
             pq.write_table(table, tmp)
         written.append(path.name)
-        for f, _, _ in group:  # only once the merged file is in place: a crash between leaves both, counted once
-            f.unlink(missing_ok=True)
+        for f, _, _ in group if remove else ():  # once the merged file is in place: a crash between leaves both,
+            f.unlink(missing_ok=True)             # counted once
         group.clear()
 
     rows = in_group = 0
@@ -143,7 +148,9 @@ def compact(folder: Path, operation: str, *, min_shards: int = 2, max_rows: int 
     return Compaction(operation, len(shards), rows, written, finished)
 
 
-def compact_traces(traces: Path, *, min_shards: int = 2, max_rows: int = 50_000) -> list[Compaction]:
+def compact_traces(traces: Path, *, min_shards: int = 2, max_rows: int = 50_000,
+                   remove: bool = True) -> list[Compaction]:
     """`compact` in every operation's folder under OUT/traces (a client's own operations included)."""
     folders = sorted(p for p in Path(traces).iterdir() if p.is_dir()) if Path(traces).is_dir() else []
-    return [compact(folder, folder.name, min_shards=min_shards, max_rows=max_rows) for folder in folders]
+    return [compact(folder, folder.name, min_shards=min_shards, max_rows=max_rows, remove=remove)
+            for folder in folders]

@@ -484,8 +484,9 @@ COMMANDS = {
     "compact": ("merge the captured calls' single-call trace shards",
         "Merge each operation's captured single-call shards (OUT/traces/<operation>/part-capture-*.parquet, one "
         "per recorded call) into files of up to --max-rows rows. Nothing downstream changes: the experts' cache "
-        "keys and improve's new rows are taken over the calls the files hold. Not while another command reads "
-        "OUT's traces; `improve` does it first by itself (capture.compact_at)."),
+        "keys and improve's new rows are taken over the calls the files hold. The merged shards are removed at once: "
+        "not while another command reads OUT's traces (`improve` does it first by itself, capture.compact_at, "
+        "and leaves them for its next run)."),
     "rollback": ("serve an earlier version of the experts again",
         "Serve an earlier version of the experts (OUT/versions/<id>, checked against its version.json) again; "
         "without --to, list the versions."),

@@ -25,11 +25,15 @@ def compact_traces_task(config: Config, out: str) -> list[dict]:
     """Captured shards merged before anything reads them (they change no fingerprint: data.compaction)."""
     if not config.capture.compact_at:
         return []
+    # The merged shards stay (unread) until the next night's compaction: a flow reading OUT's traces now may
+    # have listed them a moment ago.
     done = [asdict(c) for c in compact_traces(traces_root(out), min_shards=config.capture.compact_at,
-                                                max_rows=config.capture.compact_rows) if c.shards or c.finished]
+                                                max_rows=config.capture.compact_rows, remove=False)
+            if c.shards or c.finished]
     for c in done:
-        get_run_logger().info("%s: %d captured shards (%d rows) merged into %s", c["operation"], c["shards"],
-                              c["rows"], ", ".join(c["files"]) or "-")
+        get_run_logger().info("%s: %d captured shards (%d rows) merged into %s; %d merged the night before "
+                              "removed", c["operation"], c["shards"], c["rows"], ", ".join(c["files"]) or "-",
+                              c["finished"])
     if done and read_manifest(out):
         update_manifest(out)
     return done

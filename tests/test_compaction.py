@@ -104,6 +104,13 @@ def test_a_compaction_cut_short_counts_nothing_twice_and_the_next_finishes_it(tm
     assert (rows(out), traces_fingerprint(trace_files(out, "extraction"))) == before
     done = compact(folder, "extraction", min_shards=1000)
     assert (done.finished, done.shards) == (2, 0) and len(list(folder.glob("*.parquet"))) == 1
+    # improve's way: the merged shards stay, unread, for the next compaction (a reader may have listed them)
+    record_calls(out, 5, 3)
+    before = rows(out), traces_fingerprint(trace_files(out, "extraction"))
+    left = compact(folder, "extraction", remove=False)
+    assert left.shards == 3 and len(list(folder.glob("part-capture-*.parquet"))) == 2 + 3
+    assert (rows(out), traces_fingerprint(trace_files(out, "extraction"))) == before
+    assert compact(folder, "extraction").finished == 3 and len(list(folder.glob("*.parquet"))) == 2
     # another call's shard under a merged one's name is not taken for a leftover: a clear error, nothing removed
     first, second = sorted(kept)[:2]
     (folder / first).write_bytes(kept[second])

@@ -137,6 +137,8 @@ def test_improve_promotes_the_better_keeps_out_the_worse_and_rolls_back(prefect_
     worse = improve(config_path=str(config_path), out=str(out))
     assert starts == [str(adapter_dir(out, "extraction"))]
     assert [f.name[:21] for f in trace_files(out, "extraction")] == ["part-capture-compact-", "part-day1.parquet"]
+    shard = out / "traces" / "extraction" / "part-capture-day2-000000.parquet"
+    assert shard.is_file()  # merged, unread, left for the next night: a reader may have listed it just before
     assert worse["promoted"] == [] and "worse than the current expert" in worse["decisions"][0]["reason"]
     assert answers(adapter_dir(out, "extraction")) == right and versions(out) == [before]
     # nothing promoted, but the served expert has not been trained on the new day's call: recalibrated with it
@@ -148,6 +150,7 @@ def test_improve_promotes_the_better_keeps_out_the_worse_and_rolls_back(prefect_
     monkeypatch.setattr(distill_module, "run_trainings", standin_trainer([], calls))
     state = improve(config_path=str(config_path), out=str(out), return_state=True)
     assert state.is_failed() and answers(adapter_dir(out, "extraction")) == right
+    assert not shard.is_file()  # that night's compaction removed it
 
     # rollback: the earlier version's answers are back; the version served until then is kept too
     assert rollback(out, before) == ["extraction"]
