@@ -110,11 +110,21 @@ def cmd_improve(args) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be 1 or more")
+    return value
+
+
 def cmd_compact(args) -> int:
     from memlora.data.compaction import compact_traces
     from memlora.layout import traces_root
     from memlora.manifest import read_manifest, update_manifest
 
+    if not Path(args.out).is_dir():
+        print(f"memlora compact: {args.out}: no such folder (an OUT that capture or a run wrote)", file=sys.stderr)
+        return 2
     done = compact_traces(traces_root(args.out), min_shards=args.min_shards, max_rows=args.max_rows)
     for c in done:
         merged = ", ".join(c.files) or "left as they are"
@@ -622,9 +632,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("compact")
     out(p)
-    p.add_argument("--min-shards", type=int, default=2, help="merge an operation's shards only once there are "
-                   "this many (default: 2)")
-    p.add_argument("--max-rows", type=int, default=50_000, help="rows per merged file (default: 50000)")
+    p.add_argument("--min-shards", type=positive_int, default=2, help="merge an operation's shards only once "
+                   "there are this many (default: 2)")
+    p.add_argument("--max-rows", type=positive_int, default=50_000, help="rows per merged file (default: 50000)")
     p.set_defaults(func=cmd_compact)
 
     p = command("rollback")

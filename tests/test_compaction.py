@@ -98,6 +98,11 @@ def test_a_compaction_cut_short_counts_nothing_twice_and_the_next_finishes_it(tm
                             timeout=120, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert "extraction  5 captured shards (5 rows) -> part-capture-compact-" in result.stdout
+    for args, says in ((["--out", str(tmp_path / "nothing")], "nothing: no such folder"),
+                       (["--out", str(out), "--max-rows", "0"], "--max-rows: 0: must be 1 or more")):
+        bad = subprocess.run([str(BIN / "memlora"), "compact", *args], capture_output=True, text=True, timeout=120,
+                             cwd=REPO)
+        assert bad.returncode == 2 and says in bad.stderr, bad.stderr
     # killed after the merged file was in place, before its shards were removed: two of them are still there
     for name in sorted(kept)[:2]:
         (folder / name).write_bytes(kept[name])
