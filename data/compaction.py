@@ -41,10 +41,10 @@ class Source:
 @dataclass(frozen=True)
 class Compaction:
     operation: str
-    shards: int  # single-call shards merged (and removed)
+    shards: int  # single-call shards merged (and removed, unless remove=False)
     rows: int
     files: list[str]  # the merged files written
-    finished: int = 0  # shards an earlier, interrupted compaction had merged, removed now
+    finished: int = 0  # shards an earlier compaction had merged and left (remove=False, or cut short), removed now
 
 
 def sources(path: Path) -> list[Source] | None:

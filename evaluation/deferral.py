@@ -119,8 +119,10 @@ def fresh_calls(out: str | Path, config: Config, operations: list[str]) -> list[
         if not record.is_file():
             continue
         trained = set(TrainingRecord.read(record).trace_files)
+        if not trained:
+            continue
         fresh = rows_not_from(trace_files(out, op), trained)  # by shard: a merged file holds old and new calls
-        if not trained or not fresh.num_rows:
+        if not fresh.num_rows:
             continue
         train, _ = split_rows(fresh, splits)
         calls += [held_out_call(row, config) for row in train.to_pylist() if _usable(row, config)]
