@@ -7,8 +7,9 @@ what deferral costs when it does not fire (confidence from the chosen tokens' lo
 per operation against serve-experts without it. Two more, with `--fallback` to a real `serve-model` teacher, measure
 what deferral costs when it always fires, against the teacher alone (1 client): thresholds that keep nothing
 (`inf`, what calibration writes where no threshold meets the budget), where the call goes straight to the
-teacher, and thresholds no answer reaches, where the expert decodes first and is then overruled. Writes
-bench/results/http_serving.json.
+teacher, and thresholds no answer reaches, where the expert decodes first and is then overruled. The teacher and
+serve-experts also answer each request streamed (`stream: true`): seconds to the first text against the whole
+answer. Writes bench/results/http_serving.json.
 
     python bench/http_serving.py [--quick] [--out OUT]   (OUT: use its traces and trained experts)
 """
@@ -32,6 +33,7 @@ from common import (CONFIG, QUICK_TOKENS, REPO, bench_parser, free_port, peak_rs
 from memlora.serve import wait_healthy  # noqa: E402
 
 SYSTEMS = ("teacher", "student+experts", "student+experts+deferral")
+STREAMED = ("teacher", "student+experts")  # also measured streamed: time to the first text against the whole
 KEEP_ALL = "student+experts+deferral"  # serve-experts --fallback, every call kept: deferral's cost when idle
 # serve-experts --fallback to a running teacher, every call deferred: thresholds of inf (straight to the teacher) or
 # above any confidence (the expert decodes, then the teacher answers); threshold per system
@@ -121,6 +123,31 @@ def measure(system: str, url: str, requests: list, repeats: int, clients_tried=(
     return {"latency": one, "tokens": tokens, "requests_per_s": throughput}
 
 
+def streamed(system: str, url: str, requests: list) -> dict:
+    """Each request once more with `stream: true` (1 client): seconds to the first piece of the answer's text and
+    to its end, per operation. Without judging or log-probs the text goes out as it is decoded."""
+    import json
+
+    import httpx
+
+    first: dict[str, list[float]] = {}
+    whole: dict[str, list[float]] = {}
+    with httpx.Client(timeout=600) as client:
+        for request in requests:
+            started, seen = time.perf_counter(), None
+            with client.stream("POST", f"{url}/v1/chat/completions", json={**body(request, system), "stream": True}) \
+                    as response:
+                response.raise_for_status()
+                for line in response.iter_lines():
+                    if seen is None and line.startswith("data: {"):
+                        choices = json.loads(line[6:]).get("choices") or [{}]
+                        if (choices[0].get("delta") or {}).get("content"):
+                            seen = time.perf_counter() - started
+            first.setdefault(request.operation, []).append(seen if seen is not None else float("nan"))
+            whole.setdefault(request.operation, []).append(time.perf_counter() - started)
+    return {"first_text_s": first, "whole_s": whole}
+
+
 def always_deferred(base: Path, experts_out: Path, scratch: Path, requests: list, repeats: int) -> dict:
     """The ALWAYS_DEFER servers, one after the other, each in front of the same running teacher; 1 client, so the
     expert and the teacher never decode at once."""
@@ -152,6 +179,13 @@ def per_token(record: dict, op: str) -> float:
     return statistics.median(s / max(n, 1) for s, n in zip(record["latency"][op], record["tokens"][op]))
 
 
+def stream_row(system: str, op: str, stream: dict) -> dict:
+    first, whole = statistics.median(stream["first_text_s"][op]), statistics.median(stream["whole_s"][op])
+    return {"system": system, "operation": op, "calls": len(stream["whole_s"][op]),
+            "first_text_p50_s": f"{first:.3f}", "whole_p50_s": f"{whole:.3f}",
+            "first_text_over_whole": f"{first / whole:.2f}x"}
+
+
 def main() -> None:
     parser = bench_parser(__doc__)
     parser.add_argument("--per-op", type=int, default=None)
@@ -170,6 +204,8 @@ def main() -> None:
                 try:
                     wait_healthy(f"http://127.0.0.1:{port}", proc, timeout_s=300)
                     records[system] = measure(system, f"http://127.0.0.1:{port}", requests, repeats)
+                    if system in STREAMED:
+                        records[system]["stream"] = streamed(system, f"http://127.0.0.1:{port}", requests)
                     records[system]["peak_rss_mb"] = peak_rss_mb(proc.pid)
                 finally:
                     proc.terminate()
@@ -197,13 +233,16 @@ def main() -> None:
                         f"{statistics.median(records[name]['latency'][op]) / statistics.median(t):.2f}x"
                         for name in ALWAYS_DEFER}})
     print(table(rows, list(rows[0])))
+    stream_rows = [stream_row(name, op, records[name]["stream"]) for name in STREAMED
+                   for op in records[name]["stream"]["whole_s"]]
+    print(table(stream_rows, list(stream_rows[0])))
     for name, r in records.items():
         rps = r["requests_per_s"]
         at_8 = f", 8 clients {rps[8]:.2f} (batching gain {rps[8] / rps[1]:.2f}x)" if 8 in rps else ""
         print(f"{name:<24} requests/s: 1 client {rps[1]:.2f}{at_8}; server peak RSS {r['peak_rss_mb']:.0f} MiB")
     print(f"student+experts / teacher: peak RSS {student['peak_rss_mb'] / teacher['peak_rss_mb']:.2f}x; "
           f"requests/s at 8 clients {student['requests_per_s'][8] / teacher['requests_per_s'][8]:.2f}x")
-    print("saved", save("http_serving", {"rows": rows, "records": records, "per_op": per_op, "repeats": repeats,
+    print("saved", save("http_serving", {"rows": rows, "stream_rows": stream_rows, "records": records, "per_op": per_op, "repeats": repeats,
                                          "pid": os.getpid()}))
 
 

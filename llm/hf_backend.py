@@ -23,7 +23,7 @@ from memlora.llm.grammar import GrammarCache
 from memlora.llm.kv_cache import in_place, kv_dtype
 from memlora.llm.calibration import calibration_ids
 from memlora.llm.quantize import applied_smoothing, quantize_base, smooth_in_place, smoothing
-from memlora.memory.llm import GenerationRequest, GenerationResult, cancelled_result
+from memlora.memory.llm import GenerationRequest, GenerationResult, cancelled_result, cut_at_stop
 from memlora.models import resolve
 
 log = logging.getLogger("memlora.llm")
@@ -275,13 +275,8 @@ class TransformersBackend:
             (lambda tokens: any(s in self.tokenizer.decode(tokens, skip_special_tokens=True) for s in stops))
             if stops else None,
             (lambda: request.cancelled) if request.cancel is not None else None,
+            on_tokens=request.on_tokens,
         )
-
-
-def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
-    """The text before the first stop string (the OpenAI API leaves the stop sequence out)."""
-    cuts = [text.find(s) for s in stops if s and s in text]
-    return text[: min(cuts)] if cuts else text
 
 
 def _as_list(value) -> list:

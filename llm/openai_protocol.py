@@ -4,7 +4,8 @@ unknown fields refused), OpenAI-shaped errors, and the response built from a `Ge
 A client such as Mem0 talks to `memlora serve-experts`, `serve-model` and `capture` exactly as to OpenAI; what
 they cannot do (n > 1, tools, penalties, logit bias) is refused with a 400 that names the field (`Unsupported`;
 behind `serve-experts --fallback` it goes to the teacher instead). `stream: true` gets the answer as server-sent
-chunks once it is decoded (`stream_chunks`): a deferred call's answer is known only then.
+chunks: token by token as it is decoded (`streamable`), or once it is decoded where it is judged first (a deferred
+call's answer is known only then) or carries log-probs (`stream_chunks`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError, \
     field_validator
 
-from memlora.memory.llm import GenerationResult
+from memlora.memory.llm import GenerationResult, cut_at_stop
 
 
 CONVERSATION_HEADER = "x-memlora-conversation"  # optional: groups a client's calls (e.g. per Mem0 user)
@@ -213,12 +214,13 @@ def completion_body(result: GenerationResult, model: str, *, tokenizer=None, log
         "created": int(time.time()),
         "model": model,
         "choices": [choice],
-        "usage": {
-            "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens,
-        },
+        "usage": usage_of(result),
     }
+
+
+def usage_of(result: GenerationResult) -> dict:
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens}
 
 
 def models_body(names: list[str]) -> dict:
@@ -229,30 +231,63 @@ def models_body(names: list[str]) -> dict:
 DONE = "[DONE]"
 
 
+def chunk_head(model: str, completion_id: str | None = None, created: int | None = None) -> dict:
+    """What every chunk of one streamed completion repeats."""
+    return {"id": completion_id or f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
+            "created": created or int(time.time()), "model": model}
+
+
+def delta_chunk(head: dict, delta: dict, *, logprobs=None, finish_reason: str | None = None,
+                include_usage: bool = False, index: int = 0) -> dict:
+    return {**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
+            **({"usage": None} if include_usage else {})}
+
+
+def usage_chunk(head: dict, usage: dict | None) -> dict:
+    """The last chunk where the client asked for `stream_options.include_usage`."""
+    return {**head, "choices": [], "usage": usage}
+
+
 def stream_chunks(body: dict, include_usage: bool = False) -> list[dict]:
     """A finished completion as the `chat.completion.chunk`s OpenAI streams: the role, the content (with its
     log-probs), the finish reason, then the usage where asked. Clients join the deltas back into `body`."""
-    head = {"id": body.get("id") or f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
-            "created": body.get("created") or int(time.time()), "model": body.get("model", "")}
-    extra = {"usage": None} if include_usage else {}
+    head = chunk_head(body.get("model", ""), body.get("id"), body.get("created"))
     chunks = []
     for choice in body.get("choices") or []:
         index, message = choice.get("index", 0), choice.get("message") or {}
         steps = [({"role": message.get("role", "assistant"), "content": ""}, None, None),
                  ({"content": message.get("content") or ""}, choice.get("logprobs"), None),
                  ({}, None, choice.get("finish_reason"))]
-        chunks += [{**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                                         "finish_reason": finish}], **extra} for delta, logprobs, finish in steps]
+        chunks += [delta_chunk(head, delta, logprobs=logprobs, finish_reason=finish, include_usage=include_usage,
+                               index=index) for delta, logprobs, finish in steps]
     if include_usage:
-        chunks.append({**head, "choices": [], "usage": body.get("usage")})
+        chunks.append(usage_chunk(head, body.get("usage")))
     return chunks
+
+
+def sse(chunk: dict | str) -> bytes:
+    """One server-sent event: a chunk, or `DONE`."""
+    return f"data: {chunk if isinstance(chunk, str) else json.dumps(chunk)}\n\n".encode()
 
 
 def sse_events(chunks: Iterable[dict]) -> Iterable[bytes]:
     """Server-sent events, as OpenAI ends them: `data: [DONE]`."""
     for chunk in chunks:
-        yield f"data: {json.dumps(chunk)}\n\n".encode()
-    yield f"data: {DONE}\n\n".encode()
+        yield sse(chunk)
+    yield sse(DONE)
+
+
+def streamable(text: str, stops: tuple[str, ...] = ()) -> str:
+    """The part of a partly decoded answer that no later token can change, to stream now: at a stop string the
+    text before it (the row ends there); else all but a character still missing bytes (U+FFFD at the end), a
+    tail that may begin a stop string, and trailing whitespace (a tokenizer's clean-up may drop a space before
+    the punctuation that follows)."""
+    cut = cut_at_stop(text, stops)
+    if len(cut) < len(text):
+        return cut
+    text = text.rstrip("\ufffd")
+    held = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    return text[: len(text) - held].rstrip()
 
 
 class StreamAssembler:

@@ -33,8 +33,9 @@ from memlora.llm.client_template import AS_SENT, MISMATCH, REDUCED
 from memlora.llm.continuous import continuous_decoder
 from memlora.llm.hf_backend import TransformersBackend
 from memlora.llm.guard import ANSWERED_BY, TEACHER
-from memlora.llm.openai_protocol import ApiError, ChatRequest, Unsupported, call_context, completion_body, \
-    error_body, models_body, parse_chat_request, sse_events, stream_chunks
+from memlora.llm.openai_protocol import DONE, ApiError, ChatRequest, Unsupported, call_context, chunk_head, \
+    completion_body, delta_chunk, error_body, models_body, parse_chat_request, sse, sse_events, stream_chunks, \
+    streamable, usage_chunk, usage_of
 from memlora.llm.reload import close_later
 from memlora.llm.request_limits import Admission, BodyLimit, check_schema, client_stays, drop_outcome, \
     parse_json_body, rss_mib
@@ -257,6 +258,76 @@ class ServingEngine:
         self.counts["client_left"] += 1
         return None
 
+    def streams_tokens(self, chat: ChatRequest, generation: GenerationRequest) -> bool:
+        """Whether a streamed answer goes out token by token as it is decoded: not where it is judged first
+        (--fallback, --guard: the teacher may overrule it), nor with log-probs (those chunks come whole)."""
+        return chat.stream and not chat.logprobs and not self.defers(generation.operation)
+
+    def stream_tokens(self, chat: ChatRequest, generation: GenerationRequest, slot: ExitStack) -> StreamingResponse:
+        """The call decoded with its text streamed as it grows (`streamable`); `slot` (its admission) is closed
+        once it is answered, and a client that hangs up takes its row out of the batch at the next step."""
+        loop = asyncio.get_running_loop()
+        progress: asyncio.Queue = asyncio.Queue()
+
+        def post(item) -> None:  # from the decoding thread
+            try:
+                loop.call_soon_threadsafe(progress.put_nowait, item)
+            except RuntimeError:  # the event loop has closed (shutdown): nobody reads it
+                pass
+
+        def answered(_) -> None:  # from the decoding thread
+            slot.close()  # admission counts the calls waiting or decoding; this one no longer is
+            post(None)
+
+        cancel = threading.Event()
+        waiting = self.batcher.submit(replace(generation, cancel=cancel, on_tokens=post))
+        waiting.add_done_callback(answered)
+        head = chunk_head(chat.model)
+        usage = chat.stream_usage()
+
+        async def events():
+            try:
+                yield sse(delta_chunk(head, {"role": "assistant", "content": ""}, include_usage=usage))
+                sent = ""
+                ended = False
+                while not ended:
+                    posted = [await progress.get()]
+                    while not progress.empty():  # the decoder ran ahead: only the newest completion matters
+                        posted.append(progress.get_nowait())
+                    ended = posted[-1] is None  # posted once the call is answered, after its last tokens
+                    completions = [tokens for tokens in posted if tokens is not None]
+                    if not completions:
+                        continue
+                    text = streamable(self.backend.tokenizer.decode(completions[-1], skip_special_tokens=True),
+                                      generation.stop)
+                    if len(text) > len(sent) and text.startswith(sent):
+                        yield sse(delta_chunk(head, {"content": text[len(sent):]}, include_usage=usage))
+                        sent = text
+                try:
+                    result = waiting.result()
+                except Exception as err:  # noqa: BLE001  (the headers are gone: the error is the stream's last event)
+                    log.exception("streamed call failed")
+                    self.counts["stream_errors"] += 1
+                    yield sse(error_body(500, f"internal error: {type(err).__name__}: {err}", "server_error"))
+                    yield sse(DONE)
+                    return
+                if not result.text.startswith(sent):  # never expected: what went out is not the answer's head
+                    self.counts["stream_mismatches"] += 1
+                    log.warning("streamed text %r is not the head of the answer %r", sent, result.text)
+                elif len(result.text) > len(sent):
+                    yield sse(delta_chunk(head, {"content": result.text[len(sent):]}, include_usage=usage))
+                yield sse(delta_chunk(head, {}, finish_reason=result.finish_reason, include_usage=usage))
+                if usage:
+                    yield sse(usage_chunk(head, usage_of(result)))
+                self.counts["streamed_token_by_token"] += 1
+                yield sse(DONE)
+            finally:  # (a client gone before the first chunk never starts this: its row then decodes to its end)
+                if not waiting.done():  # the client hung up mid-stream
+                    cancel.set()
+                    self.counts["client_left"] += 1
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
     def answer(self, chat: ChatRequest, result: GenerationResult) -> dict:
         return completion_body(result, chat.model, tokenizer=self.backend.tokenizer, logprobs=chat.logprobs,
                                top_logprobs=chat.top_logprobs or 0)
@@ -318,7 +389,8 @@ def create_app(engine: ServingEngine, api_key: str | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        with engine.admission.slot():
+        with ExitStack() as slot:  # a stream streamed token by token takes its admission slot along (pop_all)
+            slot.enter_context(engine.admission.slot())
             raw = await request.body()
             try:
                 chat, generation = await engine.prepared(raw)
@@ -341,6 +413,8 @@ def create_app(engine: ServingEngine, api_key: str | None = None) -> FastAPI:
                 if answered is not None:
                     return respond(chat, *answered)
                 teacher_failed = True  # counted: the expert answers, as where a deferred call's teacher fails
+            if engine.streams_tokens(chat, generation):
+                return engine.stream_tokens(chat, generation, slot.pop_all())
             result = await engine.answer_unless_gone(request, generation)
             if result is None:  # the client hung up; there is nobody to answer (499: nginx's "client closed")
                 return Response(status_code=499)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,9 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()  # the output ends before the first of these strings
     # Set by a server when the client that asked has gone: the row leaves its batch at the next decode step.
     cancel: threading.Event | None = field(default=None, compare=False, repr=False)
+    # Set by a server streaming the answer: called from the decoding thread with the completion's token ids so
+    # far after each decode step that added one (a copy; it must return at once).
+    on_tokens: Callable[[list[int]], None] | None = field(default=None, compare=False, repr=False)
 
     def batch_key(self) -> tuple:
         """Requests with the same key decode in one batch (one cap, one decoding mode)."""
@@ -68,3 +71,9 @@ class LLMBackend(Protocol):
     backend_name: str
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]: ...
+
+
+def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
+    """The text before the first stop string (the OpenAI API leaves the stop sequence out)."""
+    cuts = [text.find(s) for s in stops if s and s in text]
+    return text[: min(cuts)] if cuts else text

@@ -25,7 +25,7 @@ QUICK = {
     "expert_switching": ["switch_s", "reload_s", "parameters"],
     "training_step": ["delora_over_lora", "bf16_over_float32"],
     "mixed_batch": ["speedup", "identical_outputs"],
-    "http_serving": ["rows", "records"],
+    "http_serving": ["rows", "stream_rows", "records"],
     "methods": ["runs", "steps", "training_rows"],
     "data_scaling": ["rows", "sizes", "held_out_calls"],
     "bandwidth_floor": ["bandwidth", "rows"],

@@ -136,6 +136,59 @@ def test_a_streamed_answer_is_the_same_answer_in_chunks(server):
     assert "".join(c.choices[0].delta.content or "" for c in plain) == whole.choices[0].message.content
 
 
+def _events(response) -> list[dict | str]:
+    return [line[6:] if line == "data: [DONE]" else json.loads(line[6:])
+            for line in response.iter_lines() if line.startswith("data: ")]
+
+
+@pytest.mark.timeout(120)
+def test_a_streamed_answer_goes_out_token_by_token(server, engine):
+    """Without log-probs and judging, a streamed answer's text goes out as it is decoded: its first chunks reach
+    the client while the row still decodes, the deltas join into the whole answer (a stop string cut as there),
+    and a client that leaves mid-stream takes its row out of the batch and frees its admission slot."""
+    before = engine.counts["streamed_token_by_token"]
+    whole = chat(server, max_tokens=24).json()["choices"][0]["message"]["content"]
+    with httpx.stream("POST", f"{server}/v1/chat/completions", timeout=60, json={
+            "model": "tiny", "messages": [{"role": "user", "content": "Ann: I have a cat."}], "temperature": 0,
+            "max_tokens": 24, "stream": True}) as streamed:
+        events = _events(streamed)
+    deltas = [e["choices"][0]["delta"].get("content") for e in events[:-1] if e["choices"]]
+    assert events[-1] == "[DONE]" and "".join(d or "" for d in deltas) == whole
+    assert len([d for d in deltas if d]) > 1  # more than one piece: token by token, not the answer at once
+    assert engine.counts["streamed_token_by_token"] == before + 1
+    stop = whole.strip()[len(whole.strip()) // 2:][:2]
+    if stop.strip():
+        cut = chat(server, max_tokens=24, stop=[stop]).json()["choices"][0]["message"]["content"]
+        with httpx.stream("POST", f"{server}/v1/chat/completions", timeout=60, json={
+                "model": "tiny", "messages": [{"role": "user", "content": "Ann: I have a cat."}], "temperature": 0,
+                "max_tokens": 24, "stream": True, "stop": [stop]}) as streamed:
+            assert "".join(e["choices"][0]["delta"].get("content") or "" for e in _events(streamed)[:-1]
+                           if e["choices"]) == cut == whole[: whole.find(stop)]
+    left = engine.counts["client_left"]
+    with httpx.stream("POST", f"{server}/v1/chat/completions", timeout=60, json={
+            "model": "tiny", "messages": [{"role": "user", "content": "Ann: I have a cat."}], "temperature": 0,
+            "max_tokens": 1900, "stream": True}) as leaving:
+        lines = leaving.iter_lines()
+        first = [next(lines) for _ in range(4)]  # the role chunk, and the first text, while the row decodes
+        assert any('"content": ""' in line for line in first)
+        health = httpx.get(f"{server}/health").json()
+        assert health["queue"]["in_flight_rows"] == 1 and health["queue"]["admitted"] == 1
+    while engine.counts["client_left"] == left or httpx.get(f"{server}/health").json()["queue"]["admitted"]:
+        time.sleep(0.05)  # the row leaves at the next decode step and its slot is given back
+    assert engine.batcher.in_flight == 0 and chat(server, max_tokens=4).status_code == 200
+
+
+def test_streamable_holds_back_what_a_later_token_may_change():
+    from memlora.llm.openai_protocol import streamable
+
+    assert streamable("Ann has a cat") == "Ann has a cat"
+    assert streamable("Ann has a ") == "Ann has a"            # a space may yet be cleaned up before punctuation
+    assert streamable("caf\ufffd") == "caf"                  # a character still missing its bytes
+    assert streamable("Ann has a ca", ("cat",)) == "Ann has a"  # "ca" may begin the stop string
+    assert streamable("Ann has a cat.", ("cat",)) == "Ann has a "  # at the stop string: all before it, final
+    assert streamable("Ann has a dog", ("cat", "og!")) == "Ann has a d"
+
+
 def _eight_at_once(server) -> list[str]:
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda i: chat(server, max_tokens=6, messages=[
