@@ -242,8 +242,8 @@ def main() -> None:
         print(f"{name:<24} requests/s: 1 client {rps[1]:.2f}{at_8}; server peak RSS {r['peak_rss_mb']:.0f} MiB")
     print(f"student+experts / teacher: peak RSS {student['peak_rss_mb'] / teacher['peak_rss_mb']:.2f}x; "
           f"requests/s at 8 clients {student['requests_per_s'][8] / teacher['requests_per_s'][8]:.2f}x")
-    print("saved", save("http_serving", {"rows": rows, "stream_rows": stream_rows, "records": records, "per_op": per_op, "repeats": repeats,
-                                         "pid": os.getpid()}))
+    print("saved", save("http_serving", {"rows": rows, "stream_rows": stream_rows, "records": records,
+                                         "per_op": per_op, "repeats": repeats, "pid": os.getpid()}))
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ class RowSpec:
     stop_check: Callable[[list[int]], bool] | None = None  # True once the completion holds a stop string
     cancelled: Callable[[], bool] | None = None             # True once nobody waits for the row
     adapter: str | None = None  # the expert that decodes the row, where one running batch holds several
-    on_tokens: Callable[[list[int]], None] | None = None   # streams the completion (a copy) after each new token
+    on_tokens: Callable[[Decoded], None] | None = None   # streams the row's output after each token it adds
 
 
 def banned_by_ngram(seq: list[int], n: int) -> set[int]:
@@ -199,7 +199,7 @@ class RunningBatch:
                 if matcher is not None:
                     matcher.accept_token(tok)
                 if spec.on_tokens is not None:
-                    spec.on_tokens(out.tokens[:])
+                    spec.on_tokens(out)
                 if matcher is not None and matcher.is_terminated():  # the grammar took a stop token of its own
                     out.finished = True
                 elif spec.stop_check is not None and spec.stop_check(out.tokens):

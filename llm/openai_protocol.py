@@ -5,7 +5,7 @@ A client such as Mem0 talks to `memlora serve-experts`, `serve-model` and `captu
 they cannot do (n > 1, tools, penalties, logit bias) is refused with a 400 that names the field (`Unsupported`;
 behind `serve-experts --fallback` it goes to the teacher instead). `stream: true` gets the answer as server-sent
 chunks: token by token as it is decoded (`streamable`), or once it is decoded where it is judged first (a deferred
-call's answer is known only then) or carries log-probs (`stream_chunks`).
+call's answer is known only then: `stream_chunks`).
 """
 
 from __future__ import annotations
@@ -190,8 +190,13 @@ def logprobs_content(result: GenerationResult, tokenizer, top_k: int) -> list[di
     `capture` and the HTTP teacher backend read to keep the teacher's distribution for distillation."""
     if result.token_ids is None or result.token_logprobs is None or result.top_logprobs is None:
         return None
+    return token_entries(tokenizer, result.token_ids, result.token_logprobs, result.top_logprobs, top_k)
+
+
+def token_entries(tokenizer, token_ids, token_logprobs, top_logprobs, top_k: int) -> list[dict]:
+    """One `logprobs.content` entry per token (a streamed answer's chunks carry theirs piece by piece)."""
     content = []
-    for token, logprob, top in zip(result.token_ids, result.token_logprobs, result.top_logprobs):
+    for token, logprob, top in zip(token_ids, token_logprobs, top_logprobs):
         entry = _token_entry(tokenizer, token, logprob)
         entry["top_logprobs"] = [_token_entry(tokenizer, t, lp) for t, lp in top[:top_k]]
         content.append(entry)

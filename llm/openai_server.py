@@ -31,11 +31,12 @@ from memlora.llm.batcher import MicroBatcher
 from memlora.llm.call_rules import classify, schema_for
 from memlora.llm.client_template import AS_SENT, MISMATCH, REDUCED
 from memlora.llm.continuous import continuous_decoder
+from memlora.llm.decoding import Decoded
 from memlora.llm.hf_backend import TransformersBackend
 from memlora.llm.guard import ANSWERED_BY, TEACHER
 from memlora.llm.openai_protocol import DONE, ApiError, ChatRequest, Unsupported, call_context, chunk_head, \
     completion_body, delta_chunk, error_body, models_body, parse_chat_request, sse, sse_events, stream_chunks, \
-    streamable, usage_chunk, usage_of
+    streamable, token_entries, usage_chunk, usage_of
 from memlora.llm.reload import close_later
 from memlora.llm.request_limits import Admission, BodyLimit, check_schema, client_stays, drop_outcome, \
     parse_json_body, rss_mib
@@ -260,12 +261,13 @@ class ServingEngine:
 
     def streams_tokens(self, chat: ChatRequest, generation: GenerationRequest) -> bool:
         """Whether a streamed answer goes out token by token as it is decoded: not where it is judged first
-        (--fallback, --guard: the teacher may overrule it), nor with log-probs (those chunks come whole)."""
-        return chat.stream and not chat.logprobs and not self.defers(generation.operation)
+        (--fallback, --guard: the teacher may overrule it)."""
+        return chat.stream and not self.defers(generation.operation)
 
     def stream_tokens(self, chat: ChatRequest, generation: GenerationRequest, slot: ExitStack) -> StreamingResponse:
-        """The call decoded with its text streamed as it grows (`streamable`); `slot` (its admission) is closed
-        once it is answered, and a client that hangs up takes its row out of the batch at the next step."""
+        """The call decoded with its text streamed as it grows (`streamable`), each piece with the log-probs of
+        the tokens decoded since the last where asked; `slot` (its admission) is closed once it is answered, and a
+        client that hangs up takes its row out of the batch at the next step."""
         loop = asyncio.get_running_loop()
         progress: asyncio.Queue = asyncio.Queue()
 
@@ -275,33 +277,47 @@ class ServingEngine:
             except RuntimeError:  # the event loop has closed (shutdown): nobody reads it
                 pass
 
+        def decoded(out) -> None:  # from the decoding thread: the row's lists go on growing, so copies
+            copy = lambda values: None if values is None else values[:]  # noqa: E731
+            post(replace(out, tokens=out.tokens[:], top_logprobs=copy(out.top_logprobs),
+                         token_logprobs=copy(out.token_logprobs)))
+
         def answered(_) -> None:  # from the decoding thread
             slot.close()  # admission counts the calls waiting or decoding; this one no longer is
             post(None)
 
         cancel = threading.Event()
-        waiting = self.batcher.submit(replace(generation, cancel=cancel, on_tokens=post))
+        waiting = self.batcher.submit(replace(generation, cancel=cancel, on_tokens=decoded))
         waiting.add_done_callback(answered)
-        head = chunk_head(chat.model)
-        usage = chat.stream_usage()
+        head, usage, tokenizer = chunk_head(chat.model), chat.stream_usage(), self.backend.tokenizer
+        entries_sent = 0
+
+        def piece(text: str, out) -> bytes:
+            """A chunk of `text` with the log-probs of `out`'s tokens not sent yet (where the client asked)."""
+            nonlocal entries_sent
+            logprobs = None
+            if chat.logprobs and out.token_logprobs is not None:
+                logprobs = {"content": token_entries(
+                    tokenizer, out.tokens[entries_sent:], out.token_logprobs[entries_sent:],
+                    out.top_logprobs[entries_sent:], chat.top_logprobs or 0)}
+                entries_sent = len(out.tokens)
+            return sse(delta_chunk(head, {"content": text}, logprobs=logprobs, include_usage=usage))
 
         async def events():
             try:
                 yield sse(delta_chunk(head, {"role": "assistant", "content": ""}, include_usage=usage))
-                sent = ""
-                ended = False
+                sent, ended = "", False
                 while not ended:
                     posted = [await progress.get()]
-                    while not progress.empty():  # the decoder ran ahead: only the newest completion matters
+                    while not progress.empty():  # the decoder ran ahead: only the newest output matters
                         posted.append(progress.get_nowait())
                     ended = posted[-1] is None  # posted once the call is answered, after its last tokens
-                    completions = [tokens for tokens in posted if tokens is not None]
-                    if not completions:
+                    outs = [out for out in posted if out is not None]
+                    if not outs:
                         continue
-                    text = streamable(self.backend.tokenizer.decode(completions[-1], skip_special_tokens=True),
-                                      generation.stop)
+                    text = streamable(tokenizer.decode(outs[-1].tokens, skip_special_tokens=True), generation.stop)
                     if len(text) > len(sent) and text.startswith(sent):
-                        yield sse(delta_chunk(head, {"content": text[len(sent):]}, include_usage=usage))
+                        yield piece(text[len(sent):], outs[-1])
                         sent = text
                 try:
                     result = waiting.result()
@@ -311,11 +327,14 @@ class ServingEngine:
                     yield sse(error_body(500, f"internal error: {type(err).__name__}: {err}", "server_error"))
                     yield sse(DONE)
                     return
+                rest = result.text[len(sent):]
                 if not result.text.startswith(sent):  # never expected: what went out is not the answer's head
                     self.counts["stream_mismatches"] += 1
                     log.warning("streamed text %r is not the head of the answer %r", sent, result.text)
-                elif len(result.text) > len(sent):
-                    yield sse(delta_chunk(head, {"content": result.text[len(sent):]}, include_usage=usage))
+                    rest = ""
+                last = Decoded(result.token_ids or [], True, result.top_logprobs, result.token_logprobs)
+                if rest or (chat.logprobs and len(last.tokens) > entries_sent):
+                    yield piece(rest, last)
                 yield sse(delta_chunk(head, {}, finish_reason=result.finish_reason, include_usage=usage))
                 if usage:
                     yield sse(usage_chunk(head, usage_of(result)))

@@ -27,9 +27,9 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()  # the output ends before the first of these strings
     # Set by a server when the client that asked has gone: the row leaves its batch at the next decode step.
     cancel: threading.Event | None = field(default=None, compare=False, repr=False)
-    # Set by a server streaming the answer: called from the decoding thread with the completion's token ids so
-    # far after each decode step that added one (a copy; it must return at once).
-    on_tokens: Callable[[list[int]], None] | None = field(default=None, compare=False, repr=False)
+    # Set by a server streaming the answer: called from the decoding thread after each decode step that added a
+    # token, with the row's output so far (llm.decoding.Decoded, still growing: copy what is kept; return at once).
+    on_tokens: Callable[[object], None] | None = field(default=None, compare=False, repr=False)
 
     def batch_key(self) -> tuple:
         """Requests with the same key decode in one batch (one cap, one decoding mode)."""

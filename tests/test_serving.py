@@ -143,11 +143,12 @@ def _events(response) -> list[dict | str]:
 
 @pytest.mark.timeout(120)
 def test_a_streamed_answer_goes_out_token_by_token(server, engine):
-    """Without log-probs and judging, a streamed answer's text goes out as it is decoded: its first chunks reach
-    the client while the row still decodes, the deltas join into the whole answer (a stop string cut as there),
-    and a client that leaves mid-stream takes its row out of the batch and frees its admission slot."""
+    """Unjudged, a streamed answer's text goes out as it is decoded: its first chunks reach the client while the
+    row still decodes, the deltas join into the whole answer (a stop string cut as there), the log-probs come
+    with the pieces, and a client that leaves mid-stream takes its row out of the batch and frees its slot."""
     before = engine.counts["streamed_token_by_token"]
-    whole = chat(server, max_tokens=24).json()["choices"][0]["message"]["content"]
+    answer = chat(server, max_tokens=24).json()
+    whole, tokens = answer["choices"][0]["message"]["content"], answer["usage"]["completion_tokens"]
     with httpx.stream("POST", f"{server}/v1/chat/completions", timeout=60, json={
             "model": "tiny", "messages": [{"role": "user", "content": "Ann: I have a cat."}], "temperature": 0,
             "max_tokens": 24, "stream": True}) as streamed:
@@ -156,6 +157,13 @@ def test_a_streamed_answer_goes_out_token_by_token(server, engine):
     assert events[-1] == "[DONE]" and "".join(d or "" for d in deltas) == whole
     assert len([d for d in deltas if d]) > 1  # more than one piece: token by token, not the answer at once
     assert engine.counts["streamed_token_by_token"] == before + 1
+    with httpx.stream("POST", f"{server}/v1/chat/completions", timeout=60, json={
+            "model": "tiny", "messages": [{"role": "user", "content": "Ann: I have a cat."}], "temperature": 0,
+            "max_tokens": 24, "stream": True, "logprobs": True, "top_logprobs": 2}) as streamed:
+        pieces = [e["choices"][0] for e in _events(streamed)[:-1] if e["choices"]]
+    assert "".join(p["delta"].get("content") or "" for p in pieces) == whole
+    with_logprobs = [p for p in pieces if p["logprobs"]]
+    assert len(with_logprobs) > 1 and sum(len(p["logprobs"]["content"]) for p in with_logprobs) == tokens
     stop = whole.strip()[len(whole.strip()) // 2:][:2]
     if stop.strip():
         cut = chat(server, max_tokens=24, stop=[stop]).json()["choices"][0]["message"]["content"]
