@@ -16,6 +16,7 @@ import json
 import logging
 import secrets
 import threading
+import weakref
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, asynccontextmanager
@@ -340,12 +341,17 @@ class ServingEngine:
                     yield sse(usage_chunk(head, usage_of(result)))
                 self.counts["streamed_token_by_token"] += 1
                 yield sse(DONE)
-            finally:  # (a client gone before the first chunk never starts this: its row then decodes to its end)
-                if not waiting.done():  # the client hung up mid-stream
-                    cancel.set()
-                    self.counts["client_left"] += 1
+            finally:
+                gone()
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        def gone() -> None:
+            if not waiting.done():  # the client hung up mid-stream, or before its first chunk
+                cancel.set()
+                self.counts["client_left"] += 1
+
+        stream = events()
+        weakref.finalize(stream, gone)  # a stream never started (its client left first) has no `finally` to run
+        return StreamingResponse(stream, media_type="text/event-stream")
 
     def answer(self, chat: ChatRequest, result: GenerationResult) -> dict:
         return completion_body(result, chat.model, tokenizer=self.backend.tokenizer, logprobs=chat.logprobs,

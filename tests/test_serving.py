@@ -3,11 +3,13 @@ client and raw HTTP (tiny random model: the protocol, batching and faults, not a
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 
 import httpx
 import jsonschema
@@ -184,6 +186,31 @@ def test_a_streamed_answer_goes_out_token_by_token(server, engine):
     while engine.counts["client_left"] == left or httpx.get(f"{server}/health").json()["queue"]["admitted"]:
         time.sleep(0.05)  # the row leaves at the next decode step and its slot is given back
     assert engine.batcher.in_flight == 0 and chat(server, max_tokens=4).status_code == 200
+
+
+@pytest.mark.timeout(120)
+def test_a_stream_whose_client_left_before_its_first_chunk_frees_its_row(engine, monkeypatch):
+    """The response of a stream whose client left before it began is dropped unread: its row is cancelled at
+    the next decode step and its admission slot given back, not decoded to its end."""
+    left, submitted = engine.counts["client_left"], []
+    submit = engine.batcher.submit
+    monkeypatch.setattr(engine.batcher, "submit", lambda request: submitted.append(submit(request)) or submitted[-1])
+
+    async def start_and_drop():
+        chat, generation = engine.prepare(json.dumps({
+            "model": "tiny", "messages": [{"role": "user", "content": "Ann: I have a cat."}], "temperature": 0,
+            "max_tokens": 1900, "stream": True}).encode())
+        slot = ExitStack()
+        slot.enter_context(engine.admission.slot())
+        response = engine.stream_tokens(chat, generation, slot)
+        assert engine.admission.admitted == 1
+        del response
+
+    asyncio.run(start_and_drop())
+    assert engine.counts["client_left"] == left + 1
+    assert submitted[0].result(timeout=60).finish_reason == "cancelled"  # left the batch, not decoded to its end
+    while engine.admission.admitted:
+        time.sleep(0.05)  # given back by the decoding thread once the row has left
 
 
 def test_streamable_holds_back_what_a_later_token_may_change():
