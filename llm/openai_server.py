@@ -344,8 +344,8 @@ class ServingEngine:
             finally:
                 gone()
 
-        def gone() -> None:
-            if not waiting.done():  # the client hung up mid-stream, or before its first chunk
+        def gone() -> None:  # at the stream's end, and again when it is collected: once is enough
+            if not waiting.done() and not cancel.is_set():  # the client hung up mid-stream, or before its first chunk
                 cancel.set()
                 self.counts["client_left"] += 1
 
