@@ -278,10 +278,8 @@ class ServingEngine:
             except RuntimeError:  # the event loop has closed (shutdown): nobody reads it
                 pass
 
-        def decoded(out) -> None:  # from the decoding thread: the row's lists go on growing, so copies
-            copy = lambda values: None if values is None else values[:]  # noqa: E731
-            post(replace(out, tokens=out.tokens[:], top_logprobs=copy(out.top_logprobs),
-                         token_logprobs=copy(out.token_logprobs)))
+        def decoded(out) -> None:  # from the decoding thread, on its hot path: the row and its length, no copy
+            post((out, len(out.tokens)))  # (its lists only grow: their first n entries stay as they are)
 
         def answered(_) -> None:  # from the decoding thread
             slot.close()  # admission counts the calls waiting or decoding; this one no longer is
@@ -293,15 +291,15 @@ class ServingEngine:
         head, usage, tokenizer = chunk_head(chat.model), chat.stream_usage(), self.backend.tokenizer
         entries_sent = 0
 
-        def piece(text: str, out) -> bytes:
-            """A chunk of `text` with the log-probs of `out`'s tokens not sent yet (where the client asked)."""
+        def piece(text: str, out, n: int) -> bytes:
+            """A chunk of `text` with the log-probs of `out`'s first `n` tokens not sent yet (where asked)."""
             nonlocal entries_sent
             logprobs = None
             if chat.logprobs and out.token_logprobs is not None:
                 logprobs = {"content": token_entries(
-                    tokenizer, out.tokens[entries_sent:], out.token_logprobs[entries_sent:],
-                    out.top_logprobs[entries_sent:], chat.top_logprobs or 0)}
-                entries_sent = len(out.tokens)
+                    tokenizer, out.tokens[entries_sent:n], out.token_logprobs[entries_sent:n],
+                    out.top_logprobs[entries_sent:n], chat.top_logprobs or 0)}
+                entries_sent = n
             return sse(delta_chunk(head, {"content": text}, logprobs=logprobs, include_usage=usage))
 
         async def events():
@@ -313,12 +311,13 @@ class ServingEngine:
                     while not progress.empty():  # the decoder ran ahead: only the newest output matters
                         posted.append(progress.get_nowait())
                     ended = posted[-1] is None  # posted once the call is answered, after its last tokens
-                    outs = [out for out in posted if out is not None]
-                    if not outs:
+                    rows = [row for row in posted if row is not None]
+                    if not rows:
                         continue
-                    text = streamable(tokenizer.decode(outs[-1].tokens, skip_special_tokens=True), generation.stop)
+                    out, n = rows[-1]
+                    text = streamable(tokenizer.decode(out.tokens[:n], skip_special_tokens=True), generation.stop)
                     if len(text) > len(sent) and text.startswith(sent):
-                        yield piece(text[len(sent):], outs[-1])
+                        yield piece(text[len(sent):], out, n)
                         sent = text
                 try:
                     result = waiting.result()
@@ -335,7 +334,7 @@ class ServingEngine:
                     rest = ""
                 last = Decoded(result.token_ids or [], True, result.top_logprobs, result.token_logprobs)
                 if rest or (chat.logprobs and len(last.tokens) > entries_sent):
-                    yield piece(rest, last)
+                    yield piece(rest, last, len(last.tokens))
                 yield sse(delta_chunk(head, {}, finish_reason=result.finish_reason, include_usage=usage))
                 if usage:
                     yield sse(usage_chunk(head, usage_of(result)))
