@@ -14,6 +14,12 @@ A teacher that is down, slow or answers garbage: the expert's own answer goes ba
 `x-memlora-answered-by` header (`expert`, `teacher`, `expert-teacher-failed`, or
 `expert-demoted-teacher-failed`).
 
+A streaming client gets the teacher's answer as the teacher streams it, chunk by chunk, wherever the teacher
+answers (deferred, straight, no expert yet); the call is recorded once the stream is whole, before the client's
+`[DONE]`. Only a teacher that fails before its first chunk can still be replaced by the expert's answer; a stream
+that breaks after it is passed on as it came (its error event, or its end without `[DONE]`), counted as the
+teacher's failure and not recorded.
+
 A share of the kept calls (`deferral.audit_share`) is also asked of the teacher once the expert's answer has gone
 back, and recorded (`backend: audited`): with deferred calls drawn at the same share, a random sample of the
 served traffic with the teacher's answers, on which `improve` recalibrates the served experts every night.
@@ -25,6 +31,8 @@ import asyncio
 import random
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import httpx
 from anyio import to_thread
@@ -32,12 +40,21 @@ from anyio import to_thread
 from memlora.config import CaptureRule, DeferralConfig
 from memlora.evaluation.calibration import AUDITED_BACKEND, DEFERRED_BACKEND, NO_EXPERT_BACKEND, DeferralPolicy
 from memlora.llm.guard import ANSWERED_BY, CONFIDENCE, EXPERT, TEACHER, judged, made_safe
-from memlora.llm.openai_protocol import ApiError, ChatRequest
+from memlora.llm.openai_protocol import DONE, ApiError, ChatRequest, RelayedStream, sse
 from memlora.memory.llm import GenerationRequest, GenerationResult
 
 
 class FallbackError(RuntimeError):
     """The fallback teacher cannot be used at all (unreachable at start)."""
+
+
+@dataclass
+class TeacherStream:
+    """The teacher's answer still streaming in, for a client that asked for a stream: `events` pass it on (and
+    record the call at its end); `close` ends it unread (its client left before the first chunk)."""
+    events: AsyncIterator[bytes]
+    headers: dict
+    close: object  # async () -> None
 
 
 class Fallback:
@@ -68,31 +85,49 @@ class Fallback:
             await asyncio.gather(*self._audits, return_exceptions=True)
         await self.client.aclose()
 
-    async def ask(self, chat: ChatRequest, schema: dict | None) -> tuple[dict | None, float, str | None]:
-        """The teacher's answer to the client's own request (under the schema the expert decoded with), its
-        latency, or why there is none."""
+    def request_body(self, chat: ChatRequest, schema: dict | None) -> tuple[dict, bool]:
+        """The client's request as the teacher gets it (under the schema the expert decoded with, log-probs for the
+        trace row), and whether log-probs were added for the row (the client then gets none)."""
         body = chat.model_dump(mode="json", exclude_unset=True, by_alias=True, exclude={"stream", "stream_options"})
-        body["model"] = self.model  # asked whole: a streaming client gets the teacher's answer as chunks (respond)
+        body["model"] = self.model
         if schema is not None:
             body["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
-        if self.logprobs_top_k and not chat.logprobs:
+        added = bool(self.logprobs_top_k and not chat.logprobs)
+        if added:
             body["logprobs"], body["top_logprobs"] = True, self.logprobs_top_k
+        return body, added
+
+    async def ask(self, chat: ChatRequest, schema: dict | None) -> tuple[dict | None, float, str | None]:
+        """The teacher's whole answer to the client's own request, its latency, or why there is none."""
+        body, _ = self.request_body(chat, schema)
         started = time.perf_counter()
         try:
             response = await self.client.post(f"{self.url}/chat/completions", json=body, headers=self.headers)
         except httpx.HTTPError as err:
             return None, 0.0, f"unreachable: {type(err).__name__}: {err}"
-        latency = time.perf_counter() - started
-        if response.status_code >= 400:
-            return None, latency, f"HTTP {response.status_code}: {response.text[:200]}"
+        return whole_answer(response, time.perf_counter() - started)
+
+    async def ask_streaming(self, chat: ChatRequest,
+                            schema: dict | None) -> tuple[RelayedStream | dict | None, float, str | None]:
+        """The teacher's answer as it streams in (its usage asked for the trace row), or, where the teacher answers
+        whole or fails before its first chunk, what `ask` gives."""
+        body, added = self.request_body(chat, schema)
+        body["stream"], body["stream_options"] = True, {"include_usage": True}
+        started = time.perf_counter()
         try:
-            data = response.json()
-            message = data["choices"][0]["message"]
-            if not isinstance(message.get("content"), str):
-                raise TypeError("choices[0].message.content is not text")
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as err:
-            return None, latency, f"an answer without choices[0].message.content ({err}): {response.text[:200]!r}"
-        return data, latency, None
+            response = await self.client.send(self.client.build_request(
+                "POST", f"{self.url}/chat/completions", json=body, headers=self.headers), stream=True)
+        except httpx.HTTPError as err:
+            return None, 0.0, f"unreachable: {type(err).__name__}: {err}"
+        if response.status_code < 400 and response.headers.get("content-type", "").startswith("text/event-stream"):
+            return RelayedStream(response, started, added, usage_added=not chat.stream_usage()), 0.0, None
+        try:
+            await response.aread()
+        except httpx.HTTPError as err:
+            return None, time.perf_counter() - started, f"cut off: {type(err).__name__}: {err}"
+        finally:
+            await response.aclose()
+        return whole_answer(response, time.perf_counter() - started)
 
     async def pass_through(self, body: dict, param: str) -> httpx.Response:
         """A request the experts cannot serve (`param`: tools, n > 1, ...) sent to the teacher as it came, under
@@ -131,7 +166,7 @@ class Fallback:
         return {"url": self.url, "model": self.model, "strict": self.config.strict, "counts": dict(self.counts)}
 
     async def straight(self, chat: ChatRequest, operation: str, schema: dict | None,
-                       context: tuple[str | None, int]) -> tuple[dict, dict] | None:
+                       context: tuple[str | None, int]) -> tuple[dict, dict] | TeacherStream | None:
         """A call of an operation that keeps nothing, deferred before its expert decodes it; None where the
         teacher failed (counted; the expert then answers, through `answer(..., teacher_failed=True)`)."""
         self.counts[f"deferred_{operation}"] += 1
@@ -140,10 +175,11 @@ class Fallback:
 
     async def answer(self, chat: ChatRequest, generation: GenerationRequest, result: GenerationResult, tokenizer,
                      context: tuple[str | None, int], expert_answer,
-                     teacher_failed: bool = False) -> tuple[dict, dict]:
+                     teacher_failed: bool = False) -> tuple[dict, dict] | TeacherStream:
         """(the response body, its headers): the expert's answer where it is sure enough, else the teacher's
-        (recorded); `expert_answer(result)` builds the expert's body. `teacher_failed`: the call went `straight`
-        to the teacher, which failed (counted there): the expert's answer, made safe, without asking again."""
+        (recorded; for a streaming client its stream); `expert_answer(result)` builds the expert's body.
+        `teacher_failed`: the call went `straight` to the teacher, which failed (counted there): the expert's
+        answer, made safe, without asking again."""
         operation = generation.operation
         keep, conf, destructive = judged(self.policy, self.config, generation, result, tokenizer)
         headers = {CONFIDENCE: f"{conf:.4f}"}
@@ -157,13 +193,13 @@ class Fallback:
         answered = None
         if not teacher_failed:
             self.counts[f"deferred_{operation}"] += 1
-            answered = await self.teacher(chat, operation, generation.schema, context)
+            answered = await self.teacher(chat, operation, generation.schema, context, headers=headers)
         if answered is None and destructive:  # nobody sure of deleting or rewriting a memory: it stays
             self.counts[f"demoted_{operation}"] += 1
             return expert_answer(made_safe(result)), {**headers, ANSWERED_BY: "expert-demoted-teacher-failed"}
         if answered is None:
             return expert_answer(result), {**headers, ANSWERED_BY: "expert-teacher-failed"}
-        return answered[0], {**headers, **answered[1]}
+        return answered
 
     async def audit(self, chat: ChatRequest, operation: str, schema: dict | None,
                     context: tuple[str | None, int]) -> None:
@@ -177,16 +213,26 @@ class Fallback:
         self.counts[f"audited_{operation}"] += 1
 
     async def instead(self, chat: ChatRequest, operation: str, schema: dict | None,
-                      context: tuple[str | None, int]) -> tuple[dict, dict] | None:
+                      context: tuple[str | None, int]) -> tuple[dict, dict] | TeacherStream | None:
         """A call of an operation no expert serves yet goes to the teacher (and is recorded: the first training
         rows of that expert) rather than to the bare student; None where the teacher failed (counted)."""
         self.counts[f"no_expert_{operation}"] += 1
         return await self.teacher(chat, operation, schema, context, backend=NO_EXPERT_BACKEND)
 
-    async def teacher(self, chat: ChatRequest, operation: str, schema: dict | None,
-                      context: tuple[str | None, int], backend: str = DEFERRED_BACKEND) -> tuple[dict, dict] | None:
-        """The teacher's answer to the call, recorded, or None where it failed (counted; 502 when strict)."""
-        data, latency, error = await self.ask(chat, schema)
+    async def teacher(self, chat: ChatRequest, operation: str, schema: dict | None, context: tuple[str | None, int],
+                      backend: str = DEFERRED_BACKEND,
+                      headers: dict | None = None) -> tuple[dict, dict] | TeacherStream | None:
+        """The teacher's answer to the call, recorded, with `headers` and who answered: (body, headers), or for a
+        streaming client a `TeacherStream` once the teacher's stream has begun; None where it failed before that
+        (counted; 502 when strict)."""
+        headers = {**(headers or {}), ANSWERED_BY: TEACHER}
+        if chat.stream:
+            data, latency, error = await self.ask_streaming(chat, schema)
+            if isinstance(data, RelayedStream):
+                return TeacherStream(self.relay(data, chat, operation, schema, context, backend), headers,
+                                     data.response.aclose)
+        else:
+            data, latency, error = await self.ask(chat, schema)
         if error is not None:
             self.failed(operation, error)
             return None
@@ -195,4 +241,41 @@ class Fallback:
             for choice in data["choices"]:
                 choice["logprobs"] = None
         data["model"] = data.get("model") or self.model
-        return data, {ANSWERED_BY: TEACHER}
+        return data, headers
+
+    async def relay(self, stream: RelayedStream, chat: ChatRequest, operation: str, schema: dict | None,
+                    context: tuple[str | None, int], backend: str) -> AsyncIterator[bytes]:
+        """The teacher's chunks as they come; the call recorded once the stream is whole, before the client's
+        `[DONE]`. A stream that breaks is passed on as it came, counted and not recorded (the client has seen
+        part of the teacher's answer: the expert's cannot follow it)."""
+        try:
+            async for event in stream.events():
+                yield event
+            if stream.broken:
+                self.counts[f"teacher_failures_{operation}"] += 1
+                self.counts[f"teacher_stream_{stream.broken}"] += 1
+            else:
+                await self.record(chat, operation, schema, stream.joined.body(),
+                                  time.perf_counter() - stream.started, *context, backend=backend)
+                self.counts["teacher_streamed"] += 1
+            if stream.whole:
+                yield sse(DONE)
+        except asyncio.CancelledError:  # the client hung up: the teacher's row is dropped, nothing is recorded
+            self.counts["client_left"] += 1
+            raise
+        finally:
+            await stream.response.aclose()
+
+
+def whole_answer(response: httpx.Response, latency: float) -> tuple[dict | None, float, str | None]:
+    """(the teacher's answer, its latency, why there is none): an HTTP error, or a body without an answer."""
+    if response.status_code >= 400:
+        return None, latency, f"HTTP {response.status_code}: {response.text[:200]}"
+    try:
+        data = response.json()
+        message = data["choices"][0]["message"]
+        if not isinstance(message.get("content"), str):
+            raise TypeError("choices[0].message.content is not text")
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as err:
+        return None, latency, f"an answer without choices[0].message.content ({err}): {response.text[:200]!r}"
+    return data, latency, None

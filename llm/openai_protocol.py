@@ -4,8 +4,9 @@ unknown fields refused), OpenAI-shaped errors, and the response built from a `Ge
 A client such as Mem0 talks to `memlora serve-experts`, `serve-model` and `capture` exactly as to OpenAI; what
 they cannot do (n > 1, tools, penalties, logit bias) is refused with a 400 that names the field (`Unsupported`;
 behind `serve-experts --fallback` it goes to the teacher instead). `stream: true` gets the answer as server-sent
-chunks: token by token as it is decoded (`streamable`), or once it is decoded where it is judged first (a deferred
-call's answer is known only then: `stream_chunks`).
+chunks: token by token as it is decoded (`streamable`), once it is decoded where it is judged first (a deferred
+call's answer is known only then: `stream_chunks`), or as an upstream streams it (`RelayedStream`: `capture`, and
+the teacher behind `serve-experts --fallback`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError, \
@@ -330,3 +331,55 @@ class StreamAssembler:
                              "finish_reason": self.finish_reason,
                              "logprobs": {"content": self.logprobs} if self.logprobs else None}],
                 "usage": self.usage}
+
+
+def as_client_asked(chunk: dict, logprobs_added: bool, usage_added: bool) -> dict | None:
+    """A streamed chunk as the client would have had it without what was added for the trace row (None: the
+    usage chunk it did not ask for)."""
+    if usage_added:
+        if not chunk.get("choices") and chunk.get("usage"):
+            return None
+        chunk.pop("usage", None)
+    if logprobs_added:
+        for choice in chunk.get("choices") or []:
+            if isinstance(choice, dict):
+                choice["logprobs"] = None
+    return chunk
+
+
+class RelayedStream:
+    """An upstream's streamed answer (an open `httpx` response) passed on chunk by chunk as the client asked for
+    it, and joined back (`joined`) for the trace row. Once `events` is through, `broken` says what was wrong
+    with the stream (None: whole, with an answer): `upstream_errors` (an error event), `upstream_garbage` (a
+    chunk that is not JSON, or no answer at all), `upstream_cut` (no `[DONE]`). `[DONE]` is not among the
+    events: the caller records the call first, then sends it where `whole`."""
+
+    def __init__(self, response, started: float, logprobs_added: bool = False, usage_added: bool = False):
+        self.response, self.started = response, started  # started: when the request went (the row's latency)
+        self.logprobs_added, self.usage_added = logprobs_added, usage_added
+        self.joined, self.whole, self.broken = StreamAssembler(), False, None
+
+    async def events(self) -> AsyncIterator[bytes]:
+        async for line in self.response.aiter_lines():
+            if not line.startswith("data:"):
+                continue  # event separators and SSE comments; every event is framed again here
+            payload = line[len("data:"):].strip()
+            if payload == DONE:
+                self.whole = True
+                break
+            try:
+                chunk = json.loads(payload)
+                if isinstance(chunk, dict) and "error" in chunk:
+                    self.broken = self.broken or "upstream_errors"
+                else:
+                    self.joined.add(chunk)
+            except ValueError:
+                self.broken, chunk = self.broken or "upstream_garbage", None
+            if not isinstance(chunk, dict):
+                yield f"data: {payload}\n\n".encode()
+            elif (relayed := as_client_asked(chunk, self.logprobs_added, self.usage_added)) is not None:
+                yield sse(relayed)
+        if not self.whole:
+            self.broken = self.broken or "upstream_cut"
+        elif not self.joined.deltas:
+            self.broken = self.broken or "upstream_garbage"

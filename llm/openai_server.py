@@ -33,6 +33,7 @@ from memlora.llm.call_rules import classify, schema_for
 from memlora.llm.client_template import AS_SENT, MISMATCH, REDUCED
 from memlora.llm.continuous import continuous_decoder
 from memlora.llm.decoding import Decoded
+from memlora.llm.fallback import TeacherStream
 from memlora.llm.hf_backend import TransformersBackend
 from memlora.llm.guard import ANSWERED_BY, TEACHER
 from memlora.llm.openai_protocol import DONE, ApiError, ChatRequest, Unsupported, call_context, chunk_head, \
@@ -428,14 +429,14 @@ def create_app(engine: ServingEngine, api_key: str | None = None) -> FastAPI:
                 answered = await engine.fallback.instead(chat, missing, generation.schema,
                                                          call_context(request.headers))
                 if answered is not None:
-                    return respond(chat, *answered)
+                    return reply(chat, answered, slot)
                 # the teacher failed (counted): the bare student answers, as without a fallback
             teacher_failed = False
             if engine.straight_to_teacher(generation.operation):
                 answered = await engine.fallback.straight(chat, generation.operation, generation.schema,
                                                           call_context(request.headers))
                 if answered is not None:
-                    return respond(chat, *answered)
+                    return reply(chat, answered, slot)
                 teacher_failed = True  # counted: the expert answers, as where a deferred call's teacher fails
             if engine.streams_tokens(chat, generation):
                 return engine.stream_tokens(chat, generation, slot.pop_all())
@@ -443,10 +444,9 @@ def create_app(engine: ServingEngine, api_key: str | None = None) -> FastAPI:
             if result is None:  # the client hung up; there is nobody to answer (499: nginx's "client closed")
                 return Response(status_code=499)
             if engine.defers(generation.operation):
-                body, headers = await engine.fallback.answer(
+                return reply(chat, await engine.fallback.answer(
                     chat, generation, result, engine.backend.tokenizer, call_context(request.headers),
-                    lambda answered: engine.answer(chat, answered), teacher_failed=teacher_failed)
-                return respond(chat, body, headers)
+                    lambda answered: engine.answer(chat, answered), teacher_failed=teacher_failed), slot)
         return respond(chat, engine.answer(chat, result))
 
     if engine.has_teacher:  # a client whose whole OpenAI base URL points here: its embeddings are the teacher's
@@ -484,17 +484,49 @@ RELAYED_HEADERS = {"content-type", "content-encoding", "retry-after", "x-request
 def relayed(response, headers: dict | None = None, on_close=None) -> StreamingResponse:
     """An upstream's open `httpx` response passed on as it comes, with its status; closed (and `on_close` called)
     at its end or when the client hangs up."""
+    kept = {k: v for k, v in response.headers.items() if k.lower() in RELAYED_HEADERS}
+    return streaming(response.aiter_raw(), {**kept, **(headers or {})}, response.aclose, on_close,
+                     status_code=response.status_code)
+
+
+def streaming(events, headers: dict, aclose, on_close=None, **kwargs) -> StreamingResponse:
+    """`events` (an upstream's, open until `aclose`) as a streamed response; `on_close` (sync) at its end or when
+    the client hangs up; where the client left before the first byte (the body never started, so no `finally`
+    runs), both once the body is collected."""
+    loop, started = asyncio.get_running_loop(), []
+
     async def body():
+        started.append(True)
         try:
-            async for part in response.aiter_raw():
+            async for part in events:
                 yield part
         finally:
-            await response.aclose()
+            await aclose()
             if on_close is not None:
                 on_close()
 
-    kept = {k: v for k, v in response.headers.items() if k.lower() in RELAYED_HEADERS}
-    return StreamingResponse(body(), status_code=response.status_code, headers={**kept, **(headers or {})})
+    def dropped() -> None:  # on whichever thread collects the body
+        if started:
+            return
+        if on_close is not None:
+            on_close()
+        try:
+            loop.call_soon_threadsafe(lambda: loop.create_task(aclose()))
+        except RuntimeError:  # the loop is closed: so is its connection pool
+            pass
+
+    stream = body()
+    weakref.finalize(stream, dropped)
+    return StreamingResponse(stream, headers=headers, **kwargs)
+
+
+def reply(chat: ChatRequest, answered: tuple[dict, dict] | TeacherStream, slot: ExitStack) -> Response:
+    """A judged answer: (body, headers), as `respond` sends it, or the teacher's stream passed on as it comes,
+    holding the call's admission slot to its end."""
+    if isinstance(answered, TeacherStream):
+        return streaming(answered.events, answered.headers, answered.close, slot.pop_all().close,
+                         media_type="text/event-stream")
+    return respond(chat, *answered)
 
 
 def respond(chat: ChatRequest, body: dict, headers: dict | None = None) -> Response:

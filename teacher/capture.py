@@ -37,8 +37,8 @@ from memlora.data.schemas import TRACES
 from memlora.layout import capture_shard_path, templates_path
 from memlora.llm.call_rules import classify, fingerprint
 from memlora.llm.client_template import changing_parts, current
-from memlora.llm.openai_protocol import DONE, ApiError, Message, StreamAssembler, call_context, error_body, \
-    plain_messages, sse_events, stream_chunks
+from memlora.llm.openai_protocol import DONE, ApiError, Message, RelayedStream, call_context, error_body, \
+    plain_messages, sse, sse_events, stream_chunks
 from memlora.llm.openai_server import add_error_handlers, pass_other_endpoints
 from memlora.llm.request_limits import Admission, BodyLimit, client_stays, parse_json_body, rss_mib
 
@@ -198,20 +198,6 @@ def usage_for_us(sent: dict, rule: CaptureRule | None) -> bool:
     return True
 
 
-def as_client_asked(chunk: dict, logprobs_added: bool, usage_added: bool) -> dict | None:
-    """A streamed chunk as the client would have had it without our additions (None: the usage chunk it did not
-    ask for)."""
-    if usage_added:
-        if not chunk.get("choices") and chunk.get("usage"):
-            return None
-        chunk.pop("usage", None)
-    if logprobs_added:
-        for choice in chunk.get("choices") or []:
-            if isinstance(choice, dict):
-                choice["logprobs"] = None
-    return chunk
-
-
 def create_capture_app(upstream: str, config: CaptureConfig, recorder: CaptureRecorder, *,
                        timeout_s: float = 600.0, upstream_key: str | None = None,
                        limits: ServingConfig | None = None) -> FastAPI:
@@ -334,37 +320,16 @@ def create_capture_app(upstream: str, config: CaptureConfig, recorder: CaptureRe
         """The teacher's chunks, passed on as they come; the call is recorded once the stream is whole, before
         the client gets its end. A stream cut short, or with a chunk that is not JSON or is an error, is relayed
         as it came and not recorded (counted)."""
-        joined, whole, broken = StreamAssembler(), False, None
+        stream = RelayedStream(response, started, added, usage_added)
         try:
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue  # event separators and SSE comments; every event is framed again below
-                payload = line[len("data:"):].strip()
-                if payload == DONE:
-                    whole = True
-                    break
-                try:
-                    chunk = json.loads(payload)
-                    if isinstance(chunk, dict) and "error" in chunk:
-                        broken = broken or "upstream_errors"
-                    else:
-                        joined.add(chunk)
-                except ValueError:
-                    broken, chunk = broken or "upstream_garbage", None
-                if chunk is None or not isinstance(chunk, dict):
-                    yield f"data: {payload}\n\n".encode()
-                elif (relayed := as_client_asked(chunk, added, usage_added)) is not None:
-                    yield f"data: {json.dumps(relayed)}\n\n".encode()
-            if not whole:
-                broken = broken or "upstream_cut"
-            elif not joined.deltas:
-                broken = broken or "upstream_garbage"
-            if broken:
-                recorder.count(broken)
+            async for event in stream.events():
+                yield event
+            if stream.broken:
+                recorder.count(stream.broken)
             else:
-                await record(rule, messages, schema, joined.body(), time.perf_counter() - started, request)
-            if whole:
-                yield f"data: {DONE}\n\n".encode()
+                await record(rule, messages, schema, stream.joined.body(), time.perf_counter() - started, request)
+            if stream.whole:
+                yield sse(DONE)
         except asyncio.CancelledError:  # the client hung up: no answer reached anyone, nothing is recorded
             recorder.count("client_left")
             raise

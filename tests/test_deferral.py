@@ -181,18 +181,29 @@ def test_an_unsure_expert_defers_to_the_teacher_and_the_call_is_recorded(deferra
         base = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
             "model": "memlora-base", "messages": deferral_out_messages[1], "max_tokens": 4})
         assert base.status_code == 200 and ANSWERED_BY not in base.headers  # no expert: nothing to defer
-        # streamed: the teacher is asked whole (it got no `stream`), its answer comes back as chunks
+        # streamed: the teacher streams its answer token by token and the chunks are passed on as they come
+        def teacher_streamed() -> int:
+            return httpx.get(teacher.removesuffix("/v1") + "/health").json()["counts"].get("streamed_token_by_token", 0)
+
+        streamed_before = teacher_streamed()
         streamed = ask(url, 0, stream=True)
         assert streamed.status_code == 200 and streamed.headers[ANSWERED_BY] == "teacher"
+        float(streamed.headers["x-memlora-confidence"])
         events = [json.loads(line[6:]) for line in streamed.text.split("\n\n") if line.startswith("data: {")]
         assert streamed.text.rstrip().endswith("data: [DONE]") and {e["model"] for e in events} == {"teacher"}
-        assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == \
-            got.json()["choices"][0]["message"]["content"]
+        pieces = [e["choices"][0]["delta"].get("content") for e in events if e["choices"]]
+        assert "".join(p or "" for p in pieces) == got.json()["choices"][0]["message"]["content"]
+        assert len([p for p in pieces if p]) > 1  # more than one piece: relayed, not asked whole and cut up
+        # what was asked for the trace row alone (usage, log-probs) is not passed on
+        assert all("usage" not in e and e["choices"][0]["logprobs"] is None for e in events)
+        assert teacher_streamed() == streamed_before + 1
         health = httpx.get(f"{url}/health").json()["deferral"]["counts"]
-    assert health == {"deferred_extraction": 2}
+    assert health == {"deferred_extraction": 2, "teacher_streamed": 1}
     rows = [r for f in trace_files(tmp_path / "out", "extraction") for r in pq.read_table(f).to_pylist()]
     assert len(rows) == 2 and {r["backend"] for r in rows} == {"deferred"} and rows[0]["conversation_id"] == "user-7"
     assert {r["raw_output"] for r in rows} == {got.json()["choices"][0]["message"]["content"]}
+    # the streamed row has the teacher's token counts (from the usage chunk asked for it) as the whole one has
+    assert rows[0]["completion_tokens"] == rows[1]["completion_tokens"] > 0
     assert rows[0]["messages"] == deferral_out_messages[0] and json.loads(rows[0]["output_schema"]) == SCHEMA
     engine.close()
 
@@ -328,6 +339,43 @@ def test_a_teacher_that_is_down_or_answers_garbage_degrades_as_configured(deferr
             assert kept.json()["choices"][0]["message"]["content"] == stub.reply
         engine.close()
     assert len(trace_files(tmp_path / "out", "extraction")) == 1  # only the answered call became a row
+
+
+@pytest.mark.timeout(180)
+def test_a_streamed_deferral_relays_the_teacher_and_a_broken_stream_is_counted_not_recorded(deferral_out, tmp_path):
+    """A streaming client gets the teacher's chunks as they come. A teacher that fails before its first chunk is
+    replaced by the expert's answer, as without a stream; one whose stream breaks after it has begun cannot be:
+    the client gets what came (no `[DONE]`), the failure is counted, and no half answer becomes a trace row."""
+    with StubOpenAI() as stub:
+        stub.stream_gap_s = 0.05
+        engine, app = experts_server(deferral_out, stub.url, math.inf, tmp_path)  # straight to the teacher
+        with running(app) as url:
+            with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60, json={
+                    "model": "memlora-extraction", "messages": deferral_out_messages[7], "max_tokens": 40,
+                    "stream": True, "stream_options": {"include_usage": True}}) as streamed:
+                assert streamed.headers[ANSWERED_BY] == "teacher"
+                lines = [line for line in streamed.iter_lines() if line.startswith("data: ")]
+            chunks = [json.loads(line[6:]) for line in lines[:-1]]
+            assert lines[-1] == "data: [DONE]" and chunks[-1]["usage"]["completion_tokens"] > 0  # asked for
+            assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == stub.reply
+            assert stub.requests[-1]["stream"] is True and stub.requests[-1]["model"] == "teacher"
+            stub.fail_first, stub.fail_status = 1, 503  # fails before its stream: the expert answers
+            failed = ask(url, 8, stream=True)
+            assert failed.headers[ANSWERED_BY] == "expert-teacher-failed" and "data: [DONE]" in failed.text
+            stub.stream_cut_after = 3  # the role and two pieces, then the connection closes
+            cut = ask(url, 9, stream=True)
+            assert cut.headers[ANSWERED_BY] == "teacher" and "[DONE]" not in cut.text
+            assert "".join(json.loads(line[6:])["choices"][0]["delta"].get("content", "") for line in
+                           cut.text.split("\n\n") if line.startswith("data: {")) == stub.reply[:8]
+            counts = httpx.get(f"{url}/health").json()["deferral"]["counts"]
+            assert ask(url, 10).status_code == 200  # and it keeps serving
+        engine.close()
+    assert counts["teacher_streamed"] == 1 and counts["teacher_failures_extraction"] == 2
+    assert counts["teacher_stream_upstream_cut"] == 1
+    rows = [r for f in trace_files(tmp_path / "out", "extraction") for r in pq.read_table(f).to_pylist()]
+    assert [r["raw_output"] for r in rows] == [stub.reply] * 2 and {r["backend"] for r in rows} == {"deferred"}
+    # the streamed one's tokens from its usage chunk (one per piece), the whole one's from its body (7)
+    assert sorted(r["completion_tokens"] for r in rows) == sorted([7, len(range(0, len(stub.reply), 4))])
 
 
 def test_the_audit_sample_draws_deferred_calls_at_the_audit_share():
