@@ -8,8 +8,9 @@ per operation against serve-experts without it. Two more, with `--fallback` to a
 what deferral costs when it always fires, against the teacher alone (1 client): thresholds that keep nothing
 (`inf`, what calibration writes where no threshold meets the budget), where the call goes straight to the
 teacher, and thresholds no answer reaches, where the expert decodes first and is then overruled. The teacher and
-serve-experts also answer each request streamed (`stream: true`): seconds to the first text against the whole
-answer. Writes bench/results/http_serving.json.
+serve-experts, and both deferring servers, also answer each request streamed (`stream: true`): seconds to the first
+text against the whole answer (where the teacher answers a deferred call, its own stream is passed on). Writes
+bench/results/http_serving.json.
 
     python bench/http_serving.py [--quick] [--out OUT]   (OUT: use its traces and trained experts)
 """
@@ -165,6 +166,7 @@ def always_deferred(base: Path, experts_out: Path, scratch: Path, requests: list
                     try:
                         wait_healthy(f"http://127.0.0.1:{port}", proc, timeout_s=300)
                         records[system] = measure(system, f"http://127.0.0.1:{port}", requests, repeats, (1,))
+                        records[system]["stream"] = streamed(system, f"http://127.0.0.1:{port}", requests)
                         records[system]["peak_rss_mb"] = peak_rss_mb(proc.pid)
                     finally:
                         proc.terminate()
@@ -233,7 +235,7 @@ def main() -> None:
                         f"{statistics.median(records[name]['latency'][op]) / statistics.median(t):.2f}x"
                         for name in ALWAYS_DEFER}})
     print(table(rows, list(rows[0])))
-    stream_rows = [stream_row(name, op, records[name]["stream"]) for name in STREAMED
+    stream_rows = [stream_row(name, op, records[name]["stream"]) for name in (*STREAMED, *ALWAYS_DEFER)
                    for op in records[name]["stream"]["whole_s"]]
     print(table(stream_rows, list(stream_rows[0])))
     for name, r in records.items():
