@@ -71,6 +71,15 @@ def test_a_new_version_is_taken_under_load_without_failing_a_request(tmp_path, t
     def ask(url: str) -> httpx.Response:
         return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
 
+    def streamed(url: str) -> tuple[int, str | None]:
+        """A stream sent token by token: its status, and its joined text where it ended with [DONE]."""
+        got = httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=60)
+        events = [e[6:] for e in got.text.split("\n\n") if e.startswith("data: ")]
+        if not events or events[-1] != "[DONE]":
+            return got.status_code, None
+        return got.status_code, "".join(json.loads(e)["choices"][0]["delta"].get("content") or ""
+                                        for e in events[:-1] if json.loads(e)["choices"])
+
     def health(url: str) -> dict:
         return httpx.get(f"{url}/health").json()["experts"]
 
@@ -82,15 +91,22 @@ def test_a_new_version_is_taken_under_load_without_failing_a_request(tmp_path, t
 
     with running(create_app(engine)) as url:
         assert ask(url).json()["choices"][0]["message"]["content"] == expected["v1"]
-        statuses, stop = [], threading.Event()
+        statuses, texts, stop = [], [], threading.Event()
 
         def client() -> None:
             deadline = time.monotonic() + 90
             while not stop.is_set() and time.monotonic() < deadline:
                 statuses.append(ask(url).status_code)
 
+        def stream_client() -> None:  # token-by-token streams in flight across the swap end whole too
+            deadline = time.monotonic() + 90
+            while not stop.is_set() and time.monotonic() < deadline:
+                status, text = streamed(url)
+                statuses.append(status)
+                texts.append(text)
+
         with ThreadPoolExecutor(4) as pool:
-            clients = [pool.submit(client) for _ in range(4)]
+            clients = [pool.submit(client) for _ in range(2)] + [pool.submit(stream_client) for _ in range(2)]
             time.sleep(0.5)
             install(out, v2)  # promoted while 4 clients keep asking
             wait_for(url, 1)
@@ -99,6 +115,7 @@ def test_a_new_version_is_taken_under_load_without_failing_a_request(tmp_path, t
             for c in clients:
                 c.result()
         assert len(statuses) > 8 and set(statuses) == {200}, statuses
+        assert set(texts) == {expected["v1"], expected["v2"]}, texts  # streams of both versions, each whole
         assert ask(url).json()["choices"][0]["message"]["content"] == expected["v2"]
         assert engine.backend is not replaced() and engine.backend.grammars is grammars
         deadline = time.monotonic() + 60  # the replaced experts are freed once their queue drained (memory back)
