@@ -17,8 +17,9 @@ A teacher that is down, slow or answers garbage: the expert's own answer goes ba
 A streaming client gets the teacher's answer as the teacher streams it, chunk by chunk, wherever the teacher
 answers (deferred, straight, no expert yet); the call is recorded once the stream is whole, before the client's
 `[DONE]`. Only a teacher that fails before its first chunk can still be replaced by the expert's answer; a stream
-that breaks after it is passed on as it came (its error event, or its end without `[DONE]`), counted as the
-teacher's failure and not recorded.
+that breaks after it (an error event, a read timeout, a connection that closes before `[DONE]`) is passed on as
+far as it came and ended with an OpenAI-shaped error event and `[DONE]`, counted as the teacher's failure and not
+recorded.
 
 A share of the kept calls (`deferral.audit_share`) is also asked of the teacher once the expert's answer has gone
 back, and recorded (`backend: audited`): with deferred calls drawn at the same share, a random sample of the
@@ -246,20 +247,22 @@ class Fallback:
     async def relay(self, stream: RelayedStream, chat: ChatRequest, operation: str, schema: dict | None,
                     context: tuple[str | None, int], backend: str) -> AsyncIterator[bytes]:
         """The teacher's chunks as they come; the call recorded once the stream is whole, before the client's
-        `[DONE]`. A stream that breaks is passed on as it came, counted and not recorded (the client has seen
-        part of the teacher's answer: the expert's cannot follow it)."""
+        `[DONE]`. A stream that breaks is passed on as far as it came, then an error event: counted and not
+        recorded (the client has seen part of the teacher's answer: the expert's cannot follow it)."""
         try:
             async for event in stream.events():
                 yield event
             if stream.broken:
                 self.counts[f"teacher_failures_{operation}"] += 1
                 self.counts[f"teacher_stream_{stream.broken}"] += 1
+                if not stream.whole:  # an OpenAI client takes a stream that just stops for a whole answer
+                    yield sse(ApiError(502, f"the fallback teacher {self.url} broke off its stream for a deferred "
+                                            f"call ({stream.broken})", type="upstream_error").body())
             else:
                 await self.record(chat, operation, schema, stream.joined.body(),
                                   time.perf_counter() - stream.started, *context, backend=backend)
                 self.counts["teacher_streamed"] += 1
-            if stream.whole:
-                yield sse(DONE)
+            yield sse(DONE)
         except asyncio.CancelledError:  # the client hung up: the teacher's row is dropped, nothing is recorded
             self.counts["client_left"] += 1
             raise

@@ -17,6 +17,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterable
 from typing import Any, Literal
 
+import httpx
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError, \
     field_validator
 
@@ -360,25 +361,28 @@ class RelayedStream:
         self.joined, self.whole, self.broken = StreamAssembler(), False, None
 
     async def events(self) -> AsyncIterator[bytes]:
-        async for line in self.response.aiter_lines():
-            if not line.startswith("data:"):
-                continue  # event separators and SSE comments; every event is framed again here
-            payload = line[len("data:"):].strip()
-            if payload == DONE:
-                self.whole = True
-                break
-            try:
-                chunk = json.loads(payload)
-                if isinstance(chunk, dict) and "error" in chunk:
-                    self.broken = self.broken or "upstream_errors"
-                else:
-                    self.joined.add(chunk)
-            except ValueError:
-                self.broken, chunk = self.broken or "upstream_garbage", None
-            if not isinstance(chunk, dict):
-                yield f"data: {payload}\n\n".encode()
-            elif (relayed := as_client_asked(chunk, self.logprobs_added, self.usage_added)) is not None:
-                yield sse(relayed)
+        try:
+            async for line in self.response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue  # event separators and SSE comments; every event is framed again here
+                payload = line[len("data:"):].strip()
+                if payload == DONE:
+                    self.whole = True
+                    break
+                try:
+                    chunk = json.loads(payload)
+                    if isinstance(chunk, dict) and "error" in chunk:
+                        self.broken = self.broken or "upstream_errors"
+                    else:
+                        self.joined.add(chunk)
+                except ValueError:
+                    self.broken, chunk = self.broken or "upstream_garbage", None
+                if not isinstance(chunk, dict):
+                    yield f"data: {payload}\n\n".encode()
+                elif (relayed := as_client_asked(chunk, self.logprobs_added, self.usage_added)) is not None:
+                    yield sse(relayed)
+        except httpx.HTTPError:  # the upstream went silent past its read timeout, or its connection broke
+            self.broken = self.broken or "upstream_cut"
         if not self.whole:
             self.broken = self.broken or "upstream_cut"
         elif not self.joined.deltas:

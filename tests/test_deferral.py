@@ -344,11 +344,12 @@ def test_a_teacher_that_is_down_or_answers_garbage_degrades_as_configured(deferr
 @pytest.mark.timeout(180)
 def test_a_streamed_deferral_relays_the_teacher_and_a_broken_stream_is_counted_not_recorded(deferral_out, tmp_path):
     """A streaming client gets the teacher's chunks as they come. A teacher that fails before its first chunk is
-    replaced by the expert's answer, as without a stream; one whose stream breaks after it has begun cannot be:
-    the client gets what came (no `[DONE]`), the failure is counted, and no half answer becomes a trace row."""
+    replaced by the expert's answer, as without a stream; one whose stream breaks after it has begun (cut, or silent
+    past the timeout) cannot be: the client gets what came and an error event, the failure is counted, and no half
+    answer becomes a trace row."""
     with StubOpenAI() as stub:
         stub.stream_gap_s = 0.05
-        engine, app = experts_server(deferral_out, stub.url, math.inf, tmp_path)  # straight to the teacher
+        engine, app = experts_server(deferral_out, stub.url, math.inf, tmp_path, timeout_s=0.5)  # straight
         with running(app) as url:
             with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60, json={
                     "model": "memlora-extraction", "messages": deferral_out_messages[7], "max_tokens": 40,
@@ -364,14 +365,20 @@ def test_a_streamed_deferral_relays_the_teacher_and_a_broken_stream_is_counted_n
             assert failed.headers[ANSWERED_BY] == "expert-teacher-failed" and "data: [DONE]" in failed.text
             stub.stream_cut_after = 3  # the role and two pieces, then the connection closes
             cut = ask(url, 9, stream=True)
-            assert cut.headers[ANSWERED_BY] == "teacher" and "[DONE]" not in cut.text
-            assert "".join(json.loads(line[6:])["choices"][0]["delta"].get("content", "") for line in
-                           cut.text.split("\n\n") if line.startswith("data: {")) == stub.reply[:8]
+            assert cut.headers[ANSWERED_BY] == "teacher" and cut.text.rstrip().endswith("data: [DONE]")
+            events = [json.loads(line[6:]) for line in cut.text.split("\n\n") if line.startswith("data: {")]
+            # what came, then an error an OpenAI client raises on (a stream that just stops passes for a whole one)
+            assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1]) == stub.reply[:8]
+            assert events[-1]["error"]["type"] == "upstream_error" and "upstream_cut" in events[-1]["error"]["message"]
+            stub.stream_cut_after, stub.stream_gap_s = None, 1.0  # a teacher that goes silent past the timeout
+            stalled = ask(url, 10, stream=True)
+            assert stalled.text.rstrip().endswith("data: [DONE]") and '"upstream_error"' in stalled.text
             counts = httpx.get(f"{url}/health").json()["deferral"]["counts"]
-            assert ask(url, 10).status_code == 200  # and it keeps serving
+            stub.stream_gap_s = 0.0
+            assert ask(url, 11).status_code == 200  # and it keeps serving
         engine.close()
-    assert counts["teacher_streamed"] == 1 and counts["teacher_failures_extraction"] == 2
-    assert counts["teacher_stream_upstream_cut"] == 1
+    assert counts["teacher_streamed"] == 1 and counts["teacher_failures_extraction"] == 3
+    assert counts["teacher_stream_upstream_cut"] == 2
     rows = [r for f in trace_files(tmp_path / "out", "extraction") for r in pq.read_table(f).to_pylist()]
     assert [r["raw_output"] for r in rows] == [stub.reply] * 2 and {r["backend"] for r in rows} == {"deferred"}
     # the streamed one's tokens from its usage chunk (one per piece), the whole one's from its body (7)
