@@ -352,8 +352,9 @@ class RelayedStream:
     """An upstream's streamed answer (an open `httpx` response) passed on chunk by chunk as the client asked for
     it, and joined back (`joined`) for the trace row. Once `events` is through, `broken` says what was wrong
     with the stream (None: whole, with an answer): `upstream_errors` (an error event), `upstream_garbage` (a
-    chunk that is not JSON, or no answer at all), `upstream_cut` (no `[DONE]`). `[DONE]` is not among the
-    events: the caller records the call first, then sends it where `whole`."""
+    chunk that is not JSON, or no answer at all), `upstream_cut` (no `[DONE]`: the connection closed or broke,
+    or a read timed out). `[DONE]` is not among the events: the caller records the call first, then ends the
+    stream."""
 
     def __init__(self, response, started: float, logprobs_added: bool = False, usage_added: bool = False):
         self.response, self.started = response, started  # started: when the request went (the row's latency)
