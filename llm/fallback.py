@@ -32,7 +32,7 @@ import asyncio
 import random
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import httpx
@@ -55,7 +55,7 @@ class TeacherStream:
     record the call at its end); `close` ends it unread (its client left before the first chunk)."""
     events: AsyncIterator[bytes]
     headers: dict
-    close: object  # async () -> None
+    close: Callable[[], Awaitable[None]]
 
 
 class Fallback:
