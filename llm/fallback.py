@@ -52,7 +52,8 @@ class FallbackError(RuntimeError):
 @dataclass
 class TeacherStream:
     """The teacher's answer still streaming in, for a client that asked for a stream: `events` pass it on (and
-    record the call at its end); `close` ends it unread (its client left before the first chunk)."""
+    record the call at its end); `close` closes the teacher's response, once they are through or where the client
+    left before the first chunk (`openai_server.streaming` calls it)."""
     events: AsyncIterator[bytes]
     headers: dict
     close: Callable[[], Awaitable[None]]
@@ -266,8 +267,6 @@ class Fallback:
         except asyncio.CancelledError:  # the client hung up: the teacher's row is dropped, nothing is recorded
             self.counts["client_left"] += 1
             raise
-        finally:
-            await stream.response.aclose()
 
 
 def whole_answer(response: httpx.Response, latency: float) -> tuple[dict | None, float, str | None]:

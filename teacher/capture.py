@@ -39,7 +39,7 @@ from memlora.llm.call_rules import classify, fingerprint
 from memlora.llm.client_template import changing_parts, current
 from memlora.llm.openai_protocol import DONE, ApiError, Message, RelayedStream, call_context, error_body, \
     plain_messages, sse, sse_events, stream_chunks
-from memlora.llm.openai_server import add_error_handlers, pass_other_endpoints
+from memlora.llm.openai_server import add_error_handlers, pass_other_endpoints, streaming
 from memlora.llm.request_limits import Admission, BodyLimit, client_stays, parse_json_body, rss_mib
 
 
@@ -247,16 +247,9 @@ def create_capture_app(upstream: str, config: CaptureConfig, recorder: CaptureRe
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        slot = ExitStack()
-        slot.enter_context(admission.slot())
-        try:
-            response = await relay(request, slot)
-        except BaseException:
-            slot.close()
-            raise
-        if not isinstance(response, StreamingResponse):
-            slot.close()
-        return response
+        with ExitStack() as slot:  # a relayed stream takes its admission slot along (pop_all)
+            slot.enter_context(admission.slot())
+            return await relay(request, slot)
 
     async def record(rule: CaptureRule | None, messages: list[dict], schema: dict | None, data: dict,
                      latency: float, request: Request) -> None:
@@ -276,21 +269,21 @@ def create_capture_app(upstream: str, config: CaptureConfig, recorder: CaptureRe
             raise ApiError(400, f"messages: {err}", param="messages") from None
         rule = classify(config.rules, messages, str(body.get("model", "")))
         sent, schema, added = outgoing(body, rule, config.logprobs_top_k)
-        streaming = body.get("stream") is True
-        usage_added = streaming and usage_for_us(sent, rule)
+        stream_asked = body.get("stream") is True
+        usage_added = stream_asked and usage_for_us(sent, rule)
         recorder.count("forwarded")
         started = time.perf_counter()
-        call = asyncio.ensure_future(forward("POST", "/chat/completions", request, stream=streaming, json=sent))
+        call = asyncio.ensure_future(forward("POST", "/chat/completions", request, stream=stream_asked, json=sent))
         if not await client_stays(request, call):
             call.cancel()  # closes the upstream connection: the teacher drops the row from its batch
             recorder.count("client_left")
             return Response(status_code=499)
         response = call.result()
-        if streaming and response.status_code < 400 and \
+        if stream_asked and response.status_code < 400 and \
                 response.headers.get("content-type", "").startswith("text/event-stream"):
-            return StreamingResponse(relay_stream(response, rule, messages, schema, added, usage_added, started,
-                                                  request, slot), media_type="text/event-stream")
-        if streaming:  # an error, or a whole answer where a stream was asked for: read it all
+            return streaming(relay_stream(response, rule, messages, schema, added, usage_added, started, request),
+                             {}, response.aclose, slot.pop_all().close, media_type="text/event-stream")
+        if stream_asked:  # an error, or a whole answer where a stream was asked for: read it all
             await response.aread()
             await response.aclose()
         latency = time.perf_counter() - started
@@ -309,17 +302,16 @@ def create_capture_app(upstream: str, config: CaptureConfig, recorder: CaptureRe
         if added:  # the client did not ask for log-probs: it gets the answer it would have had
             for choice in choices:
                 choice["logprobs"] = None
-        if streaming:
+        if stream_asked:
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(sse_events(stream_chunks(data, include_usage)), media_type="text/event-stream")
         return data
 
     async def relay_stream(response: httpx.Response, rule: CaptureRule | None, messages: list[dict],
-                           schema: dict | None, added: bool, usage_added: bool, started: float, request: Request,
-                           slot: ExitStack):
+                           schema: dict | None, added: bool, usage_added: bool, started: float, request: Request):
         """The teacher's chunks, passed on as they come; the call is recorded once the stream is whole, before
         the client gets its end. A stream cut short, or with a chunk that is not JSON or is an error, is relayed
-        as it came and not recorded (counted)."""
+        as it came and not recorded (counted). The upstream and the admission slot are closed by `streaming`."""
         stream = RelayedStream(response, started, added, usage_added)
         try:
             async for event in stream.events():
@@ -333,9 +325,6 @@ def create_capture_app(upstream: str, config: CaptureConfig, recorder: CaptureRe
         except asyncio.CancelledError:  # the client hung up: no answer reached anyone, nothing is recorded
             recorder.count("client_left")
             raise
-        finally:
-            await response.aclose()
-            slot.close()
 
     async def passed(method: str, path: str, request: Request, headers: dict, **kwargs) -> httpx.Response:
         recorder.count("passed_through")

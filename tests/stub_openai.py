@@ -27,6 +27,7 @@ class StubOpenAI:
         # `stream_cut_after` chunks the connection closes without `data: [DONE]`
         self.stream_piece, self.stream_gap_s, self.stream_cut_after = 4, 0.0, None
         self.streams_left = 0  # streams whose reader hung up before their end
+        self.stream_whole = False  # answer `stream: true` with one JSON body, as a server that cannot stream does
         self._lock = threading.Lock()
         stub = self
 
@@ -65,7 +66,7 @@ class StubOpenAI:
                     return self._send(400, {"error": {"message": "response_format json_schema not supported"}})
                 op = (body.get("response_format") or {}).get("json_schema", {}).get("name")
                 reply = stub.replies.get(op, stub.reply)
-                if body.get("stream"):
+                if body.get("stream") and not stub.stream_whole:
                     return self._stream(reply, bool((body.get("stream_options") or {}).get("include_usage")))
                 self._send(200, {
                     "choices": [{"message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],

@@ -370,11 +370,18 @@ def test_capture_streams_as_the_teacher_sends_and_records_only_a_whole_stream(tm
         while (stub.streams_left == 0 or "client_left" not in httpx.get(f"{proxy}/health").json()["counts"]) \
                 and time.monotonic() < deadline:
             time.sleep(0.1)
-        counts = httpx.get(f"{proxy}/health").json()["counts"]
+        stub.stream_whole = True  # an upstream that answers a stream whole: chunks made here, recorded
+        chunked = chat(proxy, messages=ORGANIZER, stream=True)
+        assert chunked.text.rstrip().endswith("data: [DONE]") and stub.reply in chunked.text.replace('\\"', '"')
+        health = httpx.get(f"{proxy}/health").json()
+        counts = health["counts"]
+    assert health["queue"]["admitted"] == 0  # every stream, relayed or made here, gave its admission slot back
     assert stub.streams_left == 1 and counts["client_left"] == 1 and counts["upstream_cut"] == 1
-    rows = capture_rows(out)
-    assert len(rows) == 1 and rows[0]["raw_output"] == stub.reply and rows[0]["prompt_tokens"] == 11
-    assert rows[0]["completion_tokens"] == -(-len(stub.reply) // 4) and counts["recorded_extraction"] == 1
+    rows = sorted(capture_rows(out), key=lambda r: r["completion_tokens"])
+    assert len(rows) == 2 and {r["raw_output"] for r in rows} == {stub.reply} and rows[0]["prompt_tokens"] == 11
+    # the relayed stream's tokens from its usage chunk (one per piece), the whole answer's from its body (7)
+    assert [r["completion_tokens"] for r in rows] == sorted([-(-len(stub.reply) // 4), 7])
+    assert counts["recorded_extraction"] == 2
 
 
 @pytest.mark.timeout(120)
