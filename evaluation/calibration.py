@@ -21,6 +21,8 @@ Pair = tuple[float, bool]  # (the expert's confidence in its answer, whether the
 # How the fallback teacher's answers are recorded: a call an expert deferred, one it kept and the teacher was also
 # asked (audits), and one of an operation no expert serves yet (never filtered by an expert: all of it counts).
 DEFERRED_BACKEND, AUDITED_BACKEND, NO_EXPERT_BACKEND = "deferred", "audited", "no-expert"
+# trace rows of served traffic (`capture`'s and `serve-experts --fallback`'s): what `improve` learns from
+SERVED_BACKENDS = frozenset({"capture", DEFERRED_BACKEND, AUDITED_BACKEND, NO_EXPERT_BACKEND})
 
 
 def in_audit_sample(row: dict, share: float) -> bool:
@@ -131,6 +133,22 @@ class DeferralPolicy:
         self.data = data
         self.thresholds = {op: {name: float(t["value"]) for name, t in classes.items()}
                            for op, classes in data.get("operations", {}).items()}
+        self.experts: dict[str, str] = dict(data.get("experts") or {})  # op -> sha256 of the weights calibrated
+        self.stale: list[str] = []  # operations whose served expert is not the one calibrated (`for_experts`)
+
+    def for_experts(self, digests: dict[str, str]) -> "DeferralPolicy":
+        """The policy as it applies to the experts serving now (`digests`: op -> sha256 of its weights). A
+        threshold holds its budget only for the expert it was fitted on: an operation calibrated for another
+        expert (a `memlora distill` or a promotion since) loses its thresholds, so every answer of it is deferred
+        (under --guard an unsure destructive one is demoted) until `memlora calibrate` runs again. A file that
+        does not name its experts (written before 2026-12-07) applies as it is."""
+        policy = DeferralPolicy(self.data)
+        if policy.experts:
+            policy.stale = sorted(op for op in policy.thresholds if op in digests
+                                  and digests[op] != policy.experts.get(op))
+            for op in policy.stale:
+                del policy.thresholds[op]
+        return policy
 
     @classmethod
     def read(cls, path: str | Path) -> "DeferralPolicy":

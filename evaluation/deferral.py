@@ -28,6 +28,7 @@ from memlora.llm.confidence import answer_events, confidence, demoted, is_destru
 from memlora.memory.llm import GenerationRequest, LLMBackend
 from memlora.memory.parsing import extract_json
 from memlora.student.examples import conversation_splits, load_traces, split_rows
+from memlora.student.experts import expert_digests, expert_folders
 from memlora.student.records import TrainingRecord
 
 KEEP, DESTRUCTIVE = "keep", "destructive"  # the two classes of an operation's answers, calibrated apart
@@ -287,6 +288,14 @@ def test_check(config: Config, out: str | Path, backend, policy: dict, operation
     return check(policy, score(backend, backend.tokenizer, tests, config))
 
 
+def stale_thresholds(out: str | Path) -> list[str]:
+    """Operations whose thresholds in OUT/deferral.json were fitted on another expert than the one OUT serves now
+    (a `memlora distill` or a rollback since): a server defers all their calls until they are recalibrated."""
+    if not deferral_path(out).is_file():
+        return []
+    return DeferralPolicy.read(deferral_path(out)).for_experts(expert_digests(expert_folders(out))).stale
+
+
 def calibrate_out(config: Config, out: str | Path, backend, operations: list[str], held: list[HeldOutCall],
                   on_line=lambda line: None) -> dict:
     """Thresholds fitted on `held` and checked on OUT's test calls, written to OUT/deferral.json (what
@@ -295,6 +304,8 @@ def calibrate_out(config: Config, out: str | Path, backend, operations: list[str
     scored = score(backend, backend.tokenizer, held, config)
     policy = fit(scored, operations, config)
     result = {"budget": config.deferral.budget, "quantile": config.deferral.quantile, "operations": policy,
+              # the experts these thresholds hold for: a server drops those of an expert replaced since
+              "experts": {op: d for op, d in getattr(backend, "digests", {}).items() if op in policy},
               "validation": check(policy, scored),
               "test": test_check(config, out, backend, policy, operations, on_line)}
     write_json(result, deferral_path(out))

@@ -124,6 +124,7 @@ def build_system(name: str, config: Config, out: str | Path, base: str | Path | 
     info = {"model": str(base), "experts": {op: str(p) for op, p in (adapters or {}).items()}}
     if name in (GUARDED, DEFERRING):
         policy, path = served_thresholds(out)
+        policy = policy.for_experts(backend.digests)  # as a server applies them: none for a replaced expert
         backend = served_backend(config, backend, policy, with_teacher=name == DEFERRING)
-        info["deferral"] = str(path)
+        info.update(deferral=str(path), stale_thresholds=policy.stale)
     return LoadedSystem(name, backend, time.perf_counter() - started, info)

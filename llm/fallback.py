@@ -165,7 +165,8 @@ class Fallback:
                            type="upstream_error")
 
     def health(self) -> dict:
-        return {"url": self.url, "model": self.model, "strict": self.config.strict, "counts": dict(self.counts)}
+        return {"url": self.url, "model": self.model, "strict": self.config.strict, "counts": dict(self.counts),
+                "stale_thresholds": self.policy.stale}
 
     async def straight(self, chat: ChatRequest, operation: str, schema: dict | None,
                        context: tuple[str | None, int]) -> tuple[dict, dict] | TeacherStream | None:

@@ -68,7 +68,7 @@ class Guard:
         return expert_answer(result), {**headers, ANSWERED_BY: UNSURE}
 
     def health(self) -> dict:
-        return {"guard": True, "counts": dict(self.counts)}
+        return {"guard": True, "counts": dict(self.counts), "stale_thresholds": self.policy.stale}
 
     async def aclose(self) -> None:
         return None

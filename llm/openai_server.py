@@ -82,6 +82,18 @@ class ServingEngine:
         # llm.fallback.Fallback (unsure experts defer to the teacher) or llm.guard.Guard (no teacher: unsure
         # destructive answers are demoted)
         self.fallback = fallback
+        if fallback is not None:
+            fallback.policy = self._bound(fallback.policy, backend)
+
+    @staticmethod
+    def _bound(policy, backend):
+        """The thresholds as they apply to `backend`'s experts: those fitted on other experts are dropped."""
+        bound = policy.for_experts(getattr(backend, "digests", {}))
+        if bound.stale:
+            log.warning("deferral thresholds of %s were calibrated for other experts than those served: every "
+                        "answer of theirs is deferred (--guard: unsure destructive ones demoted) until `memlora "
+                        "calibrate` runs", ", ".join(bound.stale))
+        return bound
 
     def _batcher(self, backend) -> MicroBatcher:
         decoder = continuous_decoder(backend, backend.batch_size) if self.limits.continuous_batching else None
@@ -92,7 +104,7 @@ class ServingEngine:
         only the thresholds changed) from the next request on; call it on the event loop, where requests are
         submitted, so none lands on the batcher being closed. What was queued on the old backend finishes there."""
         if self.fallback is not None and loaded.get("policy") is not None:
-            self.fallback.policy = loaded["policy"]
+            self.fallback.policy = self._bound(loaded["policy"], loaded.get("backend", self.backend))
         if "backend" not in loaded:  # new thresholds only: the experts serving now stay
             return
         backend = loaded["backend"]

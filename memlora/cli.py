@@ -100,7 +100,9 @@ def cmd_improve(args) -> int:
     load_config(args.config)
     result = improve(config_path=args.config, out=args.out)
     if not result["promoted"] and not result.get("decisions"):
-        print(f"no new trace rows since the served experts were trained ({result['new_rows'] or 'no traces'})")
+        print(f"no new trace rows since the served experts were trained ({result['new_rows'] or 'no traces'})"
+              + (f"; the thresholds of {', '.join(result['recalibrated'])} refitted on the experts served now"
+                 if result.get("recalibrated") else ""))
         return 0
     for d in result["decisions"]:
         print(f"{d['operation']:<11} {'PROMOTED' if d['promote'] else 'kept out'}: {d['reason']}")
@@ -138,6 +140,7 @@ def cmd_compact(args) -> int:
 
 
 def cmd_rollback(args) -> int:
+    from memlora.evaluation.deferral import stale_thresholds
     from memlora.student.versions import rollback, versions
 
     if not args.to:
@@ -146,6 +149,10 @@ def cmd_rollback(args) -> int:
     ops = rollback(args.out, args.to)
     print(f"serving version {args.to} again ({', '.join(ops)}); a running serve-experts takes it within "
           "serving.reload_s")
+    stale = stale_thresholds(args.out)
+    if stale:
+        print(f"its deferral thresholds were not kept with it: serve-experts defers every call of {', '.join(stale)} "
+              "until `memlora calibrate` (or the nightly improve) refits them")
     return 0
 
 

@@ -9,13 +9,16 @@ from typing import Callable
 
 from memlora.config import OPERATIONS, Config
 from memlora.data.io import DataError, sha256_file
-from memlora.layout import adapter_dir, trace_files
+from memlora.data.compaction import rows_not_from, sources
+from memlora.evaluation.calibration import SERVED_BACKENDS
+from memlora.layout import adapter_dir, decisions_path, deferral_path, trace_files
 from memlora.manifest import update_manifest
 from memlora.student.examples import load_traces, traces_fingerprint
-from memlora.student.experts import is_complete_adapter
+from memlora.student.experts import expert_folders, is_complete_adapter
 from memlora.student.launch import ExpertJob, TrainingFailed, run_trainings
 from memlora.student.records import DistillResult, NoExpert, TrainingRecord
 from memlora.student.templates import ensure_templates, template_for
+from memlora.student.versions import snapshot
 
 # The target settings each operation's expert depends on: changing how generation targets are made retrains the
 # generation expert only.
@@ -67,6 +70,28 @@ def finished_record(config: Config, out: str | Path, operation: str,
     return record if record.cache_key == cache_key(config, out, operation, init)["key"] else None
 
 
+def served_record(config: Config, out: str | Path, operation: str,
+                  init: Path | None = None) -> tuple[TrainingRecord | None, int]:
+    """The served expert's record, and the calls it has not seen, where OUT serves through the loop (calibrated
+    thresholds, or `improve` has decided before) and all that changed since it was trained, with the same recipe,
+    is calls served (captured, deferred, audited): those go through `improve`'s gate, never straight into the
+    served expert (the nightly pipeline on the same OUT would otherwise retrain it on them). Else (None, 0)."""
+    folder, loop = adapter_dir(out, operation), deferral_path(out).is_file() or decisions_path(out).is_file()
+    if init is not None or not loop or not (is_complete_adapter(folder) and (folder / "training.json").is_file()):
+        return None, 0
+    record = TrainingRecord.read(folder / "training.json")
+    if not record.trace_files or record.config_fingerprint != config_fingerprint(config, operation):
+        return None, 0
+    files = trace_files(out, operation)
+    held = {f.name for f in files} | {s.name for f in files for s in (sources(f) or ())}
+    if not set(record.trace_files) <= held:  # a trace file it was trained on is gone: not only additions
+        return None, 0
+    new = rows_not_from(files, set(record.trace_files))
+    if not new.num_rows or not set(new.column("backend").to_pylist()) <= SERVED_BACKENDS:
+        return None, 0
+    return record, new.num_rows
+
+
 def check_traces(out: str | Path) -> dict[str, int]:
     """Read every trace file distillation will need before anything expensive starts (the student base takes
     a minute to build; a truncated update shard used to surface only after the extraction expert had trained).
@@ -91,6 +116,11 @@ def distill_operations(config: Config, out: str | Path, operations: list[str], b
     init = init or {}
     results = {op: plan_operation(config, out, op, init.get(op), on_line) for op in operations}
     jobs = [job for job in results.values() if isinstance(job, ExpertJob)]
+    replaced = sorted(job.operation for job in jobs if job.operation in expert_folders(out))
+    if replaced:  # the experts OUT serves now stay as a version (`memlora rollback`), their thresholds with them
+        version = snapshot(out, f"before distill retrained {', '.join(replaced)}")
+        on_line(f"{', '.join(replaced)}: retraining on changed traces or recipe; the experts served until now "
+                f"are kept as version {version} (`memlora rollback --to {version}`)")
     if jobs:
         # each new expert's sha256 goes into the manifest as it is saved, checked before anything loads it
         records = run_trainings(config, str(out), str(base), jobs, on_line, on_record=lambda _: update_manifest(out))
@@ -127,4 +157,10 @@ def plan_operation(config: Config, out: str | Path, operation: str, init: Path |
         on_line(f"{operation}: expert already trained on these traces with this recipe; kept")
         done.skipped = True
         return done
+    served, calls = served_record(config, out, operation, init)
+    if served is not None:
+        on_line(f"{operation}: the {calls} calls served since this expert was trained are `memlora improve`'s to "
+                "learn from (candidates promoted through its gate); the served expert is kept")
+        served.skipped = True
+        return served
     return ExpertJob(operation, cache_key(config, out, operation, init), str(init) if init is not None else None)

@@ -15,6 +15,7 @@ import torch
 from peft import DeloraConfig, HRAConfig, LoraConfig, PeftModel, get_peft_model
 
 from memlora.config import OPERATIONS, ExpertConfig
+from memlora.data.io import sha256_file
 from memlora.layout import adapter_dir
 from memlora.llm.client_template import AS_SENT, expert_view, read_template
 from memlora.llm.calibration import calibration_ids
@@ -73,6 +74,11 @@ def expert_files(folder: Path) -> list[Path]:
 
 def is_complete_adapter(folder: Path) -> bool:
     return all((folder / name).is_file() for name in ADAPTER_FILES)
+
+
+def expert_digests(adapters: dict[str, Path]) -> dict[str, str]:
+    """Per operation, the sha256 of its expert's weights: what deferral thresholds are calibrated for."""
+    return {op: sha256_file(Path(folder) / ADAPTER_FILES[1]) for op, folder in adapters.items()}
 
 
 def expert_folders(out: str | Path) -> dict[str, Path]:
@@ -138,6 +144,7 @@ class ExpertBackend(TransformersBackend):
                           if (Path(folder) / TEMPLATE_FILE).is_file()}
         self.operations: list[str] = [op for op in OPERATIONS if op in (adapters or {})]
         self.operations += [op for op in (adapters or {}) if op not in self.operations]
+        self.digests = expert_digests({op: adapters[op] for op in self.operations})
         if self.operations:
             first, *rest = self.operations
             # safetensors only: adapter weights are never unpickled

@@ -152,8 +152,8 @@ def promote(config: Config, out: str | Path, base: str | Path, candidate: Candid
     where the served experts have answered new calls). Returns the snapshot's version (None when nothing was
     promoted)."""
     promoted = {d.operation: adapter_dir(candidate.out, d.operation) for d in decisions if d.promote}
-    if not promoted:  # where the served experts answered calls since, their thresholds follow
-        recalibrate(config, out, base, only_with_new_calls=True)
+    if not promoted:  # where the served experts answered calls since (or were replaced), their thresholds follow
+        recalibrate(config, out, base, only_with_new_calls=not deferral.stale_thresholds(out))
         return None
     version = snapshot(out, f"before improve {candidate.run}") if verified_expert_folders(out) else None
     install(out, promoted)

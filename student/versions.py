@@ -15,12 +15,13 @@ import shutil
 import time
 from pathlib import Path
 
-from memlora.data.io import sha256_file, write_json
-from memlora.layout import adapter_dir, version_dir, versions_root
+from memlora.data.io import atomic_path, sha256_file, write_json
+from memlora.layout import adapter_dir, deferral_path, version_dir, versions_root
 from memlora.manifest import UntrustedArtifact, update_manifest
 from memlora.student.experts import ADAPTER_FILES, TEMPLATE_FILE, expert_folders
 
 KEPT_FILES = (*ADAPTER_FILES, TEMPLATE_FILE, "training.json")
+THRESHOLDS = deferral_path("").name  # a version's deferral thresholds, where the set had them
 
 
 def versions(out: str | Path) -> list[str]:
@@ -44,6 +45,9 @@ def snapshot(out: str | Path, note: str) -> str:
                 if (folder / name).is_file():
                     shutil.copy2(folder / name, staging / "adapters" / op / name)
                     files[f"adapters/{op}/{name}"] = sha256_file(folder / name)
+        if deferral_path(out).is_file():  # the thresholds fitted on this set come back with it
+            shutil.copy2(deferral_path(out), staging / THRESHOLDS)
+            files[THRESHOLDS] = sha256_file(staging / THRESHOLDS)
         write_json({"version": version, "note": note, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "operations": sorted(folders), "files": files}, staging / "version.json")
     except BaseException:  # a full disk: no half-written version is left to roll back to
@@ -124,4 +128,8 @@ def rollback(out: str | Path, version: str) -> list[str]:
     sources = verified_version(out, version)
     snapshot(out, f"before rollback to {version}")
     install(out, sources)
+    thresholds = version_dir(out, version) / THRESHOLDS
+    if thresholds.is_file():  # else the served thresholds no longer match: a server defers until recalibrated
+        with atomic_path(deferral_path(out)) as tmp:
+            shutil.copy2(thresholds, tmp)
     return sorted(sources)

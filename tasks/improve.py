@@ -13,11 +13,13 @@ from prefect.cache_policies import NONE
 
 from memlora.config import Config
 from memlora.data.compaction import compact_traces
-from memlora.evaluation.deferral import summary
+from memlora.evaluation.deferral import stale_thresholds, summary
 from memlora.evaluation.gate import Decision
 from memlora.layout import deferral_path, traces_root
 from memlora.manifest import read_manifest, update_manifest
-from memlora.student.improve import Candidate, gate, new_rows, prepare_candidate, promote, record_decisions
+from memlora.student.build import build_student
+from memlora.student.improve import Candidate, gate, new_rows, prepare_candidate, promote, recalibrate, \
+    record_decisions
 
 
 @task(name="compact-traces", cache_policy=NONE)
@@ -76,3 +78,19 @@ def promote_task(config: Config, out: str, base: Path, candidate: Candidate, dec
         get_run_logger().info("deferral thresholds:\n%s", summary(json.loads(deferral_path(out).read_text())))
     return {"run": candidate.run, "promoted": promoted, "version_before": version,
             "decisions": [d.to_row() for d in decisions]}
+
+
+@task(name="recalibrate-stale", cache_policy=NONE)
+def recalibrate_stale_task(config: Config, out: str) -> list[str]:
+    """Thresholds fitted on experts that serve no more (a `memlora distill` or a rollback since) refitted on those
+    that do; until then a server defers every call of theirs."""
+    stale = stale_thresholds(out)
+    if stale:
+        log = get_run_logger()
+        log.info("deferral thresholds of %s were fitted on other experts than those served: recalibrating",
+                 ", ".join(stale))
+        if recalibrate(config, out, build_student(config, out, on_line=log.info)) is None:
+            log.warning("no held-out calls to recalibrate on: every call of %s stays deferred", ", ".join(stale))
+        else:
+            log.info("deferral thresholds:\n%s", summary(json.loads(deferral_path(out).read_text())))
+    return stale

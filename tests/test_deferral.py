@@ -520,7 +520,8 @@ def test_without_a_teacher_the_guard_demotes_unsure_destructive_answers(deferral
         assert json.loads(sure_delete.json()["choices"][0]["message"]["content"])["memory"][0]["event"] == "DELETE"
         assert sure_delete.json()["choices"][0]["logprobs"]["content"]
         assert httpx.get(f"{url}/health").json()["deferral"] == {
-            "guard": True, "counts": {"demoted_update": 1, "unsure_update": 1, "kept_update": 1}}
+            "guard": True, "counts": {"demoted_update": 1, "unsure_update": 1, "kept_update": 1},
+            "stale_thresholds": []}
     engine.close()
     with socket.socket() as s:  # with a teacher that is down, an unsure DELETE it should have taken is demoted too
         s.bind(("127.0.0.1", 0))

@@ -11,17 +11,20 @@ import json
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from memlora.config import OPERATIONS
 from memlora.manifest import read_manifest
-from tests.student_fixtures import distill_config, perturb, write_traces
+from memlora.data.io import write_parquet
+from memlora.data.schemas import TRACES
+from tests.student_fixtures import distill_config, perturb, trace_rows, write_traces
 
 
 def fake_run_trainings(calls: list):
     """Stands in for `run_trainings` (one launch for every expert): a real, untrained DeLoRA adapter per job."""
     def run(config, out, base, jobs, on_line=print, on_record=lambda record: None):
-        from memlora.layout import adapter_dir
+        from memlora.layout import adapter_dir, trace_files
         from memlora.llm.hf_backend import load_causal_lm
         from memlora.student.experts import attach_expert
 
@@ -37,7 +40,8 @@ def fake_run_trainings(calls: list):
             record = {"operation": job.operation, "steps": 1, "loss_curve": [1.0], "loss_before": 2.0,
                       "loss_after": 1.0, "rows_used": 5, "rows_skipped": {"parse_failed": 1}, "world_size": 1,
                       "deepspeed_stage": 2, "cache_key": job.cache["key"], "traces_sha256": job.cache["traces_sha256"],
-                      "config_fingerprint": job.cache["config_fingerprint"]}
+                      "config_fingerprint": job.cache["config_fingerprint"],
+                      "trace_files": [f.name for f in trace_files(out, job.operation)]}
             (folder / "training.json").write_text(json.dumps(record))
             records[job.operation] = record
             on_record(record)
@@ -93,6 +97,41 @@ def test_distill_flow_trains_each_operation_once_and_records_it(prefect_server, 
 
     again = distill(config_path=str(config), out=str(out))
     assert calls == list(OPERATIONS) and all(r["skipped"] for r in again.values())
+
+    # Served and calibrated, then retrained on changed traces (the nightly pipeline after a day of deferred calls):
+    # the experts served until then stay as a version with their thresholds, and the new ones get thresholds
+    from memlora.evaluation.deferral import stale_thresholds
+    from memlora.layout import deferral_path
+    from memlora.student.experts import expert_digests, expert_folders
+    from memlora.student.versions import verified_version, versions
+
+    served = expert_digests(expert_folders(out))
+    thresholds = {"operations": {op: {"keep": {"value": 0.5}} for op in OPERATIONS}, "experts": served}
+    deferral_path(out).write_text(json.dumps(thresholds))
+    write_traces(out, AutoTokenizer.from_pretrained(tiny_model_dir), operations=["generation"], seed=1)
+    retrained = distill(config_path=str(config), out=str(out))
+    assert calls == [*OPERATIONS, "generation"] and not retrained["generation"]["skipped"]
+    [kept] = versions(out)
+    assert expert_digests(verified_version(out, kept)) == served
+    assert json.loads((out / "versions" / kept / "deferral.json").read_text()) == thresholds
+    assert expert_digests(expert_folders(out))["generation"] != served["generation"]
+    # these traces hold no validation calls to refit on: generation's thresholds are left as they were, and a
+    # server sends every generation call to the teacher (test_hot_reload); the others still hold
+    assert stale_thresholds(out) == ["generation"] and json.loads(deferral_path(out).read_text()) == thresholds
+
+    # the calls serve-experts deferred to the teacher (or capture recorded) are improve's to learn from, through its
+    # gate: the pipeline's distill keeps the served expert; a conversation the pipeline traced is its own to train on
+    served_calls = [{**row, "trace_id": f"d:{i}", "conversation_id": "user-1", "backend": "deferred"}
+                    for i, row in enumerate(trace_rows(AutoTokenizer.from_pretrained(tiny_model_dir), "update"))]
+    write_parquet(pa.Table.from_pylist(served_calls, schema=TRACES),
+                  out / "traces" / "update" / "part-capture-000001.parquet", "traces")
+    kept_served = distill(config_path=str(config), out=str(out))
+    assert calls == [*OPERATIONS, "generation"] and kept_served["update"]["skipped"]
+    write_parquet(pa.Table.from_pylist([{**served_calls[0], "trace_id": "c2:0", "conversation_id": "c2",
+                                         "backend": "transformers"}], schema=TRACES),
+                  out / "traces" / "update" / "part-c2.parquet", "traces")
+    distill(config_path=str(config), out=str(out))
+    assert calls == [*OPERATIONS, "generation", "update"]
 
     # Export to plain LoRA from the command line.
     assert main(["export", "--out", str(out), "--format", "lora"]) == 0

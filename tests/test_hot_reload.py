@@ -176,3 +176,54 @@ def test_new_thresholds_alone_swap_the_policy_and_keep_the_loaded_experts(tmp_pa
     assert asyncio.run(reloader.check())
     assert engine.backend is not first and len(loads) == 2 and engine.fallback.policy.keeps("extraction", 0.0)
     engine.close()
+
+
+@pytest.mark.timeout(120)
+def test_thresholds_fitted_on_other_experts_defer_everything_until_refitted(tmp_path, tiny_model_dir):
+    """A threshold holds its budget only for the expert it was fitted on: where a distill or a rollback replaced
+    that expert, the served policy drops it (every call of the operation goes to the teacher, said at /health) until
+    the thresholds name the new expert; a file that names no expert (written before they were recorded) applies."""
+    from memlora.config import DeferralConfig
+    from memlora.evaluation.calibration import DeferralPolicy
+    from memlora.llm.fallback import Fallback
+    from memlora.llm.reload import ExpertsLoader
+    from memlora.student.experts import expert_digests
+    from memlora.teacher.capture import CaptureRecorder
+
+    out = tmp_path / "out"
+    v1, v2 = (saved_expert(tiny_model_dir, tmp_path / name, seed=seed) for name, seed in (("v1", 1), ("v2", 2)))
+    install(out, v1)
+    thresholds = out / "deferral.json"
+
+    def fitted_on(folder: Path | None) -> None:
+        named = {"experts": expert_digests({"extraction": folder})} if folder is not None else {}
+        thresholds.write_text(json.dumps({"operations": {"extraction": {"keep": {"value": -1.0}}}, **named}))
+
+    def experts() -> dict:
+        backend = ExpertBackend(tiny_model_dir, verified_expert_folders(out), device="cpu")
+        return {"backend": backend, "models": expert_models(backend.operations)}
+
+    fitted_on(v1)
+    first = experts()["backend"]
+    assert first.digests == expert_digests({"extraction": v1})
+    fallback = Fallback("http://127.0.0.1:9/v1", "teacher", DeferralPolicy.read(thresholds),
+                        CaptureRecorder(tmp_path / "rec"), DeferralConfig())
+    engine = ServingEngine(first, expert_models(first.operations), default_max_tokens=12, fallback=fallback)
+    reloader = Reloader(lambda: experts_version(out, [thresholds]),
+                        ExpertsLoader(out, experts, lambda: DeferralPolicy.read(thresholds)), engine.swap,
+                        interval_s=60)
+    assert engine.fallback.policy.keeps("extraction", 0.0) and not engine.straight_to_teacher("extraction")
+
+    import asyncio
+
+    install(out, v2)  # e.g. `memlora distill` retrained it on the day's deferred calls: thresholds not refitted
+    assert asyncio.run(reloader.check()) and engine.backend is not first
+    assert engine.fallback.policy.stale == ["extraction"] and engine.straight_to_teacher("extraction")
+    assert not engine.fallback.policy.keeps("extraction", 0.0)
+    assert engine.health()["deferral"]["stale_thresholds"] == ["extraction"]
+    fitted_on(v2)  # recalibrated for the expert that serves
+    assert asyncio.run(reloader.check())
+    assert engine.fallback.policy.stale == [] and engine.fallback.policy.keeps("extraction", 0.0)
+    fitted_on(None)  # a file from before experts were named: applied as it is
+    assert asyncio.run(reloader.check()) and engine.fallback.policy.keeps("extraction", 0.0)
+    engine.close()

@@ -21,6 +21,7 @@ import yaml
 
 from memlora.data.io import write_parquet
 from memlora.data.schemas import TRACES
+from memlora.evaluation.deferral import stale_thresholds
 from memlora.layout import adapter_dir, decisions_path, deferral_path, trace_files
 from memlora.manifest import UntrustedArtifact, update_manifest
 from memlora.memory.llm import GenerationRequest
@@ -121,7 +122,8 @@ def test_improve_promotes_the_better_keeps_out_the_worse_and_rolls_back(prefect_
     calibrated_on = json.loads(deferral_path(out).read_text())["operations"]["extraction"]["keep"]["n"]
     assert calibrated_on == 2  # the validation calls: the new expert was trained on every other call
 
-    assert improve(config_path=str(config_path), out=str(out)) == {"new_rows": {"extraction": 0}, "promoted": []}
+    assert improve(config_path=str(config_path), out=str(out)) == {"new_rows": {"extraction": 0}, "promoted": [],
+                                                                    "recalibrated": []}
 
     # a new day's rows, and a candidate (warm-started from the served expert) that is worse: kept out, the served
     # expert unchanged
@@ -152,9 +154,15 @@ def test_improve_promotes_the_better_keeps_out_the_worse_and_rolls_back(prefect_
     assert state.is_failed() and answers(adapter_dir(out, "extraction")) == right
     assert not shard.is_file()  # that night's compaction removed it
 
-    # rollback: the earlier version's answers are back; the version served until then is kept too
+    # rollback: the earlier version's answers are back; the version served until then is kept too, with the
+    # thresholds fitted on it. The earlier one was snapshotted before any calibration: the thresholds left serving
+    # were fitted on the other expert, so a server defers every extraction call until they are refitted
+    fitted = deferral_path(out).read_text()
     assert rollback(out, before) == ["extraction"]
     assert answers(adapter_dir(out, "extraction")) == wrong and len(versions(out)) == 2
+    assert stale_thresholds(out) == ["extraction"]
+    undo = next(v for v in versions(out) if v != before)
+    assert (out / "versions" / undo / "deferral.json").read_text() == fitted
     (tmp_path / "tamper").write_text("")
     weights = Path(verified_version(out, before)["extraction"]) / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
@@ -162,6 +170,10 @@ def test_improve_promotes_the_better_keeps_out_the_worse_and_rolls_back(prefect_
         rollback(out, before)
     with pytest.raises(UntrustedArtifact, match="no such version"):
         rollback(out, "v9999")
+    # undoing the rollback brings the promoted expert back with its own thresholds
+    assert rollback(out, undo) == ["extraction"]
+    assert answers(adapter_dir(out, "extraction")) == right and deferral_path(out).read_text() == fitted
+    assert stale_thresholds(out) == []
 
 
 @pytest.mark.timeout(30)
