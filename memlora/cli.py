@@ -475,7 +475,9 @@ COMMANDS = {
         "ingest first; resumes after an interruption)."),
     "distill": ("train one expert adapter per operation on the student",
         "Train one expert adapter per operation on the student from OUT/traces, through the DeepSpeed "
-        "launcher; experts already trained on the same traces with the same recipe are kept."),
+        "launcher; experts already trained on the same traces with the same recipe are kept, and so, where OUT "
+        "serves through the loop (deferral.json), are experts whose only new traces are calls served since: those "
+        "go through `memlora improve`'s gate."),
     "export": ("write the experts as plain LoRA adapters",
         "Write the experts as plain LoRA adapters (OUT/export/lora/<operation>/) that peft or a multi-LoRA "
         "server loads without memlora."),
