@@ -166,7 +166,7 @@ class Fallback:
 
     def health(self) -> dict:
         return {"url": self.url, "model": self.model, "strict": self.config.strict, "counts": dict(self.counts),
-                "stale_thresholds": self.policy.stale}
+                "stale_thresholds": self.policy.stale, "record_failures": self.recorder.counts["record_failures"]}
 
     async def straight(self, chat: ChatRequest, operation: str, schema: dict | None,
                        context: tuple[str | None, int]) -> tuple[dict, dict] | TeacherStream | None:

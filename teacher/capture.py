@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import os
 import secrets
 import threading
@@ -70,6 +71,9 @@ def _top_logprobs(choice: dict) -> tuple[list[int] | None, list | None]:
     top = [[{"token_id": int(t["token_id"]), "logprob": float(t["logprob"])}
             for t in step.get("top_logprobs", []) if "token_id" in t] for step in content]
     return ids, top
+
+
+log = logging.getLogger("memlora.capture")
 
 
 class CaptureRecorder:
@@ -145,9 +149,19 @@ class CaptureRecorder:
             "decoding": None,
         }
 
-    def write(self, row: dict) -> Path:
+    def write(self, row: dict) -> Path | None:
+        """The row as a shard of its own, on disk before the call's answer goes back. Where it cannot be written
+        (a full or read-only disk), None: the client still gets its answer (the teacher gave it; failing the call
+        would not save the row), and the loss is counted (`record_failures` at /health) and logged."""
         path = capture_shard_path(self.out, row["operation"], row["trace_id"].rsplit(":", 1)[-1])
-        write_parquet(pa.Table.from_pylist([row], schema=TRACES), path, "traces")
+        try:
+            write_parquet(pa.Table.from_pylist([row], schema=TRACES), path, "traces")
+        except OSError as err:
+            with self._lock:
+                self.counts["record_failures"] += 1
+                self.counts[f"record_failures_{row['operation']}"] += 1
+            log.error("a %s call was answered but not recorded: %s", row["operation"], err)
+            return None
         drifted = self.off_template(row["operation"], row["messages"])
         with self._lock:
             self.counts[f"recorded_{row['operation']}"] += 1

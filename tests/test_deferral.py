@@ -209,6 +209,23 @@ def test_an_unsure_expert_defers_to_the_teacher_and_the_call_is_recorded(deferra
 
 
 @pytest.mark.timeout(180)
+def test_a_deferred_call_that_cannot_be_recorded_is_answered_and_counted(deferral_out, teacher, tmp_path):
+    """A recorder whose disk refuses the row (a file where the trace folder goes): the teacher's answer still goes
+    back, whole or relayed to its [DONE], and /health counts the rows lost."""
+    (tmp_path / "out" / "traces").mkdir(parents=True)
+    (tmp_path / "out" / "traces" / "extraction").write_text("not a folder")
+    engine, app = experts_server(deferral_out, teacher, NEVER_SURE, tmp_path)
+    with running(app) as url:
+        whole, streamed = ask(url, 0), ask(url, 1, stream=True)
+        deferral = httpx.get(f"{url}/health").json()["deferral"]
+    assert whole.status_code == 200 and whole.headers[ANSWERED_BY] == "teacher"
+    assert streamed.status_code == 200 and streamed.headers[ANSWERED_BY] == "teacher"
+    assert streamed.text.rstrip().endswith("data: [DONE]") and '"error"' not in streamed.text
+    assert deferral["record_failures"] == 2 and deferral["counts"]["deferred_extraction"] == 2
+    engine.close()
+
+
+@pytest.mark.timeout(180)
 def test_an_operation_that_keeps_nothing_goes_to_the_teacher_without_the_expert(deferral_out, teacher, tmp_path):
     """Thresholds of inf (what `memlora calibrate` writes where none meets the budget) keep no answer: the expert
     does not decode the call at all (the client would wait for both models to get the teacher's answer), the

@@ -437,6 +437,25 @@ def test_capture_upstream_down_or_garbage_is_a_502_and_no_row(tmp_path):
     assert threading.active_count() < 50
 
 
+@pytest.mark.timeout(60)
+def test_capture_answers_a_call_it_cannot_record_and_counts_it(tmp_path):
+    """A disk that refuses the row (here a file where the operation's trace folder goes): the client still gets the
+    teacher's answer, whole or streamed to its [DONE] (failing the call would not save the row), and /health
+    counts what was lost; nothing half-written is left."""
+    out = tmp_path / "out"
+    (out / "traces").mkdir(parents=True)
+    (out / "traces" / "extraction").write_text("not a folder")
+    with StubOpenAI() as stub:
+        with running(create_capture_app(stub.url, CaptureConfig(rules=RULES), CaptureRecorder(out))) as proxy:
+            whole = chat(proxy, messages=ORGANIZER)
+            streamed = chat(proxy, messages=ORGANIZER, stream=True)
+            counts = httpx.get(f"{proxy}/health").json()["counts"]
+    assert whole.status_code == 200 and whole.json()["choices"][0]["message"]["content"]
+    assert streamed.status_code == 200 and streamed.text.rstrip().endswith("data: [DONE]")
+    assert counts["record_failures"] == counts["record_failures_extraction"] == 2
+    assert "recorded_extraction" not in counts and not list(out.rglob("*.tmp"))
+
+
 @pytest.mark.timeout(180)
 def test_a_killed_capture_proxy_keeps_every_finished_row_and_no_half_one(tmp_path):
     import os
