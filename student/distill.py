@@ -116,7 +116,8 @@ def distill_operations(config: Config, out: str | Path, operations: list[str], b
     init = init or {}
     results = {op: plan_operation(config, out, op, init.get(op), on_line) for op in operations}
     jobs = [job for job in results.values() if isinstance(job, ExpertJob)]
-    replaced = sorted(job.operation for job in jobs if job.operation in expert_folders(out))
+    served = expert_folders(out)
+    replaced = sorted(job.operation for job in jobs if job.operation in served)
     if replaced:  # the experts OUT serves now stay as a version (`memlora rollback`), their thresholds with them
         version = snapshot(out, f"before distill retrained {', '.join(replaced)}")
         on_line(f"{', '.join(replaced)}: retraining on changed traces or recipe; the experts served until now "

@@ -75,7 +75,7 @@ def promote_task(config: Config, out: str, base: Path, candidate: Candidate, dec
     get_run_logger().info("promoted %s; earlier experts kept as version %s; decisions in %s", promoted or "nothing",
                           version, path)
     if deferral_path(out).is_file():  # recalibrated tonight (a promotion, or calls the served experts answered)
-        get_run_logger().info("deferral thresholds:\n%s", summary(json.loads(deferral_path(out).read_text())))
+        log_thresholds(out)
     return {"run": candidate.run, "promoted": promoted, "version_before": version,
             "decisions": [d.to_row() for d in decisions]}
 
@@ -92,5 +92,9 @@ def recalibrate_stale_task(config: Config, out: str) -> list[str]:
         if recalibrate(config, out, build_student(config, out, on_line=log.info)) is None:
             log.warning("no held-out calls to recalibrate on: every call of %s stays deferred", ", ".join(stale))
         else:
-            log.info("deferral thresholds:\n%s", summary(json.loads(deferral_path(out).read_text())))
+            log_thresholds(out)
     return stale
+
+
+def log_thresholds(out: str) -> None:
+    get_run_logger().info("deferral thresholds:\n%s", summary(json.loads(deferral_path(out).read_text())))
