@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from memlora.tasks.common import forward_domain_logs, load_config_task
+from memlora.tasks.common import forward_domain_logs, holding_out, load_config_task
 from memlora.tasks.distill import build_student_task, distill_experts_task
 from memlora.tasks.improve import compact_traces_task, gate_task, new_rows_task, prepare_candidate_task, \
     promote_task, recalibrate_stale_task
@@ -15,15 +15,16 @@ from memlora.tasks.improve import compact_traces_task, gate_task, new_rows_task,
 @flow(name="improve")
 def improve(config_path: str = "configs/default.yaml", out: str = "out") -> dict:
     forward_domain_logs()
-    cfg = load_config_task(config_path)
-    compact_traces_task(cfg, out)
-    counts = new_rows_task(cfg, out)
-    if not any(counts.values()):
-        get_run_logger().info("no new trace rows since the served experts were trained: nothing to train")
-        # experts replaced outside the loop (a distill, a rollback) get thresholds of their own
-        return {"new_rows": counts, "promoted": [], "recalibrated": recalibrate_stale_task(cfg, out)}
-    base = build_student_task(cfg, out)
-    candidate = prepare_candidate_task(cfg, out, counts)
-    distill_experts_task(cfg, str(candidate.out), list(candidate.new_rows), base, init=candidate.init)
-    decisions = gate_task(cfg, out, base, candidate)
-    return {"new_rows": counts, **promote_task(cfg, out, base, candidate, decisions)}
+    with holding_out(out, "improve"):
+        cfg = load_config_task(config_path)
+        compact_traces_task(cfg, out)
+        counts = new_rows_task(cfg, out)
+        if not any(counts.values()):
+            get_run_logger().info("no new trace rows since the served experts were trained: nothing to train")
+            # experts replaced outside the loop (a distill, a rollback) get thresholds of their own
+            return {"new_rows": counts, "promoted": [], "recalibrated": recalibrate_stale_task(cfg, out)}
+        base = build_student_task(cfg, out)
+        candidate = prepare_candidate_task(cfg, out, counts)
+        distill_experts_task(cfg, str(candidate.out), list(candidate.new_rows), base, init=candidate.init)
+        decisions = gate_task(cfg, out, base, candidate)
+        return {"new_rows": counts, **promote_task(cfg, out, base, candidate, decisions)}

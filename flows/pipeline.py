@@ -8,7 +8,7 @@ from memlora.flows.distill import distill
 from memlora.flows.evaluation import evaluate
 from memlora.flows.traces import generate_traces
 from memlora.jobs import write_resolved_config
-from memlora.tasks.common import load_config_task
+from memlora.tasks.common import holding_out, load_config_task
 from memlora.tasks.release import publish_release_task
 
 
@@ -16,12 +16,13 @@ from memlora.tasks.release import publish_release_task
 def pipeline(config_path: str = "configs/default.yaml", data: str = "data/samples/locomo_sample12.json",
              out: str = "out") -> dict:
     log = get_run_logger()
-    cfg = load_config_task(config_path)
-    # Parsed once: every stage reads this resolved copy, so an edit to the YAML mid-run changes nothing here.
-    resolved = str(write_resolved_config(cfg, out))
-    summary = {"traces": generate_traces(config_path=resolved, data=data, out=out)}
-    summary["distill"] = distill(config_path=resolved, out=out)
-    summary["evaluate"] = evaluate(config_path=resolved, out=out)
-    summary["release"] = publish_release_task(out, cfg, data)
-    log.info("pipeline finished; artifacts under %s, release %s", out, summary["release"])
-    return summary
+    with holding_out(out, "memlora-pipeline"):
+        cfg = load_config_task(config_path)
+        # Parsed once: every stage reads this resolved copy, so an edit to the YAML mid-run changes nothing here.
+        resolved = str(write_resolved_config(cfg, out))
+        summary = {"traces": generate_traces(config_path=resolved, data=data, out=out)}
+        summary["distill"] = distill(config_path=resolved, out=out)
+        summary["evaluate"] = evaluate(config_path=resolved, out=out)
+        summary["release"] = publish_release_task(out, cfg, data)
+        log.info("pipeline finished; artifacts under %s, release %s", out, summary["release"])
+        return summary

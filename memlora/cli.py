@@ -25,6 +25,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from memlora.llm.http_backend import SchemaRejected, TeacherUnavailable
     from memlora.manifest import UntrustedArtifact
     from memlora.models import ModelRefError
+    from memlora.outlock import OutBusy
     from memlora.release import VerifyError
     from memlora.student.export import ExportRefused
     from memlora.student.launch import TrainingFailed
@@ -33,7 +34,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
     return (UsageError, ConfigError, DataError, ModelRefError, TracesIncomplete, TrainingFailed, TeacherUnavailable,
             SchemaRejected, UntrustedArtifact, VerifyError, ExportRefused, CalibrationError, FallbackError,
-            TemplateError)
+            TemplateError, OutBusy)
 
 
 class UsageError(ValueError):
@@ -44,6 +45,23 @@ def check_out(args) -> None:
     out = getattr(args, "out", None)
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise UsageError(f"--out {out}: is a file; OUT must be a folder (created if missing)")
+
+
+# Commands that change OUT outside a flow (the flows hold OUT's lock themselves): they take turns with the
+# nightly runs on the same OUT (memlora.outlock).
+WRITERS = ("ingest", "compact", "rollback", "calibrate", "templates", "export", "release")
+
+
+def writing_out(args):
+    from contextlib import nullcontext
+
+    from memlora.outlock import out_lock
+
+    if args.command not in WRITERS or (args.command == "rollback" and not args.to) or not Path(args.out).is_dir():
+        return nullcontext()  # a listing only reads; a new OUT has no one to wait for
+    say = lambda who: print(f"memlora {args.command}: {args.out} is in use by {who}; waiting for it to finish "  # noqa: E731
+                            "(Ctrl-C to stop)", file=sys.stderr, flush=True)
+    return out_lock(args.out, f"memlora {args.command}", on_wait=say)
 
 
 def check_data(args) -> None:
@@ -706,7 +724,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with guard:
             check_out(args)
-            return args.func(args)
+            with writing_out(args):
+                return args.func(args)
     except _known_errors() as err:
         print(f"memlora {args.command}: error: {err}", file=sys.stderr)
         return 2

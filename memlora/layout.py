@@ -173,3 +173,8 @@ def manifest_path(root: str | Path) -> Path:
 def job_path(out: str | Path, name: str) -> Path:
     """A job handed to another process (memlora.jobs): hidden, never in the manifest or a release."""
     return Path(out) / ".jobs" / f"{name}.json"
+
+
+def lock_path(out: str | Path) -> Path:
+    """OUT's writer lock (memlora.outlock): hidden, never in the manifest or a release, never removed."""
+    return Path(out) / ".memlora.lock"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from contextlib import contextmanager
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
@@ -12,6 +13,7 @@ from memlora.config import Config, ConfigError, PrefectConfig, load_config
 from memlora.data.ingest import ingest
 from memlora.data.records import Conversation
 from memlora.manifest import update_manifest
+from memlora.outlock import out_lock
 
 
 class PrefectLogHandler(logging.Handler):
@@ -29,6 +31,15 @@ def forward_domain_logs() -> None:
     if not any(isinstance(h, PrefectLogHandler) for h in root.handlers):
         root.addHandler(PrefectLogHandler())
         root.setLevel(logging.INFO)
+
+
+@contextmanager
+def holding_out(out: str, name: str):
+    """This flow run holds OUT's writer lock (memlora.outlock); one that finds it taken waits, saying for whom."""
+    log = get_run_logger()
+    with out_lock(out, name, on_wait=lambda who: log.warning("%s is in use by %s: waiting for it to finish",
+                                                             out, who)):
+        yield
 
 
 @task(name="load-config", cache_policy=NONE)

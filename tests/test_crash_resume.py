@@ -129,12 +129,12 @@ mount -t tmpfs -o size=1200k tmpfs "$OUT" || exit 77
 memlora() { "$BIN/python" -m memlora.cli "$@"; }
 memlora ingest --data "$DATA" --out "$OUT" > "$LOG/ingest1.txt" 2>&1 || exit 3
 memlora release --data "$DATA" --out "$OUT" --config "$CONFIG" > "$LOG/release1.txt" 2>&1 || exit 4
-(cd "$OUT" && find . -type f -o -type l | sort | xargs -r sha256sum) > "$LOG/before.txt"
+(cd "$OUT" && find . \( -type f -o -type l \) -not -name .memlora.lock | sort | xargs -r sha256sum) > "$LOG/before.txt"
 dd if=/dev/zero of="$OUT/filler" bs=4k 2>/dev/null
 memlora ingest --data "$DATA2" --out "$OUT" > "$LOG/ingest2.txt" 2>&1; echo $? > "$LOG/ingest2.rc"
 memlora release --data "$DATA2" --out "$OUT" --config "$CONFIG" > "$LOG/release2.txt" 2>&1; echo $? > "$LOG/release2.rc"
 rm "$OUT/filler"
-(cd "$OUT" && find . -type f -o -type l | sort | xargs -r sha256sum) > "$LOG/after.txt"
+(cd "$OUT" && find . \( -type f -o -type l \) -not -name .memlora.lock | sort | xargs -r sha256sum) > "$LOG/after.txt"
 readlink "$OUT/releases/embedded-default-traces/latest" > "$LOG/latest.txt"
 ls -A "$OUT/releases/embedded-default-traces" "$OUT/datasets" > "$LOG/listing.txt"
 "$BIN/python" -m memlora.cli verify "$OUT/releases/embedded-default-traces" > "$LOG/verify.txt" 2>&1 || exit 5
