@@ -442,6 +442,10 @@ class ImproveConfig(_Strict):
     # default (bench/warm_start.py): the same agreement on held-out calls within the intervals (extraction +0.13
     # [-0.07, 0.32], update 0.00, generation -0.15 [-0.35, 0.05]) and the same validation loss; cold by default.
     warm_start: bool = False
+    # The candidate folders (OUT/candidates/<run>/: trained adapters and their training records) of this many of
+    # the latest runs stay for inspection, tonight's included; a run removes older ones as it starts. A promoted
+    # expert lives on in OUT/adapters and, once replaced, in OUT/versions (what rollback reads), not here.
+    keep_candidates: int = Field(7, ge=1)
 
 
 class PrefectConfig(_Strict):

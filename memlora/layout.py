@@ -136,9 +136,13 @@ def version_dir(out: str | Path, version: str) -> Path:
     return versions_root(out) / version
 
 
+def candidates_root(out: str | Path) -> Path:
+    return Path(out) / "candidates"
+
+
 def candidate_dir(out: str | Path, stamp: str) -> Path:
     """`improve`'s candidates: an OUT of their own beside OUT's traces, datasets and student (linked)."""
-    return Path(out) / "candidates" / stamp
+    return candidates_root(out) / stamp
 
 
 def decisions_path(out: str | Path) -> Path:

@@ -10,7 +10,9 @@ serve-experts picks the new version up by itself (`llm.reload`).
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +24,7 @@ from memlora.data.io import write_parquet
 from memlora.evaluation import deferral
 from memlora.evaluation.gate import Decision, decide
 from memlora.layout import (
-    ADAPTERS, DATASETS, TEMPLATES, TRACES, adapter_dir, candidate_dir, decisions_path, trace_files,
+    ADAPTERS, DATASETS, TEMPLATES, TRACES, adapter_dir, candidate_dir, candidates_root, decisions_path, trace_files,
 )
 from memlora.llm.grammar import GrammarCache
 from memlora.student.distill import cache_key
@@ -31,6 +33,8 @@ from memlora.student.experts import ExpertBackend, adapter_config, verified_expe
 from memlora.student.records import TrainingRecord
 from memlora.student.templates import ensure_templates
 from memlora.student.versions import install, snapshot, verified_version
+
+log = logging.getLogger(__name__)
 
 DECISIONS = pa.schema([
     pa.field("run", pa.string(), nullable=False),
@@ -79,6 +83,7 @@ def new_rows(config: Config, out: str | Path) -> dict[str, int]:
 def prepare_candidate(config: Config, out: str | Path, counts: dict[str, int]) -> Candidate:
     """A new OUT for the candidates, reading OUT's traces, datasets and student through links."""
     run = time.strftime("%Y%m%dT%H%M%S")
+    prune_candidates(out, config.improve.keep_candidates - 1)
     folder = candidate_dir(out, run)
     (folder / ADAPTERS).mkdir(parents=True)
     if config.student is not None and config.student.prompt == "minimal":
@@ -88,6 +93,20 @@ def prepare_candidate(config: Config, out: str | Path, counts: dict[str, int]) -
             os.symlink(Path(out).resolve() / name, folder / name)
     ops = [op for op, n in counts.items() if n]
     return Candidate(run, folder, {op: counts[op] for op in ops}, warm_starts(config, out, ops))
+
+
+def prune_candidates(out: str | Path, keep: int) -> list[str]:
+    """Remove all but the newest `keep` candidate folders (by run stamp); returns the runs removed. Their links to
+    OUT's traces, datasets and student are removed as links: what they point at stays."""
+    root = candidates_root(out)
+    runs = sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink()) if root.is_dir() else []
+    gone = runs[: max(len(runs) - keep, 0)]
+    for folder in gone:
+        shutil.rmtree(folder)
+    if gone:
+        log.info("removed %d earlier candidate folder(s) under %s (improve.keep_candidates): %s", len(gone), root,
+                 ", ".join(p.name for p in gone))
+    return [p.name for p in gone]
 
 
 def warm_starts(config: Config, out: str | Path, operations: list[str]) -> dict[str, Path]:

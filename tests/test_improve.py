@@ -11,6 +11,7 @@ has a right answer."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -275,3 +276,26 @@ def test_with_few_held_out_conversations_the_gate_interval_is_not_narrower_than_
     five = [c for c in "abcde" for _ in range(8)]  # from min_clusters conversations on: the clustered one alone
     assert paired_difference(current, candidate, five, 2000, min_clusters=5) == \
         paired_difference(current, candidate, five, 2000)
+
+
+@pytest.mark.timeout(60)
+def test_earlier_candidate_folders_are_removed_beyond_keep_candidates_and_what_they_link_to_stays(tmp_path):
+    from memlora.config import load_config
+    from memlora.layout import candidates_root
+    from memlora.student.improve import prepare_candidate
+
+    out = tmp_path / "out"
+    (out / "student" / "base").mkdir(parents=True)
+    (out / "student" / "base" / "model.safetensors").write_bytes(b"base")
+    for night in range(1, 6):  # five earlier nights, each with its trained candidate and its links into OUT
+        folder = candidates_root(out) / f"2026120{night}T030000"
+        (folder / "adapters" / "extraction").mkdir(parents=True)
+        (folder / "adapters" / "extraction" / "adapter_model.safetensors").write_bytes(b"weights")
+        os.symlink((out / "student").resolve(), folder / "student")
+    config = load_config(REPO / "configs" / "default.yaml")
+    config = config.model_copy(update={"improve": config.improve.model_copy(update={"keep_candidates": 3})})
+    candidate = prepare_candidate(config, out, {"extraction": 1})
+    left = sorted(p.name for p in candidates_root(out).iterdir())
+    assert left == ["20261204T030000", "20261205T030000", candidate.run]  # tonight's and the two before it
+    assert (candidate.out / "student").is_symlink()
+    assert (out / "student" / "base" / "model.safetensors").read_bytes() == b"base"  # links removed, not followed
