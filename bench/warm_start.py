@@ -8,9 +8,11 @@ teacher calls on the test conversations are the held-out calls). Its training co
 the nightly loop sees them: the "old" ones, on which the current experts are trained from zero, and the "new"
 ones that arrive after. Candidates then train on every row, old and new, as `improve` trains them: warm (from the
 current expert) or cold (from zero; OUT's own experts when their recipe and traces match, since that is what
-they are). Each arm answers the same held-out calls; agreement with the teacher, warm minus cold with a 95 %
-interval over conversations (the gate's paired bootstrap), the share of validation calls kept at the deferral
-budget, and training time, side by side.
+they are); and a third arm, warm on the new conversations' rows alone: what a nightly candidate would cost if
+it learnt only the day's calls (its training time stays flat as traffic accumulates; DeLoRA's bounded update is
+the thesis's argument that it does not forget the old ones). Each arm answers the same held-out calls; agreement
+with the teacher, each candidate minus cold with a 95 % interval over conversations (the gate's paired
+bootstrap), the share of validation calls kept at the deferral budget, and training time, side by side.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from memlora.student.examples import conversation_splits  # noqa: E402
 from memlora.student.experts import verified_expert_folders  # noqa: E402
 from memlora.student.improve import backend_for  # noqa: E402
 
-ARMS = ("current", "warm", "cold")
+ARMS = ("current", "warm", "cold", "warm_new")
 
 
 def old_conversations(out: Path, new_share: float, seed: int) -> tuple[list[str], list[str]]:
@@ -76,17 +78,21 @@ def reuse_if_same(config, out: Path, folder: Path, operation: str) -> bool:
     return True
 
 
-def train_arms(config, out: Path, work: Path, operations: list[str], old: list[str]) -> dict[str, dict]:
+def train_arms(config, out: Path, work: Path, operations: list[str], old: list[str],
+               new: list[str]) -> dict[str, dict]:
     base = student_dir(out)
     current = linked_out(out, work / "current", operations, set(old))
     warm = linked_out(out, work / "warm", operations, None)
     cold = linked_out(out, work / "cold", operations, None)
+    warm_new = linked_out(out, work / "warm-new", operations, set(new))
     records = {"current": distill_operations(config, current, list(operations), base)}  # one launch per arm
-    records["warm"] = distill_operations(config, warm, list(operations), base,
-                                         init={op: adapter_dir(current, op) for op in operations})
+    init = {op: adapter_dir(current, op) for op in operations}
+    records["warm"] = distill_operations(config, warm, list(operations), base, init=init)
+    records["warm_new"] = distill_operations(config, warm_new, list(operations), base, init=init)
     reused = {op: reuse_if_same(config, out, cold, op) for op in operations}  # before the cold arm trains
     records["cold"] = distill_operations(config, cold, list(operations), base)
-    return {"folders": {"current": current, "warm": warm, "cold": cold}, "records": records, "reused": reused}
+    return {"folders": {"current": current, "warm": warm, "cold": cold, "warm_new": warm_new}, "records": records,
+            "reused": reused}
 
 
 def main() -> None:
@@ -99,7 +105,7 @@ def main() -> None:
     operations = args.operations.split(",")
     old, new = old_conversations(out, args.new_share, args.seed)
     try:
-        arms = train_arms(config, out, work, operations, old)
+        arms = train_arms(config, out, work, operations, old, new)
         tests = deferral.test_calls(out, config, operations)
         held = deferral.validation_calls(out, config, operations)
         if not tests:
@@ -120,8 +126,13 @@ def main() -> None:
         agree = {arm: [scored[arm][0][i].agrees for i in pick] for arm in ARMS}
         diff, low, high = paired_difference(agree["cold"], agree["warm"], clusters, config.improve.samples,
                                             min_clusters=config.improve.min_clusters)
+        new_diff, new_low, new_high = paired_difference(agree["cold"], agree["warm_new"], clusters,
+                                                        config.improve.samples,
+                                                        min_clusters=config.improve.min_clusters)
         row = {"operation": op, "n": len(pick), "conversations": len(set(clusters)),
-               "difference_warm_minus_cold": round(diff, 3), "ci": [round(low, 3), round(high, 3)]}
+               "difference_warm_minus_cold": round(diff, 3), "ci": [round(low, 3), round(high, 3)],
+               "difference_warm_new_minus_cold": round(new_diff, 3),
+               "warm_new_ci": [round(new_low, 3), round(new_high, 3)]}
         for arm in ARMS:
             record = arms["records"][arm][op]
             row[f"{arm}_agreement"] = round(sum(agree[arm]) / len(pick), 3) if pick else None
@@ -131,18 +142,25 @@ def main() -> None:
             row[f"{arm}_steps"] = getattr(record, "steps", None)
             row[f"{arm}_validation_loss"] = getattr(record, "validation_loss_best", None)
         row["cold_from_out"] = arms["reused"][op]  # the cold arm is OUT's own expert: its time is that run's
-        row["warm_over_cold_train_time"] = (round(row["warm_train_s"] / row["cold_train_s"], 2)
-                                            if row["warm_train_s"] and row["cold_train_s"] else None)
+        for arm in ("warm", "warm_new"):
+            row[f"{arm}_over_cold_train_time"] = (round(row[f"{arm}_train_s"] / row["cold_train_s"], 2)
+                                                  if row[f"{arm}_train_s"] and row["cold_train_s"] else None)
         rows.append(row)
-    print(f"old conversations {old} (current experts), new {new}; candidates train on both")
-    print(table([{**r, "ci": f"[{r['ci'][0]}, {r['ci'][1]}]"} for r in rows],
+    print(f"old conversations {old} (current experts), new {new}; candidates train on both (warm_new: on the new "
+          "ones alone)")
+    print(table([{**r, "ci": f"[{r['ci'][0]}, {r['ci'][1]}]",
+                  "warm_new_ci": f"[{r['warm_new_ci'][0]}, {r['warm_new_ci'][1]}]"} for r in rows],
                 ["operation", "n", "current_agreement", "cold_agreement", "warm_agreement",
-                 "difference_warm_minus_cold", "ci", "cold_keep", "warm_keep", "warm_over_cold_train_time"]))
+                 "difference_warm_minus_cold", "ci", "warm_new_agreement", "difference_warm_new_minus_cold",
+                 "warm_new_ci", "cold_keep", "warm_keep", "warm_new_keep", "warm_over_cold_train_time",
+                 "warm_new_over_cold_train_time"]))
     for r in rows:
         when = " (cold: OUT's own run, not side by side)" if r["cold_from_out"] else ""
         print(f"{r['operation']}: warm {r['warm_steps']} steps vs cold {r['cold_steps']}, training time "
               f"{r['warm_over_cold_train_time']}x{when}; agreement warm {r['warm_agreement']} vs cold "
-              f"{r['cold_agreement']} (n={r['n']}, {r['conversations']} conversations)")
+              f"{r['cold_agreement']} (n={r['n']}, {r['conversations']} conversations); warm on the new rows alone "
+              f"{r['warm_new_steps']} steps, {r['warm_new_over_cold_train_time']}x, "
+              f"agreement {r['warm_new_agreement']}")
     path = save("warm_start", {"out": str(out), "old": old, "new": new, "budget": config.deferral.budget,
                                "rows": rows})
     print(f"wrote {path}")

@@ -154,12 +154,20 @@ def methods_table() -> str:
 
 def warm_start_table() -> str:
     data = reference("warm_start")
-    header = ["operation", "n", "agreement cold", "warm", "warm - cold, 95 %", "best validation loss cold / warm",
-              "steps cold / warm"]
+    header = ["operation", "n", "agreement cold", "warm", "warm - cold, 95 %", "warm, new rows alone",
+              "its - cold, 95 %", "best validation loss cold / warm / new alone", "steps cold / warm / new alone",
+              "training time new alone / warm"]
+
+    def ci(r, key, bounds):
+        return f"{r[key]:+.3f} [{r[bounds][0]:+.3f}, {r[bounds][1]:+.3f}]"
+
     return _markdown(header, [[r["operation"], r["n"], f"{r['cold_agreement']:.3f}", f"{r['warm_agreement']:.3f}",
-                               f"{r['difference_warm_minus_cold']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}]",
-                               f"{r['cold_validation_loss']:.3f} / {r['warm_validation_loss']:.3f}",
-                               f"{r['cold_steps']} / {r['warm_steps']}"] for r in data["rows"]])
+                               ci(r, "difference_warm_minus_cold", "ci"), f"{r['warm_new_agreement']:.3f}",
+                               ci(r, "difference_warm_new_minus_cold", "warm_new_ci"),
+                               f"{r['cold_validation_loss']:.3f} / {r['warm_validation_loss']:.3f} / "
+                               f"{r['warm_new_validation_loss']:.3f}",
+                               f"{r['cold_steps']} / {r['warm_steps']} / {r['warm_new_steps']}",
+                               f"{r['warm_new_train_s'] / r['warm_train_s']:.2f}x"] for r in data["rows"]])
 
 
 def data_scaling_table(name: str = "data_scaling") -> str:

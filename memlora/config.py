@@ -442,10 +442,23 @@ class ImproveConfig(_Strict):
     # default (bench/warm_start.py): the same agreement on held-out calls within the intervals (extraction +0.13
     # [-0.07, 0.32], update 0.00, generation -0.15 [-0.35, 0.05]) and the same validation loss; cold by default.
     warm_start: bool = False
+    # What a warm-started candidate trains on: every trace row ("all"), or only the rows its served expert was not
+    # trained on ("new"): a night's training then costs the night's calls, not everything captured so far. Measured
+    # (bench/warm_start.py, 2026-12-07): warm on the 5 new conversations alone agreed with the teacher as cold on
+    # all 9 did (extraction +0.000 [-0.129, 0.129], update +0.000, generation +0.050 [-0.100, 0.201]) at 0.60-0.71x
+    # the warm-on-all arm's training time. An operation with no served expert to start from trains on all rows.
+    train_on: Literal["all", "new"] = "all"
     # The candidate folders (OUT/candidates/<run>/: trained adapters and their training records) of this many of
     # the latest runs stay for inspection, tonight's included; a run removes older ones as it starts. A promoted
     # expert lives on in OUT/adapters and, once replaced, in OUT/versions (what rollback reads), not here.
     keep_candidates: int = Field(7, ge=1)
+
+    @model_validator(mode="after")
+    def _new_rows_need_a_start(self):
+        if self.train_on == "new" and not self.warm_start:
+            raise ValueError("improve.train_on: new trains a candidate on the new rows alone, which only makes sense "
+                             "from the served expert: set improve.warm_start: true too")
+        return self
 
 
 class PrefectConfig(_Strict):

@@ -20,6 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from memlora.config import OPERATIONS, Config
+from memlora.data.compaction import rows_not_from
 from memlora.data.io import write_parquet
 from memlora.evaluation import deferral
 from memlora.evaluation.gate import Decision, decide
@@ -74,6 +75,9 @@ def new_rows(config: Config, out: str | Path) -> dict[str, int]:
         record = TrainingRecord.read(record_file) if record_file.is_file() else None
         if record is not None and record.traces_sha256 == cache_key(config, out, op)["traces_sha256"]:
             counts[op] = 0
+            continue
+        if record is not None and record.trace_files:  # by shard: the rows of calls it was not trained on
+            counts[op] = max(1, sum(rows_not_from(files, set(record.trace_files)).column("parse_ok").to_pylist()))
             continue
         usable = sum(load_traces(files).column("parse_ok").to_pylist())
         counts[op] = max(1, usable - (record.rows_total if record is not None else 0))

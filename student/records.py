@@ -56,6 +56,8 @@ class TrainingRecord:
     traces_sha256: str = ""
     config_fingerprint: str = ""
     init_sha256: str = ""                  # warm start: the sha256 of the adapter weights training started from
+    # improve.train_on new: trace shards the starting expert had learnt, left out of this training's rows
+    shards_left_out: int = 0
     base: str = ""
     skipped: bool = False                  # not trained now: an earlier run's expert with the same cache key
 

@@ -20,7 +20,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from memlora.config import Config
 from memlora.cpu import has_bf16_units
 from memlora.data.io import swap_in
-from memlora.data.compaction import shard_names
+from memlora.data.compaction import rows_not_from, shard_names
 from memlora.layout import adapter_dir, adapter_work_dir, trace_files
 from memlora.llm.hf_backend import load_causal_lm
 from memlora.student.build import shares_teacher_tokenizer
@@ -271,6 +271,23 @@ def planned_steps(n_examples: int, cfg, world: int, epochs: int) -> int:
     return min(total, cfg.max_steps) if cfg.max_steps else total
 
 
+def rows_to_train(config: Config, files: list[Path], splits: dict[str, str], init: str | Path | None):
+    """(train rows, validation rows, shards left out as learnt). With `improve.train_on: new`, a candidate that
+    starts from a served expert trains only on the rows of shards that expert's record does not list (it learnt
+    the others, or its lineage did); validation keeps every validation row, for a like-for-like early stop."""
+    train_rows, val_rows = split_rows(load_traces(files), splits)
+    record = Path(init) / "training.json" if init else None
+    if config.improve.train_on != "new" or record is None or not record.is_file():
+        return train_rows, val_rows, 0
+    learnt = set(TrainingRecord.read(record).trace_files)
+    if not learnt:  # an expert recorded before shards were: it cannot say what it learnt
+        return train_rows, val_rows, 0
+    new_train, _ = split_rows(rows_not_from(files, learnt), splits)
+    if not new_train.num_rows:  # the night's calls all went to validation or test: nothing new to learn from
+        return train_rows, val_rows, 0
+    return new_train, val_rows, len(learnt)
+
+
 def train_expert(config: Config, out: str | Path, operation: str, base: str | Path,
                  cache: dict, init: str | None = None) -> TrainingRecord | None:
     """Train `operation`'s expert (from the adapter folder `init`, else a fresh one); rank 0 writes
@@ -290,7 +307,7 @@ def train_expert(config: Config, out: str | Path, operation: str, base: str | Pa
                                          trust_remote_code=config.student.trust_remote_code)
     same_tokenizer = shares_teacher_tokenizer(config, tokenizer)
     files = trace_files(out, operation)
-    train_rows, val_rows = split_rows(load_traces(files), conversation_splits(out))
+    train_rows, val_rows, learnt = rows_to_train(config, files, conversation_splits(out), init)
     template = template_for(config, out, operation)
     recipe = dict(prompt=config.student.prompt, targets=cfg.targets, gold=gold_answers(out),
                   answer_max_chars=config.memory.answer_max_chars, template=template)
@@ -420,6 +437,7 @@ def train_expert(config: Config, out: str | Path, operation: str, base: str | Pa
         "traces_sha256": cache["traces_sha256"],
         "config_fingerprint": cache["config_fingerprint"],
         "init_sha256": cache.get("init_sha256", ""),
+        "shards_left_out": learnt,
         "base": str(base),
     })
     if template is not None:

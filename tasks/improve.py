@@ -72,8 +72,8 @@ def promote_task(config: Config, out: str, base: Path, candidate: Candidate, dec
     promoted = [d.operation for d in decisions if d.promote]
     create_table_artifact(key="improve-decisions", table=[{**d.to_row(), "run": candidate.run} for d in decisions],
                           description=f"improve {candidate.run}: promoted {promoted or 'nothing'}")
-    get_run_logger().info("promoted %s; earlier experts kept as version %s; decisions in %s", promoted or "nothing",
-                          version, path)
+    kept = f"; the experts served before are version {version}" if version else ""
+    get_run_logger().info("promoted %s%s; decisions in %s", ", ".join(promoted) or "nothing", kept, path)
     if deferral_path(out).is_file():  # recalibrated tonight (a promotion, or calls the served experts answered)
         log_thresholds(out)
     return {"run": candidate.run, "promoted": promoted, "version_before": version,

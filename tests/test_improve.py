@@ -299,3 +299,41 @@ def test_earlier_candidate_folders_are_removed_beyond_keep_candidates_and_what_t
     assert left == ["20261204T030000", "20261205T030000", candidate.run]  # tonight's and the two before it
     assert (candidate.out / "student").is_symlink()
     assert (out / "student" / "base" / "model.safetensors").read_bytes() == b"base"  # links removed, not followed
+
+
+@pytest.mark.timeout(60)
+def test_train_on_new_trains_a_warm_candidate_on_the_calls_its_start_had_not_learnt(tmp_path):
+    """improve.train_on: new: the rows of shards the starting expert's record lists are left out of training;
+    validation keeps every row; with no record, no start, train_on all, or no new training row: every row."""
+    from pydantic import ValidationError
+
+    from memlora.config import ImproveConfig, load_config
+    from memlora.student.trainer import rows_to_train
+
+    folder = tmp_path / "traces"
+    day1 = [trace_row(i, "c1", LINES[i], "a") for i in range(4)] + [trace_row(4, "v1", LINES[4], "a")]
+    day2 = [trace_row(i, "c2", LINES[i], "b") for i in range(5, 8)] + [trace_row(8, "v1", LINES[8], "b")]
+    files = [write_parquet(pa.Table.from_pylist(rows, schema=TRACES), folder / name, "traces")
+             for name, rows in (("part-day1.parquet", day1), ("part-day2.parquet", day2))]
+    splits = {"c1": "train", "c2": "train", "v1": "validation"}
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "training.json").write_text(json.dumps({"operation": "extraction", "trace_files": ["part-day1.parquet"]}))
+    base = load_config(REPO / "configs" / "default.yaml")
+
+    def config(**improve):
+        return base.model_copy(update={"improve": ImproveConfig(**improve)})
+
+    train, validation, left_out = rows_to_train(config(warm_start=True, train_on="new"), files, splits, served)
+    assert train.column("conversation_id").to_pylist() == ["c2"] * 3 and left_out == 1
+    assert validation.num_rows == 2  # both days' validation calls: the early stop compares like with like
+    for setting, start in ((config(warm_start=True), served), (config(warm_start=True, train_on="new"), None),
+                           (config(warm_start=True, train_on="new"), tmp_path)):  # all rows; no start; no record
+        train, validation, left_out = rows_to_train(setting, files, splits, start)
+        assert (train.num_rows, validation.num_rows, left_out) == (7, 2, 0)
+    # the start had learnt every training call there is: nothing new to train on alone, so every row trains
+    (served / "training.json").write_text(json.dumps({"operation": "extraction",
+                                                      "trace_files": ["part-day1.parquet", "part-day2.parquet"]}))
+    assert rows_to_train(config(warm_start=True, train_on="new"), files, splits, served)[0].num_rows == 7
+    with pytest.raises(ValidationError, match="set improve.warm_start: true too"):
+        ImproveConfig(train_on="new")
