@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 
 from memlora.layout import lock_path
 
-_held: dict[str, list] = {}  # resolved OUT -> [open lock file, depth]: a flow's subflows run in its process
+_held: dict[str, int] = {}  # resolved OUT -> depth held in this process: a flow's subflows run in its process
 _guard = threading.Lock()
 
 
@@ -51,17 +51,15 @@ def out_lock(out: str | Path, name: str, *, wait_s: float | None = None, poll_s:
     free or `wait_s` has passed (then OutBusy naming the holder); `wait_s` None waits as long as it takes."""
     key = str(Path(out).resolve())
     with _guard:
-        if key in _held:
-            _held[key][1] += 1
-            nested = True
-        else:
-            nested = False
+        nested = key in _held
+        if nested:
+            _held[key] += 1
     if nested:
         try:
             yield
         finally:
             with _guard:
-                _held[key][1] -= 1
+                _held[key] -= 1
         return
     path = lock_path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -70,7 +68,7 @@ def out_lock(out: str | Path, name: str, *, wait_s: float | None = None, poll_s:
         _acquire(handle, out, wait_s, poll_s, on_wait, remind_s)
         _say_who(handle, name)
         with _guard:
-            _held[key] = [handle, 1]
+            _held[key] = 1
         try:
             yield
         finally:
