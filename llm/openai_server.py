@@ -16,6 +16,7 @@ import json
 import logging
 import secrets
 import threading
+import time
 import weakref
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +37,7 @@ from memlora.llm.decoding import Decoded
 from memlora.llm.fallback import TeacherStream
 from memlora.llm.hf_backend import TransformersBackend
 from memlora.llm.guard import ANSWERED_BY, TEACHER
+from memlora.llm.metrics import CONTENT_TYPE as METRICS_TYPE, ServerMetrics
 from memlora.llm.openai_protocol import DONE, ApiError, ChatRequest, Unsupported, call_context, chunk_head, \
     completion_body, delta_chunk, error_body, models_body, parse_chat_request, sse, sse_events, stream_chunks, \
     streamable, token_entries, usage_chunk, usage_of
@@ -137,6 +139,14 @@ class ServingEngine:
         messages = chat.plain_messages()
         wanted = routed_operation(classify(self.rules, messages, chat.model), messages)
         return wanted if wanted is not None and wanted not in self.experts else None
+
+    def operation_of(self, chat: ChatRequest, generation: GenerationRequest) -> str:
+        """The memory operation a call belongs to, for its metrics: its expert's, else the one its capture rule
+        or its prompt of ours names (a call to serve-model's teacher or to the bare student); `other` if none."""
+        if generation.operation not in (BASE, MODEL, ROUTED):
+            return generation.operation
+        messages = chat.plain_messages()
+        return routed_operation(classify(self.rules, messages, chat.model), messages) or "other"
 
     def close(self) -> None:
         self.batcher.close()
@@ -416,9 +426,15 @@ def create_app(engine: ServingEngine, api_key: str | None = None) -> FastAPI:
     add_error_handlers(app, api_key)
     app.add_middleware(BodyLimit, max_bytes=engine.limits.max_body_bytes)
 
+    metrics = ServerMetrics(engine.health)
+
     @app.get("/health")
     async def health():
         return engine.health()
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type=METRICS_TYPE)
 
     @app.get("/v1/models")
     async def models():
@@ -426,11 +442,20 @@ def create_app(engine: ServingEngine, api_key: str | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        started = time.perf_counter()
+        response = await answer_chat(request)
+        if response.status_code < 400:
+            metrics.observe(getattr(request.state, "operation", None), response.headers.get(ANSWERED_BY, "model"),
+                            isinstance(response, StreamingResponse), time.perf_counter() - started)
+        return response
+
+    async def answer_chat(request: Request) -> Response:
         with ExitStack() as slot:  # a stream streamed token by token takes its admission slot along (pop_all)
             slot.enter_context(engine.admission.slot())
             raw = await request.body()
             try:
                 chat, generation = await engine.prepared(raw)
+                request.state.operation = engine.operation_of(chat, generation)
             except Unsupported as err:  # with a teacher behind, what the experts cannot do is the teacher's
                 if not engine.has_teacher:
                     raise

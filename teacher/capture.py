@@ -38,6 +38,7 @@ from memlora.data.schemas import TRACES
 from memlora.layout import capture_shard_path, templates_path
 from memlora.llm.call_rules import classify, fingerprint
 from memlora.llm.client_template import changing_parts, current
+from memlora.llm.metrics import CONTENT_TYPE as METRICS_TYPE, ServerMetrics
 from memlora.llm.openai_protocol import DONE, ApiError, Message, RelayedStream, call_context, error_body, \
     plain_messages, sse, sse_events, stream_chunks
 from memlora.llm.openai_server import add_error_handlers, pass_other_endpoints, streaming
@@ -248,11 +249,20 @@ def create_capture_app(upstream: str, config: CaptureConfig, recorder: CaptureRe
             raise ApiError(502, f"upstream {base} unreachable: {type(err).__name__}: {err}",
                            type="upstream_error") from None
 
-    @app.get("/health")
-    async def health():
+    def health() -> dict:
         return {"status": "ok", "upstream": base,
                 "queue": {"admitted": admission.admitted, "limit": admission.limit},
                 "rss_mib": rss_mib(), "counts": {**recorder.counts, "refused_busy": admission.refused}}
+
+    metrics = ServerMetrics(health)
+
+    @app.get("/health")
+    async def health_now():
+        return health()
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type=METRICS_TYPE)
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -261,9 +271,14 @@ def create_capture_app(upstream: str, config: CaptureConfig, recorder: CaptureRe
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        started = time.perf_counter()
         with ExitStack() as slot:  # a relayed stream takes its admission slot along (pop_all)
             slot.enter_context(admission.slot())
-            return await relay(request, slot)
+            response = await relay(request, slot)
+        if response.status_code < 400:
+            metrics.observe(getattr(request.state, "operation", None), "upstream",
+                            isinstance(response, StreamingResponse), time.perf_counter() - started)
+        return response
 
     async def record(rule: CaptureRule | None, messages: list[dict], schema: dict | None, data: dict,
                      latency: float, request: Request) -> None:
@@ -282,6 +297,7 @@ def create_capture_app(upstream: str, config: CaptureConfig, recorder: CaptureRe
         except ValueError as err:
             raise ApiError(400, f"messages: {err}", param="messages") from None
         rule = classify(config.rules, messages, str(body.get("model", "")))
+        request.state.operation = rule.operation if rule is not None else "unmatched"
         sent, schema, added = outgoing(body, rule, config.logprobs_top_k)
         stream_asked = body.get("stream") is True
         usage_added = stream_asked and usage_for_us(sent, rule)
@@ -319,7 +335,7 @@ def create_capture_app(upstream: str, config: CaptureConfig, recorder: CaptureRe
         if stream_asked:
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(sse_events(stream_chunks(data, include_usage)), media_type="text/event-stream")
-        return data
+        return JSONResponse(data)
 
     async def relay_stream(response: httpx.Response, rule: CaptureRule | None, messages: list[dict],
                            schema: dict | None, added: bool, usage_added: bool, started: float, request: Request):

@@ -35,3 +35,13 @@ def running(app):
     finally:
         server.should_exit = True
         thread.join(timeout=15)
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """A server's GET /metrics, read with Prometheus's own parser: {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    got = httpx.get(f"{url}/metrics", timeout=10)
+    assert got.status_code == 200 and got.headers["content-type"].startswith("text/plain"), got.text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(got.text) for s in family.samples}

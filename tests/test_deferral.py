@@ -30,7 +30,7 @@ from memlora.memory.llm import GenerationRequest
 from memlora.memory.prompts import TEMPLATES, extraction_schema
 from memlora.student.experts import ExpertBackend, attach_expert
 from memlora.teacher.capture import CaptureRecorder
-from tests.serving_fixtures import running
+from tests.serving_fixtures import running, scrape
 from tests.student_fixtures import distill_config, perturb
 from tests.stub_openai import StubOpenAI
 
@@ -205,6 +205,35 @@ def test_an_unsure_expert_defers_to_the_teacher_and_the_call_is_recorded(deferra
     # the streamed row has the teacher's token counts (from the usage chunk asked for it) as the whole one has
     assert rows[0]["completion_tokens"] == rows[1]["completion_tokens"] > 0
     assert rows[0]["messages"] == deferral_out_messages[0] and json.loads(rows[0]["output_schema"]) == SCHEMA
+    engine.close()
+
+
+@pytest.mark.timeout(180)
+def test_metrics_give_health_to_a_scraper_and_time_each_answered_call(deferral_out, teacher, tmp_path):
+    """GET /metrics, read with Prometheus's own parser: /health's counts as counters, its numbers as gauges, and
+    each answered call's seconds by operation and by who answered it; a refused request is not timed."""
+    teacher_url = teacher.removesuffix("/v1")
+    teacher_before = sum(n for (name, labels), n in scrape(teacher_url).items()
+                         if name == "memlora_chat_seconds_count")
+    engine, app = experts_server(deferral_out, teacher, NEVER_SURE, tmp_path)
+    with running(app) as url:
+        assert ask(url, 0).status_code == 200 and ask(url, 1, stream=True).status_code == 200
+        assert httpx.post(f"{url}/v1/chat/completions", json={"model": "nope", "messages": []}).status_code >= 400
+        metrics, health = scrape(url), httpx.get(f"{url}/health").json()
+    timed = {labels: n for (name, labels), n in metrics.items() if name == "memlora_chat_seconds_count"}
+    assert timed == {(("answered_by", "teacher"), ("operation", "extraction"), ("stream", "false")): 1,
+                     (("answered_by", "teacher"), ("operation", "extraction"), ("stream", "true")): 1}, timed
+    assert metrics[("memlora_deferral_events_total", (("event", "deferred_extraction"),))] == 2
+    assert metrics[("memlora_queue_limit", ())] == health["queue"]["limit"]
+    assert metrics[("memlora_status_info", (("status", "ok"),))] == 1
+    assert metrics[("memlora_deferral_strict", ())] == 0
+    # the teacher behind it (serve-model's engine) answered both, as the model it serves
+    teacher_timed = {labels: n for (name, labels), n in scrape(teacher_url).items()
+                     if name == "memlora_chat_seconds_count"}
+    assert sum(teacher_timed.values()) == teacher_before + 2
+    # (its operation is the one the call's prompt of ours names: serve-model has no expert to say it)
+    assert {(dict(labels)["answered_by"], dict(labels)["operation"]) for labels in teacher_timed} == \
+        {("model", "extraction")}
     engine.close()
 
 

@@ -21,7 +21,7 @@ from memlora.llm.openai_server import MODEL, ServedModel, ServingEngine, create_
 from memlora.memory.llm import GenerationRequest
 from memlora.memory.prompts import TEMPLATES, extraction_schema
 from memlora.teacher.capture import CaptureRecorder, create_capture_app
-from tests.serving_fixtures import running
+from tests.serving_fixtures import running, scrape
 from tests.stub_openai import StubOpenAI
 
 SCHEMA = extraction_schema(3, 40)
@@ -297,7 +297,13 @@ def test_capture_records_matched_calls_as_trace_rows(server, tmp_path):
         assert chat(proxy, model="nope").status_code == 404  # the upstream's own error, passed on
         assert chat(proxy, messages=[]).status_code == 400
         health = httpx.get(f"{proxy}/health").json()["counts"]
+        metrics = scrape(proxy)
     assert health["recorded_extraction"] == 1 and health["unmatched"] == 1 and health["upstream_errors"] == 1
+    # /metrics: the same counts as counters, and the two answered calls timed (the 404 and the 400 are not)
+    assert metrics[("memlora_events_total", (("event", "recorded_extraction"),))] == 1
+    timed = {labels: n for (name, labels), n in metrics.items() if name == "memlora_chat_seconds_count"}
+    assert timed == {(("answered_by", "upstream"), ("operation", "extraction"), ("stream", "false")): 1,
+                     (("answered_by", "upstream"), ("operation", "unmatched"), ("stream", "false")): 1}, timed
     shards = list((out / "traces" / "extraction").glob("part-capture-*.parquet"))
     assert len(shards) == 1 and not list((out / "traces").rglob("*.tmp*"))
     row = pq.read_table(shards[0]).to_pylist()[0]
