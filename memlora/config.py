@@ -452,6 +452,10 @@ class ImproveConfig(_Strict):
     # the latest runs stay for inspection, tonight's included; a run removes older ones as it starts. A promoted
     # expert lives on in OUT/adapters and, once replaced, in OUT/versions (what rollback reads), not here.
     keep_candidates: int = Field(7, ge=1)
+    # The versions rollback can reach (OUT/versions: each promotion first snapshots the set it replaces, ~27 MB
+    # with the embedded default's student). Unset: every version stays. A number: each promotion then removes all
+    # but that many of the latest.
+    keep_versions: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _new_rows_need_a_start(self):

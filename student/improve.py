@@ -33,7 +33,7 @@ from memlora.student.examples import load_traces
 from memlora.student.experts import ExpertBackend, adapter_config, verified_expert_folders
 from memlora.student.records import TrainingRecord
 from memlora.student.templates import ensure_templates
-from memlora.student.versions import install, snapshot, verified_version
+from memlora.student.versions import install, prune_versions, snapshot, verified_version
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +186,11 @@ def promote(config: Config, out: str | Path, base: str | Path, candidate: Candid
         if version is not None:
             install(out, verified_version(out, version))
         raise
+    if config.improve.keep_versions is not None:
+        gone = prune_versions(out, config.improve.keep_versions)
+        if gone:
+            log.info("removed %d earlier version(s) (improve.keep_versions %d): %s", len(gone),
+                     config.improve.keep_versions, ", ".join(gone))
     return version
 
 

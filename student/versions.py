@@ -25,14 +25,32 @@ THRESHOLDS = deferral_path("").name  # a version's deferral thresholds, where th
 
 
 def versions(out: str | Path) -> list[str]:
+    """OUT's versions, oldest first (by number: v10000 after v9999)."""
     root = versions_root(out)
-    return sorted(p.name for p in root.iterdir() if (p / "version.json").is_file()) if root.is_dir() else []
+    found = [p.name for p in root.iterdir() if (p / "version.json").is_file()] if root.is_dir() else []
+    return sorted(found, key=lambda name: (_number(name), name))
+
+
+def _number(version: str) -> int:
+    head = version.removeprefix("v").split("-", 1)[0]
+    return int(head) if head.isdigit() else 0
+
+
+def prune_versions(out: str | Path, keep: int) -> list[str]:
+    """Remove all but the `keep` latest versions (the ones rollback can still reach); returns those removed. Each
+    loses its version.json first, so one removed halfway (a crash) is no longer listed as a version."""
+    found = versions(out)
+    gone = found[: max(len(found) - keep, 0)]
+    for version in gone:
+        (version_dir(out, version) / "version.json").unlink()
+        shutil.rmtree(version_dir(out, version))
+    return gone
 
 
 def snapshot(out: str | Path, note: str) -> str:
     """Copy the served experts into a new version folder (written under a temporary name, then renamed)."""
     folders = expert_folders(out)
-    number = len(versions(out)) + 1
+    number = max((_number(v) for v in versions(out)), default=0) + 1  # earlier ones may have been pruned
     version = f"v{number:04d}-{time.strftime('%Y%m%dT%H%M%S')}"
     final = version_dir(out, version)
     staging = final.with_name(f".{final.name}.tmp")

@@ -79,13 +79,13 @@ def test_improve_promotes_the_better_keeps_out_the_worse_and_rolls_back(prefect_
     import memlora.student.distill as distill_module
     from memlora.flows.improve import improve
     from memlora.student.build import build_student
-    from memlora.student.versions import rollback, verified_version, versions
+    from memlora.student.versions import rollback, snapshot, verified_version, versions
 
     out = tmp_path / "out"
     config_path, config = pruned_config(tmp_path, str(tiny_model_dir))
     raw = yaml.safe_load(config_path.read_text())
     raw["deferral"] = {"budget": 0.5}
-    raw["improve"] = {"margin": 0.05, "samples": 200}
+    raw["improve"] = {"margin": 0.05, "samples": 200, "keep_versions": 1}
     raw["memory"]["operations"] = {"extraction": {"max_new_tokens": CAP}}  # short answers: a quicker test
     config_path.write_text(yaml.safe_dump(raw))
     base = build_student(config, out)
@@ -109,6 +109,7 @@ def test_improve_promotes_the_better_keeps_out_the_worse_and_rolls_back(prefect_
     (adapter_dir(out, "extraction") / "training.json").write_text(json.dumps(
         {"operation": "extraction", "traces_sha256": "older traces", "rows_total": 4}))
     update_manifest(out)
+    earlier = snapshot(out, "an earlier night")  # what keep_versions 1 removes at the next promotion
 
     calls: list[str] = []
     monkeypatch.setattr(distill_module, "run_trainings", standin_trainer([good], calls))
@@ -119,7 +120,7 @@ def test_improve_promotes_the_better_keeps_out_the_worse_and_rolls_back(prefect_
     assert decision["candidate"] == 1.0 and decision["current"] < decision["candidate"] and decision["n"] == 10
     assert answers(adapter_dir(out, "extraction")) == right  # the candidate is what serves now
     before = result["version_before"]
-    assert versions(out) == [before] and deferral_path(out).is_file()
+    assert versions(out) == [before] != [earlier] and deferral_path(out).is_file()
     calibrated_on = json.loads(deferral_path(out).read_text())["operations"]["extraction"]["keep"]["n"]
     assert calibrated_on == 2  # the validation calls: the new expert was trained on every other call
 
@@ -337,3 +338,29 @@ def test_train_on_new_trains_a_warm_candidate_on_the_calls_its_start_had_not_lea
     assert rows_to_train(config(warm_start=True, train_on="new"), files, splits, served)[0].num_rows == 7
     with pytest.raises(ValidationError, match="set improve.warm_start: true too"):
         ImproveConfig(train_on="new")
+
+
+@pytest.mark.timeout(60)
+def test_versions_beyond_keep_versions_are_removed_oldest_first_and_numbering_goes_on(tmp_path):
+    from memlora.student.versions import prune_versions, snapshot, verified_version, versions
+
+    out = tmp_path / "out"
+    folder = out / "adapters" / "extraction"
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text("{}")
+    made = []
+    for night in range(5):  # five promotions, each snapshotting the set it replaced
+        (folder / "adapter_model.safetensors").write_bytes(f"weights {night}".encode())
+        made.append(snapshot(out, f"night {night}"))
+    assert prune_versions(out, 3) == made[:2] and versions(out) == made[2:]
+    assert not (out / "versions" / made[0]).exists()
+    again = snapshot(out, "after the pruning")
+    assert again.startswith("v0006-") and versions(out) == [*made[2:], again]  # never a number used before
+    kept = verified_version(out, made[2])["extraction"]  # what is left still rolls back, checked
+    assert (kept / "adapter_model.safetensors").read_bytes() == b"weights 2"
+    # ordered by number, not by text: v10000 comes after v9999
+    for name in ("v9999-20261201T000000", "v10000-20261202T000000"):
+        (out / "versions" / name).mkdir()
+        (out / "versions" / name / "version.json").write_text("{}")
+    assert versions(out)[-2:] == ["v9999-20261201T000000", "v10000-20261202T000000"]
+    assert prune_versions(out, 1) == [*made[2:], again, "v9999-20261201T000000"]
