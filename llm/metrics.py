@@ -13,12 +13,12 @@ process never share a series."""
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
 # From a 50 ms generation answer to a deferred extraction call that waited behind a full batch.
 SECONDS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -65,8 +65,27 @@ class ServerMetrics:
             "memlora_chat_seconds", "seconds from a chat call's arrival to its answer (a stream: to its start)",
             ["operation", "answered_by", "stream"], buckets=SECONDS, registry=self.registry)
 
-    def observe(self, operation: str | None, answered_by: str, stream: bool, seconds: float) -> None:
-        self.seconds.labels(operation or "other", answered_by, str(stream).lower()).observe(seconds)
+    def answered(self, request, response, answered_by: str, started: float) -> None:
+        """Time a chat call from `started` (perf_counter) to `response`, under the operation its handler put in
+        `request.state.operation`; a call answered with an error (4xx, 5xx, 499) is counted at /health, not timed."""
+        if response.status_code >= 400:
+            return
+        stream = response.headers.get("content-type", "").startswith("text/event-stream")
+        self.seconds.labels(getattr(request.state, "operation", None) or "other", answered_by,
+                            str(stream).lower()).observe(time.perf_counter() - started)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def serve_metrics(app, health: Callable[[], dict]) -> ServerMetrics:
+    """GET /metrics on a FastAPI `app` whose /health is `health()`; returns the registry its calls are timed in."""
+    from fastapi import Response
+
+    metrics = ServerMetrics(health)
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return metrics

@@ -37,7 +37,7 @@ from memlora.llm.decoding import Decoded
 from memlora.llm.fallback import TeacherStream
 from memlora.llm.hf_backend import TransformersBackend
 from memlora.llm.guard import ANSWERED_BY, TEACHER
-from memlora.llm.metrics import CONTENT_TYPE as METRICS_TYPE, ServerMetrics
+from memlora.llm.metrics import serve_metrics
 from memlora.llm.openai_protocol import DONE, ApiError, ChatRequest, Unsupported, call_context, chunk_head, \
     completion_body, delta_chunk, error_body, models_body, parse_chat_request, sse, sse_events, stream_chunks, \
     streamable, token_entries, usage_chunk, usage_of
@@ -426,15 +426,11 @@ def create_app(engine: ServingEngine, api_key: str | None = None) -> FastAPI:
     add_error_handlers(app, api_key)
     app.add_middleware(BodyLimit, max_bytes=engine.limits.max_body_bytes)
 
-    metrics = ServerMetrics(engine.health)
+    metrics = serve_metrics(app, engine.health)
 
     @app.get("/health")
     async def health():
         return engine.health()
-
-    @app.get("/metrics")
-    async def prometheus():
-        return Response(metrics.render(), media_type=METRICS_TYPE)
 
     @app.get("/v1/models")
     async def models():
@@ -444,9 +440,7 @@ def create_app(engine: ServingEngine, api_key: str | None = None) -> FastAPI:
     async def chat_completions(request: Request):
         started = time.perf_counter()
         response = await answer_chat(request)
-        if response.status_code < 400:
-            metrics.observe(getattr(request.state, "operation", None), response.headers.get(ANSWERED_BY, "model"),
-                            isinstance(response, StreamingResponse), time.perf_counter() - started)
+        metrics.answered(request, response, response.headers.get(ANSWERED_BY, "model"), started)
         return response
 
     async def answer_chat(request: Request) -> Response:

@@ -38,7 +38,7 @@ from memlora.data.schemas import TRACES
 from memlora.layout import capture_shard_path, templates_path
 from memlora.llm.call_rules import classify, fingerprint
 from memlora.llm.client_template import changing_parts, current
-from memlora.llm.metrics import CONTENT_TYPE as METRICS_TYPE, ServerMetrics
+from memlora.llm.metrics import serve_metrics
 from memlora.llm.openai_protocol import DONE, ApiError, Message, RelayedStream, call_context, error_body, \
     plain_messages, sse, sse_events, stream_chunks
 from memlora.llm.openai_server import add_error_handlers, pass_other_endpoints, streaming
@@ -254,15 +254,11 @@ def create_capture_app(upstream: str, config: CaptureConfig, recorder: CaptureRe
                 "queue": {"admitted": admission.admitted, "limit": admission.limit},
                 "rss_mib": rss_mib(), "counts": {**recorder.counts, "refused_busy": admission.refused}}
 
-    metrics = ServerMetrics(health)
+    metrics = serve_metrics(app, health)
 
     @app.get("/health")
     async def health_now():
         return health()
-
-    @app.get("/metrics")
-    async def prometheus():
-        return Response(metrics.render(), media_type=METRICS_TYPE)
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -275,9 +271,7 @@ def create_capture_app(upstream: str, config: CaptureConfig, recorder: CaptureRe
         with ExitStack() as slot:  # a relayed stream takes its admission slot along (pop_all)
             slot.enter_context(admission.slot())
             response = await relay(request, slot)
-        if response.status_code < 400:
-            metrics.observe(getattr(request.state, "operation", None), "upstream",
-                            isinstance(response, StreamingResponse), time.perf_counter() - started)
+        metrics.answered(request, response, "upstream", started)
         return response
 
     async def record(rule: CaptureRule | None, messages: list[dict], schema: dict | None, data: dict,
