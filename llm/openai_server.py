@@ -136,17 +136,20 @@ class ServingEngine:
         (it goes to the teacher, not to the bare student); None otherwise."""
         if not self.has_teacher or self.models[chat.model].operation != ROUTED:
             return None
-        messages = chat.plain_messages()
-        wanted = routed_operation(classify(self.rules, messages, chat.model), messages)
+        wanted = self.named_operation(chat)
         return wanted if wanted is not None and wanted not in self.experts else None
+
+    def named_operation(self, chat: ChatRequest) -> str | None:
+        """The operation the call's capture rule, else its prompt of ours, names; None for neither."""
+        messages = chat.plain_messages()
+        return routed_operation(classify(self.rules, messages, chat.model), messages)
 
     def operation_of(self, chat: ChatRequest, generation: GenerationRequest) -> str:
         """The memory operation a call belongs to, for its metrics: its expert's, else the one its capture rule
         or its prompt of ours names (a call to serve-model's teacher or to the bare student); `other` if none."""
         if generation.operation not in (BASE, MODEL, ROUTED):
             return generation.operation
-        messages = chat.plain_messages()
-        return routed_operation(classify(self.rules, messages, chat.model), messages) or "other"
+        return self.named_operation(chat) or "other"
 
     def close(self) -> None:
         self.batcher.close()
