@@ -232,8 +232,11 @@ def cmd_release(args) -> int:
     from memlora.config import load_config
     from memlora.release import publish_release
 
-    release = publish_release(args.out, load_config(args.config), args.data, name=args.name)
-    print(f"release: {release}  (latest -> {release.name})")
+    published = publish_release(args.out, load_config(args.config), args.data, name=args.name)
+    if published.new:
+        print(f"release: {published.path}  (latest -> {published.path.name})")
+    else:
+        print(f"release: {published.path}  (unchanged: OUT's Parquet files are this release's; nothing published)")
     return 0
 
 

@@ -2,7 +2,9 @@
 
 `OUT/releases/<name>/<version>/` holds copies of the run's Parquet files, `manifest.json` and a `README.md`
 dataset card. The folder is assembled under a hidden name and renamed when complete; only then does the
-`latest` symlink move (itself replaced atomically), so `latest` never points at a partial release.
+`latest` symlink move (itself replaced atomically), so `latest` never points at a partial release. A run whose
+files are exactly the latest release's (a nightly rerun that changed nothing) publishes nothing new: downstream
+teams see a new version only when the data changed, and OUT does not gain a copy a night.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -59,23 +62,43 @@ def sweep_leftovers(root: Path) -> None:
             leftover.unlink(missing_ok=True)
 
 
-def publish_release(out: str | Path, config: Config, data: str | Path, name: str | None = None) -> Path:
+@dataclass(frozen=True)
+class Release:
+    path: Path
+    new: bool  # False: OUT's files were the latest release's, which is returned as it was
+
+
+def unchanged_latest(root: Path, files: dict[str, str]) -> Path | None:
+    """The latest release where it holds exactly these files (path -> sha256) and still matches its manifest."""
+    try:
+        latest = resolve_release(root)
+        listed = {f["path"]: f["sha256"] for f in json.loads((latest / "manifest.json").read_text())["files"]}
+    except (VerifyError, OSError, ValueError, KeyError, TypeError):
+        return None  # none yet, or one that cannot be read: publish
+    return latest if listed == files and not verify_release(latest) else None
+
+
+def publish_release(out: str | Path, config: Config, data: str | Path, name: str | None = None) -> Release:
     out = Path(out)
     files = release_files(out)
     if not files:
         raise FileNotFoundError(f"{out}: no Parquet datasets to release")
     name = name or f"{config.name}-traces"
-    content = hashlib.sha256("".join(sha256_file(f) for f in files).encode()).hexdigest()[:10]
+    digests = {f.relative_to(out).as_posix(): sha256_file(f) for f in files}
+    root = releases_dir(out, name)
+    sweep_leftovers(root)
+    same = unchanged_latest(root, digests)
+    if same is not None:
+        return Release(same, new=False)
+    content = hashlib.sha256("".join(digests.values()).encode()).hexdigest()[:10]
     created = datetime.now(timezone.utc)
     version = f"{created:%Y%m%dT%H%M%SZ}-{content}"
-    root = releases_dir(out, name)
     final, n = root / version, 1
     while final.exists():  # same content published twice within a second
         n += 1
         final = root / f"{version}.{n}"
     version = final.name
     staging = root / f".staging-{version}"
-    sweep_leftovers(root)
     try:
         staging.mkdir(parents=True)
         for f in files:
@@ -110,7 +133,7 @@ def publish_release(out: str | Path, config: Config, data: str | Path, name: str
     tmp_link.unlink(missing_ok=True)
     tmp_link.symlink_to(version)
     os.replace(tmp_link, link)  # atomic: readers see the old release or the new one, never neither
-    return final
+    return Release(final, new=True)
 
 
 COLUMN_NOTES = {

@@ -49,7 +49,7 @@ def release(config_path: str, data: str, out: str, point: str = "") -> None:
         rel.dataset_card = lambda manifest: crash()
     elif point == "link":  # release folder renamed into place, `latest` not yet moved
         rel.os.replace = lambda *a, **k: crash()
-    print(rel.publish_release(out, load_config(config_path), data), flush=True)
+    print(rel.publish_release(out, load_config(config_path), data).path, flush=True)
 
 
 if __name__ == "__main__":

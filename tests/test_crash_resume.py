@@ -102,7 +102,7 @@ def test_release_killed_at_three_points_never_moves_latest_to_a_partial_release(
     config = load_config(config_path)
     out = tmp_path / "out"
     ingest(sample_path, out, config.data)
-    first = publish_release(out, config, sample_path)
+    first = publish_release(out, config, sample_path).path
     root = first.parent
     (out / "datasets" / "extra.parquet").write_bytes((out / "datasets" / "questions.parquet").read_bytes())
 
@@ -129,6 +129,8 @@ mount -t tmpfs -o size=1200k tmpfs "$OUT" || exit 77
 memlora() { "$BIN/python" -m memlora.cli "$@"; }
 memlora ingest --data "$DATA" --out "$OUT" > "$LOG/ingest1.txt" 2>&1 || exit 3
 memlora release --data "$DATA" --out "$OUT" --config "$CONFIG" > "$LOG/release1.txt" 2>&1 || exit 4
+# a file the latest release lacks, so the second release has to write (one with the same files publishes nothing)
+cp "$OUT/datasets/questions.parquet" "$OUT/datasets/more.parquet"
 (cd "$OUT" && find . \( -type f -o -type l \) -not -name .memlora.lock | sort | xargs -r sha256sum) > "$LOG/before.txt"
 dd if=/dev/zero of="$OUT/filler" bs=4k 2>/dev/null
 memlora ingest --data "$DATA2" --out "$OUT" > "$LOG/ingest2.txt" 2>&1; echo $? > "$LOG/ingest2.rc"

@@ -64,3 +64,9 @@ def test_failed_task_then_rerun_skips_finished_work(prefect_server, tiny_model_d
     assert (out / "releases").is_dir() and summary["release"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert set(manifest["distill"]["experts"]) == set(OPERATIONS)
+
+    # Nothing changed since: every stage is kept, and the release stands (no new version, no copy of the data)
+    again = pipeline(config_path=config, data=str(sample_path), out=str(out))
+    assert again["release"] == summary["release"]
+    versions = [p.name for p in (out / "releases").glob("*/*") if p.name != "latest"]
+    assert versions == [again["release"].rsplit("/", 1)[-1]]

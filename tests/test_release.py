@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -17,7 +18,7 @@ def released(sample_path, tmp_path):
     config = load_config(REPO / "configs" / "default.yaml")
     out = tmp_path / "out"
     ingest(sample_path, out, config.data)
-    return out, config, publish_release(out, config, sample_path)
+    return out, config, publish_release(out, config, sample_path).path
 
 
 def test_release_has_card_manifest_and_latest(released, sample_path):
@@ -39,15 +40,13 @@ def test_release_has_card_manifest_and_latest(released, sample_path):
 
 
 def test_verify_out_is_clean_with_releases_and_the_card_describes_eval(released, sample_path):
-    import shutil
-
     from memlora.manifest import update_manifest
 
     out, config, _ = released
     (out / "eval").mkdir()
     shutil.copy2(out / "datasets" / "questions.parquet", out / "eval" / "results.parquet")  # any Parquet file
     update_manifest(out)
-    release = publish_release(out, config, sample_path)
+    release = publish_release(out, config, sample_path).path
     assert verify_release(out) == []  # OUT's manifest covers OUT; each release is verified on its own
     assert verify_release(release) == []
     card = (release / "README.md").read_text()
@@ -97,8 +96,31 @@ def test_second_release_moves_latest_only_when_complete(released, sample_path, m
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(rel, "dataset_card", broken_card)
+    shutil.copy2(out / "datasets" / "questions.parquet", out / "datasets" / "extra.parquet")  # new content
     with pytest.raises(OSError):
         publish_release(out, config, sample_path)
     assert (first.parent / "latest").resolve() == first.resolve()
     assert sorted(p.name for p in first.parent.iterdir()) == sorted([first.name, "latest"])
     assert os.path.isdir(first)
+
+
+def test_a_rerun_with_the_same_files_publishes_nothing_new(released, sample_path, tmp_path):
+    """A nightly rerun that changed nothing: the latest release stands (no new version, no copy); a changed file
+    or a latest release that no longer matches its manifest publishes a new one."""
+    out, config, first = released
+    again = publish_release(out, config, sample_path)
+    assert again.path == first and not again.new
+    assert sorted(p.name for p in first.parent.iterdir()) == sorted([first.name, "latest"])
+    cli = [sys.executable, "-m", "memlora.cli", "release", "--config", str(REPO / "configs" / "default.yaml"),
+           "--data", str(sample_path), "--out", str(out)]
+    proc = subprocess.run(cli, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "unchanged" in proc.stdout and first.name in proc.stdout, proc.stdout + proc.stderr
+
+    shutil.copy2(out / "datasets" / "questions.parquet", out / "datasets" / "extra.parquet")
+    second = publish_release(out, config, sample_path)
+    assert second.new and second.path != first and (first.parent / "latest").resolve() == second.path.resolve()
+
+    (second.path / "datasets" / "extra.parquet").write_bytes(b"changed after publishing")
+    third = publish_release(out, config, sample_path)  # the same files as OUT's, but latest is not what it says
+    assert third.new and third.path not in (first, second.path) and verify_release(third.path) == []
+    assert verify_release(first) == []
