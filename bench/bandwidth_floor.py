@@ -10,8 +10,11 @@ as `ExpertBackend` runs it (`student.quantize: int8`: the difference is what the
 the expert merged before quantizing (the other design: one int8 copy of the base per expert, a switch a pointer
 swap), and the weight-only schemes (`int8_weight` bare and merged, `int4_weight` bare and with an expert beside).
 Every system decodes with the backends' CPU product (`llm.cpu_matmul`: this machine's faster of `F.linear` and rows
-first); the teacher also through each of the two, for what the choice buys. The ratio says how much faster a step
-could get on this CPU; it is not a guess at the kernels.
+first); the teacher also through each of the two, for what the choice buys. `teacher-compiled` and
+`student-compiled` (not in the default list: each compiles for minutes per batch size) decode through
+`torch.compile` (inductor, weights frozen and prepacked) on a static KV cache: whether a compiler, rather than
+the eager kernels, closes the gap. The ratio says how much faster a
+step could get on this CPU; it is not a guess at the kernels.
 
     python bench/bandwidth_floor.py [--quick] [--out OUT] [--systems teacher,student,...]
         (OUT: use its student base)
@@ -89,11 +92,13 @@ def kv_bytes(model, tokens: int, batch: int) -> int:
     return 2 * cfg.num_hidden_layers * heads * head_dim * tokens * batch * 4
 
 
-def step_seconds(model, prompt: int, steps: int, batch: int, repeats: int) -> float:
+def step_seconds(model, prompt: int, steps: int, batch: int, repeats: int, compiled: bool = False) -> float:
     """Median over `repeats` of (generate steps + 1 tokens - generate 1 token) / steps: the prefill cancels."""
     import torch
 
     ids = torch.randint(100, model.config.vocab_size - 100, (batch, prompt), generator=torch.Generator().manual_seed(0))
+    if compiled:
+        return compiled_step_seconds(model, ids, steps, repeats)
     mask = torch.ones_like(ids)
 
     def run(n: int) -> float:
@@ -105,6 +110,41 @@ def step_seconds(model, prompt: int, steps: int, batch: int, repeats: int) -> fl
 
     run(2)  # warm-up
     return statistics.median((run(steps + 1) - run(1)) / steps for _ in range(repeats))
+
+
+def compiled_step_seconds(model, ids, steps: int, repeats: int) -> float:
+    """The median greedy decode step through `torch.compile` (inductor; weights frozen, so its linears are
+    prepacked) on a static KV cache of one size for every run: graphs per batch size (prefill and step), compiled
+    in the warm-up. Timed step by step (the forward alone; the prefill is not in it). transformers' own compiled
+    `generate` (`CompileConfig` with freezing as a compile option) was slower than eager on this host; with
+    freezing set in inductor's config and this loop it is not (docs/results.md)."""
+    import torch
+    from transformers import StaticCache
+
+    import torch._inductor.config as inductor
+
+    forward = getattr(model, "_bench_compiled", None)
+    if forward is None:
+        inductor.freezing = True  # set globally: as a torch.compile option it did not take effect here
+        forward = model._bench_compiled = torch.compile(model.forward)
+    batch, prompt = ids.shape
+
+    def run() -> list[float]:
+        cache = StaticCache(config=model.config, max_batch_size=batch, max_cache_len=prompt + steps + 16)
+        times = []
+        with torch.no_grad():
+            logits = forward(input_ids=ids, past_key_values=cache, cache_position=torch.arange(prompt),
+                             position_ids=torch.arange(prompt).expand(batch, -1), logits_to_keep=1).logits
+            for i in range(steps):
+                token = logits[:, -1].argmax(-1, keepdim=True)
+                started = time.perf_counter()
+                logits = forward(input_ids=token, past_key_values=cache, cache_position=torch.tensor([prompt + i]),
+                                 position_ids=torch.full((batch, 1), prompt + i), logits_to_keep=1).logits
+                times.append(time.perf_counter() - started)
+        return times
+
+    run()  # warm-up: the compilation
+    return statistics.median(statistics.median(run()) for _ in range(repeats))
 
 
 def load(system: str, base: Path, config):
@@ -125,7 +165,7 @@ def load(system: str, base: Path, config):
             fold_beside(model, ["default"])["active"] = "default"
     if system == ROWS_FIRST:
         use_rows_first_linears(model)
-    elif system != PLAIN:
+    elif system not in (PLAIN, *COMPILED):  # compiled: torch's F.linear, which inductor prepacks
         use_fastest_decode_product(model)  # the product the backends decode with (float32 linears only)
     return model.eval()
 
@@ -136,6 +176,7 @@ PLAIN, ROWS_FIRST = "teacher-F.linear", "teacher-rows-first"
 SYSTEMS = ("teacher", PLAIN, ROWS_FIRST, "teacher-int8", "student", "student-int8", "student-int8+expert",
            "student-int8+expert-merged", f"student-{WEIGHT_ONLY}", f"student-{WEIGHT_ONLY}+expert-merged",
            f"student-{INT4}", f"student-{INT4}+expert")  # int4 experts stay beside (student/experts.py)
+COMPILED = ("teacher-compiled", "student-compiled")  # asked for by name: minutes of compilation per batch size
 
 
 def main() -> None:
@@ -145,11 +186,12 @@ def main() -> None:
 
     parser = bench_parser(__doc__)
     parser.add_argument("--batches", default=None, help="batch sizes, comma-separated (default 1,8)")
-    parser.add_argument("--systems", default=None, help=f"comma-separated, of {', '.join(SYSTEMS)} (default all)")
+    parser.add_argument("--systems", default=None, help=f"comma-separated, of {', '.join(SYSTEMS + COMPILED)} "
+                        "(default all but the compiled ones)")
     args = parser.parse_args()
     systems = args.systems.split(",") if args.systems else list(SYSTEMS)
-    if set(systems) - set(SYSTEMS):
-        parser.error(f"--systems: unknown {', '.join(sorted(set(systems) - set(SYSTEMS)))}")
+    if set(systems) - set(SYSTEMS) - set(COMPILED):
+        parser.error(f"--systems: unknown {', '.join(sorted(set(systems) - set(SYSTEMS) - set(COMPILED)))}")
     config = load_config(CONFIG)
     prompt, steps, repeats = (8, 4, 1) if args.quick else (128, 16, 3)
     batches = [int(b) for b in (args.batches or ("1,2" if args.quick else "1,8")).split(",")]
@@ -164,7 +206,7 @@ def main() -> None:
             model = load(system, base, config)
             weights = weight_bytes(model)
             for batch in batches:
-                seconds = step_seconds(model, prompt, steps, batch, repeats)
+                seconds = step_seconds(model, prompt, steps, batch, repeats, compiled=system in COMPILED)
                 read = weights + kv_bytes(model, prompt + steps, batch)
                 rows.append({"system": system, "batch": batch, "weights_mb": weights / 1e6, "read_mb": read / 1e6,
                              "step_ms": seconds * 1e3, "floor_ms": read / floor_bw * 1e3,

@@ -365,6 +365,7 @@ RENDERERS = {
     "bandwidth-floor": bandwidth_floor_table,
     "bandwidth-floor-int8-weight": lambda: bandwidth_floor_table("bandwidth_floor_int8_weight"),
     "bandwidth-floor-int4-weight": lambda: bandwidth_floor_table("bandwidth_floor_int4_weight"),
+    "bandwidth-floor-compiled": lambda: bandwidth_floor_table("bandwidth_floor_compiled"),
     "int8-designs": int8_designs_table,
     "int8-designs-int8-weight": lambda: int8_designs_table("int8_designs_int8_weight"),
     "int8-designs-int4-weight": lambda: int8_designs_table("int8_designs_int4_weight"),
