@@ -331,11 +331,11 @@ def cmd_serve_experts(args) -> int:
     from memlora.llm.reload import ExpertsLoader, Reloader, experts_version
 
     config = load_config(args.config)
-    guard = _guard(config, args)  # before the experts load: a missing thresholds file is a clear error at once
+    # before the experts load: missing thresholds or a teacher that is down are a clear error at once
+    fallback = _guard(config, args) or _fallback(config, args)
     backend = _expert_backend(config, args)
     engine = ServingEngine(backend, expert_models(backend.operations), config.capture.rules,
-                           default_max_tokens=args.max_tokens, limits=config.serving,
-                           fallback=guard or _fallback(config, args))
+                           default_max_tokens=args.max_tokens, limits=config.serving, fallback=fallback)
     if config.serving.reload_s:
         def experts() -> dict:
             fresh = _expert_backend(config, args, engine.backend.grammars)

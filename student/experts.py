@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -28,6 +29,9 @@ from memlora.student.householder import use_input_reflections
 from memlora.llm.quantize import BARE, MERGE_LOSES, SMOOTHABLE, fold_beside, quantize_merged, smoothing
 
 log = logging.getLogger(__name__)
+# peft reads transformers' deprecated `is_gradient_checkpointing` on every PeftModel it builds: a FutureWarning
+# in every command's output that no user of ours can act on
+warnings.filterwarnings("ignore", message=r".*`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def adapter_config(expert: ExpertConfig):

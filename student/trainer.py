@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -384,7 +385,10 @@ def train_expert(config: Config, out: str | Path, operation: str, base: str | Pa
     trainer.accelerator.wait_for_everyone()
     # The base as an OUT-relative path where it lives in OUT: a copied OUT must not point back at this machine.
     trainer.model.peft_config["default"].base_model_name_or_path = portable_base(base, out)
-    trainer.save_model(str(staging))  # collective under ZeRO-3; only rank 0 writes
+    with warnings.catch_warnings():  # peft looks for that relative path's config.json from the cwd, then on the
+        # hub (offline here), to check a resized vocabulary: ours never is (no embedding is adapted)
+        warnings.filterwarnings("ignore", message="Could not find a config file", category=UserWarning)
+        trainer.save_model(str(staging))  # collective under ZeRO-3; only rank 0 writes
     trainer.accelerator.wait_for_everyone()
     if rank != 0:
         return None
