@@ -232,6 +232,12 @@ def cmd_release(args) -> int:
     from memlora.config import load_config
     from memlora.release import publish_release
 
+    if args.data is None:
+        from memlora.evaluation.captured import is_captured
+
+        if not is_captured(args.out):
+            raise UsageError(f"--data: required for {args.out}, whose datasets were made from conversations (it is "
+                             "fingerprinted in the release); only an OUT of captured calls is released without it")
     published = publish_release(args.out, load_config(args.config), args.data, name=args.name)
     if published.new:
         print(f"release: {published.path}  (latest -> {published.path.name})")
@@ -509,7 +515,8 @@ COMMANDS = {
         "Check a dataset release (or OUT) against its manifest: sizes and sha256 of every file."),
     "release": ("publish OUT's datasets as a versioned release",
         "Publish OUT's Parquet datasets as a versioned, checksummed release under OUT/releases/ (the "
-        "pipeline's last step)."),
+        "pipeline's last step; an OUT of captured calls is released without --data). Where OUT's files are "
+        "those of the latest release, nothing new is published."),
     "serve": ("local Prefect server + worker with the scheduled deployments",
         "Start a local Prefect server and a process worker with the deployments of prefect.yaml (the "
         "nightly schedule included); Ctrl-C stops both."),
@@ -614,7 +621,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("release")
     config(p)
-    p.add_argument("--data", required=True, help="the source data the datasets were made from (fingerprinted)")
+    p.add_argument("--data", default=None, help="the source data the datasets were made from (fingerprinted); "
+                   "none for an OUT of captured calls, which are their own source")
     out(p)
     p.add_argument("--name", default=None, help="dataset name (default: <config name>-traces)")
     p.set_defaults(func=cmd_release)

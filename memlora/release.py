@@ -78,7 +78,19 @@ def unchanged_latest(root: Path, files: dict[str, str]) -> Path | None:
     return latest if listed == files and not verify_release(latest) else None
 
 
-def publish_release(out: str | Path, config: Config, data: str | Path, name: str | None = None) -> Release:
+CAPTURED = "captured calls"  # a release's source where no data file was read: what `memlora capture` recorded
+
+
+def source_of(data: str | Path | None) -> dict:
+    """What the release was made from: a data file or folder, fingerprinted; or (no data) the calls a client's
+    memory system made through `memlora capture` and a deferring server, which are themselves in the release."""
+    if data is None:
+        return {"path": None, "sha256": None, "kind": CAPTURED}
+    return {"path": str(data), "sha256": data_fingerprint(data), "kind": "conversations"}
+
+
+def publish_release(out: str | Path, config: Config, data: str | Path | None, name: str | None = None) -> Release:
+    """`data`: the conversations OUT's datasets and traces were made from; None for an OUT of captured calls."""
     out = Path(out)
     files = release_files(out)
     if not files:
@@ -116,7 +128,7 @@ def publish_release(out: str | Path, config: Config, data: str | Path, name: str
             "student_model": (config.student.model or f"pruned teacher {config.student.prune.model_dump(by_alias=True)}")
             if config.student else None,
             "prompt_template_hashes": {op: t.hash for op, t in templates(config.memory.update_output).items()},
-            "source_data": {"path": str(data), "sha256": data_fingerprint(data)},
+            "source_data": source_of(data),
             "config": config.model_dump(mode="json", by_alias=True),
             "files": [describe_file(p, staging) for p in sorted(staging.rglob("*.parquet"))],
         }
@@ -173,10 +185,8 @@ conversations and questions they were made from, produced by memlora {manifest['
 
 ## How it was made
 
-The teacher `{manifest['teacher_model']}` replayed each train conversation session by session through the
-memory system; every model call is one trace row. Prompt template hashes: {manifest['prompt_template_hashes']}.
-Source data: `{manifest['source_data']['path']}` (sha256 `{manifest['source_data']['sha256'][:16]}…`). The full
-config is in `manifest.json`. Rows with `parse_ok = false` are kept raw and were not used for training.
+{made_how(manifest)} The full config is in `manifest.json`. Rows with `parse_ok = false` are kept raw and were
+not used for training.
 
 ## Files (schema version {manifest['schema_version']}, in each file's metadata as `memlora.schema_version`)
 
@@ -200,6 +210,19 @@ ds = load_dataset("parquet", data_files={{"train": "traces/extraction/*.parquet"
 
 Check a copy against this manifest with `memlora verify <release folder>`.
 """
+
+
+def made_how(manifest: dict) -> str:
+    source = manifest["source_data"]
+    if source.get("kind") == CAPTURED:
+        return ("The calls a client's memory system made to its teacher, recorded by `memlora capture` (and the calls "
+                "a deferring `memlora serve-experts` handed to the teacher), each one trace row as the client sent it, "
+                "with the teacher's answer. They hold the client's users' text: share them only where that is "
+                "allowed.")
+    return (f"The teacher `{manifest['teacher_model']}` replayed each train conversation session by session through "
+            "the memory system; every model call is one trace row. Prompt template hashes: "
+            f"{manifest['prompt_template_hashes']}. Source data: `{source['path']}` (sha256 "
+            f"`{source['sha256'][:16]}…`).")
 
 
 def resolve_release(path: str | Path) -> Path:

@@ -124,3 +124,34 @@ def test_a_rerun_with_the_same_files_publishes_nothing_new(released, sample_path
     third = publish_release(out, config, sample_path)  # the same files as OUT's, but latest is not what it says
     assert third.new and third.path not in (first, second.path) and verify_release(third.path) == []
     assert verify_release(first) == []
+
+
+def test_an_out_of_captured_calls_is_released_without_data(tmp_path):
+    """A team's captured calls are their own source: `memlora release` without --data on such an OUT; on an OUT
+    made from conversations --data stays required (one line, exit 2, nothing written)."""
+    from memlora.config import CaptureConfig, CaptureRule
+    from memlora.teacher.capture import CaptureRecorder
+
+    out = tmp_path / "captured"
+    recorder = CaptureRecorder.from_config(out, CaptureConfig(test_ratio=0.25, test_block=2))
+    rule = CaptureRule(operation="extraction", model="teacher")
+    answer = {"choices": [{"message": {"content": '{"facts": ["likes tea"]}'}, "finish_reason": "stop"}], "usage": {}}
+    for i in range(4):
+        recorder.write(recorder.row(rule, [{"role": "user", "content": f"call {i}"}], None, answer, 0.1, "conv-a", 0))
+    cli = [sys.executable, "-m", "memlora.cli", "release", "--config", str(REPO / "configs" / "default.yaml"),
+           "--out", str(out)]
+    proc = subprocess.run(cli, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    release = (out / "releases" / "embedded-default-traces" / "latest").resolve()
+    manifest = json.loads((release / "manifest.json").read_text())
+    assert manifest["source_data"] == {"path": None, "sha256": None, "kind": "captured calls"}
+    assert {f["path"].split("/")[1] for f in manifest["files"]} == {"extraction"} and verify_release(release) == []
+    card = (release / "README.md").read_text()
+    assert "recorded by `memlora capture`" in card and "users' text" in card
+
+    ingested = tmp_path / "ingested"
+    ingest(REPO / "data" / "samples" / "locomo_sample12.json", ingested, load_config(REPO / "configs" /
+                                                                                    "default.yaml").data)
+    cli[cli.index(str(out))] = str(ingested)
+    proc = subprocess.run(cli, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--data: required" in proc.stderr and not (ingested / "releases").exists()
