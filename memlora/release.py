@@ -179,8 +179,7 @@ def dataset_card(manifest: dict) -> str:
     first = next((f["path"] for f in manifest["files"] if f["path"].startswith("traces/")), manifest["files"][0]["path"])
     return f"""# {manifest['name']} — release {manifest['version']}
 
-Teacher traces of a Mem0-style memory system (operations: extraction, update, generation) and the normalized
-conversations and questions they were made from, produced by memlora {manifest['memlora_version']}
+{what_it_holds(manifest)}, produced by memlora {manifest['memlora_version']}
 (code revision `{manifest['code_revision']}`) on {manifest['created_at']}.
 
 ## How it was made
@@ -210,6 +209,13 @@ ds = load_dataset("parquet", data_files={{"train": "traces/extraction/*.parquet"
 
 Check a copy against this manifest with `memlora verify <release folder>`.
 """
+
+
+def what_it_holds(manifest: dict) -> str:
+    if manifest["source_data"].get("kind") == CAPTURED:
+        return "Teacher traces of a client's memory system (its calls to its teacher, per operation)"
+    return ("Teacher traces of a Mem0-style memory system (operations: extraction, update, generation) and the "
+            "normalized\nconversations and questions they were made from")
 
 
 def made_how(manifest: dict) -> str:
