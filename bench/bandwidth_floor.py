@@ -13,8 +13,8 @@ Every system decodes with the backends' CPU product (`llm.cpu_matmul`: this mach
 first); the teacher also through each of the two, for what the choice buys. `teacher-compiled` and
 `student-compiled` (not in the default list: each compiles for minutes per batch size) decode through
 `torch.compile` (inductor, weights frozen and prepacked) on a static KV cache: whether a compiler, rather than
-the eager kernels, closes the gap. The ratio says how much faster a
-step could get on this CPU; it is not a guess at the kernels.
+the eager kernels, closes the gap. The ratio says how much faster a step could get on this CPU; it is not a guess
+at the kernels.
 
     python bench/bandwidth_floor.py [--quick] [--out OUT] [--systems teacher,student,...]
         (OUT: use its student base)
