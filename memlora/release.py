@@ -177,14 +177,15 @@ def dataset_card(manifest: dict) -> str:
     columns = "\n".join(f"- **{kind}**: {note}" for kind, note in COLUMN_NOTES.items()
                         if any(p.startswith(prefix[kind]) for p in paths))
     first = next((f["path"] for f in manifest["files"] if f["path"].startswith("traces/")), manifest["files"][0]["path"])
+    holds, made = provenance(manifest)
     return f"""# {manifest['name']} — release {manifest['version']}
 
-{what_it_holds(manifest)}, produced by memlora {manifest['memlora_version']}
+{holds}, produced by memlora {manifest['memlora_version']}
 (code revision `{manifest['code_revision']}`) on {manifest['created_at']}.
 
 ## How it was made
 
-{made_how(manifest)} The full config is in `manifest.json`. Rows with `parse_ok = false` are kept raw and were
+{made} The full config is in `manifest.json`. Rows with `parse_ok = false` are kept raw and were
 not used for training.
 
 ## Files (schema version {manifest['schema_version']}, in each file's metadata as `memlora.schema_version`)
@@ -211,21 +212,18 @@ Check a copy against this manifest with `memlora verify <release folder>`.
 """
 
 
-def what_it_holds(manifest: dict) -> str:
-    if manifest["source_data"].get("kind") == CAPTURED:
-        return "Teacher traces of a client's memory system (its calls to its teacher, per operation)"
-    return ("Teacher traces of a Mem0-style memory system (operations: extraction, update, generation) and the "
-            "normalized\nconversations and questions they were made from")
-
-
-def made_how(manifest: dict) -> str:
+def provenance(manifest: dict) -> tuple[str, str]:
+    """The card's opening (what the release holds) and its "how it was made", by the release's source."""
     source = manifest["source_data"]
     if source.get("kind") == CAPTURED:
-        return ("The calls a client's memory system made to its teacher, recorded by `memlora capture` (and the calls "
+        return ("Teacher traces of a client's memory system (its calls to its teacher, per operation)",
+                "The calls a client's memory system made to its teacher, recorded by `memlora capture` (and the calls "
                 "a deferring `memlora serve-experts` handed to the teacher), each one trace row as the client sent it, "
                 "with the teacher's answer. They hold the client's users' text: share them only where that is "
                 "allowed.")
-    return (f"The teacher `{manifest['teacher_model']}` replayed each train conversation session by session through "
+    return ("Teacher traces of a Mem0-style memory system (operations: extraction, update, generation) and the "
+            "normalized conversations and questions they were made from",
+            f"The teacher `{manifest['teacher_model']}` replayed each train conversation session by session through "
             "the memory system; every model call is one trace row. Prompt template hashes: "
             f"{manifest['prompt_template_hashes']}. Source data: `{source['path']}` (sha256 "
             f"`{source['sha256'][:16]}…`).")
