@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 
+from memlora.bundled import DEFAULT_CONFIG
 from memlora.config import OPERATIONS
 from memlora.tasks.common import forward_domain_logs, holding_out, load_config_task, manifest_task
 from memlora.tasks.distill import build_student_task, check_traces_task, distill_experts_task
@@ -11,7 +12,7 @@ from memlora.tasks.improve import recalibrate_stale_task
 
 
 @flow(name="distill")
-def distill(config_path: str = "configs/default.yaml", out: str = "out") -> dict:
+def distill(config_path: str = DEFAULT_CONFIG, out: str = "out") -> dict:
     forward_domain_logs()
     with holding_out(out, "distill"):
         cfg = load_config_task(config_path)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from prefect import flow
 
+from memlora.bundled import DEFAULT_CONFIG
 from memlora.evaluation.captured import is_captured
 from memlora.evaluation.plan import report_meta, summary
 from memlora.evaluation.results import independent_judge
@@ -18,7 +19,7 @@ from memlora.tasks.evaluation import artifacts_task, captured_task, prepare_task
 
 
 @flow(name="evaluate")
-def evaluate(config_path: str = "configs/default.yaml", out: str = "out") -> dict:
+def evaluate(config_path: str = DEFAULT_CONFIG, out: str = "out") -> dict:
     forward_domain_logs()
     with holding_out(out, "evaluate"):
         cfg = load_config_task(config_path)

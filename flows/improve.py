@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
+from memlora.bundled import DEFAULT_CONFIG
 from memlora.tasks.common import forward_domain_logs, holding_out, load_config_task
 from memlora.tasks.distill import build_student_task, distill_experts_task
 from memlora.tasks.improve import compact_traces_task, gate_task, new_rows_task, prepare_candidate_task, \
@@ -13,7 +14,7 @@ from memlora.tasks.improve import compact_traces_task, gate_task, new_rows_task,
 
 
 @flow(name="improve")
-def improve(config_path: str = "configs/default.yaml", out: str = "out") -> dict:
+def improve(config_path: str = DEFAULT_CONFIG, out: str = "out") -> dict:
     forward_domain_logs()
     with holding_out(out, "improve"):
         cfg = load_config_task(config_path)

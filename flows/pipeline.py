@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
+from memlora.bundled import DEFAULT_CONFIG, DEFAULT_DATA
 from memlora.flows.distill import distill
 from memlora.flows.evaluation import evaluate
 from memlora.flows.traces import generate_traces
@@ -13,7 +14,7 @@ from memlora.tasks.release import publish_release_task
 
 
 @flow(name="memlora-pipeline")
-def pipeline(config_path: str = "configs/default.yaml", data: str = "data/samples/locomo_sample12.json",
+def pipeline(config_path: str = DEFAULT_CONFIG, data: str = DEFAULT_DATA,
              out: str = "out") -> dict:
     log = get_run_logger()
     with holding_out(out, "memlora-pipeline"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.utilities.annotations import unmapped
 
+from memlora.bundled import DEFAULT_CONFIG
 from memlora.tasks.common import (
     build_task_runner, forward_domain_logs, holding_out, ingest_task, load_config_task, manifest_task,
 )
@@ -15,7 +16,7 @@ from memlora.teacher.traces import select_conversations, shared_resources, trace
 
 
 @flow(name="generate-traces", log_prints=True)
-def generate_traces(config_path: str = "configs/default.yaml", data: str = "", out: str = "out") -> dict:
+def generate_traces(config_path: str = DEFAULT_CONFIG, data: str = "", out: str = "out") -> dict:
     forward_domain_logs()
     with holding_out(out, "generate-traces"):
         cfg = load_config_task(config_path)

@@ -7,14 +7,13 @@ import os
 import sys
 from pathlib import Path
 
+from memlora.bundled import DEFAULT_CONFIG, DEFAULT_DATA, bundled
 from memlora.evaluation.report import headline_text
 from memlora.layout import manifest_path, releases_root, report_path, results_path
 from memlora.models import go_offline
 
 go_offline()
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-
-DEFAULT_CONFIG = "configs/default.yaml"
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
@@ -230,8 +229,11 @@ def cmd_verify(args) -> int:
 
 def cmd_release(args) -> int:
     from memlora.config import load_config
-    from memlora.release import publish_release
+    from memlora.release import publish_release, release_files
 
+    if not release_files(Path(args.out)):  # before --data: an OUT with nothing to release needs no data either
+        raise UsageError(f"{args.out}: no Parquet datasets to release (run `memlora run`, or `memlora traces` or "
+                         "`memlora capture`, into it first)")
     if args.data is None:
         from memlora.evaluation.captured import is_captured
 
@@ -715,7 +717,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("run")
     config(p)
-    p.add_argument("--data", default="data/samples/locomo_sample12.json", help=data_help)
+    p.add_argument("--data", default=DEFAULT_DATA, help=data_help)
     out(p, required=False)
     p.set_defaults(func=cmd_run)
     return parser
@@ -726,6 +728,9 @@ SERVERS = ("serve", "serve-experts", "serve-model", "capture")  # they stop them
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for name, default in (("config", DEFAULT_CONFIG), ("data", DEFAULT_DATA)):
+        if getattr(args, name, None) == default:
+            setattr(args, name, bundled(default))
     from contextlib import nullcontext
 
     from memlora.processes import exit_on_interrupt
