@@ -46,6 +46,31 @@ def check_out(args) -> None:
         raise UsageError(f"--out {out}: is a file; OUT must be a folder (created if missing)")
 
 
+def port_number(text: str) -> int:
+    port = int(text)  # not a number: argparse says "invalid port_number value"
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text}: a port is 1-65535")
+    return port
+
+
+def check_address(args) -> None:
+    """A server's address is tried before anything loads: a port in use is one line at once, not a uvicorn error
+    after the models have loaded. (Bound as uvicorn binds it, with SO_REUSEADDR, and released at once.)"""
+    import errno
+    import socket
+
+    if args.command not in SERVERS:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((args.host, args.port))
+        except OSError as err:
+            hint = "; choose another port" if err.errno == errno.EADDRINUSE else ""
+            raise UsageError(f"--host {args.host} --port {args.port}: cannot listen there ({err.strerror}){hint}") \
+                from None
+
+
 # Commands that change OUT outside a flow (the flows hold OUT's lock themselves): they take turns with the
 # nightly runs on the same OUT (memlora.outlock).
 WRITERS = ("ingest", "compact", "rollback", "calibrate", "templates", "export", "release")
@@ -631,14 +656,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("serve")
     p.add_argument("--host", default="127.0.0.1", help="address the Prefect API and UI bind to")
-    p.add_argument("--port", type=int, default=4200, help="Prefect API and UI port")
+    p.add_argument("--port", type=port_number, default=4200, help="Prefect API and UI port")
     p.add_argument("--pool", default="memlora-pool", help="process work pool the worker serves")
     p.add_argument("--no-deploy", action="store_true", help="do not (re)deploy prefect.yaml's deployments")
     p.set_defaults(func=cmd_serve)
 
     def server(p, port: int) -> None:
         p.add_argument("--host", default="127.0.0.1", help="address to bind (anything but loopback exposes it)")
-        p.add_argument("--port", type=int, default=port, help="port")
+        p.add_argument("--port", type=port_number, default=port, help="port")
 
     def api(p) -> None:
         p.add_argument("--api-key-env", default=None,
@@ -740,6 +765,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with guard:
             check_out(args)
+            check_address(args)
             with writing_out(args):
                 return args.func(args)
     except _known_errors() as err:

@@ -50,3 +50,27 @@ def test_out_pointing_at_a_file_is_one_line_and_exit_2(tmp_path):
     assert done.returncode == 2 and done.stderr.strip() == (
         f"memlora distill: error: --out {file}: is a file; OUT must be a folder (created if missing)")
     assert file.read_text() == "x"
+
+
+@pytest.mark.timeout(120)
+def test_a_server_whose_port_is_taken_or_impossible_refuses_before_loading_anything(tmp_path):
+    import socket
+    import subprocess
+
+    from tests.conftest import BIN, REPO
+
+    def memlora(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "memlora"), *args], cwd=REPO, capture_output=True, text=True, timeout=100)
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for command in (["serve-model"], ["serve-experts", "--out", str(tmp_path / "out")]):
+            done = memlora(*command, "--port", str(port))
+            assert done.returncode == 2 and done.stderr.strip() == (
+                f"memlora {command[0]}: error: --host 127.0.0.1 --port {port}: cannot listen there (Address already "
+                "in use); choose another port"), done.stderr  # one line: no model was loaded first
+    done = memlora("serve-model", "--port", "99999")
+    assert done.returncode == 2 and "argument --port: 99999: a port is 1-65535" in done.stderr, done.stderr
+    assert not (tmp_path / "out").exists()
