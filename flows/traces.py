@@ -1,6 +1,6 @@
-"""`generate-traces`: ingest the data, then replay every train and validation conversation through the memory system with
-the teacher, recording each call. Conversations fan out over the configured task runner; on the thread runner
-their calls share model batches."""
+"""`generate-traces`: ingest the data, then replay every train and validation conversation through the memory system
+with the teacher, recording each call. Conversations fan out over the configured task runner; on the thread
+runner their calls share model batches."""
 
 from __future__ import annotations
 

@@ -53,6 +53,15 @@ def port_number(text: str) -> int:
     return port
 
 
+def http_url(text: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an http(s) URL such as http://127.0.0.1:8000/v1")
+    return text
+
+
 def check_address(args) -> None:
     """A server's address is tried before anything loads: a port in use is one line at once, not a uvicorn error
     after the models have loaded. (Bound as uvicorn binds it, with SO_REUSEADDR, and released at once.)"""
@@ -468,6 +477,8 @@ def cmd_serve_model(args) -> int:
 
 
 def cmd_capture(args) -> int:
+    import httpx
+
     from memlora.config import load_config
     from memlora.llm.openai_server import run_server
     from memlora.teacher.capture import CaptureRecorder, create_capture_app
@@ -479,6 +490,11 @@ def cmd_capture(args) -> int:
     upstream_key = os.environ.get(args.upstream_key_env) if args.upstream_key_env else None
     app = create_capture_app(args.upstream, config.capture, recorder, upstream_key=upstream_key,
                              limits=config.serving)
+    try:  # a proxy may start before its teacher; it says so, and each call meanwhile is the client's 502
+        httpx.get(f"{args.upstream.rstrip('/')}/models", timeout=10)
+    except httpx.HTTPError as err:
+        print(f"warning: --upstream {args.upstream}: unreachable now ({type(err).__name__}); calls answer 502 until "
+              "it is up", file=sys.stderr, flush=True)
     print(f"capturing at http://{args.host}:{args.port}/v1 -> {args.upstream}; traces under "
           f"{Path(args.out) / 'traces'} (Ctrl-C stops)", flush=True)
     run_server(app, args.host, args.port, config.serving)
@@ -676,7 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=None, help="student base (default: OUT/student/base, else student.model)")
     server(p, 8100)
     api(p)
-    p.add_argument("--fallback", default=None, help="an OpenAI-compatible teacher endpoint (e.g. "
+    p.add_argument("--fallback", default=None, type=http_url, help="an OpenAI-compatible teacher endpoint (e.g. "
                    "http://127.0.0.1:8000/v1): calls an expert is unsure of go there (thresholds from "
                    "`memlora calibrate`)")
     p.add_argument("--fallback-model", default=None, help="the model name the fallback serves (default: the "
@@ -733,8 +749,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("capture")
     config(p)
     out(p)
-    p.add_argument("--upstream", required=True, help="the teacher's OpenAI-compatible base URL, e.g. "
-                   "http://127.0.0.1:8000/v1")
+    p.add_argument("--upstream", required=True, type=http_url,
+                   help="the teacher's OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--upstream-key-env", default=None,
                    help="environment variable with the upstream's key (default: the client's own header)")
     server(p, 8200)

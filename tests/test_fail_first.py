@@ -53,7 +53,7 @@ def test_out_pointing_at_a_file_is_one_line_and_exit_2(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_a_server_whose_port_is_taken_or_impossible_refuses_before_loading_anything(tmp_path):
+def test_a_server_whose_address_or_teacher_url_is_wrong_refuses_before_loading_anything(tmp_path):
     import socket
     import subprocess
 
@@ -73,4 +73,9 @@ def test_a_server_whose_port_is_taken_or_impossible_refuses_before_loading_anyth
                 "in use); choose another port"), done.stderr  # one line: no model was loaded first
     done = memlora("serve-model", "--port", "99999")
     assert done.returncode == 2 and "argument --port: 99999: a port is 1-65535" in done.stderr, done.stderr
+    for command in (["capture", "--upstream"], ["serve-experts", "--fallback"]):  # the teacher's URL, before all
+        done = memlora(*command, "127.0.0.1:8000/v1", "--out", str(tmp_path / "out"))
+        assert done.returncode == 2 and done.stderr.strip().endswith(
+            f"argument {command[1]}: '127.0.0.1:8000/v1': expected an http(s) URL such as http://127.0.0.1:8000/v1"
+        ), done.stderr
     assert not (tmp_path / "out").exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -412,6 +413,27 @@ def test_capture_passes_other_endpoints_through_to_the_teacher(tmp_path):
 
 
 @pytest.mark.timeout(120)
+def test_capture_started_before_its_teacher_says_so_and_serves(tmp_path):
+    """A proxy may come up before its teacher: one warning line at start, then it serves (each call a 502 until
+    the teacher answers; the test above)."""
+    from memlora.processes import stop_group
+    from memlora.serve import wait_healthy
+    from tests.conftest import BIN, REPO, free_port
+
+    dead, port = f"http://127.0.0.1:{free_port()}/v1", free_port()
+    with open(tmp_path / "capture.log", "wb") as log:
+        proxy = subprocess.Popen([str(BIN / "memlora"), "capture", "--config", str(REPO / "configs" / "mem0.yaml"),
+                                  "--out", str(tmp_path / "out"), "--upstream", dead, "--port", str(port)],
+                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+        try:
+            wait_healthy(f"http://127.0.0.1:{port}", proxy, timeout_s=60)
+        finally:
+            stop_group(proxy)
+    first = (tmp_path / "capture.log").read_text().splitlines()[0]
+    assert first == f"warning: --upstream {dead}: unreachable now (ConnectError); calls answer 502 until it is up"
+
+
+@pytest.mark.timeout(120)
 def test_capture_upstream_down_or_garbage_is_a_502_and_no_row(tmp_path):
     out = tmp_path / "out"
     organizer = [{"role": "system", "content": "You are a Personal Information Organizer."},
@@ -466,7 +488,6 @@ def test_capture_answers_a_call_it_cannot_record_and_counts_it(tmp_path):
 def test_a_killed_capture_proxy_keeps_every_finished_row_and_no_half_one(tmp_path):
     import os
     import signal
-    import subprocess
 
     import yaml
 
