@@ -46,6 +46,13 @@ def check_out(args) -> None:
         raise UsageError(f"--out {out}: is a file; OUT must be a folder (created if missing)")
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be 1 or more")
+    return value
+
+
 def port_number(text: str) -> int:
     port = int(text)  # not a number: argparse says "invalid port_number value"
     if not 1 <= port <= 65535:
@@ -163,13 +170,6 @@ def cmd_improve(args) -> int:
     return 0
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text}: must be 1 or more")
-    return value
-
-
 def cmd_compact(args) -> int:
     from memlora.data.compaction import compact_traces
     from memlora.layout import traces_root
@@ -229,8 +229,6 @@ def cmd_evaluate(args) -> int:
 
             if not args.experts_from:
                 raise EvalError("--data needs --experts-from OUT: the run whose trained experts are evaluated")
-            if args.sessions is not None and args.sessions < 1:
-                raise EvalError(f"--sessions: expected a positive number of sessions, got {args.sessions}")
             n = prepare_other_corpus(config, args.data, args.experts_from, args.out, args.sessions)
             print(f"evaluating the experts of {args.experts_from} on {n} conversation(s) of {args.data} in {args.out}")
         elif args.experts_from or args.sessions is not None:
@@ -643,7 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["lora"], default="lora", help="adapter format")
     p.add_argument("--base", default=None,
                    help="student base (default: OUT/student/base, else the base the experts were trained on)")
-    p.add_argument("--rank", type=int, default=None, help="LoRA rank (default: the expert's own)")
+    p.add_argument("--rank", type=positive_int, default=None, help="LoRA rank (default: the expert's own)")
     p.set_defaults(func=cmd_export)
 
     p = command("evaluate")
@@ -654,7 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "OUT is then a new folder, and --experts-from names the trained run")
     p.add_argument("--experts-from", default=None, metavar="TRAINED_OUT",
                    help="with --data: the OUT whose student base and trained experts are evaluated")
-    p.add_argument("--sessions", type=int, default=None, metavar="N",
+    p.add_argument("--sessions", type=positive_int, default=None, metavar="N",
                    help="with --data: each conversation's first N sessions, and only the questions about them")
     p.set_defaults(func=cmd_evaluate)
 
@@ -684,7 +682,8 @@ def build_parser() -> argparse.ArgumentParser:
     def api(p) -> None:
         p.add_argument("--api-key-env", default=None,
                        help="environment variable holding a bearer key clients must send (default: no key)")
-        p.add_argument("--max-tokens", type=int, default=512, help="completion cap when a request gives none")
+        p.add_argument("--max-tokens", type=positive_int, default=512,
+                       help="completion cap when a request gives none")
 
     p = command("serve-experts")
     config(p)

@@ -73,6 +73,11 @@ def test_a_server_whose_address_or_teacher_url_is_wrong_refuses_before_loading_a
                 "in use); choose another port"), done.stderr  # one line: no model was loaded first
     done = memlora("serve-model", "--port", "99999")
     assert done.returncode == 2 and "argument --port: 99999: a port is 1-65535" in done.stderr, done.stderr
+    for command in (["serve-model", "--max-tokens", "0"], ["export", "--out", "x", "--rank", "-4"],
+                    ["evaluate", "--out", "x", "--sessions", "0"]):
+        done = memlora(*command)
+        assert done.returncode == 2 and done.stderr.strip().endswith(
+            f"argument {command[-2]}: {command[-1]}: must be 1 or more"), done.stderr
     for command in (["capture", "--upstream"], ["serve-experts", "--fallback"]):  # the teacher's URL, before all
         done = memlora(*command, "127.0.0.1:8000/v1", "--out", str(tmp_path / "out"))
         assert done.returncode == 2 and done.stderr.strip().endswith(
