@@ -85,6 +85,20 @@ def check_address(args) -> None:
             hint = "; choose another port" if err.errno == errno.EADDRINUSE else ""
             raise UsageError(f"--host {args.host} --port {args.port}: cannot listen there ({err.strerror}){hint}") \
                 from None
+    if not loopback(args.host):  # bound to localhost unless configured: a configured exposure is said out loud
+        open_to_all = "" if getattr(args, "api_key_env", None) else ", and it asks them for no key" + (
+            " (--api-key-env)" if hasattr(args, "api_key_env") else "")
+        print(f"warning: --host {args.host}: other machines can reach this server{open_to_all}", file=sys.stderr,
+              flush=True)
+
+
+def loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 # Commands that change OUT outside a flow (the flows hold OUT's lock themselves): they take turns with the

@@ -57,7 +57,7 @@ def test_a_server_whose_address_or_teacher_url_is_wrong_refuses_before_loading_a
     import socket
     import subprocess
 
-    from tests.conftest import BIN, REPO
+    from tests.conftest import BIN, REPO, free_port
 
     def memlora(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "memlora"), *args], cwd=REPO, capture_output=True, text=True, timeout=100)
@@ -83,4 +83,9 @@ def test_a_server_whose_address_or_teacher_url_is_wrong_refuses_before_loading_a
         assert done.returncode == 2 and done.stderr.strip().endswith(
             f"argument {command[1]}: '127.0.0.1:8000/v1': expected an http(s) URL such as http://127.0.0.1:8000/v1"
         ), done.stderr
+    # Bound beyond this machine (configured): said out loud, with whether a key is asked, before anything else
+    done = memlora("serve-experts", "--out", str(tmp_path / "out"), "--host", "0.0.0.0", "--port", str(free_port()))
+    assert done.returncode == 2 and done.stderr.splitlines()[0] == (
+        "warning: --host 0.0.0.0: other machines can reach this server, and it asks them for no key (--api-key-env)")
+    assert "no trained expert" in done.stderr.splitlines()[1]
     assert not (tmp_path / "out").exists()
