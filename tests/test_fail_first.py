@@ -53,14 +53,20 @@ def test_out_pointing_at_a_file_is_one_line_and_exit_2(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_a_server_whose_address_or_teacher_url_is_wrong_refuses_before_loading_anything(tmp_path):
+def test_a_server_whose_address_or_teacher_url_is_wrong_refuses_before_loading_anything(tmp_path, capsys):
     import socket
-    import subprocess
+    from types import SimpleNamespace
 
-    from tests.conftest import BIN, REPO, free_port
+    from memlora.cli import main
+    from tests.conftest import free_port
 
-    def memlora(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "memlora"), *args], cwd=REPO, capture_output=True, text=True, timeout=100)
+    def memlora(*args: str) -> SimpleNamespace:
+        """The command line in this process (each subprocess would cost seconds of imports)."""
+        try:
+            code = main(list(args))
+        except SystemExit as exit:  # argparse's own errors
+            code = exit.code
+        return SimpleNamespace(returncode=code, stderr=capsys.readouterr().err)
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
