@@ -16,7 +16,15 @@ import httpx
 from memlora.models import OFFLINE_ENV
 from memlora.processes import stop_group
 
-REPO = Path.cwd()  # the checkout holding prefect.yaml: `make serve` and the tests run from its root
+
+def checkout() -> Path:
+    """The checkout holding prefect.yaml: the working directory where it has one (`make serve` and the tests run
+    from its root), else the one this package runs from, so that `memlora serve` works from any folder."""
+    here, installed = Path.cwd(), Path(__file__).resolve().parent.parent
+    return installed if not (here / "prefect.yaml").is_file() and (installed / "prefect.yaml").is_file() else here
+
+
+REPO = checkout()
 BIN = Path(sys.executable).parent
 
 
@@ -116,6 +124,9 @@ def start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
 
 
 def serve(host: str = "127.0.0.1", port: int = 4200, pool: str = "memlora-pool", deploy: bool = True) -> int:
+    if deploy and not (REPO / "prefect.yaml").is_file():
+        raise FileNotFoundError(f"{REPO / 'prefect.yaml'}: no deployments to serve (run from the checkout that holds "
+                                "it, or give --no-deploy)")
     api_url = f"http://{host}:{port}/api"
     env = prefect_env(api_url)
     logs = REPO / ".prefect-serve"

@@ -1,5 +1,6 @@
-"""The embedded default's config and sample are found from any working directory, as a team runs the commands
-from wherever it keeps its OUT; a file of the same name in the working directory (a user's own copy) wins."""
+"""The embedded default's config and sample (and `memlora serve` its prefect.yaml) are found from any working
+directory, as a team runs the commands from wherever it keeps its OUT; a file of the same name in the working
+directory (a user's own copy) wins."""
 
 from __future__ import annotations
 
@@ -42,3 +43,13 @@ def test_commands_run_from_another_folder_take_the_embedded_config(tmp_path):
         "memlora release: error: nothing: no Parquet datasets to release (run `memlora run`, or `memlora traces` "
         "or `memlora capture`, into it first)"), done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
+@pytest.mark.timeout(60)
+def test_memlora_serve_finds_its_deployments_from_another_folder(tmp_path, monkeypatch):
+    from memlora.serve import checkout
+
+    monkeypatch.chdir(tmp_path)
+    assert checkout() == REPO  # the checkout's prefect.yaml, not "no such file" in the working directory
+    (tmp_path / "prefect.yaml").write_text("deployments: []\n")
+    assert checkout() == tmp_path  # a project's own prefect.yaml wins
