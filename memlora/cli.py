@@ -311,8 +311,9 @@ def _api_key(args) -> str | None:
 
 def _serve(engine, args) -> int:
     from memlora.llm.openai_server import create_app, run_server
+    from memlora.serve import base_url
 
-    print(f"serving {', '.join(engine.model_names())} at http://{args.host}:{args.port}/v1 "
+    print(f"serving {', '.join(engine.model_names())} at {base_url(args.host, args.port)}/v1 "
           f"(OpenAI chat completions; Ctrl-C stops)", flush=True)
     if (routing := engine.routing_line()) is not None:
         print(routing, flush=True)
@@ -493,6 +494,7 @@ def cmd_capture(args) -> int:
 
     from memlora.config import load_config
     from memlora.llm.openai_server import run_server
+    from memlora.serve import base_url
     from memlora.teacher.capture import CaptureRecorder, create_capture_app
 
     config = load_config(args.config)
@@ -507,7 +509,7 @@ def cmd_capture(args) -> int:
     except httpx.HTTPError as err:
         print(f"warning: --upstream {args.upstream}: unreachable now ({type(err).__name__}); calls answer 502 until "
               "it is up", file=sys.stderr, flush=True)
-    print(f"capturing at http://{args.host}:{args.port}/v1 -> {args.upstream}; traces under "
+    print(f"capturing at {base_url(args.host, args.port)}/v1 -> {args.upstream}; traces under "
           f"{Path(args.out) / 'traces'} (Ctrl-C stops)", flush=True)
     run_server(app, args.host, args.port, config.serving)
     print(f"capture: {dict(sorted(recorder.counts.items()))}", flush=True)

@@ -25,6 +25,11 @@ def checkout() -> Path:
 
 
 REPO = checkout()
+
+
+def base_url(host: str, port: int) -> str:
+    """An address as a URL: an IPv6 host goes in brackets (http://[::1]:4200)."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 BIN = Path(sys.executable).parent
 
 
@@ -127,7 +132,7 @@ def serve(host: str = "127.0.0.1", port: int = 4200, pool: str = "memlora-pool",
     if deploy and not (REPO / "prefect.yaml").is_file():
         raise FileNotFoundError(f"{REPO / 'prefect.yaml'}: no deployments to serve (run from the checkout that holds "
                                 "it, or give --no-deploy)")
-    api_url = f"http://{host}:{port}/api"
+    api_url = f"{base_url(host, port)}/api"
     env = prefect_env(api_url)
     logs = REPO / ".prefect-serve"
     logs.mkdir(exist_ok=True)
@@ -142,7 +147,8 @@ def serve(host: str = "127.0.0.1", port: int = 4200, pool: str = "memlora-pool",
         if deploy:
             print(deployed_summary(deploy_all(env)))
         worker = start(["worker", "start", "--pool", pool], env, logs / "worker.log")
-        print(f"Prefect UI and API at http://{host}:{port} (logs in {logs}); a worker is running on pool {pool!r}.")
+        print(f"Prefect UI and API at {base_url(host, port)} (logs in {logs}); a worker is running on pool "
+              f"{pool!r}.")
         print(run_hint(api_url))
         while not stopping.is_set():
             if server.poll() is not None or worker.poll() is not None:

@@ -189,3 +189,10 @@ def test_deployment_run_of_the_pipeline_then_verify(prefect_server, tiny_model_d
     bad = subprocess.run(verify + [str(release)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1
     assert victim.relative_to(release).as_posix() in bad.stderr and "sha256" in bad.stderr
+
+
+def test_a_server_address_is_a_url_an_ipv6_host_in_brackets():
+    from memlora.serve import base_url
+
+    assert base_url("127.0.0.1", 4200) == "http://127.0.0.1:4200"
+    assert base_url("::1", 8100) == "http://[::1]:8100"  # was http://::1:8100, which no client can open
