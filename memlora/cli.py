@@ -505,7 +505,7 @@ def cmd_capture(args) -> int:
     app = create_capture_app(args.upstream, config.capture, recorder, upstream_key=upstream_key,
                              limits=config.serving)
     try:  # a proxy may start before its teacher; it says so, and each call meanwhile is the client's 502
-        httpx.get(f"{args.upstream.rstrip('/')}/models", timeout=10)
+        httpx.get(f"{args.upstream.rstrip('/')}/models", timeout=5)
     except httpx.HTTPError as err:
         print(f"warning: --upstream {args.upstream}: unreachable now ({type(err).__name__}); calls answer 502 until "
               "it is up", file=sys.stderr, flush=True)

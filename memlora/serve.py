@@ -25,12 +25,12 @@ def checkout() -> Path:
 
 
 REPO = checkout()
+BIN = Path(sys.executable).parent
 
 
 def base_url(host: str, port: int) -> str:
     """An address as a URL: an IPv6 host goes in brackets (http://[::1]:4200)."""
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-BIN = Path(sys.executable).parent
 
 
 def prefect_env(api_url: str, **extra: str) -> dict:
