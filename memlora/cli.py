@@ -297,7 +297,11 @@ def cmd_release(args) -> int:
 def cmd_serve(args) -> int:
     from memlora.serve import serve
 
-    return serve(host=args.host, port=args.port, pool=args.pool, deploy=not args.no_deploy)
+    try:
+        return serve(host=args.host, port=args.port, pool=args.pool, deploy=not args.no_deploy)
+    except (RuntimeError, TimeoutError) as err:  # Prefect's server, pool or deploy failed: its own words, no traceback
+        print(f"memlora serve: error: {err}", file=sys.stderr)
+        return 1
 
 
 def _api_key(args) -> str | None:

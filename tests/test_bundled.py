@@ -53,3 +53,17 @@ def test_memlora_serve_finds_its_deployments_from_another_folder(tmp_path, monke
     assert checkout() == REPO  # the checkout's prefect.yaml, not "no such file" in the working directory
     (tmp_path / "prefect.yaml").write_text("deployments: []\n")
     assert checkout() == tmp_path  # a project's own prefect.yaml wins
+
+
+@pytest.mark.timeout(180)
+def test_a_prefect_yaml_that_does_not_deploy_is_prefects_own_words_and_none_of_ours(tmp_path):
+    """The working directory's prefect.yaml is the one served; where `prefect deploy` refuses it, the command
+    says so with Prefect's message, stops its server, and exits 1."""
+    from tests.conftest import free_port
+
+    (tmp_path / "prefect.yaml").write_text("deployments:\n  - name: broken\n    entrypoint: nowhere.py:nothing\n")
+    done = subprocess.run([str(BIN / "memlora"), "serve", "--port", str(free_port())], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=150)
+    assert done.returncode == 1 and done.stderr.startswith("memlora serve: error: prefect deploy --all failed"), \
+        done.stdout[-2000:] + done.stderr[-2000:]
+    assert "memlora/cli.py" not in done.stderr and "nowhere.py" in done.stderr  # Prefect's words, none of ours
