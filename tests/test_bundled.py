@@ -4,6 +4,7 @@ directory (a user's own copy) wins."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
@@ -62,7 +63,9 @@ def test_a_prefect_yaml_that_does_not_deploy_is_prefects_own_words_and_none_of_o
     from tests.conftest import free_port
 
     (tmp_path / "prefect.yaml").write_text("deployments:\n  - name: broken\n    entrypoint: nowhere.py:nothing\n")
-    done = subprocess.run([str(BIN / "memlora"), "serve", "--port", str(free_port())], cwd=tmp_path,
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")  # its own database, not the shared test server's
+    done = subprocess.run([str(BIN / "memlora"), "serve", "--port", str(free_port())], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=150)
     assert done.returncode == 1 and done.stderr.startswith("memlora serve: error: prefect deploy --all failed"), \
         done.stdout[-2000:] + done.stderr[-2000:]
