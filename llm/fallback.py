@@ -41,7 +41,7 @@ from anyio import to_thread
 from memlora.config import CaptureRule, DeferralConfig
 from memlora.evaluation.calibration import AUDITED_BACKEND, DEFERRED_BACKEND, NO_EXPERT_BACKEND, DeferralPolicy
 from memlora.llm.guard import ANSWERED_BY, CONFIDENCE, EXPERT, TEACHER, judged, made_safe
-from memlora.llm.openai_protocol import DONE, ApiError, ChatRequest, RelayedStream, sse
+from memlora.llm.openai_protocol import DONE, ApiError, ChatRequest, RelayedStream, sse, unreachable
 from memlora.memory.llm import GenerationRequest, GenerationResult
 
 
@@ -74,12 +74,9 @@ class Fallback:
 
     def check_reachable(self) -> None:
         """One clear line at start when the teacher cannot be reached (unless the server may start degraded)."""
-        try:
-            response = httpx.get(f"{self.url}/models", headers=self.headers, timeout=10)
-        except httpx.HTTPError as err:
-            raise FallbackError(f"--fallback {self.url}: unreachable ({type(err).__name__}: {err})") from None
-        if response.status_code >= 400:
-            raise FallbackError(f"--fallback {self.url}: GET /models answered HTTP {response.status_code}")
+        problem = unreachable(self.url, self.headers)
+        if problem:
+            raise FallbackError(f"--fallback {self.url}: {problem}")
 
     async def aclose(self) -> None:
         """Audits in flight finish (and are recorded) before the client closes: no path loses a call."""

@@ -238,6 +238,16 @@ def models_body(names: list[str]) -> dict:
 DONE = "[DONE]"
 
 
+def unreachable(base_url: str, headers: dict | None = None, timeout_s: float = 10) -> str | None:
+    """Why an OpenAI-compatible server cannot be used (its GET /models fails), or None: the one start-up look at a
+    teacher that `serve-experts --fallback` and `capture --upstream` both take."""
+    try:
+        response = httpx.get(f"{base_url.rstrip('/')}/models", headers=headers, timeout=timeout_s)
+    except httpx.HTTPError as err:
+        return f"unreachable ({type(err).__name__}: {err})"
+    return f"GET /models answered HTTP {response.status_code}" if response.status_code >= 400 else None
+
+
 def chunk_head(model: str, completion_id: str | None = None, created: int | None = None) -> dict:
     """What every chunk of one streamed completion repeats."""
     return {"id": completion_id or f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",

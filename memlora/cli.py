@@ -295,11 +295,11 @@ def cmd_release(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from memlora.serve import serve
+    from memlora.serve import ServeError, serve
 
     try:
         return serve(host=args.host, port=args.port, pool=args.pool, deploy=not args.no_deploy)
-    except (RuntimeError, TimeoutError) as err:  # Prefect's server, pool or deploy failed: its own words, no traceback
+    except ServeError as err:  # Prefect's server, pool or deploy failed: its own words, no traceback
         print(f"memlora serve: error: {err}", file=sys.stderr)
         return 1
 
@@ -494,9 +494,8 @@ def cmd_serve_model(args) -> int:
 
 
 def cmd_capture(args) -> int:
-    import httpx
-
     from memlora.config import load_config
+    from memlora.llm.openai_protocol import unreachable
     from memlora.llm.openai_server import run_server
     from memlora.serve import base_url
     from memlora.teacher.capture import CaptureRecorder, create_capture_app
@@ -508,11 +507,10 @@ def cmd_capture(args) -> int:
     upstream_key = os.environ.get(args.upstream_key_env) if args.upstream_key_env else None
     app = create_capture_app(args.upstream, config.capture, recorder, upstream_key=upstream_key,
                              limits=config.serving)
-    try:  # a proxy may start before its teacher; it says so, and each call meanwhile is the client's 502
-        httpx.get(f"{args.upstream.rstrip('/')}/models", timeout=5)
-    except httpx.HTTPError as err:
-        print(f"warning: --upstream {args.upstream}: unreachable now ({type(err).__name__}); calls answer 502 until "
-              "it is up", file=sys.stderr, flush=True)
+    problem = unreachable(args.upstream, {"Authorization": f"Bearer {upstream_key}"} if upstream_key else None, 5)
+    if problem:  # a proxy may start before its teacher; it says so, and each call meanwhile is the client's 502
+        print(f"warning: --upstream {args.upstream}: {problem}; calls answer 502 until it is up", file=sys.stderr,
+              flush=True)
     print(f"capturing at {base_url(args.host, args.port)}/v1 -> {args.upstream}; traces under "
           f"{Path(args.out) / 'traces'} (Ctrl-C stops)", flush=True)
     run_server(app, args.host, args.port, config.serving)

@@ -28,6 +28,10 @@ REPO = checkout()
 BIN = Path(sys.executable).parent
 
 
+class ServeError(RuntimeError):
+    """Prefect's server, work pool or deploy could not be brought up: the message carries Prefect's own words."""
+
+
 def base_url(host: str, port: int) -> str:
     """An address as a URL: an IPv6 host goes in brackets (http://[::1]:4200)."""
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
@@ -45,7 +49,7 @@ def wait_healthy(api_url: str, proc: subprocess.Popen | None = None, timeout_s: 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server {proc.args[1:3] if isinstance(proc.args, list) else proc.args} exited "
+            raise ServeError(f"server {proc.args[1:3] if isinstance(proc.args, list) else proc.args} exited "
                                f"with code {proc.returncode}")
         try:
             if httpx.get(f"{api_url}/health", timeout=2).status_code == 200:
@@ -53,25 +57,28 @@ def wait_healthy(api_url: str, proc: subprocess.Popen | None = None, timeout_s: 
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise TimeoutError(f"{api_url} not healthy after {timeout_s:.0f} s")
+    raise ServeError(f"{api_url} not healthy after {timeout_s:.0f} s")
 
 
 def prefect(args: list[str], env: dict, timeout_s: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "prefect"), *args], env=env, cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout_s)
+    try:
+        return subprocess.run([str(BIN / "prefect"), *args], env=env, cwd=REPO, capture_output=True, text=True,
+                              timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise ServeError(f"prefect {' '.join(args)}: no answer after {timeout_s:.0f} s") from None
 
 
 def ensure_pool(pool: str, env: dict) -> None:
     if prefect(["work-pool", "inspect", pool], env).returncode != 0:
         done = prefect(["work-pool", "create", pool, "--type", "process"], env)
         if done.returncode != 0:
-            raise RuntimeError(f"could not create work pool {pool}: {done.stdout}{done.stderr}")
+            raise ServeError(f"could not create work pool {pool}: {done.stdout}{done.stderr}")
 
 
 def deploy_all(env: dict) -> str:
     done = prefect(["--no-prompt", "deploy", "--all"], env)
     if done.returncode != 0:
-        raise RuntimeError(f"prefect deploy --all failed:\n{done.stdout}\n{done.stderr}")
+        raise ServeError(f"prefect deploy --all failed:\n{done.stdout}\n{done.stderr}")
     return done.stdout
 
 

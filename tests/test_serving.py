@@ -430,7 +430,8 @@ def test_capture_started_before_its_teacher_says_so_and_serves(tmp_path):
         finally:
             stop_group(proxy)
     first = (tmp_path / "capture.log").read_text().splitlines()[0]
-    assert first == f"warning: --upstream {dead}: unreachable now (ConnectError); calls answer 502 until it is up"
+    assert first.startswith(f"warning: --upstream {dead}: unreachable (ConnectError: ")
+    assert first.endswith("; calls answer 502 until it is up")
 
 
 @pytest.mark.timeout(120)
