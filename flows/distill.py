@@ -14,7 +14,7 @@ from memlora.tasks.improve import recalibrate_stale_task
 @flow(name="distill")
 def distill(config_path: str = DEFAULT_CONFIG, out: str = "out") -> dict:
     forward_domain_logs()
-    with holding_out(out, "distill"):
+    with holding_out(out, "distill", create=False):
         cfg = load_config_task(config_path)
         check_traces_task(out)  # every input read before the first expensive step
         base = build_student_task(cfg, out)

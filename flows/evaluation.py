@@ -21,7 +21,7 @@ from memlora.tasks.evaluation import artifacts_task, captured_task, prepare_task
 @flow(name="evaluate")
 def evaluate(config_path: str = DEFAULT_CONFIG, out: str = "out") -> dict:
     forward_domain_logs()
-    with holding_out(out, "evaluate"):
+    with holding_out(out, "evaluate", create=False):
         cfg = load_config_task(config_path)
         # calls a client's memory system made through `memlora capture`: judged on its test share
         if is_captured(out):

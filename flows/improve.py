@@ -16,7 +16,7 @@ from memlora.tasks.improve import compact_traces_task, gate_task, new_rows_task,
 @flow(name="improve")
 def improve(config_path: str = DEFAULT_CONFIG, out: str = "out") -> dict:
     forward_domain_logs()
-    with holding_out(out, "improve"):
+    with holding_out(out, "improve", create=False):
         cfg = load_config_task(config_path)
         compact_traces_task(cfg, out)
         counts = new_rows_task(cfg, out)

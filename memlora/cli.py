@@ -24,7 +24,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from memlora.llm.http_backend import SchemaRejected, TeacherUnavailable
     from memlora.manifest import UntrustedArtifact
     from memlora.models import ModelRefError
-    from memlora.outlock import OutBusy
+    from memlora.outlock import OutBusy, OutMissing
     from memlora.release import VerifyError
     from memlora.student.export import ExportRefused
     from memlora.student.launch import TrainingFailed
@@ -33,7 +33,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
     return (UsageError, ConfigError, DataError, ModelRefError, TracesIncomplete, TrainingFailed, TeacherUnavailable,
             SchemaRejected, UntrustedArtifact, VerifyError, ExportRefused, CalibrationError, FallbackError,
-            TemplateError, OutBusy)
+            TemplateError, OutBusy, OutMissing)
 
 
 class UsageError(ValueError):
@@ -43,7 +43,11 @@ class UsageError(ValueError):
 def check_out(args) -> None:
     out = getattr(args, "out", None)
     if out is not None and Path(out).exists() and not Path(out).is_dir():
-        raise UsageError(f"--out {out}: is a file; OUT must be a folder (created if missing)")
+        raise UsageError(f"--out {out}: is a file; OUT must be a folder")
+    if args.command in WORK_ON_OUT and not (args.command == "evaluate" and args.data):
+        from memlora.outlock import require_out  # the flows' own check, made before a Prefect server starts
+
+        require_out(out, args.command)
 
 
 def positive_int(text: str) -> int:
@@ -103,6 +107,7 @@ def loopback(host: str) -> bool:
 
 # Commands that change OUT outside a flow (the flows hold OUT's lock themselves): they take turns with the
 # nightly runs on the same OUT (memlora.outlock).
+WORK_ON_OUT = ("distill", "evaluate", "improve")  # flows on an existing OUT: a missing one is an error, not created
 WRITERS = ("ingest", "compact", "rollback", "calibrate", "templates", "export", "release")
 
 

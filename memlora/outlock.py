@@ -32,6 +32,11 @@ class OutBusy(RuntimeError):
     """OUT's lock was not free within the time allowed."""
 
 
+class OutMissing(RuntimeError):
+    """A flow that works on an existing OUT (distill, evaluate, improve) was given a folder that is not there: a
+    mistyped OUT must fail, not leave an empty folder behind or report a nightly run that had nothing to do."""
+
+
 def holder(out: str | Path) -> str:
     """Who holds (or last held) OUT's lock, in words, from what the holder wrote into the lock file."""
     try:
@@ -41,6 +46,12 @@ def holder(out: str | Path) -> str:
     if not info:
         return "another run"
     return f"{info.get('holder', 'a run')} (pid {info.get('pid')} on {info.get('host')}, since {info.get('since')})"
+
+
+def require_out(out: str | Path, name: str) -> None:
+    if not Path(out).is_dir():
+        raise OutMissing(f"{out}: no such folder (give the OUT that `memlora run`, `memlora traces` or "
+                         f"`memlora capture` wrote; {name} works on what is in it)")
 
 
 @contextmanager

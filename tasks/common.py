@@ -13,7 +13,7 @@ from memlora.config import Config, ConfigError, PrefectConfig, load_config
 from memlora.data.ingest import ingest
 from memlora.data.records import Conversation
 from memlora.manifest import update_manifest
-from memlora.outlock import out_lock
+from memlora.outlock import out_lock, require_out
 
 
 class PrefectLogHandler(logging.Handler):
@@ -34,11 +34,14 @@ def forward_domain_logs() -> None:
 
 
 @contextmanager
-def holding_out(out: str, name: str):
-    """This flow run holds OUT's writer lock (memlora.outlock); one that finds it taken waits, saying for whom."""
+def holding_out(out: str, name: str, create: bool = True):
+    """This flow run holds OUT's writer lock (memlora.outlock); one that finds it taken waits, saying for whom.
+    `create` False: a flow that needs an existing OUT fails on a missing one (OutMissing) and creates nothing."""
+    if not create:
+        require_out(out, name)
     log = get_run_logger()
-    with out_lock(out, name, on_wait=lambda who: log.warning("%s is in use by %s: waiting for it to finish",
-                                                             out, who)):
+    with out_lock(out, name,
+                  on_wait=lambda who: log.warning("%s is in use by %s: waiting for it to finish", out, who)):
         yield
 
 

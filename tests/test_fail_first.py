@@ -48,8 +48,27 @@ def test_out_pointing_at_a_file_is_one_line_and_exit_2(tmp_path):
     done = subprocess.run([str(BIN / "memlora"), "distill", "--out", str(file)], cwd=REPO, capture_output=True,
                           text=True, timeout=100)
     assert done.returncode == 2 and done.stderr.strip() == (
-        f"memlora distill: error: --out {file}: is a file; OUT must be a folder (created if missing)")
+        f"memlora distill: error: --out {file}: is a file; OUT must be a folder")
     assert file.read_text() == "x"
+
+
+@pytest.mark.timeout(120)
+def test_a_flow_on_a_missing_out_fails_and_creates_nothing(tmp_path, capsys):
+    """A mistyped OUT in a nightly `improve` used to end 'no new trace rows' with exit 0, every night; distill and
+    evaluate left an empty OUT holding a lock file. The command and the flow itself (a deployment's run) refuse."""
+    from memlora.cli import main
+    from memlora.flows.improve import improve
+    from memlora.outlock import OutMissing
+
+    missing = tmp_path / "typo"
+    for command in ("improve", "distill", "evaluate"):
+        assert main([command, "--out", str(missing)]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"memlora {command}: error: {missing}: no such folder (give the OUT that `memlora run`, `memlora traces` "
+            f"or `memlora capture` wrote; {command} works on what is in it)")
+    with pytest.raises(OutMissing, match="no such folder"):
+        improve.fn(out=str(missing))
+    assert not missing.exists()
 
 
 @pytest.mark.timeout(120)
