@@ -15,10 +15,14 @@ DEFAULT_CONFIG = "configs/default.yaml"
 DEFAULT_DATA = "data/samples/locomo_sample12.json"
 
 
+def installed_config(relative: str | Path) -> Path:
+    return Path(__file__).resolve().parent.parent / relative  # configs/ sits beside the packages in the checkout
+
+
 def _installed(default: str) -> Path:
     if default == DEFAULT_DATA:  # package data of memlora.data (the repository's data/ folder)
         return Path(str(files("memlora.data"))) / Path(default).relative_to("data")
-    return Path(__file__).resolve().parent.parent / default  # configs/ sits beside the packages in the checkout
+    return installed_config(default)
 
 
 def bundled(default: str) -> str:

@@ -552,7 +552,19 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         return raw
     if not isinstance(base, str):
         raise ConfigError(f"{path}: extends: expected the path of another config file")
-    return _merge(_read_yaml(path.parent / base, seen + (path.resolve(),)), raw)
+    return _merge(_read_yaml(_extended(path, base), seen + (path.resolve(),)), raw)
+
+
+def _extended(path: Path, base: str) -> Path:
+    """`extends:` is relative to the extending file; where no such file is there, a bundled config of that name
+    (`extends: default.yaml` from a team's own folder means the embedded default, as in the README)."""
+    beside = path.parent / base
+    if beside.is_file() or Path(base).is_absolute():
+        return beside
+    from memlora.bundled import DEFAULT_CONFIG, installed_config
+
+    bundled = installed_config(Path(DEFAULT_CONFIG).parent / base)
+    return bundled if bundled.is_file() else beside
 
 
 def _merge(base: dict, override: dict) -> dict:

@@ -27,6 +27,26 @@ def test_the_defaults_resolve_to_the_installed_copies_outside_the_repository(tmp
     assert bundled(DEFAULT_CONFIG) == DEFAULT_CONFIG  # the user's own copy, as the relative path it was given
 
 
+@pytest.mark.timeout(60)
+def test_extends_names_a_bundled_config_from_a_folder_of_ones_own(tmp_path):
+    """The README's `extends: default.yaml` in a team's own folder is the embedded default (a file of that name
+    beside the config still wins); a name that is nowhere says which file asked for it."""
+    from memlora.config import ConfigError, load_config
+
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("extends: default.yaml\nteacher: {batch_size: 4}\n")
+    config = load_config(mine)
+    assert (config.name, config.teacher.batch_size) == ("embedded-default", 4)
+    assert config.teacher.model == load_config(REPO / "configs" / "default.yaml").teacher.model
+    (tmp_path / "locomo-mine.yaml").write_text("extends: locomo.yaml\n")  # locomo.yaml extends default.yaml in turn
+    assert load_config(tmp_path / "locomo-mine.yaml").name == load_config(REPO / "configs" / "locomo.yaml").name
+    (tmp_path / "default.yaml").write_text(f"extends: {REPO / 'configs' / 'default.yaml'}\nname: own-default\n")
+    assert (load_config(mine).name, load_config(mine).teacher.batch_size) == ("own-default", 4)
+    (tmp_path / "typo.yaml").write_text("extends: defualt.yaml\n")
+    with pytest.raises(ConfigError, match=r"defualt.yaml: config file not found \(extended by .*typo.yaml\)"):
+        load_config(tmp_path / "typo.yaml")
+
+
 @pytest.mark.timeout(120)
 def test_commands_run_from_another_folder_take_the_embedded_config(tmp_path):
     (tmp_path / "empty").mkdir()
