@@ -13,6 +13,7 @@ from memlora.evaluation.systems import ALL_SYSTEMS, JUDGE, EvalError, served_thr
 from memlora.layout import ADAPTERS, conversations_file, datasets_dir
 from memlora.student.build import build_student
 from memlora.student.experts import verified_expert_folders
+from memlora.student.records import TrainingRecord
 
 
 @dataclass(frozen=True)
@@ -34,8 +35,16 @@ def prepare(config, out: str | Path) -> EvalPlan:
         raise EvalError(f"{datasets}: no test conversation (is data.split.test_ratio above 0?)")
     if config.student is None:
         raise EvalError("the config has no `student` section: there is no student to evaluate")
-    if not verified_expert_folders(out):  # before the student base or any model process: fail first
+    experts = verified_expert_folders(out)
+    if not experts:  # before the student base or any model process: fail first
         raise EvalError(f"{Path(out) / ADAPTERS}: no trained expert (run `memlora distill` first)")
+    for operation, folder in sorted(experts.items()):
+        record = folder / "training.json"
+        learnt = TrainingRecord.read(record).learnt_from(c.conversation_id for c in conversations) \
+            if record.is_file() else []
+        if learnt:  # the split changed after it trained (another corpus ingested into OUT): not a held-out test
+            raise EvalError(f"{folder}: the {operation} expert trained on test conversation(s) {', '.join(learnt)}; "
+                            "run `memlora distill` (it retrains on the split as it is now), then evaluate")
     if config.evaluation.served:
         served_thresholds(out)  # the served experts' thresholds, before any model process
     base = build_student(config, out)  # the distill stage's folder, made once; reused as it is

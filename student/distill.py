@@ -13,7 +13,8 @@ from memlora.data.compaction import rows_not_from, sources
 from memlora.evaluation.calibration import SERVED_BACKENDS
 from memlora.layout import adapter_dir, decisions_path, deferral_path, trace_files
 from memlora.manifest import update_manifest
-from memlora.student.examples import load_traces, traces_fingerprint
+from memlora.student.examples import conversation_splits, load_traces, side_of, split_conversations, \
+    traces_fingerprint
 from memlora.student.experts import expert_folders, is_complete_adapter
 from memlora.student.launch import ExpertJob, TrainingFailed, run_trainings
 from memlora.student.records import DistillResult, NoExpert, TrainingRecord
@@ -67,7 +68,24 @@ def finished_record(config: Config, out: str | Path, operation: str,
     if not (is_complete_adapter(folder) and record_file.is_file()):
         return None
     record = TrainingRecord.read(record_file)
-    return record if record.cache_key == cache_key(config, out, operation, init)["key"] else None
+    if record.cache_key != cache_key(config, out, operation, init)["key"]:
+        return None
+    return record if same_split(record, out, operation) else None
+
+
+def same_split(record: TrainingRecord, out: str | Path, operation: str, exact: bool = True) -> bool:
+    """Whether the traces' conversations fall on the same side now as when `record`'s expert trained: the cache key
+    covers traces and recipe, not OUT's split, which another corpus ingested into OUT changes (a conversation the
+    expert trained on may now be a test one). `exact` False: only that each conversation it learnt from is still on
+    its side (calls captured since are improve's to learn). Records from before the split was kept cannot tell."""
+    if not (record.train_conversations or record.validation_conversations):
+        return True
+    splits = conversation_splits(out)
+    if exact:
+        return split_conversations(load_traces(trace_files(out, operation)), splits) == (
+            record.train_conversations, record.validation_conversations)
+    return all(side_of(c, splits) == "train" for c in record.train_conversations) and all(
+        side_of(c, splits) == "validation" for c in record.validation_conversations)
 
 
 def served_record(config: Config, out: str | Path, operation: str,
@@ -80,7 +98,8 @@ def served_record(config: Config, out: str | Path, operation: str,
     if init is not None or not loop or not (is_complete_adapter(folder) and (folder / "training.json").is_file()):
         return None, 0
     record = TrainingRecord.read(folder / "training.json")
-    if not record.trace_files or record.config_fingerprint != config_fingerprint(config, operation):
+    if not record.trace_files or record.config_fingerprint != config_fingerprint(config, operation) or not \
+            same_split(record, out, operation, exact=False):
         return None, 0
     files = trace_files(out, operation)
     held = {f.name for f in files} | {s.name for f in files for s in (sources(f) or ())}
@@ -120,7 +139,7 @@ def distill_operations(config: Config, out: str | Path, operations: list[str], b
     replaced = sorted(job.operation for job in jobs if job.operation in served)
     if replaced:  # the experts OUT serves now stay as a version (`memlora rollback`), their thresholds with them
         version = snapshot(out, f"before distill retrained {', '.join(replaced)}")
-        on_line(f"{', '.join(replaced)}: retraining on changed traces or recipe; the experts served until now "
+        on_line(f"{', '.join(replaced)}: retraining on changed traces, recipe or split; the experts served until now "
                 f"are kept as version {version} (`memlora rollback --to {version}`)")
     if jobs:
         # each new expert's sha256 goes into the manifest as it is saved, checked before anything loads it

@@ -131,9 +131,20 @@ def split_rows(table: pa.Table, splits: dict[str, str]) -> tuple[pa.Table, pa.Ta
     """(train rows, validation rows) by each row's conversation; a conversation ingest did not mark as
     validation trains (traces made before validation existed), unless capture held it out. Test rows (captured
     calls capture put in its test share) are in neither."""
-    split = [splits.get(cid, captured_split(cid)) for cid in table.column("conversation_id").to_pylist()]
-    return (table.filter(pa.array([s not in ("validation", "test") for s in split], type=pa.bool_())),
-            table.filter(pa.array([s == "validation" for s in split], type=pa.bool_())))
+    side = [side_of(cid, splits) for cid in table.column("conversation_id").to_pylist()]
+    return (table.filter(pa.array([s == "train" for s in side], type=pa.bool_())),
+            table.filter(pa.array([s == "validation" for s in side], type=pa.bool_())))
+
+
+def side_of(conversation_id: str, splits: dict[str, str]) -> str:
+    """train, validation or test for a trace row's conversation (split_rows)."""
+    split = splits.get(conversation_id, captured_split(conversation_id))
+    return split if split in ("validation", "test") else "train"
+
+
+def split_conversations(table: pa.Table, splits: dict[str, str]) -> tuple[list[str], list[str]]:
+    """The conversations whose rows train and validate under `splits` (split_rows), each sorted."""
+    return tuple(sorted(set(side.column("conversation_id").to_pylist())) for side in split_rows(table, splits))
 
 
 def build_examples(table: pa.Table, tokenizer, max_length: int, same_tokenizer: bool, *,

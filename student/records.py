@@ -52,6 +52,11 @@ class TrainingRecord:
     trainable_parameters: int = 0
     total_parameters: int = 0
     trace_files: list[str] = field(default_factory=list)
+    # the conversations whose trace rows were on the train / validation side when it trained (empty in records
+    # written before 2026-12-07): a split changed since (another corpus ingested into OUT) retrains it, and
+    # evaluation refuses to test it on a conversation it learnt from
+    train_conversations: list[str] = field(default_factory=list)
+    validation_conversations: list[str] = field(default_factory=list)
     cache_key: str = ""                    # traces + recipe: the same key means the same expert
     traces_sha256: str = ""
     config_fingerprint: str = ""
@@ -67,6 +72,10 @@ class TrainingRecord:
         know are ignored, ones it did not write take their defaults."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+    def learnt_from(self, conversations) -> list[str]:
+        """Which of `conversations` this expert trained or chose its epoch on."""
+        return sorted(set(conversations) & (set(self.train_conversations) | set(self.validation_conversations)))
 
     @classmethod
     def read(cls, path: str | Path) -> "TrainingRecord":

@@ -28,7 +28,7 @@ from memlora.student.build import shares_teacher_tokenizer
 from memlora.student.deviation import weight_deviation
 from memlora.student.examples import (
     IGNORE, Example, ExampleSet, build_examples, cap_abstaining, conversation_splits, load_traces, oversample_minority,
-    split_rows,
+    split_conversations, split_rows,
 )
 from memlora.student.experts import TEMPLATE_FILE, attach_expert, resume_expert
 from memlora.student.export import portable_base
@@ -307,8 +307,9 @@ def train_expert(config: Config, out: str | Path, operation: str, base: str | Pa
     model, tokenizer, _ = load_causal_lm(str(base), dtype="float32", device="cpu",
                                          trust_remote_code=config.student.trust_remote_code)
     same_tokenizer = shares_teacher_tokenizer(config, tokenizer)
-    files = trace_files(out, operation)
-    train_rows, val_rows, learnt = rows_to_train(config, files, conversation_splits(out), init)
+    files, splits = trace_files(out, operation), conversation_splits(out)
+    train_rows, val_rows, learnt = rows_to_train(config, files, splits, init)
+    train_conversations, validation_conversations = split_conversations(load_traces(files), splits)
     template = template_for(config, out, operation)
     recipe = dict(prompt=config.student.prompt, targets=cfg.targets, gold=gold_answers(out),
                   answer_max_chars=config.memory.answer_max_chars, template=template)
@@ -437,6 +438,8 @@ def train_expert(config: Config, out: str | Path, operation: str, base: str | Pa
         "trainable_parameters": trainable,
         "total_parameters": total,
         "trace_files": shard_names(files),  # by shard: a later compaction leaves them meaning the same calls
+        "train_conversations": train_conversations,
+        "validation_conversations": validation_conversations,
         "cache_key": cache["key"],
         "traces_sha256": cache["traces_sha256"],
         "config_fingerprint": cache["config_fingerprint"],

@@ -105,6 +105,22 @@ def test_two_cpu_ranks_zero2_lower_the_loss_and_write_a_loadable_adapter(tiny_mo
                                batch_size=2, learning_rate=0.01, num_ranks=2, timeout_s=999, cpu_precision="auto")
     assert finished_record(longer, out, "extraction") is not None  # the timeout does not change the expert
 
+    # Another corpus ingested into OUT moved the conversation it trained on to the test split: not kept
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from memlora.layout import conversations_file
+    from memlora.student.distill import same_split
+
+    assert (record.train_conversations, record.validation_conversations) == (["c1"], [])
+    assert record.learnt_from(["c1", "c2"]) == ["c1"]
+    conversations_file(out).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"conversation_id": ["c1"], "split": ["test"]}), conversations_file(out))
+    assert finished_record(config, out, "extraction") is None
+    assert not same_split(record, out, "extraction", exact=False)
+    pq.write_table(pa.table({"conversation_id": ["c1", "c2"], "split": ["train", "test"]}), conversations_file(out))
+    assert finished_record(config, out, "extraction") is not None  # the same side as before: the same expert
+
 
 @pytest.mark.timeout(240)
 def test_zero3_adapter_reloads_with_the_same_outputs(tiny_model_dir, tmp_path):

@@ -21,6 +21,35 @@ def test_evaluate_without_experts_refuses_before_building_anything(sample_path, 
     assert not (out / "student").exists()  # the student base was not built first
 
 
+@pytest.mark.timeout(60)
+def test_evaluate_refuses_experts_that_trained_on_a_test_conversation(sample_path, tmp_path):
+    """Another corpus ingested into a trained OUT moves conversations between splits: an expert that learnt from
+    one now held out for test would flatter the report. Evaluation names it, before any model loads."""
+    import json
+
+    from memlora.config import load_config
+    from memlora.data.ingest import ingest
+    from memlora.evaluation.plan import prepare
+    from memlora.evaluation.systems import EvalError
+    from memlora.manifest import update_manifest
+    from tests.conftest import REPO
+
+    config = load_config(REPO / "configs" / "default.yaml")
+    out = tmp_path / "out"
+    test_ids = [c.conversation_id for c in ingest(str(sample_path), out, config.data) if c.split == "test"]
+    expert = out / "adapters" / "update"
+    expert.mkdir(parents=True)
+    (expert / "adapter_config.json").write_text("{}")
+    (expert / "adapter_model.safetensors").write_bytes(b"stand-in: prepare reads the record, not the weights")
+    (expert / "training.json").write_text(json.dumps({"operation": "update", "train_conversations": [test_ids[0]],
+                                                      "validation_conversations": []}))
+    update_manifest(out)
+    with pytest.raises(EvalError, match=f"the update expert trained on test conversation\\(s\\) {test_ids[0]}; run "
+                                        "`memlora distill`"):
+        prepare(config, out)
+    assert not (out / "student").exists()
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("command", ["traces", "run"])
 def test_bad_data_through_a_flow_command_is_one_line_before_any_flow(command, tmp_path):
