@@ -135,9 +135,11 @@ def check_data(args) -> None:
 def cmd_ingest(args) -> int:
     from memlora.config import DataConfig, load_config
     from memlora.data.ingest import ingest
+    from memlora.manifest import update_manifest
 
     data_cfg = load_config(args.config).data if args.config else DataConfig()
     corpus = ingest(args.data, args.out, data_cfg)
+    update_manifest(args.out)  # the new datasets described, so `memlora verify` and a release see them as OUT's
     turns = sum(len(c.turns) for c in corpus)
     questions = sum(len(c.questions) for c in corpus)
     print(f"{len(corpus)} conversations, {turns} turns, {questions} questions -> {Path(args.out) / 'datasets'}")

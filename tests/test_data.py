@@ -110,6 +110,18 @@ def test_cli_names_the_problem_and_exits_non_zero(tmp_path):
     assert not out.exists()
 
 
+def test_ingest_into_an_out_keeps_its_manifest_true(sample_path, tmp_path, capsys):
+    """`memlora ingest` describes the datasets it wrote in OUT's manifest: `memlora verify` used to report them
+    as differences after another corpus was ingested into an OUT a run had made."""
+    from memlora.cli import main
+
+    out = tmp_path / "out"
+    for data in (sample_path, sample_path.with_name("locomo_sample12.json")):
+        assert main(["ingest", "--data", str(data), "--out", str(out)]) == 0
+        assert main(["verify", str(out)]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"{out}: matches its manifest")
+
+
 def test_long_turn_truncated_or_rejected(tmp_path):
     sample = json.loads((BAD / "turn_missing_speaker.json").read_text())
     sample[0]["conversation"]["session_1"][0]["speaker"] = "Ann"
