@@ -23,7 +23,7 @@ from memlora.data.loaders import LoadOptions, load_corpus
 from memlora.data.records import first_sessions, to_tables
 from memlora.evaluation.systems import EvalError
 from memlora.layout import ADAPTERS, MANIFEST, conversations_file, deferral_path, questions_file, student_dir
-from memlora.student.experts import verified_expert_folders
+from memlora.student.experts import expert_digests, verified_expert_folders
 
 MARKER = "evaluated_on.json"  # in the new OUT: which trained OUT and which data it was made from
 
@@ -46,16 +46,25 @@ def prepare_other_corpus(config: Config, data: str | Path, trained: str | Path, 
     trained, out = Path(trained).resolve(), Path(out).resolve()
     if trained == out:
         raise EvalError(f"{out}: --out must be a new folder, not the trained OUT (its own evaluation would be lost)")
-    origin = {"trained": str(trained), "data": str(Path(data).resolve()), "sessions": sessions}
-    marker = out / MARKER
-    if marker.is_file() and json.loads(marker.read_text()) == origin:
-        _copy_thresholds(trained, out)  # calibrated since
-        return len(set(_conversation_ids(out)))  # the table has a row per turn
-    if out.exists() and any(out.iterdir()):
-        raise EvalError(f"{out}: not empty; give a new folder for the evaluation on {data}")
     experts = verified_expert_folders(trained)  # before anything is written: an untrusted adapter stops here
     if not experts:
         raise EvalError(f"{trained / ADAPTERS}: no trained expert (run `memlora distill` first)")
+    origin = {"trained": str(trained), "data": str(Path(data).resolve()), "sessions": sessions,
+              "experts": expert_digests(experts)}
+    marker = out / MARKER
+    if marker.is_file():
+        made = json.loads(marker.read_text())
+        made.setdefault("experts", origin["experts"])  # a marker written before the experts were named in it
+        if made == origin:
+            _copy_thresholds(trained, out)  # calibrated since
+            return len(set(_conversation_ids(out)))  # the table has a row per turn
+        if {k: v for k, v in made.items() if k != "experts"} == {k: v for k, v in origin.items() if k != "experts"}:
+            changed = sorted(op for op in set(made["experts"]) | set(origin["experts"])
+                             if made["experts"].get(op) != origin["experts"].get(op))
+            raise EvalError(f"{out}: holds the experts {trained} served before ({', '.join(changed)} changed since: "
+                            "a promotion, a rollback or a distill); give a new folder to evaluate the current ones")
+    if out.exists() and any(out.iterdir()):
+        raise EvalError(f"{out}: not empty; give a new folder for the evaluation on {data}")
     corpus = load_corpus(data, LoadOptions(config.data.max_turn_chars, config.data.on_long_turn))
     if sessions:
         corpus = [first_sessions(c, sessions) for c in corpus]

@@ -433,6 +433,18 @@ def test_trained_experts_evaluated_on_another_corpus(prefect_server, tiny_teache
                  "--experts-from", str(trained)]) == 2
     assert (other / "notes.txt").read_text() == "mine" and len(list(other.iterdir())) == 1
 
+    # The trained run's update expert replaced since (a promotion, a rollback, a distill): the folder made before
+    # holds the old one (hard links), and says so instead of resuming an evaluation of experts no longer served.
+    from memlora.manifest import update_manifest
+
+    weights = trained / "adapters" / "update" / "adapter_model.safetensors"
+    replacement = weights.with_name("new.safetensors")
+    replacement.write_bytes(weights.read_bytes() + b" ")
+    replacement.replace(weights)
+    update_manifest(trained)
+    with pytest.raises(EvalError, match=r"holds the experts .* served before \(update changed since"):
+        prepare_other_corpus(parse_config(yaml.safe_load(config.read_text())), data, trained, out, 1)
+
 
 def test_the_quantized_teacher_column_appears_only_beside_a_quantized_student(tiny_model_dir):
     """teacher-int8 is the teacher quantized as the student is: evaluated where the student is quantized and the
