@@ -27,6 +27,15 @@ class EvalPlan:
 
 def prepare(config, out: str | Path) -> EvalPlan:
     """Check what evaluation needs before any model process starts; build the student base if it is missing."""
+    conversations = check_evaluable(config, out)
+    base = build_student(config, out)  # the distill stage's folder, made once; reused as it is
+    return EvalPlan(conversations=[c.conversation_id for c in conversations],
+                    questions=sum(len(questions_of(c, config.evaluation)) for c in conversations), base=str(base))
+
+
+def check_evaluable(config, out: str | Path) -> list:
+    """What evaluating OUT's own test conversations needs, checked in a second (the command calls it before
+    Prefect starts, for one line instead of a flow's traceback): returns the test conversations."""
     datasets = datasets_dir(out)
     if not conversations_file(out).is_file():
         raise EvalError(f"{datasets}: no ingested data (run `memlora traces` or `memlora ingest` first)")
@@ -47,9 +56,7 @@ def prepare(config, out: str | Path) -> EvalPlan:
                             "run `memlora distill` (it retrains on the split as it is now), then evaluate")
     if config.evaluation.served:
         served_thresholds(out)  # the served experts' thresholds, before any model process
-    base = build_student(config, out)  # the distill stage's folder, made once; reused as it is
-    return EvalPlan(conversations=[c.conversation_id for c in conversations],
-                    questions=sum(len(questions_of(c, config.evaluation)) for c in conversations), base=str(base))
+    return conversations
 
 
 def summary(config, plan: EvalPlan, probes: dict, rows: list[dict], files: list[Path], out: str | Path) -> dict:

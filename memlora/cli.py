@@ -133,12 +133,11 @@ def check_data(args) -> None:
 
 
 def cmd_ingest(args) -> int:
-    from memlora.config import DataConfig, load_config
+    from memlora.config import load_config
     from memlora.data.ingest import ingest
     from memlora.manifest import update_manifest
 
-    data_cfg = load_config(args.config).data if args.config else DataConfig()
-    corpus = ingest(args.data, args.out, data_cfg)
+    corpus = ingest(args.data, args.out, load_config(args.config).data)
     update_manifest(args.out)  # the new datasets described, so `memlora verify` and a release see them as OUT's
     turns = sum(len(c.turns) for c in corpus)
     questions = sum(len(c.questions) for c in corpus)
@@ -240,6 +239,8 @@ def cmd_export(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from memlora.config import load_config
+    from memlora.evaluation.captured import is_captured
+    from memlora.evaluation.plan import check_evaluable
     from memlora.evaluation.systems import EvalError
     from memlora.flows.evaluation import evaluate
 
@@ -254,6 +255,8 @@ def cmd_evaluate(args) -> int:
             print(f"evaluating the experts of {args.experts_from} on {n} conversation(s) of {args.data} in {args.out}")
         elif args.experts_from or args.sessions is not None:
             raise EvalError("--experts-from and --sessions go with --data: the conversations to evaluate on")
+        if not is_captured(args.out):  # a captured OUT's checks are its own (evaluation.captured)
+            check_evaluable(config, args.out)
         result = evaluate(config_path=args.config, out=args.out)
     except EvalError as err:
         print(f"memlora evaluate: error: {err}", file=sys.stderr)
@@ -647,7 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("ingest")
     p.add_argument("--data", required=True, help=data_help)
     out(p)
-    p.add_argument("--config", default=None, help="run config whose `data` section to use (default: built-in)")
+    config(p)  # its `data` section: the same split as `memlora traces` and `memlora run` with the same config
     p.set_defaults(func=cmd_ingest)
 
     p = command("traces")

@@ -111,8 +111,8 @@ def test_cli_names_the_problem_and_exits_non_zero(tmp_path):
 
 
 def test_ingest_into_an_out_keeps_its_manifest_true(sample_path, tmp_path, capsys):
-    """`memlora ingest` describes the datasets it wrote in OUT's manifest: `memlora verify` used to report them
-    as differences after another corpus was ingested into an OUT a run had made."""
+    """`memlora ingest` describes the datasets it wrote in OUT's manifest (`memlora verify` used to report them as
+    differences after another corpus was ingested into an OUT a run had made), split by the run config's `data`."""
     from memlora.cli import main
 
     out = tmp_path / "out"
@@ -120,6 +120,9 @@ def test_ingest_into_an_out_keeps_its_manifest_true(sample_path, tmp_path, capsy
         assert main(["ingest", "--data", str(data), "--out", str(out)]) == 0
         assert main(["verify", str(out)]) == 0
     assert capsys.readouterr().out.strip().endswith(f"{out}: matches its manifest")
+    # split by the embedded default's `data` section, as `memlora traces` and `memlora run` split it (9 / 1 / 2)
+    splits = [c.split for c in load_ingested(out)]
+    assert (splits.count("train"), splits.count("validation"), splits.count("test")) == (9, 1, 2)
 
 
 def test_long_turn_truncated_or_rejected(tmp_path):

@@ -22,7 +22,7 @@ def test_evaluate_without_experts_refuses_before_building_anything(sample_path, 
 
 
 @pytest.mark.timeout(60)
-def test_evaluate_refuses_experts_that_trained_on_a_test_conversation(sample_path, tmp_path):
+def test_evaluate_refuses_experts_that_trained_on_a_test_conversation(sample_path, tmp_path, capsys):
     """Another corpus ingested into a trained OUT moves conversations between splits: an expert that learnt from
     one now held out for test would flatter the report. Evaluation names it, before any model loads."""
     import json
@@ -48,6 +48,11 @@ def test_evaluate_refuses_experts_that_trained_on_a_test_conversation(sample_pat
                                         "`memlora distill`"):
         prepare(config, out)
     assert not (out / "student").exists()
+    from memlora.cli import main  # the command checks before Prefect starts: one line, no flow's traceback
+
+    assert main(["evaluate", "--out", str(out)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("memlora evaluate: error: ") and "test conversation" in lines[0]
 
 
 @pytest.mark.timeout(120)
