@@ -13,6 +13,7 @@ from memlora.data.compaction import shard_entries
 from memlora.data.io import read_parquet
 from memlora.data.schemas import TRACES
 from memlora.data.split import captured_split
+from memlora.evaluation.calibration import SERVED_BACKENDS
 from memlora.evaluation.scoring import abstains
 from memlora.layout import conversations_file
 from memlora.llm.client_template import MISMATCH, ClientTemplate, expert_view
@@ -131,14 +132,27 @@ def split_rows(table: pa.Table, splits: dict[str, str]) -> tuple[pa.Table, pa.Ta
     """(train rows, validation rows) by each row's conversation; a conversation ingest did not mark as
     validation trains (traces made before validation existed), unless capture held it out. Test rows (captured
     calls capture put in its test share) are in neither."""
-    side = [side_of(cid, splits) for cid in table.column("conversation_id").to_pylist()]
+    backends = table.column("backend").to_pylist() if "backend" in table.column_names else [None] * table.num_rows
+    side = [side_of(cid, splits, backend) for cid, backend in zip(table.column("conversation_id").to_pylist(),
+                                                                 backends)]
     return (table.filter(pa.array([s == "train" for s in side], type=pa.bool_())),
             table.filter(pa.array([s == "validation" for s in side], type=pa.bool_())))
 
 
-def side_of(conversation_id: str, splits: dict[str, str]) -> str:
-    """train, validation or test for a trace row's conversation (split_rows)."""
-    split = splits.get(conversation_id, captured_split(conversation_id))
+GONE = "gone"  # traced from a conversation OUT's corpus no longer holds (another corpus ingested since)
+
+
+def side_of(conversation_id: str, splits: dict[str, str], backend: str | None = None) -> str:
+    """train, validation or test for a trace row's conversation (split_rows); GONE for a row the teacher made from
+    a conversation that is no longer in OUT's ingested corpus: a conversation taken out of the data (replaced, or
+    deleted on a user's request) is taken out of training too. Calls a client sent (captured, deferred) are not
+    in any corpus: their split is in their id."""
+    if conversation_id in splits:
+        split = splits[conversation_id]
+    elif splits and backend is not None and backend not in SERVED_BACKENDS:
+        return GONE
+    else:
+        split = captured_split(conversation_id)
     return split if split in ("validation", "test") else "train"
 
 
