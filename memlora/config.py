@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from memlora.bundled import DEFAULT_CONFIG, installed_config
 from memlora.models import resolve
 
 OPERATIONS = ("extraction", "update", "generation")
@@ -561,8 +562,6 @@ def _extended(path: Path, base: str) -> Path:
     beside = path.parent / base
     if beside.is_file() or Path(base).is_absolute():
         return beside
-    from memlora.bundled import DEFAULT_CONFIG, installed_config
-
     bundled = installed_config(Path(DEFAULT_CONFIG).parent / base)
     return bundled if bundled.is_file() else beside
 
