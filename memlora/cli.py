@@ -105,9 +105,9 @@ def loopback(host: str) -> bool:
         return False
 
 
+WORK_ON_OUT = ("distill", "evaluate", "improve")  # flows on an existing OUT: a missing one is an error, not created
 # Commands that change OUT outside a flow (the flows hold OUT's lock themselves): they take turns with the
 # nightly runs on the same OUT (memlora.outlock).
-WORK_ON_OUT = ("distill", "evaluate", "improve")  # flows on an existing OUT: a missing one is an error, not created
 WRITERS = ("ingest", "compact", "rollback", "calibrate", "templates", "export", "release")
 
 

@@ -50,7 +50,7 @@ def wait_healthy(api_url: str, proc: subprocess.Popen | None = None, timeout_s: 
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise ServeError(f"server {proc.args[1:3] if isinstance(proc.args, list) else proc.args} exited "
-                               f"with code {proc.returncode}")
+                             f"with code {proc.returncode}")
         try:
             if httpx.get(f"{api_url}/health", timeout=2).status_code == 200:
                 return
