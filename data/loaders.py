@@ -10,12 +10,18 @@ import json
 import logging
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import Iterable, Iterator
+from datetime import datetime, timezone
+from itertools import chain
 from pathlib import Path
 
-from memlora.data.io import DataError, read_parquet
-from memlora.data.records import SAFE_ID, Conversation, Question, Turn, from_tables
-from memlora.data.schemas import CONVERSATIONS, QUESTIONS
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from memlora.data.io import DataError
+from memlora.data.records import SAFE_ID, Conversation, Question, Turn
+from memlora.data.schemas import KIND_KEY, SCHEMA_VERSION, VERSION_KEY
+from memlora.data.split import SPLITS
 
 log = logging.getLogger("memlora.data")
 
@@ -35,7 +41,7 @@ def load_corpus(path: str | Path, options: LoadOptions = LoadOptions()) -> list[
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
     if path.is_dir():
-        corpus = _load_parquet_folder(path)
+        corpus = _load_parquet_folder(path, options)
     elif path.suffix == ".jsonl":
         corpus = _load_jsonl(path, options)
     elif path.suffix == ".parquet":
@@ -69,7 +75,8 @@ def _text_field(where: str, record: dict, name: str, *, allow_empty: bool = Fals
         raise DataError(f"{where}: field {name!r}: missing")
     value = record[name]
     if not isinstance(value, str):
-        raise DataError(f"{where}: field {name!r}: expected a string, got {type(value).__name__}")
+        got = "null" if value is None else type(value).__name__
+        raise DataError(f"{where}: field {name!r}: expected a string, got {got}")
     if not allow_empty and not value.strip():
         raise DataError(f"{where}: field {name!r}: empty")
     return value
@@ -85,6 +92,8 @@ def _limit_text(where: str, text: str, options: LoadOptions) -> str:
 
 
 def _parse_time(where: str, field: str, value) -> datetime:
+    if isinstance(value, datetime):  # a Parquet timestamp column
+        return value.astimezone(timezone.utc).replace(tzinfo=None) if value.tzinfo else value
     if not isinstance(value, str):
         raise DataError(f"{where}: field {field!r}: expected a date string, got {type(value).__name__}")
     for fmt in (LOCOMO_TIME,):
@@ -205,20 +214,33 @@ def _locomo_turns(where: str, conv: dict, options: LoadOptions) -> list[Turn]:
 
 def _load_jsonl(path: Path, options: LoadOptions) -> list[Conversation]:
     """Normalized JSONL: one object per line, `"type": "turn"` or `"type": "question"`, table columns as fields."""
-    by_id: dict[str, Conversation] = {}
-    dia_ids: set[tuple[str, str]] = set()
+    return _load_records(path, _jsonl_records(path), options)
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[str, object]]:
     for n, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path}: line {n}"
         try:
-            record = json.loads(line)
+            yield where, json.loads(line)
         except json.JSONDecodeError as err:
             raise DataError(f"{where}: invalid JSON at column {err.colno}: {err.msg}") from None
+
+
+def _load_records(source: Path, records: Iterable[tuple[str, object]], options: LoadOptions) -> list[Conversation]:
+    """The normalized form's records (a JSONL line, a Parquet row), each checked where it stands."""
+    by_id: dict[str, Conversation] = {}
+    first_seen: dict[str, str] = {}
+    dia_ids: set[tuple[str, str]] = set()
+    for where, record in records:
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected an object, got {type(record).__name__}")
         cid = _check_id(where, record.get("conversation_id"))
         conv = by_id.setdefault(cid, Conversation(cid, []))
+        first_seen.setdefault(cid, where)
+        if record.get("split") in SPLITS:  # a release's own split, kept as it was (ingest draws it again)
+            conv.split = record["split"]
         kind = record.get("type")
         if kind == "turn":
             for name in ("session", "turn"):
@@ -247,18 +269,49 @@ def _load_jsonl(path: Path, options: LoadOptions) -> list[Conversation]:
             raise DataError(f"{where}: field 'type': expected 'turn' or 'question', got {kind!r}")
     for cid, conv in by_id.items():
         if not conv.turns:
-            raise DataError(f"{path}: conversation {cid}: empty conversation (questions but no turns)")
+            raise DataError(f"{first_seen[cid]}: field 'conversation_id': {cid!r} is an empty conversation "
+                            f"(questions but no turns in {source})")
         conv.turns.sort(key=lambda t: (t.session, t.turn))
     return list(by_id.values())
 
 
-def _load_parquet_folder(path: Path) -> list[Conversation]:
-    conv_file, q_file = path / "conversations.parquet", path / "questions.parquet"
-    for f in (conv_file, q_file):
+# A Parquet folder may come from `ingest` (a release) or from a team's own writer (pandas, Spark): only these
+# columns must be there; `split`, `question_id` and the rest are ours and are worked out again.
+PARQUET_COLUMNS = {
+    "conversations": ("conversation_id", "session", "turn", "speaker", "text", "time"),
+    "questions": ("conversation_id", "question", "category"),
+}
+
+
+def _load_parquet_folder(path: Path, options: LoadOptions) -> list[Conversation]:
+    files = {kind: path / f"{kind}.parquet" for kind in PARQUET_COLUMNS}
+    for f in files.values():
         if not f.is_file():
             raise DataError(f"{f}: missing (a Parquet input folder holds conversations.parquet and questions.parquet)")
-    conversations = read_parquet(conv_file, "conversations", CONVERSATIONS)
-    questions = read_parquet(q_file, "questions", QUESTIONS)
-    for i, cid in enumerate(conversations.column("conversation_id").to_pylist()):
-        _check_id(f"{conv_file}: row {i}", cid)
-    return from_tables(conversations, questions)
+    rows = chain(_parquet_records(files["conversations"], "conversations", "turn"),
+                 _parquet_records(files["questions"], "questions", "question"))
+    return _load_records(path, rows, options)
+
+
+def _parquet_records(path: Path, kind: str, record_type: str) -> Iterator[tuple[str, dict]]:
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as err:
+        raise DataError(f"{path}: not a readable Parquet file ({err})") from None
+    meta = table.schema.metadata or {}
+    version, found_kind = meta.get(VERSION_KEY), meta.get(KIND_KEY, b"").decode()
+    if version is not None and version.decode() != SCHEMA_VERSION:
+        raise DataError(f"{path}: schema version {version.decode()!r}, expected {SCHEMA_VERSION!r} "
+                        "(field memlora.schema_version)")
+    if found_kind and found_kind != kind:
+        raise DataError(f"{path}: holds {found_kind!r} rows, expected {kind!r}")
+    missing = [name for name in PARQUET_COLUMNS[kind] if name not in table.column_names]
+    if kind == "questions" and not {"answer", "adversarial_answer"} & set(table.column_names):
+        missing.append("answer (or adversarial_answer)")
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
+    for i, row in enumerate(table.to_pylist()):
+        row["type"] = record_type
+        if kind == "questions" and row.get("evidence") is None:
+            row["evidence"] = []  # a null list is no evidence named
+        yield f"{path}: row {i}", row

@@ -563,8 +563,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 COMMANDS = {
     "ingest": ("validate input conversations into OUT/datasets",
-        "Validate the input conversations (LoCoMo JSON or JSONL) and write them, split into train / "
-        "validation / test, as OUT/datasets/*.parquet. A bad file is named with its row and field."),
+        "Validate the input conversations (LoCoMo JSON, JSONL or a Parquet folder) and write them, split into "
+        "train / validation / test, as OUT/datasets/*.parquet. A bad file is named with its row and field."),
     "traces": ("record the teacher's memory-operation calls as Parquet traces",
         "Run the teacher through the memory system over the train and validation conversations and record "
         "every extraction, update and generation call as OUT/traces/<operation>/part-*.parquet (runs "
@@ -645,7 +645,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", required=required, default=None if required else "out",
                        help="output folder holding datasets, traces, adapters, eval and releases")
 
-    data_help = "input conversations: LoCoMo JSON or memlora JSONL"
+    data_help = ("input conversations: LoCoMo JSON, memlora JSONL or a folder of conversations.parquet + "
+                 "questions.parquet")
 
     p = command("ingest")
     p.add_argument("--data", required=True, help=data_help)
@@ -676,8 +677,8 @@ def build_parser() -> argparse.ArgumentParser:
     config(p)
     out(p)
     p.add_argument("--data", default=None,
-                   help="evaluate on this corpus's conversations instead (all of them test; LoCoMo JSON or JSONL); "
-                        "OUT is then a new folder, and --experts-from names the trained run")
+                   help="evaluate on this corpus's conversations instead (all of them test; LoCoMo JSON, JSONL or "
+                        "Parquet folder); OUT is then a new folder, and --experts-from names the trained run")
     p.add_argument("--experts-from", default=None, metavar="TRAINED_OUT",
                    help="with --data: the OUT whose student base and trained experts are evaluated")
     p.add_argument("--sessions", type=positive_int, default=None, metavar="N",

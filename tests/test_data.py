@@ -149,6 +149,54 @@ def test_parquet_with_wrong_schema_version_is_refused(sample_path, tmp_path):
         read_parquet(tmp_path / "x" / "c.parquet", "conversations", CONVERSATIONS)
 
 
+def _team_parquet(folder: Path, conversations: pa.Table, questions: pa.Table) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(conversations, folder / "conversations.parquet")
+    pq.write_table(questions, folder / "questions.parquet")
+    return folder
+
+
+def test_a_teams_own_parquet_is_read_row_by_row(sample_path, tmp_path):
+    """Parquet written by a team's own tools (pandas, Spark): no memlora metadata, none of our derived columns,
+    times as text or with a zone. Each row is checked as a JSONL line is, and named by file and row."""
+    corpus = ingest(sample_path, tmp_path / "ours", DataConfig())
+    conversations, questions = (pq.read_table(tmp_path / "ours" / "datasets" / f"{kind}.parquet")
+                                .replace_schema_metadata(None) for kind in ("conversations", "questions"))
+    times = pa.compute.strftime(conversations["time"], format="%Y-%m-%dT%H:%M:%S")
+    theirs = conversations.drop_columns(["split", "dia_id", "image_caption"]).set_column(
+        conversations.schema.get_field_index("time") - 2, "time", times)
+    their_questions = questions.drop_columns(["split", "question_id"])
+    again = load_corpus(_team_parquet(tmp_path / "theirs", theirs, their_questions))
+    assert [(c.conversation_id, len(c.turns), len(c.questions)) for c in again] == \
+        [(c.conversation_id, len(c.turns), len(c.questions)) for c in corpus]
+    assert [t.time for t in again[0].turns] == [t.time for t in corpus[0].turns]
+    assert again[0].questions == corpus[0].questions
+
+    def refused(folder: str, table: pa.Table, qs: pa.Table = their_questions) -> str:
+        with pytest.raises(DataError) as err:
+            load_corpus(_team_parquet(tmp_path / folder, table, qs))
+        return str(err.value)
+
+    sessions = pa.compute.cast(theirs["session"], pa.string())
+    message = refused("str-session", theirs.set_column(theirs.schema.get_field_index("session"), "session", sessions))
+    assert message.endswith("str-session/conversations.parquet: row 0: field 'session': "
+                            "expected a non-negative integer, got '1'")
+    texts = theirs["text"].to_pylist()
+    texts[5] = None
+    message = refused("null-text", theirs.set_column(theirs.schema.get_field_index("text"), "text", pa.array(texts)))
+    assert "null-text/conversations.parquet: row 5: field 'text': expected a string, got null" in message
+    ids = their_questions["conversation_id"].to_pylist()
+    ids[3] = "nobody"  # was silently dropped: a question lost
+    message = refused("ghost", theirs, their_questions.set_column(0, "conversation_id", pa.array(ids)))
+    assert "ghost/questions.parquet: row 3: field 'conversation_id': 'nobody' is an empty conversation" in message
+    assert "missing column(s) speaker" in refused("no-speaker", theirs.drop_columns(["speaker"]))
+    no_answers = their_questions.drop_columns(["answer", "adversarial_answer"])
+    assert "missing column(s) answer (or adversarial_answer)" in refused("no-answer", theirs, no_answers)
+    with pytest.raises(DataError, match="holds 'questions' rows, expected 'conversations'"):
+        load_corpus(_team_parquet(tmp_path / "swapped", pq.read_table(tmp_path / "ours" / "datasets" /
+                                                                       "questions.parquet"), their_questions))
+
+
 def test_written_files_are_readable_by_others_as_the_umask_allows(tmp_path):
     import stat
 
