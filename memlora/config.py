@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -523,9 +524,26 @@ def _format_error(path: Path, err: ValidationError) -> str:
     lines = [f"{path}: invalid config"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = _unknown_key(e["loc"]) if e["type"] == "extra_forbidden" else e["msg"]
         lines.append(f"  {key}: {msg}")
     return "\n".join(lines)
+
+
+def _unknown_key(loc: tuple) -> str:
+    """A mistyped key says what the section takes: a nightly run that fails on `lerning_rate` should say
+    `learning_rate` in the same line."""
+    model = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        inner = field and next((t for t in (field.annotation, *get_args(field.annotation))
+                                if isinstance(t, type) and issubclass(t, BaseModel)), None)
+        if inner is None:
+            return "unknown key"
+        model = inner
+    known = sorted(model.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+    return ("unknown key" + (f" (did you mean {close[0]!r}?)" if close else "")
+            + f"; this section takes: {', '.join(known)}")
 
 
 def parse_config(raw: dict, source: str | Path = "<config>") -> Config:
@@ -558,12 +576,18 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
 
 def _extended(path: Path, base: str) -> Path:
     """`extends:` is relative to the extending file; where no such file is there, a bundled config of that name
-    (`extends: default.yaml` from a team's own folder means the embedded default, as in the README)."""
+    (`extends: default.yaml` from a team's own folder means the embedded default, as in the README; the `.yaml`
+    may be left out). Where neither is there, the error lists the bundled ones."""
     beside = path.parent / base
     if beside.is_file() or Path(base).is_absolute():
         return beside
-    bundled = installed_config(Path(DEFAULT_CONFIG).parent / base)
-    return bundled if bundled.is_file() else beside
+    shipped = installed_config(Path(DEFAULT_CONFIG).parent)
+    for name in (base, f"{base}.yaml") if not base.endswith((".yaml", ".yml")) else (base,):
+        if (shipped / name).is_file():
+            return shipped / name
+    names = ", ".join(sorted(f.name for f in shipped.glob("*.yaml"))) or "none"
+    raise ConfigError(f"{path}: extends: {base!r} is neither a file beside it ({beside}) nor a bundled config "
+                      f"({names})")
 
 
 def _merge(base: dict, override: dict) -> dict:

@@ -30,7 +30,7 @@ def test_the_defaults_resolve_to_the_installed_copies_outside_the_repository(tmp
 @pytest.mark.timeout(60)
 def test_extends_names_a_bundled_config_from_a_folder_of_ones_own(tmp_path):
     """The README's `extends: default.yaml` in a team's own folder is the embedded default (a file of that name
-    beside the config still wins); a name that is nowhere says which file asked for it."""
+    beside the config still wins); a name that is nowhere says which file asked for it and what is bundled."""
     from memlora.config import ConfigError, load_config
 
     mine = tmp_path / "mine.yaml"
@@ -42,8 +42,11 @@ def test_extends_names_a_bundled_config_from_a_folder_of_ones_own(tmp_path):
     assert load_config(tmp_path / "locomo-mine.yaml").name == load_config(REPO / "configs" / "locomo.yaml").name
     (tmp_path / "default.yaml").write_text(f"extends: {REPO / 'configs' / 'default.yaml'}\nname: own-default\n")
     assert (load_config(mine).name, load_config(mine).teacher.batch_size) == ("own-default", 4)
+    (tmp_path / "short.yaml").write_text("extends: default\n")  # the bundled name without its .yaml
+    assert load_config(tmp_path / "short.yaml").name == "embedded-default"
     (tmp_path / "typo.yaml").write_text("extends: defualt.yaml\n")
-    with pytest.raises(ConfigError, match=r"defualt.yaml: config file not found \(extended by .*typo.yaml\)"):
+    with pytest.raises(ConfigError, match=r"typo.yaml: extends: 'defualt.yaml' is neither a file beside it "
+                       r"\(.*defualt.yaml\) nor a bundled config \(default.yaml, locomo.yaml, mem0.yaml\)"):
         load_config(tmp_path / "typo.yaml")
 
 

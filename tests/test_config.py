@@ -22,7 +22,9 @@ def test_default_config_loads():
     "overrides,key,message",
     [
         ({"teachr": {"model": "x"}}, "teachr", "unknown key"),
-        ({"memory": {"windw": 2}}, "memory.windw", "unknown key"),
+        ({"memory": {"windw": 2}}, "memory.windw", "unknown key (did you mean 'window'?); this section takes: "),
+        ({"distill": {"lerning_rate": 1e-3}}, "distill.lerning_rate", "(did you mean 'learning_rate'?)"),
+        ({"training": {"epochs": 2}}, "training", "unknown key; this section takes: capture, data, deferral"),
         ({"memory": {"window": "two"}}, "memory.window", "integer"),
         ({"memory": {"operations": {"update": {"constrained": "sometimes"}}}}, "memory.operations.update.constrained", "boolean"),
         ({"teacher": {"model": "/no/such/model-folder"}}, "teacher.model", "not found"),
@@ -93,7 +95,7 @@ def test_a_config_extends_another_and_names_only_what_it_changes(tmp_path):
     cfg = load_config(tmp_path / "variant.yaml")
     assert (cfg.name, cfg.memory.window, cfg.memory.top_k) == ("variant", 3, 2)
     (tmp_path / "orphan.yaml").write_text("extends: gone.yaml\n")
-    with pytest.raises(ConfigError, match="gone.yaml: config file not found .extended by"):
+    with pytest.raises(ConfigError, match="orphan.yaml: extends: 'gone.yaml' is neither a file beside it"):
         load_config(tmp_path / "orphan.yaml")
     (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
     with pytest.raises(ConfigError, match="extends itself"):
