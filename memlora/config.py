@@ -582,9 +582,10 @@ def _extended(path: Path, base: str) -> Path:
     if beside.is_file() or Path(base).is_absolute():
         return beside
     shipped = installed_config(Path(DEFAULT_CONFIG).parent)
-    for name in (base, f"{base}.yaml") if not base.endswith((".yaml", ".yml")) else (base,):
-        if (shipped / name).is_file():
-            return shipped / name
+    names = (base, f"{base}.yaml") if not base.endswith((".yaml", ".yml")) else (base,)
+    for candidate in (*(shipped / name for name in names), installed_config(base)):  # also `configs/default.yaml`
+        if candidate.is_file():
+            return candidate
     names = ", ".join(sorted(f.name for f in shipped.glob("*.yaml"))) or "none"
     raise ConfigError(f"{path}: extends: {base!r} is neither a file beside it ({beside}) nor a bundled config "
                       f"({names})")

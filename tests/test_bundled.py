@@ -42,8 +42,9 @@ def test_extends_names_a_bundled_config_from_a_folder_of_ones_own(tmp_path):
     assert load_config(tmp_path / "locomo-mine.yaml").name == load_config(REPO / "configs" / "locomo.yaml").name
     (tmp_path / "default.yaml").write_text(f"extends: {REPO / 'configs' / 'default.yaml'}\nname: own-default\n")
     assert (load_config(mine).name, load_config(mine).teacher.batch_size) == ("own-default", 4)
-    (tmp_path / "short.yaml").write_text("extends: default\n")  # the bundled name without its .yaml
-    assert load_config(tmp_path / "short.yaml").name == "embedded-default"
+    for name in ("default", "configs/default.yaml"):  # without its .yaml; as the checkout names it
+        (tmp_path / "short.yaml").write_text(f"extends: {name}\n")
+        assert load_config(tmp_path / "short.yaml").name == "embedded-default"
     (tmp_path / "typo.yaml").write_text("extends: defualt.yaml\n")
     with pytest.raises(ConfigError, match=r"typo.yaml: extends: 'defualt.yaml' is neither a file beside it "
                        r"\(.*defualt.yaml\) nor a bundled config \(default.yaml, locomo.yaml, mem0.yaml\)"):
