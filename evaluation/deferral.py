@@ -29,7 +29,7 @@ from memlora.memory.llm import GenerationRequest, LLMBackend
 from memlora.memory.parsing import extract_json
 from memlora.student.examples import conversation_splits, load_traces, split_rows
 from memlora.student.experts import expert_digests, expert_folders
-from memlora.student.records import TrainingRecord
+from memlora.student.records import TRAINING_FILE, TrainingRecord
 
 KEEP, DESTRUCTIVE = "keep", "destructive"  # the two classes of an operation's answers, calibrated apart
 # Shares of calls for which calibration also says the least budget that would keep them (`budgets_to_keep`)
@@ -116,7 +116,7 @@ def fresh_calls(out: str | Path, config: Config, operations: list[str]) -> list[
     splits = conversation_splits(out)
     calls = []
     for op in operations:
-        record = adapter_dir(out, op) / "training.json"
+        record = adapter_dir(out, op) / TRAINING_FILE
         if not record.is_file():
             continue
         trained = set(TrainingRecord.read(record).trace_files)

@@ -13,7 +13,7 @@ from memlora.evaluation.systems import ALL_SYSTEMS, JUDGE, EvalError, served_thr
 from memlora.layout import ADAPTERS, conversations_file, datasets_dir
 from memlora.student.build import build_student
 from memlora.student.experts import verified_expert_folders
-from memlora.student.records import TrainingRecord
+from memlora.student.records import TRAINING_FILE, TrainingRecord
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def check_evaluable(config, out: str | Path) -> list:
     if not experts:  # before the student base or any model process: fail first
         raise EvalError(f"{Path(out) / ADAPTERS}: no trained expert (run `memlora distill` first)")
     for operation, folder in sorted(experts.items()):
-        record = folder / "training.json"
+        record = folder / TRAINING_FILE
         learnt = TrainingRecord.read(record).learnt_from(c.conversation_id for c in conversations) \
             if record.is_file() else []
         if learnt:  # the split changed after it trained (another corpus ingested into OUT): not a held-out test

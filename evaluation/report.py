@@ -16,6 +16,7 @@ from memlora.evaluation.qa import CATEGORIES
 from memlora.evaluation.results import ANSWERABLE, headline, lookup
 from memlora.evaluation.systems import TEACHER, in_rows
 from memlora.layout import adapter_dir, report_path
+from memlora.student.records import TRAINING_FILE
 
 COLORS = {"teacher": "#4C72B0", "teacher-int8": "#8172B3", "student": "#DD8452", "student+experts": "#55A868",
           "experts+guard": "#64B5CD", "experts+teacher": "#937860"}
@@ -300,7 +301,7 @@ def training_records(out: str | Path) -> dict[str, dict]:
     """Each expert's training.json, by operation (the per-epoch losses the report plots)."""
     records = {}
     for op in OPERATIONS:
-        path = adapter_dir(out, op) / "training.json"
+        path = adapter_dir(out, op) / TRAINING_FILE
         if path.is_file():
             records[op] = json.loads(path.read_text())
     return records

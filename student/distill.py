@@ -17,7 +17,7 @@ from memlora.student.examples import conversation_splits, load_traces, side_of, 
     traces_fingerprint
 from memlora.student.experts import expert_folders, is_complete_adapter
 from memlora.student.launch import ExpertJob, TrainingFailed, run_trainings
-from memlora.student.records import DistillResult, NoExpert, TrainingRecord
+from memlora.student.records import TRAINING_FILE, DistillResult, NoExpert, TrainingRecord
 from memlora.student.templates import ensure_templates, template_for
 from memlora.student.versions import snapshot
 
@@ -64,7 +64,7 @@ def cache_key(config: Config, out: str | Path, operation: str, init: Path | None
 def finished_record(config: Config, out: str | Path, operation: str,
                     init: Path | None = None) -> TrainingRecord | None:
     folder = adapter_dir(out, operation)
-    record_file = folder / "training.json"
+    record_file = folder / TRAINING_FILE
     if not (is_complete_adapter(folder) and record_file.is_file()):
         return None
     record = TrainingRecord.read(record_file)
@@ -95,9 +95,9 @@ def served_record(config: Config, out: str | Path, operation: str,
     is calls served (captured, deferred, audited): those go through `improve`'s gate, never straight into the
     served expert (the nightly pipeline on the same OUT would otherwise retrain it on them). Else (None, 0)."""
     folder, loop = adapter_dir(out, operation), deferral_path(out).is_file() or decisions_path(out).is_file()
-    if init is not None or not loop or not (is_complete_adapter(folder) and (folder / "training.json").is_file()):
+    if init is not None or not loop or not (is_complete_adapter(folder) and (folder / TRAINING_FILE).is_file()):
         return None, 0
-    record = TrainingRecord.read(folder / "training.json")
+    record = TrainingRecord.read(folder / TRAINING_FILE)
     if not record.trace_files or record.config_fingerprint != config_fingerprint(config, operation) or not \
             same_split(record, out, operation, exact=False):
         return None, 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -11,11 +12,13 @@ import torch
 from peft import LoraConfig, PeftModel
 from safetensors.torch import save_file
 
-from memlora.data.io import publishing
+from memlora.data.io import publishing, write_json
 from memlora.layout import export_dir, student_dir
 from memlora.llm.hf_backend import load_causal_lm
 from memlora.manifest import update_manifest
-from memlora.student.experts import adapter_name, verified_expert_folders
+from memlora.memory.prompts import STUDENT_SYSTEM
+from memlora.student.experts import TEMPLATE_FILE, adapter_name, verified_expert_folders
+from memlora.student.records import TRAINING_FILE, TrainingRecord
 
 
 def portable_base(base: str | Path, out: str | Path) -> str:
@@ -96,6 +99,31 @@ def ether_as_lora(peft_model, adapter: str) -> tuple[list[str], dict[str, torch.
 CLOSED_FORMS = {"DELORA": delora_as_lora, "HRA": ether_as_lora}  # peft_type -> its exact rank-r LoRA
 
 
+# What an exported expert must be sent. A multi-LoRA server passes a client's messages through unchanged, and an
+# expert trained on the minimal prompt answers the teacher's worse: the embedded default's update expert, sent
+# the teacher's prompt, said DELETE to 5 of 8 calls where the teacher said NONE; sent its own, to 1 (free
+# decoding, 2026-12-08).
+PROMPT_FILE = "prompt.json"
+
+
+def expert_prompt(operation: str, folder: Path) -> dict:
+    """`prompt.json` of an exported expert: the prompt it was trained to read, as a client must build it."""
+    record = folder / TRAINING_FILE
+    trained = TrainingRecord.read(record).prompt if record.is_file() else "teacher"
+    if trained != "minimal":
+        return {"operation": operation, "reads": "teacher", "system": None,
+                "how": "send the call as the teacher gets it: the expert was trained on the teacher's own prompt"}
+    if (folder / TEMPLATE_FILE).is_file():
+        return {"operation": operation, "reads": "reduced", "system": STUDENT_SYSTEM[operation],
+                "how": f"a captured client's call cut by {TEMPLATE_FILE} to the lines that change, after this "
+                       "system line (what `memlora serve-experts` does); a server that passes the client's "
+                       "prompt through unchanged gives the expert a prompt it did not learn"}
+    return {"operation": operation, "reads": "minimal", "system": STUDENT_SYSTEM[operation],
+            "how": "messages [{role: system, content: <system>}, <the teacher call's last user message>]: the "
+                   "teacher's instructions and examples are what the expert learnt; sending them again makes "
+                   "its answers worse"}
+
+
 def export_lora(out: str | Path, base: str | Path | None = None, rank: int | None = None,
                 on_line: Callable[[str], None] = lambda line: None) -> dict[str, Path]:
     """Write OUT/export/lora/<op>/ for every trained expert, each a standard LoRA adapter folder.
@@ -141,7 +169,12 @@ def export_lora(out: str | Path, base: str | Path | None = None, rank: int | Non
             lora_config.save_pretrained(str(tmp))
             save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "adapter_model.safetensors"),
                       metadata={"format": "pt"})
-        on_line(f"{op}: LoRA r={lora_config.r} written in {time.perf_counter() - began:.1f} s -> {target}")
+            prompt = expert_prompt(op, folder)
+            write_json(prompt, tmp / PROMPT_FILE)
+            if (folder / TEMPLATE_FILE).is_file():
+                shutil.copy2(folder / TEMPLATE_FILE, tmp / TEMPLATE_FILE)
+        on_line(f"{op}: LoRA r={lora_config.r} written in {time.perf_counter() - began:.1f} s -> {target} "
+                f"(reads the {prompt['reads']} prompt: {PROMPT_FILE})")
         written[op] = target
     if written:
         update_manifest(out)  # exported adapters are artifacts too: `memlora verify OUT` checks them

@@ -31,7 +31,7 @@ from memlora.llm.grammar import GrammarCache
 from memlora.student.distill import cache_key
 from memlora.student.examples import load_traces
 from memlora.student.experts import ExpertBackend, adapter_config, verified_expert_folders
-from memlora.student.records import TrainingRecord
+from memlora.student.records import TRAINING_FILE, TrainingRecord
 from memlora.student.templates import ensure_templates
 from memlora.student.versions import install, prune_versions, snapshot, verified_version
 
@@ -71,7 +71,7 @@ def new_rows(config: Config, out: str | Path) -> dict[str, int]:
         files = trace_files(out, op)
         if not files:
             continue
-        record_file = adapter_dir(out, op) / "training.json"
+        record_file = adapter_dir(out, op) / TRAINING_FILE
         record = TrainingRecord.read(record_file) if record_file.is_file() else None
         if record is not None and record.traces_sha256 == cache_key(config, out, op)["traces_sha256"]:
             counts[op] = 0

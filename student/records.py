@@ -7,6 +7,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+TRAINING_FILE = "training.json"  # beside each expert's adapter files
+
 
 @dataclass
 class TrainingRecord:

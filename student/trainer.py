@@ -33,7 +33,7 @@ from memlora.student.examples import (
 from memlora.student.experts import TEMPLATE_FILE, attach_expert, resume_expert
 from memlora.student.export import portable_base
 from memlora.student.losses import completion_window, distillation_loss
-from memlora.student.records import TrainingRecord
+from memlora.student.records import TRAINING_FILE, TrainingRecord
 from memlora.student.targets import gold_answers
 from memlora.student.templates import template_for
 
@@ -277,7 +277,7 @@ def rows_to_train(config: Config, files: list[Path], splits: dict[str, str], ini
     starts from a served expert trains only on the rows of shards that expert's record does not list (it learnt
     the others, or its lineage did); validation keeps every validation row, for a like-for-like early stop."""
     train_rows, val_rows = split_rows(load_traces(files), splits)
-    record = Path(init) / "training.json" if init else None
+    record = Path(init) / TRAINING_FILE if init else None
     if config.improve.train_on != "new" or record is None or not record.is_file():
         return train_rows, val_rows, 0
     learnt = set(TrainingRecord.read(record).trace_files)
@@ -449,7 +449,7 @@ def train_expert(config: Config, out: str | Path, operation: str, base: str | Pa
     })
     if template is not None:
         (staging / TEMPLATE_FILE).write_text(json.dumps(template.to_dict(), indent=1) + "\n")
-    (staging / "training.json").write_text(json.dumps(record.to_dict(on_disk=True), indent=2) + "\n")
+    (staging / TRAINING_FILE).write_text(json.dumps(record.to_dict(on_disk=True), indent=2) + "\n")
     swap_in(staging, final)  # a collective save wrote it, so the staging name is fixed, not a context's
     shutil.rmtree(work, ignore_errors=True)
     return record

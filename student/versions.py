@@ -19,8 +19,9 @@ from memlora.data.io import atomic_path, sha256_file, write_json
 from memlora.layout import adapter_dir, deferral_path, version_dir, versions_root
 from memlora.manifest import UntrustedArtifact, update_manifest
 from memlora.student.experts import ADAPTER_FILES, TEMPLATE_FILE, expert_folders
+from memlora.student.records import TRAINING_FILE
 
-KEPT_FILES = (*ADAPTER_FILES, TEMPLATE_FILE, "training.json")
+KEPT_FILES = (*ADAPTER_FILES, TEMPLATE_FILE, TRAINING_FILE)
 THRESHOLDS = deferral_path("").name  # a version's deferral thresholds, where the set had them
 
 

@@ -13,6 +13,7 @@ from memlora.config import OPERATIONS, ExpertConfig
 from memlora.llm.hf_backend import load_causal_lm
 from memlora.manifest import UntrustedArtifact, update_manifest
 from memlora.memory.llm import GenerationRequest
+from memlora.memory.prompts import STUDENT_SYSTEM
 from memlora.student.experts import ExpertBackend, adapter_config, adapter_name, attach_expert
 from tests.student_fixtures import perturb
 
@@ -246,8 +247,19 @@ def test_lora_export_reloads_as_lora_and_matches_the_delora_expert(tiny_model_di
 
     out = tmp_path / "out"
     shutil.copytree(experts_out, out)
+    # What each exported expert must be sent travels with it (a multi-LoRA server passes prompts through).
+    (out / "adapters" / "update" / "training.json").write_text(json.dumps({"operation": "update", "prompt": "minimal"}))
+    (out / "adapters" / "generation" / "training.json").write_text(json.dumps({"operation": "generation",
+                                                                               "prompt": "minimal"}))
+    (out / "adapters" / "generation" / "client_template.json").write_text('{"operation": "generation"}')
+    update_manifest(out)
     written = export_lora(out, tiny_model_dir)
     assert set(written) == set(OPERATIONS)
+    prompts = {op: json.loads((written[op] / "prompt.json").read_text()) for op in OPERATIONS}
+    assert prompts["extraction"]["reads"] == "teacher" and prompts["extraction"]["system"] is None  # no record
+    assert prompts["update"]["reads"] == "minimal" and prompts["update"]["system"] == STUDENT_SYSTEM["update"]
+    assert prompts["generation"]["reads"] == "reduced"
+    assert (written["generation"] / "client_template.json").read_text() == '{"operation": "generation"}'
     for op in ("extraction", "generation"):
         folder = out / "export" / "lora" / op
         assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == "LORA"
