@@ -33,6 +33,15 @@ def assign_split(corpus: list[Conversation], test_ratio: float, seed: int,
     return corpus
 
 
+def require_test_conversation(corpus: list[Conversation], source: str) -> None:
+    """The whole pipeline ends in an evaluation on test conversations: a corpus whose split holds none out is
+    refused before the teacher and the training spend their time on it."""
+    if not any(c.split == "test" for c in corpus):
+        raise DataError(f"{source}: {len(corpus)} conversation(s), and the config's data.split holds none out for "
+                        "the evaluation (a conversation always trains; a test share needs at least two); give more "
+                        "conversations, or run `memlora traces` and `memlora distill` alone")
+
+
 def assign_named_split(corpus: list[Conversation], ids: dict[str, list[str]], source: str) -> list[Conversation]:
     """Mark conversations by the split their id is named in (a benchmark's fixed protocol). Returns the named
     ones in corpus order; an id the data does not hold stops the run, naming it and the file."""

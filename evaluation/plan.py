@@ -41,7 +41,8 @@ def check_evaluable(config, out: str | Path) -> list:
         raise EvalError(f"{datasets}: no ingested data (run `memlora traces` or `memlora ingest` first)")
     conversations = test_conversations(load_ingested(out), config.evaluation)
     if not conversations:
-        raise EvalError(f"{datasets}: no test conversation (is data.split.test_ratio above 0?)")
+        raise EvalError(f"{datasets}: no test conversation (data.split holds none out: a test_ratio of 0, a named "
+                        "split without test ids, or a single conversation, which always trains)")
     if config.student is None:
         raise EvalError("the config has no `student` section: there is no student to evaluate")
     experts = verified_expert_folders(out)

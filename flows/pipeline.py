@@ -5,6 +5,8 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from memlora.bundled import DEFAULT_CONFIG, DEFAULT_DATA
+from memlora.data.ingest import prepare_corpus
+from memlora.data.split import require_test_conversation
 from memlora.flows.distill import distill
 from memlora.flows.evaluation import evaluate
 from memlora.flows.traces import generate_traces
@@ -17,8 +19,9 @@ from memlora.tasks.release import publish_release_task
 def pipeline(config_path: str = DEFAULT_CONFIG, data: str = DEFAULT_DATA,
              out: str = "out") -> dict:
     log = get_run_logger()
+    cfg = load_config_task(config_path)
+    require_test_conversation(prepare_corpus(data, cfg.data), data)  # before OUT and hours of traces, training
     with holding_out(out, "memlora-pipeline"):
-        cfg = load_config_task(config_path)
         # Parsed once: every stage reads this resolved copy, so an edit to the YAML mid-run changes nothing here.
         resolved = str(write_resolved_config(cfg, out))
         summary = {"traces": generate_traces(config_path=resolved, data=data, out=out)}

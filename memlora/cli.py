@@ -123,13 +123,13 @@ def writing_out(args):
     return out_lock(args.out, f"memlora {args.command}", on_wait=say)
 
 
-def check_data(args) -> None:
+def check_data(args) -> list:
     """Read and validate --data before a flow starts: a bad file costs a second and one line, not a Prefect
-    run with two tracebacks."""
+    run with two tracebacks. Returns the corpus as split."""
     from memlora.config import load_config
     from memlora.data.ingest import prepare_corpus
 
-    prepare_corpus(args.data, load_config(args.config).data)  # a split naming a missing conversation too
+    return prepare_corpus(args.data, load_config(args.config).data)  # a split naming a missing conversation too
 
 
 def cmd_ingest(args) -> int:
@@ -529,7 +529,9 @@ def cmd_capture(args) -> int:
 
 
 def cmd_run(args) -> int:
-    check_data(args)
+    from memlora.data.split import require_test_conversation
+
+    require_test_conversation(check_data(args), args.data)
     from memlora.flows.pipeline import pipeline
 
     summary = pipeline(config_path=args.config, data=args.data, out=args.out)
