@@ -56,7 +56,7 @@ def load_corpus(path: str | Path, options: LoadOptions = LoadOptions()) -> list[
 def _read_text(path: Path) -> str:
     raw = path.read_bytes()
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")  # a byte-order mark (Windows tools write one) is not part of the data
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text (bad byte at offset {err.start})") from None
 

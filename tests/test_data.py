@@ -149,6 +149,18 @@ def test_parquet_with_wrong_schema_version_is_refused(sample_path, tmp_path):
         read_parquet(tmp_path / "x" / "c.parquet", "conversations", CONVERSATIONS)
 
 
+def test_a_byte_order_mark_and_crlf_lines_are_read_as_utf8(sample_path, tmp_path):
+    """What Windows tools write: UTF-8 with a BOM, lines ending in CRLF."""
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + sample_path.read_bytes().replace(b"\n", b"\r\n"))
+    assert to_tables(load_corpus(bom))[0].equals(to_tables(load_corpus(sample_path))[0])
+    line = {"type": "turn", "conversation_id": "c1", "session": 1, "turn": 1, "speaker": "Ann", "text": "hi",
+            "time": "2023-05-08T13:56:00"}
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + (json.dumps(line) + "\r\n").encode())
+    assert [t.text for t in load_corpus(jsonl)[0].turns] == ["hi"]
+
+
 def _team_parquet(folder: Path, conversations: pa.Table, questions: pa.Table) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     pq.write_table(conversations, folder / "conversations.parquet")
