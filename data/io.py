@@ -111,8 +111,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp_path.unlink(missing_ok=True)
 
 
-def write_parquet(table: pa.Table, path: str | Path, kind: str) -> Path:
-    table = table.cast(with_metadata(table.schema, kind))
+def write_parquet(table: pa.Table, path: str | Path, kind: str, metadata: dict[bytes, bytes] | None = None) -> Path:
+    """`metadata`: keys of the writer's own beside the schema version and kind (a trace shard's trace key)."""
+    schema = with_metadata(table.schema, kind)
+    table = table.cast(schema.with_metadata({**schema.metadata, **(metadata or {})}))
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
     return Path(path)

@@ -12,7 +12,7 @@ from memlora.tasks.common import (
     build_task_runner, forward_domain_logs, holding_out, ingest_task, load_config_task, manifest_task,
 )
 from memlora.tasks.traces import raise_for_failures, trace_conversation_task
-from memlora.teacher.traces import select_conversations, shared_resources, trace_summary
+from memlora.teacher.traces import select_conversations, shared_resources, trace_summary, traced_before
 
 
 @flow(name="generate-traces", log_prints=True)
@@ -22,8 +22,11 @@ def generate_traces(config_path: str = DEFAULT_CONFIG, data: str = "", out: str 
         cfg = load_config_task(config_path)
         corpus = ingest_task(data, out, cfg)
         selected, todo = select_conversations(corpus, cfg, out)
-        get_run_logger().info("%d train/validation conversations selected, %d already traced, %d to trace",
-                              len(selected), len(selected) - len(todo), len(todo))
+        changed = [c.conversation_id for c in todo if traced_before(out, c.conversation_id)]
+        get_run_logger().info("%d train/validation conversations selected, %d already traced, %d to trace%s",
+                              len(selected), len(selected) - len(todo), len(todo),
+                              f" ({len(changed)} traced again: their turns, the teacher or the memory system "
+                              f"changed since: {', '.join(changed)})" if changed else "")
         if todo:
             with build_task_runner(cfg.prefect) as runner, \
                     shared_resources(cfg, out, shared=cfg.prefect.task_runner == "thread") as shared:

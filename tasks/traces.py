@@ -13,7 +13,7 @@ from memlora.llm.backends import build_backend
 from memlora.memory.embedder import Embedder
 from memlora.memory.llm import LLMBackend
 from memlora.memory.store import MemoryStore
-from memlora.teacher.traces import TracesIncomplete, trace_conversation, write_shards
+from memlora.teacher.traces import TracesIncomplete, trace_conversation, trace_key, write_shards
 
 
 @task(name="trace-conversation", cache_policy=NONE, task_run_name="trace-{conversation.conversation_id}")
@@ -34,7 +34,7 @@ def trace_conversation_task(
     finally:
         if own:
             store.close()
-    counts = write_shards(out, conversation.conversation_id, rows)
+    counts = write_shards(out, conversation.conversation_id, rows, trace_key(conversation, config))
     ok = {op: sum(r["parse_ok"] for r in rows[op]) for op in rows}
     get_run_logger().info(
         "%s: %s", conversation.conversation_id,

@@ -7,6 +7,7 @@ redoes the interrupted one from scratch, and can neither duplicate nor lose rows
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from contextlib import contextmanager
@@ -35,17 +36,50 @@ class TracesIncomplete(RuntimeError):
     """Some conversations have no traces; the others' are written and kept."""
 
 
-def is_traced(out: str | Path, conversation_id: str) -> bool:
-    return all(shard_path(out, op, conversation_id).is_file() for op in OPERATIONS)
+# Each shard names what it was traced from: a conversation that grew a session, was corrected or cut, or a
+# teacher or memory system that changed, is traced again; before, its old shards stayed and kept training.
+TRACE_KEY = b"memlora.trace_key"
+TEACHER_FIELDS = {"backend", "model", "tokenizer", "dtype", "quantize", "logprobs_top_k"}  # not batching or device
+
+
+def trace_key(conversation: Conversation, config: Config) -> str:
+    """What one conversation's teacher calls depend on: its turns and questions as traced, the teacher, the
+    memory system and the data caps that cut what is played (not its split, which moves no call)."""
+    shaping = {
+        "teacher": config.teacher.model_dump(mode="json", include=TEACHER_FIELDS),
+        "memory": config.memory.model_dump(mode="json"),
+        "data": config.data.model_dump(mode="json", include={"max_sessions", "max_questions"}),
+        "turns": [[t.session, t.turn, t.dia_id, t.speaker, t.text, t.time.isoformat(), t.image_caption]
+                  for t in conversation.turns],
+        "questions": [[q.question, q.answer, q.adversarial_answer, q.category] for q in conversation.questions],
+    }
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
+
+
+def shard_key(path: Path) -> str | None:
+    """The trace key a shard was written under; None for a shard written before keys were (taken as current)."""
+    return (pq.read_schema(path).metadata or {}).get(TRACE_KEY, b"").decode() or None
+
+
+def is_traced(out: str | Path, conversation_id: str, key: str | None = None) -> bool:
+    """All of the conversation's shards there, each written under `key` (or under none, by an older version)."""
+    paths = [shard_path(out, op, conversation_id) for op in OPERATIONS]
+    return all(p.is_file() for p in paths) and (key is None or all(shard_key(p) in (None, key) for p in paths))
 
 
 def select_conversations(corpus: list[Conversation], config: Config,
                          out: str | Path) -> tuple[list[Conversation], list[Conversation]]:
     """(selected, still to trace): the train conversations (up to `data.max_conversations`) and the validation
-    ones, whose teacher calls are what early stopping is measured on; the test ones are never traced here."""
+    ones, whose teacher calls are what early stopping is measured on; the test ones are never traced here. A
+    conversation whose shards were traced from other turns or another teacher is to trace again."""
     selected = [c for c in corpus if c.split == "train"][: config.data.max_conversations]
     selected += [c for c in corpus if c.split == "validation"]
-    return selected, [c for c in selected if not is_traced(out, c.conversation_id)]
+    return selected, [c for c in selected if not is_traced(out, c.conversation_id, trace_key(c, config))]
+
+
+def traced_before(out: str | Path, conversation_id: str) -> bool:
+    """Whether a conversation to trace has shards already (they are replaced: it changed since)."""
+    return any(shard_path(out, op, conversation_id).is_file() for op in OPERATIONS)
 
 
 @dataclass
@@ -133,10 +167,13 @@ def trace_conversation(
     return rows
 
 
-def write_shards(out: str | Path, conversation_id: str, rows: dict[str, list[dict]]) -> dict[str, int]:
+def write_shards(out: str | Path, conversation_id: str, rows: dict[str, list[dict]],
+                 key: str | None = None) -> dict[str, int]:
+    """`key`: the conversation's trace_key, kept in each shard's metadata."""
     for op in OPERATIONS:
         table = pa.Table.from_pylist(rows[op], schema=TRACES)
-        write_parquet(table, shard_path(out, op, conversation_id), "traces")
+        metadata = {TRACE_KEY: key.encode()} if key else None
+        write_parquet(table, shard_path(out, op, conversation_id), "traces", metadata)
     return {op: len(rows[op]) for op in OPERATIONS}
 
 

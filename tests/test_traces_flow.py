@@ -74,6 +74,48 @@ def test_flow_with_real_bundled_teacher(prefect_server, sample_path, tmp_path):
     assert files["datasets/conversations.parquet"]["rows"] > 0
     assert all(len(f["sha256"]) == 64 for f in files.values())
 
+    # The same data again traces nothing; a corrected turn traces its conversation again (it kept training on the
+    # old text before shards named what they were traced from).
+    written = {p: p.stat().st_mtime_ns for p in (out / "traces").rglob("part-*.parquet")}
+    key = pq.read_schema(out / "traces" / "extraction" / f"part-{traced[0]}.parquet").metadata[b"memlora.trace_key"]
+    generate_traces(config_path=str(config), data=str(sample_path), out=str(out))
+    assert {p: p.stat().st_mtime_ns for p in written} == written
+    samples = json.loads(sample_path.read_text())
+    turn = next(s for s in samples if s["sample_id"] == traced[0])["conversation"]["session_1"][0]
+    turn["text"] = "I moved to Lisbon last week and started a job as a pastry chef."
+    (tmp_path / "corrected.json").write_text(json.dumps(samples))
+    generate_traces(config_path=str(config), data=str(tmp_path / "corrected.json"), out=str(out))
+    shard = out / "traces" / "extraction" / f"part-{traced[0]}.parquet"
+    assert pq.read_schema(shard).metadata[b"memlora.trace_key"] != key
+    assert "pastry chef" in pq.read_table(shard).to_pylist()[0]["messages"][-1]["content"]
+
+
+def test_a_shard_is_current_while_what_shaped_its_calls_is_unchanged(sample_path, tmp_path):
+    """What moves a conversation's calls (its turns, the teacher, the memory system) makes it stale; how calls
+    were batched, where they ran, and the split do not; a shard from before keys existed counts as current."""
+    import dataclasses
+
+    from memlora.config import load_config
+    from memlora.data.loaders import load_corpus
+    from memlora.teacher.traces import is_traced, trace_key, write_shards
+
+    config = load_config(REPO / "configs" / "default.yaml")
+    conversation = load_corpus(sample_path)[0]
+    out, cid, key = tmp_path / "out", conversation.conversation_id, trace_key(conversation, config)
+    assert not is_traced(out, cid, key)
+    write_shards(out, cid, {op: [] for op in OPERATIONS}, key)
+    assert is_traced(out, cid, key)
+    conversation.split = "validation"
+    same = [config.model_copy(update={"teacher": config.teacher.model_copy(update={"batch_size": 3,
+                                                                                   "device": "cuda"})})]
+    assert all(trace_key(conversation, c) == key for c in same)
+    conversation.turns[0] = dataclasses.replace(conversation.turns[0], text=conversation.turns[0].text + " (fixed)")
+    assert not is_traced(out, cid, trace_key(conversation, config))
+    other = config.model_copy(update={"memory": config.memory.model_copy(update={"top_k": 2})})
+    assert trace_key(load_corpus(sample_path)[0], other) != key
+    write_shards(out, cid, {op: [] for op in OPERATIONS})  # no key: an older version's shard
+    assert is_traced(out, cid, trace_key(conversation, other))
+
 
 def shards(out: Path) -> int:
     return len(list((out / "traces" / "generation").glob("part-*.parquet")))
