@@ -22,6 +22,12 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # vector store under ~/.mem0 that a second in-process Mem0 would find locked
 os.environ.setdefault("MEM0_TELEMETRY", "False")
 
+# Prefect sets up its console log handler when first imported, on whatever sys.stderr is then. Imported first
+# inside a test that uses capsys, the handler writes to a stream pytest closes after that test, and every later
+# flow run's logging fails (a RecursionError in the flow). Imported here, at collection, it writes to the
+# session's own stream, whatever the order of the tests.
+import prefect.main  # noqa: E402,F401
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "samples" / "locomo_sample.json"
 LOCOMO = REPO.parent / "shared" / "data" / "locomo10.json"
