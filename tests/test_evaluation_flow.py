@@ -446,6 +446,24 @@ def test_trained_experts_evaluated_on_another_corpus(prefect_server, tiny_teache
         prepare_other_corpus(parse_config(yaml.safe_load(config.read_text())), data, trained, out, 1)
 
 
+@pytest.mark.timeout(120)
+def test_another_corpus_holding_a_conversation_an_expert_learnt_from_is_refused_first(tiny_model_dir, tmp_path):
+    """`--data` with the trained run's own conversations (a team's re-export of them, say) would score the experts
+    on what they trained on: refused by id before the new folder is made (it used to be made, then refused)."""
+    from memlora.evaluation.other_corpus import prepare_other_corpus
+    from memlora.evaluation.systems import EvalError
+
+    trained, out = tmp_path / "trained", tmp_path / "other"
+    write_experts(trained, tiny_model_dir)
+    (trained / "adapters" / "update" / "training.json").write_text(json.dumps(
+        {"operation": "update", "train_conversations": ["x0", "x2"], "validation_conversations": ["x9"]}))
+    config = parse_config(small_config(str(tiny_model_dir), str(tiny_model_dir)))
+    with pytest.raises(EvalError, match=r"other.jsonl: the update expert of .*trained learnt from conversation\(s\) "
+                                        r"x2 of it \(by id\)"):
+        prepare_other_corpus(config, other_corpus(tmp_path / "other.jsonl"), trained, out, 1)
+    assert not out.exists()
+
+
 def test_the_quantized_teacher_column_appears_only_beside_a_quantized_student(tiny_model_dir):
     """teacher-int8 is the teacher quantized as the student is: evaluated where the student is quantized and the
     teacher, local, is not; never for an HTTP teacher (its server quantizes) or a teacher already int8."""
