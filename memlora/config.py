@@ -586,9 +586,9 @@ def _extended(path: Path, base: str) -> Path:
     for candidate in (*(shipped / name for name in names), installed_config(base)):  # also `configs/default.yaml`
         if candidate.is_file():
             return candidate
-    names = ", ".join(sorted(f.name for f in shipped.glob("*.yaml"))) or "none"
+    bundled = ", ".join(sorted(f.name for f in shipped.glob("*.yaml"))) or "none"
     raise ConfigError(f"{path}: extends: {base!r} is neither a file beside it ({beside}) nor a bundled config "
-                      f"({names})")
+                      f"({bundled})")
 
 
 def _merge(base: dict, override: dict) -> dict:

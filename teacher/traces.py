@@ -57,8 +57,12 @@ def trace_key(conversation: Conversation, config: Config) -> str:
 
 
 def shard_key(path: Path) -> str | None:
-    """The trace key a shard was written under; None for a shard written before keys were (taken as current)."""
-    return (pq.read_schema(path).metadata or {}).get(TRACE_KEY, b"").decode() or None
+    """The trace key a shard was written under; None for a shard written before keys were (taken as current),
+    and a key no conversation has for a shard that cannot be read (it is traced again)."""
+    try:
+        return (pq.read_schema(path).metadata or {}).get(TRACE_KEY, b"").decode() or None
+    except (OSError, pa.ArrowException):
+        return "unreadable"
 
 
 def is_traced(out: str | Path, conversation_id: str, key: str | None = None) -> bool:

@@ -24,9 +24,14 @@ os.environ.setdefault("MEM0_TELEMETRY", "False")
 
 # Prefect sets up its console log handler when first imported, on whatever sys.stderr is then. Imported first
 # inside a test that uses capsys, the handler writes to a stream pytest closes after that test, and every later
-# flow run's logging fails (a RecursionError in the flow). Imported here, at collection, it writes to the
-# session's own stream, whatever the order of the tests.
-import prefect.main  # noqa: E402,F401
+# flow run's logging fails (a RecursionError in the flow); imported under pytest's own capture, the temporary
+# server's last line at exit fails the same way. Imported here on the process's stderr (whose descriptor pytest
+# captures during each test), whatever the order of the tests.
+_capture, sys.stderr = sys.stderr, sys.__stderr__
+try:
+    import prefect.main  # noqa: E402,F401
+finally:
+    sys.stderr = _capture
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "samples" / "locomo_sample.json"

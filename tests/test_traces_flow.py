@@ -115,6 +115,8 @@ def test_a_shard_is_current_while_what_shaped_its_calls_is_unchanged(sample_path
     assert trace_key(load_corpus(sample_path)[0], other) != key
     write_shards(out, cid, {op: [] for op in OPERATIONS})  # no key: an older version's shard
     assert is_traced(out, cid, trace_key(conversation, other))
+    (out / "traces" / "update" / f"part-{cid}.parquet").write_bytes(b"not parquet")  # unreadable: traced again
+    assert not is_traced(out, cid, trace_key(conversation, other))
 
 
 def shards(out: Path) -> int:
