@@ -24,7 +24,7 @@ from memlora.data.records import first_sessions, to_tables
 from memlora.evaluation.systems import EvalError
 from memlora.layout import ADAPTERS, MANIFEST, conversations_file, deferral_path, questions_file, student_dir
 from memlora.student.experts import expert_digests, verified_expert_folders
-from memlora.student.records import TRAINING_FILE, TrainingRecord
+from memlora.student.records import learnt_by
 
 MARKER = "evaluated_on.json"  # in the new OUT: which trained OUT and which data it was made from
 
@@ -88,14 +88,12 @@ def prepare_other_corpus(config: Config, data: str | Path, trained: str | Path, 
 def _refuse_learnt(experts: dict[str, Path], conversations: list[str], data: str | Path, trained: Path) -> None:
     """Conversations an expert trained or stopped on (by id, from its training.json) are no test of it: refused
     before the new folder is made, not after (the flow's own check would find them in the prepared folder)."""
-    for operation, folder in sorted(experts.items()):
-        record = folder / TRAINING_FILE
-        learnt = TrainingRecord.read(record).learnt_from(conversations) if record.is_file() else []
-        if learnt:
-            raise EvalError(f"{data}: the {operation} expert of {trained} learnt from conversation(s) "
-                            f"{', '.join(learnt[:8])}{', ...' if len(learnt) > 8 else ''} of it (by id), which would "
-                            "flatter it; give conversations it never saw (its own test conversations: `memlora "
-                            f"evaluate --out {trained}`)")
+    if found := learnt_by(experts, conversations):
+        operation, _, learnt = found
+        raise EvalError(f"{data}: the {operation} expert of {trained} learnt from conversation(s) "
+                        f"{', '.join(learnt[:8])}{', ...' if len(learnt) > 8 else ''} of it (by id), which would "
+                        "flatter it; give conversations it never saw (its own test conversations: `memlora "
+                        f"evaluate --out {trained}`)")
 
 
 def _copy_thresholds(trained: Path, out: Path) -> None:

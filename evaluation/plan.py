@@ -13,7 +13,7 @@ from memlora.evaluation.systems import ALL_SYSTEMS, JUDGE, EvalError, served_thr
 from memlora.layout import ADAPTERS, conversations_file, datasets_dir
 from memlora.student.build import build_student
 from memlora.student.experts import verified_expert_folders
-from memlora.student.records import TRAINING_FILE, TrainingRecord
+from memlora.student.records import learnt_by
 
 
 @dataclass(frozen=True)
@@ -48,13 +48,10 @@ def check_evaluable(config, out: str | Path) -> list:
     experts = verified_expert_folders(out)
     if not experts:  # before the student base or any model process: fail first
         raise EvalError(f"{Path(out) / ADAPTERS}: no trained expert (run `memlora distill` first)")
-    for operation, folder in sorted(experts.items()):
-        record = folder / TRAINING_FILE
-        learnt = TrainingRecord.read(record).learnt_from(c.conversation_id for c in conversations) \
-            if record.is_file() else []
-        if learnt:  # the split changed after it trained (another corpus ingested into OUT): not a held-out test
-            raise EvalError(f"{folder}: the {operation} expert trained on test conversation(s) {', '.join(learnt)}; "
-                            "run `memlora distill` (it retrains on the split as it is now), then evaluate")
+    if found := learnt_by(experts, (c.conversation_id for c in conversations)):
+        operation, folder, learnt = found  # the split changed after it trained (another corpus ingested into OUT)
+        raise EvalError(f"{folder}: the {operation} expert trained on test conversation(s) {', '.join(learnt)}; "
+                        "run `memlora distill` (it retrains on the split as it is now), then evaluate")
     if config.evaluation.served:
         served_thresholds(out)  # the served experts' thresholds, before any model process
     return conversations

@@ -117,3 +117,15 @@ class NoExpert:
 
 
 DistillResult = TrainingRecord | NoExpert
+
+
+def learnt_by(experts: dict[str, Path], conversations) -> tuple[str, Path, list[str]] | None:
+    """The first expert (by operation) that trained or chose its epoch on any of `conversations`: (operation, its
+    folder, those conversations); None where none did. An expert without a record cannot tell, and passes."""
+    conversations = list(conversations)
+    for operation, folder in sorted(experts.items()):
+        record = folder / TRAINING_FILE
+        learnt = TrainingRecord.read(record).learnt_from(conversations) if record.is_file() else []
+        if learnt:
+            return operation, folder, learnt
+    return None
